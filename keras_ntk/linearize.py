@@ -1,0 +1,322 @@
+"""`Linearize`: the first-order Taylor twin of any Keras model."""
+
+import dataclasses
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+_MODES = ("full", "difference")
+
+
+def _check_backend():
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError(
+            "keras_ntk requires the TensorFlow Keras backend (set "
+            "KERAS_BACKEND=tensorflow before importing keras). "
+            f"Received: backend={keras.backend.backend()!r}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _WrappedState:
+    """The wrapped model's variables, held outside Keras' attribute tracking.
+
+    Keras tracks every variable assigned to a layer attribute; these belong to
+    the wrapped model and must not become weights of the wrapper.
+    """
+
+    trainable: tuple
+    non_trainable: tuple
+
+
+def _is_float(tensor):
+    return tensor.dtype.is_floating
+
+
+def _to_float32(tensor):
+    if tensor.dtype in (tf.float16, tf.bfloat16):
+        return tf.cast(tensor, tf.float32)
+    return tensor
+
+
+@keras.saving.register_keras_serializable(package="keras_ntk")
+class Linearize(keras.layers.Wrapper):
+    """Wraps a Keras model into its linearization around its current weights.
+
+    For a model f(x; θ) with trainable weights θ, `Linearize` computes the
+    first-order Taylor expansion around θ0 (the weights when the wrapper is
+    built):
+
+        f_lin(x; δ) = f(x; θ0) + J(x; θ0) · δ,    J = ∂f/∂θ at θ0,
+
+    where the offsets δ (one per trainable weight of the wrapped model, zeros
+    at start) are the ONLY trainable weights of the wrapper. `model.fit` thus
+    trains the linearized model with any optimizer, loss, metric or callback;
+    the effective weights are θ = θ0 + δ (`linearized_weights()`).
+
+    The product J·δ is a Jacobian-vector product computed in forward mode with
+    `tf.autodiff.ForwardAccumulator` (one forward pass carrying the tangent δ;
+    J is never formed). The gradient with respect to δ is exact and cheap:
+    the model is linear in δ, so ∂⟨u, f_lin⟩/∂δ = Jᵀu is one ordinary
+    reverse-mode pass at θ0, supplied through `tf.custom_gradient` so that
+    training costs about one forward-mode and one reverse-mode pass and
+    compiles once under XLA.
+
+    The wrapped model is evaluated in inference mode (`training=False`):
+    Dropout is off and BatchNorm uses moving statistics that are frozen at
+    build time (or given by `non_trainable_values`), so the linearized model
+    is a fixed function of x and δ. The wrapped model object is never
+    modified: its variables are read once, at build, and training the wrapper
+    changes only the wrapper's own weights. Wrapping a trained model
+    linearizes it at its current weights.
+
+    Args:
+        layer: The Keras model or layer to linearize (Sequential, functional,
+            subclassed; single or multiple inputs and outputs).
+        mode: `"full"` returns f(x; θ0) + J·δ; `"difference"` returns J·δ
+            only (the centred variant, which is zero at δ = 0).
+        non_trainable_values: Optional list of arrays, one per
+            non-trainable weight of the wrapped model (e.g. BatchNorm moving
+            statistics), frozen instead of the model's current values. This
+            separates the linearization point from the normalization
+            statistics (e.g. linearize trained weights with the statistics
+            of initialization).
+        **kwargs: Base layer arguments (`name`, `dtype`, ...).
+
+    Call arguments:
+        inputs: The wrapped model's inputs (any nested structure).
+        training: Ignored: the linearization is always evaluated in
+            inference mode.
+
+    Returns:
+        The wrapped model's output structure.
+
+    Example:
+
+    ```python
+    net = keras.Sequential([keras.Input((64,)), keras.layers.Dense(256,
+        activation="relu"), keras.layers.Dense(10)])
+    lin = keras.Sequential([keras.Input((64,)), keras_ntk.Linearize(net)])
+    lin.compile(optimizer="sgd", loss="mse")
+    lin.fit(x, y, epochs=5)          # trains δ only; `net` is unchanged
+    lin.layers[0].linearized_weights()  # θ0 + δ, in `net.trainable_weights` order
+    ```
+    """
+
+    def __init__(self, layer, *, mode="full", non_trainable_values=None, **kwargs):
+        _check_backend()
+        if not isinstance(layer, keras.layers.Layer):
+            raise TypeError(
+                "Linearize expects a Keras layer or model to wrap. "
+                f"Received: layer={layer!r} of type {type(layer).__name__}"
+            )
+        if mode not in _MODES:
+            raise ValueError(
+                f"Expected `mode` to be one of {_MODES}. Received: mode={mode!r}"
+            )
+        super().__init__(layer, **kwargs)
+        self.mode = mode
+        self._pending_non_trainable_values = (
+            None
+            if non_trainable_values is None
+            else [np.asarray(v) for v in non_trainable_values]
+        )
+        self._wrapped = None
+
+    # ------------------------------------------------------------------ build
+
+    def build(self, input_shape=None):
+        if not self.layer.built or not self.layer.weights:
+            # Subclassed models create their variables when first called.
+            spec = keras.tree.map_shape_structure(
+                lambda shape: keras.KerasTensor(shape), input_shape
+            )
+            self.layer(spec, training=False)
+        trainable = tuple(self.layer.trainable_weights)
+        non_trainable = tuple(self.layer.non_trainable_weights)
+        if not trainable:
+            raise ValueError(
+                "Linearize needs a layer with trainable weights to linearize "
+                "around. Received: layer="
+                f"{self.layer.name!r} with 0 trainable weights"
+            )
+        self._wrapped = _WrappedState(trainable, non_trainable)
+        self._initial = [
+            self._snapshot_weight(f"initial_{i}", v) for i, v in enumerate(trainable)
+        ]
+        self._deltas = [
+            self.add_weight(
+                name=f"delta_{i}",
+                shape=v.shape,
+                dtype=v.dtype,
+                initializer="zeros",
+                trainable=True,
+            )
+            for i, v in enumerate(trainable)
+        ]
+        values = self._pending_non_trainable_values
+        if values is None:
+            values = [None] * len(non_trainable)
+        else:
+            self._check_non_trainable_values(values, non_trainable)
+        self._frozen = [
+            self._snapshot_weight(f"frozen_{i}", v, value)
+            for i, (v, value) in enumerate(zip(non_trainable, values))
+        ]
+        self._pending_non_trainable_values = None
+        self.built = True
+
+    def _snapshot_weight(self, name, variable, value=None):
+        """A non-trainable copy of `variable` (or of `value` when given)."""
+
+        # Initializers run eagerly (in an init scope), even when `build` is
+        # traced inside a symbolic call, so the snapshot holds real values.
+        def initializer(shape, dtype=None):
+            source = variable.value if value is None else value
+            return tf.identity(tf.cast(source, dtype or variable.dtype))
+
+        return self.add_weight(
+            name=name,
+            shape=variable.shape,
+            dtype=variable.dtype,
+            initializer=initializer,
+            trainable=False,
+        )
+
+    @staticmethod
+    def _check_non_trainable_values(values, variables):
+        if len(values) != len(variables):
+            raise ValueError(
+                "Expected one value per non-trainable weight of the wrapped "
+                f"model ({len(variables)}). Received: "
+                f"non_trainable_values with {len(values)} entries"
+            )
+        for value, variable in zip(values, variables):
+            if tuple(value.shape) != tuple(variable.shape):
+                raise ValueError(
+                    f"Expected a value of shape {tuple(variable.shape)} for "
+                    f"non-trainable weight {variable.path!r}. Received: "
+                    f"shape={tuple(value.shape)}"
+                )
+
+    # ---------------------------------------------- only δ, θ0, state are ours
+
+    @property
+    def weights(self):
+        """The wrapper's own weights: δ (trainable), θ0 and frozen state."""
+        return list(self._trainable_variables) + list(self._non_trainable_variables)
+
+    @property
+    def variables(self):
+        return self.weights
+
+    @property
+    def deltas(self):
+        """The trainable offsets δ, in the wrapped model's weight order."""
+        return list(self._deltas)
+
+    @property
+    def initial_weights(self):
+        """θ0 (the linearization point), in the wrapped model's weight order."""
+        return [v.value for v in self._initial]
+
+    def linearized_weights(self):
+        """Returns θ0 + δ, in the order of the wrapped model's trainable weights."""
+        return [t.value + d.value for t, d in zip(self._initial, self._deltas)]
+
+    def relinearize(self):
+        """Moves the linearization point to the current weights: θ0 ← θ0 + δ, δ ← 0."""
+        for initial, delta in zip(self._initial, self._deltas):
+            initial.assign(initial.value + delta.value)
+            delta.assign(tf.zeros_like(delta.value))
+
+    # ------------------------------------------------------------------- call
+
+    def call(self, inputs, training=None):
+        del training  # Always inference mode: see the class docstring.
+        flat_inputs = tf.nest.flatten(inputs)
+        flat_inputs = [tf.convert_to_tensor(x) for x in flat_inputs]
+        primals = [v.value for v in self._initial]
+        frozen = [v.value for v in self._frozen]
+        deltas = [d.value for d in self._deltas]
+        num_inputs = len(flat_inputs)
+        structure = {}
+
+        def evaluate(inner_inputs, theta):
+            mapping = list(zip(self._wrapped.trainable, theta))
+            mapping += list(zip(self._wrapped.non_trainable, frozen))
+            with keras.StatelessScope(state_mapping=mapping):
+                return self.layer(
+                    tf.nest.pack_sequence_as(inputs, inner_inputs), training=False
+                )
+
+        @tf.custom_gradient
+        def linearized(*args):
+            inner_inputs, tangents = list(args[:num_inputs]), args[num_inputs:]
+            differentiable = [x for x in inner_inputs if _is_float(x)]
+            with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+                tape.watch(primals)
+                tape.watch(differentiable)
+                with tf.autodiff.ForwardAccumulator(primals, list(tangents)) as acc:
+                    outputs = evaluate(inner_inputs, primals)
+                flat_f0 = tf.nest.flatten(outputs)
+                flat_jvp = [
+                    acc.jvp(y, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                    for y in flat_f0
+                ]
+            structure["outputs"] = outputs
+            if self.mode == "full":
+                # Mixed precision: the JVP comes back in float16; add in float32.
+                result = [_to_float32(y) + _to_float32(j) for y, j in zip(flat_f0, flat_jvp)]
+            else:
+                result = [_to_float32(j) for j in flat_jvp]
+
+            def grad(*upstream, variables=None):
+                upstream = [tf.cast(u, y.dtype) for u, y in zip(upstream, flat_f0)]
+                # Linear in δ: ∂⟨u, f_lin⟩/∂δ = Jᵀu, one VJP at θ0.
+                delta_grads = tape.gradient(
+                    flat_f0,
+                    primals,
+                    output_gradients=upstream,
+                    unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                )
+                input_grads = [None] * num_inputs
+                if differentiable:
+                    # ∂f_lin/∂x needs the JVP's own derivative; in graph mode
+                    # this is pruned unless something upstream asks for it.
+                    targets = flat_jvp if self.mode == "difference" else flat_f0 + flat_jvp
+                    cotangents = upstream if self.mode == "difference" else upstream + upstream
+                    grads = iter(tape.gradient(
+                        targets,
+                        differentiable,
+                        output_gradients=cotangents,
+                        unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                    ))
+                    input_grads = [next(grads) if _is_float(x) else None for x in inner_inputs]
+                variable_grads = [None] * len(variables or ())
+                return input_grads + list(delta_grads), variable_grads
+
+            return result, grad
+
+        result = linearized(*flat_inputs, *deltas)
+        if not isinstance(result, (list, tuple)):
+            result = [result]
+        return tf.nest.pack_sequence_as(structure["outputs"], list(result))
+
+    def compute_output_spec(self, inputs, training=None):
+        spec = self.layer.compute_output_spec(inputs)
+
+        def to_float32(s):
+            if s.dtype in ("float16", "bfloat16"):
+                return keras.KerasTensor(s.shape, dtype="float32")
+            return s
+
+        return keras.tree.map_structure(to_float32, spec)
+
+    # ----------------------------------------------------------------- config
+
+    def get_config(self):
+        config = super().get_config()
+        config["mode"] = self.mode
+        return config

@@ -1,0 +1,38 @@
+"""Test set-up shared by every test module.
+
+Two logical CPU devices must be configured before TensorFlow initializes its
+runtime, so that MirroredStrategy tests have two replicas on a CPU-only
+machine: this file runs before any test module imports TensorFlow.
+"""
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Determinism of reductions (and no TF32 on GPUs) so references agree.
+os.environ.setdefault("TF_DETERMINISTIC_OPS", "1")
+os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+_cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(
+      _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2
+)
+tf.config.experimental.enable_tensor_float_32_execution(False)
+
+import keras  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long tests, excluded from `make test`")
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    """Every test starts from the same seeds and a fresh Keras session."""
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    np.random.seed(0)
+    yield

@@ -1,0 +1,434 @@
+"""Tests of `keras_ntk.Linearize` against independent references.
+
+References: the wrapped model itself (δ = 0), explicit Jacobians from
+`tf.GradientTape.jacobian` contracted with δ, finite differences of the
+nonlinear model in float64, and the closed-form minimum-norm least-squares
+solution of the linear model.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_ntk
+
+
+# ----------------------------------------------------------------- models
+
+
+def mlp(input_dim=6, outputs=3, dtype=None):
+    return keras.Sequential(
+        [
+            keras.Input((input_dim,), dtype=dtype),
+            keras.layers.Dense(16, activation="tanh", dtype=dtype),
+            keras.layers.Dense(16, activation="relu", dtype=dtype),
+            keras.layers.Dense(outputs, dtype=dtype),
+        ]
+    )
+
+
+def cnn_with_batchnorm_and_dropout(dtype=None):
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 2), dtype=dtype),
+            keras.layers.Conv2D(4, 3, padding="same", activation="relu", dtype=dtype),
+            keras.layers.BatchNormalization(dtype=dtype),
+            keras.layers.AveragePooling2D(2, dtype=dtype),
+            keras.layers.Dropout(0.5, dtype=dtype),
+            keras.layers.Flatten(dtype=dtype),
+            keras.layers.Dense(2, dtype=dtype),
+        ]
+    )
+    # Non-trivial moving statistics, so inference mode is distinguishable.
+    bn = model.layers[1]
+    bn.moving_mean.assign(np.random.randn(4) * 0.3)
+    bn.moving_variance.assign(np.random.rand(4) + 0.5)
+    return model
+
+
+def two_output_functional():
+    inputs = keras.Input((5,))
+    hidden = keras.layers.Dense(8, activation="gelu")(inputs)
+    first = keras.layers.Dense(2, name="first")(hidden)
+    second = keras.layers.Dense(1, name="second")(keras.layers.LayerNormalization()(hidden))
+    return keras.Model(inputs, {"first": first, "second": second})
+
+
+class Subclassed(keras.Model):
+    """A subclassed model with no `build()` and a `call()` without `training`."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = keras.layers.Dense(8, activation="softplus")
+        self.out = keras.layers.Dense(2)
+
+    def call(self, inputs):
+        return self.out(self.hidden(inputs) * 2.0)
+
+
+def random_deltas(layer, scale=0.1, seed=1):
+    rng = np.random.default_rng(seed)
+    for delta in layer.deltas:
+        delta.assign(scale * rng.standard_normal(delta.shape).astype(delta.dtype))
+    return [np.asarray(d.value, dtype=np.float64) for d in layer.deltas]
+
+
+def reference_jvp(model, x, deltas, use_pfor=False):
+    """Σ_w ∂f/∂w · δ_w from explicit per-weight Jacobians, summed in float64.
+
+    The while-loop Jacobian (no pfor) is the default. Weights an output does
+    not depend on give None (TF's jacobian fails with unconnected ZERO): zeros.
+    """
+    weights = model.trainable_weights
+    with tf.GradientTape(persistent=True) as tape:
+        outputs = model(x, training=False)
+    flat = tf.nest.flatten(outputs)
+    result = []
+    for y in flat:
+        jacobians = tape.jacobian(y, weights, experimental_use_pfor=use_pfor)
+        total = np.zeros(tuple(y.shape), np.float64)
+        for jac, delta in zip(jacobians, deltas):
+            if jac is None:
+                continue
+            jac = np.asarray(jac, np.float64).reshape(tuple(y.shape) + (-1,))
+            total += jac @ delta.reshape(-1)
+        result.append(total)
+    return result
+
+
+def relative_error(actual, expected):
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    return np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30)
+
+
+CASES = {
+    "mlp": (mlp, (4, 6)),
+    "cnn_bn_dropout": (cnn_with_batchnorm_and_dropout, (3, 8, 8, 2)),
+    "functional_two_outputs": (two_output_functional, (4, 5)),
+    "subclassed": (Subclassed, (4, 5)),
+}
+
+
+# ------------------------------------------------------------- the function
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_equals_model_in_inference_mode_at_zero_offsets(case):
+    build, shape = CASES[case]
+    model = build()
+    x = np.random.randn(*shape).astype("float32")
+    linear = keras_ntk.Linearize(model)
+    expected = model(x, training=False)
+    actual = linear(x)
+    tf.nest.assert_same_structure(expected, actual)
+    for a, e in zip(tf.nest.flatten(actual), tf.nest.flatten(expected)):
+        np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_jvp_matches_explicit_jacobian(case):
+    build, shape = CASES[case]
+    model = build()
+    x = np.random.randn(*shape).astype("float32")
+    linear = keras_ntk.Linearize(model, mode="difference")
+    linear(x)
+    deltas = random_deltas(linear)
+    actual = tf.nest.flatten(linear(x))
+    expected = reference_jvp(model, x, deltas)
+    for a, e in zip(actual, expected):
+        assert relative_error(a, e) < 1e-5
+    # The full mode adds f(x; θ0).
+    full = keras_ntk.Linearize(model, mode="full")
+    full(x)
+    for d, v in zip(full.deltas, deltas):
+        d.assign(v.astype(d.dtype))
+    f0 = tf.nest.flatten(model(x, training=False))
+    for a, e, y0 in zip(tf.nest.flatten(full(x)), expected, f0):
+        assert relative_error(a, e + np.asarray(y0, np.float64)) < 1e-5
+
+
+@pytest.mark.parametrize("case", ["mlp", "cnn_bn_dropout"])
+def test_taylor_remainder_is_second_order(case):
+    """f(θ0+εδ) − f(θ0) − ε·J·δ = O(ε²), checked in float64."""
+    build, shape = CASES[case]
+    model = build(dtype="float64")
+    x = np.random.randn(*shape)
+    linear = keras_ntk.Linearize(model, mode="difference", dtype="float64")
+    linear(x)
+    deltas = random_deltas(linear, scale=1.0)
+    jvp = np.asarray(linear(x))
+    f0 = np.asarray(model(x, training=False))
+    theta0 = [np.asarray(w.value) for w in model.trainable_weights]
+    remainders = []
+    for eps in (1e-2, 5e-3):
+        for w, t, d in zip(model.trainable_weights, theta0, deltas):
+            w.assign(t + eps * d)
+        f_eps = np.asarray(model(x, training=False))
+        remainders.append(np.linalg.norm(f_eps - f0 - eps * jvp))
+    for w, t in zip(model.trainable_weights, theta0):
+        w.assign(t)
+    # Halving ε divides a second-order remainder by 4.
+    ratio = remainders[0] / remainders[1]
+    assert 3.5 < ratio < 4.5, remainders
+    # ... and it is small next to the first-order term ε·J·δ.
+    assert remainders[0] < 0.1 * 1e-2 * np.linalg.norm(jvp)
+
+
+def test_mobilenet_v2():
+    model = keras.applications.MobileNetV2(
+        weights=None, input_shape=(32, 32, 3), alpha=0.35, classes=2
+    )
+    x = np.random.rand(2, 32, 32, 3).astype("float32")
+    linear = keras_ntk.Linearize(model)
+    np.testing.assert_allclose(linear(x), model(x, training=False), rtol=1e-6, atol=1e-7)
+    linear = keras_ntk.Linearize(model, mode="difference")
+    linear(x)
+    deltas = random_deltas(linear, scale=1e-2)
+    (expected,) = reference_jvp(model, x, deltas, use_pfor=True)
+    assert relative_error(linear(x), expected) < 1e-4
+
+
+def test_multi_input_nested_structure():
+    a = keras.Input((3,), name="a")
+    b = keras.Input((4,), name="b")
+    joined = keras.layers.Concatenate()([keras.layers.Dense(5)(a), b])
+    model = keras.Model({"a": a, "b": b}, keras.layers.Dense(2)(joined))
+    x = {"a": np.random.randn(3, 3).astype("float32"), "b": np.random.randn(3, 4).astype("float32")}
+    linear = keras_ntk.Linearize(model, mode="difference")
+    linear(x)
+    deltas = random_deltas(linear)
+    (expected,) = reference_jvp(model, x, deltas)
+    assert relative_error(linear(x), expected) < 1e-5
+
+
+def test_embedding_model_with_integer_inputs():
+    model = keras.Sequential(
+        [
+            keras.Input((5,), dtype="int32"),
+            keras.layers.Embedding(11, 4),
+            keras.layers.GlobalAveragePooling1D(),
+            keras.layers.Dense(2),
+        ]
+    )
+    x = np.random.randint(0, 11, size=(3, 5)).astype("int32")
+    linear = keras_ntk.Linearize(model, mode="difference")
+    linear(x)
+    deltas = random_deltas(linear)
+    (expected,) = reference_jvp(model, x, deltas)
+    assert relative_error(linear(x), expected) < 1e-5
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(linear(x) ** 2)
+    grads = tape.gradient(loss, linear.trainable_weights)
+    assert all(g is not None for g in grads)
+
+
+# ------------------------------------------------------------- gradients
+
+
+def test_gradient_is_jacobian_transpose_product():
+    model = two_output_functional()
+    x = np.random.randn(4, 5).astype("float32")
+    linear = keras_ntk.Linearize(model)
+    linear(x)
+    random_deltas(linear)
+    u = {"first": np.random.randn(4, 2), "second": np.random.randn(4, 1)}
+    with tf.GradientTape() as tape:
+        out = linear(x)
+        loss = tf.reduce_sum(out["first"] * u["first"]) + tf.reduce_sum(out["second"] * u["second"])
+    grads = tape.gradient(loss, linear.deltas)
+    # Reference: Jᵀu from explicit Jacobians at θ0.
+    with tf.GradientTape(persistent=True) as ref_tape:
+        ref = model(x, training=False)
+    for grad, weight in zip(grads, model.trainable_weights):
+        expected = np.zeros(weight.shape)
+        for key in ("first", "second"):
+            jac = ref_tape.jacobian(ref[key], weight, experimental_use_pfor=False)
+            if jac is None:
+                continue
+            jac = np.asarray(jac, np.float64)
+            expected += np.tensordot(u[key], jac, axes=2)
+        assert relative_error(grad, expected) < 1e-5
+
+
+def test_input_gradient_of_linearized_model():
+    """∂f_lin/∂x = ∂f/∂x(θ0) + ∂(J·δ)/∂x, checked by central differences in float64."""
+    model = mlp(input_dim=3, outputs=1, dtype="float64")
+    linear = keras_ntk.Linearize(model, dtype="float64")
+    x = tf.constant(np.random.randn(2, 3))
+    linear(x)
+    random_deltas(linear, scale=0.5)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        total = tf.reduce_sum(linear(x))
+    grad = tape.gradient(total, x).numpy()
+    step = 1e-6
+    numeric = np.zeros_like(grad)
+    for index in np.ndindex(*grad.shape):
+        bump = np.zeros(grad.shape)
+        bump[index] = step
+        numeric[index] = (
+            float(tf.reduce_sum(linear(x + bump))) - float(tf.reduce_sum(linear(x - bump)))
+        ) / (2 * step)
+    np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-8)
+
+
+# -------------------------------------------------------------- training
+
+
+def test_fit_converges_to_minimum_norm_least_squares_solution():
+    """GD from δ=0 on MSE stays in J's row space: it ends at δ* = J⁺(y − f0)."""
+    model = mlp(input_dim=4, outputs=1, dtype="float64")
+    x = np.random.randn(6, 4)
+    y = np.random.randn(6, 1)
+    x_test = np.random.randn(5, 4)
+    with tf.GradientTape() as tape:
+        f0 = model(x, training=False)
+    jacobians = tape.jacobian(f0, model.trainable_weights)
+    jac = np.concatenate([np.reshape(j, (6, -1)) for j in jacobians], axis=1)
+    delta_star = np.linalg.pinv(jac) @ (y - np.asarray(f0)).ravel()
+
+    linear = keras_ntk.Linearize(model, dtype="float64")
+    wrapped = keras.Sequential([keras.Input((4,), dtype="float64"), linear])
+    wrapped.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss="mse")
+    full_batch = tf.data.Dataset.from_tensors((x, y)).repeat()
+    wrapped.fit(full_batch, steps_per_epoch=300, epochs=1, verbose=0)
+
+    delta = np.concatenate([np.ravel(d.value) for d in linear.deltas])
+    assert relative_error(delta, delta_star) < 1e-3
+    # Test predictions are the kernel-regression closed form f0 + J*·δ*.
+    with tf.GradientTape() as tape:
+        f0_test = model(x_test, training=False)
+    jac_test = np.concatenate(
+        [np.reshape(j, (5, -1)) for j in tape.jacobian(f0_test, model.trainable_weights)],
+        axis=1,
+    )
+    expected = np.asarray(f0_test).ravel() + jac_test @ delta_star
+    assert relative_error(wrapped.predict(x_test, verbose=0).ravel(), expected) < 1e-3
+
+
+def test_fit_trains_only_offsets_and_leaves_model_untouched(caplog):
+    model = cnn_with_batchnorm_and_dropout()
+    before = [np.array(w.value) for w in model.weights]
+    linear = keras_ntk.Linearize(model)
+    wrapped = keras.Sequential([keras.Input((8, 8, 2)), linear])
+    assert [id(w) for w in wrapped.trainable_weights] == [id(d) for d in linear.deltas]
+    wrapped.compile(optimizer="adam", loss="mse", metrics=["mae"])
+    x = np.random.randn(32, 8, 8, 2).astype("float32")
+    y = np.random.randn(32, 2).astype("float32")
+    with caplog.at_level("WARNING"):
+        history = wrapped.fit(x, y, batch_size=8, epochs=3, verbose=0)
+    assert "Gradients do not exist" not in caplog.text
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    for w, b in zip(model.weights, before):
+        np.testing.assert_array_equal(w.value, b)
+    # θ0 is unchanged by training; only δ moved.
+    for initial, w in zip(linear.initial_weights, model.trainable_weights):
+        np.testing.assert_array_equal(initial, w.value)
+    assert any(np.abs(d.value).max() > 0 for d in linear.deltas)
+
+
+def test_training_the_network_does_not_move_its_linearization():
+    model = cnn_with_batchnorm_and_dropout()
+    x = np.random.randn(16, 8, 8, 2).astype("float32")
+    linear = keras_ntk.Linearize(model)
+    before = np.asarray(linear(x))
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(x, np.random.randn(16, 2), epochs=2, verbose=0)  # moves θ and BN statistics
+    np.testing.assert_allclose(linear(x), before, rtol=1e-6, atol=1e-6)
+
+
+def test_jit_compiled_fit_matches_graph_fit():
+    x = np.random.randn(32, 6).astype("float32")
+    y = np.random.randn(32, 3).astype("float32")
+    results = []
+    for jit in (False, True):
+        keras.utils.set_random_seed(3)
+        model = mlp()
+        wrapped = keras.Sequential([keras.Input((6,)), keras_ntk.Linearize(model)])
+        wrapped.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", jit_compile=jit)
+        wrapped.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+        results.append(wrapped.predict(x, verbose=0))
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------- relinearize & co
+
+
+def test_relinearize_moves_the_linearization_point():
+    model = mlp()
+    x = np.random.randn(5, 6).astype("float32")
+    linear = keras_ntk.Linearize(model)
+    linear(x)
+    deltas = random_deltas(linear, scale=0.3)
+    expected_theta = [np.asarray(w.value) + d for w, d in zip(model.trainable_weights, deltas)]
+    for actual, expected in zip(linear.linearized_weights(), expected_theta):
+        np.testing.assert_allclose(actual, expected, rtol=1e-6)
+    linear.relinearize()
+    assert all(np.all(np.asarray(d.value) == 0) for d in linear.deltas)
+    for actual, expected in zip(linear.initial_weights, expected_theta):
+        np.testing.assert_allclose(actual, expected, rtol=1e-6)
+    # Now f_lin(x; δ=0) is the nonlinear model at θ0 + δ.
+    moved = mlp()
+    moved.set_weights([np.asarray(w, np.float32) for w in expected_theta])
+    np.testing.assert_allclose(linear(x), moved(x), rtol=1e-5, atol=1e-6)
+
+
+def test_non_trainable_values_replace_batchnorm_statistics():
+    model = cnn_with_batchnorm_and_dropout()
+    bn = model.layers[1]
+    x = np.random.randn(3, 8, 8, 2).astype("float32")
+    fresh = [np.zeros(4, np.float32), np.ones(4, np.float32)]
+    linear = keras_ntk.Linearize(model, non_trainable_values=fresh)
+    original = [np.array(bn.moving_mean.value), np.array(bn.moving_variance.value)]
+    bn.moving_mean.assign(fresh[0])
+    bn.moving_variance.assign(fresh[1])
+    expected = model(x, training=False)
+    bn.moving_mean.assign(original[0])
+    bn.moving_variance.assign(original[1])
+    np.testing.assert_allclose(linear(x), expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="Received: non_trainable_values with 1"):
+        keras_ntk.Linearize(model, non_trainable_values=[fresh[0]])(x)
+
+
+def test_saving_round_trip(tmp_path):
+    model = cnn_with_batchnorm_and_dropout()
+    linear = keras_ntk.Linearize(model)
+    wrapped = keras.Sequential([keras.Input((8, 8, 2)), linear])
+    wrapped.compile(optimizer="adam", loss="mse")
+    x = np.random.randn(16, 8, 8, 2).astype("float32")
+    wrapped.fit(x, np.random.randn(16, 2), epochs=1, verbose=0)
+    path = str(tmp_path / "linear.keras")
+    wrapped.save(path)
+    restored = keras.saving.load_model(path)
+    restored_linear = restored.layers[0]
+    assert isinstance(restored_linear, keras_ntk.Linearize)
+    assert restored_linear.mode == "full"
+    np.testing.assert_allclose(restored.predict(x, verbose=0), wrapped.predict(x, verbose=0), rtol=1e-6)
+    for a, b in zip(restored_linear.initial_weights, linear.initial_weights):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(restored_linear.deltas, linear.deltas):
+        np.testing.assert_array_equal(a.value, b.value)
+    # Training resumes from the restored optimizer state.
+    restored.fit(x, np.random.randn(16, 2), epochs=1, verbose=0)
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_errors_say_what_was_received():
+    with pytest.raises(TypeError, match="Received: layer="):
+        keras_ntk.Linearize(lambda x: x)
+    with pytest.raises(ValueError, match="Received: mode='centred'"):
+        keras_ntk.Linearize(mlp(), mode="centred")
+    frozen = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    frozen.trainable = False
+    with pytest.raises(ValueError, match="0 trainable weights"):
+        keras_ntk.Linearize(frozen)(np.zeros((1, 3), "float32"))
+
+
+def test_refuses_non_tensorflow_backend(monkeypatch):
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    with pytest.raises(ValueError, match="Received: backend='jax'"):
+        keras_ntk.Linearize(keras.layers.Dense(2))
