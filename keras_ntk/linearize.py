@@ -235,74 +235,94 @@ class Linearize(keras.layers.Wrapper):
 
     def call(self, inputs, training=None):
         del training  # Always inference mode: see the class docstring.
-        flat_inputs = tf.nest.flatten(inputs)
-        flat_inputs = [tf.convert_to_tensor(x) for x in flat_inputs]
+        flat_inputs = [tf.convert_to_tensor(x) for x in tf.nest.flatten(inputs)]
         primals = [v.value for v in self._initial]
-        frozen = [v.value for v in self._frozen]
         deltas = [d.value for d in self._deltas]
-        num_inputs = len(flat_inputs)
         structure = {}
 
-        def evaluate(inner_inputs, theta):
-            mapping = list(zip(self._wrapped.trainable, theta))
-            mapping += list(zip(self._wrapped.non_trainable, frozen))
-            with keras.StatelessScope(state_mapping=mapping):
-                return self.layer(
-                    tf.nest.pack_sequence_as(inputs, inner_inputs), training=False
-                )
-
         @tf.custom_gradient
-        def linearized(*args):
-            inner_inputs, tangents = list(args[:num_inputs]), args[num_inputs:]
-            differentiable = [x for x in inner_inputs if _is_float(x)]
+        def linearized(*tangents):
             with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
                 tape.watch(primals)
-                tape.watch(differentiable)
-                with tf.autodiff.ForwardAccumulator(primals, list(tangents)) as acc:
-                    outputs = evaluate(inner_inputs, primals)
-                flat_f0 = tf.nest.flatten(outputs)
-                flat_jvp = [
-                    acc.jvp(y, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-                    for y in flat_f0
-                ]
-            structure["outputs"] = outputs
-            if self.mode == "full":
-                # Mixed precision: the JVP comes back in float16; add in float32.
-                result = [_to_float32(y) + _to_float32(j) for y, j in zip(flat_f0, flat_jvp)]
-            else:
-                result = [_to_float32(j) for j in flat_jvp]
+                flat_f0, flat_jvp = self._taylor_terms(inputs, flat_inputs, primals, tangents, structure)
+            # From f(x; θ0) alone: the input term must not be reachable from δ.
+            structure["zeros"] = [tf.zeros_like(_to_float32(y)) for y in flat_f0]
 
             def grad(*upstream, variables=None):
                 upstream = [tf.cast(u, y.dtype) for u, y in zip(upstream, flat_f0)]
-                # Linear in δ: ∂⟨u, f_lin⟩/∂δ = Jᵀu, one VJP at θ0.
+                # Linear in δ: ∂⟨u, f_lin⟩/∂δ = Jᵀu, one ordinary VJP at θ0.
                 delta_grads = tape.gradient(
                     flat_f0,
                     primals,
                     output_gradients=upstream,
                     unconnected_gradients=tf.UnconnectedGradients.ZERO,
                 )
-                input_grads = [None] * num_inputs
-                if differentiable:
-                    # ∂f_lin/∂x needs the JVP's own derivative; in graph mode
-                    # this is pruned unless something upstream asks for it.
-                    targets = flat_jvp if self.mode == "difference" else flat_f0 + flat_jvp
-                    cotangents = upstream if self.mode == "difference" else upstream + upstream
-                    grads = iter(tape.gradient(
-                        targets,
-                        differentiable,
-                        output_gradients=cotangents,
-                        unconnected_gradients=tf.UnconnectedGradients.ZERO,
-                    ))
-                    input_grads = [next(grads) if _is_float(x) else None for x in inner_inputs]
-                variable_grads = [None] * len(variables or ())
-                return input_grads + list(delta_grads), variable_grads
+                return list(delta_grads), [None] * len(variables or ())
 
-            return result, grad
+            return self._combine(flat_f0, flat_jvp), grad
 
-        result = linearized(*flat_inputs, *deltas)
-        if not isinstance(result, (list, tuple)):
-            result = [result]
-        return tf.nest.pack_sequence_as(structure["outputs"], list(result))
+        result = linearized(*deltas)
+        result = list(result) if isinstance(result, (list, tuple)) else [result]
+        if any(_is_float(x) for x in flat_inputs):
+            result = self._add_input_gradient(inputs, flat_inputs, primals, deltas, structure, result)
+        return tf.nest.pack_sequence_as(structure["outputs"], result)
+
+    def _taylor_terms(self, inputs, flat_inputs, primals, tangents, structure):
+        """Returns the flat f(x; θ) and J(x; θ)·tangents at θ = `primals`."""
+        mapping = list(zip(self._wrapped.trainable, primals))
+        mapping += [(v, w.value) for v, w in zip(self._wrapped.non_trainable, self._frozen)]
+        with tf.autodiff.ForwardAccumulator(primals, list(tangents)) as accumulator:
+            with keras.StatelessScope(state_mapping=mapping):
+                outputs = self.layer(
+                    tf.nest.pack_sequence_as(inputs, flat_inputs), training=False
+                )
+        structure["outputs"] = outputs
+        flat_f0 = tf.nest.flatten(outputs)
+        flat_jvp = [
+            accumulator.jvp(y, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            for y in flat_f0
+        ]
+        return flat_f0, flat_jvp
+
+    def _combine(self, flat_f0, flat_jvp):
+        if self.mode == "difference":
+            return [_to_float32(j) for j in flat_jvp]
+        # Mixed precision: the JVP comes back in float16; add in float32.
+        return [_to_float32(y) + _to_float32(j) for y, j in zip(flat_f0, flat_jvp)]
+
+    def _add_input_gradient(self, inputs, flat_inputs, primals, deltas, structure, result):
+        """Adds a zero term that carries ∂f_lin/∂x, computed only if asked for.
+
+        ∂f_lin/∂x differentiates the JVP itself (second order). Kept out of the
+        δ-gradient, it is built only when something upstream of the inputs is
+        differentiated (a trainable layer before the wrapper, input saliency);
+        inside the δ-gradient, XLA would compile it into every training step.
+        """
+        positions = [i for i, x in enumerate(flat_inputs) if _is_float(x)]
+
+        @tf.custom_gradient
+        def input_term(*float_inputs):
+            def grad(*upstream, variables=None):
+                with tf.GradientTape(watch_accessed_variables=False) as tape:
+                    tape.watch(float_inputs)
+                    replaced = list(flat_inputs)
+                    for position, x in zip(positions, float_inputs):
+                        replaced[position] = x
+                    flat_f0, flat_jvp = self._taylor_terms(inputs, replaced, primals, deltas, {})
+                    targets = self._combine(flat_f0, flat_jvp)
+                input_grads = tape.gradient(
+                    targets,
+                    list(float_inputs),
+                    output_gradients=list(upstream),
+                    unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                )
+                return list(input_grads), [None] * len(variables or ())
+
+            return list(structure["zeros"]), grad
+
+        zeros = input_term(*[flat_inputs[i] for i in positions])
+        zeros = list(zeros) if isinstance(zeros, (list, tuple)) else [zeros]
+        return [y + z for y, z in zip(result, zeros)]
 
     def compute_output_spec(self, inputs, training=None):
         spec = self.layer.compute_output_spec(inputs)

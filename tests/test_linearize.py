@@ -6,6 +6,11 @@ nonlinear model in float64, and the closed-form minimum-norm least-squares
 solution of the linear model.
 """
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import keras
 import numpy as np
 import pytest
@@ -351,6 +356,36 @@ def test_jit_compiled_fit_matches_graph_fit():
         wrapped.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
         results.append(wrapped.predict(x, verbose=0))
     np.testing.assert_allclose(results[1], results[0], rtol=1e-4, atol=1e-5)
+
+
+def test_jit_compiled_fit_compiles_the_train_step_once(tmp_path):
+    """Differentiating through the accumulator made XLA recompile every step."""
+    dump = tmp_path / "xla"
+    script = textwrap.dedent(
+        f"""
+        import os
+        os.environ["XLA_FLAGS"] = "--xla_dump_to={dump}"
+        import keras, numpy as np, keras_ntk
+        net = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu"),
+                                keras.layers.Dense(1)])
+        lin = keras.Sequential([keras.Input((6,)), keras_ntk.Linearize(net)])
+        lin.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="mse",
+                    jit_compile=True)
+        lin.fit(np.random.randn(32, 6), np.random.randn(32, 1), batch_size=8, epochs=3,
+                verbose=0)
+        """
+    )
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    compiled = [
+        name
+        for name in os.listdir(dump)
+        if "one_step_on_data" in name and name.endswith("before_optimizations.txt")
+    ]
+    assert len(compiled) == 1, compiled  # 12 steps, one compilation
 
 
 # ------------------------------------------------------- relinearize & co
