@@ -229,6 +229,39 @@ def test_embedding_model_with_integer_inputs():
     assert all(g is not None for g in grads)
 
 
+def test_recurrent_model_in_fit():
+    """Forward mode through the LSTM's loop, checked against the explicit Jacobian."""
+    model = keras.Sequential(
+        [keras.Input((5, 3)), keras.layers.LSTM(4), keras.layers.Dense(2)]
+    )
+    x = np.random.randn(3, 5, 3).astype("float32")
+    linear = keras_ntk.Linearize(model, mode="difference")
+    linear(x)
+    deltas = random_deltas(linear)
+    (expected,) = reference_jvp(model, x, deltas)
+    assert relative_error(linear(x), expected) < 1e-5
+    wrapped = keras.Sequential([keras.Input((5, 3)), keras_ntk.Linearize(model)])
+    wrapped.compile(optimizer="sgd", loss="mse")
+    history = wrapped.fit(x, np.random.randn(3, 2), epochs=3, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+
+
+def test_mixed_precision_adds_in_float32():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = mlp()
+        x = np.random.randn(4, 6).astype("float32")
+        wrapped = keras.Sequential([keras.Input((6,)), keras_ntk.Linearize(model)])
+        out = wrapped(x)
+        assert out.dtype == tf.float32
+        np.testing.assert_allclose(out, np.asarray(model(x), np.float32), atol=2e-3)
+        wrapped.compile(optimizer="sgd", loss="mse")
+        wrapped.fit(x, np.random.randn(4, 3), epochs=1, verbose=0)
+        assert all(d.dtype == "float32" for d in wrapped.layers[0].deltas)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
 # ------------------------------------------------------------- gradients
 
 
