@@ -1,0 +1,127 @@
+"""Models of the studies: MLP, LeNet (8×8 and 32×32 inputs), narrow ResNet-18.
+
+Every builder takes `input_shape` and `num_outputs` (1: a single logit for
+binary tasks trained with sigmoid cross-entropy) and uses LeCun-normal
+kernels with zero biases, as the paper's (Ortiz-Jiménez et al., 2021)
+JAX/Flax models do. Architectural hyperparameters are keyword arguments, so
+gin can set them (`mlp.widths = (512, 512)`); the registration lives in
+`experiments.configurables`.
+"""
+
+import keras
+
+_INIT = "lecun_normal"
+
+
+def _dense(units, activation=None, name=None):
+    return keras.layers.Dense(
+        units, activation=activation, kernel_initializer=_INIT,
+        bias_initializer="zeros", name=name,
+    )
+
+
+def _conv(filters, kernel_size, strides=1, padding="same", activation=None,
+          use_bias=True, name=None):
+    return keras.layers.Conv2D(
+        filters, kernel_size, strides=strides, padding=padding,
+        activation=activation, use_bias=use_bias, kernel_initializer=_INIT,
+        bias_initializer="zeros", name=name,
+    )
+
+
+def mlp(input_shape, num_outputs=1, *, widths=(512, 512), activation="relu"):
+    """A fully connected ReLU network on flattened inputs.
+
+    Args:
+        input_shape: shape of one input example, e.g. (8, 8, 1).
+        num_outputs: number of logits (1 for binary tasks).
+        widths: hidden layer widths.
+        activation: hidden activation.
+
+    Returns:
+        A `keras.Sequential` named "mlp".
+    """
+    layers = [keras.Input(input_shape), keras.layers.Flatten()]
+    layers += [_dense(w, activation, name=f"dense_{i}") for i, w in enumerate(widths)]
+    layers.append(_dense(num_outputs, name="logits"))
+    return keras.Sequential(layers, name="mlp")
+
+
+def lenet(input_shape, num_outputs=1, *, filters=(6, 16), hidden=(120, 84),
+          activation="relu"):
+    """LeNet-5 adapted to the input size.
+
+    32×32 inputs (CIFAR, padded MNIST): 5×5 'valid' convolutions, each
+    followed by 2×2 max pooling (32→28→14→10→5), then the dense layers, as
+    LeNet-5. Inputs smaller than 20 pixels (digits, 8×8): 3×3 'same'
+    convolutions with 2×2 pooling (8→4→2), so the same layer sequence fits.
+
+    Args:
+        input_shape: shape of one input example, (H, W, C).
+        num_outputs: number of logits.
+        filters: channels of the two convolutions.
+        hidden: widths of the dense layers after flattening.
+        activation: activation after every convolution and hidden layer.
+
+    Returns:
+        A `keras.Sequential` named "lenet".
+    """
+    small = min(input_shape[0], input_shape[1]) < 20
+    kernel_size, padding = (3, "same") if small else (5, "valid")
+    layers = [keras.Input(input_shape)]
+    for i, f in enumerate(filters):
+        layers.append(_conv(f, kernel_size, padding=padding, activation=activation,
+                            name=f"conv_{i}"))
+        layers.append(keras.layers.MaxPooling2D(2, name=f"pool_{i}"))
+    layers.append(keras.layers.Flatten())
+    layers += [_dense(w, activation, name=f"dense_{i}") for i, w in enumerate(hidden)]
+    layers.append(_dense(num_outputs, name="logits"))
+    return keras.Sequential(layers, name="lenet")
+
+
+def _basic_block(x, filters, strides, name):
+    shortcut = x
+    y = _conv(filters, 3, strides=strides, use_bias=False, name=f"{name}_conv1")(x)
+    y = keras.layers.BatchNormalization(name=f"{name}_bn1")(y)
+    y = keras.layers.ReLU()(y)
+    y = _conv(filters, 3, use_bias=False, name=f"{name}_conv2")(y)
+    y = keras.layers.BatchNormalization(name=f"{name}_bn2")(y)
+    if strides != 1 or x.shape[-1] != filters:
+        shortcut = _conv(filters, 1, strides=strides, use_bias=False,
+                         name=f"{name}_proj")(x)
+        shortcut = keras.layers.BatchNormalization(name=f"{name}_proj_bn")(shortcut)
+    return keras.layers.ReLU()(keras.layers.Add()([y, shortcut]))
+
+
+def resnet18(input_shape, num_outputs=1, *, width=16, blocks=(2, 2, 2, 2)):
+    """ResNet-18 (CIFAR variant) with BatchNorm, `width` channels in stage 1.
+
+    A 3×3 stem, four stages of basic blocks with `width·(1, 2, 4, 8)`
+    channels (stride 2 from the second stage on), global average pooling and
+    a dense head. The standard network has width 64; the default 16 is the
+    narrow version that runs on a CPU.
+
+    Args:
+        input_shape: shape of one input example, (H, W, C).
+        num_outputs: number of logits.
+        width: channels of the first stage.
+        blocks: basic blocks per stage.
+
+    Returns:
+        A functional `keras.Model` named "resnet18".
+    """
+    inputs = keras.Input(input_shape)
+    x = _conv(width, 3, use_bias=False, name="stem_conv")(inputs)
+    x = keras.layers.BatchNormalization(name="stem_bn")(x)
+    x = keras.layers.ReLU()(x)
+    for stage, count in enumerate(blocks):
+        filters = width * 2**stage
+        for block in range(count):
+            strides = 2 if stage > 0 and block == 0 else 1
+            x = _basic_block(x, filters, strides, name=f"stage{stage}_block{block}")
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = _dense(num_outputs, name="logits")(x)
+    return keras.Model(inputs, outputs, name="resnet18")
+
+
+MODELS = {"mlp": mlp, "lenet": lenet, "resnet18": resnet18}

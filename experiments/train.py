@@ -1,0 +1,162 @@
+"""The training recipe shared by the studies, and the distribution strategy.
+
+The recipe of Ortiz-Jiménez et al. (2021): SGD with momentum 0.9, learning
+rate 0.05 decaying linearly to 0 over the whole run, batch 128, sigmoid
+cross-entropy on a single logit. Every piece is an argument so gin can
+change it from the study's `run`.
+"""
+
+import importlib.util
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from experiments import data as data_lib
+
+STRATEGIES = ("auto", "cpu", "one_device", "mirrored", "tpu")
+
+
+def make_strategy(name="auto", tpu=None):
+    """The `tf.distribute.Strategy` named by the `--strategy` flag.
+
+    * `auto`: TPU when `tpu` is given, MirroredStrategy over all GPUs when
+      there are several, OneDeviceStrategy on the GPU when there is one, the
+      default strategy (no distribution) otherwise.
+    * `cpu`: OneDeviceStrategy on the first CPU.
+    * `one_device`: OneDeviceStrategy on the first GPU (or CPU when none).
+    * `mirrored`: MirroredStrategy over all GPUs, or over all logical CPUs
+      when there is no GPU (tests configure two).
+    * `tpu`: TPUStrategy on `tpu` (an address, or "" / "local").
+
+    Returns:
+        A `tf.distribute.Strategy`.
+    """
+    if name not in STRATEGIES:
+        raise ValueError(
+            f"Unknown strategy. Known strategies: {', '.join(STRATEGIES)}. "
+            f"Received: strategy={name!r}"
+        )
+    gpus = tf.config.list_logical_devices("GPU")
+    if name == "auto":
+        if tpu is not None:
+            name = "tpu"
+        elif len(gpus) > 1:
+            name = "mirrored"
+        elif gpus:
+            name = "one_device"
+        else:
+            return tf.distribute.get_strategy()
+    if name == "cpu":
+        return tf.distribute.OneDeviceStrategy("/cpu:0")
+    if name == "one_device":
+        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+    if name == "mirrored":
+        devices = gpus or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([d.name for d in devices])
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
+        tpu="" if tpu in (None, "local") else tpu
+    )
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def linear_decay_sgd(total_steps, learning_rate=0.05, momentum=0.9):
+    """SGD with momentum, the rate decaying linearly from `learning_rate` to 0.
+
+    η_t = learning_rate · (1 − t / total_steps) for step t (0 after the end).
+    """
+    schedule = keras.optimizers.schedules.PolynomialDecay(
+        initial_learning_rate=learning_rate,
+        decay_steps=max(int(total_steps), 1),
+        end_learning_rate=0.0,
+        power=1.0,
+    )
+    return keras.optimizers.SGD(learning_rate=schedule, momentum=momentum)
+
+
+class _CrashAfterEpochs(keras.callbacks.Callback):
+    """Kills the process after `epochs` epochs (tests of resuming only)."""
+
+    def __init__(self, epochs):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 >= self.epochs:
+            os._exit(3)  # A hard kill: no cleanup, as a preempted machine.
+
+
+def _training_log(log_dir):
+    """TensorBoard logs in `log_dir`, or a CSV history there without TensorBoard."""
+    if importlib.util.find_spec("tensorboard") is not None:
+        return keras.callbacks.TensorBoard(
+            log_dir, write_graph=False, update_freq="epoch", profile_batch=0
+        )
+    logging.warning("tensorboard is not installed: writing %s/history.csv instead.", log_dir)
+    tf.io.gfile.makedirs(log_dir)
+    return keras.callbacks.CSVLogger(os.path.join(log_dir, "history.csv"), append=True)
+
+
+# Set by the binaries' hidden --simulate_crash_after_epochs flag (tests).
+crash_after_epochs = None
+
+
+def fit(model, x, y, *, epochs, batch_size=128, learning_rate=0.05,
+        momentum=0.9, seed=0, backup_dir=None, tensorboard_dir=None,
+        jit_compile="auto", verbose="auto", strategy=None):
+    """Trains a single-logit `model` on (x, y) with the paper's recipe.
+
+    Sigmoid cross-entropy on the logit, SGD momentum, linear decay to 0 over
+    `epochs · ceil(N / batch_size)` steps. The data order is fixed by `seed`
+    (reshuffled each epoch, deterministically). With `backup_dir` a
+    `keras.callbacks.BackupAndRestore` saves the model and optimizer each
+    epoch, so a killed fit resumes at its last finished epoch; the backup is
+    deleted when the fit completes.
+
+    Args:
+        model: an unbuilt or built Keras model with one logit output; it must
+            have been created under `strategy.scope()` when a strategy is
+            used.
+        x, y: training arrays, y in {0, 1}.
+        epochs, batch_size, learning_rate, momentum: the recipe.
+        seed: seed of the data order (and of `keras.utils.set_random_seed`).
+        backup_dir: directory for BackupAndRestore, or None.
+        tensorboard_dir: TensorBoard log directory, or None.
+        jit_compile: passed to `model.compile`.
+        verbose: passed to `model.fit`.
+        strategy: the `tf.distribute.Strategy` the model lives in.
+
+    Returns:
+        The `keras.callbacks.History` of the fit.
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    steps_per_epoch = int(np.ceil(len(x) / batch_size))
+    keras.utils.set_random_seed(seed)
+    with strategy.scope():
+        model.compile(
+            optimizer=linear_decay_sgd(epochs * steps_per_epoch, learning_rate, momentum),
+            loss=keras.losses.BinaryCrossentropy(from_logits=True),
+            metrics=[keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy")],
+            jit_compile=jit_compile,
+        )
+    callbacks = []
+    if backup_dir is not None:
+        callbacks.append(keras.callbacks.BackupAndRestore(backup_dir, delete_checkpoint=True))
+    if tensorboard_dir is not None:
+        callbacks.append(_training_log(tensorboard_dir))
+    if crash_after_epochs is not None:
+        callbacks.append(_CrashAfterEpochs(crash_after_epochs))
+    dataset = data_lib.training_dataset(
+        x, np.asarray(y, np.float32)[:, None], batch_size=batch_size, seed=seed
+    )
+    return model.fit(dataset, epochs=epochs, callbacks=callbacks, verbose=verbose)
+
+
+def binary_accuracy(model, x, y, batch_size=512):
+    """Fraction of examples whose logit sign matches y ∈ {0, 1} (inference mode)."""
+    logits = np.asarray(model.predict(x, batch_size=batch_size, verbose=0)).reshape(-1)
+    return float(np.mean((logits > 0) == (np.asarray(y).reshape(-1) > 0.5)))

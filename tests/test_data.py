@@ -1,0 +1,114 @@
+"""Tests of experiments/data.py: the digits builder, tfds pipelines, tasks."""
+
+import socket
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from sklearn.datasets import load_digits
+
+from experiments import data
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def test_digits_builder_split_matches_documented_permutation(data_dir, monkeypatch):
+    # Offline: any attempt to open a network connection fails the test.
+    def no_network(*args, **kwargs):
+        raise AssertionError("the digits builder tried to use the network")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    train = data.load_split("digits", "train", data_dir=data_dir)
+    test = data.load_split("digits", "test", data_dir=data_dir)
+    assert train.x.shape == (1437, 8, 8, 1) and test.x.shape == (360, 8, 8, 1)
+
+    # Independent reference: scikit-learn's arrays, permuted by RandomState(0).
+    reference = load_digits()
+    permutation = np.random.RandomState(0).permutation(1797)
+    np.testing.assert_array_equal(train.y, reference.target[permutation[:1437]])
+    np.testing.assert_array_equal(test.y, reference.target[permutation[1437:]])
+    np.testing.assert_array_equal(train.x[..., 0] * 16, reference.images[permutation[:1437]])
+    np.testing.assert_array_equal(test.x[..., 0] * 16, reference.images[permutation[1437:]])
+
+
+def test_digits_order_and_slices_are_reproducible(data_dir, tmp_path):
+    first = data.load_split("digits", "train", data_dir=data_dir)
+    # A fresh preparation (tfds shuffles on write) gives the same order.
+    again = data.load_split("digits", "train", data_dir=str(tmp_path))
+    np.testing.assert_array_equal(first.x, again.x)
+    np.testing.assert_array_equal(first.y, again.y)
+    sliced = data.load_split("digits", "train[10:20]", data_dir=data_dir)
+    np.testing.assert_array_equal(sliced.y, first.y[10:20])
+    head = data.load_split("digits", "test[:5]", data_dir=data_dir)
+    assert head.y.tolist() == load_digits().target[
+        np.random.RandomState(0).permutation(1797)[1437:1442]].tolist()
+
+
+def test_tfds_load_digits_by_name(data_dir):
+    info = tfds.builder("digits", data_dir=data_dir).info
+    assert info.splits["train"].num_examples == 1437
+    assert info.splits["test"].num_examples == 360
+    assert info.features["label"].num_classes == 10
+
+
+def test_load_dataset_standardizes_with_train_statistics(data_dir):
+    dataset = data.load_dataset("digits", num_train=300, num_test=50, data_dir=data_dir)
+    raw = data.load_split("digits", "train[:300]", data_dir=data_dir).x
+    mean, std = raw.mean(), raw.std()
+    np.testing.assert_allclose(dataset.train.x, (raw - mean) / (std + 1e-7), rtol=1e-5, atol=1e-5)
+    assert dataset.input_shape == (8, 8, 1) and len(dataset.test.y) == 50
+
+
+def test_unknown_dataset_lists_known_names():
+    with pytest.raises(ValueError, match="cifar10, digits, mnist.*imagenet"):
+        data.load_dataset("imagenet")
+
+
+def test_binary_labels_split_classes_0_4_from_5_9():
+    np.testing.assert_array_equal(
+        data.binary_labels([0, 4, 5, 9, 3, 7]), [0, 0, 1, 1, 0, 1]
+    )
+
+
+def test_eigenfunction_labels_follow_sign_of_kth_eigenvector():
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(12, 12)))
+    eigenvalues = np.array([9.0, 7, 5, 4, 3, 2.5, 2, 1.5, 1, 0.5, 0.25, 0.1])
+    order = rng.permutation(12)  # The kernel need not list them in order.
+    kernel = (q[:, order] * eigenvalues[order]) @ q[:, order].T
+    values, vectors = data.eigenvectors_descending(kernel, num=5)
+    np.testing.assert_allclose(values, eigenvalues[:5], rtol=1e-10)
+    for k in (1, 3, 5):
+        labels = data.eigenfunction_labels(vectors, k)
+        expected = (q[:, k - 1] >= 0).astype(np.float32)
+        # Eigenvectors are defined up to sign: the task up to swapping labels.
+        assert labels.tolist() in (expected.tolist(), (1 - expected).tolist())
+    with pytest.raises(ValueError, match="k=6"):
+        data.eigenfunction_labels(vectors, 6)
+
+
+def test_training_dataset_order_fixed_by_seed():
+    x = np.arange(20, dtype=np.float32)[:, None]
+    y = np.zeros(20, np.float32)
+
+    def order(seed):
+        return np.concatenate([b[0].numpy()[:, 0] for b in data.training_dataset(
+            x, y, batch_size=8, seed=seed)])
+
+    np.testing.assert_array_equal(order(3), order(3))
+    assert sorted(order(3).tolist()) == list(range(20))
+    assert order(3).tolist() != order(4).tolist()
+
+
+def test_cifar10_through_mock_data():
+    with tfds.testing.mock_data(num_examples=12):
+        dataset = data.load_dataset("cifar10", num_train=8, num_test=4)
+    assert dataset.train.x.shape == (8, 32, 32, 3) and dataset.test.x.shape == (4, 32, 32, 3)
+    assert dataset.train.x.dtype == np.float32
+    # Standardized per channel with the training statistics.
+    np.testing.assert_allclose(dataset.train.x.mean(axis=(0, 1, 2)), 0, atol=1e-4)
+    assert set(np.unique(dataset.train.y)) <= set(range(10))
