@@ -1,4 +1,7 @@
 """keras-ntk: neural tangent kernels and linearized networks for Keras."""
 from keras_ntk.linearize import Linearize
+from keras_ntk.layers import NTKDense, NTKConv2D, Erf
+from keras_ntk.infinite import infinite_kernels, InfiniteKernels
+from keras_ntk import predict
 
 __version__ = "0.1.0"
