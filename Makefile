@@ -23,7 +23,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) -m experiments.demo --output_dir=runs/demo
+	$(PY) -m experiments.linear_vs_nonlinear --gin_file=linear_vs_nonlinear/digits_demo.gin --output_dir=runs/demo
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

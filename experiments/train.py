@@ -145,6 +145,8 @@ def fit(model, x, y, *, epochs, batch_size=128, learning_rate=0.05,
         )
     callbacks = []
     if backup_dir is not None:
+        if tf.io.gfile.exists(os.path.join(backup_dir, "training_metadata.json")):
+            logging.info("Resuming the fit from its backup in %s", backup_dir)
         callbacks.append(keras.callbacks.BackupAndRestore(backup_dir, delete_checkpoint=True))
     if tensorboard_dir is not None:
         callbacks.append(_training_log(tensorboard_dir))
@@ -156,7 +158,14 @@ def fit(model, x, y, *, epochs, batch_size=128, learning_rate=0.05,
     return model.fit(dataset, epochs=epochs, callbacks=callbacks, verbose=verbose)
 
 
-def binary_accuracy(model, x, y, batch_size=512):
-    """Fraction of examples whose logit sign matches y ∈ {0, 1} (inference mode)."""
-    logits = np.asarray(model.predict(x, batch_size=batch_size, verbose=0)).reshape(-1)
+def binary_accuracy(model, x, y, batch_size=1024):
+    """Fraction of examples whose logit sign matches y ∈ {0, 1} (inference mode).
+
+    Calls the model eagerly batch by batch (no `predict` function to trace
+    for each of the many short-lived models of a study).
+    """
+    logits = np.concatenate([
+        np.asarray(model(x[start:start + batch_size], training=False)).reshape(-1)
+        for start in range(0, len(x), batch_size)
+    ])
     return float(np.mean((logits > 0) == (np.asarray(y).reshape(-1) > 0.5)))

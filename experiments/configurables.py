@@ -1,0 +1,33 @@
+"""The only module that registers experiment objects with gin.
+
+Configs may name:
+
+* models, by the names in `MODELS` (`mlp`, `lenet`, `resnet18`), with their
+  hyperparameters bound as `mlp.widths = (512, 512)`, `lenet.filters = ...`,
+  `resnet18.width = 16`; a study's `run(models=[...])` lists model names.
+* study entry points, `STUDIES`: `linear_vs_nonlinear.run` (study A), whose
+  arguments are the experiment (dataset, tasks, ks, seeds, recipe, ...).
+
+Arguments that the binary passes itself (output_dir, strategy,
+model_builders, data_dir) are deny-listed: a config cannot set them.
+keras_ntk stays gin-free.
+"""
+
+import gin
+
+from experiments import linear_vs_nonlinear, models
+
+_FROM_THE_BINARY = ["output_dir", "strategy", "model_builders", "data_dir"]
+
+MODELS = {
+    name: gin.external_configurable(builder, name=name, module="models",
+                                    denylist=["input_shape", "num_outputs"])
+    for name, builder in models.MODELS.items()
+}
+
+STUDIES = {
+    "linear_vs_nonlinear": gin.external_configurable(
+        linear_vs_nonlinear.run, name="run", module="linear_vs_nonlinear",
+        denylist=_FROM_THE_BINARY,
+    ),
+}

@@ -1,0 +1,487 @@
+"""Study A: what can linearized neural networks actually say about generalization?
+
+Reproduces the comparisons of Ortiz-Jiménez, Moosavi-Dezfooli and Frossard
+(NeurIPS 2021) between a network f(x; θ) and its linearizations:
+
+* network: f trained from θ0 with the recipe of `experiments.train`.
+* linearized_init: the linearization at θ0 (`keras_ntk.Linearize`), by
+  default the "difference" model J(x; θ0)·(θ − θ0) (mode "full" adds
+  f(x; θ0)), trained from θ = θ0 with the same recipe.
+* linearized_final: the difference model J(x; θT)·(θ − θT) at the trained
+  weights θT, trained from θ = θT with the same recipe and with BatchNorm
+  statistics reset to their values at initialization, as the paper's code
+  does (`variant` in results.json says so).
+
+Tasks: the eigenfunction tasks of the empirical NTK Θ0 at θ0 computed on
+train+test inputs (label (sign(v_k)+1)/2, eigenvalues descending), and the
+binary task (classes 0–4 vs 5–9). θ0 is drawn once per model (`init_seed`)
+and saved; every task and seed starts from it, seeds change only the data
+order, so the eigenfunction labels are those of the θ0 every run starts from.
+
+Per cell (model, task, k, seed) results.json records the test accuracy of
+the three models, kernel-target alignment A(Θ, y) = yᵀΘy / (‖Θ‖_F ‖y‖²)
+with ±1 labels of Θ0 and ΘT on a probe set of training inputs (and the
+centred alignment), the kernel distance 1 − ⟨Θ0, ΘT⟩_F/(‖Θ0‖_F ‖ΘT‖_F),
+a_j = v_jᵀ ΘT v_j in the eigenbasis {v_j} of the probe Θ0, the energy of
+the labels in that eigenbasis, ‖θT − θ0‖, its square and ‖θT − θ0‖/‖θ0‖,
+and the base rate of each task.
+
+Run: `python -m experiments.linear_vs_nonlinear
+--gin_file=linear_vs_nonlinear/digits_mlp.gin --output_dir=runs/a`.
+"""
+
+import io
+import json
+import os
+
+import numpy as np
+from absl import app, logging
+
+from experiments import launcher
+
+TASKS = ("eigenfunction", "binary")
+LINEARIZATION_MODES = ("difference", "full")
+
+
+def _cell_id(model, task, k, seed):
+    return f"{model}-{task}" + (f"-k{k}" if k is not None else "") + f"-seed{seed}"
+
+
+def _validate(dataset, models, tasks, ks, model_builders, linearized_init_mode):
+    from experiments import data as data_lib
+
+    if dataset not in data_lib.KNOWN_DATASETS:
+        raise ValueError(
+            f"Unknown dataset. Known datasets: {', '.join(data_lib.KNOWN_DATASETS)}. "
+            f"Received: dataset={dataset!r}"
+        )
+    unknown = [m for m in models if m not in model_builders]
+    if unknown or not models:
+        raise ValueError(
+            f"Unknown model(s) {unknown}. Known models: {', '.join(sorted(model_builders))}. "
+            f"Received: models={list(models)!r}"
+        )
+    bad_tasks = [t for t in tasks if t not in TASKS]
+    if bad_tasks or not tasks:
+        raise ValueError(
+            f"Unknown task(s) {bad_tasks}. Known tasks: {', '.join(TASKS)}. "
+            f"Received: tasks={list(tasks)!r}"
+        )
+    if "eigenfunction" in tasks and (not ks or any(int(k) < 1 for k in ks)):
+        raise ValueError(f"Expected eigenfunction indices k >= 1. Received: ks={list(ks)!r}")
+    if linearized_init_mode not in LINEARIZATION_MODES:
+        raise ValueError(
+            f"Expected linearized_init_mode in {LINEARIZATION_MODES}. "
+            f"Received: linearized_init_mode={linearized_init_mode!r}"
+        )
+
+
+def _weights_norm(arrays):
+    return float(np.sqrt(sum(np.sum(np.square(np.asarray(a, np.float64))) for a in arrays)))
+
+
+class _Study:
+    """State shared by the cells of one run (data, θ0 per model, strategy)."""
+
+    def __init__(self, output_dir, strategy, model_builders, dataset, recipe,
+                 num_probe, num_projection, ntk_batch_size, ntk_implementation):
+        self.output_dir = output_dir
+        self.strategy = strategy
+        self.model_builders = model_builders
+        self.dataset = dataset
+        self.recipe = recipe
+        self.num_probe = min(num_probe, len(dataset.train.x))
+        self.num_projection = num_projection
+        self.ntk_batch_size = ntk_batch_size
+        self.ntk_implementation = ntk_implementation
+        self.probe_x = dataset.train.x[: self.num_probe]
+
+    def path(self, *parts):
+        return os.path.join(self.output_dir, *parts)
+
+    def ntk(self, model, x):
+        import keras_ntk
+
+        kernel = keras_ntk.empirical_ntk(
+            model, x, batch_size=self.ntk_batch_size, implementation=self.ntk_implementation
+        )
+        return np.asarray(kernel, dtype=np.float64)
+
+    def build(self, name, weights_path=None):
+        import keras
+
+        with self.strategy.scope():
+            model = self.model_builders[name](self.dataset.input_shape, 1)
+            if weights_path is not None:
+                model.load_weights(weights_path)
+        del keras
+        return model
+
+    def linearize(self, network, mode, non_trainable_values=None):
+        import keras
+
+        import keras_ntk
+
+        with self.strategy.scope():
+            return keras.Sequential([
+                keras.Input(self.dataset.input_shape),
+                keras_ntk.Linearize(network, mode=mode,
+                                    non_trainable_values=non_trainable_values),
+            ], name=f"linearized_{network.name}")
+
+
+def _initial_state(study, model_name, init_seed, need_eigen, num_eigenvectors):
+    """θ0 of `model_name` (saved once) and the kernels/eigenvectors at θ0."""
+    import keras
+    import tensorflow as tf
+
+    tf.io.gfile.makedirs(study.path("init"))
+    weights_path = study.path("init", f"{model_name}.weights.h5")
+    if not tf.io.gfile.exists(weights_path):
+        keras.utils.set_random_seed(init_seed)
+        model = study.build(model_name)
+        model.save_weights(weights_path)
+        logging.info("Saved θ0 of %s (init_seed=%d) to %s", model_name, init_seed, weights_path)
+    model = study.build(model_name, weights_path)
+
+    eigen_path = study.path("init", f"{model_name}_eigen.npz")
+    if tf.io.gfile.exists(eigen_path):
+        with tf.io.gfile.GFile(eigen_path, "rb") as f:
+            saved = dict(np.load(io.BytesIO(f.read())))
+        if need_eigen and "eigenvectors" not in saved:
+            saved = None
+    else:
+        saved = None
+    if saved is None:
+        from experiments import data as data_lib
+
+        saved = {}
+        logging.info("eNTK at θ0 of %s on %d probe inputs", model_name, len(study.probe_x))
+        probe_kernel = study.ntk(model, study.probe_x)
+        saved["probe_kernel"] = probe_kernel
+        values, vectors = data_lib.eigenvectors_descending(probe_kernel, study.num_projection)
+        saved["probe_eigenvalues"], saved["probe_eigenvectors"] = values, vectors
+        if need_eigen:
+            inputs = np.concatenate([study.dataset.train.x, study.dataset.test.x])
+            logging.info("eNTK at θ0 of %s on %d train+test inputs (eigenfunction tasks)",
+                         model_name, len(inputs))
+            kernel = study.ntk(model, inputs)
+            values, vectors = data_lib.eigenvectors_descending(kernel)
+            saved["eigenvalues"] = values
+            saved["eigenvectors"] = vectors[:, :num_eigenvectors]
+        buffer = io.BytesIO()
+        np.savez(buffer, **saved)
+        with tf.io.gfile.GFile(eigen_path, "wb") as f:
+            f.write(buffer.getvalue())
+    return weights_path, saved
+
+
+def _task_labels(study, task, k, eigen):
+    from experiments import data as data_lib
+
+    train, test = study.dataset.train, study.dataset.test
+    if task == "binary":
+        return data_lib.binary_labels(train.y), data_lib.binary_labels(test.y)
+    labels = data_lib.eigenfunction_labels(eigen["eigenvectors"], k)
+    return labels[: len(train.y)], labels[len(train.y):]
+
+
+def _load_stages(path):
+    import tensorflow as tf
+
+    if not tf.io.gfile.exists(path):
+        return {}
+    with tf.io.gfile.GFile(path) as f:
+        return json.load(f)
+
+
+def _run_cell(study, cell, init_weights_path, init_state, linearized_init_mode):
+    """Trains the three models of one cell and measures everything."""
+    import keras_ntk
+    import tensorflow as tf
+
+    from experiments import report, train
+    from keras_ntk import metrics
+
+    model_name, task, k, seed = cell
+    cell_id = _cell_id(*cell)
+    cell_dir = study.path("cells", cell_id)
+    tf.io.gfile.makedirs(cell_dir)
+    stages_path = os.path.join(cell_dir, "stages.json")
+    stages = _load_stages(stages_path)
+    train_y, test_y = _task_labels(study, task, k, init_state)
+    data = study.dataset
+    fit_kwargs = dict(study.recipe, seed=seed, strategy=study.strategy)
+
+    def fit_and_score(stage, model):
+        train.fit(
+            model, data.train.x, train_y,
+            backup_dir=os.path.join(cell_dir, f"backup_{stage}"),
+            tensorboard_dir=study.path("tensorboard", cell_id, stage),
+            **fit_kwargs,
+        )
+        return {
+            "train": train.binary_accuracy(model, data.train.x, train_y),
+            "test": train.binary_accuracy(model, data.test.x, test_y),
+        }
+
+    def save_stages():
+        report.write_json_atomic(stages_path, stages)
+
+    # 1. The network, trained from θ0.
+    network_path = os.path.join(cell_dir, "network.weights.h5")
+    if "network" not in stages:
+        logging.info("%s: training the network", cell_id)
+        network = study.build(model_name, init_weights_path)
+        stages["network"] = fit_and_score("network", network)
+        network.save_weights(network_path)
+        save_stages()
+    network = study.build(model_name, network_path)
+    initial = study.build(model_name, init_weights_path)
+
+    # 2. The linearization at θ0.
+    if "linearized_init" not in stages:
+        logging.info("%s: training the linearization at θ0 (%s)", cell_id, linearized_init_mode)
+        linearized = study.linearize(initial, linearized_init_mode)
+        accuracy = fit_and_score("linearized_init", linearized)
+        delta = linearized.layers[-1].deltas
+        stages["linearized_init"] = dict(
+            accuracy, weight_distance=_weights_norm([d.numpy() for d in delta])
+        )
+        save_stages()
+
+    # 3. The difference model at θT, BatchNorm statistics reset to θ0's.
+    if "linearized_final" not in stages:
+        logging.info("%s: training the linearization at θT", cell_id)
+        initial_statistics = [np.asarray(v) for v in initial.non_trainable_weights]
+        linearized = study.linearize(network, "difference", initial_statistics)
+        accuracy = fit_and_score("linearized_final", linearized)
+        stages["linearized_final"] = accuracy
+        save_stages()
+
+    # 4. Kernels and distances.
+    if "kernels" not in stages:
+        logging.info("%s: eNTK at θT on %d probe inputs", cell_id, study.num_probe)
+        probe_y = train_y[: study.num_probe]
+        labels_pm = 2.0 * probe_y - 1.0  # Alignment uses ±1 labels.
+        kernel_init = init_state["probe_kernel"]
+        kernel_final = study.ntk(network, study.probe_x)
+        vectors = init_state["probe_eigenvectors"]
+        theta0 = [np.asarray(w) for w in initial.trainable_weights]
+        theta_t = [np.asarray(w) for w in network.trainable_weights]
+        distance = _weights_norm([a - b for a, b in zip(theta_t, theta0)])
+        stages["kernels"] = {
+            "alignment": {
+                "init": float(metrics.kernel_alignment(kernel_init, labels_pm)),
+                "final": float(metrics.kernel_alignment(kernel_final, labels_pm)),
+            },
+            "alignment_centered": {
+                "init": float(metrics.kernel_alignment(kernel_init, labels_pm, centered=True)),
+                "final": float(metrics.kernel_alignment(kernel_final, labels_pm, centered=True)),
+            },
+            "kernel_distance": float(metrics.kernel_distance(kernel_init, kernel_final)),
+            "weight_distance": distance,
+            "weight_distance_squared": distance**2,
+            "relative_weight_distance": distance / _weights_norm(theta0),
+            "projection": {
+                "init": [float(a) for a in init_state["probe_eigenvalues"]],
+                "final": [float(a) for a in metrics.eigenbasis_projection(kernel_final, vectors)],
+            },
+            "label_energy": [float(e) for e in metrics.eigen_energy(labels_pm, vectors)],
+            "trace": {"init": float(np.trace(kernel_init)), "final": float(np.trace(kernel_final))},
+        }
+        save_stages()
+        del keras_ntk
+
+    kernels = stages["kernels"]
+    return {
+        "model": model_name,
+        "task": task,
+        "k": None if k is None else int(k),
+        "seed": int(seed),
+        "test_accuracy": {name: stages[name]["test"]
+                          for name in ("network", "linearized_init", "linearized_final")},
+        "train_accuracy": {name: stages[name]["train"]
+                           for name in ("network", "linearized_init", "linearized_final")},
+        "alignment": kernels["alignment"],
+        "alignment_centered": kernels["alignment_centered"],
+        "weight_distance": kernels["weight_distance"],
+        "weight_distance_squared": kernels["weight_distance_squared"],
+        "relative_weight_distance": kernels["relative_weight_distance"],
+        "weight_distance_linearized_init": stages["linearized_init"]["weight_distance"],
+        "kernel_distance": kernels["kernel_distance"],
+        "projection": kernels["projection"],
+        "label_energy": kernels["label_energy"],
+        "kernel_trace": kernels["trace"],
+        "base_rate": {"train": float(np.mean(train_y)), "test": float(np.mean(test_y))},
+        "variant": {
+            "linearized_init": linearized_init_mode,
+            "linearized_final": "difference_bn_init_statistics",
+        },
+        "cell": _cell_id(*cell),
+    }
+
+
+def run(
+    *,
+    output_dir,
+    strategy,
+    model_builders,
+    data_dir=None,
+    dataset="digits",
+    models=("mlp",),
+    tasks=TASKS,
+    ks=(1, 2, 5, 10, 50),
+    seeds=(0,),
+    init_seed=0,
+    num_train=None,
+    num_test=None,
+    epochs=100,
+    batch_size=128,
+    learning_rate=0.05,
+    momentum=0.9,
+    jit_compile="auto",
+    linearized_init_mode="difference",
+    num_probe=512,
+    num_projection=100,
+    ntk_batch_size=None,
+    ntk_implementation="auto",
+    max_new_cells=None,
+    verbose="auto",
+    write_report=True,
+):
+    """Runs study A and writes results.json, figures and report.md into `output_dir`.
+
+    Cells already in `output_dir/results.json` are skipped; a cell cut short
+    resumes from its last finished model (and inside a fit from its last
+    finished epoch). θ0 and the eigenvectors are saved under
+    `output_dir/init/`.
+
+    Args:
+        output_dir: the run's directory (local or gs://).
+        strategy: the `tf.distribute.Strategy` models are built in.
+        model_builders: name → builder(input_shape, num_outputs) (gin-configured).
+        data_dir: tfds data directory.
+        dataset: "digits", "mnist" or "cifar10".
+        models: names of the models to study.
+        tasks: among "eigenfunction" and "binary".
+        ks: eigenfunction indices (1 = top eigenvector).
+        seeds: data-order seeds; every seed starts from the same θ0.
+        init_seed: the seed of θ0 (one per model).
+        num_train, num_test: use the first examples of each split (None: all).
+        epochs, batch_size, learning_rate, momentum: the training recipe.
+        jit_compile: passed to `model.compile`.
+        linearized_init_mode: "difference" (the paper's code) or "full".
+        num_probe: training inputs on which kernels are compared.
+        num_projection: number of init eigenvectors for a_j and label energy.
+        ntk_batch_size: block size for `keras_ntk.empirical_ntk` (None: auto).
+        ntk_implementation: its `implementation` argument.
+        max_new_cells: stop after this many newly finished cells (None: all).
+        verbose: passed to `model.fit`.
+        write_report: write figures and report.md at the end.
+
+    Returns:
+        The results dictionary (also in results.json).
+    """
+    import tensorflow as tf
+
+    from experiments import data as data_lib
+    from experiments import report
+
+    models, tasks = list(models), list(tasks)
+    ks = [int(k) for k in ks]
+    _validate(dataset, models, tasks, ks, model_builders, linearized_init_mode)
+    cells = [
+        (m, task, k, s)
+        for m in models
+        for task in tasks
+        for k in (ks if task == "eigenfunction" else [None])
+        for s in seeds
+    ]
+    results_path = os.path.join(output_dir, "results.json")
+    results = {
+        "study": "linear_vs_nonlinear",
+        "dataset": dataset,
+        "variant": {
+            "linearized_init": f"{linearized_init_mode}: J(θ0)(θ−θ0)"
+            + (" + f(θ0)" if linearized_init_mode == "full" else "") + ", trained from θ0",
+            "linearized_final": "difference: J(θT)(θ−θT), trained from θT with the same "
+            "recipe, BatchNorm statistics reset to their values at θ0",
+        },
+        "recipe": {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
+                   "momentum": momentum, "schedule": "linear decay to 0",
+                   "loss": "sigmoid cross-entropy"},
+        "num_train": None, "num_test": None, "num_probe": None,
+        "init_seed": init_seed,
+        "eigen": {},
+        "runs": [],
+    }
+    if tf.io.gfile.exists(results_path):
+        with tf.io.gfile.GFile(results_path) as f:
+            previous = json.load(f)
+        if previous.get("dataset") != dataset:
+            raise ValueError(
+                f"{results_path} holds results for another dataset; use a new "
+                f"output_dir. Received: dataset={dataset!r}"
+            )
+        results["runs"] = previous.get("runs", [])
+        results["eigen"] = previous.get("eigen", {})
+    done = {r["cell"] for r in results["runs"]}
+
+    data = data_lib.load_dataset(dataset, num_train=num_train, num_test=num_test,
+                                 data_dir=data_dir)
+    results["num_train"], results["num_test"] = len(data.train.y), len(data.test.y)
+    study = _Study(output_dir, strategy, model_builders, data,
+                   dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                        momentum=momentum, jit_compile=jit_compile, verbose=verbose),
+                   num_probe, num_projection, ntk_batch_size, ntk_implementation)
+    results["num_probe"] = study.num_probe
+    need_eigen = "eigenfunction" in tasks
+    num_eigenvectors = max(max(ks) if need_eigen else 0, num_projection)
+
+    new_cells, states = 0, {}
+    for index, cell in enumerate(cells, start=1):
+        cell_id = _cell_id(*cell)
+        if cell_id in done:
+            logging.info("cell %d of %d (%s): already finished, skipped", index, len(cells),
+                         cell_id)
+            continue
+        if max_new_cells is not None and new_cells >= max_new_cells:
+            logging.info("Stopping after %d new cell(s) (max_new_cells).", new_cells)
+            break
+        logging.info("cell %d of %d: %s", index, len(cells), cell_id)
+        model_name = cell[0]
+        if model_name not in states:
+            states[model_name] = _initial_state(study, model_name, init_seed, need_eigen,
+                                                num_eigenvectors)
+            if need_eigen:
+                eigenvalues = states[model_name][1]["eigenvalues"]
+                results["eigen"][model_name] = {
+                    "eigenvalues": [float(v) for v in eigenvalues[:num_eigenvectors]],
+                    "eigenvectors_file": os.path.join("init", f"{model_name}_eigen.npz"),
+                }
+        weights_path, init_state = states[model_name]
+        if need_eigen and init_state["eigenvectors"].shape[1] < max(ks):
+            raise ValueError(
+                f"Saved eigenvectors of {model_name} stop at "
+                f"{init_state['eigenvectors'].shape[1]}; use a new output_dir for larger k. "
+                f"Received: ks={ks}"
+            )
+        results["runs"].append(_run_cell(study, cell, weights_path, init_state,
+                                         linearized_init_mode))
+        report.write_json_atomic(results_path, results)
+        if tf.io.gfile.exists(study.path("cells", cell_id)):
+            tf.io.gfile.rmtree(study.path("cells", cell_id))
+        new_cells += 1
+    report.write_json_atomic(results_path, results)
+    if write_report:
+        report.write_study_a_report(output_dir, results)
+    return results
+
+
+def main(argv):
+    launcher.main(argv, study="linear_vs_nonlinear")
+
+
+if __name__ == "__main__":
+    app.run(main)
