@@ -33,9 +33,9 @@ class NaiveLinearize(keras_ntk.Linearize):
 
     def call(self, inputs, training=None):
         flat_inputs = [tf.convert_to_tensor(x) for x in tf.nest.flatten(inputs)]
-        primals = [v.value for v in self._initial]
-        tangents = [d.value for d in self._deltas]
-        structure = {}
+        primals = [tf.convert_to_tensor(v) for v in self._initial]
+        tangents = [tf.convert_to_tensor(d) for d in self._deltas]
+        structure = {"frozen": [tf.convert_to_tensor(v) for v in self._frozen]}
         flat_f0, flat_jvp = self._taylor_terms(inputs, flat_inputs, primals, tangents, structure)
         return tf.nest.pack_sequence_as(structure["outputs"], self._combine(flat_f0, flat_jvp))
 

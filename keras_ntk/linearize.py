@@ -30,6 +30,11 @@ class _WrappedState:
     non_trainable: tuple
 
 
+def _read(variables):
+    """Current values as tensors (`.value` can be a tf.Variable, even mirrored)."""
+    return [tf.convert_to_tensor(v) for v in variables]
+
+
 def _is_float(tensor):
     return tensor.dtype.is_floating
 
@@ -219,11 +224,11 @@ class Linearize(keras.layers.Wrapper):
     @property
     def initial_weights(self):
         """θ0 (the linearization point), in the wrapped model's weight order."""
-        return [v.value for v in self._initial]
+        return _read(self._initial)
 
     def linearized_weights(self):
         """Returns θ0 + δ, in the order of the wrapped model's trainable weights."""
-        return [t.value + d.value for t, d in zip(self._initial, self._deltas)]
+        return [t + d for t, d in zip(_read(self._initial), _read(self._deltas))]
 
     def relinearize(self):
         """Moves the linearization point to the current weights: θ0 ← θ0 + δ, δ ← 0."""
@@ -236,9 +241,11 @@ class Linearize(keras.layers.Wrapper):
     def call(self, inputs, training=None):
         del training  # Always inference mode: see the class docstring.
         flat_inputs = [tf.convert_to_tensor(x) for x in tf.nest.flatten(inputs)]
-        primals = [v.value for v in self._initial]
-        deltas = [d.value for d in self._deltas]
-        structure = {}
+        # Every variable is read here, outside the custom gradients: under a
+        # distribution strategy, custom_gradient cannot watch mirrored variables.
+        primals = _read(self._initial)
+        deltas = _read(self._deltas)
+        structure = {"frozen": _read(self._frozen)}
 
         @tf.custom_gradient
         def linearized(*tangents):
@@ -270,7 +277,7 @@ class Linearize(keras.layers.Wrapper):
     def _taylor_terms(self, inputs, flat_inputs, primals, tangents, structure):
         """Returns the flat f(x; θ) and J(x; θ)·tangents at θ = `primals`."""
         mapping = list(zip(self._wrapped.trainable, primals))
-        mapping += [(v, w.value) for v, w in zip(self._wrapped.non_trainable, self._frozen)]
+        mapping += list(zip(self._wrapped.non_trainable, structure["frozen"]))
         with tf.autodiff.ForwardAccumulator(primals, list(tangents)) as accumulator:
             with keras.StatelessScope(state_mapping=mapping):
                 outputs = self.layer(
@@ -308,7 +315,9 @@ class Linearize(keras.layers.Wrapper):
                     replaced = list(flat_inputs)
                     for position, x in zip(positions, float_inputs):
                         replaced[position] = x
-                    flat_f0, flat_jvp = self._taylor_terms(inputs, replaced, primals, deltas, {})
+                    flat_f0, flat_jvp = self._taylor_terms(
+                        inputs, replaced, primals, deltas, dict(structure)
+                    )
                     targets = self._combine(flat_f0, flat_jvp)
                 input_grads = tape.gradient(
                     targets,

@@ -424,6 +424,21 @@ def test_jit_compiled_fit_compiles_the_train_step_once(tmp_path):
     assert len(compiled) == 1, compiled  # 12 steps, one compilation
 
 
+def test_fit_under_mirrored_strategy_matches_single_device():
+    """Two replicas (the logical CPUs of conftest) give the single-device result."""
+    x = np.random.randn(32, 6).astype("float32")
+    y = np.random.randn(32, 3).astype("float32")
+    results = []
+    for strategy in (tf.distribute.get_strategy(), tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])):
+        keras.utils.set_random_seed(5)
+        with strategy.scope():
+            wrapped = keras.Sequential([keras.Input((6,)), keras_ntk.Linearize(mlp())])
+            wrapped.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        wrapped.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        results.append(wrapped.predict(x, verbose=0))
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------- relinearize & co
 
 
