@@ -255,33 +255,35 @@ def _spatial_axes(mode):
 
 
 def _shifted_sum(k, mode, spatial, kernel_size, strides, padding):
-    """Σ_d K(p+d, q+d) over the kernel offsets d, for every output (p, q)."""
-    pads, outs = [], []
-    for size, kk, ss in zip(spatial, kernel_size, strides):
+    """Σ_d K(p+d, q+d) over the kernel offsets d, for every output (p, q).
+
+    The box of offsets is separable: the sum runs over the height offsets
+    (shifting the height axes of both positions) and then over the width
+    offsets, kh + kw shifted slices instead of kh·kw.
+    """
+    rank = k.shape.rank
+    axes = ([rank - 4, rank - 2], [rank - 3, rank - 1]) if mode == "full" else (
+        [rank - 2], [rank - 1])
+    for dim in (0, 1):
+        size, kk, ss = spatial[dim], kernel_size[dim], strides[dim]
         if padding == "same":
             out, before, after = _same_padding(size, kk, ss)
         else:
             out, before, after = (size - kk) // ss + 1, 0, 0
-        pads.append((before, after))
-        outs.append(out)
-    lead = k.shape.rank - _spatial_axes(mode)
-    if mode == "full":
-        paddings = [(0, 0)] * lead + pads + pads
-    else:
-        paddings = [(0, 0)] * lead + pads
-    if any(p != (0, 0) for p in paddings):
-        k = tf.pad(k, paddings)
-    total = None
-    for dh in range(kernel_size[0]):
-        sl_h = slice(dh, dh + strides[0] * (outs[0] - 1) + 1, strides[0])
-        for dw in range(kernel_size[1]):
-            sl_w = slice(dw, dw + strides[1] * (outs[1] - 1) + 1, strides[1])
-            if mode == "full":
-                part = k[..., sl_h, sl_w, sl_h, sl_w]
-            else:
-                part = k[..., sl_h, sl_w]
+        if before or after:
+            paddings = [(0, 0)] * rank
+            for axis in axes[dim]:
+                paddings[axis] = (before, after)
+            k = tf.pad(k, paddings)
+        total = None
+        for d in range(kk):
+            index = [slice(None)] * rank
+            for axis in axes[dim]:
+                index[axis] = slice(d, d + ss * (out - 1) + 1, ss)
+            part = k[tuple(index)]
             total = part if total is None else total + part
-    return total
+        k = total
+    return k
 
 
 def _pool_matrix(size, k, s, padding, dtype):
@@ -326,49 +328,51 @@ def _erf(nngp, ntk, var1, var2):
     return new_nngp, ntk * dot
 
 
-def _propagate(steps, nngp, ntk, variances):
+def _propagate(steps, nngp, ntk, variances, activation_index=0):
     """Runs the recursion on a kernel of any leading shape.
 
     `variances(i, nngp, mode, spatial)` returns (var1, var2) broadcastable to
     nngp: the self-covariances at each position for the i-th activation step.
+    `ntk=None` stands for a zero NTK (before the first layer with weights),
+    which saves its arithmetic.
     """
-    activation_index = 0
     previous_mode = steps[0][1] if steps else "fcn"
     for op, mode, spatial in steps:
         if previous_mode == "full" and mode == "diag":
-            nngp, ntk = _diagonal(nngp, "full", spatial), _diagonal(ntk, "full", spatial)
+            nngp = _diagonal(nngp, "full", spatial)
+            ntk = None if ntk is None else _diagonal(ntk, "full", spatial)
         previous_mode = mode
         p = op.params
         if op.kind == "dense":
             nngp = p["w2"] * nngp + p["b2"]
-            ntk = nngp + p["w2"] * ntk
+            ntk = nngp if ntk is None else nngp + p["w2"] * ntk
         elif op.kind == "conv":
             scale = p["w2"] / (p["kernel_size"][0] * p["kernel_size"][1])
             args = (mode, spatial, p["kernel_size"], p["strides"], p["padding"])
             nngp = scale * _shifted_sum(nngp, *args) + p["b2"]
-            ntk = nngp + scale * _shifted_sum(ntk, *args)
+            ntk = nngp if ntk is None else nngp + scale * _shifted_sum(ntk, *args)
         elif op.kind in ("relu", "erf"):
             var1, var2 = variances(activation_index, nngp, mode, spatial)
             activation_index += 1
             fn = _relu if op.kind == "relu" else _erf
-            nngp, ntk = fn(nngp, ntk, var1, var2)
+            nngp, ntk = fn(nngp, 0.0 if ntk is None else ntk, var1, var2)
         elif op.kind == "avgpool":
             mh = _pool_matrix(spatial[0], p["pool_size"][0], p["strides"][0],
                               p["padding"], nngp.dtype)
             mw = _pool_matrix(spatial[1], p["pool_size"][1], p["strides"][1],
                               p["padding"], nngp.dtype)
             pool = lambda k: tf.einsum("...abcd,ia,jb,kc,ld->...ijkl", k, mh, mw, mh, mw)
-            nngp, ntk = pool(nngp), pool(ntk)
+            nngp, ntk = pool(nngp), None if ntk is None else pool(ntk)
         elif op.kind == "gap":
-            nngp = tf.reduce_mean(nngp, axis=[-4, -3, -2, -1])
-            ntk = tf.reduce_mean(ntk, axis=[-4, -3, -2, -1])
+            gap = lambda k: tf.reduce_mean(k, axis=[-4, -3, -2, -1])
+            nngp, ntk = gap(nngp), None if ntk is None else gap(ntk)
             previous_mode = "fcn"
         elif op.kind == "flatten":
             if mode != "fcn":
-                nngp = tf.reduce_mean(_diagonal(nngp, mode, spatial), axis=[-2, -1])
-                ntk = tf.reduce_mean(_diagonal(ntk, mode, spatial), axis=[-2, -1])
+                flat = lambda k: tf.reduce_mean(_diagonal(k, mode, spatial), axis=[-2, -1])
+                nngp, ntk = flat(nngp), None if ntk is None else flat(ntk)
             previous_mode = "fcn"
-    return nngp, ntk
+    return nngp, (tf.zeros_like(nngp) if ntk is None else ntk)
 
 
 def _input_covariance(x1, x2, mode, outer):
@@ -394,10 +398,35 @@ def _input_mode(steps):
     return steps[0][1] if steps else "fcn"
 
 
+def _first_kernels(steps, x1, x2, outer):
+    """NNGP after the first step(s) and the steps left to run.
+
+    A first convolution is computed from image patches: K'(p, q) =
+    σw²/(kh·kw·C) ⟨patch1(p), patch2(q)⟩ + σb², one matrix product instead of
+    forming the input covariance of every pair of positions and shifting it.
+    """
+    mode = _input_mode(steps)
+    if not steps or steps[0][0].kind != "conv":
+        return _input_covariance(x1, x2, mode, outer), steps
+    p = steps[0][0].params
+    (kh, kw), (sh, sw) = p["kernel_size"], p["strides"]
+
+    def patches(x):
+        return tf.image.extract_patches(x, [1, kh, kw, 1], [1, sh, sw, 1], [1, 1, 1, 1],
+                                        p["padding"].upper())
+
+    p1, p2 = patches(x1), patches(x2)
+    if mode == "full":
+        k = tf.einsum("ahwk,bijk->abhwij" if outer else "nhwk,nijk->nhwij", p1, p2)
+    else:
+        k = tf.einsum("ahwk,bhwk->abhw", p1, p2) if outer else tf.reduce_sum(p1 * p2, -1)
+    channels = tf.cast(tf.shape(x1)[-1], x1.dtype)
+    return p["w2"] / (kh * kw * channels) * k + p["b2"], steps[1:]
+
+
 def _self_variances(steps, x):
     """Per-example self-covariances K(x, x)(p, p) before each activation step."""
-    mode = _input_mode(steps)
-    nngp = _input_covariance(x, x, mode, outer=False)
+    nngp, rest = _first_kernels(steps, x, x, outer=False)
     records = []
 
     def variances(index, k, mode, spatial):
@@ -407,7 +436,7 @@ def _self_variances(steps, x):
             return var[..., :, :, None, None], var[..., None, None, :, :]
         return var, var
 
-    _propagate(steps, nngp, tf.zeros_like(nngp), variances)
+    _propagate(rest, nngp, None if rest is steps else nngp, variances)
     return records
 
 
@@ -427,10 +456,10 @@ def _broadcast_variances(vars1, vars2, steps, outer):
 
 
 def _cross_kernels(steps, x1, x2, vars1, vars2, outer):
-    mode = _input_mode(steps)
-    nngp = _input_covariance(x1, x2, mode, outer)
+    nngp, rest = _first_kernels(steps, x1, x2, outer)
     provider = _broadcast_variances(vars1, vars2, steps, outer)
-    return _propagate(steps, nngp, tf.zeros_like(nngp), provider)
+    # After a first convolution Θ = K (the bias and weight terms of one layer).
+    return _propagate(rest, nngp, None if rest is steps else nngp, provider)
 
 
 # Compiled recursions per architecture (the steps' repr), reused across calls.

@@ -242,7 +242,9 @@ def test_float32_close_to_float64():
     k64 = keras_ntk.infinite_kernels(_model("cnn_gap"), x)
     k32 = keras_ntk.infinite_kernels(_model("cnn_gap"), x, dtype="float32")
     assert k32.ntk.dtype == np.float32
-    assert _relative_error(k32.ntk, k64.ntk) < 1e-5
+    # float32's arccos(1 − ε) on the diagonal costs ~1e-4 there (ε ≈ 6e-8).
+    assert _relative_error(k32.ntk, k64.ntk) < 1e-4
+    assert _relative_error(k32.nngp, k64.nngp) < 1e-5
 
 
 def test_deep_diagonal_reaches_q_star():
