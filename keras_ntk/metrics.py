@@ -1,0 +1,242 @@
+"""Functions of kernels: alignment, distance, velocity and spectra.
+
+All functions take numpy arrays or tensors, compute in float64 and return
+Python floats or numpy arrays. Kernels are square N×N matrices (e.g. the
+default output of `keras_ntk.empirical_ntk(model, x)`).
+"""
+
+import numpy as np
+
+
+def _as_kernel(kernel, name="kernel"):
+    kernel = np.asarray(kernel, dtype=np.float64)
+    if kernel.ndim != 2 or kernel.shape[0] != kernel.shape[1]:
+        raise ValueError(
+            f"Expected `{name}` to be a square N×N matrix. "
+            f"Received: {name} with shape {kernel.shape}"
+        )
+    if not np.all(np.isfinite(kernel)):
+        raise ValueError(
+            f"Expected `{name}` to contain only finite values. "
+            f"Received: {name} with {int(np.sum(~np.isfinite(kernel)))} non-finite entries"
+        )
+    return kernel
+
+
+def _as_labels(labels, num_examples):
+    labels = np.asarray(labels, dtype=np.float64)
+    received_shape = labels.shape
+    if labels.ndim == 1:
+        labels = labels[:, None]
+    if labels.ndim != 2 or labels.shape[0] != num_examples:
+        raise ValueError(
+            f"Expected labels of shape ({num_examples},) or ({num_examples}, C), one row "
+            f"per kernel row (encode class indices one-hot). Received: labels with shape "
+            f"{received_shape}"
+        )
+    if not np.all(np.isfinite(labels)):
+        raise ValueError("Expected finite labels. Received: labels with non-finite values")
+    return labels
+
+
+def _as_eigenvectors(eigenvectors, num_examples):
+    eigenvectors = np.asarray(eigenvectors, dtype=np.float64)
+    if eigenvectors.ndim == 1:
+        eigenvectors = eigenvectors[:, None]
+    if eigenvectors.ndim != 2 or eigenvectors.shape[0] != num_examples:
+        raise ValueError(
+            f"Expected eigenvectors as the columns of a ({num_examples}, M) matrix. "
+            f"Received: eigenvectors with shape {eigenvectors.shape}"
+        )
+    return eigenvectors
+
+
+def _centered(matrix):
+    """H M H with H = I − 11ᵀ/N (double centering)."""
+    matrix = matrix - matrix.mean(axis=0, keepdims=True)
+    return matrix - matrix.mean(axis=1, keepdims=True)
+
+
+def kernel_alignment(kernel, labels, centered=False):
+    """Kernel-target alignment between a kernel and labels.
+
+    A(Θ, Y) = ⟨Θ, Y Yᵀ⟩_F / (‖Θ‖_F ‖Y Yᵀ‖_F), which for a label vector y is
+    yᵀΘy / (‖Θ‖_F ‖y‖²) (Cristianini et al. 2002). With `centered=True`, Θ
+    and Y Yᵀ are first double-centred, HΘH and (HY)(HY)ᵀ with H = I − 11ᵀ/N
+    (Cortes, Mohri & Rostamizadeh 2012), which removes the constant
+    direction that otherwise dominates the alignment of non-negative kernels.
+
+    Args:
+        kernel: N×N kernel matrix.
+        labels: N label values (use ±1 for binary tasks) or an N×C matrix
+            (e.g. one-hot classes).
+        centered: whether to use the centred alignment.
+
+    Returns:
+        A float in [-1, 1] (in [0, 1] for a PSD kernel).
+
+    Example:
+
+    >>> kernel_alignment(np.outer([1, -1], [1, -1]), [1, -1])
+    1.0
+    """
+    kernel = _as_kernel(kernel)
+    labels = _as_labels(labels, kernel.shape[0])
+    target = labels @ labels.T
+    if centered:
+        kernel = _centered(kernel)
+        target = _centered(target)
+    denominator = np.linalg.norm(kernel) * np.linalg.norm(target)
+    if denominator == 0:
+        raise ValueError(
+            "Kernel alignment is undefined for a zero kernel or zero labels. Received: "
+            f"‖kernel‖_F={np.linalg.norm(kernel)}, ‖Y Yᵀ‖_F={np.linalg.norm(target)}"
+        )
+    return float(np.sum(kernel * target) / denominator)
+
+
+def kernel_distance(kernel1, kernel2):
+    """Distance 1 − ⟨K1, K2⟩_F / (‖K1‖_F ‖K2‖_F) between two kernels.
+
+    Zero for proportional kernels (the distance ignores scale), at most 2.
+    Used to measure how far the empirical NTK has moved from initialization
+    (Fort et al. 2020).
+
+    Args:
+        kernel1: N×N kernel.
+        kernel2: N×N kernel on the same inputs.
+
+    Returns:
+        A float.
+
+    Example:
+
+    >>> kernel_distance(np.eye(3), 5 * np.eye(3))
+    0.0
+    """
+    kernel1 = _as_kernel(kernel1, "kernel1")
+    kernel2 = _as_kernel(kernel2, "kernel2")
+    if kernel1.shape != kernel2.shape:
+        raise ValueError(
+            "Expected kernels of the same shape. Received: "
+            f"kernel1 with shape {kernel1.shape}, kernel2 with shape {kernel2.shape}"
+        )
+    denominator = np.linalg.norm(kernel1) * np.linalg.norm(kernel2)
+    if denominator == 0:
+        raise ValueError("Kernel distance is undefined for a zero kernel. Received: a zero kernel")
+    return float(max(0.0, 1.0 - np.sum(kernel1 * kernel2) / denominator))
+
+
+def kernel_velocity(previous_kernel, next_kernel, dt=1.0):
+    """Kernel distance per unit of time between consecutive snapshots.
+
+    v = kernel_distance(Θ_t, Θ_{t+dt}) / dt, with dt in epochs or steps.
+
+    Args:
+        previous_kernel: N×N kernel at time t.
+        next_kernel: N×N kernel at time t + dt.
+        dt: the time between the two snapshots (> 0).
+
+    Returns:
+        A float.
+    """
+    if not dt > 0:
+        raise ValueError(f"Expected a positive time step. Received: dt={dt}")
+    return kernel_distance(previous_kernel, next_kernel) / float(dt)
+
+
+def spectrum(kernel, k=None):
+    """Eigenvalues of a symmetric kernel, in descending order (float64).
+
+    Args:
+        kernel: N×N symmetric kernel (symmetrized as (K + Kᵀ)/2).
+        k: keep only the top `k` eigenvalues (default: all N).
+
+    Returns:
+        A numpy array of eigenvalues, largest first.
+    """
+    kernel = _as_kernel(kernel)
+    eigenvalues = np.linalg.eigvalsh((kernel + kernel.T) / 2)[::-1]
+    if k is not None:
+        if not 0 < int(k) <= kernel.shape[0]:
+            raise ValueError(f"Expected 0 < k <= {kernel.shape[0]}. Received: k={k}")
+        eigenvalues = eigenvalues[: int(k)]
+    return eigenvalues
+
+
+def eigendecomposition(kernel):
+    """Eigenvalues (descending) and eigenvectors (columns, same order)."""
+    kernel = _as_kernel(kernel)
+    eigenvalues, eigenvectors = np.linalg.eigh((kernel + kernel.T) / 2)
+    return eigenvalues[::-1], eigenvectors[:, ::-1]
+
+
+def condition_number(kernel):
+    """λ_max / λ_min of a symmetric PSD kernel (inf when λ_min ≤ 0).
+
+    In float64 values near 1e16 are at the precision bound: the smallest
+    eigenvalue is then rounding noise.
+    """
+    eigenvalues = spectrum(kernel)
+    if eigenvalues[-1] <= 0:
+        return float("inf")
+    return float(eigenvalues[0] / eigenvalues[-1])
+
+
+def effective_rank(kernel):
+    """Entropy effective rank exp(H(p)), p_i = λ_i / Σ λ (Roy & Vetterli 2007).
+
+    Between 1 (one direction dominates) and N (flat spectrum). Negative
+    eigenvalues (rounding noise of a PSD kernel) are clipped to 0.
+    """
+    eigenvalues = np.clip(spectrum(kernel), 0.0, None)
+    total = eigenvalues.sum()
+    if total == 0:
+        raise ValueError("Effective rank is undefined for a zero kernel. Received: a zero kernel")
+    p = eigenvalues[eigenvalues > 0] / total
+    return float(np.exp(-np.sum(p * np.log(p))))
+
+
+def eigenbasis_projection(kernel, eigenvectors):
+    """a_j = v_jᵀ Θ v_j: a kernel's energy along given eigen-directions.
+
+    With v_j the eigenvectors of the initial kernel Θ0, a_j(Θ0) are its
+    eigenvalues; for a later kernel Θ_t, a_j(Θ_t) shows which directions grew
+    or shrank during training (Ortiz-Jiménez et al. 2021).
+
+    Args:
+        kernel: N×N kernel.
+        eigenvectors: N×M matrix whose columns are unit vectors v_j.
+
+    Returns:
+        A numpy array of M values.
+    """
+    kernel = _as_kernel(kernel)
+    eigenvectors = _as_eigenvectors(eigenvectors, kernel.shape[0])
+    return np.einsum("nj,nm,mj->j", eigenvectors, kernel, eigenvectors)
+
+
+def eigen_energy(labels, eigenvectors, cumulative=False):
+    """Share of the label energy on each eigenvector: (v_jᵀ y)² / ‖y‖².
+
+    For a label matrix Y, Σ_c (v_jᵀ y_c)² / ‖Y‖_F². With a complete
+    orthonormal basis the shares sum to 1; energy concentrated on the top
+    eigenvectors means a task the kernel learns fast.
+
+    Args:
+        labels: N label values or an N×C matrix.
+        eigenvectors: N×M matrix whose columns are orthonormal vectors.
+        cumulative: return the running sum over j instead.
+
+    Returns:
+        A numpy array of M shares.
+    """
+    eigenvectors = np.asarray(eigenvectors, dtype=np.float64)
+    num_examples = eigenvectors.shape[0] if eigenvectors.ndim else 0
+    labels = _as_labels(labels, num_examples)
+    eigenvectors = _as_eigenvectors(eigenvectors, labels.shape[0])
+    total = np.sum(labels**2)
+    if total == 0:
+        raise ValueError("Label energy is undefined for all-zero labels. Received: zero labels")
+    shares = np.sum((eigenvectors.T @ labels) ** 2, axis=1) / total
+    return np.cumsum(shares) if cumulative else shares
