@@ -237,6 +237,51 @@ def test_matches_naive_recursion(name):
     np.testing.assert_allclose(blocked.nngp, nngp[:3], rtol=1e-7, atol=1e-12)
 
 
+# neural-tangents 0.6.5 `stax` (JAX, float64, parameterization "ntk") on the same
+# architectures and inputs, recorded: stax.serial(Dense(8, 1.4, 0.3), Relu(),
+# Dense(8, 1.1, 0.2), Erf(), Dense(1, 1.3, 0.1)) and stax.serial(Conv(4, (2, 3),
+# strides=(2, 1), padding="SAME", W_std=1.5, b_std=0.2), Relu(), AvgPool((2, 2),
+# strides=(1, 1)), Conv(4, (3, 3), padding="SAME", W_std=1.3, b_std=0.1), Relu(),
+# GlobalAvgPool(), Dense(1, 1.0, 0.2)).
+_NEURAL_TANGENTS = {
+    "fcn": (
+        [[0.727208121452623, 0.2711097304911033, 0.10977849986024565],
+         [0.2711097304911033, 0.4419873249320304, 0.24175687658069164],
+         [0.10977849986024565, 0.24175687658069164, 0.45910210686117436]],
+        [[2.3783555173900304, 0.6076579163185641, 0.1295787097670448],
+         [0.6076579163185641, 1.2986304185582678, 0.5419503444685433],
+         [0.1295787097670448, 0.5419503444685433, 1.3574028346863298]],
+    ),
+    "cnn_gap": (
+        [[0.19171841467582798, 0.19106108270403263, 0.18006675920909865],
+         [0.19106108270403263, 0.20700448363140578, 0.18384726226669218],
+         [0.1800667592090987, 0.18384726226669224, 0.1927094591970332]],
+        [[0.32101952617531, 0.2962341443152169, 0.26291635982900097],
+         [0.29623414431521694, 0.3508069218535554, 0.2647683282304901],
+         [0.26291635982900097, 0.26476832823049024, 0.31150032159926344]],
+    ),
+}
+
+
+def test_matches_recorded_neural_tangents():
+    fcn = keras.Sequential([
+        keras.Input((6,)), NTKDense(8, 1.4, 0.3, activation="relu"), NTKDense(8, 1.1, 0.2),
+        Erf(), NTKDense(1, 1.3, 0.1)])
+    cnn = keras.Sequential([
+        keras.Input((6, 6, 2)),
+        NTKConv2D(4, (2, 3), strides=(2, 1), weight_std=1.5, bias_std=0.2), keras.layers.ReLU(),
+        keras.layers.AveragePooling2D(2, strides=1),
+        NTKConv2D(4, 3, weight_std=1.3, bias_std=0.1), keras.layers.ReLU(),
+        keras.layers.GlobalAveragePooling2D(), NTKDense(1, 1.0, 0.2)])
+    inputs = {"fcn": np.random.default_rng(1).normal(size=(3, 6)),
+              "cnn_gap": np.random.default_rng(0).normal(size=(3, 6, 6, 2))}
+    for name, model in (("fcn", fcn), ("cnn_gap", cnn)):
+        kernels = keras_ntk.infinite_kernels(model, inputs[name])
+        nngp, ntk = _NEURAL_TANGENTS[name]
+        np.testing.assert_allclose(kernels.nngp, nngp, rtol=1e-12)
+        np.testing.assert_allclose(kernels.ntk, ntk, rtol=1e-8)
+
+
 def test_float32_close_to_float64():
     x = np.random.normal(size=(4, 5, 5, 2))
     k64 = keras_ntk.infinite_kernels(_model("cnn_gap"), x)
