@@ -7,6 +7,7 @@ import numpy as np
 import tensorflow as tf
 
 _MODES = ("full", "difference")
+_JVP_METHODS = ("auto", "forward", "double_vjp")
 
 
 def _check_backend():
@@ -33,6 +34,18 @@ class _WrappedState:
 def _read(variables):
     """Current values as tensors (`.value` can be a tf.Variable, even mirrored)."""
     return [tf.convert_to_tensor(v) for v in variables]
+
+
+def _contains_recurrent_layer(layer):
+    """Whether `layer` is or contains a recurrent layer (a tf.while_loop)."""
+    if isinstance(layer, keras.layers.RNN):
+        return True
+    children = list(getattr(layer, "layers", None) or [])
+    for name in ("layer", "forward_layer", "backward_layer"):
+        child = getattr(layer, name, None)
+        if isinstance(child, keras.layers.Layer):
+            children.append(child)
+    return any(_contains_recurrent_layer(child) for child in children)
 
 
 def _is_float(tensor):
@@ -81,6 +94,13 @@ class Linearize(keras.layers.Wrapper):
             subclassed; single or multiple inputs and outputs).
         mode: `"full"` returns f(x; θ0) + J·δ; `"difference"` returns J·δ
             only (the centred variant, which is zero at δ = 0).
+        jvp_method: how J·δ is computed. `"forward"`: forward mode
+            (`tf.autodiff.ForwardAccumulator`), the fastest. `"double_vjp"`:
+            J·δ = ∂/∂u ⟨Jᵀu, δ⟩, two reverse-mode passes, for ops forward
+            mode cannot go through (TensorFlow's forward mode fails on the
+            `tf.while_loop` of recurrent layers in graph mode). `"auto"`
+            (default): `"double_vjp"` when the model contains a
+            `keras.layers.RNN`, else `"forward"`.
         non_trainable_values: Optional list of arrays, one per
             non-trainable weight of the wrapped model (e.g. BatchNorm moving
             statistics), frozen instead of the model's current values. This
@@ -109,7 +129,9 @@ class Linearize(keras.layers.Wrapper):
     ```
     """
 
-    def __init__(self, layer, *, mode="full", non_trainable_values=None, **kwargs):
+    def __init__(
+        self, layer, *, mode="full", jvp_method="auto", non_trainable_values=None, **kwargs
+    ):
         _check_backend()
         if not isinstance(layer, keras.layers.Layer):
             raise TypeError(
@@ -120,8 +142,14 @@ class Linearize(keras.layers.Wrapper):
             raise ValueError(
                 f"Expected `mode` to be one of {_MODES}. Received: mode={mode!r}"
             )
+        if jvp_method not in _JVP_METHODS:
+            raise ValueError(
+                f"Expected `jvp_method` to be one of {_JVP_METHODS}. "
+                f"Received: jvp_method={jvp_method!r}"
+            )
         super().__init__(layer, **kwargs)
         self.mode = mode
+        self.jvp_method = jvp_method
         self._pending_non_trainable_values = (
             None
             if non_trainable_values is None
@@ -278,17 +306,39 @@ class Linearize(keras.layers.Wrapper):
         """Returns the flat f(x; θ) and J(x; θ)·tangents at θ = `primals`."""
         mapping = list(zip(self._wrapped.trainable, primals))
         mapping += list(zip(self._wrapped.non_trainable, structure["frozen"]))
-        with tf.autodiff.ForwardAccumulator(primals, list(tangents)) as accumulator:
+        method = self.jvp_method
+        if method == "auto":
+            method = "double_vjp" if _contains_recurrent_layer(self.layer) else "forward"
+
+        def evaluate():
             with keras.StatelessScope(state_mapping=mapping):
-                outputs = self.layer(
+                return self.layer(
                     tf.nest.pack_sequence_as(inputs, flat_inputs), training=False
                 )
+
+        zero = tf.UnconnectedGradients.ZERO
+        if method == "forward":
+            with tf.autodiff.ForwardAccumulator(primals, list(tangents)) as accumulator:
+                outputs = evaluate()
+            flat_f0 = tf.nest.flatten(outputs)
+            flat_jvp = [accumulator.jvp(y, unconnected_gradients=zero) for y in flat_f0]
+        else:
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch(primals)
+                outputs = evaluate()
+            flat_f0 = tf.nest.flatten(outputs)
+            # J·δ = ∂/∂u ⟨Jᵀu, δ⟩: the VJP is linear in u, so any u works (zeros).
+            cotangents = [tf.zeros_like(y) for y in flat_f0]
+            with tf.GradientTape(watch_accessed_variables=False) as transpose_tape:
+                transpose_tape.watch(cotangents)
+                vjps = tape.gradient(
+                    flat_f0, primals, output_gradients=cotangents, unconnected_gradients=zero
+                )
+                pairing = tf.add_n(
+                    [tf.reduce_sum(v * tf.cast(t, v.dtype)) for v, t in zip(vjps, tangents)]
+                )
+            flat_jvp = transpose_tape.gradient(pairing, cotangents, unconnected_gradients=zero)
         structure["outputs"] = outputs
-        flat_f0 = tf.nest.flatten(outputs)
-        flat_jvp = [
-            accumulator.jvp(y, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            for y in flat_f0
-        ]
         return flat_f0, flat_jvp
 
     def _combine(self, flat_f0, flat_jvp):
@@ -348,4 +398,5 @@ class Linearize(keras.layers.Wrapper):
     def get_config(self):
         config = super().get_config()
         config["mode"] = self.mode
+        config["jvp_method"] = self.jvp_method
         return config
