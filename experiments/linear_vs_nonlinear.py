@@ -76,6 +76,12 @@ def _validate(dataset, models, tasks, ks, model_builders, linearized_init_mode):
         )
 
 
+def _centered_alignment(metrics, kernel, labels):
+    if np.ptp(labels) == 0:
+        return None
+    return float(metrics.kernel_alignment(kernel, labels, centered=True))
+
+
 def _weights_norm(arrays):
     return float(np.sqrt(sum(np.sum(np.square(np.asarray(a, np.float64))) for a in arrays)))
 
@@ -275,9 +281,10 @@ def _run_cell(study, cell, init_weights_path, init_state, linearized_init_mode):
                 "init": float(metrics.kernel_alignment(kernel_init, labels_pm)),
                 "final": float(metrics.kernel_alignment(kernel_final, labels_pm)),
             },
+            # Undefined (null) for a one-class task: centred labels are zero.
             "alignment_centered": {
-                "init": float(metrics.kernel_alignment(kernel_init, labels_pm, centered=True)),
-                "final": float(metrics.kernel_alignment(kernel_final, labels_pm, centered=True)),
+                "init": _centered_alignment(metrics, kernel_init, labels_pm),
+                "final": _centered_alignment(metrics, kernel_final, labels_pm),
             },
             "kernel_distance": float(metrics.kernel_distance(kernel_init, kernel_final)),
             "weight_distance": distance,

@@ -1,0 +1,207 @@
+"""End-to-end tests of the study binaries (experiments/linear_vs_nonlinear.py).
+
+The binaries run in subprocesses (as users run them); conftest's two logical
+CPUs do not reach a subprocess, so the MirroredStrategy test passes the
+binary's hidden --num_cpu_devices=2.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import gin
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from experiments import configurables, data, linear_vs_nonlinear
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = "linear_vs_nonlinear/smoke.gin"
+FIGURES = ("accuracy_vs_k.png", "alignment.png", "projection.png", "energy.png")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def run_binary(output_dir, data_dir, *args, check=True):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    command = [sys.executable, "-m", "experiments.linear_vs_nonlinear",
+               f"--gin_file={SMOKE}", f"--output_dir={output_dir}",
+               f"--data_dir={data_dir}", "--strategy=cpu", *args]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{command} failed:\n{result.stderr[-4000:]}")
+    return result
+
+
+CELLS = ["mlp-eigenfunction-k2-seed0", "mlp-binary-seed0"]
+TWO_EPOCHS = "--gin_bindings=linear_vs_nonlinear.run.epochs=2"
+
+
+def _check_contract(results, expected_cells):
+    assert results["study"] == "linear_vs_nonlinear" and results["dataset"] == "digits"
+    assert sorted(r["cell"] for r in results["runs"]) == sorted(expected_cells)
+    for run in results["runs"]:
+        assert run["model"] == "mlp" and run["task"] in ("eigenfunction", "binary")
+        assert (run["k"] is None) == (run["task"] == "binary")
+        assert type(run["seed"]) is int
+        assert set(run["test_accuracy"]) >= {"network", "linearized_init", "linearized_final"}
+        assert set(run["alignment"]) >= {"init", "final"}
+        for value in (*run["test_accuracy"].values(), *run["alignment"].values(),
+                      run["weight_distance"], run["kernel_distance"]):
+            assert type(value) is float and np.isfinite(value)
+        assert all(0 <= a <= 1 for a in run["test_accuracy"].values())
+        np.testing.assert_allclose(run["weight_distance_squared"], run["weight_distance"] ** 2)
+        assert run["variant"]["linearized_final"] == "difference_bn_init_statistics"
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory, data_dir):
+    """The smoke config run three times: 1 cell, killed mid-fit, completed."""
+    output = tmp_path_factory.mktemp("smoke") / "run"
+    first = run_binary(output, data_dir, TWO_EPOCHS,
+                       "--gin_bindings=linear_vs_nonlinear.run.max_new_cells=1")
+    first_results = json.loads((output / "results.json").read_text())
+    killed = run_binary(output, data_dir, TWO_EPOCHS, "--simulate_crash_after_epochs=1",
+                        check=False)
+    backup_exists = (output / "cells" / CELLS[1] / "backup_network").exists()
+    resumed = run_binary(output, data_dir, TWO_EPOCHS)
+    return dict(output=output, first=first, first_results=first_results, killed=killed,
+                backup_exists=backup_exists, resumed=resumed)
+
+
+def test_resume_after_a_kill(interrupted_run):
+    assert [r["cell"] for r in interrupted_run["first_results"]["runs"]] == CELLS[:1]
+    # Killed (os._exit) after the first of two epochs of the next cell's first fit.
+    assert interrupted_run["killed"].returncode == 3
+    assert interrupted_run["backup_exists"]
+    log = interrupted_run["resumed"].stderr
+    assert f"cell 1 of 2 ({CELLS[0]}): already finished, skipped" in log
+    assert f"{CELLS[0]}: training the network" not in log  # Not retrained.
+    assert "Resuming the fit from its backup" in log
+    results = json.loads((interrupted_run["output"] / "results.json").read_text())
+    _check_contract(results, CELLS)
+    assert results["runs"][0] == interrupted_run["first_results"]["runs"][0]
+    assert not (interrupted_run["output"] / "cells" / CELLS[1]).exists()
+
+
+def test_smoke_config_outputs_and_numbers(interrupted_run, data_dir):
+    output = interrupted_run["output"]
+    results = json.loads((output / "results.json").read_text())
+    _check_contract(results, CELLS)
+    for name in FIGURES:
+        assert (output / "figures" / name).stat().st_size > 1000
+    assert "run.epochs = 2" in (output / "config.gin").read_text()
+    assert "--gin_file=linear_vs_nonlinear/smoke.gin" in (output / "command.txt").read_text()
+    assert "| mlp | k=2 |" in (output / "report.md").read_text()
+    assert os.listdir(output / "tensorboard")
+
+    # Independent reference for the eigenfunction task: the eNTK at the saved
+    # θ0 from the naive float64 Jacobian, on the same train+test inputs.
+    dataset = data.load_dataset("digits", num_train=256, num_test=128, data_dir=data_dir)
+    model = configurables.models.mlp((8, 8, 1), 1, widths=(32,))
+    model.load_weights(str(output / "init" / "mlp.weights.h5"))
+    inputs = np.concatenate([dataset.train.x, dataset.test.x]).astype(np.float64)
+    weights64 = [tf.Variable(tf.cast(w, tf.float64)) for w in model.trainable_weights]
+    with tf.GradientTape() as tape:
+        h = tf.reshape(inputs, (len(inputs), -1))
+        h = tf.nn.relu(h @ weights64[0] + weights64[1])
+        logits = (h @ weights64[2] + weights64[3])[:, 0]
+    jacobians = tape.jacobian(logits, weights64)
+    flat = np.concatenate([j.numpy().reshape(len(inputs), -1) for j in jacobians], axis=1)
+    kernel = flat @ flat.T
+    values, vectors = np.linalg.eigh(kernel)
+    values, vectors = values[::-1], vectors[:, ::-1]
+    saved = np.load(output / "init" / "mlp_eigen.npz")
+    np.testing.assert_allclose(saved["eigenvalues"][:10], values[:10], rtol=1e-3)
+    (eigen_run,) = [r for r in results["runs"] if r["task"] == "eigenfunction"]
+    labels = (vectors[:, 1] >= 0).astype(float)  # k = 2.
+    # The sign of an eigenvector is arbitrary: the base rate up to 1 − p.
+    base_rate = labels[256:].mean()
+    assert min(abs(eigen_run["base_rate"]["test"] - base_rate),
+               abs(eigen_run["base_rate"]["test"] - (1 - base_rate))) < 1e-9
+    # Kernel-target alignment at θ0 on the 64 probe inputs with ±1 labels.
+    probe = kernel[:64, :64]
+    y = 2 * data.binary_labels(dataset.train.y[:64]) - 1
+    binary = next(r for r in results["runs"] if r["task"] == "binary")
+    np.testing.assert_allclose(binary["alignment"]["init"],
+                               y @ probe @ y / (np.linalg.norm(probe) * (y @ y)), rtol=1e-3)
+    # ‖θT − θ0‖ is recorded; on this task θ moved.
+    assert binary["weight_distance"] > 0 and binary["relative_weight_distance"] > 0
+
+
+def test_bad_gin_binding_fails_before_training(tmp_path, data_dir):
+    output = tmp_path / "run"
+    result = run_binary(output, data_dir,
+                        "--gin_bindings=linear_vs_nonlinear.run.no_such_argument=1", check=False)
+    assert result.returncode != 0
+    assert "Bad gin config or binding" in result.stderr and "no_such_argument" in result.stderr
+    assert not (output / "results.json").exists()
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("dataset = 'imagenet'", "Known datasets: cifar10, digits, mnist"),
+    ("models = ['vgg']", "Known models: lenet, mlp, resnet18"),
+    ("tasks = ['regression']", "Known tasks: eigenfunction, binary"),
+])
+def test_unknown_names_are_listed_before_any_work(tmp_path, binding, message):
+    with gin.unlock_config():
+        gin.parse_config(f"linear_vs_nonlinear.run.{binding}")
+    try:
+        with pytest.raises(ValueError, match=message):
+            configurables.STUDIES["linear_vs_nonlinear"](
+                output_dir=str(tmp_path), strategy=tf.distribute.get_strategy(),
+                model_builders=configurables.MODELS,
+            )
+    finally:
+        gin.clear_config()
+    assert not os.listdir(tmp_path)
+
+
+def test_mirrored_strategy_on_two_logical_cpus(tmp_path, data_dir):
+    output = tmp_path / "run"
+    result = run_binary(output, data_dir, "--strategy=mirrored", "--num_cpu_devices=2",
+                        "--gin_bindings=linear_vs_nonlinear.run.tasks=['binary']")
+    # conftest's two logical CPUs do not reach the subprocess: the flag does it.
+    assert "MirroredStrategy with 2 replica(s)" in result.stderr
+    results = json.loads((output / "results.json").read_text())
+    _check_contract(results, ["mlp-binary-seed0"])
+
+
+@pytest.mark.slow  # About a minute on the shared 2-core machine.
+def test_cifar10_lenet_config_one_step_on_mock_data(tmp_path):
+    import tensorflow_datasets as tfds
+
+    gin.add_config_file_search_path(os.path.join(ROOT, "gin_configs"))
+    gin.parse_config_files_and_bindings(
+        [os.path.join(ROOT, "gin_configs", "linear_vs_nonlinear", "cifar10_lenet.gin")],
+        ["linear_vs_nonlinear.run.tasks = ['binary']",
+         "linear_vs_nonlinear.run.seeds = [0]",
+         "linear_vs_nonlinear.run.num_train = 16",
+         "linear_vs_nonlinear.run.num_test = 8",
+         "linear_vs_nonlinear.run.batch_size = 16",
+         "linear_vs_nonlinear.run.epochs = 1",
+         "linear_vs_nonlinear.run.num_probe = 8",
+         "linear_vs_nonlinear.run.num_projection = 4",
+         "linear_vs_nonlinear.run.jit_compile = False",
+         "linear_vs_nonlinear.run.verbose = 0",
+         "linear_vs_nonlinear.run.write_report = False"],
+    )
+    try:
+        with tfds.testing.mock_data(num_examples=24):
+            results = configurables.STUDIES["linear_vs_nonlinear"](
+                output_dir=str(tmp_path), strategy=tf.distribute.get_strategy(),
+                model_builders=configurables.MODELS,
+            )
+    finally:
+        gin.clear_config()
+    assert results["dataset"] == "cifar10" and results["num_train"] == 16
+    (run,) = results["runs"]
+    assert run["model"] == "lenet" and run["task"] == "binary"
+    assert run["weight_distance"] > 0  # One SGD step moved the weights.
+    assert linear_vs_nonlinear.TASKS == ("eigenfunction", "binary")
