@@ -16,6 +16,7 @@ setuptools.setup(
         "tensorflow>=2.16",
         "keras>=3.0",
         "tensorflow-datasets",
+        "tensorboard",
         "tensorflow-probability",
         "tf_keras",
         "numpy",

@@ -1,0 +1,327 @@
+"""Callbacks that snapshot the empirical NTK during `model.fit`."""
+
+import io
+import math
+import os
+import re
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_ntk import metrics
+from keras_ntk.linearize import Linearize
+
+_LOG_KEYS = (
+    "ntk_distance_from_init",
+    "ntk_velocity",
+    "ntk_alignment",
+    "ntk_trace",
+    "ntk_condition",
+    "weight_distance_from_init",
+    "weight_distance_sq",
+)
+_INITIAL_FILE = "initial.npz"
+_SNAPSHOT_FILE = re.compile(r"^step_(\d+)\.npz$")
+
+
+def _linearize_layers(layer):
+    found = []
+    for child in getattr(layer, "layers", None) or []:
+        if isinstance(child, Linearize):
+            found.append(child)
+        else:
+            found.extend(_linearize_layers(child))
+    return found
+
+
+def effective_weights(model):
+    """The weights θ the model computes with, flattened into one float64 vector.
+
+    For a model containing `Linearize` layers, θ = θ0 + δ for those layers (its
+    trainable weights are only the offsets δ); other trainable weights are
+    taken as they are.
+    """
+    wrappers = _linearize_layers(model)
+    offsets = {id(d) for wrapper in wrappers for d in wrapper.deltas}
+    values = [tf.convert_to_tensor(w) for w in model.trainable_weights if id(w) not in offsets]
+    for wrapper in wrappers:
+        values += wrapper.linearized_weights()
+    if not values:
+        return np.zeros(0)
+    return np.concatenate([np.ravel(np.asarray(v, dtype=np.float64)) for v in values])
+
+
+def _write_npz_atomically(path, **arrays):
+    """Writes an .npz through tf.io.gfile (local or gs://): temp file, then rename."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with tf.io.gfile.GFile(temporary, "wb") as handle:
+        handle.write(buffer.getvalue())
+    tf.io.gfile.rename(temporary, path, overwrite=True)
+
+
+def _read_npz(path):
+    with tf.io.gfile.GFile(path, "rb") as handle:
+        with np.load(io.BytesIO(handle.read()), allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+
+
+def load_ntk_history(save_dir):
+    """Reads the kernels that `NTKTracker(save_dir=...)` wrote.
+
+    Args:
+        save_dir: the tracker's `save_dir` (a local or `gs://` path).
+
+    Returns:
+        A dict with `"initial"` (the Θ0 snapshot: `kernel`, `eigenvalues`,
+        `weights`) and `"snapshots"`: a list ordered by training step of dicts
+        with `step`, `epoch`, `kernel`, `eigenvalues` and the logged metrics.
+    """
+    initial_path = os.path.join(save_dir, _INITIAL_FILE)
+    if not tf.io.gfile.exists(initial_path):
+        raise ValueError(
+            f"Expected an NTKTracker save_dir containing {_INITIAL_FILE}. "
+            f"Received: save_dir={save_dir!r}"
+        )
+    snapshots = []
+    for name in tf.io.gfile.listdir(save_dir):
+        if _SNAPSHOT_FILE.match(name):
+            record = _read_npz(os.path.join(save_dir, name))
+            snapshots.append(
+                {key: (value.item() if value.ndim == 0 else value) for key, value in record.items()}
+            )
+    snapshots.sort(key=lambda record: record["step"])
+    return {"initial": _read_npz(initial_path), "snapshots": snapshots}
+
+
+class NTKTracker(keras.callbacks.Callback):
+    """Tracks the empirical NTK on a fixed probe set while a model trains.
+
+    At the start of training the tracker computes Θ0 = Θ(X, X) on the probe
+    inputs X (with `keras_ntk.empirical_ntk`) and remembers the weights θ0.
+    At the end of every `every_n_epochs`-th epoch it computes Θt and writes
+    plain floats into `logs`, so `History`, `CSVLogger` and `TensorBoard`
+    record them:
+
+    * `ntk_distance_from_init`: 1 − ⟨Θ0, Θt⟩_F / (‖Θ0‖_F ‖Θt‖_F);
+    * `ntk_velocity`: the same distance between this and the previous
+      snapshot, divided by the epochs between them (by the steps between
+      them for `every_n_steps` snapshots);
+    * `ntk_alignment`: centred kernel-target alignment of Θt with
+      `probe_labels` (NaN without labels; pass ±1 for binary tasks, one-hot
+      rows for classes);
+    * `ntk_trace`: tr Θt; `ntk_condition`: λmax/λmin of Θt;
+    * `weight_distance_from_init`: ‖θt − θ0‖ / ‖θ0‖ and
+      `weight_distance_sq`: ‖θt − θ0‖². For a model made of `Linearize`
+      layers θ = θ0 + δ (the offsets δ alone start at 0).
+
+    On the other epochs the same keys hold NaN, so CSV columns stay fixed.
+    Keras calls callbacks in list order: put the tracker BEFORE `CSVLogger`
+    and `TensorBoard` in `callbacks=[...]`, or they will not see its keys
+    (Keras gives no public way to check the order, so this is not detected).
+
+    `every_n_steps` (an int, or an explicit list of global steps, e.g.
+    log-spaced) also snapshots within epochs; those snapshots go to
+    `history` and `save_dir`, not to the epoch logs. Steps are counted by the
+    optimizer's `iterations`, so they continue across resumed runs.
+
+    With `save_dir`, the tracker writes `initial.npz` (Θ0, its eigenvalues,
+    θ0) and one `step_<step>.npz` per snapshot (kernel, eigenvalues,
+    metrics), each atomically; on a resumed run the saved Θ0 and θ0 are
+    reloaded rather than recomputed. Read them with `load_ntk_history`.
+    With `tensorboard_dir`, it also writes the metrics, a histogram of the
+    eigenvalues and the kernel as an image per snapshot.
+
+    Args:
+        probe_inputs: the fixed probe inputs X (any structure the model
+            accepts); a few hundred examples.
+        probe_labels: optional labels for the alignment.
+        every_n_epochs: snapshot period in epochs (0 or None: never).
+        every_n_steps: None, a period in steps, or a list of global steps.
+        save_dir: optional directory (local or gs://) for the kernels.
+        tensorboard_dir: optional TensorBoard log directory.
+        ntk_kwargs: keyword arguments for `keras_ntk.empirical_ntk`; the
+            kernel must be N×N (the default traces the logits).
+
+    Example:
+
+    ```python
+    tracker = keras_ntk.NTKTracker(x_train[:256], y_pm1[:256], save_dir="ntk")
+    history = model.fit(x_train, y_train, epochs=10,
+                        callbacks=[tracker, keras.callbacks.CSVLogger("log.csv")])
+    history.history["ntk_distance_from_init"]
+    ```
+    """
+
+    def __init__(
+        self,
+        probe_inputs,
+        probe_labels=None,
+        *,
+        every_n_epochs=1,
+        every_n_steps=None,
+        save_dir=None,
+        tensorboard_dir=None,
+        ntk_kwargs=None,
+    ):
+        super().__init__()
+        if every_n_epochs is not None and (not isinstance(every_n_epochs, int) or every_n_epochs < 0):
+            raise ValueError(
+                "Expected `every_n_epochs` to be a non-negative int or None. "
+                f"Received: every_n_epochs={every_n_epochs!r}"
+            )
+        if every_n_steps is not None:
+            if isinstance(every_n_steps, int):
+                if every_n_steps <= 0:
+                    raise ValueError(
+                        "Expected `every_n_steps` to be a positive int or a list of steps. "
+                        f"Received: every_n_steps={every_n_steps!r}"
+                    )
+            else:
+                every_n_steps = sorted({int(s) for s in every_n_steps})
+        self.probe_inputs = probe_inputs
+        self.probe_labels = None if probe_labels is None else np.asarray(probe_labels)
+        self.every_n_epochs = every_n_epochs or 0
+        self.every_n_steps = every_n_steps
+        self.save_dir = save_dir
+        self.tensorboard_dir = tensorboard_dir
+        self.ntk_kwargs = dict(ntk_kwargs or {})
+        self.history = []
+        self._writer = None
+
+    # --------------------------------------------------------------- kernels
+
+    def _kernel(self):
+        from keras_ntk.ntk import empirical_ntk  # noqa: PLC0415 (import cycle)
+
+        kernel = np.asarray(empirical_ntk(self.model, self.probe_inputs, **self.ntk_kwargs))
+        if kernel.ndim != 2:
+            raise ValueError(
+                "NTKTracker needs an N×N kernel: trace every output axis "
+                f"(`trace_axes`) in ntk_kwargs. Received: a kernel of shape {kernel.shape}"
+            )
+        return kernel.astype(np.float64)
+
+    def _global_step(self):
+        return int(self.model.optimizer.iterations.numpy()) if self.model.optimizer else 0
+
+    def on_train_begin(self, logs=None):
+        initial_path = self.save_dir and os.path.join(self.save_dir, _INITIAL_FILE)
+        if initial_path and tf.io.gfile.exists(initial_path):
+            saved = _read_npz(initial_path)  # a resumed run keeps its Θ0 and θ0
+            self._initial_kernel, self._initial_weights = saved["kernel"], saved["weights"]
+        else:
+            self._initial_kernel = self._kernel()
+            self._initial_weights = effective_weights(self.model)
+            if self.save_dir:
+                tf.io.gfile.makedirs(self.save_dir)
+                _write_npz_atomically(
+                    initial_path,
+                    kernel=self._initial_kernel,
+                    eigenvalues=metrics.spectrum(self._initial_kernel),
+                    weights=self._initial_weights,
+                )
+        # The snapshot velocities are measured from; epoch -1 is "before epoch 0".
+        self._previous = {"kernel": self._initial_kernel, "epoch": -1, "step": self._global_step()}
+        if self.history:
+            self._previous = self.history[-1]
+        elif initial_path and tf.io.gfile.exists(initial_path):
+            saved_steps = sorted(
+                name for name in tf.io.gfile.listdir(self.save_dir) if _SNAPSHOT_FILE.match(name)
+            )
+            if saved_steps:  # resuming: continue from the last saved snapshot
+                last = _read_npz(os.path.join(self.save_dir, saved_steps[-1]))
+                self._previous = {key: last[key].item() for key in ("epoch", "step")}
+                self._previous["kernel"] = last["kernel"]
+        if self.tensorboard_dir and self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.tensorboard_dir)
+
+    def _snapshot(self, epoch, step, per_step=False):
+        kernel = self._kernel()
+        weights = effective_weights(self.model)
+        difference = weights - self._initial_weights
+        initial_norm = np.linalg.norm(self._initial_weights)
+        previous_kernel = self._previous["kernel"]
+        time_unit = "step" if per_step else "epoch"
+        elapsed = max((step if per_step else epoch) - self._previous[time_unit], 1)
+        eigenvalues = metrics.spectrum(kernel)
+        values = {
+            "ntk_distance_from_init": metrics.kernel_distance(self._initial_kernel, kernel),
+            "ntk_velocity": metrics.kernel_velocity(previous_kernel, kernel, dt=elapsed),
+            "ntk_alignment": (
+                math.nan
+                if self.probe_labels is None
+                else metrics.kernel_alignment(kernel, self.probe_labels, centered=True)
+            ),
+            "ntk_trace": float(np.trace(kernel)),
+            "ntk_condition": (
+                float(eigenvalues[0] / eigenvalues[-1]) if eigenvalues[-1] > 0 else math.inf
+            ),
+            "weight_distance_from_init": (
+                float(np.linalg.norm(difference) / initial_norm) if initial_norm > 0 else math.nan
+            ),
+            "weight_distance_sq": float(np.sum(difference**2)),
+        }
+        record = {"epoch": epoch, "step": step, **values}
+        self.history.append({**record, "kernel": kernel})
+        self._previous = self.history[-1]
+        if self.save_dir:
+            tf.io.gfile.makedirs(self.save_dir)
+            _write_npz_atomically(
+                os.path.join(self.save_dir, f"step_{step:09d}.npz"),
+                kernel=kernel,
+                eigenvalues=eigenvalues,
+                **{key: np.asarray(value) for key, value in record.items()},
+            )
+        if self._writer is not None:
+            self._write_summaries(step, values, kernel, eigenvalues)
+        return values
+
+    def _write_summaries(self, step, values, kernel, eigenvalues):
+        with self._writer.as_default(step=step):
+            for key, value in values.items():
+                tf.summary.scalar(key, value)
+            tf.summary.histogram("ntk_eigenvalues", eigenvalues)
+            span = kernel.max() - kernel.min()
+            image = (kernel - kernel.min()) / (span if span > 0 else 1.0)
+            tf.summary.image("ntk_kernel", image[None, :, :, None].astype(np.float32))
+        self._writer.flush()
+
+    # ----------------------------------------------------------------- hooks
+
+    def _step_scheduled(self, step):
+        if self.every_n_steps is None:
+            return False
+        if isinstance(self.every_n_steps, int):
+            return step % self.every_n_steps == 0
+        return step in self.every_n_steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.every_n_steps is None:
+            return
+        step = self._global_step()
+        if self._step_scheduled(step):
+            self._snapshot(self._current_epoch, step, per_step=True)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._current_epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        tracked = self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0
+        if tracked:
+            step = self._global_step()
+            if self.history and self.history[-1]["step"] == step:
+                values = {key: self.history[-1][key] for key in _LOG_KEYS}
+            else:
+                values = self._snapshot(epoch, step)
+        else:
+            values = dict.fromkeys(_LOG_KEYS, math.nan)
+        logs.update({key: float(value) for key, value in values.items()})
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.flush()

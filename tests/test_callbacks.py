@@ -1,0 +1,176 @@
+"""NTKTracker in model.fit, checked against kernels recomputed independently."""
+
+import csv
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_ntk
+from keras_ntk import metrics
+from keras_ntk.callbacks import NTKTracker, load_ntk_history
+
+KEYS = (
+    "ntk_distance_from_init",
+    "ntk_velocity",
+    "ntk_alignment",
+    "ntk_trace",
+    "ntk_condition",
+    "weight_distance_from_init",
+    "weight_distance_sq",
+)
+
+
+def small_mlp():
+    return keras.Sequential(
+        [
+            keras.Input((5,)),
+            keras.layers.Dense(16, activation="tanh"),
+            keras.layers.Dense(1),
+        ]
+    )
+
+
+def data(n=32, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 5)).astype("float32")
+    y = np.sign(x[:, :1] + 0.3 * x[:, 1:2]).astype("float32")
+    return x, y
+
+
+def naive_kernel(model, x):
+    """Θ = J Jᵀ from explicit float64 Jacobians (one logit)."""
+    with tf.GradientTape() as tape:
+        out = model(x, training=False)
+    jacobians = tape.jacobian(out, model.trainable_weights)
+    jac = np.concatenate([np.reshape(np.asarray(j, np.float64), (len(x), -1)) for j in jacobians], 1)
+    return jac @ jac.T
+
+
+def fit_with_tracker(model, tmp_path, epochs=3, **kwargs):
+    x, y = data()
+    probe_x, probe_y = x[:12], y[:12, 0]
+    tracker = NTKTracker(probe_x, probe_y, save_dir=str(tmp_path / "ntk"), **kwargs)
+    csv_path = tmp_path / "log.csv"
+    model.compile(optimizer=keras.optimizers.SGD(0.2, momentum=0.9), loss="mse")
+    history = model.fit(
+        x, y, batch_size=8, epochs=epochs, verbose=0,
+        callbacks=[tracker, keras.callbacks.CSVLogger(str(csv_path))],
+    )
+    return tracker, history, csv_path, probe_x, probe_y
+
+
+def test_logs_history_and_csv_match_metrics_of_saved_kernels(tmp_path):
+    model = small_mlp()
+    initial_reference = naive_kernel(model, data()[0][:12])
+    tracker, history, csv_path, _, probe_y = fit_with_tracker(model, tmp_path)
+    saved = load_ntk_history(str(tmp_path / "ntk"))
+    initial = saved["initial"]["kernel"]
+    # Θ0 is the kernel of the untrained model (independent naive reference).
+    assert np.linalg.norm(initial - initial_reference) / np.linalg.norm(initial_reference) < 1e-4
+    assert [s["epoch"] for s in saved["snapshots"]] == [0, 1, 2]
+    with open(csv_path) as handle:
+        rows = list(csv.DictReader(handle))
+    previous = initial
+    for epoch, snapshot in enumerate(saved["snapshots"]):
+        kernel = snapshot["kernel"]
+        expected = {
+            "ntk_distance_from_init": metrics.kernel_distance(initial, kernel),
+            "ntk_velocity": metrics.kernel_distance(previous, kernel),
+            "ntk_alignment": metrics.kernel_alignment(kernel, probe_y, centered=True),
+            "ntk_trace": np.trace(kernel),
+            "ntk_condition": metrics.condition_number(kernel),
+        }
+        for key, value in expected.items():
+            assert history.history[key][epoch] == pytest.approx(value, rel=1e-6)
+            assert float(rows[epoch][key]) == pytest.approx(value, rel=1e-5)
+        previous = kernel
+    assert all(key in rows[0] for key in KEYS)
+    # The network's kernel moves; its weights move.
+    assert history.history["ntk_distance_from_init"][-1] > 1e-4
+    assert history.history["weight_distance_from_init"][-1] > 0
+
+
+def test_weight_distance_is_relative_to_initial_weights(tmp_path):
+    model = small_mlp()
+    initial = np.concatenate([np.ravel(w.numpy()) for w in model.trainable_weights])
+    _, history, _, _, _ = fit_with_tracker(model, tmp_path, epochs=1)
+    final = np.concatenate([np.ravel(w.numpy()) for w in model.trainable_weights])
+    assert history.history["weight_distance_sq"][0] == pytest.approx(np.sum((final - initial) ** 2), rel=1e-5)
+    assert history.history["weight_distance_from_init"][0] == pytest.approx(
+        np.linalg.norm(final - initial) / np.linalg.norm(initial), rel=1e-5
+    )
+
+
+def test_linearized_model_has_a_constant_kernel(tmp_path):
+    net = small_mlp()
+    linear = keras_ntk.Linearize(net)
+    model = keras.Sequential([keras.Input((5,)), linear])
+    theta0 = np.concatenate([np.ravel(w.numpy()) for w in net.trainable_weights])
+    _, history, _, _, _ = fit_with_tracker(model, tmp_path)
+    assert max(history.history["ntk_distance_from_init"]) < 1e-6
+    # θ = θ0 + δ, so the relative distance divides by ‖θ0‖, never by ‖δ0‖ = 0.
+    delta = np.concatenate([np.ravel(d.numpy()) for d in linear.deltas])
+    assert np.linalg.norm(delta) > 0
+    assert history.history["weight_distance_from_init"][-1] == pytest.approx(
+        np.linalg.norm(delta) / np.linalg.norm(theta0), rel=1e-4
+    )
+
+
+def test_untracked_epochs_log_nan(tmp_path):
+    _, history, csv_path, _, _ = fit_with_tracker(small_mlp(), tmp_path, epochs=4, every_n_epochs=2)
+    distances = history.history["ntk_distance_from_init"]
+    assert math.isnan(distances[0]) and math.isnan(distances[2])
+    assert distances[1] > 0 and distances[3] > 0
+    # Velocity between the epoch-1 and epoch-3 snapshots is per epoch.
+    saved = load_ntk_history(str(tmp_path / "ntk"))["snapshots"]
+    assert history.history["ntk_velocity"][3] == pytest.approx(
+        metrics.kernel_distance(saved[0]["kernel"], saved[1]["kernel"]) / 2, rel=1e-6
+    )
+
+
+def test_step_snapshots_and_tensorboard(tmp_path):
+    tracker, _, _, _, _ = fit_with_tracker(
+        small_mlp(), tmp_path, epochs=2, every_n_epochs=0, every_n_steps=[1, 2, 5],
+        tensorboard_dir=str(tmp_path / "tb"),
+    )
+    assert [record["step"] for record in tracker.history] == [1, 2, 5]
+    assert [record["epoch"] for record in tracker.history] == [0, 0, 1]
+    saved = load_ntk_history(str(tmp_path / "ntk"))["snapshots"]
+    assert [s["step"] for s in saved] == [1, 2, 5]
+    assert saved[2]["ntk_velocity"] == pytest.approx(
+        metrics.kernel_distance(saved[1]["kernel"], saved[2]["kernel"]) / 3, rel=1e-6
+    )
+    assert tf.io.gfile.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
+
+
+def test_resumed_training_keeps_initial_kernel(tmp_path):
+    model = small_mlp()
+    fit_with_tracker(model, tmp_path, epochs=1)
+    first = load_ntk_history(str(tmp_path / "ntk"))["initial"]["kernel"]
+    # The model has trained: its current kernel is not Θ0 any more...
+    current = naive_kernel(model, data()[0][:12])
+    assert metrics.kernel_distance(first, current) > 1e-5
+    # ...but a new tracker on the same save_dir reloads Θ0 rather than recomputing it.
+    tracker, history, _, _, _ = fit_with_tracker(model, tmp_path, epochs=1)
+    np.testing.assert_array_equal(tracker._initial_kernel, first)
+    last = load_ntk_history(str(tmp_path / "ntk"))["snapshots"][-1]["kernel"]
+    assert history.history["ntk_distance_from_init"][0] == pytest.approx(
+        metrics.kernel_distance(first, last), rel=1e-6
+    )
+
+
+def test_errors_say_what_was_received(tmp_path):
+    with pytest.raises(ValueError, match="Received: every_n_epochs=-1"):
+        NTKTracker(np.zeros((2, 5)), every_n_epochs=-1)
+    with pytest.raises(ValueError, match="Received: every_n_steps=0"):
+        NTKTracker(np.zeros((2, 5)), every_n_steps=0)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse")
+    tracker = NTKTracker(np.zeros((3, 5), "float32"), ntk_kwargs={"trace_axes": ()})
+    with pytest.raises(ValueError, match=r"Received: a kernel of shape \(3, 3, 2, 2\)"):
+        model.fit(np.zeros((4, 5)), np.zeros((4, 2)), epochs=1, verbose=0, callbacks=[tracker])
+    with pytest.raises(ValueError, match="NTKTracker save_dir"):
+        load_ntk_history(str(tmp_path / "missing"))
