@@ -64,10 +64,10 @@ def lenet():
     ])
 
 
-def naive_ntk_function(model, trace_axes):
+def naive_ntk_function(model, trace_axes, jit=False):
     """The naive reference, compiled: whole-batch Jacobian, then einsum over weights."""
 
-    @tf.function
+    @tf.function(jit_compile=jit)
     def naive(x):
         with tf.GradientTape() as tape:
             y = model(x, training=False)
@@ -105,7 +105,7 @@ def timed(fn, repeats):
     return first, float(np.median(times))
 
 
-def speed(quick):
+def speed(quick, naive_jit=False):
     """Seconds per implementation and speed-up over the naive reference."""
     repeats = 3 if quick else 10
     x = digits(256)
@@ -126,7 +126,7 @@ def speed(quick):
     rows = []
     naive_seconds = {}
     for name, model, inputs, trace_axes in cases:
-        naive = naive_ntk_function(model, trace_axes)
+        naive = naive_ntk_function(model, trace_axes, naive_jit)
         if name == "mlp10_full":
             # The naive full kernel is the same Jacobian as the traced one plus a
             # 100x larger contraction (2e12 FLOPs): its time is at least the traced
@@ -171,12 +171,12 @@ def memory_child():
     x = digits(image=True)
     model(x[:1])
     setup = ntk_module._setup(model, x, None, (-1,), (), "auto", None, 2**30, False, None)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    current = _current_rss()
+    before = _status_bytes("VmHWM")
+    current = _status_bytes("VmRSS")
     start = time.perf_counter()
     kernel = keras_ntk.empirical_ntk(model, x, memory_budget=2**30)
     seconds = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    after = _status_bytes("VmHWM")
     # Exactness: a sub-block against the float64 per-example-Jacobian kernel.
     reference_n = 128
     sub = keras_ntk.empirical_ntk(model, x[:reference_n], implementation="jacobian",
@@ -189,12 +189,18 @@ def memory_child():
                           rel_error_vs_jacobian_float64=err)))
 
 
-def _current_rss():
+def _status_bytes(field):
+    """VmRSS (current) or VmHWM (high-water mark) of this process, in bytes.
+
+    VmHWM rather than `resource.getrusage(...).ru_maxrss`: on Linux ru_maxrss
+    survives execve, so a child started by a large parent would report the
+    parent's peak; VmHWM belongs to the fresh address space.
+    """
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def memory():
@@ -214,6 +220,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer repeats, skip slow ntvp")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--naive-jit", action="store_true",
+                        help="compile the naive reference with XLA too (a stronger baseline)")
     args = parser.parse_args()
     if args.memory_child:
         memory_child()
@@ -221,7 +229,8 @@ def main():
     print(f"device: {device_name()}; TensorFlow {tf.__version__}, Keras {keras.__version__}",
           flush=True)
     keras.utils.set_random_seed(0)
-    speed(args.quick)
+    print(f"naive reference: tf.function{' with XLA' if args.naive_jit else ''}", flush=True)
+    speed(args.quick, args.naive_jit)
     if not args.skip_memory:
         memory()
 
