@@ -16,6 +16,9 @@ setuptools.setup(
         "tensorflow>=2.16",
         "keras>=3.0",
         "tensorflow-datasets",
+        # tfds 4.9 imports it when preparing a builder but declares it only
+        # for Python < 3.9.
+        "importlib_resources",
         "tensorboard",
         "tensorflow-probability",
         "tf_keras",
