@@ -174,3 +174,63 @@ def test_errors_say_what_was_received(tmp_path):
         model.fit(np.zeros((4, 5)), np.zeros((4, 2)), epochs=1, verbose=0, callbacks=[tracker])
     with pytest.raises(ValueError, match="NTKTracker save_dir"):
         load_ntk_history(str(tmp_path / "missing"))
+
+
+def test_fit_under_mirrored_strategy(tmp_path):
+    """Two replicas (the logical CPUs of conftest): Θ0 is the model's kernel, logs are filled."""
+    strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+    with strategy.scope():
+        model = small_mlp()
+    initial_reference = naive_kernel(model, data()[0][:12])
+    with strategy.scope():
+        tracker, history, _, _, probe_y = fit_with_tracker(model, tmp_path, epochs=2)
+    saved = load_ntk_history(str(tmp_path / "ntk"))
+    initial = saved["initial"]["kernel"]
+    assert np.linalg.norm(initial - initial_reference) / np.linalg.norm(initial_reference) < 1e-4
+    final_reference = naive_kernel(model, data()[0][:12])
+    assert history.history["ntk_distance_from_init"][-1] == pytest.approx(
+        metrics.kernel_distance(initial_reference, final_reference), rel=1e-3
+    )
+    assert history.history["ntk_alignment"][-1] == pytest.approx(
+        metrics.kernel_alignment(final_reference, probe_y, centered=True), rel=1e-4
+    )
+
+
+def test_a_second_fit_with_the_same_tracker_keeps_initial_kernel():
+    model = small_mlp()
+    x, y = data()
+    initial_reference = naive_kernel(model, x[:12])
+    tracker = NTKTracker(x[:12], y[:12, 0])
+    model.compile(optimizer=keras.optimizers.SGD(0.2, momentum=0.9), loss="mse")
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[tracker])
+    history = model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[tracker])
+    final_reference = naive_kernel(model, x[:12])
+    # Distance from the kernel before the FIRST fit, not from the start of the second.
+    assert history.history["ntk_distance_from_init"][0] == pytest.approx(
+        metrics.kernel_distance(initial_reference, final_reference), rel=1e-3
+    )
+
+
+def test_tensorboard_holds_eigenvalue_histogram_and_kernel_image(tmp_path):
+    tracker, _, _, _, _ = fit_with_tracker(
+        small_mlp(), tmp_path, epochs=1, every_n_epochs=0, every_n_steps=[2, 4],
+        tensorboard_dir=str(tmp_path / "tb"),
+    )
+    found = {}
+    for path in tf.io.gfile.glob(str(tmp_path / "tb" / "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                found[(value.tag, event.step)] = tf.make_ndarray(value.tensor)
+    for record in tracker.history:
+        step = record["step"]
+        # Histogram buckets (left, right, count): the 12 eigenvalues of the snapshot.
+        buckets = found[("ntk_eigenvalues", step)]
+        assert buckets[:, 2].sum() == pytest.approx(12)
+        eigenvalues = metrics.spectrum(record["kernel"])
+        assert buckets[0, 0] == pytest.approx(eigenvalues[-1], rel=1e-5)
+        assert buckets[-1, 1] == pytest.approx(eigenvalues[0], rel=1e-5)
+        # The image is the 12×12 kernel (width, height, PNG bytes).
+        assert [int(v) for v in found[("ntk_kernel", step)][:2]] == [12, 12]
+        assert float(found[("ntk_distance_from_init", step)]) == pytest.approx(
+            record["ntk_distance_from_init"], rel=1e-5
+        )
