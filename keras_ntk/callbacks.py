@@ -262,7 +262,7 @@ class NTKTracker(keras.callbacks.Callback):
         kernel = self._kernel()
         weights = effective_weights(self.model)
         difference = weights - self._initial_weights
-        initial_norm = np.linalg.norm(self._initial_weights)
+        initial_norm = np.sqrt(np.sum(np.square(self._initial_weights)))
         previous_kernel = self._previous["kernel"]
         time_unit = "step" if per_step else "epoch"
         elapsed = max((step if per_step else epoch) - self._previous[time_unit], 1)
@@ -280,7 +280,7 @@ class NTKTracker(keras.callbacks.Callback):
                 float(eigenvalues[0] / eigenvalues[-1]) if eigenvalues[-1] > 0 else math.inf
             ),
             "weight_distance_from_init": (
-                float(np.linalg.norm(difference) / initial_norm) if initial_norm > 0 else math.nan
+                float(np.sqrt(np.sum(np.square(difference))) / initial_norm) if initial_norm > 0 else math.nan
             ),
             "weight_distance_sq": float(np.sum(difference**2)),
         }
