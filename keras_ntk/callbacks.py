@@ -193,7 +193,16 @@ class NTKTracker(keras.callbacks.Callback):
                         f"Received: every_n_steps={every_n_steps!r}"
                     )
             else:
-                every_n_steps = sorted({int(s) for s in every_n_steps})
+                steps = list(every_n_steps)
+                if not steps or not all(
+                    isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 1
+                    for s in steps
+                ):
+                    raise ValueError(
+                        "Expected `every_n_steps` to be a positive int or a non-empty list of "
+                        f"positive int global steps. Received: every_n_steps={every_n_steps!r}"
+                    )
+                every_n_steps = sorted({int(s) for s in steps})
         self.probe_inputs = probe_inputs
         self.probe_labels = None if probe_labels is None else np.asarray(probe_labels)
         self.every_n_epochs = every_n_epochs or 0

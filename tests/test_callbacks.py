@@ -167,6 +167,13 @@ def test_errors_say_what_was_received(tmp_path):
         NTKTracker(np.zeros((2, 5)), every_n_epochs=-1)
     with pytest.raises(ValueError, match="Received: every_n_steps=0"):
         NTKTracker(np.zeros((2, 5)), every_n_steps=0)
+    with pytest.raises(ValueError, match=r"Received: every_n_steps=\[1, 0\.5\]"):
+        NTKTracker(np.zeros((2, 5)), every_n_steps=[1, 0.5])
+    with pytest.raises(ValueError, match=r"Received: every_n_steps=\[\]"):
+        NTKTracker(np.zeros((2, 5)), every_n_steps=[])
+    # numpy integers (e.g. np.geomspace(...).astype(int), log-spaced) are accepted.
+    steps = np.unique(np.geomspace(1, 1000, 10).astype(int))
+    assert NTKTracker(np.zeros((2, 5)), every_n_steps=steps).every_n_steps == [int(s) for s in steps]
     model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(2)])
     model.compile(optimizer="sgd", loss="mse")
     tracker = NTKTracker(np.zeros((3, 5), "float32"), ntk_kwargs={"trace_axes": ()})
