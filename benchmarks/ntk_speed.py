@@ -215,6 +215,24 @@ def memory():
     return result
 
 
+def compare_with_neural_tangents(rows, python, quick):
+    """Runs neural-tangents on the same cases (its own venv) and prints the ratios."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                          "neural_tangents_reference.py")
+    completed = subprocess.run([python, script] + (["--quick"] if quick else []),
+                               capture_output=True, text=True, check=True)
+    theirs = json.loads(completed.stdout.strip().splitlines()[-1])
+    print(f"neural-tangents: {theirs.pop('device')}")
+    print(f"{'case':13s} {'ours (auto)':>12s} {'nt best':>10s} {'nt impl':>11s} "
+          f"{'ours/nt':>8s}")
+    for row in rows:
+        if row["implementation"] != "auto":
+            continue
+        best_impl, best = min(theirs[row["case"]].items(), key=lambda item: item[1])
+        print(f"{row['case']:13s} {row['seconds'] * 1e3:9.1f} ms {best * 1e3:7.1f} ms "
+              f"{best_impl:>11s} {row['seconds'] / best:8.2f}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, skip slow ntvp")
@@ -222,6 +240,9 @@ def main():
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--naive-jit", action="store_true",
                         help="compile the naive reference with XLA too (a stronger baseline)")
+    parser.add_argument("--neural-tangents-python", default=None,
+                        help="python of a separate venv with neural-tangents 0.6.5 (see "
+                             "benchmarks/neural_tangents_reference.py): prints ours / theirs")
     args = parser.parse_args()
     if args.memory_child:
         memory_child()
@@ -230,7 +251,9 @@ def main():
           flush=True)
     keras.utils.set_random_seed(0)
     print(f"naive reference: tf.function{' with XLA' if args.naive_jit else ''}", flush=True)
-    speed(args.quick, args.naive_jit)
+    rows = speed(args.quick, args.naive_jit)
+    if args.neural_tangents_python:
+        compare_with_neural_tangents(rows, args.neural_tangents_python, args.quick)
     if not args.skip_memory:
         memory()
 
