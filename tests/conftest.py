@@ -30,6 +30,16 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long tests, excluded from `make test`")
 
 
+@pytest.fixture(scope="session")
+def mirrored_strategy():
+    """One MirroredStrategy over the two logical CPUs, shared by every test.
+
+    Separate strategy objects in one process reuse collective instance keys:
+    a second one then fails with "Shape mismatch in the collective instance".
+    """
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     """Every test starts from the same seeds and a fresh Keras session."""

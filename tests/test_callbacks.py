@@ -183,9 +183,9 @@ def test_errors_say_what_was_received(tmp_path):
         load_ntk_history(str(tmp_path / "missing"))
 
 
-def test_fit_under_mirrored_strategy(tmp_path):
+def test_fit_under_mirrored_strategy(tmp_path, mirrored_strategy):
     """Two replicas (the logical CPUs of conftest): Θ0 is the model's kernel, logs are filled."""
-    strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+    strategy = mirrored_strategy
     with strategy.scope():
         model = small_mlp()
     initial_reference = naive_kernel(model, data()[0][:12])

@@ -436,12 +436,12 @@ def test_jit_compiled_fit_compiles_the_train_step_once(tmp_path):
     assert len(compiled) == 1, compiled  # 12 steps, one compilation
 
 
-def test_fit_under_mirrored_strategy_matches_single_device():
+def test_fit_under_mirrored_strategy_matches_single_device(mirrored_strategy):
     """Two replicas (the logical CPUs of conftest) give the single-device result."""
     x = np.random.randn(32, 6).astype("float32")
     y = np.random.randn(32, 3).astype("float32")
     results = []
-    for strategy in (tf.distribute.get_strategy(), tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])):
+    for strategy in (tf.distribute.get_strategy(), mirrored_strategy):
         keras.utils.set_random_seed(5)
         with strategy.scope():
             wrapped = keras.Sequential([keras.Input((6,)), keras_ntk.Linearize(mlp())])
