@@ -87,6 +87,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
     parser.add_argument("--models", nargs="*", default=list(CASES))
+    parser.add_argument("--modes", nargs="*", default=["graph", "xla"], choices=["graph", "xla"])
     args = parser.parse_args()
     rounds, steps = (3, 5) if args.quick else (7, 10)
     devices = [d.device_type for d in tf.config.list_logical_devices()]
@@ -95,7 +96,7 @@ def main():
     print(f"{'model':24s} {'mode':5s} {'plain ms':>9s} {'ours ms':>9s} {'naive ms':>9s} "
           f"{'ours/plain':>10s} {'naive/plain':>11s}")
     for name in args.models:
-        for jit in (False, True):
+        for jit in [mode == "xla" for mode in args.modes]:
             # A naive XLA step recompiles every call: time it on fewer steps.
             t = measure(name, jit, rounds, steps, naive_steps=2 if jit else steps)
             print(f"{name:24s} {'xla' if jit else 'graph':5s} {t['plain'] * 1e3:9.2f} "
