@@ -52,17 +52,6 @@ def effective_weights(model):
     return np.concatenate([np.ravel(np.asarray(v, dtype=np.float64)) for v in values])
 
 
-def _eigenvalues(kernel):
-    """Eigenvalues of a symmetric kernel, descending, float64.
-
-    `tf.linalg.eigvalsh` rather than numpy's: inside `fit` OpenBLAS threads
-    compete with TensorFlow's pools, and a 256×256 `np.linalg.eigvalsh` was
-    measured at 4 ms to 0.5 s on a busy 2-core CPU against a steady 6-10 ms.
-    """
-    symmetric = tf.constant((kernel + kernel.T) / 2, dtype=tf.float64)
-    return tf.linalg.eigvalsh(symmetric).numpy()[::-1].copy()
-
-
 def _write_npz_atomically(path, **arrays):
     """Writes an .npz through tf.io.gfile (local or gs://): temp file, then rename."""
     buffer = io.BytesIO()
@@ -248,7 +237,7 @@ class NTKTracker(keras.callbacks.Callback):
                 _write_npz_atomically(
                     initial_path,
                     kernel=self._initial_kernel,
-                    eigenvalues=_eigenvalues(self._initial_kernel),
+                    eigenvalues=metrics.spectrum(self._initial_kernel),
                     weights=self._initial_weights,
                 )
         self._initial_model = self.model
@@ -275,7 +264,7 @@ class NTKTracker(keras.callbacks.Callback):
         previous_kernel = self._previous["kernel"]
         time_unit = "step" if per_step else "epoch"
         elapsed = max((step if per_step else epoch) - self._previous[time_unit], 1)
-        eigenvalues = _eigenvalues(kernel)
+        eigenvalues = metrics.spectrum(kernel)
         values = {
             "ntk_distance_from_init": metrics.kernel_distance(self._initial_kernel, kernel),
             "ntk_velocity": metrics.kernel_velocity(previous_kernel, kernel, dt=elapsed),
