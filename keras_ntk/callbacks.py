@@ -10,6 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_ntk import metrics
+from keras_ntk._weights import iter_layers
 from keras_ntk.linearize import Linearize
 
 _LOG_KEYS = (
@@ -26,13 +27,16 @@ _SNAPSHOT_FILE = re.compile(r"^step_(\d+)\.npz$")
 
 
 def _linearize_layers(layer):
-    found = []
-    for child in getattr(layer, "layers", None) or []:
-        if isinstance(child, Linearize):
-            found.append(child)
-        else:
-            found.extend(_linearize_layers(child))
-    return found
+    """The Linearize layers nested in `layer` (not inside another Linearize)."""
+    found = [
+        child for child in iter_layers(layer, include_self=False)
+        if isinstance(child, Linearize)
+    ]
+    inner = {
+        id(nested) for wrapper in found
+        for nested in iter_layers(wrapper, include_self=False)
+    }
+    return [wrapper for wrapper in found if id(wrapper) not in inner]
 
 
 def effective_weights(model):

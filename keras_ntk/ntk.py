@@ -22,6 +22,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_ntk._weights import iter_layers, select_weights
+
 _IMPLEMENTATIONS = ("auto", "jacobian", "ntvp", "structured")
 _ZERO = tf.UnconnectedGradients.ZERO
 
@@ -151,17 +153,7 @@ def reduce_full_kernel(full, axes_info):
 
 
 def _sublayers(layer):
-    flatten = getattr(layer, "_flatten_layers", None)
-    if flatten is not None:
-        return list(flatten(include_self=True, recursive=True))
-    found, stack = [], [layer]
-    while stack:
-        current = stack.pop()
-        if any(current is f for f in found):
-            continue
-        found.append(current)
-        stack.extend(getattr(current, "layers", []))
-    return found
+    return list(iter_layers(layer))
 
 
 def _couples_examples(model):
