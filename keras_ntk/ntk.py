@@ -163,6 +163,48 @@ def _couples_examples(model):
     )
 
 
+def _weight_groups(model, weights):
+    """[(name, [weights])]: `weights` grouped by the innermost layer holding them.
+
+    Groups come in the order of their first weight in `weights`; a group is
+    named by its layer's name (made unique with the weight's path prefix when
+    two nested layers share a name).
+    """
+    owner = {}
+    for layer in iter_layers(model):
+        # Pre-order: a child comes after its parents, so the last layer seen
+        # holding a weight is the innermost one.
+        for w in layer.trainable_weights:
+            owner[id(w)] = layer
+    groups = {}
+    for w in weights:
+        layer = owner.get(id(w), model)
+        groups.setdefault(id(layer), (layer, []))[1].append(w)
+    names = [layer.name for layer, _ in groups.values()]
+    out = []
+    for layer, ws in groups.values():
+        name = layer.name
+        if names.count(name) > 1:
+            path = getattr(ws[0], "path", "") or ""
+            name = path.rsplit("/", 1)[0] if "/" in path else f"{name}_{id(layer)}"
+        out.append((name, ws))
+    return out
+
+
+def _group_columns(groups, weights):
+    """Per group, the flat column indices of its weights in `weights` concatenated."""
+    offsets, start = {}, 0
+    for w in weights:
+        size = int(np.prod(w.shape, dtype=np.int64))
+        offsets[id(w)] = np.arange(start, start + size, dtype=np.int64)
+        start += size
+    out = []
+    for _, ws in groups:
+        cols = [offsets[id(w)] for w in ws if id(w) in offsets]
+        out.append(np.concatenate(cols) if cols else np.zeros(0, np.int64))
+    return out
+
+
 class _Rule:
     """A structured rule: a layer whose per-example weight gradient is Σ_p a_p ⊗ g_p.
 
@@ -437,7 +479,8 @@ def _contract_structured(a1, g1, a2, g2, axes, dtype):
 class _Plan:
     """Everything about a (model, options) pair that does not depend on values."""
 
-    def __init__(self, model, weights, out_axes, training, dtype, coupled):
+    def __init__(self, model, weights, out_axes, training, dtype, coupled, groups=None):
+        self.groups = groups  # [(name, [weights])] for per-layer kernels, else None
         self.model = model
         self.weights = weights
         self.out_axes = out_axes
@@ -475,12 +518,47 @@ def _jacobian_block(plan, x1, x2):
         j = _per_example_jacobians(plan.model, x, plan.weights, plan.training, plan.sizes)
         j1 = [t[:n1] for t in j]
         j2 = j1 if same else [t[n1:] for t in j]
+    if plan.groups is not None:
+        return _grouped_jacobian_kernels(plan, plan.weights, j1, j2, same, {})
     kernels = []
     for k, axes in enumerate(plan.out_axes):
         jk1 = tf.reshape(j1[k], [-1, *axes.shape, j1[k].shape[-1]])
         jk2 = tf.reshape(j2[k], [-1, *axes.shape, j2[k].shape[-1]])
         kernels.append(_contract_jacobians(jk1, jk2, axes, plan.dtype) / axes.trace_size)
     return kernels
+
+
+def _grouped_jacobian_kernels(plan, weights, j1, j2, same, kernels):
+    """Adds each weight group's Θ (from Jacobian columns) into kernels[(g, k)].
+
+    Returns the flat list [Θ_{g, k}] (group-major) of unnormalized sums plus
+    what `kernels` held, each divided by the traced size.
+    """
+    columns = _group_columns(plan.groups, weights)
+    for g, cols in enumerate(columns):
+        if cols.size == 0:
+            continue
+        for k, axes in enumerate(plan.out_axes):
+            jk1 = tf.gather(j1[k], cols, axis=-1)
+            jk2 = jk1 if same else tf.gather(j2[k], cols, axis=-1)
+            jk1 = tf.reshape(jk1, [-1, *axes.shape, cols.size])
+            jk2 = tf.reshape(jk2, [-1, *axes.shape, cols.size])
+            kernels[(g, k)] = kernels.get((g, k), 0.0) + _contract_jacobians(
+                jk1, jk2, axes, plan.dtype)
+    n1 = tf.shape(j1[0])[0]
+    return _grouped_output(plan, kernels, n1, n1 if same else tf.shape(j2[0])[0])
+
+
+def _grouped_output(plan, kernels, n1, n2):
+    """The flat group-major list of per-group kernels (zeros where none)."""
+    out = []
+    for g in range(len(plan.groups)):
+        for k, axes in enumerate(plan.out_axes):
+            kern = kernels.get((g, k))
+            if kern is None:
+                kern = tf.zeros(tf.concat([[n1, n2], list(axes.kernel_shape)], 0), plan.dtype)
+            out.append(kern / axes.trace_size)
+    return out
 
 
 def _structured_block(plan, rules, x1, x2):
@@ -492,6 +570,27 @@ def _structured_block(plan, rules, x1, x2):
     factors = _structured_factors(
         plan.model, x, rules, plan.training, plan.sizes, plan.dtype
     )
+    if plan.groups is not None:
+        group_of = {id(w): g for g, (_, ws) in enumerate(plan.groups) for w in ws}
+        grouped = {}
+        for rule, (a, g_per_output) in zip(rules, factors):
+            g = group_of[id(rule.variables()[0])]
+            a1 = a[:n1]
+            a2 = a1 if same else a[n1:]
+            for k, axes in enumerate(plan.out_axes):
+                gk = g_per_output[k]
+                g1 = gk[:n1]
+                g2 = g1 if same else gk[n1:]
+                grouped[(g, k)] = grouped.get((g, k), 0.0) + _contract_structured(
+                    a1, g1, a2, g2, axes, plan.dtype)
+        n_1 = tf.shape(tf.nest.flatten(x1)[0])[0]
+        n_2 = n_1 if same else tf.shape(tf.nest.flatten(x2)[0])[0]
+        if not rest:
+            return _grouped_output(plan, grouped, n_1, n_2)
+        j = _per_example_jacobians(plan.model, x, rest, plan.training, plan.sizes)
+        j1 = [t[:n1] for t in j]
+        j2 = j1 if same else [t[n1:] for t in j]
+        return _grouped_jacobian_kernels(plan, rest, j1, j2, same, grouped)
     kernels = [0.0] * len(plan.out_axes)
     for a, g_per_output in factors:
         a1 = a[:n1]
@@ -536,6 +635,31 @@ def _ntvp_products(plan, x1, x2, cotangents):
         return [acc.jvp(y, unconnected_gradients=_ZERO) for y in y1]
 
     return tf.vectorized_map(one, cotangents, fallback_to_while_loop=True)
+
+
+def _vjp_columns(plan, x, cotangents, k):
+    """[J(x)ᵀ w_v for each weight], stacked over the V cotangents w (V, N, *S_k) of output k."""
+    weights = plan.weights
+
+    def one(cot):
+        with tf.GradientTape() as tape:
+            y = _call_flat(plan.model, x, plan.training)[k]
+        return tape.gradient(y, weights, output_gradients=tf.cast(cot, y.dtype),
+                             unconnected_gradients=_ZERO)
+
+    return tf.vectorized_map(one, cotangents, fallback_to_while_loop=True)
+
+
+def _jvp_columns(plan, x, tangents, k):
+    """J(x) u_v of output k for V stacked tangents u (one (V, *w.shape) per weight)."""
+    primals = [w.value if hasattr(w, "value") else w for w in plan.weights]
+
+    def one(u):
+        with tf.autodiff.ForwardAccumulator(primals, list(u)) as acc:
+            y = _call_flat(plan.model, x, plan.training)[k]
+        return acc.jvp(y, unconnected_gradients=_ZERO)
+
+    return tf.vectorized_map(one, tuple(tangents), fallback_to_while_loop=True)
 
 
 def _ntvp_block(plan, x1, x2):
@@ -616,7 +740,7 @@ def _profile(model, x, weights, rules, training):
     )
 
 
-def _estimates(impl, profile, out_axes, n1, n2, same, itemsize):
+def _estimates(impl, profile, out_axes, n1, n2, same, itemsize, vector=False):
     """(FLOPs, peak bytes) of one block of n1 × n2 examples for `impl`.
 
     The cost model behind `implementation="auto"`; see `empirical_ntk`.
@@ -631,6 +755,10 @@ def _estimates(impl, profile, out_axes, n1, n2, same, itemsize):
             n1 * n2 * ax.pairs * profile.n_params for ax in out_axes
         )
         elems = n * s_total * (profile.n_params + 2 * act) + out_elems
+    elif impl == "ntvp" and vector:
+        # ntk_vector_product: |S| stacked VJPs/JVPs per column (one column assumed).
+        flops = s_total * 3 * fwd * (n1 + n2)
+        elems = s_total * (max(n1, n2) * 3 * act + 3 * profile.n_params)
     elif impl == "ntvp":
         vectors = n2 * s_total
         flops = vectors * 3 * fwd * (n1 + n2)
@@ -753,7 +881,7 @@ def _slice(x, start, stop):
 
 
 def _setup(model, x1, x2, trace_axes, diagonal_axes, implementation, batch_size,
-           memory_budget, training, dtype, vector=False):
+           memory_budget, training, dtype, vector=False, variables=None, per_layer=False):
     if not callable(model) or not hasattr(model, "trainable_weights"):
         raise TypeError(
             f"Expected `model` to be a Keras model or layer. Received: model={model}"
@@ -783,12 +911,12 @@ def _setup(model, x1, x2, trace_axes, diagonal_axes, implementation, batch_size,
     s.n2 = s.n1 if s.same else _num_examples(s.x2, "x2")
     if not getattr(model, "built", True) or not model.trainable_weights:
         model(_slice(s.x1, 0, 1), training=False)  # builds a subclassed model
-    weights = list(model.trainable_weights)
-    if not weights:
+    if not model.trainable_weights:
         raise ValueError(
             f"Expected `model` to have trainable weights. Received: model={model.name} "
             "with none"
         )
+    weights = select_weights(model, variables)
     training = bool(training)
     coupled = training and _couples_examples(model)
     # Rules and the traced profile depend only on the model, the weights and
@@ -814,13 +942,14 @@ def _setup(model, x1, x2, trace_axes, diagonal_axes, implementation, batch_size,
             f"Expected `dtype` to be a floating dtype such as 'float32' or 'float64'. "
             f"Received: dtype={dtype}"
         )
-    plan = _Plan(model, weights, out_axes, training, dtype, coupled)
+    groups = _weight_groups(model, weights) if per_layer else None
+    plan = _Plan(model, weights, out_axes, training, dtype, coupled, groups)
     plan.model_dtype = tf.as_dtype(keras.backend.standardize_dtype(
         getattr(model, "compute_dtype", "float32")))
     itemsize = dtype.size
     budget = _default_memory_budget() if memory_budget is None else int(memory_budget)
     result_bytes = sum(s.n1 * (1 if vector else s.n2) * ax.kernel_size for ax in out_axes)
-    result_bytes *= itemsize
+    result_bytes *= itemsize * (len(groups) if groups else 1)
 
     candidates = ["jacobian", "ntvp"]
     if rules and not coupled:
@@ -850,7 +979,8 @@ def _setup(model, x1, x2, trace_axes, diagonal_axes, implementation, batch_size,
     for impl in order:
         for b in block_sizes():
             b1, b2 = min(b, s.n1), min(b, s.n2)
-            flops, peak = _estimates(impl, profile, out_axes, b1, b2, s.same, itemsize)
+            flops, peak = _estimates(impl, profile, out_axes, b1, b2, s.same, itemsize,
+                                     vector=vector)
             blocks = math.ceil(s.n1 / b1) * math.ceil(s.n2 / b2)
             if s.same:
                 nb = math.ceil(s.n1 / b1)
@@ -890,6 +1020,7 @@ def _block_function(s, same):
         s.implementation, same, plan.training, plan.dtype.name,
         tuple((ax.trace, ax.diag) for ax in plan.out_axes),
         tuple(id(w) for w in plan.weights),
+        None if plan.groups is None else tuple(tuple(id(w) for w in ws) for _, ws in plan.groups),
     )
     if s.implementation == "structured":
         impl = lambda x1, x2=None: _structured_block(plan, rules, x1, x2)  # noqa: E731
@@ -975,7 +1106,7 @@ def _pack_outputs(model, arrays):
 
 def empirical_ntk(model, x1, x2=None, *, trace_axes=(-1,), diagonal_axes=(),
                   implementation="auto", batch_size=None, memory_budget=None,
-                  training=False, dtype=None, verbose=0):
+                  training=False, dtype=None, verbose=0, variables=None, per_layer=False):
     """Empirical neural tangent kernel Θ(x1, x2) of a Keras model.
 
     With θ the model's trainable weights and f(x) its output,
@@ -1046,10 +1177,23 @@ def empirical_ntk(model, x1, x2=None, *, trace_axes=(-1,), diagonal_axes=(),
         dtype: dtype of the contractions and of the result (e.g. "float64");
             default the model's dtype.
         verbose: 1 shows a `keras.utils.Progbar` over blocks.
+        variables: the weights θ the kernel is taken with respect to: None
+            for all trainable weights, or a list of trainable Keras Variables,
+            nested layers or layer names (see `keras_ntk.Linearize`'s
+            argument of the same name). E.g. `variables=["head"]` gives the
+            kernel of the last layer alone, J_head J_headᵀ (a linear probe).
+        per_layer: True returns the split Θ = Σ_l Θ_l over layers: a dict
+            {layer name: kernel of that layer's trainable weights} (the
+            innermost layer holding each selected weight; names of nested
+            layers that clash are replaced by the weight path's layer part).
+            The structured and jacobian implementations get every Θ_l from the
+            same passes as Θ (memory: one result per layer); "ntvp" computes one
+            kernel per layer.
 
     Returns:
         A numpy array of shape (N1, N2, *kernel axes), or a list of them for a
-        model with several outputs.
+        model with several outputs; with `per_layer=True` a dict of those by
+        layer name, in the order of the model's trainable weights.
 
     Example:
 
@@ -1059,13 +1203,27 @@ def empirical_ntk(model, x1, x2=None, *, trace_axes=(-1,), diagonal_axes=(),
     x = np.random.normal(size=(10, 4)).astype("float32")
     k = keras_ntk.empirical_ntk(model, x)                     # (10, 10)
     k_full = keras_ntk.empirical_ntk(model, x, trace_axes=())  # (10, 10, 3, 3)
+    k_head = keras_ntk.empirical_ntk(model, x, variables=[model.layers[-1]])
+    parts = keras_ntk.empirical_ntk(model, x, per_layer=True)  # {name: (10, 10)}
+    # sum(parts.values()) == k
     ```
     """
     s = _setup(model, x1, x2, trace_axes, diagonal_axes, implementation, batch_size,
-               memory_budget, training, dtype)
+               memory_budget, training, dtype, variables=variables, per_layer=per_layer)
+    groups = s.plan.groups
+    if groups is not None and s.implementation == "ntvp":
+        # The NTK-vector products have no per-layer pieces: one kernel per group.
+        return {
+            name: empirical_ntk(
+                model, x1, x2, trace_axes=trace_axes, diagonal_axes=diagonal_axes,
+                implementation="ntvp", batch_size=batch_size, memory_budget=memory_budget,
+                training=training, dtype=dtype, verbose=verbose, variables=ws)
+            for name, ws in groups
+        }
     np_dtype = s.plan.dtype.as_numpy_dtype
+    out_axes = s.out_axes * (len(groups) if groups is not None else 1)
     results = [
-        np.zeros((s.n1, s.n2, *ax.kernel_shape), np_dtype) for ax in s.out_axes
+        np.zeros((s.n1, s.n2, *ax.kernel_shape), np_dtype) for ax in out_axes
     ]
     rows = _blocks(s.n1, s.block)
     cols = rows if s.same else _blocks(s.n2, s.block)
@@ -1079,19 +1237,25 @@ def empirical_ntk(model, x1, x2=None, *, trace_axes=(-1,), diagonal_axes=(),
                     continue
                 if i == j:
                     tasks.append((fn_diag, (_slice(s.x1, a0, a1),),
-                                  _placer(results, s.out_axes, a0, a1, b0, b1, False)))
+                                  _placer(results, out_axes, a0, a1, b0, b1, False)))
                 else:
                     tasks.append((fn_off, (_slice(s.x1, a0, a1), _slice(s.x1, b0, b1)),
-                                  _placer(results, s.out_axes, a0, a1, b0, b1, True)))
+                                  _placer(results, out_axes, a0, a1, b0, b1, True)))
     else:
         fn = _block_function(s, same=False)
         for a0, a1 in rows:
             for b0, b1 in cols:
                 tasks.append((fn, (_slice(s.x1, a0, a1), _slice(s.x2, b0, b1)),
-                              _placer(results, s.out_axes, a0, a1, b0, b1, False)))
+                              _placer(results, out_axes, a0, a1, b0, b1, False)))
     with _frozen_state(model, s.plan.training):
         _run_tasks(tasks, verbose)
-    return _pack_outputs(model, results)
+    if groups is None:
+        return _pack_outputs(model, results)
+    per_output = len(s.out_axes)
+    return {
+        name: _pack_outputs(model, results[g * per_output:(g + 1) * per_output])
+        for g, (name, _) in enumerate(groups)
+    }
 
 
 def _swap_pairs(kernel, axes):
@@ -1165,7 +1329,7 @@ def _vector_from_products(products, axes, columns):
 
 def ntk_vector_product(model, x1, x2, v, *, trace_axes=(-1,), diagonal_axes=(),
                        implementation="auto", batch_size=None, memory_budget=None,
-                       training=False, dtype=None, verbose=0):
+                       training=False, dtype=None, verbose=0, variables=None):
     """The product Θ(x1, x2)·v of the empirical NTK with a vector, Θ never formed whole.
 
     With Θ shaped as `empirical_ntk` returns it, the product sums over the
@@ -1188,7 +1352,7 @@ def ntk_vector_product(model, x1, x2, v, *, trace_axes=(-1,), diagonal_axes=(),
         v: array (N2, *kept axes) or (N2, *kept axes, columns); a list with
             one such array per output for a model with several outputs.
         trace_axes, diagonal_axes, implementation, batch_size, memory_budget,
-        training, dtype, verbose: as in `empirical_ntk`.
+        training, dtype, verbose, variables: as in `empirical_ntk`.
 
     Returns:
         A numpy array (N1, *kept axes[, columns]), or a list per output.
@@ -1201,7 +1365,7 @@ def ntk_vector_product(model, x1, x2, v, *, trace_axes=(-1,), diagonal_axes=(),
     ```
     """
     s = _setup(model, x1, x2, trace_axes, diagonal_axes, implementation, batch_size,
-               memory_budget, training, dtype, vector=True)
+               memory_budget, training, dtype, vector=True, variables=variables)
     if s.same:
         s.x2 = s.x1
     vs = list(v) if isinstance(v, (list, tuple)) else [v]
@@ -1232,29 +1396,42 @@ def ntk_vector_product(model, x1, x2, v, *, trace_axes=(-1,), diagonal_axes=(),
     cols = _blocks(s.n2, s.block)
     tasks = []
     if implementation == "ntvp":
+        # Matrix-free: u = J(x2)ᵀ w accumulated over the column blocks (VJPs),
+        # then J(x1) u one row block at a time (JVPs): one pass over x2 and one
+        # over x1 per output, holding V = columns·|traced| weight-sized vectors.
         plan = s.plan
+        weights_key = tuple(id(w) for w in plan.weights)
         for k, ax in enumerate(s.out_axes):
-            key = ("ntvp", "vector", k, plan.training,
-                   tuple((a.trace, a.diag) for a in plan.out_axes),
-                   tuple(id(w) for w in plan.weights))
-
-            def products(x1b, x2b, w, k=k):
-                cots = [tf.zeros([tf.shape(w)[0], tf.shape(w)[1], *a.shape], plan.model_dtype)
-                        for a in plan.out_axes]
-                cots[k] = tf.cast(w, plan.model_dtype)
-                return [_ntvp_products(plan, x1b, x2b, cots)[k]]
-
-            fn = _compiled(plan.model, key, products)
+            vjp_fn = _compiled(plan.model, ("ntvp", "vjp", k, plan.training, weights_key),
+                               lambda xb, w, k=k: _vjp_columns(plan, xb, w, k))
+            jvp_fn = _compiled(plan.model, ("ntvp", "jvp", k, plan.training, weights_key),
+                               lambda xb, *u, k=k: [_jvp_columns(plan, xb, list(u), k)])
             columns = prepared[k].shape[-1]
+            accumulated = []
+            vjp_tasks = []
+            for b0, b1 in cols:
+                w = _cotangents_from_vector(prepared[k][b0:b1], ax).astype(
+                    plan.model_dtype.as_numpy_dtype)
+
+                def add(parts, accumulated=accumulated):
+                    if not accumulated:
+                        accumulated.extend(p.astype(np.float64) for p in parts)
+                    else:
+                        for total, p in zip(accumulated, parts):
+                            total += p
+
+                vjp_tasks.append((vjp_fn, (_slice(s.x2, b0, b1), w), add))
+            with _frozen_state(model, s.plan.training):
+                _run_tasks(vjp_tasks, verbose)
+            u = tuple(a.astype(plan.model_dtype.as_numpy_dtype) for a in accumulated)
+            jvp_tasks = []
             for a0, a1 in rows:
-                for b0, b1 in cols:
-                    w = _cotangents_from_vector(prepared[k][b0:b1], ax)
+                def done(out, k=k, ax=ax, a0=a0, a1=a1, columns=columns):
+                    results[k][a0:a1] += _vector_from_products(
+                        np.asarray(out[0], np_dtype), ax, columns)
 
-                    def done(out, k=k, ax=ax, a0=a0, a1=a1, columns=columns):
-                        results[k][a0:a1] += _vector_from_products(
-                            np.asarray(out[0], np_dtype), ax, columns)
-
-                    tasks.append((fn, (_slice(s.x1, a0, a1), _slice(s.x2, b0, b1), w), done))
+                jvp_tasks.append((jvp_fn, (_slice(s.x1, a0, a1), *u), done))
+            tasks += jvp_tasks
     else:
         fn = _block_function(s, same=False)
         for a0, a1 in rows:

@@ -470,3 +470,112 @@ def test_linearize_wrapper_has_the_kernel_of_the_model_at_theta0(implementation)
     actual = keras_ntk.empirical_ntk(linearized, x1, x2, trace_axes=(),
                                      implementation=implementation)
     assert_close(actual, expected)
+
+
+# ----------------------------------------------------------------- subsets and per-layer split
+
+
+def naive_subset_kernel(model, weights, x1, x2=None, trace_axes=(-1,)):
+    """float64 reference over a subset of weights from whole-batch GradientTape Jacobians."""
+
+    def jacobians(x):
+        with tf.GradientTape(persistent=True) as tape:
+            ys = tf.nest.flatten(model(x, training=False))
+        out = []
+        for y in ys:
+            jac = tape.jacobian(y, weights)
+            jac = [np.zeros((*y.shape, *w.shape)) if j is None else j
+                   for j, w in zip(jac, weights)]
+            flat = [np.reshape(np.asarray(j, np.float64), (*y.shape, -1)) for j in jac]
+            out.append(np.concatenate(flat, -1))
+        return out
+
+    j1 = jacobians(x1)
+    j2 = j1 if x2 is None else jacobians(x2)
+    kernels = [reduce_reference(np.tensordot(a, b, axes=([a.ndim - 1], [b.ndim - 1])),
+                                trace_axes, ()) for a, b in zip(j1, j2)]
+    return kernels[0] if len(kernels) == 1 else kernels
+
+
+@pytest.mark.parametrize("implementation", ["structured", "jacobian",
+                                            pytest.param("ntvp", marks=pytest.mark.slow)])
+def test_variables_subset_matches_naive_jacobian_over_the_subset(implementation):
+    model = cnn()
+    x1, x2 = inputs_for("cnn", 5), inputs_for("cnn", 3, seed=1)
+    model(x1)
+    head = model.layers[-1]
+    first_conv = model.layers[0]
+    # The last layer alone (a linear probe): Θ = J_head J_headᵀ.
+    expected = naive_subset_kernel(model, head.trainable_weights, x1, x2, trace_axes=())
+    actual = keras_ntk.empirical_ntk(model, x1, x2, trace_axes=(), variables=[head.name],
+                                     implementation=implementation)
+    assert_close(actual, expected)
+    # A kernel without its bias (no structured rule applies to half a layer) plus
+    # BatchNorm's gamma, named by variable objects.
+    bn = model.layers[1]
+    subset = [first_conv.kernel, bn.gamma]
+    expected = naive_subset_kernel(model, subset, x1, x2)
+    actual = keras_ntk.empirical_ntk(model, x1, x2, variables=subset,
+                                     implementation=implementation)
+    assert_close(actual, expected)
+    # The subset kernel differs from the full one (the test can fail).
+    assert rel_error(actual, reference(model, x1, x2)) > 0.01
+
+
+@pytest.mark.parametrize("implementation", ["structured", "jacobian",
+                                            pytest.param("ntvp", marks=pytest.mark.slow)])
+def test_per_layer_pieces_match_naive_per_layer_kernels_and_sum_to_the_kernel(implementation):
+    model = cnn()
+    x1 = inputs_for("cnn", 5)
+    model(x1)
+    parts = keras_ntk.empirical_ntk(model, x1, per_layer=True, implementation=implementation,
+                                    batch_size=2)
+    layers_with_weights = [layer for layer in model.layers if layer.trainable_weights]
+    assert list(parts) == [layer.name for layer in layers_with_weights]
+    for layer in layers_with_weights:
+        expected = naive_subset_kernel(model, layer.trainable_weights, x1)
+        assert_close(parts[layer.name], expected)
+    assert_close(sum(parts.values()), reference(model, x1))
+
+
+def test_per_layer_with_x2_subset_and_several_outputs():
+    model = two_outputs()
+    x1, x2 = inputs_for("two_outputs", 4), inputs_for("two_outputs", 3, seed=1)
+    model(x1)
+    parts = keras_ntk.empirical_ntk(model, x1, x2, per_layer=True, trace_axes=(),
+                                    variables=["first", "second", model.layers[1]])
+    assert list(parts) == [model.layers[1].name, "first", "second"]
+    for name, kernels in parts.items():
+        layer = model.get_layer(name)
+        expected = naive_subset_kernel(model, layer.trainable_weights, x1, x2, trace_axes=())
+        assert isinstance(kernels, list) and len(kernels) == 2
+        for actual, reference_k in zip(kernels, expected):
+            assert actual.shape == reference_k.shape
+            if np.linalg.norm(reference_k) == 0:
+                # Each head reaches only its own output: exact zero blocks.
+                assert name in ("first", "second") and np.all(actual == 0)
+            else:
+                assert_close(actual, reference_k)
+
+
+def test_ntk_vector_product_with_variables():
+    model = mlp()
+    x = inputs_for("mlp", 6)
+    model(x)
+    v = np.random.default_rng(0).normal(size=(6, 2))
+    head = model.layers[-1]
+    expected = naive_subset_kernel(model, head.trainable_weights, x) @ v
+    for implementation in ("structured", "ntvp"):
+        actual = keras_ntk.ntk_vector_product(model, x, None, v, variables=[head],
+                                              implementation=implementation)
+        assert_close(actual, expected)
+
+
+def test_variables_errors_name_what_was_received():
+    model = mlp()
+    x = inputs_for("mlp", 3)
+    model(x)
+    with pytest.raises(ValueError, match="Received: variables item='missing'"):
+        keras_ntk.empirical_ntk(model, x, variables=["missing"])
+    with pytest.raises(ValueError, match="Received: variables=\\[\\]"):
+        keras_ntk.empirical_ntk(model, x, variables=[])
