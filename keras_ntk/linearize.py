@@ -6,8 +6,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_ntk import _weights
+
 _MODES = ("full", "difference")
 _JVP_METHODS = ("auto", "forward", "double_vjp")
+_ORDERS = (1, 2)
 
 
 def _check_backend():
@@ -27,8 +30,17 @@ class _WrappedState:
     the wrapped model and must not become weights of the wrapper.
     """
 
-    trainable: tuple
+    trainable: tuple  # the linearized weights (`variables`), in model order
+    fixed: tuple  # the other trainable weights, held at their build-time values
     non_trainable: tuple
+    indices: tuple  # positions of `trainable` in the model's trainable weights
+
+
+@dataclasses.dataclass(frozen=True)
+class _Untracked:
+    """A value Keras must not track (e.g. the user's `variables` list)."""
+
+    value: object
 
 
 def _read(variables):
@@ -38,14 +50,35 @@ def _read(variables):
 
 def _contains_recurrent_layer(layer):
     """Whether `layer` is or contains a recurrent layer (a tf.while_loop)."""
-    if isinstance(layer, keras.layers.RNN):
-        return True
-    children = list(getattr(layer, "layers", None) or [])
-    for name in ("layer", "forward_layer", "backward_layer"):
-        child = getattr(layer, name, None)
-        if isinstance(child, keras.layers.Layer):
-            children.append(child)
-    return any(_contains_recurrent_layer(child) for child in children)
+    return any(isinstance(sub, keras.layers.RNN) for sub in _weights.iter_layers(layer))
+
+
+def _all_ints(items):
+    return isinstance(items, (list, tuple)) and all(
+        isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in items
+    )
+
+
+def _select(layer, variables):
+    """Positions, in `layer.trainable_weights`, of the weights named by `variables`.
+
+    A list of ints (what `get_config` stores) is taken as positions directly;
+    anything else goes through `select_weights` (variables, layers, names).
+    """
+    weights = list(layer.trainable_weights)
+    if variables is None:
+        return list(range(len(weights)))
+    items = list(variables) if isinstance(variables, (list, tuple)) else None
+    if items and _all_ints(items):
+        bad = [i for i in items if not 0 <= i < len(weights)]
+        if bad:
+            raise ValueError(
+                f"Expected weight positions in [0, {len(weights)}) (the wrapped model has "
+                f"{len(weights)} trainable weights). Received: variables={items}"
+            )
+        return sorted(set(int(i) for i in items))
+    chosen = {id(w) for w in _weights.select_weights(layer, variables)}
+    return [i for i, w in enumerate(weights) if id(w) in chosen]
 
 
 def _is_float(tensor):
@@ -56,6 +89,38 @@ def _to_float32(tensor):
     if tensor.dtype in (tf.float16, tf.bfloat16):
         return tf.cast(tensor, tf.float32)
     return tensor
+
+
+def _reset_optimizer_slots(optimizer, variables):
+    """Resets `optimizer`'s per-variable state for `variables` to its initial values.
+
+    A fresh optimizer of the same configuration is built on `variables` alone;
+    its slot variables carry the same names as the originals' (Keras derives
+    them from the variable's path) and their initial values (zeros, or e.g.
+    Adagrad's `initial_accumulator_value`).
+    """
+    if not isinstance(optimizer, keras.optimizers.Optimizer):
+        raise TypeError(
+            "Expected `optimizer` to be a Keras optimizer (e.g. `model.optimizer`). "
+            f"Received: optimizer={optimizer!r} of type {type(optimizer).__name__}"
+        )
+    if not optimizer.built:
+        return  # Nothing trained yet: no state to reset.
+    fresh = optimizer.__class__.from_config(optimizer.get_config())
+    fresh.build(list(variables))
+    skip = {id(fresh.iterations)}
+    learning_rate = getattr(fresh, "_learning_rate", None)
+    if isinstance(learning_rate, keras.Variable):
+        skip.add(id(learning_rate))
+    current = {}
+    for v in optimizer.variables:
+        current.setdefault(v.name, []).append(v)
+    for v in fresh.variables:
+        if id(v) in skip:
+            continue
+        for target in current.get(v.name, ()):
+            if tuple(target.shape) == tuple(v.shape):
+                target.assign(v.value)
 
 
 @keras.saving.register_keras_serializable(package="keras_ntk")
@@ -107,6 +172,19 @@ class Linearize(keras.layers.Wrapper):
             separates the linearization point from the normalization
             statistics (e.g. linearize trained weights with the statistics
             of initialization).
+        variables: Optional subset of the wrapped model's trainable weights
+            to linearize in: Keras Variables, layers (all their trainable
+            weights) or layer names, e.g. `["head"]` for a linear probe. δ
+            exists only for these; the other trainable weights are held at
+            their build-time values. Default: all trainable weights. Stored
+            in the config as positions in `layer.trainable_weights`.
+        order: 1 (default) for the linear model f0 + J·δ; 2 for the
+            second-order Taylor model f0 + J·δ + ½ δᵀHδ (H the Hessian of
+            each output with respect to the weights), computed with nested
+            forward-mode accumulators. Order 2 costs about two tangent
+            passes more than order 1 in the forward pass and a second-order
+            reverse pass for the δ-gradient (roughly 2-3× the cost of order
+            1); it is not available for recurrent models.
         **kwargs: Base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -130,7 +208,15 @@ class Linearize(keras.layers.Wrapper):
     """
 
     def __init__(
-        self, layer, *, mode="full", jvp_method="auto", non_trainable_values=None, **kwargs
+        self,
+        layer,
+        *,
+        mode="full",
+        jvp_method="auto",
+        non_trainable_values=None,
+        variables=None,
+        order=1,
+        **kwargs,
     ):
         _check_backend()
         if not isinstance(layer, keras.layers.Layer):
@@ -147,9 +233,24 @@ class Linearize(keras.layers.Wrapper):
                 f"Expected `jvp_method` to be one of {_JVP_METHODS}. "
                 f"Received: jvp_method={jvp_method!r}"
             )
+        if order not in _ORDERS or isinstance(order, bool):
+            raise ValueError(
+                f"Expected `order` to be one of {_ORDERS} (the Taylor order). "
+                f"Received: order={order!r}"
+            )
+        if order == 2 and jvp_method == "double_vjp":
+            raise ValueError(
+                "The second-order model (order=2) is computed with nested forward-mode "
+                "accumulators and cannot use jvp_method='double_vjp'. "
+                f"Received: order={order!r}, jvp_method={jvp_method!r}"
+            )
         super().__init__(layer, **kwargs)
         self.mode = mode
         self.jvp_method = jvp_method
+        self.order = order
+        # Held outside Keras' attribute tracking: a Variable in a list assigned
+        # to the layer would become one of its weights.
+        self._spec = _Untracked(variables)
         self._pending_non_trainable_values = (
             None
             if non_trainable_values is None
@@ -166,15 +267,24 @@ class Linearize(keras.layers.Wrapper):
                 lambda shape: keras.KerasTensor(shape), input_shape
             )
             self.layer(spec, training=False)
-        trainable = tuple(self.layer.trainable_weights)
+        all_trainable = list(self.layer.trainable_weights)
         non_trainable = tuple(self.layer.non_trainable_weights)
-        if not trainable:
+        if not all_trainable:
             raise ValueError(
                 "Linearize needs a layer with trainable weights to linearize "
                 "around. Received: layer="
                 f"{self.layer.name!r} with 0 trainable weights"
             )
-        self._wrapped = _WrappedState(trainable, non_trainable)
+        indices = tuple(_select(self.layer, self._spec.value))
+        trainable = tuple(all_trainable[i] for i in indices)
+        fixed = tuple(w for i, w in enumerate(all_trainable) if i not in set(indices))
+        self._wrapped = _WrappedState(trainable, fixed, non_trainable, indices)
+        if self.order == 2 and self._resolved_jvp_method() != "forward":
+            raise ValueError(
+                "The second-order model (order=2) needs forward mode, which TensorFlow "
+                "cannot run through the recurrent layers of this model. Received: "
+                f"order=2 for a model containing a keras.layers.RNN ({self.layer.name!r})"
+            )
         self._initial = [
             self._snapshot_weight(f"initial_{i}", v) for i, v in enumerate(trainable)
         ]
@@ -197,6 +307,8 @@ class Linearize(keras.layers.Wrapper):
             self._snapshot_weight(f"frozen_{i}", v, value)
             for i, (v, value) in enumerate(zip(non_trainable, values))
         ]
+        # Trainable weights left out of `variables` stay at their current value.
+        self._fixed = [self._snapshot_weight(f"fixed_{i}", v) for i, v in enumerate(fixed)]
         self._pending_non_trainable_values = None
         self.built = True
 
@@ -246,23 +358,56 @@ class Linearize(keras.layers.Wrapper):
 
     @property
     def deltas(self):
-        """The trainable offsets δ, in the wrapped model's weight order."""
+        """The trainable offsets δ, one per linearized weight, in model order."""
         return list(self._deltas)
 
     @property
+    def linearized_variables(self):
+        """The wrapped model's weights that are linearized (δ's), in model order."""
+        return list(self._wrapped.trainable)
+
+    def _in_model_order(self, linearized):
+        """All trainable weights of the wrapped model, `linearized` at the chosen positions."""
+        values = iter(linearized)
+        fixed = iter(_read(self._fixed))
+        chosen = set(self._wrapped.indices)
+        total = len(self._wrapped.trainable) + len(self._wrapped.fixed)
+        return [next(values) if i in chosen else next(fixed) for i in range(total)]
+
+    @property
     def initial_weights(self):
-        """θ0 (the linearization point), in the wrapped model's weight order."""
-        return _read(self._initial)
+        """θ0 (the linearization point), in the order of the wrapped model's trainable weights.
+
+        With `variables`, the weights left out are included at their fixed values.
+        """
+        return self._in_model_order(_read(self._initial))
 
     def linearized_weights(self):
-        """Returns θ0 + δ, in the order of the wrapped model's trainable weights."""
-        return [t + d for t, d in zip(_read(self._initial), _read(self._deltas))]
+        """Returns θ0 + δ, in the order of the wrapped model's trainable weights.
 
-    def relinearize(self):
-        """Moves the linearization point to the current weights: θ0 ← θ0 + δ, δ ← 0."""
+        With `variables`, the weights left out are included at their fixed
+        values, so the list can be assigned to the wrapped model directly.
+        """
+        current = [t + d for t, d in zip(_read(self._initial), _read(self._deltas))]
+        return self._in_model_order(current)
+
+    def relinearize(self, optimizer=None):
+        """Moves the linearization point to the current weights: θ0 ← θ0 + δ, δ ← 0.
+
+        Args:
+            optimizer: optional Keras optimizer that trains this wrapper (e.g.
+                `model.optimizer`). Its per-variable state for δ (momentum,
+                Adam moments, ...) is reset to what a fresh optimizer of the
+                same configuration starts from, so that the next `fit` starts
+                like a first one. Its step counter (`iterations`, shared by
+                all variables and read by learning-rate schedules and Adam's
+                bias correction) is left as it is.
+        """
         for initial, delta in zip(self._initial, self._deltas):
             initial.assign(initial.value + delta.value)
             delta.assign(tf.zeros_like(delta.value))
+        if optimizer is not None:
+            _reset_optimizer_slots(optimizer, self._deltas)
 
     # ------------------------------------------------------------------- call
 
@@ -273,28 +418,34 @@ class Linearize(keras.layers.Wrapper):
         # distribution strategy, custom_gradient cannot watch mirrored variables.
         primals = _read(self._initial)
         deltas = _read(self._deltas)
-        structure = {"frozen": _read(self._frozen)}
+        structure = {"frozen": _read(self._frozen), "fixed": _read(self._fixed)}
 
         @tf.custom_gradient
         def linearized(*tangents):
             with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
                 tape.watch(primals)
-                flat_f0, flat_jvp = self._taylor_terms(inputs, flat_inputs, primals, tangents, structure)
+                terms = self._taylor_terms(inputs, flat_inputs, primals, tangents, structure)
+            flat_f0 = terms[0]
             # From f(x; θ0) alone: the input term must not be reachable from δ.
             structure["zeros"] = [tf.zeros_like(_to_float32(y)) for y in flat_f0]
 
             def grad(*upstream, variables=None):
                 upstream = [tf.cast(u, y.dtype) for u, y in zip(upstream, flat_f0)]
-                # Linear in δ: ∂⟨u, f_lin⟩/∂δ = Jᵀu, one ordinary VJP at θ0.
-                delta_grads = tape.gradient(
-                    flat_f0,
-                    primals,
-                    output_gradients=upstream,
-                    unconnected_gradients=tf.UnconnectedGradients.ZERO,
-                )
+                if self.order == 2:
+                    delta_grads = self._second_order_gradient(
+                        inputs, flat_inputs, primals, tangents, structure, upstream
+                    )
+                else:
+                    # Linear in δ: ∂⟨u, f_lin⟩/∂δ = Jᵀu, one ordinary VJP at θ0.
+                    delta_grads = tape.gradient(
+                        flat_f0,
+                        primals,
+                        output_gradients=upstream,
+                        unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                    )
                 return list(delta_grads), [None] * len(variables or ())
 
-            return self._combine(flat_f0, flat_jvp), grad
+            return self._combine(terms), grad
 
         result = linearized(*deltas)
         result = list(result) if isinstance(result, (list, tuple)) else [result]
@@ -302,13 +453,45 @@ class Linearize(keras.layers.Wrapper):
             result = self._add_input_gradient(inputs, flat_inputs, primals, deltas, structure, result)
         return tf.nest.pack_sequence_as(structure["outputs"], result)
 
-    def _taylor_terms(self, inputs, flat_inputs, primals, tangents, structure):
-        """Returns the flat f(x; θ) and J(x; θ)·tangents at θ = `primals`."""
+    def _second_order_gradient(self, inputs, flat_inputs, primals, tangents, structure, upstream):
+        """∂/∂δ ⟨u, f0 + J·δ + ½ δᵀHδ⟩ = Jᵀu + Σ_o u_o H_o δ, by forward-over-reverse.
+
+        With g(θ) = ∂⟨u, f(θ)⟩/∂θ (one VJP), the first term is g(θ0) and the
+        second is the JVP of g along δ (a Hessian-vector product), so one
+        accumulator around one reverse pass gives both.
+        """
         mapping = list(zip(self._wrapped.trainable, primals))
+        mapping += list(zip(self._wrapped.fixed, structure["fixed"]))
         mapping += list(zip(self._wrapped.non_trainable, structure["frozen"]))
-        method = self.jvp_method
-        if method == "auto":
-            method = "double_vjp" if _contains_recurrent_layer(self.layer) else "forward"
+        zero = tf.UnconnectedGradients.ZERO
+        with tf.autodiff.ForwardAccumulator(primals, list(tangents)) as accumulator:
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch(primals)
+                with keras.StatelessScope(state_mapping=mapping):
+                    outputs = self.layer(
+                        tf.nest.pack_sequence_as(inputs, flat_inputs), training=False
+                    )
+            flat = tf.nest.flatten(outputs)
+            upstream = [tf.cast(u, y.dtype) for u, y in zip(upstream, flat)]
+            vjps = tape.gradient(flat, primals, output_gradients=upstream, unconnected_gradients=zero)
+        hvps = [accumulator.jvp(g, unconnected_gradients=zero) for g in vjps]
+        return [g + h for g, h in zip(vjps, hvps)]
+
+    def _resolved_jvp_method(self):
+        if self.jvp_method != "auto":
+            return self.jvp_method
+        return "double_vjp" if _contains_recurrent_layer(self.layer) else "forward"
+
+    def _taylor_terms(self, inputs, flat_inputs, primals, tangents, structure):
+        """The flat Taylor terms at θ = `primals` in the direction `tangents`.
+
+        Returns [f(x; θ), J·δ] for order 1 and [f(x; θ), J·δ, δᵀHδ] for
+        order 2 (H the Hessian of each output with respect to θ).
+        """
+        mapping = list(zip(self._wrapped.trainable, primals))
+        mapping += list(zip(self._wrapped.fixed, structure["fixed"]))
+        mapping += list(zip(self._wrapped.non_trainable, structure["frozen"]))
+        tangents = list(tangents)
 
         def evaluate():
             with keras.StatelessScope(state_mapping=mapping):
@@ -317,8 +500,19 @@ class Linearize(keras.layers.Wrapper):
                 )
 
         zero = tf.UnconnectedGradients.ZERO
-        if method == "forward":
-            with tf.autodiff.ForwardAccumulator(primals, list(tangents)) as accumulator:
+        if self.order == 2:
+            # Nested accumulators: the outer one differentiates the inner JVP
+            # once more along δ, giving the second directional derivative.
+            with tf.autodiff.ForwardAccumulator(primals, tangents) as outer:
+                with tf.autodiff.ForwardAccumulator(primals, tangents) as inner:
+                    outputs = evaluate()
+                flat_f0 = tf.nest.flatten(outputs)
+                flat_jvp = [inner.jvp(y, unconnected_gradients=zero) for y in flat_f0]
+            flat_hvp = [outer.jvp(j, unconnected_gradients=zero) for j in flat_jvp]
+            structure["outputs"] = outputs
+            return [flat_f0, flat_jvp, flat_hvp]
+        if self._resolved_jvp_method() == "forward":
+            with tf.autodiff.ForwardAccumulator(primals, tangents) as accumulator:
                 outputs = evaluate()
             flat_f0 = tf.nest.flatten(outputs)
             flat_jvp = [accumulator.jvp(y, unconnected_gradients=zero) for y in flat_f0]
@@ -339,13 +533,20 @@ class Linearize(keras.layers.Wrapper):
                 )
             flat_jvp = transpose_tape.gradient(pairing, cotangents, unconnected_gradients=zero)
         structure["outputs"] = outputs
-        return flat_f0, flat_jvp
+        return [flat_f0, flat_jvp]
 
-    def _combine(self, flat_f0, flat_jvp):
+    def _combine(self, terms):
+        """Sums the Taylor terms: f0 + J·δ (+ ½ δᵀHδ), or without f0 in "difference" mode.
+
+        Mixed precision: derivatives come back in float16; add in float32.
+        """
+        flat_f0, flat_jvp = terms[0], terms[1]
+        outputs = [_to_float32(j) for j in flat_jvp]
+        if len(terms) == 3:
+            outputs = [y + 0.5 * _to_float32(h) for y, h in zip(outputs, terms[2])]
         if self.mode == "difference":
-            return [_to_float32(j) for j in flat_jvp]
-        # Mixed precision: the JVP comes back in float16; add in float32.
-        return [_to_float32(y) + _to_float32(j) for y, j in zip(flat_f0, flat_jvp)]
+            return outputs
+        return [_to_float32(f) + y for f, y in zip(flat_f0, outputs)]
 
     def _add_input_gradient(self, inputs, flat_inputs, primals, deltas, structure, result):
         """Adds a zero term that carries ∂f_lin/∂x, computed only if asked for.
@@ -365,10 +566,8 @@ class Linearize(keras.layers.Wrapper):
                     replaced = list(flat_inputs)
                     for position, x in zip(positions, float_inputs):
                         replaced[position] = x
-                    flat_f0, flat_jvp = self._taylor_terms(
-                        inputs, replaced, primals, deltas, dict(structure)
-                    )
-                    targets = self._combine(flat_f0, flat_jvp)
+                    terms = self._taylor_terms(inputs, replaced, primals, deltas, dict(structure))
+                    targets = self._combine(terms)
                 input_grads = tape.gradient(
                     targets,
                     list(float_inputs),
@@ -399,4 +598,17 @@ class Linearize(keras.layers.Wrapper):
         config = super().get_config()
         config["mode"] = self.mode
         config["jvp_method"] = self.jvp_method
+        config["order"] = self.order
+        if self._wrapped is not None:
+            selected = list(self._wrapped.indices)
+            all_chosen = not self._wrapped.fixed
+            config["variables"] = None if all_chosen else selected
+        elif self._spec.value is None or _all_ints(self._spec.value):
+            config["variables"] = self._spec.value
+        else:
+            raise ValueError(
+                "Cannot serialize a Linearize layer whose `variables` are objects or names "
+                "before it is built (positions are stored). Build it first. Received: "
+                f"variables={self._spec.value!r}"
+            )
         return config

@@ -512,6 +512,205 @@ def test_saving_round_trip(tmp_path):
     restored.fit(x, np.random.randn(16, 2), epochs=1, verbose=0)
 
 
+# ------------------------------------------- subsets of weights (variables=)
+
+
+def test_variables_subset_matches_explicit_jacobian_of_that_subset():
+    model = mlp()
+    x = np.random.randn(4, 6).astype("float32")
+    first_kernel = model.layers[0].kernel
+    linear = keras_ntk.Linearize(model, mode="difference", variables=[first_kernel, "dense_2"])
+    linear(x)
+    chosen = [first_kernel] + list(model.layers[2].trainable_weights)
+    assert [v.path for v in linear.linearized_variables] == [v.path for v in chosen]
+    assert [tuple(d.shape) for d in linear.deltas] == [tuple(v.shape) for v in chosen]
+    assert [id(w) for w in linear.trainable_weights] == [id(d) for d in linear.deltas]
+    deltas = random_deltas(linear)
+    with tf.GradientTape(persistent=True) as tape:
+        y = model(x, training=False)
+    expected = np.zeros(tuple(y.shape))
+    for variable, delta in zip(chosen, deltas):
+        jac = np.asarray(tape.jacobian(y, variable), np.float64).reshape(tuple(y.shape) + (-1,))
+        expected += jac @ delta.reshape(-1)
+    assert relative_error(linear(x), expected) < 1e-5
+    # The weights left out are part of the returned parameter lists, unchanged.
+    weights = linear.linearized_weights()
+    assert len(weights) == len(model.trainable_weights)
+    np.testing.assert_array_equal(weights[1], model.layers[0].bias.value)
+    np.testing.assert_allclose(weights[0], np.asarray(first_kernel.value) + deltas[0], rtol=1e-6)
+
+
+def test_linear_probe_trains_exactly_like_the_last_layer():
+    """The output is linear in the head's weights: linearizing in them alone is exact."""
+    model = mlp()
+    x = np.random.randn(32, 6).astype("float32")
+    y = np.random.randn(32, 3).astype("float32")
+    probe = keras_ntk.Linearize(model, variables="dense_2")
+    wrapped = keras.Sequential([keras.Input((6,)), probe])
+    wrapped.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss="mse")
+    wrapped.fit(x, y, epochs=5, batch_size=8, shuffle=False, verbose=0)
+    reference = mlp()
+    reference.set_weights(model.get_weights())
+    for layer in reference.layers[:2]:
+        layer.trainable = False
+    reference.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss="mse")
+    reference.fit(x, y, epochs=5, batch_size=8, shuffle=False, verbose=0)
+    np.testing.assert_allclose(wrapped.predict(x, verbose=0), reference.predict(x, verbose=0),
+                               rtol=1e-4, atol=1e-5)
+    for actual, expected in zip(probe.linearized_weights(), reference.weights):
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_variables_are_saved_as_positions(tmp_path):
+    model = mlp()
+    x = np.random.randn(5, 6).astype("float32")
+    wrapped = keras.Sequential([keras.Input((6,)), keras_ntk.Linearize(model, variables=["dense_2"])])
+    wrapped.compile(optimizer="adam", loss="mse")
+    wrapped.fit(x, np.random.randn(5, 3), epochs=2, verbose=0)
+    assert wrapped.layers[0].get_config()["variables"] == [4, 5]
+    path = str(tmp_path / "probe.keras")
+    wrapped.save(path)
+    restored = keras.saving.load_model(path)
+    np.testing.assert_allclose(restored.predict(x, verbose=0), wrapped.predict(x, verbose=0), rtol=1e-6)
+    assert len(restored.layers[0].deltas) == 2
+
+
+def test_variables_errors_name_what_was_received():
+    x = np.zeros((1, 6), "float32")
+    with pytest.raises(ValueError, match="Received: variables item='nope'"):
+        keras_ntk.Linearize(mlp(), variables=["nope"])(x)
+    other = keras.layers.Dense(2)
+    other.build((None, 3))
+    with pytest.raises(ValueError, match="Received: variables item="):
+        keras_ntk.Linearize(mlp(), variables=[other.kernel])(x)
+    with pytest.raises(ValueError, match=r"Received: variables=\[7\]"):
+        keras_ntk.Linearize(mlp(), variables=[7])(x)
+
+
+# ------------------------------------------------------- second order (order=2)
+
+
+def _flat_jacobian_and_hessian(model, x):
+    """Explicit J (outputs × P) and H (outputs × P × P) by nested tapes, float64."""
+    weights = model.trainable_weights
+    with tf.GradientTape(persistent=True) as outer:
+        with tf.GradientTape(persistent=True) as inner:
+            y = tf.reshape(model(x, training=False), [-1])
+        jacobian = tf.concat(
+            [tf.reshape(j, [y.shape[0], -1]) for j in inner.jacobian(y, weights)], axis=1
+        )
+    blocks = outer.jacobian(jacobian, weights)
+    # Unconnected pairs (e.g. the output bias) come back as None: zeros.
+    blocks = [
+        tf.zeros(tuple(jacobian.shape) + tuple(w.shape), jacobian.dtype) if h is None else h
+        for h, w in zip(blocks, weights)
+    ]
+    hessian = tf.concat(
+        [tf.reshape(h, [y.shape[0], jacobian.shape[1], -1]) for h in blocks], axis=2
+    )
+    return np.asarray(y), np.asarray(jacobian), np.asarray(hessian)
+
+
+def test_second_order_model_and_gradient_match_explicit_hessian():
+    model = mlp(input_dim=3, outputs=2, dtype="float64")
+    x = np.random.randn(3, 3)
+    linear = keras_ntk.Linearize(model, order=2, dtype="float64")
+    linear(x)
+    deltas = random_deltas(linear, scale=0.5)
+    flat_delta = np.concatenate([d.reshape(-1) for d in deltas])
+    f0, jacobian, hessian = _flat_jacobian_and_hessian(model, x)
+    expected = f0 + jacobian @ flat_delta + 0.5 * np.einsum("opq,p,q->o", hessian, flat_delta, flat_delta)
+    np.testing.assert_allclose(np.asarray(linear(x)).reshape(-1), expected, rtol=1e-10, atol=1e-12)
+    # ∂⟨u, f2⟩/∂δ = Jᵀu + Σ_o u_o H_o δ.
+    u = np.random.randn(*expected.shape)
+    with tf.GradientTape() as tape:
+        value = tf.reduce_sum(tf.reshape(linear(x), [-1]) * u)
+    grads = np.concatenate([np.asarray(g).reshape(-1) for g in tape.gradient(value, linear.deltas)])
+    expected_grad = jacobian.T @ u + np.einsum("o,opq,q->p", u, hessian, flat_delta)
+    np.testing.assert_allclose(grads, expected_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_second_order_remainder_is_third_order():
+    # Smooth activations: a ReLU kink crossed within ε breaks the ε³ scaling.
+    model = keras.Sequential(
+        [
+            keras.Input((6,), dtype="float64"),
+            keras.layers.Dense(16, activation="tanh", dtype="float64"),
+            keras.layers.Dense(16, activation="softplus", dtype="float64"),
+            keras.layers.Dense(3, dtype="float64"),
+        ]
+    )
+    x = np.random.randn(4, 6)
+    linear = keras_ntk.Linearize(model, mode="difference", order=2, dtype="float64")
+    linear(x)
+    theta0 = [np.asarray(w.value) for w in model.trainable_weights]
+    directions = random_deltas(linear, scale=1.0)
+    f0 = np.asarray(model(x, training=False))
+    remainders = []
+    for eps in (2e-2, 1e-2):
+        for d, v in zip(linear.deltas, directions):
+            d.assign(eps * v)
+        for w, t, v in zip(model.trainable_weights, theta0, directions):
+            w.assign(t + eps * v)
+        remainders.append(np.linalg.norm(np.asarray(model(x, training=False)) - f0 - np.asarray(linear(x))))
+    ratio = remainders[0] / remainders[1]
+    assert 7.0 < ratio < 9.0, remainders
+
+
+def test_second_order_model_trains_in_fit_and_saves(tmp_path):
+    model = mlp()
+    x = np.random.randn(16, 6).astype("float32")
+    y = np.random.randn(16, 3).astype("float32")
+    wrapped = keras.Sequential([keras.Input((6,)), keras_ntk.Linearize(model, order=2)])
+    wrapped.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    history = wrapped.fit(x, y, epochs=5, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    path = str(tmp_path / "order2.keras")
+    wrapped.save(path)
+    restored = keras.saving.load_model(path)
+    assert restored.layers[0].order == 2
+    np.testing.assert_allclose(restored.predict(x, verbose=0), wrapped.predict(x, verbose=0), rtol=1e-6)
+
+
+# ----------------------------------------------- relinearize resets optimizer
+
+
+def test_relinearize_resets_the_optimizer_state_of_the_offsets():
+    model = mlp()
+    x = np.random.randn(16, 6).astype("float32")
+    y = np.random.randn(16, 3).astype("float32")
+    inputs = keras.Input((6,))
+    before = keras.layers.Dense(6, name="trainable_before")
+    linear = keras_ntk.Linearize(model)
+    wrapped = keras.Model(inputs, linear(before(inputs)))
+    optimizer = keras.optimizers.Adagrad(0.01, initial_accumulator_value=0.25)
+    wrapped.compile(optimizer=optimizer, loss="mse")
+    wrapped.fit(x, y, epochs=2, verbose=0)
+    delta_paths = {d.path.replace("/", "_") for d in linear.deltas}
+    owned = [v for v in optimizer.variables if any(v.name.startswith(p) for p in delta_paths)]
+    others = [v for v in optimizer.variables if v.name.startswith("trainable_before")]
+    assert len(owned) == len(linear.deltas) and len(others) == 2
+    others_before = [np.array(v.value) for v in others]
+    assert all(np.all(np.asarray(v.value) > 0.25) for v in owned)
+    linear.relinearize(wrapped.optimizer)
+    for v in owned:
+        np.testing.assert_array_equal(v.value, np.full(v.shape, 0.25, np.float32))
+    for v, b in zip(others, others_before):
+        np.testing.assert_array_equal(v.value, b)
+    with pytest.raises(TypeError, match="Received: optimizer='sgd'"):
+        linear.relinearize("sgd")
+
+
+def test_integer_inputs_are_cast_like_the_wrapped_model():
+    model = mlp()
+    x = np.arange(24).reshape(4, 6).astype("int32")
+    linear = keras_ntk.Linearize(model)
+    np.testing.assert_allclose(linear(x), model(x, training=False), rtol=1e-6)
+    wrapped = keras.Sequential([keras.Input((6,), dtype="int32"), linear])
+    wrapped.compile(optimizer="sgd", loss="mse")
+    wrapped.fit(x, np.zeros((4, 3)), verbose=0)
+
+
 # ------------------------------------------------------------------ errors
 
 
@@ -522,6 +721,10 @@ def test_errors_say_what_was_received():
         keras_ntk.Linearize(mlp(), mode="centred")
     with pytest.raises(ValueError, match="Received: jvp_method='reverse'"):
         keras_ntk.Linearize(mlp(), jvp_method="reverse")
+    with pytest.raises(ValueError, match="Received: order=3"):
+        keras_ntk.Linearize(mlp(), order=3)
+    with pytest.raises(ValueError, match="jvp_method='double_vjp'"):
+        keras_ntk.Linearize(mlp(), order=2, jvp_method="double_vjp")
     frozen = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     frozen.trainable = False
     with pytest.raises(ValueError, match="0 trainable weights"):
