@@ -7,10 +7,16 @@ Cases (N = 1797 images by default, kernels N × N, float64):
   * cnn2_flatten: the same convolutions with a Flatten head (only the 64
                  diagonal positions are needed), for the ratio GAP / Flatten.
 
-Each case runs in its own subprocess so that its peak RSS (ru_maxrss) is its
-own. Usage:
+Each case runs in its own subprocess so that its peak memory (VmHWM: ru_maxrss
+can carry the parent's peak over fork/exec) is its own. The time is that of the
+first full call after an 8-example warm-up (so it includes XLA compiling the
+full-size block). `--baseline FILE` also times an older copy of
+keras_ntk/infinite.py (e.g. `git show 31c67be:keras_ntk/infinite.py >
+/tmp/infinite_before.py`) on the same cases in the same run, alternating, and
+prints the ratio and the largest relative difference of the kernels. Usage:
 
     python benchmarks/infinite_speed.py [--n 1797] [--cases fcn10,cnn2_gap,cnn2_flatten]
+        [--baseline /tmp/infinite_before.py]
 """
 import argparse
 import json
@@ -43,23 +49,40 @@ def _model(case):
     ])
 
 
-def _run_case(case, n):
-    """Runs in a child process: prints one JSON line."""
+def _peak_mib():
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _run_case(case, n, implementation, save):
+    """Runs in a child process: prints one JSON line, saves the NTK to `save`."""
     import numpy as np
     from sklearn.datasets import load_digits
 
-    import keras_ntk
+    if implementation:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("infinite_baseline", implementation)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        infinite_kernels = module.infinite_kernels
+    else:
+        from keras_ntk import infinite_kernels
 
     x = load_digits().data[:n].astype(np.float64) / 16.0
     if case != "fcn10":
         x = x.reshape(-1, 8, 8, 1)
     model = _model(case)
-    keras_ntk.infinite_kernels(model, x[:8])  # Trace the functions once.
+    infinite_kernels(model, x[:8])  # Trace the functions once.
     start = time.perf_counter()
-    kernels = keras_ntk.infinite_kernels(model, x)
+    kernels = infinite_kernels(model, x)
     seconds = time.perf_counter() - start
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"case": case, "n": n, "seconds": seconds, "peak_rss_mib": peak_mib,
+    if save:
+        np.save(save, kernels.ntk)
+    print(json.dumps({"case": case, "n": n, "seconds": seconds, "peak_rss_mib": _peak_mib(),
                       "ntk_trace": float(np.trace(kernels.ntk)),
                       "finite": bool(np.isfinite(kernels.ntk).all())}))
 
@@ -79,23 +102,46 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1797)
     parser.add_argument("--cases", default="fcn10,cnn2_gap,cnn2_flatten")
+    parser.add_argument("--baseline", default=None,
+                        help="an older copy of keras_ntk/infinite.py to time in the same run")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--implementation", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--save", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        _run_case(args.child, args.n)
+        _run_case(args.child, args.n, args.implementation, args.save)
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     print("device:", _device())
+    import tempfile
+
+    import numpy as np
+
     results = {}
-    for case in args.cases.split(","):
-        out = subprocess.run([sys.executable, __file__, "--child", case, "--n", str(args.n)],
-                             capture_output=True, text=True, check=True)
-        result = json.loads(out.stdout.strip().splitlines()[-1])
-        results[case] = result
-        print(f"{case:13s} N={result['n']}: {result['seconds']:8.2f} s, "
-              f"peak RSS {result['peak_rss_mib']:7.0f} MiB, finite={result['finite']}")
-    if "cnn2_gap" in results and "cnn2_flatten" in results:
-        ratio = results["cnn2_gap"]["seconds"] / results["cnn2_flatten"]["seconds"]
+    with tempfile.TemporaryDirectory() as scratch:
+        for case in args.cases.split(","):
+            runs = [("current", "")] + ([("baseline", args.baseline)] if args.baseline else [])
+            for label, implementation in runs:
+                save = os.path.join(scratch, f"{case}_{label}.npy")
+                out = subprocess.run(
+                    [sys.executable, __file__, "--child", case, "--n", str(args.n),
+                     "--implementation", implementation, "--save", save],
+                    capture_output=True, text=True, check=True)
+                result = json.loads(out.stdout.strip().splitlines()[-1])
+                results[case, label] = result
+                print(f"{case:13s} {label:8s} N={result['n']}: {result['seconds']:8.2f} s, "
+                      f"peak {result['peak_rss_mib']:7.0f} MiB, finite={result['finite']}",
+                      flush=True)
+            if args.baseline:
+                new = np.load(os.path.join(scratch, f"{case}_current.npy"))
+                old = np.load(os.path.join(scratch, f"{case}_baseline.npy"))
+                difference = np.abs(new - old).max() / np.abs(old).max()
+                ratio = results[case, "current"]["seconds"] / results[case, "baseline"]["seconds"]
+                print(f"{case:13s} current / baseline time: {ratio:.3f}; "
+                      f"max |ΔΘ| / max |Θ| = {difference:.1e}", flush=True)
+    if ("cnn2_gap", "current") in results and ("cnn2_flatten", "current") in results:
+        ratio = results["cnn2_gap", "current"]["seconds"] / results[
+            "cnn2_flatten", "current"]["seconds"]
         print(f"ratio cnn2_gap / cnn2_flatten time: {ratio:.1f}")
 
 
