@@ -880,6 +880,11 @@ def _slice(x, start, stop):
     return tf.nest.map_structure(lambda t: t[start:stop], x)
 
 
+def _gather(x, index):
+    """The examples `index` of host inputs (numpy fancy indexing per input)."""
+    return tf.nest.map_structure(lambda t: t[index], x)
+
+
 def _setup(model, x1, x2, trace_axes, diagonal_axes, implementation, batch_size,
            memory_budget, training, dtype, vector=False, variables=None, per_layer=False):
     if not callable(model) or not hasattr(model, "trainable_weights"):
