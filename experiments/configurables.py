@@ -6,7 +6,8 @@ Configs may name:
   hyperparameters bound as `mlp.widths = (512, 512)`, `lenet.filters = ...`,
   `resnet18.width = 16`; a study's `run(models=[...])` lists model names.
 * study entry points, `STUDIES`: `linear_vs_nonlinear.run` (study A), whose
-  arguments are the experiment (dataset, tasks, ks, seeds, recipe, ...).
+  arguments are the experiment (dataset, tasks, ks, seeds, recipe, ...);
+  `trainability.run` (study C: σw²/depth grids, architectures, widths).
 
 Arguments that the binary passes itself (output_dir, strategy,
 model_builders, data_dir) are deny-listed: a config cannot set them.
@@ -16,6 +17,7 @@ keras_ntk stays gin-free.
 import gin
 
 from experiments import linear_vs_nonlinear, models
+from experiments import trainability
 
 _FROM_THE_BINARY = ["output_dir", "strategy", "model_builders", "data_dir"]
 
@@ -29,5 +31,8 @@ STUDIES = {
     "linear_vs_nonlinear": gin.external_configurable(
         linear_vs_nonlinear.run, name="run", module="linear_vs_nonlinear",
         denylist=_FROM_THE_BINARY,
+    ),
+    "trainability": gin.external_configurable(
+        trainability.run, name="run", module="trainability", denylist=_FROM_THE_BINARY,
     ),
 }

@@ -125,3 +125,87 @@ def resnet18(input_shape, num_outputs=1, *, width=16, blocks=(2, 2, 2, 2)):
 
 
 MODELS = {"mlp": mlp, "lenet": lenet, "resnet18": resnet18}
+
+
+# ---------------------------------------------------------------- study C
+# NTK-parameterized networks (keras_ntk.NTKDense/NTKConv2D) whose
+# infinite-width kernels `keras_ntk.infinite_kernels` computes; used by
+# experiments.trainability, which builds them per (σw², depth) itself (they
+# are not in MODELS: their hyperparameters are the study's grid).
+
+
+def _ntk_activation(activation):
+    import keras_ntk
+
+    if activation == "relu":
+        return keras.layers.ReLU()
+    if activation == "erf":
+        return keras_ntk.Erf()
+    raise ValueError(f"Expected activation 'relu' or 'erf'. Received: activation={activation!r}")
+
+
+def ntk_fcn(input_shape, num_outputs=1, *, depth, width=512, sigma_w2=2.0, sigma_b2=0.05,
+            activation="relu"):
+    """A fully connected network in the NTK parameterization (study C).
+
+    Flatten, then `depth` hidden layers NTKDense(width) + activation, then an
+    NTKDense(num_outputs) readout; every layer has weight variance σw² and
+    bias variance σb².
+
+    Args:
+        input_shape: shape of one input example.
+        num_outputs: readout width.
+        depth: number of hidden layers (≥ 0).
+        width: hidden width (ignored by `infinite_kernels`).
+        sigma_w2, sigma_b2: σw², σb².
+        activation: "relu" or "erf".
+
+    Returns:
+        A `keras.Sequential` named "fcn".
+    """
+    import keras_ntk
+
+    std = dict(weight_std=float(sigma_w2) ** 0.5, bias_std=float(sigma_b2) ** 0.5)
+    layers = [keras.Input(input_shape), keras.layers.Flatten()]
+    for i in range(depth):
+        layers += [keras_ntk.NTKDense(width, name=f"dense_{i}", **std),
+                   _ntk_activation(activation)]
+    layers.append(keras_ntk.NTKDense(num_outputs, name="readout", **std))
+    return keras.Sequential(layers, name="fcn")
+
+
+def ntk_cnn(input_shape, num_outputs=1, *, depth, filters=64, kernel_size=3, pooling="flatten",
+            sigma_w2=2.0, sigma_b2=0.05, activation="relu"):
+    """A convolutional network in the NTK parameterization (study C).
+
+    `depth` layers NTKConv2D(filters, kernel_size, 'same') + activation, then
+    Flatten (`pooling="flatten"`, CNN-F) or GlobalAveragePooling2D
+    (`pooling="gap"`, CNN-GAP), then an NTKDense(num_outputs) readout.
+
+    Args:
+        input_shape: (H, W, C).
+        num_outputs: readout width.
+        depth: number of convolutional layers (≥ 1).
+        filters: channels (ignored by `infinite_kernels`).
+        kernel_size: convolution window.
+        pooling: "flatten" or "gap".
+        sigma_w2, sigma_b2: σw², σb².
+        activation: "relu" or "erf".
+
+    Returns:
+        A `keras.Sequential` named "cnn_flatten" or "cnn_gap".
+    """
+    import keras_ntk
+
+    if pooling not in ("flatten", "gap"):
+        raise ValueError(f"Expected pooling 'flatten' or 'gap'. Received: pooling={pooling!r}")
+    std = dict(weight_std=float(sigma_w2) ** 0.5, bias_std=float(sigma_b2) ** 0.5)
+    layers = [keras.Input(input_shape)]
+    for i in range(depth):
+        layers += [keras_ntk.NTKConv2D(filters, kernel_size, padding="same", name=f"conv_{i}",
+                                       **std),
+                   _ntk_activation(activation)]
+    layers.append(keras.layers.Flatten() if pooling == "flatten"
+                  else keras.layers.GlobalAveragePooling2D())
+    layers.append(keras_ntk.NTKDense(num_outputs, name="readout", **std))
+    return keras.Sequential(layers, name=f"cnn_{pooling}")

@@ -1,0 +1,208 @@
+"""Study C (experiments/trainability.py): the smoke config end to end, resume, errors.
+
+The binary runs in a subprocess, as users run it. Numbers are checked against
+independent references: closed forms of the mean-field quantities (χ1 = σw²/2
+for ReLU, q* = σb²/(1 − σw²/2)), a numpy recomputation of the condition number
+and of the GD-MSE/mean-predictor accuracies from an arc-cosine recursion
+written here, and the ordering that the theory predicts (κ grows with depth in
+the ordered phase, the chaotic Erf NTK becomes well conditioned).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import trainability
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = "trainability/smoke.gin"
+FIGURES = ("condition_relu.png", "condition_erf.png", "gd_accuracy_relu.png",
+           "gd_accuracy_erf.png", "mean_predictor.png", "architectures.png", "finite_width.png")
+
+
+def run_binary(output_dir, *args, check=True):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    command = [sys.executable, "-m", "experiments.trainability", f"--gin_file={SMOKE}",
+               f"--output_dir={output_dir}", "--strategy=cpu", *args]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{command} failed:\n{result.stderr[-4000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    output = tmp_path_factory.mktemp("trainability") / "run"
+    run_binary(output)
+    return output
+
+
+def _diagram(results, activation):
+    return next(d for d in results["phase_diagram"] if d["activation"] == activation)
+
+
+def test_results_contract(smoke):
+    results = json.loads((smoke / "results.json").read_text())
+    assert results["study"] == "trainability"
+    assert [d["activation"] for d in results["phase_diagram"]] == ["relu", "erf"]
+    for diagram in results["phase_diagram"]:
+        sigma, depth = diagram["sigma_w2"], diagram["depth"]
+        assert depth == [1, 4, 12] and all(type(d) is int for d in depth)
+        kappa = np.asarray(diagram["condition_number"])
+        assert kappa.shape == (len(sigma), len(depth))
+        assert all(type(v) is float for row in diagram["condition_number"] for v in row)
+        assert np.all(kappa >= 1) and np.all(kappa <= 1 / np.finfo(np.float64).eps)
+        assert len(diagram["chi1"]) == len(sigma)
+        gd = np.asarray(diagram["gd_mse"]["test_accuracy"])
+        assert gd.shape == (len(sigma), len(depth), 2)
+        for values in (gd, diagram["gd_mse"]["train_accuracy"],
+                       diagram["mean_predictor"]["test_accuracy"]):
+            assert np.all((np.asarray(values) >= 0) & (np.asarray(values) <= 1))
+    for name in ("fcn", "cnn_flatten", "cnn_gap"):
+        accuracy = results["architectures"][name]["test_accuracy"]
+        assert type(accuracy) is float and 0 <= accuracy <= 1
+        eigenvalues = results["architectures"][name]["eigenvalues"][0]
+        assert len(eigenvalues) == 24 and eigenvalues == sorted(eigenvalues, reverse=True)
+    finite = results["finite_width"]
+    assert [w["width"] for w in finite["widths"]] == [16, 64]
+    for entry in finite["widths"]:
+        assert np.isfinite(entry["centred_relative_error_mean"])
+    for figure in FIGURES:
+        assert (smoke / "figures" / figure).stat().st_size > 1000
+    assert (smoke / "command.txt").read_text().startswith(sys.executable)
+    assert "trainability.run.depths" in (smoke / "config.gin").read_text()
+    assert any(name.startswith("events.out.tfevents")
+               for _, _, files in os.walk(smoke / "tensorboard" / "phase_relu") for name in files)
+
+
+def test_mean_field_closed_forms(smoke):
+    results = json.loads((smoke / "results.json").read_text())
+    relu = _diagram(results, "relu")
+    np.testing.assert_allclose(relu["chi1"], [s / 2 for s in relu["sigma_w2"]], rtol=1e-12)
+    assert relu["q_star"][0] == pytest.approx(0.05 / (1 - 1.0 / 2))
+    assert relu["q_star"][1] is None  # σw² = 2: no finite fixed point.
+    assert relu["xi_1"][0] == pytest.approx(-1 / math.log(0.5))
+    assert relu["xi_1"][1] is None and relu["critical_sigma_w2"] == 2.0
+    erf = _diagram(results, "erf")
+    # Ordered (σw² = 0.5) and chaotic (σw² = 3) sides of χ1 = 1, c* = 1 only when ordered.
+    assert erf["chi1"][0] < 1 < erf["chi1"][1]
+    assert erf["c_star"][0] == 1.0 and 0 < erf["c_star"][1] < 1
+    q = erf["q_star"][1]
+    assert erf["chi1"][1] == pytest.approx(3.0 * 4 / (math.pi * math.sqrt(1 + 4 * q)))
+    critical = erf["critical_sigma_w2"]
+    assert erf["sigma_w2"][0] < critical < erf["sigma_w2"][1]
+
+
+def test_condition_number_follows_the_phases(smoke):
+    results = json.loads((smoke / "results.json").read_text())
+    relu, erf = _diagram(results, "relu"), _diagram(results, "erf")
+    # Ordered phase: κ grows with depth beyond the first layers.
+    for kappa in (relu["condition_number"][0], erf["condition_number"][0]):
+        assert kappa[2] > kappa[1]
+    # Chaotic Erf: the kernel tends to a multiple of (1 − c*) I + c* 11ᵀ, κ falls.
+    assert erf["condition_number"][1][2] < erf["condition_number"][1][0]
+    # ...and its mean predictor's test outputs collapse towards a constant.
+    spread = erf["mean_predictor"]["test_output_spread"][1]
+    assert spread[2] < spread[0]
+
+
+def _reference_relu_ntk(x, depth, sigma_w2, sigma_b2):
+    """The arc-cosine NTK recursion in numpy (independent of keras_ntk.infinite)."""
+    k = x @ x.T / x.shape[1]
+    k = sigma_w2 * k + sigma_b2
+    theta = k.copy()
+    for _ in range(depth):
+        d = np.sqrt(np.diag(k))
+        c = np.clip(k / np.outer(d, d), -1, 1)
+        angle = np.arccos(c)
+        k_new = np.outer(d, d) / (2 * np.pi) * (np.sin(angle) + (np.pi - angle) * c)
+        derivative = (np.pi - angle) / (2 * np.pi)
+        k = sigma_w2 * k_new + sigma_b2
+        theta = k + sigma_w2 * theta * derivative
+    return theta
+
+
+def test_phase_cell_matches_a_numpy_reference():
+    rng = np.random.RandomState(0)
+    x = rng.normal(size=(30, 12))
+    labels = rng.randint(0, 3, size=30)
+    n = 20
+    cell = trainability.phase_cell("relu", 1.5, 3, 0.05, x, n, labels[:n], labels[n:], 3,
+                                   [1.0, 10.0], 0.5)
+    theta = _reference_relu_ntk(x, 3, 1.5, 0.05)
+    eigenvalues = np.linalg.eigvalsh(theta[:n, :n])
+    assert cell["condition_number"] == pytest.approx(eigenvalues[-1] / eigenvalues[0], rel=1e-6)
+    # Discrete GD from f0 = 0 at η = λmax⁻¹·n·O, by iterating the linear model.
+    y = np.eye(3)[labels[:n]] - 1 / 3
+    rate = 0.5 * 2 * y.size / eigenvalues[-1]
+    f_train, f_test = np.zeros_like(y), np.zeros((10, 3))
+    for step in range(1, 11):
+        residual = f_train - y
+        f_test = f_test - rate / y.size * theta[n:, :n] @ residual
+        f_train = f_train - rate / y.size * theta[:n, :n] @ residual
+        if step in (1, 10):
+            accuracy = np.mean(np.argmax(f_test, 1) == labels[n:])
+            assert cell["gd_test_accuracy"][0 if step == 1 else 1] == pytest.approx(accuracy)
+    mean = theta[n:, :n] @ np.linalg.solve(theta[:n, :n], y)
+    assert cell["mean_predictor"]["test_accuracy"] == pytest.approx(
+        np.mean(np.argmax(mean, 1) == labels[n:]))
+
+
+def test_spectrum_summary_flags_the_float64_bound():
+    singular = np.ones((5, 5))  # Rank one: λmin is rounding noise.
+    _, summary = trainability.spectrum_summary(singular)
+    assert summary["condition_at_float64_bound"]
+    assert summary["condition_number"] == pytest.approx(1 / np.finfo(np.float64).eps, rel=1e-6)
+    _, summary = trainability.spectrum_summary(np.diag([1.0, 2.0, 4.0]))
+    assert not summary["condition_at_float64_bound"] and summary["condition_number"] == 4.0
+
+
+def test_resume_skips_finished_cells(smoke, tmp_path):
+    output = tmp_path / "resumed"
+    output.mkdir()
+    cells = json.loads((smoke / "cells.json").read_text())
+    # A marked cell must be kept as it is; a removed one must be recomputed.
+    kept = "relu/sigma_w2=1/depth=4"
+    removed = "erf/sigma_w2=3/depth=12"
+    cells["phase"][kept]["condition_number"] = 12345.0
+    expected = cells["phase"].pop(removed)["condition_number"]
+    cells["finite_width"]["width=16/seed=0"]["final_loss"] = -1.0
+    (output / "cells.json").write_text(json.dumps(cells))
+    result = run_binary(output)
+    assert "already finished, skipped" in result.stderr
+    assert "phase cell 12 of 12 (erf/sigma_w2=3/depth=12) done" in result.stderr
+    assert result.stderr.count("done;") == 1  # Only the removed cell ran.
+    results = json.loads((output / "results.json").read_text())
+    relu, erf = _diagram(results, "relu"), _diagram(results, "erf")
+    assert relu["condition_number"][0][1] == 12345.0
+    assert erf["condition_number"][1][2] == pytest.approx(expected, rel=1e-9)
+    assert results["finite_width"]["widths"][0]["final_train_loss"] == [-1.0]
+
+
+def test_other_settings_in_the_same_directory_are_refused(smoke, tmp_path):
+    output = tmp_path / "other"
+    output.mkdir()
+    (output / "cells.json").write_text((smoke / "cells.json").read_text())
+    result = run_binary(output, "--gin_bindings=trainability.run.sigma_b2 = 0.1", check=False)
+    assert result.returncode != 0 and "sigma_b2" in result.stderr
+    assert "use a new output_dir" in result.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(relu_sigma_w2=(1.0, 3.0)), "no chaotic phase"),
+    (dict(learning_rate_fraction=1.0), "learning_rate_fraction"),
+    (dict(architectures=("resnet",)), "architectures"),
+    (dict(depths=(0, 4)), "depths"),
+])
+def test_bad_settings_raise_before_work(tmp_path, override, message):
+    kwargs = dict(relu_sigma_w2=(1.0,), erf_sigma_w2=(1.0,), architectures=("fcn",))
+    kwargs.update(override)
+    with pytest.raises(ValueError, match=message):
+        trainability.run(output_dir=str(tmp_path), strategy=None, **kwargs)
+    assert not os.listdir(tmp_path)  # Nothing written.
