@@ -7,9 +7,13 @@ everything here is computed in float64 with numpy/scipy:
 * gradient descent on the MSE loss L = ‖f(X) − Y‖² / (2·n·O) of a network in
   its linear (infinite-width) regime, in closed form at time t through the
   eigendecomposition Θ = V diag(λ) Vᵀ (neural-tangents normalization);
+* the mean and covariance over random initializations of infinitely wide
+  networks trained that way (NNGP and NTK together), optionally with momentum;
 * Gaussian-process posterior with a noise variance;
 * the largest stable learning rate of gradient descent, 2·n·O/λmax.
 """
+
+import collections
 
 import numpy as np
 import scipy.linalg
@@ -110,8 +114,105 @@ def kernel_regression(k_train, k_test_train, y_train, ridge=0.0, *, fx_train_0=N
     return out[:, 0] if vector else out
 
 
+def _check_schedule(learning_rate, t, discrete, momentum):
+    """Validates the training schedule; returns the times as a float64 array."""
+    if not np.isfinite(learning_rate) or learning_rate <= 0:
+        raise ValueError(
+            f"Expected `learning_rate` to be a positive float. Received: learning_rate={learning_rate}"
+        )
+    times = np.asarray(t, dtype=np.float64)
+    if np.any(np.isnan(times)) or np.any(times < 0):
+        raise ValueError(f"Expected `t` ≥ 0 (np.inf allowed). Received: t={t}")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.floating, np.integer)) \
+            or not 0.0 <= momentum < 1.0:
+        raise ValueError(f"Expected `momentum` in [0, 1). Received: momentum={momentum!r}")
+    if momentum and not discrete:
+        raise ValueError(
+            "Expected `discrete=True` with `momentum`: the closed form is that of t discrete "
+            "heavy-ball steps (for small steps it approaches gradient flow with learning rate "
+            f"η/(1 − momentum)). Received: momentum={momentum}, discrete={discrete}"
+        )
+    finite = times[np.isfinite(times)]
+    if momentum and np.any(finite != np.round(finite)):
+        raise ValueError(f"Expected whole numbers of steps `t` with `momentum`. Received: t={t}")
+    return times
+
+
+def _eigenmodes(k_train):
+    """Eigenvalues (rounding-level ones set to 0) and eigenvectors of a symmetric Θ."""
+    eigenvalues, vectors = np.linalg.eigh((k_train + k_train.T) / 2)
+    # Eigenvalues at rounding level are zeros of Θ (as in a pseudo-inverse):
+    # otherwise t = inf would fit directions that Θ cannot reach.
+    cutoff = len(k_train) * np.finfo(np.float64).eps * max(eigenvalues[-1], 0.0)
+    return np.where(eigenvalues > cutoff, eigenvalues, 0.0), vectors
+
+
+def _momentum_decay(rate, momentum, steps):
+    """Residual factor after `steps` heavy-ball steps, per eigenmode.
+
+    Along an eigenvector with a = η λ/(n·O) the residual r and the velocity u
+    follow u ← m u − a r, r ← r + u (u₀ = 0), i.e. r_{k+1} = (1 + m − a) r_k −
+    m r_{k−1} with r_{−1} = r₀. So (r_t, r_{t−1}) = Tᵗ (1, 1)·r₀ with
+    T = [[1 + m − a, −m], [1, 0]]; Tᵗ by repeated squaring (exact for whole t,
+    also where the two roots of T coincide or are complex).
+    """
+    ones, zeros = np.ones_like(rate), np.zeros_like(rate)
+    base = [[1.0 + momentum - rate, -momentum * ones], [ones, zeros]]
+    power = [[ones, zeros], [zeros, ones]]
+
+    def product(x, y):
+        return [[x[i][0] * y[0][j] + x[i][1] * y[1][j] for j in range(2)] for i in range(2)]
+
+    steps = int(steps)
+    while steps:
+        if steps & 1:
+            power = product(power, base)
+        steps >>= 1
+        if steps:
+            base = product(base, base)
+    return power[0][0] + power[0][1]
+
+
+def _decay(eigenvalues, learning_rate, size, time, discrete, momentum):
+    """Per-eigenvalue factor multiplying the residual f − Y after `time` steps."""
+    rate = learning_rate * eigenvalues / size
+    if np.isinf(time):
+        return np.where(rate > 0, 0.0, 1.0)
+    if momentum:
+        return _momentum_decay(rate, momentum, time)
+    if discrete:
+        return np.power(1.0 - rate, time)
+    return np.exp(-rate * time)
+
+
+def _growth(eigenvalues, learning_rate, size, time, discrete, momentum):
+    """(1 − decay)/λ, with its limit at λ = 0 (finite t): η/(n·O) times
+    t (gradient descent or flow), Σ_{k=1..t} (1 − mᵏ)/(1 − m) (momentum m)."""
+    safe = np.where(eigenvalues > 0, eigenvalues, 1.0)
+    if np.isinf(time):
+        limit = 0.0
+    elif momentum:
+        limit = learning_rate / size * (
+            time - momentum * (1.0 - momentum ** time) / (1.0 - momentum)) / (1.0 - momentum)
+    else:
+        limit = learning_rate * time / size
+    decay = _decay(eigenvalues, learning_rate, size, time, discrete, momentum)
+    return np.where(eigenvalues > 0, (1.0 - decay) / safe, limit)
+
+
+def _over_times(times, at):
+    """Evaluates at(time) -> tuple of arrays for a scalar or an array of times."""
+    if times.ndim == 0:
+        return at(float(times))
+    results = [at(float(time)) for time in times.ravel()]
+    return tuple(
+        None if results[0][i] is None else
+        np.stack([r[i] for r in results]).reshape(times.shape + results[0][i].shape)
+        for i in range(len(results[0])))
+
+
 def gradient_descent_mse(k_train, y_train, learning_rate, t, k_test_train=None,
-                         fx_train_0=None, fx_test_0=None, *, discrete=False):
+                         fx_train_0=None, fx_test_0=None, *, discrete=False, momentum=0.0):
     """Outputs of an infinitely wide network trained by gradient descent on MSE.
 
     For the loss L = ‖f(X) − Y‖² / (2·n·O) (n examples, O outputs, as
@@ -124,9 +225,20 @@ def gradient_descent_mse(k_train, y_train, learning_rate, t, k_test_train=None,
     `t` counts steps of size η (time η·t). With `discrete=True` the exact
     outputs after t steps of discrete gradient descent are returned instead:
     e^{−η t λ/(n·O)} becomes (1 − η λ/(n·O))^t (unstable above
-    `max_learning_rate`). At t = inf both give kernel regression
-    (`kernel_regression` with ridge 0; eigenvalues below n·ε·λmax are treated
-    as 0, like a pseudo-inverse: those directions never move).
+    `max_learning_rate`). With `momentum=m` (needs `discrete=True`) the steps
+    are heavy-ball steps as in `keras.optimizers.SGD(momentum=m)`: v ← m v −
+    η ∇L, θ ← θ + v (v = 0 at the start); the factor is then, per eigenmode
+    with a = η λ/(n·O), r_t/r_0 for the recurrence r_{k+1} = (1 + m − a) r_k −
+    m r_{k−1}, r_1 = (1 − a) r_0 (exact for whole t; stable below
+    `max_learning_rate(..., momentum=m)` = 2(1 + m)·n·O/λmax). At t = inf all
+    give kernel regression (`kernel_regression` with ridge 0; eigenvalues
+    below n·ε·λmax are treated as 0, like a pseudo-inverse: those directions
+    never move).
+
+    f0 and f0* are the outputs of the network at initialization (the
+    linearization point). Left at 0 they give the mean over random
+    initializations of an infinitely wide network; for that mean together
+    with the covariance, see `gradient_descent_mse_ensemble`.
 
     Args:
         k_train: Θ(X, X), shape (n, n).
@@ -137,6 +249,8 @@ def gradient_descent_mse(k_train, y_train, learning_rate, t, k_test_train=None,
         fx_train_0: initial outputs on X (default 0), broadcastable to y_train.
         fx_test_0: initial outputs on X* (default 0).
         discrete: False (gradient flow) or True (discrete steps; t integer).
+        momentum: heavy-ball momentum m in [0, 1) (default 0); m > 0 needs
+            `discrete=True` and whole numbers of steps.
 
     Returns:
         fx_train at t, shaped like y_train (with a leading axis over t when t
@@ -154,57 +268,162 @@ def gradient_descent_mse(k_train, y_train, learning_rate, t, k_test_train=None,
     k_train = _square(k_train, "k_train")
     n = k_train.shape[0]
     y, vector = _targets(y_train, n, "y_train")
-    if not np.isfinite(learning_rate) or learning_rate <= 0:
-        raise ValueError(
-            f"Expected `learning_rate` to be a positive float. Received: learning_rate={learning_rate}"
-        )
-    times = np.asarray(t, dtype=np.float64)
-    if np.any(np.isnan(times)) or np.any(times < 0):
-        raise ValueError(f"Expected `t` ≥ 0 (np.inf allowed). Received: t={t}")
+    times = _check_schedule(learning_rate, t, discrete, momentum)
     f0 = _outputs(fx_train_0, y.shape, "fx_train_0")
-    eigenvalues, vectors = np.linalg.eigh((k_train + k_train.T) / 2)
-    # Eigenvalues at rounding level are zeros of Θ (as in a pseudo-inverse):
-    # otherwise t = inf would fit directions that Θ cannot reach.
-    cutoff = n * np.finfo(np.float64).eps * max(eigenvalues[-1], 0.0)
-    eigenvalues = np.where(eigenvalues > cutoff, eigenvalues, 0.0)
-    rate = learning_rate * eigenvalues / y.size
+    eigenvalues, vectors = _eigenmodes(k_train)
     projected = vectors.T @ (f0 - y)  # Residual in the eigenbasis.
-
-    def decay(time):
-        """Per-eigenvalue factor multiplying the residual after `time` steps."""
-        if np.isinf(time):
-            return np.where(rate > 0, 0.0, 1.0)
-        if discrete:
-            return np.power(1.0 - rate, time)
-        return np.exp(-rate * time)
-
-    def growth(time):
-        """(1 − decay)/λ, with its limit η t/(n·O) at λ = 0 (finite t)."""
-        safe = np.where(eigenvalues > 0, eigenvalues, 1.0)
-        limit = 0.0 if np.isinf(time) else learning_rate * time / y.size
-        return np.where(eigenvalues > 0, (1.0 - decay(time)) / safe, limit)
-
+    schedule = (learning_rate, y.size)
     if k_test_train is not None:
         k_test_train = _matrix(k_test_train, "k_test_train", cols=n)
         f0_test = _outputs(fx_test_0, (k_test_train.shape[0], y.shape[1]), "fx_test_0")
         k_test_v = k_test_train @ vectors
 
     def at(time):
-        fx_train = y + vectors @ (decay(time)[:, None] * projected)
+        decay = _decay(eigenvalues, *schedule, time, discrete, momentum)
+        fx_train = y + vectors @ (decay[:, None] * projected)
         fx_train = fx_train[:, 0] if vector else fx_train
         if k_test_train is None:
             return fx_train, None
-        fx_test = f0_test - k_test_v @ (growth(time)[:, None] * projected)
+        growth = _growth(eigenvalues, *schedule, time, discrete, momentum)
+        fx_test = f0_test - k_test_v @ (growth[:, None] * projected)
         return fx_train, (fx_test[:, 0] if vector else fx_test)
 
-    if times.ndim == 0:
-        fx_train, fx_test = at(float(times))
-    else:
-        pairs = [at(float(time)) for time in times.ravel()]
-        fx_train = np.stack([p[0] for p in pairs]).reshape(times.shape + pairs[0][0].shape)
-        fx_test = None if k_test_train is None else np.stack(
-            [p[1] for p in pairs]).reshape(times.shape + pairs[0][1].shape)
+    fx_train, fx_test = _over_times(times, at)
     return fx_train if k_test_train is None else (fx_train, fx_test)
+
+
+Gaussian = collections.namedtuple("Gaussian", ["mean", "covariance"])
+Gaussian.__doc__ = """Mean and covariance of the outputs of an ensemble of networks.
+
+Attributes:
+    mean: numpy array shaped like the targets (a leading axis per axis of t).
+    covariance: numpy array (points, points) shared by every output unit
+        (kernel ⊗ I), or (points,) variances; None when not computed.
+"""
+
+
+def gradient_descent_mse_ensemble(ntk_train, nngp_train, y_train, learning_rate, t,
+                                  ntk_test_train=None, nngp_test_train=None, nngp_test=None,
+                                  *, compute_cov=True, discrete=False, momentum=0.0):
+    """Mean and covariance over initializations of infinitely wide networks trained on MSE.
+
+    At initialization the outputs of an infinitely wide network are a
+    centred Gaussian process with the NNGP kernel K; training by gradient
+    descent on MSE is then linear in the initial outputs f0 (see
+    `gradient_descent_mse`), so the trained outputs are Gaussian too
+    (Lee et al. 2019, neural-tangents `gradient_descent_mse_ensemble`). With
+    the NTK Θ = V diag(λ) Vᵀ, g(λ) the residual factor after t steps
+    (e^{−η t λ/(n·O)} for gradient flow, (1 − η λ/(n·O))^t for discrete
+    steps, the heavy-ball recurrence with momentum) and
+
+        E = V diag(g) Vᵀ,    A = Θ* V diag((1 − g)/λ) Vᵀ,
+
+    training outputs are f(t) = (I − E) Y + E f0 and test outputs
+    f*(t) = A Y + f0* − A f0, so
+
+        train: mean = (I − E) Y,   cov = E K Eᵀ,
+        test:  mean = A Y,         cov = K** − A K*ᵀ − K* Aᵀ + A K Aᵀ.
+
+    At t = inf, A = Θ* Θ⁻¹: with Θ = K (a network whose last layer alone
+    is trained: pass the NNGP as both kernels) the test Gaussian is the GP
+    posterior K** − K* K⁻¹ K*ᵀ of `gp_inference` with zero noise. The
+    covariance is the same for every output unit (the kernels are ⊗ I).
+    Eigenvalues of Θ below n·ε·λmax count as 0 (pseudo-inverse).
+
+    Args:
+        ntk_train: Θ(X, X), shape (n, n).
+        nngp_train: K(X, X), shape (n, n) (needed for the covariance only:
+            may be None with `compute_cov=False`).
+        y_train: targets, shape (n,) or (n, O).
+        learning_rate: η > 0 (for the loss ‖f − Y‖²/(2·n·O)).
+        t: number of steps (≥ 0, `np.inf` allowed), or an array of them.
+        ntk_test_train: Θ(X*, X), shape (m, n); None for predictions on X.
+        nngp_test_train: K(X*, X), shape (m, n) (for the test covariance).
+        nngp_test: K(X*, X*), shape (m, m), or its diagonal (m,) for
+            variances only (for the test covariance).
+        compute_cov: also return the covariance (default True).
+        discrete: as in `gradient_descent_mse`.
+        momentum: as in `gradient_descent_mse` (needs `discrete=True`).
+
+    Returns:
+        `Gaussian(mean, covariance)`: mean shaped like y_train ((m, ...) for
+        test points), covariance (n, n) / (m, m) or (m,) variances (None
+        without `compute_cov`), both with leading axes of t when t is an array.
+
+    Example:
+
+    ```python
+    kernels = keras_ntk.infinite_kernels(model, np.concatenate([x_train, x_test]))
+    n = len(x_train)
+    ensemble = keras_ntk.predict.gradient_descent_mse_ensemble(
+        kernels.ntk[:n, :n], kernels.nngp[:n, :n], y_train, 1.0, np.inf,
+        kernels.ntk[n:, :n], kernels.nngp[n:, :n], kernels.nngp[n:, n:])
+    ensemble.mean, ensemble.covariance
+    ```
+    """
+    ntk_train = _square(ntk_train, "ntk_train")
+    n = ntk_train.shape[0]
+    y, vector = _targets(y_train, n, "y_train")
+    times = _check_schedule(learning_rate, t, discrete, momentum)
+    test = ntk_test_train is not None
+    if test:
+        ntk_test_train = _matrix(ntk_test_train, "ntk_test_train", cols=n)
+        m = ntk_test_train.shape[0]
+    if compute_cov:
+        if nngp_train is None:
+            raise ValueError(
+                "Expected `nngp_train` (n, n) with compute_cov=True. Received: nngp_train=None")
+        nngp_train = _matrix(nngp_train, "nngp_train", rows=n, cols=n)
+        if test:
+            if nngp_test_train is None or nngp_test is None:
+                raise ValueError(
+                    "Expected `nngp_test_train` and `nngp_test` with test points and "
+                    f"compute_cov=True. Received: nngp_test_train={_shape_of(nngp_test_train)}, "
+                    f"nngp_test={_shape_of(nngp_test)}"
+                )
+            nngp_test_train = _matrix(nngp_test_train, "nngp_test_train", rows=m, cols=n)
+            nngp_test = np.asarray(nngp_test, dtype=np.float64)
+            if nngp_test.shape not in ((m, m), (m,)):
+                raise ValueError(
+                    f"Expected `nngp_test` of shape ({m}, {m}) or ({m},). "
+                    f"Received: nngp_test.shape={nngp_test.shape}"
+                )
+    eigenvalues, vectors = _eigenmodes(ntk_train)
+    schedule = (learning_rate, y.size)
+    projected_y = vectors.T @ y
+    if test:
+        k_test_v = ntk_test_train @ vectors
+
+    def at(time):
+        if not test:
+            decay = _decay(eigenvalues, *schedule, time, discrete, momentum)
+            mean = y - vectors @ (decay[:, None] * projected_y)
+            covariance = None
+            if compute_cov:
+                propagator = (vectors * decay) @ vectors.T  # E
+                covariance = propagator @ nngp_train @ propagator.T
+        else:
+            growth = _growth(eigenvalues, *schedule, time, discrete, momentum)
+            operator = (k_test_v * growth) @ vectors.T  # A
+            mean = operator @ y
+            covariance = None
+            if compute_cov:
+                cross = operator @ nngp_test_train.T  # A K*ᵀ
+                spread = operator @ nngp_train  # A K
+                if nngp_test.ndim == 1:
+                    covariance = (nngp_test - 2 * np.einsum("ij,ij->i", operator, nngp_test_train)
+                                  + np.einsum("ij,ij->i", spread, operator))
+                else:
+                    covariance = nngp_test - cross - cross.T + spread @ operator.T
+                    covariance = (covariance + covariance.T) / 2
+        return (mean[:, 0] if vector else mean), covariance
+
+    mean, covariance = _over_times(times, at)
+    return Gaussian(mean, covariance)
+
+
+def _shape_of(value):
+    return None if value is None else np.shape(value)
 
 
 def gp_inference(k_train, k_test_train, k_test, y, noise):

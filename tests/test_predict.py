@@ -133,7 +133,197 @@ def test_max_learning_rate_is_the_stability_edge(momentum):
     lambda: predict.gp_inference(np.eye(3), np.ones((2, 3)), np.eye(3), np.ones(3), 0.1),
     lambda: predict.max_learning_rate(np.ones((2, 3))),
     lambda: predict.max_learning_rate(np.eye(3), momentum=1.5),
+    lambda: predict.gradient_descent_mse(np.eye(3), np.ones(3), 1.0, 2, momentum=0.9),
+    lambda: predict.gradient_descent_mse(np.eye(3), np.ones(3), 1.0, 2.5, momentum=0.9,
+                                         discrete=True),
+    lambda: predict.gradient_descent_mse(np.eye(3), np.ones(3), 1.0, 2, momentum=1.0,
+                                         discrete=True),
+    lambda: predict.gradient_descent_mse_ensemble(np.eye(3), None, np.ones(3), 1.0, 2),
+    lambda: predict.gradient_descent_mse_ensemble(np.eye(3), np.eye(3), np.ones(3), 1.0, 2,
+                                                  np.ones((2, 3))),
+    lambda: predict.gradient_descent_mse_ensemble(np.eye(3), np.eye(3), np.ones(3), 1.0, 2,
+                                                  np.ones((2, 3)), np.ones((2, 3)), np.eye(3)),
 ])
 def test_invalid_arguments(call):
     with pytest.raises(ValueError, match="Received:"):
         call()
+
+
+# ------------------------------------------------------------ momentum
+
+
+def _heavy_ball(phi, phi_test, y, w, lr, momentum, steps):
+    """Outputs after `steps` of keras-style SGD momentum (v ← m v − η∇L, w ← w + v)."""
+    velocity = np.zeros_like(w)
+    for _ in range(steps):
+        velocity = momentum * velocity - lr * phi.T @ (phi @ w - y) / y.size
+        w = w + velocity
+    return phi @ w, phi_test @ w
+
+
+@pytest.mark.parametrize("momentum,fraction", [(0.9, 0.5), (0.9, 0.97), (0.3, 0.2)])
+def test_momentum_matches_iterated_heavy_ball_steps(momentum, fraction):
+    # fraction of the largest stable rate: 0.97 with m = 0.9 makes complex roots
+    # (oscillating modes) for most eigenvalues.
+    phi, phi_test, y = _problem()
+    k, k_test = phi @ phi.T, phi_test @ phi.T
+    lr = fraction * predict.max_learning_rate(k, y.size, momentum=momentum)
+    w = np.random.default_rng(5).normal(size=(30, 2))
+    f0, f0_test = phi @ w, phi_test @ w
+    steps = np.array([0, 1, 2, 37, 200])
+    f_train, f_test = predict.gradient_descent_mse(
+        k, y, lr, steps, k_test, fx_train_0=f0, fx_test_0=f0_test, discrete=True,
+        momentum=momentum)
+    assert f_train.shape == (5, 12, 2) and f_test.shape == (5, 5, 2)
+    for i, step in enumerate(steps):
+        expected_train, expected_test = _heavy_ball(phi, phi_test, y, w, lr, momentum, step)
+        np.testing.assert_allclose(f_train[i], expected_train, rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(f_test[i], expected_test, rtol=1e-8, atol=1e-10)
+    # Far beyond convergence: kernel regression from f0.
+    _, f_test = predict.gradient_descent_mse(k, y, lr, np.inf, k_test, fx_train_0=f0,
+                                             fx_test_0=f0_test, discrete=True, momentum=momentum)
+    np.testing.assert_allclose(
+        f_test, predict.kernel_regression(k, k_test, y, fx_train_0=f0, fx_test_0=f0_test),
+        rtol=1e-8)
+
+
+def test_momentum_small_steps_approach_flow_with_rescaled_rate():
+    # Heavy-ball with step η and momentum m → gradient flow at rate η/(1 − m).
+    phi, phi_test, y = _problem()
+    k, k_test = phi @ phi.T / 30, phi_test @ phi.T / 30
+    lr, m, steps = 0.02, 0.5, 2000
+    _, momentum_test = predict.gradient_descent_mse(k, y, lr, steps, k_test, discrete=True,
+                                                    momentum=m)
+    _, flow_test = predict.gradient_descent_mse(k, y, lr / (1 - m), steps, k_test)
+    np.testing.assert_allclose(momentum_test, flow_test, rtol=2e-2, atol=2e-3)
+
+
+# ------------------------------------------------------------ ensembles
+
+
+def _joint_kernels(n=7, m=3, seed=0):
+    """Joint (train + test) NTK Θ = ΦΦᵀ/p and NNGP K = ΨΨᵀ/q of a linear model
+    f(x) = ψ(x)·w0/√q + φ(x)·δ/√p: f0 ~ N(0, K), tangent features φ."""
+    rng = np.random.default_rng(seed)
+    phi = rng.normal(size=(n + m, 20)) / np.sqrt(20)
+    psi = rng.normal(size=(n + m, 15)) / np.sqrt(15)
+    return phi, psi, rng.normal(size=(n, 2))
+
+
+def _split(joint, n):
+    return joint[:n, :n], joint[n:, :n], joint[n:, n:]
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.8])
+def test_ensemble_matches_gradient_descent_on_joint_covariance(momentum):
+    # Independent reference: f(t) = M f0 + c is affine in the joint initial
+    # outputs f0 ~ N(0, K); iterating the (heavy-ball) GD steps on M (starting at
+    # the identity) and c gives mean c and covariance M K Mᵀ, with no
+    # eigendecomposition.
+    phi, psi, y = _joint_kernels()
+    n = len(y)
+    ntk, nngp = phi @ phi.T, psi @ psi.T
+    lr = 0.6 * predict.max_learning_rate(ntk[:n, :n], y.size, momentum=momentum)
+    steps = 25
+    linear, offset = np.eye(len(ntk)), np.zeros((len(ntk), 2))
+    linear_velocity, offset_velocity = np.zeros_like(linear), np.zeros_like(offset)
+    for _ in range(steps):
+        linear_velocity = momentum * linear_velocity - lr * ntk[:, :n] @ linear[:n] / y.size
+        offset_velocity = momentum * offset_velocity - lr * ntk[:, :n] @ (offset[:n] - y) / y.size
+        linear, offset = linear + linear_velocity, offset + offset_velocity
+    covariance = linear @ nngp @ linear.T
+    ntk_train, ntk_test_train, _ = _split(ntk, n)
+    nngp_train, nngp_test_train, nngp_test = _split(nngp, n)
+    test = predict.gradient_descent_mse_ensemble(
+        ntk_train, nngp_train, y, lr, steps, ntk_test_train, nngp_test_train, nngp_test,
+        discrete=True, momentum=momentum)
+    np.testing.assert_allclose(test.mean, offset[n:], rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(test.covariance, covariance[n:, n:], rtol=1e-8, atol=1e-10)
+    train = predict.gradient_descent_mse_ensemble(ntk_train, nngp_train, y, lr, steps,
+                                                  discrete=True, momentum=momentum)
+    np.testing.assert_allclose(train.mean, offset[:n], rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(train.covariance, covariance[:n, :n], rtol=1e-8, atol=1e-10)
+    # Variances only, vector targets, several times.
+    variances = predict.gradient_descent_mse_ensemble(
+        ntk_train, nngp_train, y[:, 0], lr * 2, np.array([0, steps // 2]), ntk_test_train,
+        nngp_test_train, np.diag(nngp_test), discrete=True, momentum=momentum)
+    assert variances.mean.shape == (2, 3) and variances.covariance.shape == (2, 3)
+    np.testing.assert_allclose(variances.covariance[0], np.diag(nngp_test), rtol=1e-10)
+    np.testing.assert_allclose(variances.mean[0], 0.0, atol=1e-12)
+
+
+def test_ensemble_at_infinity_matches_closed_forms():
+    phi, psi, y = _joint_kernels(seed=1)
+    n = len(y)
+    ntk_train, ntk_test_train, _ = _split(phi @ phi.T + 0.1 * psi @ psi.T, n)
+    nngp_train, nngp_test_train, nngp_test = _split(psi @ psi.T, n)
+    # NTK ensemble (Lee et al. 2019, eq. 16): mean Θ*Θ⁻¹Y, covariance
+    # K** − Θ*Θ⁻¹K*ᵀ − K*Θ⁻¹Θ*ᵀ + Θ*Θ⁻¹KΘ⁻¹Θ*ᵀ.
+    a = np.linalg.solve(ntk_train, ntk_test_train.T).T
+    expected = (nngp_test - a @ nngp_test_train.T - nngp_test_train @ a.T
+                + a @ nngp_train @ a.T)
+    for discrete in (False, True):
+        got = predict.gradient_descent_mse_ensemble(
+            ntk_train, nngp_train, y, 1.0, np.inf, ntk_test_train, nngp_test_train, nngp_test,
+            discrete=discrete)
+        np.testing.assert_allclose(got.mean, a @ y, rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(got.covariance, expected, rtol=1e-6, atol=1e-9)
+    # Θ = K: the noise-free GP posterior, at t = inf and (nearly) at t = 10⁶ steps.
+    mean, covariance = predict.gp_inference(nngp_train, nngp_test_train, nngp_test, y, 0.0)
+    for t in (np.inf, 1e6):
+        got = predict.gradient_descent_mse_ensemble(
+            nngp_train, nngp_train, y, 1.0, t, nngp_test_train, nngp_test_train, nngp_test)
+        np.testing.assert_allclose(got.mean, mean, rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(got.covariance, covariance, rtol=1e-6, atol=1e-8)
+    # Training points at t = inf: the mean interpolates, no variance is left.
+    train = predict.gradient_descent_mse_ensemble(ntk_train, nngp_train, y, 1.0, np.inf)
+    np.testing.assert_allclose(train.mean, y, rtol=1e-8)
+    np.testing.assert_allclose(train.covariance, 0.0, atol=1e-10)
+
+
+def test_ensemble_gradient_flow_matches_matrix_exponential():
+    phi, psi, y = _joint_kernels(seed=3)
+    n = len(y)
+    ntk_train, ntk_test_train, _ = _split(phi @ phi.T, n)
+    nngp_train, nngp_test_train, nngp_test = _split(psi @ psi.T, n)
+    lr, t = 0.8, 6.0
+    propagator = scipy.linalg.expm(-lr * t * ntk_train / y.size)
+    # f* = f0* + A (Y − f0) with A = Θ*Θ⁻¹(I − E): joint map of (f0, f0*).
+    a = ntk_test_train @ np.linalg.solve(ntk_train, np.eye(n) - propagator)
+    joint = np.concatenate([-a, np.eye(len(nngp_test))], axis=1)
+    nngp = psi @ psi.T
+    got = predict.gradient_descent_mse_ensemble(
+        ntk_train, nngp_train, y, lr, t, ntk_test_train, nngp_test_train, nngp_test)
+    np.testing.assert_allclose(got.mean, a @ y, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(got.covariance, joint @ nngp @ joint.T, rtol=1e-7, atol=1e-9)
+    train = predict.gradient_descent_mse_ensemble(ntk_train, nngp_train, y, lr, t)
+    np.testing.assert_allclose(train.mean, y - propagator @ y, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(train.covariance, propagator @ nngp_train @ propagator,
+                               rtol=1e-8, atol=1e-10)
+
+
+def test_ensemble_matches_monte_carlo_over_linear_models():
+    # Linear models f(x) = ψ(x)·w0 + φ(x)·δ with w0 ~ N(0, I) (so f0 ~ N(0, K)),
+    # δ trained by 20 discrete gradient-descent steps; 20000 draws.
+    phi, psi, y = _joint_kernels(seed=2)
+    y = y[:, :1]
+    n = len(y)
+    rng = np.random.default_rng(7)
+    draws = 20000
+    outputs = psi @ rng.normal(size=(psi.shape[1], draws))  # (n + m, draws)
+    delta = np.zeros((phi.shape[1], draws))
+    ntk, nngp = phi @ phi.T, psi @ psi.T
+    lr, steps = 0.5 * predict.max_learning_rate(ntk[:n, :n], y.size), 20
+    for _ in range(steps):
+        residual = phi[:n] @ delta + outputs[:n] - y
+        delta -= lr * phi[:n].T @ residual / y.size
+    trained = outputs + phi @ delta
+    got = predict.gradient_descent_mse_ensemble(
+        ntk[:n, :n], nngp[:n, :n], y, lr, steps, ntk[n:, :n], nngp[n:, :n], nngp[n:, n:],
+        discrete=True)
+    # Monte-Carlo errors: about 0.7% of the variances for 20000 draws.
+    scale = np.diag(nngp[n:, n:]).max()
+    np.testing.assert_allclose(got.mean[:, 0], trained[n:].mean(1), atol=0.03 * np.sqrt(scale))
+    np.testing.assert_allclose(got.covariance, np.cov(trained[n:]), atol=0.04 * scale)
+    # Training moved the covariance well beyond that tolerance (away from the prior).
+    assert np.abs(got.covariance - nngp[n:, n:]).max() > 0.3 * scale
