@@ -121,6 +121,11 @@ class NTKTracker(keras.callbacks.Callback):
       `weight_distance_sq`: ‖θt − θ0‖². For a model made of `Linearize`
       layers θ = θ0 + δ (the offsets δ alone start at 0).
 
+    With `per_layer=True` the tracker also splits Θ = Σ_l Θ_l over the layers
+    holding trainable weights (`empirical_ntk(..., per_layer=True)`, from the
+    same passes) and logs `ntk_distance_from_init/<layer name>`, the
+    distance above for each layer's kernel: which layers' kernels move.
+
     On the other epochs the same keys hold NaN, so CSV columns stay fixed.
     Keras calls callbacks in list order: put the tracker BEFORE `CSVLogger`
     and `TensorBoard` in `callbacks=[...]`, or they will not see its keys
@@ -150,6 +155,9 @@ class NTKTracker(keras.callbacks.Callback):
         tensorboard_dir: optional TensorBoard log directory.
         ntk_kwargs: keyword arguments for `keras_ntk.empirical_ntk`; the
             kernel must be N×N (the default traces the logits).
+        per_layer: also log per-layer kernel distances from init (the
+            layer kernels Θ0_l are stored in `initial.npz` as
+            `layer_names`/`layer_kernels`).
 
     Example:
 
@@ -171,6 +179,7 @@ class NTKTracker(keras.callbacks.Callback):
         save_dir=None,
         tensorboard_dir=None,
         ntk_kwargs=None,
+        per_layer=False,
     ):
         super().__init__()
         if every_n_epochs is not None and (not isinstance(every_n_epochs, int) or every_n_epochs < 0):
@@ -203,6 +212,8 @@ class NTKTracker(keras.callbacks.Callback):
         self.save_dir = save_dir
         self.tensorboard_dir = tensorboard_dir
         self.ntk_kwargs = dict(ntk_kwargs or {})
+        self.per_layer = bool(per_layer)
+        self._layer_names = []
         self.history = []
         self._writer = None
         # Without per-step snapshots the batch hook does nothing: let Keras keep
@@ -213,15 +224,27 @@ class NTKTracker(keras.callbacks.Callback):
     # --------------------------------------------------------------- kernels
 
     def _kernel(self):
+        """Θ on the probe inputs (float64), and {layer: Θ_l} with `per_layer`, else None."""
         from keras_ntk.ntk import empirical_ntk  # noqa: PLC0415 (import cycle)
 
-        kernel = np.asarray(empirical_ntk(self.model, self.probe_inputs, **self.ntk_kwargs))
-        if kernel.ndim != 2:
+        result = empirical_ntk(self.model, self.probe_inputs, per_layer=self.per_layer,
+                               **self.ntk_kwargs)
+        parts = None
+        if self.per_layer:
+            parts = {name: np.asarray(k, np.float64) for name, k in result.items()}
+            kernel = sum(parts.values())
+        else:
+            kernel = np.asarray(result)
+        if np.ndim(kernel) != 2:
             raise ValueError(
                 "NTKTracker needs an N×N kernel: trace every output axis "
-                f"(`trace_axes`) in ntk_kwargs. Received: a kernel of shape {kernel.shape}"
+                f"(`trace_axes`) in ntk_kwargs. Received: a kernel of shape {np.shape(kernel)}"
             )
+        self._last_layer_kernels = parts
         return kernel.astype(np.float64)
+
+    def _layer_keys(self):
+        return [f"ntk_distance_from_init/{name}" for name in self._layer_names]
 
     def _global_step(self):
         return int(self.model.optimizer.iterations.numpy()) if self.model.optimizer else 0
@@ -233,17 +256,35 @@ class NTKTracker(keras.callbacks.Callback):
         elif initial_path and tf.io.gfile.exists(initial_path):
             saved = _read_npz(initial_path)  # a resumed run keeps its Θ0 and θ0
             self._initial_kernel, self._initial_weights = saved["kernel"], saved["weights"]
+            if self.per_layer:
+                if "layer_kernels" not in saved:
+                    raise ValueError(
+                        "Expected the saved initial snapshot to hold per-layer kernels to "
+                        "resume a per_layer=True tracker (it was written without them). "
+                        f"Received: save_dir={self.save_dir!r}"
+                    )
+                self._initial_layer_kernels = dict(
+                    zip((str(n) for n in saved["layer_names"]), saved["layer_kernels"]))
         else:
             self._initial_kernel = self._kernel()
+            self._initial_layer_kernels = self._last_layer_kernels
             self._initial_weights = effective_weights(self.model)
             if self.save_dir:
                 tf.io.gfile.makedirs(self.save_dir)
+                layers = {}
+                if self.per_layer:
+                    layers = {
+                        "layer_names": np.asarray(list(self._initial_layer_kernels)),
+                        "layer_kernels": np.stack(list(self._initial_layer_kernels.values())),
+                    }
                 _write_npz_atomically(
                     initial_path,
                     kernel=self._initial_kernel,
                     eigenvalues=metrics.spectrum(self._initial_kernel),
                     weights=self._initial_weights,
+                    **layers,
                 )
+        self._layer_names = list(self._initial_layer_kernels) if self.per_layer else []
         self._initial_model = self.model
         # The snapshot velocities are measured from; epoch -1 is "before epoch 0".
         self._previous = {"kernel": self._initial_kernel, "epoch": -1, "step": self._global_step()}
@@ -286,6 +327,11 @@ class NTKTracker(keras.callbacks.Callback):
             ),
             "weight_distance_sq": float(np.sum(difference**2)),
         }
+        if self.per_layer:
+            parts = self._last_layer_kernels
+            for name, key in zip(self._layer_names, self._layer_keys()):
+                values[key] = metrics.kernel_distance(
+                    self._initial_layer_kernels[name], parts[name])
         record = {"epoch": epoch, "step": step, **values}
         self.history.append({**record, "kernel": kernel})
         self._previous = self.history[-1]
@@ -337,11 +383,12 @@ class NTKTracker(keras.callbacks.Callback):
         if tracked:
             step = self._global_step()
             if self.history and self.history[-1]["step"] == step:
-                values = {key: self.history[-1][key] for key in _LOG_KEYS}
+                values = {key: self.history[-1][key]
+                          for key in (*_LOG_KEYS, *self._layer_keys())}
             else:
                 values = self._snapshot(epoch, step)
         else:
-            values = dict.fromkeys(_LOG_KEYS, math.nan)
+            values = dict.fromkeys((*_LOG_KEYS, *self._layer_keys()), math.nan)
         logs.update({key: float(value) for key, value in values.items()})
 
     def on_train_end(self, logs=None):
