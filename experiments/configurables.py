@@ -7,7 +7,8 @@ Configs may name:
   `resnet18.width = 16`; a study's `run(models=[...])` lists model names.
 * study entry points, `STUDIES`: `linear_vs_nonlinear.run` (study A), whose
   arguments are the experiment (dataset, tasks, ks, seeds, recipe, ...);
-  `trainability.run` (study C: σw²/depth grids, architectures, widths).
+  `trainability.run` (study C: σw²/depth grids, architectures, widths);
+  `data_scaling.run` and `kernel_evolution.run` (study B).
 
 Arguments that the binary passes itself (output_dir, strategy,
 model_builders, data_dir) are deny-listed: a config cannot set them.
@@ -18,6 +19,7 @@ import gin
 
 from experiments import linear_vs_nonlinear, models
 from experiments import trainability
+from experiments import data_scaling, kernel_evolution
 
 _FROM_THE_BINARY = ["output_dir", "strategy", "model_builders", "data_dir"]
 
@@ -34,5 +36,11 @@ STUDIES = {
     ),
     "trainability": gin.external_configurable(
         trainability.run, name="run", module="trainability", denylist=_FROM_THE_BINARY,
+    ),
+    "data_scaling": gin.external_configurable(
+        data_scaling.run, name="run", module="data_scaling", denylist=_FROM_THE_BINARY,
+    ),
+    "kernel_evolution": gin.external_configurable(
+        kernel_evolution.run, name="run", module="kernel_evolution", denylist=_FROM_THE_BINARY,
     ),
 }

@@ -209,3 +209,73 @@ def ntk_cnn(input_shape, num_outputs=1, *, depth, filters=64, kernel_size=3, poo
                   else keras.layers.GlobalAveragePooling2D())
     layers.append(keras_ntk.NTKDense(num_outputs, name="readout", **std))
     return keras.Sequential(layers, name=f"cnn_{pooling}")
+
+
+# ---------------------------------------------------------------- study B
+# The NTK-parameterized version of an architecture, whose infinite-width NTK
+# `keras_ntk.infinite_kernels` computes (experiments.data_scaling).
+
+
+def _activation_name(activation):
+    name = keras.activations.serialize(activation) if activation is not None else None
+    if isinstance(name, dict):
+        name = name.get("config", name.get("class_name"))
+    return None if name in (None, "linear") else name
+
+
+def ntk_parameterized(model, *, sigma_w2=1.0, sigma_b2=0.0):
+    """The NTK-parameterized twin of a Sequential model (same layers and widths).
+
+    Dense → `keras_ntk.NTKDense`, Conv2D → `keras_ntk.NTKConv2D` (same
+    kernel size, strides, padding) with weight variance σw² and bias variance
+    σb²; ReLU (as a layer or a Dense/Conv2D activation), Flatten, average
+    pooling and identities are kept. σw² = 1, σb² = 0 match LeCun-normal
+    weights with zero biases at initialization. Anything else (max pooling,
+    BatchNorm, other activations) raises a ValueError naming the layer,
+    because `infinite_kernels` has no closed form for it.
+
+    Args:
+        model: a `keras.Sequential`.
+        sigma_w2, sigma_b2: σw², σb².
+
+    Returns:
+        A `keras.Sequential` named "<name>_ntk".
+    """
+    import keras_ntk
+
+    if not isinstance(model, keras.Sequential):
+        raise ValueError(
+            "Expected a keras.Sequential model for its NTK-parameterized twin. "
+            f"Received: model={type(model).__name__}"
+        )
+    std = dict(weight_std=float(sigma_w2) ** 0.5, bias_std=float(sigma_b2) ** 0.5)
+    layers = [keras.Input(model.input_shape[1:])]
+    for layer in model.layers:
+        activation = None
+        if isinstance(layer, keras.layers.Dense):
+            layers.append(keras_ntk.NTKDense(layer.units, name=layer.name, **std))
+            activation = _activation_name(layer.activation)
+        elif isinstance(layer, keras.layers.Conv2D) and type(layer) is keras.layers.Conv2D:
+            layers.append(keras_ntk.NTKConv2D(layer.filters, layer.kernel_size,
+                                              strides=layer.strides, padding=layer.padding,
+                                              name=layer.name, **std))
+            activation = _activation_name(layer.activation)
+        elif isinstance(layer, (keras.layers.Flatten, keras.layers.ReLU,
+                                keras.layers.AveragePooling2D,
+                                keras.layers.GlobalAveragePooling2D, keras.layers.Identity)):
+            layers.append(layer.__class__.from_config(layer.get_config()))
+        elif isinstance(layer, keras.layers.Activation):
+            activation = _activation_name(layer.activation)
+        else:
+            raise ValueError(
+                f"No NTK-parameterized twin (no infinite-width kernel) for layer "
+                f"{layer.name!r} of type {type(layer).__name__}. Received: model={model.name!r}"
+            )
+        if activation == "relu":
+            layers.append(keras.layers.ReLU())
+        elif activation is not None:
+            raise ValueError(
+                f"Only ReLU activations have an NTK twin here. Received: activation="
+                f"{activation!r} in layer {layer.name!r}"
+            )
+    return keras.Sequential(layers, name=f"{model.name}_ntk")
