@@ -40,6 +40,10 @@ from absl import app, logging
 from experiments import launcher
 
 TASKS = ("eigenfunction", "binary")
+EIGEN_SOLVERS = ("auto", "dense", "lanczos")
+# Above this many train+test inputs, eigen_solver="auto" uses Lanczos: the
+# dense N×N float64 kernel would be over 0.5 GB and its eigh O(N³).
+_DENSE_EIGEN_LIMIT = 8000
 LINEARIZATION_MODES = ("difference", "full")
 
 
@@ -47,7 +51,8 @@ def _cell_id(model, task, k, seed):
     return f"{model}-{task}" + (f"-k{k}" if k is not None else "") + f"-seed{seed}"
 
 
-def _validate(dataset, models, tasks, ks, model_builders, linearized_init_mode):
+def _validate(dataset, models, tasks, ks, model_builders, linearized_init_mode,
+              eigen_solver="auto"):
     from experiments import data as data_lib
 
     if dataset not in data_lib.KNOWN_DATASETS:
@@ -69,6 +74,10 @@ def _validate(dataset, models, tasks, ks, model_builders, linearized_init_mode):
         )
     if "eigenfunction" in tasks and (not ks or any(int(k) < 1 for k in ks)):
         raise ValueError(f"Expected eigenfunction indices k >= 1. Received: ks={list(ks)!r}")
+    if eigen_solver not in EIGEN_SOLVERS:
+        raise ValueError(
+            f"Expected eigen_solver in {EIGEN_SOLVERS}. Received: eigen_solver={eigen_solver!r}"
+        )
     if linearized_init_mode not in LINEARIZATION_MODES:
         raise ValueError(
             f"Expected linearized_init_mode in {LINEARIZATION_MODES}. "
@@ -90,7 +99,8 @@ class _Study:
     """State shared by the cells of one run (data, θ0 per model, strategy)."""
 
     def __init__(self, output_dir, strategy, model_builders, dataset, recipe,
-                 num_probe, num_projection, ntk_batch_size, ntk_implementation):
+                 num_probe, num_projection, ntk_batch_size, ntk_implementation,
+                 eigen_solver="dense"):
         self.output_dir = output_dir
         self.strategy = strategy
         self.model_builders = model_builders
@@ -100,6 +110,7 @@ class _Study:
         self.num_projection = num_projection
         self.ntk_batch_size = ntk_batch_size
         self.ntk_implementation = ntk_implementation
+        self.eigen_solver = eigen_solver
         self.probe_x = dataset.train.x[: self.num_probe]
 
     def path(self, *parts):
@@ -171,8 +182,20 @@ def _initial_state(study, model_name, init_seed, need_eigen, num_eigenvectors):
             inputs = np.concatenate([study.dataset.train.x, study.dataset.test.x])
             logging.info("eNTK at θ0 of %s on %d train+test inputs (eigenfunction tasks)",
                          model_name, len(inputs))
-            kernel = study.ntk(model, inputs)
-            values, vectors = data_lib.eigenvectors_descending(kernel)
+            solver = study.eigen_solver
+            if solver == "auto":
+                solver = "lanczos" if len(inputs) > _DENSE_EIGEN_LIMIT else "dense"
+            if solver == "lanczos":
+                import keras_ntk
+
+                # Matrix-free: memory O(N·k), Θ never formed (CIFAR-scale N).
+                values, vectors = keras_ntk.ntk_eigsh(
+                    model, inputs, k=num_eigenvectors, batch_size=study.ntk_batch_size,
+                    verbose=1)
+            else:
+                kernel = study.ntk(model, inputs)
+                values, vectors = data_lib.eigenvectors_descending(kernel)
+            saved["eigen_solver"] = np.asarray(solver)
             saved["eigenvalues"] = values
             saved["eigenvectors"] = vectors[:, :num_eigenvectors]
         buffer = io.BytesIO()
@@ -353,6 +376,7 @@ def run(
     num_projection=100,
     ntk_batch_size=None,
     ntk_implementation="auto",
+    eigen_solver="auto",
     max_new_cells=None,
     verbose="auto",
     write_report=True,
@@ -383,6 +407,10 @@ def run(
         num_projection: number of init eigenvectors for a_j and label energy.
         ntk_batch_size: block size for `keras_ntk.empirical_ntk` (None: auto).
         ntk_implementation: its `implementation` argument.
+        eigen_solver: how the eigenfunction tasks' eigenvectors of Θ0 on
+            train+test are found: "dense" (form Θ, `numpy.linalg.eigh`),
+            "lanczos" (`keras_ntk.ntk_eigsh`, matrix-free, only the top
+            max(ks, num_projection) pairs) or "auto" (Lanczos above 8000 inputs).
         max_new_cells: stop after this many newly finished cells (None: all).
         verbose: passed to `model.fit`.
         write_report: write figures and report.md at the end.
@@ -397,7 +425,7 @@ def run(
 
     models, tasks = list(models), list(tasks)
     ks = [int(k) for k in ks]
-    _validate(dataset, models, tasks, ks, model_builders, linearized_init_mode)
+    _validate(dataset, models, tasks, ks, model_builders, linearized_init_mode, eigen_solver)
     cells = [
         (m, task, k, s)
         for m in models
@@ -441,7 +469,8 @@ def run(
     study = _Study(output_dir, strategy, model_builders, data,
                    dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                         momentum=momentum, jit_compile=jit_compile, verbose=verbose),
-                   num_probe, num_projection, ntk_batch_size, ntk_implementation)
+                   num_probe, num_projection, ntk_batch_size, ntk_implementation,
+                   eigen_solver)
     results["num_probe"] = study.num_probe
     need_eigen = "eigenfunction" in tasks
     num_eigenvectors = max(max(ks) if need_eigen else 0, num_projection)

@@ -205,3 +205,33 @@ def test_cifar10_lenet_config_one_step_on_mock_data(tmp_path):
     assert run["model"] == "lenet" and run["task"] == "binary"
     assert run["weight_distance"] > 0  # One SGD step moved the weights.
     assert linear_vs_nonlinear.TASKS == ("eigenfunction", "binary")
+
+
+def test_lanczos_eigenfunction_tasks_match_the_dense_eigendecomposition(tmp_path, data_dir):
+    """eigen_solver='lanczos' (matrix-free, for CIFAR-scale N) gives the dense top eigenpairs."""
+    import keras
+
+    dataset = data.load_dataset("digits", num_train=200, num_test=56, data_dir=data_dir)
+
+    def builder(input_shape, outputs):
+        return keras.Sequential([keras.Input(input_shape), keras.layers.Flatten(),
+                                 keras.layers.Dense(32, activation="relu"),
+                                 keras.layers.Dense(outputs)])
+
+    states = {}
+    for solver in ("dense", "lanczos"):
+        study = linear_vs_nonlinear._Study(
+            str(tmp_path / solver), tf.distribute.get_strategy(), {"mlp": builder}, dataset,
+            {}, num_probe=32, num_projection=4, ntk_batch_size=None,
+            ntk_implementation="auto", eigen_solver=solver)
+        _, states[solver] = linear_vs_nonlinear._initial_state(
+            study, "mlp", init_seed=0, need_eigen=True, num_eigenvectors=6)
+    dense, lanczos = states["dense"], states["lanczos"]
+    assert str(lanczos["eigen_solver"]) == "lanczos" and lanczos["eigenvectors"].shape == (256, 6)
+    np.testing.assert_allclose(lanczos["eigenvalues"], dense["eigenvalues"][:6], rtol=1e-4)
+    # Same eigenvectors up to sign, hence the same eigenfunction labels up to a flip.
+    overlaps = np.abs(np.sum(lanczos["eigenvectors"] * dense["eigenvectors"][:, :6], axis=0))
+    np.testing.assert_allclose(overlaps, 1.0, atol=1e-4)
+    with pytest.raises(ValueError, match="Received: eigen_solver='qr'"):
+        linear_vs_nonlinear._validate("digits", ["mlp"], ["binary"], [], {"mlp": builder},
+                                      "difference", "qr")
