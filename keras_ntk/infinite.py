@@ -191,12 +191,14 @@ def _same_padding(size, k, s):
     return out, total // 2, total - total // 2
 
 
-def _plan(ops, input_shape):
+def _plan(ops, input_shape, full_covariance=False):
     """Checks shapes and picks per step the representation of the kernel.
 
     Returns a list of (op, mode_in, spatial_in) where mode is "fcn", "full"
     (positions of x1 × positions of x2) or "diag" (spatial diagonal only), and
-    the final mode (always "fcn").
+    the final mode (always "fcn"). Steps after the last pooling layer only
+    need the diagonal; `full_covariance=True` keeps the full covariance
+    there too (the slow path, for tests).
     """
     if len(input_shape) == 1:
         mode, spatial = "fcn", None
@@ -212,7 +214,7 @@ def _plan(ops, input_shape):
     steps = []
     for i, op in enumerate(ops):
         if mode != "fcn":
-            mode = "full" if i <= last_pooling else "diag"
+            mode = "full" if i <= last_pooling or full_covariance else "diag"
         if op.kind in ("conv", "avgpool", "gap") and mode == "fcn":
             raise ValueError(
                 f"infinite_kernels: a {op.kind} step needs an image input of shape "
@@ -310,24 +312,32 @@ def _diagonal(k, mode, spatial):
     return tf.reshape(tf.linalg.diag_part(flat), tf.concat([lead, [h, w]], 0))
 
 
-# Taylor coefficients a_k of arcsin(x) = x + Σ_{k≥1} a_k x^{2k+1}, a_k = C(2k, k)/(4^k (2k+1)).
-# On |x| ≤ 1/2 the terms after k = 24 sum to below 2e-18 of arcsin(x).
-_ASIN_TERMS = 24
+def _asin_coefficients(degree=12):
+    """Coefficients c_j (j = 0..degree) of arcsin(x) ≈ x + x³ Σ_j c_j x^{2j} on |x| ≤ 1/2.
 
-
-def _asin_coefficients(terms):
-    coefficients, central = [], 1.0
-    for k in range(1, terms + 1):
+    g(s) = (arcsin(√s) − √s)/s^{3/2} = Σ_{k≥1} C(2k, k)/(4^k (2k+1)) s^{k−1} is
+    evaluated by its Taylor series (80 terms: exact to rounding for s ≤ 1/4)
+    at Chebyshev points of [0, 1/4] and interpolated by a polynomial of degree
+    12 (degree 11 already gives arcsin within 1 ulp of numpy's on [0, 1/2]),
+    half the terms of the truncated Taylor series.
+    """
+    taylor, central = [], 1.0
+    for k in range(1, 81):
         central *= (2 * k - 1) / (2 * k)  # C(2k, k) / 4^k
-        coefficients.append(central / (2 * k + 1))
-    return coefficients
+        taylor.append(central / (2 * k + 1))
+
+    def g(s):
+        return np.polynomial.polynomial.polyval(s, taylor)
+
+    fit = np.polynomial.Chebyshev.interpolate(g, degree, domain=[0.0, 0.25])
+    return [float(c) for c in fit.convert(kind=np.polynomial.Polynomial).coef]
 
 
-_ASIN_COEFFICIENTS = _asin_coefficients(_ASIN_TERMS)
+_ASIN_COEFFICIENTS = _asin_coefficients()
 
 
 def _asin_small(x):
-    """arcsin(x) for |x| ≤ 1/2 by its Taylor series (Horner in x²), to rounding."""
+    """arcsin(x) for |x| ≤ 1/2 by a polynomial in x² (Horner), to rounding."""
     s = x * x
     p = tf.constant(_ASIN_COEFFICIENTS[-1], x.dtype)
     for coefficient in reversed(_ASIN_COEFFICIENTS[:-1]):
@@ -341,8 +351,8 @@ def _acos(c):
     TensorFlow's and XLA's CPU arccos/arcsin are scalar library calls (about
     27 ns per float64 on this machine, most of a convolutional kernel's time);
     this polynomial form is fused and vectorized by XLA (8× faster) and within
-    1 ulp of numpy's arccos. Range reduction: |c| ≤ 1/2: π/2 − arcsin(c);
-    c > 1/2: 2 arcsin(√((1 − c)/2)); c < −1/2: π − 2 arcsin(√((1 + c)/2)).
+    3 ulp of numpy's arccos (2 measured, tests/test_infinite.py). Range
+    reduction: |c| ≤ 1/2: π/2 − arcsin(c); c > 1/2: 2 arcsin(√((1 − c)/2)); c < −1/2: π − 2 arcsin(√((1 + c)/2)).
     """
     magnitude = tf.abs(c)
     small = magnitude <= 0.5
@@ -662,7 +672,7 @@ def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
         dtype: "float64" (default) or "float32", the dtype of the computation.
         memory_budget: bytes for one block's working memory (default 1 GiB).
         jit_compile: compile the recursion with XLA (arccos/arcsin then
-            evaluated by fused polynomials within 1 ulp, see `_acos`). None
+            evaluated by fused polynomials within 3 ulp, see `_acos`). None
             (default) does so when the spatial kernels of the call hold more
             than 2²⁸ numbers (e.g. a GAP head on 8×8 images beyond ~360
             examples), where it is several times faster; compiling takes a

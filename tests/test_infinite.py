@@ -237,6 +237,64 @@ def test_matches_naive_recursion(name):
     np.testing.assert_allclose(blocked.nngp, nngp[:3], rtol=1e-7, atol=1e-12)
 
 
+def test_xla_path_matches_naive_recursion():
+    # The XLA path (fused polynomial arccos/arcsin, padded equal blocks) against
+    # the naive numpy recursion; 7 examples in blocks of 3 pad the last block.
+    # (The XLA path of a Flatten head: test_flatten_diagonal_path_equals_full_...)
+    name = "cnn_gap"
+    shape, _, spec = _ARCHITECTURES[name]
+    x = np.random.default_rng(1).normal(size=(7, *shape))
+    nngp, ntk = _reference(spec, x)
+    kernels = keras_ntk.infinite_kernels(_model(name), x, batch_size=3, jit_compile=True)
+    np.testing.assert_allclose(kernels.nngp, nngp, rtol=1e-7, atol=1e-12)
+    np.testing.assert_allclose(kernels.ntk, ntk, rtol=1e-7, atol=1e-12)
+    cross = keras_ntk.infinite_kernels(_model(name), x[:6], x[2:], batch_size=3,
+                                       jit_compile=True)
+    np.testing.assert_allclose(cross.ntk, ntk[:6, 2:], rtol=1e-7, atol=1e-12)
+    # Off the diagonal (no arccos(1 − ε) sensitivity) it agrees with the graph path
+    # to rounding.
+    graph = keras_ntk.infinite_kernels(_model(name), x, jit_compile=False)
+    off = ~np.eye(7, dtype=bool)
+    np.testing.assert_allclose(kernels.nngp[off], graph.nngp[off], rtol=1e-12)
+    np.testing.assert_allclose(kernels.ntk[off], graph.ntk[off], rtol=1e-10)
+
+
+def test_polynomial_arccos_and_arcsin_match_numpy():
+    x = np.concatenate([np.linspace(-1, 1, 200_001), 1 - np.logspace(-17, -1, 300),
+                        -1 + np.logspace(-17, -1, 300), [0.5, -0.5, np.nextafter(0.5, 1)]])
+    for ours, reference in ((infinite._acos, np.arccos), (infinite._asin, np.arcsin)):
+        got = tf.function(ours, jit_compile=True)(tf.constant(x)).numpy()
+        expected = reference(x)
+        ulps = np.abs(got - expected) / np.spacing(np.maximum(np.abs(expected), 1e-300))
+        assert ulps.max() <= 4, (ours.__name__, ulps.max())
+        x32 = x.astype(np.float32)
+        np.testing.assert_allclose(ours(tf.constant(x32)).numpy(),
+                                   reference(x32.astype(np.float64)), atol=5e-7)
+
+
+@pytest.mark.parametrize("name", ["cnn_flatten", "cnn_pool_flatten"])
+def test_flatten_diagonal_path_equals_full_covariance_path(name):
+    # After the last pooling layer only the spatial diagonal is propagated; the
+    # same recursion keeping every pair of positions must give the same kernels.
+    shape = _ARCHITECTURES[name][0]
+    x = np.random.default_rng(2).normal(size=(6, *shape))
+    model = _model(name)
+    diagonal = infinite._plan(infinite._model_ops(model), shape)
+    full = infinite._plan(infinite._model_ops(model), shape, full_covariance=True)
+    assert "diag" in [mode for _, mode, _ in diagonal]
+    assert "diag" not in [mode for _, mode, _ in full]
+    for jit in (False, True) if name == "cnn_flatten" else (False,):
+        compiled = infinite._Compiled(full, jit_compile=jit)
+        variances = compiled.self_variances(tf.constant(x))
+        nngp, ntk = compiled.cross(tf.constant(x), tf.constant(x), variances, variances)
+        kernels = keras_ntk.infinite_kernels(model, x, jit_compile=jit)
+        np.testing.assert_allclose(kernels.nngp, nngp.numpy(), rtol=1e-12)
+        # Diagonal: arccos(1 − ε) sensitivity (see test_matches_naive_recursion).
+        off = ~np.eye(6, dtype=bool)
+        np.testing.assert_allclose(kernels.ntk[off], ntk.numpy()[off], rtol=1e-11)
+        np.testing.assert_allclose(np.diag(kernels.ntk), np.diag(ntk.numpy()), rtol=1e-7)
+
+
 # neural-tangents 0.6.5 `stax` (JAX, float64, parameterization "ntk") on the same
 # architectures and inputs, recorded: stax.serial(Dense(8, 1.4, 0.3), Relu(),
 # Dense(8, 1.1, 0.2), Erf(), Dense(1, 1.3, 0.1)) and stax.serial(Conv(4, (2, 3),
