@@ -115,7 +115,10 @@ def fit_exponent(n, values, *, floor=0.0, num_bootstrap=2000, confidence=0.95, s
         keep = np.isfinite(means) & (means > 0)
         return keep, means
 
-    keep, means = usable(np.nanmean(values, axis=1) if values.size else np.zeros(0))
+    with np.errstate(invalid="ignore"):
+        counts = np.sum(np.isfinite(values), axis=1)
+        means = np.where(counts > 0, np.nansum(values, axis=1) / np.maximum(counts, 1), np.nan)
+    keep, means = usable(means)
     if keep.sum() < 2:
         return dict(alpha=None, alpha_interval=[None, None], intercept=None,
                     sizes_used=[int(v) for v in n[keep]])

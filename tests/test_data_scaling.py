@@ -1,0 +1,198 @@
+"""Tests of experiments/data_scaling.py (study B, data scaling).
+
+References: exponents of synthetic power laws with known α, `numpy.linalg.solve`
+for kernel ridge regression, kernels recomputed with `keras_ntk.empirical_ntk` on
+the subset (not sliced), the closed-form arc-cosine NTK of a one-hidden-layer
+ReLU network.
+"""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_ntk
+from experiments import data_scaling, models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_geometric_sizes():
+    assert data_scaling.geometric_sizes(50, 987, 6) == [50, 91, 165, 299, 544, 987]
+    assert data_scaling.geometric_sizes(10, 10, 3) == [10]
+    with pytest.raises(ValueError, match="Received: smallest=0"):
+        data_scaling.geometric_sizes(0, 10, 3)
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.8])
+def test_fit_exponent_recovers_a_noisy_power_law(alpha):
+    rng = np.random.RandomState(1)
+    n = np.array([50, 91, 165, 299, 544, 987])
+    values = 2.0 * n[:, None] ** -alpha * np.exp(0.1 * rng.normal(size=(len(n), 5)))
+    fit = data_scaling.fit_exponent(n, values, num_bootstrap=500)
+    low, high = fit["alpha_interval"]
+    assert abs(fit["alpha"] - alpha) < 0.05
+    assert low < alpha < high and high - low < 0.2
+    assert fit["sizes_used"] == n.tolist()
+
+
+def test_fit_exponent_exact_and_zero_errors():
+    n = np.array([10.0, 100.0, 1000.0])
+    exact = data_scaling.fit_exponent(n, np.tile(n[:, None] ** -0.5, (1, 4)), num_bootstrap=50)
+    np.testing.assert_allclose(exact["alpha"], 0.5, rtol=1e-10)
+    np.testing.assert_allclose(exact["alpha_interval"], [0.5, 0.5], rtol=1e-10)
+    np.testing.assert_allclose(exact["intercept"], 0.0, atol=1e-10)
+    # All seeds at zero error at the largest n: dropped without a floor...
+    values = np.array([[0.2, 0.3], [0.05, 0.04], [0.0, 0.0]])
+    dropped = data_scaling.fit_exponent(n, values, num_bootstrap=50)
+    assert dropped["sizes_used"] == [10, 100]
+    np.testing.assert_allclose(dropped["alpha"], -np.log10(0.045 / 0.25), rtol=1e-10)
+    # ... or floored (half a test error of a 360-example test set).
+    floored = data_scaling.fit_exponent(n, values, floor=0.5 / 360, num_bootstrap=50)
+    assert floored["sizes_used"] == [10, 100, 1000]
+    assert np.isfinite(floored["alpha"]) and floored["alpha"] > dropped["alpha"]
+    # Missing seeds (NaN) are ignored; fewer than two sizes give None.
+    assert data_scaling.fit_exponent(n, [[0.1, np.nan], [np.nan, np.nan], [0, 0]])["alpha"] is None
+
+
+def test_regression_path_matches_numpy_solve():
+    rng = np.random.RandomState(0)
+    features = rng.normal(size=(30, 12))
+    kernel = features @ features.T  # rank 12: singular without the ridge
+    y = np.eye(3)[rng.randint(0, 3, size=20)]
+    train, evaluation = np.arange(20), np.arange(20, 30)
+    ridges = [1e-3, 0.5, 10.0]
+    path = data_scaling.regression_path(kernel[np.ix_(train, train)],
+                                        kernel[np.ix_(evaluation, train)], y, ridges)
+    for ridge, predictions in zip(ridges, path):
+        reference = kernel[np.ix_(evaluation, train)] @ np.linalg.solve(
+            kernel[np.ix_(train, train)] + ridge * np.eye(20), y)
+        np.testing.assert_allclose(predictions, reference, rtol=1e-6, atol=1e-9)
+
+
+def test_sliced_kernel_regression_equals_recomputed_kernel():
+    keras.utils.set_random_seed(0)
+    model = models.mlp((8, 8, 1), 3, widths=(16,))
+    rng = np.random.RandomState(0)
+    layout = {"num_candidates": 24, "num_validation": 6, "num_test": 10}
+    x_union = rng.normal(size=(40, 8, 8, 1)).astype(np.float32)
+    y_union = rng.randint(0, 3, size=40)
+    union_kernel = np.asarray(keras_ntk.empirical_ntk(model, x_union), np.float64)
+    train, validation, test = data_scaling.kernel_indices(layout, seed=3, n=11)
+    assert len(set(train)) == 11 and set(train) < set(range(24))
+    np.testing.assert_array_equal(validation, np.arange(24, 30))
+    np.testing.assert_array_equal(test, np.arange(30, 40))
+    # Kernels recomputed on the subset, in float64 from float32 passes.
+    k_train = np.asarray(keras_ntk.empirical_ntk(model, x_union[train]), np.float64)
+    k_test_train = np.asarray(keras_ntk.empirical_ntk(model, x_union[test], x_union[train]),
+                              np.float64)
+    np.testing.assert_allclose(union_kernel[np.ix_(train, train)], k_train, rtol=1e-4,
+                               atol=1e-5 * np.abs(k_train).max())
+    y = np.eye(3)[y_union[train]]
+    ridge = 1e-2 * np.mean(np.diag(k_train))
+    sliced = data_scaling.regression_path(union_kernel[np.ix_(train, train)],
+                                          union_kernel[np.ix_(test, train)], y, [ridge])[0]
+    reference = k_test_train @ np.linalg.solve(k_train + ridge * np.eye(11), y)
+    np.testing.assert_allclose(sliced, reference, rtol=1e-3, atol=1e-4 * np.abs(reference).max())
+    # And the method's scores are those of the reference predictions at the chosen ridge.
+    scores = data_scaling.kernel_method_errors(union_kernel, layout, y_union, 3, 3, [11], [1e-2])
+    np.testing.assert_allclose(scores["test_error"][0],
+                               np.mean(np.argmax(reference, 1) != y_union[test]))
+    np.testing.assert_allclose(scores["test_loss"][0],
+                               np.mean((reference - np.eye(3)[y_union[test]]) ** 2), rtol=1e-3)
+
+
+def _relu_ntk_one_hidden_layer(x1, x2):
+    """Closed-form NTK of NTKDense(∞, σw²=1) → ReLU → NTKDense(σw²=1), no biases."""
+    d = x1.shape[1]
+    k = x1 @ x2.T / d
+    n1, n2 = np.sum(x1 * x1, 1) / d, np.sum(x2 * x2, 1) / d
+    norms = np.sqrt(np.outer(n1, n2))
+    theta = np.arccos(np.clip(k / norms, -1, 1))
+    nngp = norms * (np.sin(theta) + (np.pi - theta) * np.cos(theta)) / (2 * np.pi)
+    derivative = (np.pi - theta) / (2 * np.pi)
+    return nngp + k * derivative
+
+
+def test_ntk_parameterized_twin_has_the_closed_form_kernel():
+    model = models.mlp((4, 4, 1), 10, widths=(32,))
+    twin = models.ntk_parameterized(model, sigma_w2=1.0, sigma_b2=0.0)
+    assert [type(layer).__name__ for layer in twin.layers] == [
+        "Flatten", "NTKDense", "ReLU", "NTKDense"]
+    x = np.random.RandomState(0).normal(size=(7, 4, 4, 1))
+    kernel = keras_ntk.infinite_kernels(twin, x).ntk
+    flat = x.reshape(7, -1)
+    np.testing.assert_allclose(kernel, _relu_ntk_one_hidden_layer(flat, flat), rtol=1e-6)
+    with pytest.raises(ValueError, match="MaxPooling2D"):
+        models.ntk_parameterized(models.lenet((8, 8, 1), 10))
+
+
+def test_run_resumes_without_recomputing_finished_cells(tmp_path, monkeypatch):
+    calls = {"train": 0, "kernel": 0}
+    train_network, kernel_errors = data_scaling.train_network, data_scaling.kernel_method_errors
+
+    def counted_train(*args, **kwargs):
+        calls["train"] += 1
+        return train_network(*args, **kwargs)
+
+    def counted_kernel(*args, **kwargs):
+        calls["kernel"] += 1
+        return kernel_errors(*args, **kwargs)
+
+    monkeypatch.setattr(data_scaling, "train_network", counted_train)
+    monkeypatch.setattr(data_scaling, "kernel_method_errors", counted_kernel)
+    run = functools.partial(
+        data_scaling.run, output_dir=str(tmp_path), strategy=tf.distribute.get_strategy(),
+        model_builders={"mlp": functools.partial(models.mlp, widths=(16,))},
+        methods=["network", "entk_init", "after_kernel"], n0s=[20], sizes=[10, 30],
+        seeds=[0, 1], num_train=200, num_test=60, num_validation=30, train_steps=20,
+        num_bootstrap=20, write_figures=False)
+    partial = run(max_new_cells=3)
+    assert not partial["finished"] and len(partial["cells"]) == 3
+    assert calls == {"train": 3, "kernel": 0}
+    first_cells = dict(partial["cells"])
+    full = run()
+    assert full["finished"] and len(full["cells"]) == 8
+    # 1 more network cell + 2 after-kernel pre-trainings; 4 kernel cells.
+    assert calls == {"train": 6, "kernel": 4}
+    assert all(full["cells"][key] == value for key, value in first_cells.items())
+    again = run()
+    assert calls == {"train": 6, "kernel": 4}
+    assert again["methods"] == full["methods"]
+    with pytest.raises(ValueError, match="another dataset, grid or seeds"):
+        run(sizes=[10, 20])
+
+
+def test_smoke_binary_end_to_end(tmp_path):
+    output = tmp_path / "run"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    command = [sys.executable, "-m", "experiments.data_scaling",
+               "--gin_file=data_scaling/smoke.gin", f"--output_dir={output}", "--strategy=cpu"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((output / "results.json").read_text())
+    assert results["study"] == "data_scaling" and results["dataset"] == "digits"
+    assert results["n"] == [20, 60, 200] and results["finished"]
+    assert set(results["methods"]) == {"network", "entk_init", "after_kernel_n0=30",
+                                       "infinite_ntk"}
+    for name, method in results["methods"].items():
+        errors = np.array(method["test_error"], np.float64)
+        assert errors.shape == (3, 2) and np.all((errors >= 0) & (errors <= 1)), name
+        assert np.array(method["test_loss"], np.float64).shape == (3, 2)
+        assert type(method["alpha"]) is float and len(method["alpha_interval"]) == 2
+        assert all(type(v) is float for v in method["alpha_interval"])
+        assert type(method["alpha_loss"]) is float
+    # With 60+ training examples every method beats chance (90% error) clearly.
+    assert all(np.mean(m["test_error"][-1]) < 0.5 for m in results["methods"].values())
+    for name in ("test_error_vs_n.png", "test_loss_vs_n.png"):
+        assert (output / "figures" / name).stat().st_size > 1000
+    assert "data_scaling.run.sizes = [20, 60, 200]" in (output / "config.gin").read_text()
+    assert "experiments.data_scaling" in (output / "command.txt").read_text()
+    assert list((output / "tensorboard" / "summary").iterdir())

@@ -1,0 +1,134 @@
+"""Tests of experiments/kernel_evolution.py (study B, kernel evolution).
+
+References: slopes of synthetic power laws, Frobenius norms and cosine distances
+computed with numpy from the kernels the tracker saved, kernels recomputed with
+`keras_ntk.empirical_ntk` from saved weights.
+"""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_ntk
+from experiments import kernel_evolution, models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_log_spaced_steps():
+    steps = kernel_evolution.log_spaced_steps(2300, 25)
+    assert steps[0] == 1 and steps[-1] == 2300 and steps == sorted(set(steps))
+    ratios = np.diff(np.log(steps[8:]))
+    np.testing.assert_allclose(ratios, np.log(2300) / 24, rtol=0.1)
+    with pytest.raises(ValueError, match="Received: total_steps=0"):
+        kernel_evolution.log_spaced_steps(0, 5)
+
+
+@pytest.mark.parametrize("slope", [-1.5, -0.5, 0.0])
+def test_tail_slope_and_verdict(slope):
+    rng = np.random.RandomState(0)
+    steps = np.array(kernel_evolution.log_spaced_steps(5000, 30))
+    values = 3.0 * steps ** slope * np.exp(0.05 * rng.normal(size=len(steps)))
+    # Early snapshots follow another law: only the tail (step >= 500) counts.
+    values[steps < 500] = 1.0
+    fitted = kernel_evolution.tail_slope(steps, values, start=500)
+    assert abs(fitted - slope) < 0.08
+    verdict = kernel_evolution.velocity_verdict(fitted)
+    assert verdict.startswith({-1.5: "decays to zero", -0.5: "decays slowly",
+                               0.0: "plateaus"}[slope])
+    assert kernel_evolution.tail_slope(steps, values, start=10**6) is None
+    assert kernel_evolution.velocity_verdict(None).startswith("undetermined")
+
+
+def test_relative_velocities_by_hand():
+    k0 = np.eye(2)
+    k1 = np.array([[2.0, 0.0], [0.0, 1.0]])
+    k2 = np.array([[2.0, 1.0], [1.0, 1.0]])
+    velocities = kernel_evolution.relative_velocities(k0, [k1, k2], [2, 6])
+    np.testing.assert_allclose(velocities, [1 / np.sqrt(2) / 2, np.sqrt(2) / np.sqrt(5) / 4])
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    output = tmp_path_factory.mktemp("evolution")
+    run = functools.partial(
+        kernel_evolution.run, output_dir=str(output), strategy=tf.distribute.get_strategy(),
+        model_builders={"mlp": models.mlp}, widths=[8, 32], depth=1, num_train=256,
+        num_test=64, epochs=3, batch_size=64, num_snapshots=8, num_probe=40,
+        num_validation=20, save_kernels=True)
+    first = run(widths=[8])
+    results = run()
+    return dict(output=output, first=first, results=results, run=run)
+
+
+def test_results_shape(smoke_run):
+    results = smoke_run["results"]
+    assert results["study"] == "kernel_evolution" and results["finished"]
+    assert results["steps"] == [1, 2, 3, 4, 6, 8, 12]
+    assert results["epochs"] == [1, 1, 1, 1, 2, 2, 3]
+    assert set(results["widths"]) == {"8", "32"}
+    for cell in results["widths"].values():
+        for key in ("velocity", "velocity_relative", "distance_from_init", "alignment",
+                    "kernel_regression_test_error", "network_test_error"):
+            assert len(cell[key]) == 7 and all(type(v) is float for v in cell[key]), key
+        assert all(0 <= v <= 1 for v in cell["kernel_regression_test_error"])
+        assert cell["velocity_verdict"]
+    for name in ("velocity.png", "distance_from_init.png", "alignment.png",
+                 "kernel_regression.png"):
+        assert (smoke_run["output"] / "figures" / name).stat().st_size > 1000
+    assert list((smoke_run["output"] / "tensorboard" / "width8" / "ntk").iterdir())
+    # The width finished in the first call was kept, not retrained.
+    assert results["widths"]["8"] == smoke_run["first"]["widths"]["8"]
+
+
+def test_series_match_numpy_on_saved_kernels(smoke_run):
+    cell = smoke_run["results"]["widths"]["32"]
+    history = keras_ntk.load_ntk_history(str(smoke_run["output"] / "kernels" / "width32"))
+    kernels = [history["initial"]["kernel"]] + [s["kernel"] for s in history["snapshots"]]
+    assert [s["step"] for s in history["snapshots"]] == cell["steps"]
+    steps = [0] + cell["steps"]
+    for i in range(1, len(kernels)):
+        a, b = kernels[i - 1], kernels[i]
+        cosine = np.sum(a * b) / np.linalg.norm(a) / np.linalg.norm(b)
+        np.testing.assert_allclose(cell["velocity"][i - 1], (1 - cosine) / (steps[i] - steps[i - 1]),
+                                   rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(cell["velocity_relative"][i - 1],
+                                   np.linalg.norm(b - a) / np.linalg.norm(a)
+                                   / (steps[i] - steps[i - 1]), rtol=1e-6)
+        k0 = kernels[0]
+        np.testing.assert_allclose(
+            cell["distance_from_init"][i - 1],
+            1 - np.sum(k0 * b) / np.linalg.norm(k0) / np.linalg.norm(b), rtol=1e-6, atol=1e-12)
+    # The kernel moved, less so for the wider network (same steps and rate).
+    narrow = smoke_run["results"]["widths"]["8"]["distance_from_init"][-1]
+    assert 0 < cell["distance_from_init"][-1] < narrow
+
+
+def test_rerun_skips_and_other_schedule_refused(smoke_run, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished width was retrained")
+
+    monkeypatch.setattr(kernel_evolution, "_train_width", fail)
+    again = smoke_run["run"](write_figures=False)
+    assert again["widths"] == smoke_run["results"]["widths"]
+    with pytest.raises(ValueError, match="another dataset or schedule"):
+        smoke_run["run"](epochs=4)
+
+
+def test_smoke_binary(tmp_path):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    command = [sys.executable, "-m", "experiments.kernel_evolution",
+               "--gin_file=kernel_evolution/smoke.gin", f"--output_dir={tmp_path}",
+               "--strategy=cpu", "--gin_bindings=kernel_evolution.run.widths=[8]"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results["widths"]) == ["8"] and results["recipe"]["schedule"] == "constant"
+    assert "kernel_evolution.run.widths = [8]" in (tmp_path / "config.gin").read_text()
