@@ -79,6 +79,13 @@ def _fit_line(log_n, log_v):
     return -float(slope), float(intercept)
 
 
+def _row_means(values):
+    """Mean of each row over its finite entries (NaN for a row with none)."""
+    counts = np.sum(np.isfinite(values), axis=1)
+    sums = np.sum(np.where(np.isfinite(values), values, 0.0), axis=1)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
 def fit_exponent(n, values, *, floor=0.0, num_bootstrap=2000, confidence=0.95, seed=0):
     """Fits value ∝ n^−α to per-seed values, with a bootstrap interval over seeds.
 
@@ -115,10 +122,7 @@ def fit_exponent(n, values, *, floor=0.0, num_bootstrap=2000, confidence=0.95, s
         keep = np.isfinite(means) & (means > 0)
         return keep, means
 
-    with np.errstate(invalid="ignore"):
-        counts = np.sum(np.isfinite(values), axis=1)
-        means = np.where(counts > 0, np.nansum(values, axis=1) / np.maximum(counts, 1), np.nan)
-    keep, means = usable(means)
+    keep, means = usable(_row_means(values))
     if keep.sum() < 2:
         return dict(alpha=None, alpha_interval=[None, None], intercept=None,
                     sizes_used=[int(v) for v in n[keep]])
@@ -138,6 +142,56 @@ def fit_exponent(n, values, *, floor=0.0, num_bootstrap=2000, confidence=0.95, s
     low, high = np.percentile(alphas, [tail, 100 - tail])
     return dict(alpha=alpha, alpha_interval=[float(low), float(high)], intercept=intercept,
                 sizes_used=[int(v) for v in n[keep]])
+
+
+def paired_exponent_difference(n, values_a, values_b, *, floor=0.0, num_bootstrap=2000,
+                               confidence=0.95, seed=0):
+    """α_a − α_b of two methods measured on the same seeds, with a paired bootstrap.
+
+    Seeds pair the methods (same θ0 and the same training subsets), so each
+    resample draws one set of seed indices per size and uses it for both.
+    Means are floored or dropped as in `fit_exponent`; a size is used only
+    where both methods have a usable mean.
+
+    Args:
+        n: the sizes, shape (K,).
+        values_a, values_b: shape (K, S), the same seeds in the same columns.
+        floor, num_bootstrap, confidence, seed: as in `fit_exponent`.
+
+    Returns:
+        dict(difference, interval [lo, hi]); None entries when fewer than two
+        sizes are usable.
+    """
+    n = np.asarray(n, np.float64)
+    a, b = np.asarray(values_a, np.float64), np.asarray(values_b, np.float64)
+    if a.shape != b.shape or a.ndim != 2 or a.shape[0] != n.shape[0]:
+        raise ValueError(
+            "Expected values_a and values_b of the same shape (len(n), seeds). "
+            f"Received: values_a.shape={a.shape}, values_b.shape={b.shape}, len(n)={len(n)}"
+        )
+
+    def difference(columns):
+        means = []
+        for values in (a, b):
+            mean = _row_means(np.take_along_axis(values, columns, axis=1))
+            means.append(np.maximum(mean, floor) if floor > 0 else mean)
+        keep = np.all([np.isfinite(m) & (m > 0) for m in means], axis=0)
+        if keep.sum() < 2:
+            return None
+        return (_fit_line(np.log(n[keep]), np.log(means[0][keep]))[0]
+                - _fit_line(np.log(n[keep]), np.log(means[1][keep]))[0])
+
+    all_columns = np.tile(np.arange(a.shape[1]), (len(n), 1))
+    point = difference(all_columns)
+    if point is None:
+        return dict(difference=None, interval=[None, None])
+    rng = np.random.RandomState(seed)
+    draws = [difference(rng.randint(0, a.shape[1], size=all_columns.shape))
+             for _ in range(num_bootstrap)]
+    draws = [d for d in draws if d is not None]
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(draws, [tail, 100 - tail])
+    return dict(difference=float(point), interval=[float(low), float(high)])
 
 
 def regression_path(k_train, k_eval_train, y_train, ridges):
@@ -610,7 +664,7 @@ def _assemble(dataset, sizes, seeds, names, cells, layout, n0s, test_labels, net
     num_test = layout["num_test"]
     # Half a test error: the floor of a mean error before taking logs.
     floor = 0.5 / num_test
-    methods = {}
+    methods, arrays = {}, {}
     for name in names:
         table = {"test_error": [], "test_loss": [], "ridge_factor": []}
         for index, n in enumerate(sizes):
@@ -656,11 +710,27 @@ def _assemble(dataset, sizes, seeds, names, cells, layout, n0s, test_labels, net
             entry["train_loss"] = [[cells.get(f"network-seed{s}-n{n}", {}).get("train_loss")
                                     for s in seeds] for n in sizes]
         methods[name] = entry
+        arrays[name] = {key: as_array(table[key]) for key in ("test_error", "test_loss")}
+    comparisons = {}
+    if "network" in arrays:
+        for name in arrays:
+            if name == "network":
+                continue
+            comparisons[f"network_minus_{name}"] = {
+                "alpha": paired_exponent_difference(
+                    sizes, arrays["network"]["test_error"], arrays[name]["test_error"],
+                    floor=floor, num_bootstrap=num_bootstrap),
+                "alpha_loss": paired_exponent_difference(
+                    sizes, arrays["network"]["test_loss"], arrays[name]["test_loss"],
+                    num_bootstrap=num_bootstrap),
+            }
     return {
         "study": "data_scaling",
         "dataset": dataset,
         "n": [int(v) for v in sizes],
         "methods": methods,
+        # Paired bootstrap over seeds of α_network − α_method (error and loss).
+        "exponent_differences": comparisons,
         "seeds": [int(s) for s in seeds],
         "n0": n0s,
         "num_test": num_test,

@@ -189,6 +189,8 @@ def test_smoke_binary_end_to_end(tmp_path):
         assert type(method["alpha"]) is float and len(method["alpha_interval"]) == 2
         assert all(type(v) is float for v in method["alpha_interval"])
         assert type(method["alpha_loss"]) is float
+    assert set(results["exponent_differences"]) == {
+        "network_minus_entk_init", "network_minus_after_kernel_n0=30", "network_minus_infinite_ntk"}
     # With 60+ training examples every method beats chance (90% error) clearly.
     assert all(np.mean(m["test_error"][-1]) < 0.5 for m in results["methods"].values())
     for name in ("test_error_vs_n.png", "test_loss_vs_n.png"):
@@ -196,3 +198,23 @@ def test_smoke_binary_end_to_end(tmp_path):
     assert "data_scaling.run.sizes = [20, 60, 200]" in (output / "config.gin").read_text()
     assert "experiments.data_scaling" in (output / "command.txt").read_text()
     assert list((output / "tensorboard" / "summary").iterdir())
+
+
+def test_paired_exponent_difference():
+    rng = np.random.RandomState(2)
+    n = np.array([50, 100, 200, 400, 800])
+    # Seed effects shared by both methods (same subsets) cancel in a paired comparison.
+    shared = np.exp(0.3 * rng.normal(size=(len(n), 6)))
+    a = n[:, None] ** -0.9 * shared * np.exp(0.02 * rng.normal(size=shared.shape))
+    b = 0.5 * n[:, None] ** -0.6 * shared * np.exp(0.02 * rng.normal(size=shared.shape))
+    paired = data_scaling.paired_exponent_difference(n, a, b, num_bootstrap=500)
+    assert abs(paired["difference"] - 0.3) < 0.05
+    low, high = paired["interval"]
+    assert low < 0.3 < high and low > 0.2
+    # The difference of the separate point estimates, narrower than their separate intervals.
+    separate = [data_scaling.fit_exponent(n, v, num_bootstrap=500) for v in (a, b)]
+    np.testing.assert_allclose(paired["difference"],
+                               separate[0]["alpha"] - separate[1]["alpha"], rtol=1e-10)
+    assert high - low < separate[0]["alpha_interval"][1] - separate[0]["alpha_interval"][0]
+    with pytest.raises(ValueError, match="same shape"):
+        data_scaling.paired_exponent_difference(n, a, b[:, :3])
