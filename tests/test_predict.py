@@ -327,3 +327,67 @@ def test_ensemble_matches_monte_carlo_over_linear_models():
     np.testing.assert_allclose(got.covariance, np.cov(trained[n:]), atol=0.04 * scale)
     # Training moved the covariance well beyond that tolerance (away from the prior).
     assert np.abs(got.covariance - nngp[n:, n:]).max() > 0.3 * scale
+
+
+# ------------------------------------------------------------ wide networks
+
+
+@pytest.mark.slow
+def test_ensemble_matches_monte_carlo_over_wide_networks():
+    # 300 NTK-parameterized ReLU networks of width 1024 (keras_ntk.layers, float64),
+    # each trained by 30 full-batch GD steps on ‖f − y‖²/(2n): the mean and the
+    # variances of their test outputs against the infinite-width ensemble.
+    import keras
+    import tensorflow as tf
+
+    import keras_ntk
+
+    previous = keras.config.floatx()
+    keras.config.set_floatx("float64")
+    try:
+        rng = np.random.default_rng(11)
+        x = rng.normal(size=(9, 3))
+        y = rng.normal(size=(6, 1))
+        n = len(y)
+
+        def network(width):
+            return keras.Sequential([
+                keras.Input((3,)), keras_ntk.NTKDense(width, 1.5, 0.2, activation="relu"),
+                keras_ntk.NTKDense(1, 1.5, 0.2)])
+
+        kernels = keras_ntk.infinite_kernels(network(1), x)
+        ntk, nngp = kernels.ntk, kernels.nngp
+        lr, steps = 0.5 * predict.max_learning_rate(ntk[:n, :n], y.size), 30
+        expected = predict.gradient_descent_mse_ensemble(
+            ntk[:n, :n], nngp[:n, :n], y, lr, steps, ntk[n:, :n], nngp[n:, :n],
+            np.diag(nngp[n:, n:]), discrete=True)
+        model = network(1024)
+        x_train, x_test, targets = (tf.constant(a) for a in (x[:n], x[n:], y))
+
+        @tf.function
+        def train():
+            for _ in tf.range(steps):
+                with tf.GradientTape() as tape:
+                    loss = tf.reduce_sum((model(x_train) - targets) ** 2) / (2 * y.size)
+                gradients = tape.gradient(loss, model.trainable_variables)
+                for variable, gradient in zip(model.trainable_variables, gradients):
+                    variable.assign_sub(lr * gradient)
+            return model(x_test)
+
+        outputs = []
+        for _ in range(300):
+            for variable in model.trainable_variables:  # Fresh N(0, 1) initialization.
+                variable.assign(rng.normal(size=variable.shape))
+            outputs.append(train().numpy()[:, 0])
+        outputs = np.array(outputs)
+    finally:
+        keras.config.set_floatx(previous)
+    variances = expected.covariance
+    # Monte-Carlo error of the mean: √(var/300) ≈ 0.06σ; of the variances ≈ 8%.
+    np.testing.assert_allclose(outputs.mean(0), expected.mean[:, 0],
+                               atol=4 * np.sqrt(variances.max() / 300) + 0.03)
+    np.testing.assert_allclose(outputs.var(0), variances, rtol=0.3)
+    # Training moved the ensemble far from the prior (mean 0, variances K(x*, x*)
+    # = 1.1-3.9 here; trained 0.1-0.7, means 0.5-2.0 in size).
+    assert np.abs(expected.mean).min() > 0.3
+    assert np.all(variances < 0.5 * np.diag(nngp[n:, n:]))
