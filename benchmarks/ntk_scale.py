@@ -125,6 +125,7 @@ def run_case(case, n, args, **extra):
     result = json.loads(lines[-1])
     if summary:
         result["lanczos_products"] = int(summary[0].split()[1])
+    print(json.dumps({k: v for k, v in result.items() if k != "values"}), flush=True)
     return result
 
 
@@ -144,7 +145,8 @@ def main():
     parser.add_argument("--max-products", type=int, default=3,
                         help="ResNet products timed (0: run the full Lanczos)")
     parser.add_argument("--resnet-formed-n", type=int, default=0)
-    parser.add_argument("--memory-budget", type=int, default=2**30)
+    parser.add_argument("--memory-budget", type=int, default=4 * 2**30,
+                        help="bytes for empirical_ntk blocks and the products (the goal: 4 GiB)")
     parser.add_argument("--cases", default="lenet_formed,lenet_matrix_free,resnet_matrix_free")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
@@ -159,7 +161,7 @@ def main():
     results = {}
     for case in cases:
         if case.startswith("lenet"):
-            results[case] = run_case(case, lenet_n, args)
+            results[case] = run_case(case, lenet_n, args, max_products=0)
         elif case == "resnet_matrix_free":
             results[case] = run_case(case, resnet_n, args, max_products=args.max_products)
     if args.resnet_formed_n:
@@ -180,11 +182,12 @@ def main():
     resnet = results.get("resnet_matrix_free")
     if resnet and "product_seconds" in resnet:
         per = float(np.median(resnet["product_seconds"][1:] or resnet["product_seconds"]))
-        needed = free["lanczos_products"] if free else 2 * args.k + 50
+        needed = free["lanczos_products"] if free else 3 * args.k
         print(f"ResNet-18 (width {args.width}, {resnet['parameters']} parameters), "
               f"N={resnet['n']}: {per:.1f} s per Θ·v product (median of the warm ones; first "
               f"{resnet['product_seconds'][0]:.1f} s), peak RSS {_mib(resnet['peak_bytes'])}"
-              f" (goal < 4096 MiB); with the {needed} products Lanczos needed for LeNet the "
+              f" (goal < 4096 MiB); with {needed} products ("
+              f"{'as Lanczos needed for LeNet' if free else '3k, LeNet not run'}) the "
               f"top-{args.k} would take about {per * needed / 3600:.1f} h here")
     print(json.dumps({case: {k: v for k, v in r.items() if k != "values"}
                       for case, r in results.items()}))

@@ -556,7 +556,9 @@ def _grouped_output(plan, kernels, n1, n2):
         for k, axes in enumerate(plan.out_axes):
             kern = kernels.get((g, k))
             if kern is None:
-                kern = tf.zeros(tf.concat([[n1, n2], list(axes.kernel_shape)], 0), plan.dtype)
+                shape = tf.concat([tf.cast(tf.stack([n1, n2]), tf.int32),
+                                   tf.constant(list(axes.kernel_shape), tf.int32)], 0)
+                kern = tf.zeros(shape, plan.dtype)
             out.append(kern / axes.trace_size)
     return out
 
