@@ -25,7 +25,10 @@ A convolutional kernel is a 4-D array per pair of inputs (positions of x1 ×
 positions of x2). Only pooling needs the off-diagonal entries: layers after
 the last pooling layer (a Flatten head) keep only the spatial diagonal
 K(p, p), which is H·W times cheaper. Kernels are computed in blocks of pairs
-of examples so that memory stays bounded.
+of examples so that memory stays bounded. Large spatial kernels run through
+XLA (`jit_compile`), which fuses each layer's elementwise chain into one loop
+over a cache-sized block; arccos/arcsin are then fused polynomials (within 3
+ulp), since the library calls cost more than the rest of a layer.
 
 This module also gives the mean-field quantities of deep networks (Poole et
 al. 2016; Schoenholz et al. 2017; Xiao et al. 2020): `q_star`, `c_star`,
@@ -568,8 +571,10 @@ class _Compiled:
 
 
 # Automatic XLA: when a call's spatial kernels hold more numbers than this
-# (pairs of examples × pairs of positions), compiling (seconds) is worth it.
-_XLA_MIN_ENTRIES = 1 << 28
+# (pairs of examples × positions or pairs of positions), compiling (3-5 s on
+# the loaded 2-core machine) is worth it: XLA saved ~1e-7 s per number on GAP
+# and ~2e-7 s on Flatten kernels (3× faster once compiled).
+_XLA_MIN_ENTRIES = 1 << 26
 # Bytes of one block's kernel on the XLA path (automatic batch_size).
 _XLA_BLOCK_BYTES = 2 << 20
 
@@ -677,9 +682,9 @@ def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
         jit_compile: compile the recursion with XLA (arccos/arcsin then
             evaluated by fused polynomials within 3 ulp, see `_acos`). None
             (default) does so when the spatial kernels of the call hold more
-            than 2²⁸ numbers (e.g. a GAP head on 8×8 images beyond ~360
-            examples), where it is several times faster; compiling takes a
-            few seconds, so small calls run uncompiled.
+            than 2²⁶ numbers (on 8×8 images: a GAP head beyond ~180 examples,
+            a Flatten head beyond ~1450), where it is about 3× faster;
+            compiling takes a few seconds, so small calls run uncompiled.
 
     Returns:
         `InfiniteKernels(nngp, ntk)`, two numpy arrays of shape (N1, N2).
