@@ -252,6 +252,18 @@ def test_ensemble_matches_gradient_descent_on_joint_covariance(momentum):
     np.testing.assert_allclose(variances.mean[0], 0.0, atol=1e-12)
 
 
+def test_ensemble_mean_is_gradient_descent_from_zero_outputs():
+    phi, _, y = _joint_kernels(seed=4)
+    n = len(y)
+    ntk_train, ntk_test_train, _ = _split(phi @ phi.T, n)
+    times = np.array([[1.0, 5.0], [20.0, np.inf]])
+    got = predict.gradient_descent_mse_ensemble(ntk_train, None, y, 0.7, times, ntk_test_train,
+                                                compute_cov=False)
+    assert got.covariance is None and got.mean.shape == (2, 2, 3, 2)
+    _, expected = predict.gradient_descent_mse(ntk_train, y, 0.7, times, ntk_test_train)
+    np.testing.assert_allclose(got.mean, expected, rtol=1e-12, atol=1e-14)
+
+
 def test_ensemble_at_infinity_matches_closed_forms():
     phi, psi, y = _joint_kernels(seed=1)
     n = len(y)
