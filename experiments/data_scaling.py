@@ -807,7 +807,7 @@ def draw_figures(results, directory):
             ax.plot(n[ok], mean, "o-", color=color,
                     label=f"{name} (α={alpha:.2f})" if alpha is not None else name)
             ax.fill_between(n[ok], np.nanmin(values[ok], axis=1), np.nanmax(values[ok], axis=1),
-                            color=color, alpha=0.15)
+                            color=color, alpha=0.08)
             if alpha is not None:
                 ax.plot(n, np.exp(entry[intercept_key]) * n ** (-alpha), "--", color=color, lw=0.8)
         ax.set_xscale("log")

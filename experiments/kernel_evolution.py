@@ -27,12 +27,14 @@ Per width and snapshot, results.json holds
   approximation), trained on the `num_probe` probe inputs;
 * `network_test_error`: the network's own test error at the same steps.
 
-The tail slope of log velocity against log step over the last decade of
-steps (step ≥ total/10) is fitted and stated with a fixed rule
-(`velocity_verdict`): slope ≤ −1: the velocity decays fast enough for the
-kernel to converge; −1 < slope < −0.25: it decays, but slower than 1/t (the
-kernel keeps moving without bound on log scale); slope ≥ −0.25: it
-plateaus.
+The slope of log velocity_relative against log step over the last decade
+of steps (step ≥ total/10) is fitted with its standard error and stated by
+a fixed rule (`velocity_verdict`): faster than 1/t (slope + 2 s.e. < −1):
+the kernel converges; like 1/t (−1 within 2 s.e.): the per-step velocity
+vanishes, yet the kernel moves by a similar amount every decade of steps;
+slower than 1/t (slope < −0.25): it keeps moving; slope ≥ −0.25: it
+plateaus. `distance_from_init_growth_last_decade` is how much the distance
+from init grew over that last decade.
 
 A width whose results are in results.json is skipped on a rerun; a width cut
 short is retrained from the start.
@@ -65,23 +67,63 @@ def log_spaced_steps(total_steps, num):
 
 
 def tail_slope(steps, values, start):
-    """Least-squares slope of log(value) on log(step) for steps ≥ `start` (None if < 3 points)."""
+    """Least-squares slope of log(value) on log(step) for steps ≥ `start`, and its standard error.
+
+    Returns:
+        (slope, standard error), or (None, None) with fewer than 3 usable points.
+    """
     steps, values = np.asarray(steps, np.float64), np.asarray(values, np.float64)
     keep = (steps >= start) & np.isfinite(values) & (values > 0)
     if keep.sum() < 3:
-        return None
-    return float(np.polyfit(np.log(steps[keep]), np.log(values[keep]), 1)[0])
+        return None, None
+    x, y = np.log(steps[keep]), np.log(values[keep])
+    slope, intercept = np.polyfit(x, y, 1)
+    residuals = y - (slope * x + intercept)
+    spread = np.sum((x - x.mean()) ** 2)
+    error = np.sqrt(np.sum(residuals**2) / max(len(x) - 2, 1) / spread) if spread > 0 else np.inf
+    return float(slope), float(error)
 
 
-def velocity_verdict(slope):
-    """The fixed rule turning a tail slope into words (see the module docstring)."""
+def velocity_verdict(slope, error=0.0):
+    """The fixed rule turning a tail slope ± 2 standard errors into words.
+
+    * slope + 2 s.e. < −1: decays faster than 1/t, the kernel converges;
+    * −1 within slope ± 2 s.e.: decays like 1/t, the kernel moves by a similar
+      amount every decade of steps (distance grows like log t);
+    * otherwise, slope < −0.25: decays slower than 1/t, the kernel keeps moving;
+    * slope ≥ −0.25: plateaus.
+    """
     if slope is None:
         return "undetermined (fewer than 3 snapshots in the tail)"
-    if slope <= -1.0:
-        return "decays to zero (slope <= -1: the kernel converges)"
+    if slope + 2 * error < -1.0:
+        return "decays faster than 1/t (the kernel converges)"
+    if slope - 2 * error <= -1.0:
+        return ("decays like 1/t (slope within 2 s.e. of -1): the per-step velocity goes to "
+                "zero, but the kernel moves by a similar amount every decade of steps")
     if slope < -0.25:
-        return "decays slowly (-1 < slope < -0.25: slower than 1/t, the kernel keeps moving)"
+        return "decays slower than 1/t (the kernel keeps moving)"
     return "plateaus (slope >= -0.25: does not decay)"
+
+
+def summarize(cell, total_steps):
+    """Adds the tail fits, the verdict and the last decade's movement to a width's series."""
+    start = _TAIL_FRACTION * total_steps
+    slope, error = tail_slope(cell["steps"], cell["velocity_relative"], start)
+    cosine_slope, cosine_error = tail_slope(cell["steps"], cell["velocity"], start)
+    steps = np.asarray(cell["steps"], np.float64)
+    distance = np.asarray(cell["distance_from_init"], np.float64)
+    at_start = float(np.interp(np.log(start), np.log(steps), distance))
+    return dict(
+        cell,
+        tail_start_step=float(start),
+        velocity_relative_tail_slope=slope,
+        velocity_relative_tail_slope_se=error,
+        velocity_tail_slope=cosine_slope,
+        velocity_tail_slope_se=cosine_error,
+        velocity_verdict=velocity_verdict(slope, error or 0.0),
+        distance_from_init_tail_start=at_start,
+        distance_from_init_growth_last_decade=float(distance[-1] - at_start),
+    )
 
 
 def relative_velocities(initial_kernel, kernels, steps):
@@ -199,9 +241,6 @@ def _train_width(width, *, model_builder, model, depth, data, num_classes, probe
     velocity = [float(s["ntk_velocity"]) for s in snapshots]
     velocity_relative = relative_velocities(initial_kernel,
                                             [s["kernel"] for s in snapshots], steps)
-    start = _TAIL_FRACTION * max(snapshot_steps)
-    slope_relative = tail_slope(steps, velocity_relative, start)
-    slope = tail_slope(steps, velocity, start)
     cell = {
         "steps": steps,
         "epochs": [int(s["epoch"]) + 1 for s in snapshots],
@@ -215,13 +254,11 @@ def _train_width(width, *, model_builder, model, depth, data, num_classes, probe
         "kernel_regression_test_error_init": initial,
         "network_test_error": [network_errors.get(s) for s in steps],
         "final_train_loss": float(history.history["loss"][-1]),
-        "velocity_tail_slope": slope,
-        "velocity_relative_tail_slope": slope_relative,
-        "velocity_verdict": velocity_verdict(slope_relative),
-        "tail_start_step": float(start),
         "wall_seconds": time.time() - started,
     }
-    logging.info("width %s: relative velocity tail slope %s → %s", width, slope_relative,
+    cell = summarize(cell, max(snapshot_steps))
+    logging.info("width %s: relative velocity tail slope %s ± %s → %s", width,
+                 cell["velocity_relative_tail_slope"], cell["velocity_relative_tail_slope_se"],
                  cell["velocity_verdict"])
     return cell
 
@@ -367,6 +404,9 @@ def run(
         report.write_json_atomic(results_path, results)
         logging.info("width %d of %d (%s) done; elapsed %.0f s", index, len(widths), key,
                      time.time() - started)
+    # The tail fits follow the current rule, also for widths read back from results.json.
+    for key in done:
+        done[key] = summarize(done[key], total_steps)
     if done:
         results["epochs"] = next(iter(done.values()))["epochs"]
     results["finished"] = all(str(int(w)) in done for w in widths)
@@ -450,6 +490,7 @@ def draw_figures(results, directory):
         errors = [np.nan if e is None else e for e in cell["network_test_error"]]
         ax.plot(cell["steps"], errors, "--", color=color, lw=0.8, label=f"network, width {width}")
     ax.set_xscale("log")
+    ax.set_yscale("log")  # a zero error is not drawn
     ax.set_xlabel("step")
     ax.set_ylabel("test error")
     ax.set_title(f"kernel regression on {results['num_probe']} probe inputs (dotted: Θ0)",
