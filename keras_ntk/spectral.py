@@ -164,10 +164,9 @@ class NystromNTK:
             when no columns were sampled.
     """
 
-    def __init__(self, model, x, landmarks, landmark_x, projection, factor, trace,
+    def __init__(self, model, landmarks, landmark_x, projection, factor, trace,
                  residual_trace, sampled_error, options):
         self._model = model
-        self._x = x
         self.landmarks = landmarks
         self._landmark_x = landmark_x
         self._projection = projection  # U_r Λ_r^{-1/2}, (m, r)
@@ -337,5 +336,5 @@ def nystrom_ntk(model, x, landmarks, *, trace_axes=(-1,), implementation="auto",
         approx = factor @ factor[pick].T
         norm = np.linalg.norm(exact)
         sampled = float(np.linalg.norm(exact - approx) / norm) if norm > 0 else 0.0
-    return NystromNTK(model, x_host, index, landmark_x, projection, factor, diagonal.sum(),
-                      residual_trace, sampled, {k: v for k, v in options.items()})
+    return NystromNTK(model, index, landmark_x, projection, factor, diagonal.sum(),
+                      residual_trace, sampled, dict(options))
