@@ -152,7 +152,7 @@ def test_run_resumes_without_recomputing_finished_cells(tmp_path, monkeypatch):
         model_builders={"mlp": functools.partial(models.mlp, widths=(16,))},
         methods=["network", "entk_init", "after_kernel"], n0s=[20], sizes=[10, 30],
         seeds=[0, 1], num_train=200, num_test=60, num_validation=30, train_steps=20,
-        num_bootstrap=20, write_figures=False)
+        num_bootstrap=20, write_figures=False, network_loss="cross_entropy")
     partial = run(max_new_cells=3)
     assert not partial["finished"] and len(partial["cells"]) == 3
     assert calls == {"train": 3, "kernel": 0}
@@ -161,6 +161,8 @@ def test_run_resumes_without_recomputing_finished_cells(tmp_path, monkeypatch):
     assert full["finished"] and len(full["cells"]) == 8
     # 1 more network cell + 2 after-kernel pre-trainings; 4 kernel cells.
     assert calls == {"train": 6, "kernel": 4}
+    assert full["methods"]["network"]["loss_name"] == "cross_entropy"
+    assert full["methods"]["entk_init"]["loss_name"] == "mse"
     assert all(full["cells"][key] == value for key, value in first_cells.items())
     again = run()
     assert calls == {"train": 6, "kernel": 4}
@@ -218,3 +220,35 @@ def test_paired_exponent_difference():
     assert high - low < separate[0]["alpha_interval"][1] - separate[0]["alpha_interval"][0]
     with pytest.raises(ValueError, match="same shape"):
         data_scaling.paired_exponent_difference(n, a, b[:, :3])
+
+
+def test_losses_and_error_against_keras():
+    rng = np.random.RandomState(0)
+    logits = rng.normal(size=(9, 4))
+    labels = rng.randint(0, 4, size=9)
+    reference = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(labels, logits)
+    np.testing.assert_allclose(data_scaling.cross_entropy(logits, labels), float(reference),
+                               rtol=1e-5)
+    one_hot = np.eye(4)[labels]
+    np.testing.assert_allclose(data_scaling.mse(logits, one_hot),
+                               float(keras.losses.MeanSquaredError()(one_hot, logits)), rtol=1e-5)
+    assert data_scaling.error_rate(one_hot, labels) == 0.0
+    assert data_scaling.error_rate(-one_hot, labels) == 1.0
+
+
+@pytest.mark.parametrize("study", ["data_scaling", "kernel_evolution"])
+def test_every_gin_config_parses(study):
+    import gin
+
+    from experiments import configurables, launcher  # noqa: F401 (registers the names)
+
+    directory = os.path.join(ROOT, "gin_configs", study)
+    gin.add_config_file_search_path(launcher.GIN_CONFIGS_DIR)
+    try:
+        for name in sorted(os.listdir(directory)):
+            gin.clear_config()
+            gin.parse_config_file(os.path.join(directory, name))
+            if name != "base.gin":
+                assert gin.query_parameter(f"{study}.run.dataset") in ("digits", "cifar10"), name
+    finally:
+        gin.clear_config()
