@@ -355,7 +355,8 @@ def _acos(c):
     27 ns per float64 on this machine, most of a convolutional kernel's time);
     this polynomial form is fused and vectorized by XLA (8× faster) and within
     3 ulp of numpy's arccos (2 measured, tests/test_infinite.py). Range
-    reduction: |c| ≤ 1/2: π/2 − arcsin(c); c > 1/2: 2 arcsin(√((1 − c)/2)); c < −1/2: π − 2 arcsin(√((1 + c)/2)).
+    reduction: |c| ≤ 1/2: π/2 − arcsin(c); c > 1/2: 2 arcsin(√((1 − c)/2));
+    c < −1/2: π − 2 arcsin(√((1 + c)/2)).
     """
     magnitude = tf.abs(c)
     small = magnitude <= 0.5
@@ -364,7 +365,7 @@ def _acos(c):
 
 
 def _asin(x):
-    """arcsin(x) on [−1, 1] (see `_acos`): |x| > 1/2 uses π/2 − 2 arcsin(√((1 − |x|)/2))."""
+    """arcsin(x) on [−1, 1] (see `_acos`); |x| > 1/2: π/2 − 2 arcsin(√((1 − |x|)/2))."""
     magnitude = tf.abs(x)
     small = magnitude <= 0.5
     r = _asin_small(tf.where(small, x, tf.sqrt((1.0 - magnitude) * 0.5)))
@@ -721,7 +722,8 @@ def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
         jit_compile = _spatial_entries(steps, pairs) > _XLA_MIN_ENTRIES
     elif not isinstance(jit_compile, bool):
         raise TypeError(
-            f"Expected `jit_compile` to be None, True or False. Received: jit_compile={jit_compile!r}"
+            "Expected `jit_compile` to be None, True or False. "
+            f"Received: jit_compile={jit_compile!r}"
         )
     if batch_size is None:
         budget = _DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)

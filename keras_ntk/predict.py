@@ -117,14 +117,13 @@ def kernel_regression(k_train, k_test_train, y_train, ridge=0.0, *, fx_train_0=N
 def _check_schedule(learning_rate, t, discrete, momentum):
     """Validates the training schedule; returns the times as a float64 array."""
     if not np.isfinite(learning_rate) or learning_rate <= 0:
-        raise ValueError(
-            f"Expected `learning_rate` to be a positive float. Received: learning_rate={learning_rate}"
-        )
+        raise ValueError("Expected `learning_rate` to be a positive float. "
+                         f"Received: learning_rate={learning_rate}")
     times = np.asarray(t, dtype=np.float64)
     if np.any(np.isnan(times)) or np.any(times < 0):
         raise ValueError(f"Expected `t` ≥ 0 (np.inf allowed). Received: t={t}")
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.floating, np.integer)) \
-            or not 0.0 <= momentum < 1.0:
+    numeric = (int, float, np.floating, np.integer)
+    if isinstance(momentum, bool) or not isinstance(momentum, numeric) or not 0.0 <= momentum < 1.0:
         raise ValueError(f"Expected `momentum` in [0, 1). Received: momentum={momentum!r}")
     if momentum and not discrete:
         raise ValueError(
