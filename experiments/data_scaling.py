@@ -336,10 +336,9 @@ class _Progress:
     def __init__(self, total):
         self.total, self.done, self.computed, self.start = total, 0, 0, time.time()
 
-    def skip(self, label):
+    def skip(self, label, why="already finished"):
         self.done += 1
-        logging.info("cell %d of %d (%s): already finished, skipped", self.done, self.total,
-                     label)
+        logging.info("cell %d of %d (%s): %s, skipped", self.done, self.total, label, why)
 
     def finish(self, label):
         self.done += 1
@@ -608,7 +607,7 @@ def run(
                     infinite_skipped = str(error)
                     logging.warning("infinite_ntk skipped: %s", error)
             if infinite_kernel is None:
-                progress.skip(cell_id)
+                progress.skip(cell_id, "no infinite NTK for this architecture")
                 continue
             cell = kernel_method_errors(infinite_kernel, layout, y_union, num_classes, seed,
                                         sizes, ridge_factors)
@@ -814,7 +813,8 @@ def draw_figures(results, directory):
         ax.set_yscale("log")
         ax.set_xlabel("training-set size n")
         ax.set_ylabel(label)
-        ax.set_title(f"{results['dataset']}: {label} vs n")
+        model = results.get("settings", {}).get("model", "")
+        ax.set_title(f"{results['dataset']}, {model}: {label} vs n", fontsize=10)
         ax.legend(fontsize=7)
         path = os.path.join(directory, f"{key}_vs_n.png")
         with tf.io.gfile.GFile(path, "wb") as f:
