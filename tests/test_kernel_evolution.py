@@ -102,8 +102,8 @@ def test_series_match_numpy_on_saved_kernels(smoke_run):
     for i in range(1, len(kernels)):
         a, b = kernels[i - 1], kernels[i]
         cosine = np.sum(a * b) / np.linalg.norm(a) / np.linalg.norm(b)
-        np.testing.assert_allclose(cell["velocity"][i - 1], (1 - cosine) / (steps[i] - steps[i - 1]),
-                                   rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(cell["velocity"][i - 1],
+                                   (1 - cosine) / (steps[i] - steps[i - 1]), rtol=1e-6, atol=1e-12)
         np.testing.assert_allclose(cell["velocity_relative"][i - 1],
                                    np.linalg.norm(b - a) / np.linalg.norm(a)
                                    / (steps[i] - steps[i - 1]), rtol=1e-6)
