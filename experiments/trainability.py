@@ -798,7 +798,7 @@ def figure_mean_predictor(diagrams, path):
                 axes[row][col].plot([diagram["depth"][j] for j in flagged],
                                     [max(values[j], 1e-12) for j in flagged], "x",
                                     color="black", ms=8)
-        axes[0][col].set_title(f"{diagram['activation']}: mean predictor P(Θ)Y (blue ordered, "
+        axes[0][col].set_title(f"{diagram['activation']}: mean predictor P(Θ)Y\n(blue ordered, "
                                "red chaotic; × float64-limited)", fontsize=9)
         axes[0][col].set_ylabel("test accuracy")
         axes[0][col].set_ylim(0, 1)
