@@ -16,7 +16,7 @@ Per width and snapshot, results.json holds
   between them. For small changes this distance is QUADRATIC in the change
   (1 − cos φ ≈ φ²/2), so with log-spaced snapshots (gaps ∝ t) it reads as
   v² · t rather than a rate;
-* `velocity_relative`: ‖Θb − Θa‖_F / ‖Θa‖_F divided by the steps between
+* `velocity_relative`: NTKTracker's `ntk_relative_velocity`, ‖Θb − Θa‖_F / ‖Θa‖_F divided by the steps between
   the snapshots, linear in the change: the rate the verdict is based on;
 * `distance_from_init` (cosine, NTKTracker's), `alignment` (centred
   kernel-target alignment with one-hot labels on the whole probe set),
@@ -126,17 +126,6 @@ def summarize(cell, total_steps):
     )
 
 
-def relative_velocities(initial_kernel, kernels, steps):
-    """‖Θb − Θa‖_F / ‖Θa‖_F / (step_b − step_a) between consecutive snapshots (Θ0 at step 0)."""
-    out, previous, previous_step = [], np.asarray(initial_kernel, np.float64), 0
-    for kernel, step in zip(kernels, steps):
-        kernel = np.asarray(kernel, np.float64)
-        change = np.sqrt(np.sum(np.square(kernel - previous))) / np.sqrt(np.sum(previous**2))
-        out.append(float(change / max(step - previous_step, 1)))
-        previous, previous_step = kernel, step
-    return out
-
-
 def _width_kwargs(model, width, depth):
     if model == "mlp":
         return {"widths": (int(width),) * int(depth)}
@@ -199,10 +188,6 @@ def _train_width(width, *, model_builder, model, depth, data, num_classes, probe
             logits = np.asarray(network(test_x, training=False))
             network_errors[step] = data_scaling.error_rate(logits, test_y)
 
-    ntk_kwargs = dict(batch_size=ntk_batch_size, implementation=ntk_implementation)
-    # Θ0 on the probe (the tracker computes the same kernel; it keeps its copy private).
-    initial_kernel = np.asarray(keras_ntk.empirical_ntk(network, probe_x, **ntk_kwargs),
-                                np.float64)
     started = time.time()
     progress = {"next": 0}
 
@@ -228,6 +213,7 @@ def _train_width(width, *, model_builder, model, depth, data, num_classes, probe
                                     profile_batch=0),
     ])
     snapshots = tracker.history
+    initial_kernel = tracker.initial_kernel  # Θ0 on the probe
     steps = [int(s["step"]) for s in snapshots]
     kernel_errors = []
     for snapshot in snapshots:
@@ -239,8 +225,7 @@ def _train_width(width, *, model_builder, model, depth, data, num_classes, probe
                                                 num_classes, seed, [layout["num_candidates"]],
                                                 ridge_factors)["test_error"][0]
     velocity = [float(s["ntk_velocity"]) for s in snapshots]
-    velocity_relative = relative_velocities(initial_kernel,
-                                            [s["kernel"] for s in snapshots], steps)
+    velocity_relative = [float(s["ntk_relative_velocity"]) for s in snapshots]
     cell = {
         "steps": steps,
         "epochs": [int(s["epoch"]) + 1 for s in snapshots],

@@ -16,6 +16,7 @@ from keras_ntk.linearize import Linearize
 _LOG_KEYS = (
     "ntk_distance_from_init",
     "ntk_velocity",
+    "ntk_relative_velocity",
     "ntk_alignment",
     "ntk_trace",
     "ntk_condition",
@@ -112,7 +113,9 @@ class NTKTracker(keras.callbacks.Callback):
     * `ntk_distance_from_init`: 1 − ⟨Θ0, Θt⟩_F / (‖Θ0‖_F ‖Θt‖_F);
     * `ntk_velocity`: the same distance between this and the previous
       snapshot, divided by the epochs between them (by the steps between
-      them for `every_n_steps` snapshots);
+      them for `every_n_steps` snapshots). A cosine distance is quadratic in
+      small changes; `ntk_relative_velocity`, ‖Θt − Θs‖_F/‖Θs‖_F per epoch
+      (or step), is linear in them: read it as a rate (log-spaced snapshots);
     * `ntk_alignment`: centred kernel-target alignment of Θt with
       `probe_labels` (NaN without labels; pass ±1 for binary tasks, one-hot
       rows for classes);
@@ -223,6 +226,11 @@ class NTKTracker(keras.callbacks.Callback):
 
     # --------------------------------------------------------------- kernels
 
+    @property
+    def initial_kernel(self):
+        """Θ0 on the probe inputs (numpy, float64), or None before training starts."""
+        return getattr(self, "_initial_kernel", None)
+
     def _kernel(self):
         """Θ on the probe inputs (float64), and {layer: Θ_l} with `per_layer`, else None."""
         from keras_ntk.ntk import empirical_ntk  # noqa: PLC0415 (import cycle)
@@ -313,6 +321,9 @@ class NTKTracker(keras.callbacks.Callback):
         values = {
             "ntk_distance_from_init": metrics.kernel_distance(self._initial_kernel, kernel),
             "ntk_velocity": metrics.kernel_velocity(previous_kernel, kernel, dt=elapsed),
+            "ntk_relative_velocity": metrics.relative_kernel_velocity(
+                previous_kernel, kernel, dt=elapsed
+            ),
             "ntk_alignment": (
                 math.nan
                 if self.probe_labels is None

@@ -153,6 +153,35 @@ def kernel_velocity(previous_kernel, next_kernel, dt=1.0):
     return kernel_distance(previous_kernel, next_kernel) / float(dt)
 
 
+def relative_kernel_velocity(previous_kernel, next_kernel, dt=1.0):
+    """Relative Frobenius change per unit of time between consecutive snapshots.
+
+    v = ‖Θ_{t+dt} − Θ_t‖_F / ‖Θ_t‖_F / dt. Unlike `kernel_velocity`, whose
+    cosine distance is quadratic in small changes (1 − cos φ ≈ φ²/2), this is
+    linear in the change, so it reads as a rate when snapshots are unevenly
+    spaced (e.g. log-spaced steps) and also sees changes of scale.
+
+    Args:
+        previous_kernel: N×N kernel at time t (nonzero).
+        next_kernel: N×N kernel at time t + dt.
+        dt: the time between the two snapshots (> 0).
+
+    Returns:
+        A float.
+    """
+    if not dt > 0:
+        raise ValueError(f"Expected a positive time step. Received: dt={dt}")
+    a, b = _as_kernel(previous_kernel), _as_kernel(next_kernel)
+    if a.shape != b.shape:
+        raise ValueError(
+            f"Expected two kernels of the same shape. Received: shapes {a.shape} and {b.shape}"
+        )
+    norm = np.linalg.norm(a)
+    if norm == 0:
+        raise ValueError("Expected a nonzero previous kernel. Received: ‖Θ_t‖_F = 0")
+    return float(np.linalg.norm(b - a) / norm / float(dt))
+
+
 def spectrum(kernel, k=None):
     """Eigenvalues of a symmetric kernel, in descending order (float64).
 

@@ -15,6 +15,7 @@ from keras_ntk.callbacks import NTKTracker, load_ntk_history
 KEYS = (
     "ntk_distance_from_init",
     "ntk_velocity",
+    "ntk_relative_velocity",
     "ntk_alignment",
     "ntk_trace",
     "ntk_condition",
@@ -79,6 +80,7 @@ def test_logs_history_and_csv_match_metrics_of_saved_kernels(tmp_path):
         expected = {
             "ntk_distance_from_init": metrics.kernel_distance(initial, kernel),
             "ntk_velocity": metrics.kernel_distance(previous, kernel),
+            "ntk_relative_velocity": np.linalg.norm(kernel - previous) / np.linalg.norm(previous),
             "ntk_alignment": metrics.kernel_alignment(kernel, probe_y, centered=True),
             "ntk_trace": np.trace(kernel),
             "ntk_condition": metrics.condition_number(kernel),
@@ -88,6 +90,7 @@ def test_logs_history_and_csv_match_metrics_of_saved_kernels(tmp_path):
             assert float(rows[epoch][key]) == pytest.approx(value, rel=1e-5)
         previous = kernel
     assert all(key in rows[0] for key in KEYS)
+    np.testing.assert_array_equal(tracker.initial_kernel, initial)
     # The network's kernel moves; its weights move.
     assert history.history["ntk_distance_from_init"][-1] > 1e-4
     assert history.history["weight_distance_from_init"][-1] > 0

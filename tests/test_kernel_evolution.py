@@ -51,14 +51,6 @@ def test_tail_slope_and_verdict(slope):
     assert kernel_evolution.velocity_verdict(None).startswith("undetermined")
 
 
-def test_relative_velocities_by_hand():
-    k0 = np.eye(2)
-    k1 = np.array([[2.0, 0.0], [0.0, 1.0]])
-    k2 = np.array([[2.0, 1.0], [1.0, 1.0]])
-    velocities = kernel_evolution.relative_velocities(k0, [k1, k2], [2, 6])
-    np.testing.assert_allclose(velocities, [1 / np.sqrt(2) / 2, np.sqrt(2) / np.sqrt(5) / 4])
-
-
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     output = tmp_path_factory.mktemp("evolution")

@@ -129,3 +129,20 @@ def test_accepts_tensors():
     tf = pytest.importorskip("tensorflow")
     kernel = tf.constant(random_psd(4), dtype=tf.float32)
     assert metrics.kernel_distance(kernel, kernel) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_relative_kernel_velocity_is_linear_and_sees_scale():
+    a = np.eye(3)
+    # A change of scale: invisible to the cosine distance, a relative change of 1.
+    assert metrics.kernel_velocity(a, 2 * a) == pytest.approx(0.0, abs=1e-12)
+    assert metrics.relative_kernel_velocity(a, 2 * a, dt=4) == pytest.approx(0.25)
+    # Linear in the change: doubling a small perturbation doubles it.
+    e = np.zeros((3, 3))
+    e[0, 1] = e[1, 0] = 1e-3
+    small = metrics.relative_kernel_velocity(a, a + e)
+    assert metrics.relative_kernel_velocity(a, a + 2 * e) == pytest.approx(2 * small)
+    assert small == pytest.approx(np.sqrt(2) * 1e-3 / np.sqrt(3))
+    with pytest.raises(ValueError, match="Received: dt=0"):
+        metrics.relative_kernel_velocity(a, a, dt=0)
+    with pytest.raises(ValueError, match="Received: shapes"):
+        metrics.relative_kernel_velocity(a, np.eye(2))
