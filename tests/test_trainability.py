@@ -209,3 +209,40 @@ def test_bad_settings_raise_before_work(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
         trainability.run(output_dir=str(tmp_path), strategy=None, **kwargs)
     assert not os.listdir(tmp_path)  # Nothing written.
+
+
+def test_cifar10_config_on_mock_data(tmp_path):
+    """cifar10.gin reads CIFAR-10 through tfds (mocked here: no download), 32×32×3 inputs."""
+    import gin
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    from experiments import configurables
+
+    gin.add_config_file_search_path(os.path.join(ROOT, "gin_configs"))
+    gin.parse_config_files_and_bindings(
+        [os.path.join(ROOT, "gin_configs", "trainability", "cifar10.gin")],
+        ["trainability.run.num_train = 12", "trainability.run.num_test = 6",
+         "trainability.run.relu_sigma_w2 = [2.0]", "trainability.run.erf_sigma_w2 = [3.0]",
+         "trainability.run.depths = [1, 2]", "trainability.run.times = [1]",
+         # CNN-GAP on 32×32 keeps (32·32)² numbers per pair: left to the accelerator run.
+         "trainability.run.architectures = ['fcn', 'cnn_flatten']",
+         "trainability.run.architecture_depths = [1]",
+         "trainability.run.architecture_num_train = 8",
+         "trainability.run.architecture_num_test = 4",
+         "trainability.run.finite_widths = [8]", "trainability.run.finite_seeds = [0]",
+         "trainability.run.finite_num_train = 8", "trainability.run.finite_steps = 1",
+         "trainability.run.write_figures = False"],
+    )
+    try:
+        with tfds.testing.mock_data(num_examples=24):
+            results = configurables.STUDIES["trainability"](
+                output_dir=str(tmp_path), strategy=tf.distribute.get_strategy())
+    finally:
+        gin.clear_config()
+    assert results["dataset"] == "cifar10"
+    assert (results["num_train"], results["num_test"]) == (12, 6)
+    assert results["architecture_setup"]["num_train"] == 8
+    assert set(results["architectures"]) == {"fcn", "cnn_flatten"}
+    for diagram in results["phase_diagram"]:
+        assert np.asarray(diagram["condition_number"]).shape == (1, 2)
