@@ -767,15 +767,6 @@ def _write_summaries(output_dir, results):
     writer.flush()
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def draw_figures(results, directory):
     """test_error_vs_n.png and test_loss_vs_n.png: log-log, one line per method.
 
@@ -784,7 +775,9 @@ def draw_figures(results, directory):
     """
     import tensorflow as tf
 
-    plt = _pyplot()
+    from experiments import report
+
+    plt = report.pyplot()
     tf.io.gfile.makedirs(directory)
     n = np.asarray(results["n"], np.float64)
     for key, alpha_key, intercept_key, label in (
@@ -816,9 +809,7 @@ def draw_figures(results, directory):
         model = results.get("settings", {}).get("model", "")
         ax.set_title(f"{results['dataset']}, {model}: {label} vs n", fontsize=10)
         ax.legend(fontsize=7)
-        path = os.path.join(directory, f"{key}_vs_n.png")
-        with tf.io.gfile.GFile(path, "wb") as f:
-            fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+        report.save_figure(fig, os.path.join(directory, f"{key}_vs_n.png"))
         plt.close(fig)
 
 

@@ -401,27 +401,19 @@ def run(
     return results
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def draw_figures(results, directory):
     """velocity.png, distance_from_init.png, alignment.png, kernel_regression.png (per width)."""
     import tensorflow as tf
 
-    plt = _pyplot()
+    from experiments import report
+
+    plt = report.pyplot()
     tf.io.gfile.makedirs(directory)
     widths = sorted(results["widths"].items(), key=lambda item: int(item[0]))
     per_epoch = results["steps_per_epoch"]
 
     def save(fig, name):
-        with tf.io.gfile.GFile(os.path.join(directory, name), "wb") as f:
-            fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+        report.save_figure(fig, os.path.join(directory, name))
         plt.close(fig)
 
     def epoch_axis(ax):

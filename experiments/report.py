@@ -42,7 +42,8 @@ def read_json(path):
         return json.load(f)
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot with the non-interactive Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,7 +52,8 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path):
+def save_figure(fig, path):
+    """Writes `fig` as a PNG to `path` (local or gs://), creating its directory."""
     import tensorflow as tf
 
     tf.io.gfile.makedirs(os.path.dirname(path))
@@ -81,7 +83,7 @@ def _task_name(task, k):
 
 def figure_accuracy_vs_k(results, path):
     """Test accuracy vs eigenfunction index k: network and linearizations."""
-    plt = _pyplot()
+    plt = pyplot()
     groups = _grouped(results["runs"])
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
     for ax, (model, cells) in zip(axes[0], groups.items()):
@@ -106,13 +108,13 @@ def figure_accuracy_vs_k(results, path):
         ax.set_ylabel("test accuracy")
         ax.set_title(model)
         ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
 def figure_alignment(results, path):
     """Kernel-target alignment of the eNTK at θ0 and at θT, per task."""
-    plt = _pyplot()
+    plt = pyplot()
     groups = _grouped(results["runs"])
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
     for ax, (model, cells) in zip(axes[0], groups.items()):
@@ -126,13 +128,13 @@ def figure_alignment(results, path):
         ax.set_ylabel("kernel-target alignment")
         ax.set_title(model)
         ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
 def figure_projection(results, path):
     """a_j = v_jᵀ ΘT v_j in the eigenbasis of Θ0, against the eigenvalues of Θ0."""
-    plt = _pyplot()
+    plt = pyplot()
     groups = _grouped(results["runs"])
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
     for ax, (model, cells) in zip(axes[0], groups.items()):
@@ -150,13 +152,13 @@ def figure_projection(results, path):
         ax.set_ylabel("a_j")
         ax.set_title(model)
         ax.legend(fontsize=6)
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
 def figure_energy(results, path):
     """Cumulative energy of the ±1 labels in the eigenbasis of Θ0."""
-    plt = _pyplot()
+    plt = pyplot()
     groups = _grouped(results["runs"])
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
     for ax, (model, cells) in zip(axes[0], groups.items()):
@@ -169,7 +171,7 @@ def figure_energy(results, path):
         ax.set_ylabel("cumulative label energy")
         ax.set_title(model)
         ax.legend(fontsize=6)
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
