@@ -675,20 +675,15 @@ def run(
 
 
 def _pyplot():
-    import matplotlib
+    from experiments import report
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return report.pyplot()
 
 
 def _save(fig, path):
-    import tensorflow as tf
+    from experiments import report
 
-    tf.io.gfile.makedirs(os.path.dirname(path))
-    with tf.io.gfile.GFile(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+    report.save_figure(fig, path)
 
 
 def _edges(values, log):
