@@ -36,7 +36,9 @@ al. 2016; Schoenholz et al. 2017; Xiao et al. 2020): `q_star`, `c_star`,
 """
 
 import collections
+import concurrent.futures
 import math
+import os
 
 import keras
 import numpy as np
@@ -578,6 +580,8 @@ class _Compiled:
 _XLA_MIN_ENTRIES = 1 << 26
 # Bytes of one block's kernel on the XLA path (automatic batch_size).
 _XLA_BLOCK_BYTES = 2 << 20
+# Threads running compiled blocks side by side (at most the CPU count).
+_XLA_WORKERS = 4
 
 
 def _spatial_entries(steps, pairs):
@@ -766,18 +770,31 @@ def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
     ntk = np.zeros((len(x1), len(x2)), np_dtype)
     rows = _blocks(len(x1), b1)
     cols = rows if same else _blocks(len(x2), b2)
-    for i, (r0, r1) in enumerate(rows):
-        for j, (c0, c1) in enumerate(cols):
-            if same and j < i:
-                continue
-            k, t = compiled.cross(
-                tf.constant(x1[r0:r1]), tf.constant(x2[c0:c1]),
-                [v[r0:r1] for v in vars1], [v[c0:c1] for v in vars2])
-            nngp[r0:r1, c0:c1] = k.numpy()
-            ntk[r0:r1, c0:c1] = t.numpy()
-            if same and j > i:
-                nngp[c0:c1, r0:r1] = nngp[r0:r1, c0:c1].T
-                ntk[c0:c1, r0:r1] = ntk[r0:r1, c0:c1].T
+    blocks = [(r, c) for i, r in enumerate(rows) for j, c in enumerate(cols)
+              if not same or j >= i]
+
+    def compute(block):
+        (r0, r1), (c0, c1) = block
+        k, t = compiled.cross(
+            tf.constant(x1[r0:r1]), tf.constant(x2[c0:c1]),
+            [v[r0:r1] for v in vars1], [v[c0:c1] for v in vars2])
+        nngp[r0:r1, c0:c1] = k.numpy()
+        ntk[r0:r1, c0:c1] = t.numpy()
+        if same and (r0, r1) != (c0, c1):
+            nngp[c0:c1, r0:r1] = nngp[r0:r1, c0:c1].T
+            ntk[c0:c1, r0:r1] = ntk[r0:r1, c0:c1].T
+
+    if jit_compile and len(blocks) > 1:
+        # A compiled cache-sized block keeps about 1.4 cores busy: run blocks
+        # side by side (disjoint slices of the results; TensorFlow releases
+        # the GIL while it computes).
+        workers = min(_XLA_WORKERS, os.cpu_count() or 1, len(blocks))
+        with concurrent.futures.ThreadPoolExecutor(workers) as executor:
+            for _ in executor.map(compute, blocks):
+                pass
+    else:
+        for block in blocks:
+            compute(block)
     nngp, ntk = nngp[:n1, :n2], ntk[:n1, :n2]
     return InfiniteKernels(nngp, ntk)
 
