@@ -404,8 +404,10 @@ def test_jit_compiled_fit_matches_graph_fit():
     np.testing.assert_allclose(results[1], results[0], rtol=1e-4, atol=1e-5)
 
 
-def test_jit_compiled_fit_compiles_the_train_step_once(tmp_path):
-    """Differentiating through the accumulator made XLA recompile every step."""
+@pytest.mark.parametrize("order", [1, 2])
+def test_jit_compiled_fit_compiles_the_train_step_once(tmp_path, order):
+    """Differentiating through the accumulator (or, for order 2, nesting two
+    accumulators) made XLA recompile every step."""
     dump = tmp_path / "xla"
     script = textwrap.dedent(
         f"""
@@ -415,7 +417,7 @@ def test_jit_compiled_fit_compiles_the_train_step_once(tmp_path):
         keras.utils.set_random_seed(0)
         net = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu"),
                                 keras.layers.Dense(1)])
-        lin = keras.Sequential([keras.Input((6,)), keras_ntk.Linearize(net)])
+        lin = keras.Sequential([keras.Input((6,)), keras_ntk.Linearize(net, order={order})])
         lin.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="mse",
                     jit_compile=True)
         lin.fit(np.random.randn(32, 6), np.random.randn(32, 1), batch_size=8, epochs=3,
