@@ -12,10 +12,10 @@ deep neural networks":
    chaotic phase (χ1 = σw²/2, q* infinite for σw² ≥ 2): its grid stops at
    the critical line σw² = 2. κ at or above the float64 resolution
    (λmin ≤ n·ε·λmax) is flagged `condition_at_float64_bound` and stored as
-   min(λmax/max(λmin, ε λmax), 1/ε) ≈ 4.5e15. In the chaotic phase the
-   self-correlation c = 1 of Θ(x, x) is an unstable fixed point, so rounding
-   grows like ε·χ1^depth: cells where that exceeds 1e-3 are flagged
-   `diagonal_float64_unreliable`.
+   min(λmax/max(λmin, ε λmax), 1/ε) ≈ 4.5e15. (In the chaotic phase the
+   self-correlation c = 1 of Θ(x, x) is an unstable fixed point;
+   `infinite_kernels` takes the diagonal from the exact self recursion, so
+   deep chaotic cells keep an exact diagonal.)
    Test accuracy of the infinite network trained by gradient descent on MSE
    (`keras_ntk.predict.gradient_descent_mse`, discrete steps) after t steps
    at the learning rate η = `learning_rate_fraction` × η_max, where
@@ -310,12 +310,6 @@ def _assemble_diagram(activation, grid, depths, sigma_b2, table, times, learning
         "xi_1": [f["xi_1"] for f in fields],
         "xi_c_star": [f["xi_c_star"] for f in fields],
         "critical_sigma_w2": critical_sigma_w2(activation, sigma_b2),
-        # In the chaotic phase c = 1 is an unstable fixed point of the correlation map: a
-        # rounding error ε in the self-correlation of Θ(x, x) (computed as a pair) grows
-        # like ε·χ1^depth, so the diagonal is unreliable where that reaches 1e-3.
-        "diagonal_float64_unreliable": [
-            [bool(f["chi1"] > 1 and depth * math.log(f["chi1"]) + math.log(_EPS) > math.log(1e-3))
-             for depth in depths] for f in fields],
         "lambda_max": per(lambda c: c["lambda_max"]),
         "lambda_min": per(lambda c: c["lambda_min"]),
         "lambda_bulk": per(lambda c: c["lambda_bulk"]),
@@ -712,15 +706,12 @@ def _overlay_phase(ax, diagram):
 
 
 def _mark_float64(ax, diagram):
-    """'f64': κ at the float64 bound; '×': diagonal amplified rounding (chaotic phase)."""
+    """'f64': κ at the float64 bound."""
     bound = np.asarray(diagram["condition_at_float64_bound"]).T
-    unreliable = np.asarray(diagram.get("diagonal_float64_unreliable", bound.T)).T
     for i, d in enumerate(diagram["depth"]):
         for j, s in enumerate(diagram["sigma_w2"]):
             if bound[i, j]:
                 ax.text(s, d, "f64", ha="center", va="center", color="red", fontsize=7)
-            elif unreliable[i, j]:
-                ax.text(s, d, "×", ha="center", va="center", color="red", fontsize=9)
 
 
 def figure_condition(diagram, path):
@@ -739,7 +730,7 @@ def figure_condition(diagram, path):
     ax.set_xlabel("σw²")
     ax.set_ylabel("depth (hidden layers)")
     ax.set_title(f"FCN {diagram['activation']}, σb²={diagram['sigma_b2']:g}: condition number\n"
-                 "(f64: κ at the float64 bound; ×: diagonal lost to rounding, ε·χ1^depth > 1e-3)",
+                 "(f64: κ at the float64 bound)",
                  fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
     _save(fig, path)
@@ -790,8 +781,7 @@ def figure_mean_predictor(diagrams, path):
                               "o-", color=color)
             # Cells whose kernel is at the float64 limits (see figure_condition).
             flagged = [j for j in range(len(diagram["depth"]))
-                       if diagram["condition_at_float64_bound"][i][j]
-                       or diagram.get("diagonal_float64_unreliable", [[]] * (i + 1))[i][j]]
+                       if diagram["condition_at_float64_bound"][i][j]]
             for row, values in ((0, mp["test_accuracy"][i]), (1, mp["test_output_spread"][i])):
                 axes[row][col].plot([diagram["depth"][j] for j in flagged],
                                     [max(values[j], 1e-12) for j in flagged], "x",

@@ -496,6 +496,21 @@ def _first_kernels(steps, x1, x2, outer):
 
 def _self_variances(steps, x, polynomial=False):
     """Per-example self-covariances K(x, x)(p, p) before each activation step."""
+    return _self_recursion(steps, x, polynomial)[0]
+
+
+def _self_kernels(steps, x, polynomial=False):
+    """The per-example NNGP and NTK K(x, x), Θ(x, x) (shape (N,)), from the self recursion.
+
+    Each activation reads its variances from the very kernel it transforms,
+    so the correlation of an example with itself is exactly 1. The pair
+    recursion computes the same entries with c = k12/√(k11 k22) rounded, and
+    in the chaotic phase (c = 1 unstable) that error grows like χ1^depth.
+    """
+    return _self_recursion(steps, x, polynomial)[1]
+
+
+def _self_recursion(steps, x, polynomial=False):
     nngp, rest = _first_kernels(steps, x, x, outer=False)
     records = []
 
@@ -506,8 +521,9 @@ def _self_variances(steps, x, polynomial=False):
             return var[..., :, :, None, None], var[..., None, None, :, :]
         return var, var
 
-    _propagate(rest, nngp, None if rest is steps else nngp, variances, polynomial=polynomial)
-    return records
+    kernels = _propagate(rest, nngp, None if rest is steps else nngp, variances,
+                         polynomial=polynomial)
+    return records, kernels
 
 
 def _broadcast_variances(vars1, vars2, steps, outer):
@@ -560,6 +576,8 @@ class _Compiled:
         options = dict(reduce_retracing=True, jit_compile=jit_compile)
         self.self_variances = tf.function(
             lambda x: _self_variances(steps, x, jit_compile), **options)
+        self.self_kernels = tf.function(
+            lambda x: _self_kernels(steps, x, jit_compile), **options)
         self.cross = tf.function(
             lambda x1, x2, v1, v2: _cross_kernels(steps, x1, x2, v1, v2, True, jit_compile),
             **options)
@@ -795,6 +813,14 @@ def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
     else:
         for block in blocks:
             compute(block)
+    if same:
+        # The diagonal from the self recursion (exact c = 1; see _self_kernels).
+        chunk = max(batch_size * batch_size // b1, 1) * b1
+        for a, b in _blocks(len(x1), chunk):
+            k, t = compiled.self_kernels(tf.constant(x1[a:b]))
+            index = np.arange(a, b)
+            nngp[index, index] = k.numpy()
+            ntk[index, index] = t.numpy()
     nngp, ntk = nngp[:n1, :n2], ntk[:n1, :n2]
     return InfiniteKernels(nngp, ntk)
 

@@ -562,3 +562,35 @@ def test_monte_carlo_width_2048(name, float64_keras):
     for kind in (0, 1):
         assert per_seed[2048][kind] < 0.5 * per_seed[128][kind], per_seed
         assert of_mean[2048][kind] < 0.03, of_mean
+
+
+@pytest.mark.parametrize(
+    "jit_compile", [False, pytest.param(True, marks=pytest.mark.slow)]  # XLA: ~3 min to compile
+)
+def test_diagonal_is_exact_deep_in_the_chaotic_phase(jit_compile):
+    """Θ(x, x) of a depth-100 Erf FCN at σw² = 4 (χ1 > 1) against the float64 q-map.
+
+    c = 1 is unstable there: computed as a pair (c = k12/√(k11 k22) rounded), the
+    diagonal came out 1e5 times too small (found by study C).
+    """
+    depth, w2, b2 = 100, 4.0, 0.05
+    layers = [keras.Input((5,))]
+    for _ in range(depth):
+        layers += [keras_ntk.NTKDense(4, weight_std=np.sqrt(w2), bias_std=np.sqrt(b2)),
+                   keras_ntk.Erf()]
+    layers.append(keras_ntk.NTKDense(1, weight_std=np.sqrt(w2), bias_std=np.sqrt(b2)))
+    x = np.random.default_rng(0).normal(size=(7, 5))
+    kernels = keras_ntk.infinite_kernels(keras.Sequential(layers), x, jit_compile=jit_compile)
+    q, theta = np.sum(x * x, axis=1) / 5, None
+    for _ in range(depth):
+        q = w2 * q + b2
+        theta = q if theta is None else q + w2 * theta
+        # Erf at c = 1: arcsine kernel and its derivative kernel.
+        q, theta = (2 / np.pi) * np.arcsin(2 * q / (1 + 2 * q)), theta * (4 / np.pi) / np.sqrt(1 + 4 * q)
+    q = w2 * q + b2
+    theta = q + w2 * theta
+    np.testing.assert_allclose(np.diag(kernels.nngp), q, rtol=1e-12)
+    np.testing.assert_allclose(np.diag(kernels.ntk), theta, rtol=1e-10)
+    # Off the diagonal the chaotic phase decorrelates: entries far below the diagonal.
+    off = kernels.ntk[~np.eye(7, dtype=bool)]
+    assert np.all(np.abs(off) < 1e-3 * theta.min())
