@@ -195,11 +195,11 @@ class Linearize(keras.layers.Wrapper):
             in the config as positions in `layer.trainable_weights`.
         order: 1 (default) for the linear model f0 + J·δ; 2 for the
             second-order Taylor model f0 + J·δ + ½ δᵀHδ (H the Hessian of
-            each output with respect to the weights), computed with nested
-            forward-mode accumulators. Order 2 costs about two tangent
-            passes more than order 1 in the forward pass and a second-order
-            reverse pass for the δ-gradient (roughly 2-3× the cost of order
-            1); it is not available for recurrent models.
+            each output with respect to the weights): a forward-mode
+            accumulator differentiates the reverse-mode J·δ along δ, and the
+            δ-gradient is a Hessian-vector product (forward over reverse).
+            Measured 2.5× a plain training step for an MLP (order 1: 1.3-1.4×);
+            compiles once under XLA; not available for recurrent models.
         **kwargs: Base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
