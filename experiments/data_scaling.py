@@ -810,7 +810,6 @@ def draw_figures(results, directory):
         ax.set_title(f"{results['dataset']}, {model}: {label} vs n", fontsize=10)
         ax.legend(fontsize=7)
         report.save_figure(fig, os.path.join(directory, f"{key}_vs_n.png"))
-        plt.close(fig)
 
 
 def main(argv):

@@ -414,7 +414,6 @@ def draw_figures(results, directory):
 
     def save(fig, name):
         report.save_figure(fig, os.path.join(directory, name))
-        plt.close(fig)
 
     def epoch_axis(ax):
         top = ax.secondary_xaxis("top", functions=(lambda s: s / per_epoch,

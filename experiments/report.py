@@ -53,12 +53,13 @@ def pyplot():
 
 
 def save_figure(fig, path):
-    """Writes `fig` as a PNG to `path` (local or gs://), creating its directory."""
+    """Writes `fig` as a PNG to `path` (local or gs://), creating its directory, and closes it."""
     import tensorflow as tf
 
     tf.io.gfile.makedirs(os.path.dirname(path))
     with tf.io.gfile.GFile(path, "wb") as f:
         fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+    pyplot().close(fig)
 
 
 def _grouped(runs):
@@ -109,7 +110,6 @@ def figure_accuracy_vs_k(results, path):
         ax.set_title(model)
         ax.legend(fontsize=7)
     save_figure(fig, path)
-    plt.close(fig)
 
 
 def figure_alignment(results, path):
@@ -129,7 +129,6 @@ def figure_alignment(results, path):
         ax.set_title(model)
         ax.legend(fontsize=7)
     save_figure(fig, path)
-    plt.close(fig)
 
 
 def figure_projection(results, path):
@@ -153,7 +152,6 @@ def figure_projection(results, path):
         ax.set_title(model)
         ax.legend(fontsize=6)
     save_figure(fig, path)
-    plt.close(fig)
 
 
 def figure_energy(results, path):
@@ -172,7 +170,6 @@ def figure_energy(results, path):
         ax.set_title(model)
         ax.legend(fontsize=6)
     save_figure(fig, path)
-    plt.close(fig)
 
 
 FIGURES = {

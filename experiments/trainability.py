@@ -59,6 +59,7 @@ import numpy as np
 from absl import logging
 
 from experiments import launcher
+from experiments import report
 
 ARCHITECTURES = ("fcn", "cnn_flatten", "cnn_gap")
 ACTIVATIONS = ("relu", "erf")
@@ -177,8 +178,6 @@ class _Cells:
     """Finished cells, saved atomically in cells.json after each one."""
 
     def __init__(self, output_dir, settings):
-        from experiments import report
-
         self._write = report.write_json_atomic
         self.path = os.path.join(output_dir, "cells.json")
         stored = _load_json(self.path, None)
@@ -602,7 +601,6 @@ def run(
         The results dictionary (also in results.json).
     """
     from experiments import data as data_lib
-    from experiments import report
 
     del model_builders
     activations, architectures = list(activations), list(architectures)
@@ -668,18 +666,6 @@ def run(
 # ---------------------------------------------------------------- figures
 
 
-def _pyplot():
-    from experiments import report
-
-    return report.pyplot()
-
-
-def _save(fig, path):
-    from experiments import report
-
-    report.save_figure(fig, path)
-
-
 def _edges(values, log):
     v = np.log(values) if log else np.asarray(values, np.float64)
     if len(v) == 1:
@@ -715,7 +701,7 @@ def _mark_float64(ax, diagram):
 
 
 def figure_condition(diagram, path):
-    plt = _pyplot()
+    plt = report.pyplot()
     sigma, depth = diagram["sigma_w2"], diagram["depth"]
     kappa = np.log10(np.asarray(diagram["condition_number"], np.float64)).T
     fig, ax = plt.subplots(figsize=(6, 4.2))
@@ -733,12 +719,11 @@ def figure_condition(diagram, path):
                  "(f64: κ at the float64 bound)",
                  fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
-    _save(fig, path)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def figure_gd_accuracy(diagram, path):
-    plt = _pyplot()
+    plt = report.pyplot()
     sigma, depth = diagram["sigma_w2"], diagram["depth"]
     gd = diagram["gd_mse"]
     accuracy = np.asarray(gd["test_accuracy"], np.float64)  # σ × depth × t
@@ -760,12 +745,11 @@ def figure_gd_accuracy(diagram, path):
     fig.colorbar(mesh, ax=list(axes[0]), label="test accuracy")
     fig.suptitle(f"FCN {diagram['activation']}: infinite network trained by GD on MSE, "
                  f"η = {gd['learning_rate_fraction']:g}·η_max", fontsize=10)
-    _save(fig, path)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def figure_mean_predictor(diagrams, path):
-    plt = _pyplot()
+    plt = report.pyplot()
     fig, axes = plt.subplots(2, len(diagrams), figsize=(5 * len(diagrams), 6.5), squeeze=False)
     for col, diagram in enumerate(diagrams):
         chi = np.asarray(diagram["chi1"])
@@ -796,12 +780,11 @@ def figure_mean_predictor(diagrams, path):
             axes[row][col].set_xscale("log")
             axes[row][col].set_xlabel("depth")
         axes[0][col].legend(fontsize=6)
-    _save(fig, path)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def figure_architectures(architectures, setup, path):
-    plt = _pyplot()
+    plt = report.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, entry in architectures.items():
         eig = np.asarray(entry["eigenvalues"][-1])
@@ -816,12 +799,11 @@ def figure_architectures(architectures, setup, path):
     axes[1].set_title(f"{setup['num_train']} train / {setup['num_test']} test", fontsize=9)
     for ax in axes:
         ax.legend(fontsize=8)
-    _save(fig, path)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def figure_finite_width(finite, path):
-    plt = _pyplot()
+    plt = report.pyplot()
     widths = [w["width"] for w in finite["widths"]]
     fig, ax = plt.subplots(figsize=(5.5, 4))
     series = (("centred_relative_error_mean", "one net, centred f_T − f_0"),
@@ -837,8 +819,7 @@ def figure_finite_width(finite, path):
     ax.set_title(f"finite vs infinite, {finite['activation']} depth {finite['depth']}, "
                  f"T = {finite['steps']} GD steps", fontsize=9)
     ax.legend(fontsize=7)
-    _save(fig, path)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def draw_figures(results, directory):
