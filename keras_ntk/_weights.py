@@ -34,7 +34,7 @@ def iter_layers(layer, include_self=True):
     Nested models, layers held as attributes of subclassed layers/models and
     wrapped layers are all visited; a layer shared by several parents is
     yielded once. Uses only public Keras attributes plus Keras' own tracking
-    list (`_layers`), no `keras.src` import.
+    list (`_layers`); Keras' internal modules are not imported.
 
     Args:
         layer: a Keras layer or model.
