@@ -499,18 +499,14 @@ def _self_variances(steps, x, polynomial=False):
     return _self_recursion(steps, x, polynomial)[0]
 
 
-def _self_kernels(steps, x, polynomial=False):
-    """The per-example NNGP and NTK K(x, x), Θ(x, x) (shape (N,)), from the self recursion.
+def _self_recursion(steps, x, polynomial=False):
+    """The self-covariances before each activation, and K(x, x), Θ(x, x) (shape (N,)).
 
     Each activation reads its variances from the very kernel it transforms,
     so the correlation of an example with itself is exactly 1. The pair
     recursion computes the same entries with c = k12/√(k11 k22) rounded, and
     in the chaotic phase (c = 1 unstable) that error grows like χ1^depth.
     """
-    return _self_recursion(steps, x, polynomial)[1]
-
-
-def _self_recursion(steps, x, polynomial=False):
     nngp, rest = _first_kernels(steps, x, x, outer=False)
     records = []
 
@@ -576,8 +572,8 @@ class _Compiled:
         options = dict(reduce_retracing=True, jit_compile=jit_compile)
         self.self_variances = tf.function(
             lambda x: _self_variances(steps, x, jit_compile), **options)
-        self.self_kernels = tf.function(
-            lambda x: _self_kernels(steps, x, jit_compile), **options)
+        self.self_recursion = tf.function(
+            lambda x: _self_recursion(steps, x, jit_compile), **options)
         self.cross = tf.function(
             lambda x1, x2, v1, v2: _cross_kernels(steps, x1, x2, v1, v2, True, jit_compile),
             **options)
@@ -775,15 +771,19 @@ def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
     # Self-covariances per example (the blocks of pairs read them), computed in
     # chunks of about batch_size² examples, a multiple of the block side.
 
-    def variances_of(x, block):
+    def self_terms(x, block):
+        """Per-example variances before each activation, and the diagonal kernels."""
         chunk = max(batch_size * batch_size // block, 1) * block
-        parts = [compiled.self_variances(tf.constant(x[a:b])) for a, b in _blocks(len(x), chunk)]
-        if not parts or not parts[0]:
-            return []
-        return [tf.concat([p[i] for p in parts], 0) for i in range(len(parts[0]))]
+        parts = [compiled.self_recursion(tf.constant(x[a:b])) for a, b in _blocks(len(x), chunk)]
+        records = [p[0] for p in parts]
+        variances = ([] if not records or not records[0] else
+                     [tf.concat([r[i] for r in records], 0) for i in range(len(records[0]))])
+        diagonal = [np.concatenate([p[1][i].numpy() for p in parts]) if parts
+                    else np.zeros(0, np_dtype) for i in range(2)]
+        return variances, diagonal
 
-    vars1 = variances_of(x1, b1)
-    vars2 = vars1 if same else variances_of(x2, b2)
+    vars1, diagonal = self_terms(x1, b1)
+    vars2 = vars1 if same else self_terms(x2, b2)[0]
     nngp = np.zeros((len(x1), len(x2)), np_dtype)
     ntk = np.zeros((len(x1), len(x2)), np_dtype)
     rows = _blocks(len(x1), b1)
@@ -814,13 +814,9 @@ def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
         for block in blocks:
             compute(block)
     if same:
-        # The diagonal from the self recursion (exact c = 1; see _self_kernels).
-        chunk = max(batch_size * batch_size // b1, 1) * b1
-        for a, b in _blocks(len(x1), chunk):
-            k, t = compiled.self_kernels(tf.constant(x1[a:b]))
-            index = np.arange(a, b)
-            nngp[index, index] = k.numpy()
-            ntk[index, index] = t.numpy()
+        # The diagonal from the self recursion (exact c = 1; see _self_recursion).
+        index = np.arange(len(x1))
+        nngp[index, index], ntk[index, index] = diagonal
     nngp, ntk = nngp[:n1, :n2], ntk[:n1, :n2]
     return InfiniteKernels(nngp, ntk)
 
