@@ -218,11 +218,11 @@ def _train_width(width, *, model_builder, model, depth, data, num_classes, probe
     kernel_errors = []
     for snapshot in snapshots:
         scores = data_scaling.kernel_method_errors(
-            snapshot["kernel"], layout, probe_y, num_classes, seed,
+            snapshot["kernel"], layout, probe_y, num_classes,
             [layout["num_candidates"]], ridge_factors)
         kernel_errors.append(scores["test_error"][0])
     initial = data_scaling.kernel_method_errors(initial_kernel, layout, probe_y,
-                                                num_classes, seed, [layout["num_candidates"]],
+                                                num_classes, [layout["num_candidates"]],
                                                 ridge_factors)["test_error"][0]
     velocity = [float(s["ntk_velocity"]) for s in snapshots]
     velocity_relative = [float(s["ntk_relative_velocity"]) for s in snapshots]
