@@ -5,42 +5,57 @@ Reproduces the data-scaling comparison of Vyas, Nakkiran and Bansal (2022),
 for training-set sizes n on a geometric grid and several seeds, the test
 error of
 
-* `network`: the network trained to convergence from θ0 (recipe below; MSE
-  on one-hot targets or softmax cross-entropy, `network_loss`);
-* `entk_init`: kernel regression with the empirical NTK Θ(θ0) at init;
+* `network`: the network trained from θ0 to a stated criterion
+  (`stop_criterion`: zero training error, or training loss below
+  `convergence_loss`) with a step cap (`train_steps`); cells that stop at the
+  cap are counted (`cap_hits`) and marked in the figures;
+* `entk_init`: the linearized network's predictor at θ0,
+  f0(x) + Θ(x,X)(Θ + λI)⁻¹(Y − f0(X)) (the network carries f0, so this is
+  the fair init-kernel baseline; as λ → 0 it is the t → ∞ limit of gradient
+  descent on MSE of the linearized network, Lee et al. 2019);
+* `entk_init_centred`: the kernel-only predictor Θ(x,X)(Θ + λI)⁻¹Y at θ0;
 * `after_kernel_n0=<n0>`: kernel regression with the "after kernel", the
   eNTK of the same network after training from θ0 on n0 OTHER examples
-  (with the network recipe);
+  (with the network recipe); kernel-only by default (f at the pre-trained
+  weights already carries the n0 labels), with f0 when `after_kernel_f0`.
+  Run and fitted only at n ≥ n0;
 * `infinite_ntk`: kernel regression with the infinite-width NTK of the
   NTK-parameterized version of the architecture
   (`experiments.models.ntk_parameterized`; Dense/Conv2D/ReLU/Flatten/average
   pooling only: max pooling, e.g. LeNet, is not supported and is skipped).
 
-A gin switch (`methods`) chooses which run. The error is fitted as
-error ∝ n^−α; α and a bootstrap interval over seeds go to results.json,
-for the test error and for the test loss.
+Exponents (`experiments.stats`): mean ∝ n^−α by least squares on log–log
+over a stated window (`fit_window`; after-kernels from max(low, n0)), with
+95% intervals from a bootstrap over seeds AND test examples (per-example
+results are stored in `examples/`); local exponents over the
+`local_points` largest sizes; paired differences α_network − α_method with
+the same draws for both. Loss exponents are compared only when the network
+is trained with the MSE (never a cross-entropy against the kernels' MSE).
 
 Data (`_partition`): the training split is cut once (permutation with
 `split_seed`) into a validation set (`num_validation`, used only to choose
 the ridge), a pool of max(n0) examples the after-kernels are trained on, and
 the candidates the n regression/training examples are drawn from (per seed:
 a permutation of the candidates, the first n; nested in n). The three parts
-and the test split are disjoint, so on digits (1437 training images) n is at
-most 1437 − num_validation − max(n0).
+and the test split are disjoint. Sizes ≥ `large_n` may run on the first
+`seeds_large_n` seeds only.
 
-Kernel regression (`regression_path`): float64, one-hot targets Y,
-f* = Θ*(Θ + λ I)⁻¹ Y with λ = r · mean(diag Θ) and r chosen on the
-validation set (smallest validation error, ties by validation MSE) from
-`ridge_factors`. f0 is NOT subtracted (`subtract_f0` records it): the kernel
-predictor alone, not the linearized network f0 + Θ*(Θ+λ)⁻¹(Y − f0). The eNTK
-of a network with C logits is the logit-averaged kernel (`trace_axes=(-1,)`),
-used as Θ ⊗ I_C: an approximation of the full C×C-block kernel (exact for
-the infinite NTK, whose logit blocks are diagonal).
+Kernel regression (`linearized_predictions`, `regression_path`): float64,
+one-hot targets, λ = r · mean(diag Θ_train) with r chosen on the validation
+set (smallest validation error, ties by validation MSE) from
+`ridge_factors`; one eigendecomposition for all ridges up to
+`CHOLESKY_ABOVE` training examples, one in-place Cholesky per ridge above.
+The eNTK of a network with C logits is the logit-averaged kernel
+(`trace_axes=(-1,)`), used as Θ ⊗ I_C: an approximation of the full
+C×C-block kernel (exact for the infinite NTK, whose logit blocks are
+diagonal).
 
-Each eNTK is computed ONCE per (model, θ) on candidates + validation + test
-and sliced for every n (`kernel_indices`).
+Each kernel is computed ONCE per (method, seed) on that seed's union (its
+first max(n) candidates, the validation and the test inputs), stored as a
+float32 .npy and read back as a memmap, so each n loads only its blocks
+(`kernel_indices`); the file is deleted when the cell is done.
 
-Test loss: the mean over test examples and classes of (f − y)² with one-hot
+Test loss: per test example the mean over classes of (f − y)² with one-hot
 y (Keras' MSE) for the kernels and the MSE network; the softmax
 cross-entropy for a cross-entropy network (`loss_name` says which).
 
@@ -666,9 +681,10 @@ def run(
         kernel_groups += [(name, seed, [name]) for name in names if name.startswith(_AFTER)]
         if "infinite_ntk" in names:
             kernel_groups.append(("infinite_ntk", seed, ["infinite_ntk"]))
-    # Networks in increasing n (all seeds), kernels after: small results come first.
-    work.sort(key=lambda item: item[2])
-    work += kernel_groups
+    # Cheap cells first: networks in increasing n (all seeds); a seed's kernel cells right
+    # after the networks of its largest n.
+    work = sorted(work + kernel_groups, key=lambda item: (
+        (item[2], 0) if item[0] == "network" else (max(per_seed_sizes[item[1]]), 1)))
     progress = _Progress(len(work))
     new_cells = 0
     one_hot_test = np.eye(num_classes)[data.test.y]
