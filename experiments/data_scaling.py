@@ -813,7 +813,7 @@ def draw_figures(results, directory):
 
 
 def main(argv):
-    launcher.main(argv, study="data_scaling")
+    launcher.main(argv, "data_scaling", run)
 
 
 if __name__ == "__main__":

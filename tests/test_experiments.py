@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from experiments import configurables, data, linear_vs_nonlinear
+from experiments import configurables, data, launcher, linear_vs_nonlinear
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "linear_vs_nonlinear/smoke.gin"
@@ -150,11 +150,12 @@ def test_bad_gin_binding_fails_before_training(tmp_path, data_dir):
     ("tasks = ['regression']", "Known tasks: eigenfunction, binary"),
 ])
 def test_unknown_names_are_listed_before_any_work(tmp_path, binding, message):
+    run = launcher.configurable("linear_vs_nonlinear", linear_vs_nonlinear.run)
     with gin.unlock_config():
         gin.parse_config(f"linear_vs_nonlinear.run.{binding}")
     try:
         with pytest.raises(ValueError, match=message):
-            configurables.STUDIES["linear_vs_nonlinear"](
+            run(
                 output_dir=str(tmp_path), strategy=tf.distribute.get_strategy(),
                 model_builders=configurables.MODELS,
             )
@@ -177,6 +178,7 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path, data_dir):
 def test_cifar10_lenet_config_one_step_on_mock_data(tmp_path):
     import tensorflow_datasets as tfds
 
+    run = launcher.configurable("linear_vs_nonlinear", linear_vs_nonlinear.run)
     gin.add_config_file_search_path(os.path.join(ROOT, "gin_configs"))
     gin.parse_config_files_and_bindings(
         [os.path.join(ROOT, "gin_configs", "linear_vs_nonlinear", "cifar10_lenet.gin")],
@@ -194,7 +196,7 @@ def test_cifar10_lenet_config_one_step_on_mock_data(tmp_path):
     )
     try:
         with tfds.testing.mock_data(num_examples=24):
-            results = configurables.STUDIES["linear_vs_nonlinear"](
+            results = run(
                 output_dir=str(tmp_path), strategy=tf.distribute.get_strategy(),
                 model_builders=configurables.MODELS,
             )
