@@ -90,6 +90,34 @@ def test_resume_after_a_kill(interrupted_run):
     assert not (interrupted_run["output"] / "cells" / CELLS[1]).exists()
 
 
+def _flat_numbers(value):
+    if isinstance(value, dict):
+        return [v for key in sorted(value) for v in _flat_numbers(value[key])]
+    if isinstance(value, list):
+        return [v for item in value for v in _flat_numbers(item)]
+    return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
+
+
+@pytest.mark.slow  # A fourth smoke run: about a minute on the shared machine.
+def test_a_run_killed_mid_fit_equals_an_uninterrupted_one(interrupted_run, data_dir, tmp_path):
+    """Killed inside the network's fit (after 1 of 2 epochs), resumed: the same numbers."""
+    output = tmp_path / "uninterrupted"
+    run_binary(output, data_dir, TWO_EPOCHS)
+    uninterrupted = json.loads((output / "results.json").read_text())
+    resumed = json.loads((interrupted_run["output"] / "results.json").read_text())
+    assert [r["cell"] for r in resumed["runs"]] == [r["cell"] for r in uninterrupted["runs"]]
+    for got, want in zip(resumed["runs"], uninterrupted["runs"]):
+        # What training produced is bit-identical ...
+        for key in ("test_accuracy", "train_accuracy", "weight_distance", "kernel_distance",
+                    "alignment", "weight_distance_linearized_init"):
+            assert got[key] == want[key], (got["cell"], key)
+        # ... and quantities of the probe eigenvectors (LAPACK eigh in another process:
+        # threaded sums, last-bit differences, resume or not) agree to rounding.
+        assert _flat_numbers(got) == pytest.approx(_flat_numbers(want), rel=1e-12, abs=1e-15)
+    # The killed cell's fit ran epoch 2 only after the resume (not from epoch 1 again).
+    assert "after epoch 1" in interrupted_run["resumed"].stderr
+
+
 def test_smoke_config_outputs_and_numbers(interrupted_run, data_dir):
     output = interrupted_run["output"]
     results = json.loads((output / "results.json").read_text())
