@@ -8,4 +8,4 @@ from keras_ntk.linearize import Linearize
 from keras_ntk.ntk import empirical_nngp, empirical_ntk, ntk_vector_product
 from keras_ntk.spectral import NystromNTK, ntk_eigsh, nystrom_ntk
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
