@@ -272,12 +272,18 @@ def _ntvp_block(plan, x1, x2):
 # ----------------------------------------------------------------- set-up shared by the API
 
 
-class _Setup:
+class KernelSetup:
     """Validated arguments, the plan, the implementation and the block size."""
 
 
-def _setup(model, x1, x2, trace_axes, diagonal_axes, implementation, batch_size,
-           memory_budget, training, dtype, vector=False, variables=None, per_layer=False):
+def kernel_setup(model, x1, x2, trace_axes, diagonal_axes, implementation, batch_size,
+                 memory_budget, training, dtype, vector=False, variables=None,
+                 per_layer=False):
+    """A `KernelSetup` for the arguments of `empirical_ntk` (vector=True: of
+    `ntk_vector_product`): what is computed, by which implementation, in blocks
+    of how many examples (`.implementation`, `.block`). Raises the ValueError
+    of the memory budget before any kernel is computed.
+    """
     if not callable(model) or not hasattr(model, "trainable_weights"):
         raise TypeError(
             f"Expected `model` to be a Keras model or layer. Received: model={model}"
@@ -299,7 +305,7 @@ def _setup(model, x1, x2, trace_axes, diagonal_axes, implementation, batch_size,
             f"Expected `memory_budget` to be a positive number of bytes or None. "
             f"Received: memory_budget={memory_budget}"
         )
-    s = _Setup()
+    s = KernelSetup()
     s.x1 = to_host(x1, "x1")
     s.x2 = to_host(x2, "x2")
     s.same = x2 is None
@@ -522,8 +528,8 @@ def empirical_ntk(model, x1, x2=None, *, trace_axes=(-1,), diagonal_axes=(),
     # sum(parts.values()) == k
     ```
     """
-    s = _setup(model, x1, x2, trace_axes, diagonal_axes, implementation, batch_size,
-               memory_budget, training, dtype, variables=variables, per_layer=per_layer)
+    s = kernel_setup(model, x1, x2, trace_axes, diagonal_axes, implementation, batch_size,
+                     memory_budget, training, dtype, variables=variables, per_layer=per_layer)
     groups = s.plan.groups
     if groups is not None and s.implementation == "ntvp":
         # The NTK-vector products have no per-layer pieces: one kernel per group.
@@ -589,8 +595,8 @@ def ntk_vector_product(model, x1, x2, v, *, trace_axes=(-1,), diagonal_axes=(),
     kv = keras_ntk.ntk_vector_product(model, x, None, v)  # == empirical_ntk(model, x) @ v
     ```
     """
-    s = _setup(model, x1, x2, trace_axes, diagonal_axes, implementation, batch_size,
-               memory_budget, training, dtype, vector=True, variables=variables)
+    s = kernel_setup(model, x1, x2, trace_axes, diagonal_axes, implementation, batch_size,
+                     memory_budget, training, dtype, vector=True, variables=variables)
     if s.same:
         s.x2 = s.x1
     vs = list(v) if isinstance(v, (list, tuple)) else [v]

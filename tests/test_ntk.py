@@ -352,7 +352,7 @@ def test_memory_budget_error_is_raised_before_any_work(monkeypatch):
 def test_memory_budget_picks_blocks_and_stays_exact():
     model = mlp()
     x = inputs_for("mlp", 40)
-    setup = ntk_module._setup(model, x, None, (-1,), (), "auto", None, 60_000, False, None)
+    setup = ntk_module.kernel_setup(model, x, None, (-1,), (), "auto", None, 60_000, False, None)
     assert setup.block < 40  # the budget forced blocks
     assert_close(keras_ntk.empirical_ntk(model, x, memory_budget=60_000), reference(model, x))
 
@@ -360,12 +360,12 @@ def test_memory_budget_picks_blocks_and_stays_exact():
 def test_auto_picks_structured_for_dense_models_and_jacobian_otherwise():
     model = mlp()
     x = inputs_for("mlp", 8)
-    assert ntk_module._setup(model, x, None, (-1,), (), "auto", None, None, False,
-                             None).implementation == "structured"
+    assert ntk_module.kernel_setup(model, x, None, (-1,), (), "auto", None, None, False,
+                                   None).implementation == "structured"
     no_rules = keras.Sequential([keras.Input((5,)), keras.layers.LayerNormalization(),
                                  keras.layers.EinsumDense("ab,bc->ac", output_shape=2)])
-    assert ntk_module._setup(no_rules, x, None, (-1,), (), "auto", None, None, False,
-                             None).implementation == "jacobian"
+    assert ntk_module.kernel_setup(no_rules, x, None, (-1,), (), "auto", None, None, False,
+                                   None).implementation == "jacobian"
     assert_close(keras_ntk.empirical_ntk(no_rules, x), reference(no_rules, x))
 
 
