@@ -1,0 +1,285 @@
+"""Paired statistics over the same test examples, seeds aggregated as seeds.
+
+Two models scored on the same test examples are compared example by example,
+not as two independent proportions:
+
+* `mcnemar_exact(a_correct, b_correct)`: the exact McNemar test. Of the
+  discordant examples (one model right, the other wrong), under H0 each is
+  equally likely to favour either model, so the count favouring A is
+  Binomial(b + c, 1/2); the two-sided p-value is
+  min(1, 2·P(X ≤ min(b, c))), which is what `scipy.stats.binomtest(b, b + c)`
+  returns for p = 1/2 (computed here in exact integer arithmetic).
+* `mcnemar_over_seeds`: per-seed tests plus a pooled test on the discordant
+  counts summed over seeds (stated in the result).
+* `paired_bootstrap(correct, statistic)`: resamples test examples (the same
+  indices for every seed and model, so pairing is kept), evaluates the
+  statistic on per-seed accuracies averaged over seeds, and returns the
+  estimate, a percentile interval and a two-sided p-value for "statistic = 0".
+  `gap_difference` is the statistic of study A's tracking rule.
+* `mcnemar_detectable_difference`: the smallest accuracy difference the
+  McNemar test detects at level α with the given power, for n pairs and a
+  discordance rate; `compare_paired` uses it to call a non-significant
+  comparison a "tie" (it had the power to see a difference of `margin`) or
+  "inconclusive" (it had not).
+
+Seeds as seeds: accuracies are computed per seed over that seed's test
+predictions, then averaged over seeds; test examples are never pooled across
+seeds as if they were more examples.
+"""
+
+import collections
+import math
+from fractions import Fraction
+
+import numpy as np
+
+McNemarResult = collections.namedtuple(
+    "McNemarResult", ["p_value", "a_only", "b_only", "n", "difference"])
+McNemarResult.__doc__ = """Exact McNemar test of two models on the same n examples.
+
+p_value: two-sided exact binomial p on the discordant pairs. a_only: examples
+only A got right. b_only: only B. difference: (a_only − b_only)/n, the
+accuracy difference acc(A) − acc(B).
+"""
+
+BootstrapResult = collections.namedtuple(
+    "BootstrapResult", ["estimate", "interval", "p_value", "num_resamples", "confidence"])
+
+
+def _as_correct(values, name):
+    array = np.asarray(values)
+    if array.ndim != 1:
+        raise ValueError(f"Expected a 1-D array of per-example correctness. "
+                         f"Received: {name} with shape {array.shape}")
+    if array.dtype != bool and not np.isin(array, (0, 1)).all():
+        raise ValueError(f"Expected {name} to hold 0/1 or booleans. "
+                         f"Received: {name} with values {np.unique(array)[:5]}")
+    return array.astype(bool)
+
+
+def binomial_two_sided_half(successes, trials):
+    """Exact two-sided p-value of `successes` in `trials` under Binomial(trials, 1/2).
+
+    p = min(1, 2·Σ_{i ≤ min(s, t−s)} C(t, i) / 2^t), in exact integer
+    arithmetic (no floating-point tail sums).
+    """
+    successes, trials = int(successes), int(trials)
+    if not 0 <= successes <= trials:
+        raise ValueError(f"Expected 0 <= successes <= trials. "
+                         f"Received: successes={successes}, trials={trials}")
+    if trials == 0:
+        return 1.0
+    tail = sum(math.comb(trials, i) for i in range(min(successes, trials - successes) + 1))
+    return float(min(Fraction(1), Fraction(2 * tail, 2**trials)))
+
+
+def mcnemar_exact(a_correct, b_correct):
+    """Exact McNemar test of models A and B on the same test examples.
+
+    Args:
+        a_correct, b_correct: (n,) booleans or 0/1, example i correct for A / B.
+
+    Returns:
+        `McNemarResult(p_value, a_only, b_only, n, difference)`.
+    """
+    a = _as_correct(a_correct, "a_correct")
+    b = _as_correct(b_correct, "b_correct")
+    if a.shape != b.shape:
+        raise ValueError(f"Expected a_correct and b_correct on the same examples. "
+                         f"Received: shapes {a.shape} and {b.shape}")
+    a_only, b_only = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    return McNemarResult(binomial_two_sided_half(a_only, a_only + b_only), a_only, b_only,
+                         len(a), (a_only - b_only) / max(len(a), 1))
+
+
+def mcnemar_over_seeds(a_correct_per_seed, b_correct_per_seed):
+    """McNemar per seed, and pooled over seeds.
+
+    The pooled test is the exact binomial test on the discordant counts summed
+    over seeds. It treats every seed's discordant pairs as independent; seeds
+    share the test examples, so an example that flips in every seed counts
+    once per seed (read the per-seed p-values and `seeds_agreeing` next to it).
+
+    Args:
+        a_correct_per_seed, b_correct_per_seed: sequences (one entry per seed)
+            of per-example correctness on the same test examples.
+
+    Returns:
+        A dict: `per_seed` (list of McNemarResult), `pooled` (McNemarResult
+        on summed counts, n = examples × seeds), `difference` (mean over seeds
+        of acc(A) − acc(B)), `seeds_agreeing` (seeds whose difference has the
+        sign of the mean difference).
+    """
+    if len(a_correct_per_seed) != len(b_correct_per_seed) or not len(a_correct_per_seed):
+        raise ValueError(f"Expected the same, nonzero number of seeds for A and B. Received: "
+                         f"{len(a_correct_per_seed)} and {len(b_correct_per_seed)} seeds")
+    per_seed = [mcnemar_exact(a, b) for a, b in zip(a_correct_per_seed, b_correct_per_seed)]
+    a_only = sum(r.a_only for r in per_seed)
+    b_only = sum(r.b_only for r in per_seed)
+    n = sum(r.n for r in per_seed)
+    difference = float(np.mean([r.difference for r in per_seed]))
+    pooled = McNemarResult(binomial_two_sided_half(a_only, a_only + b_only), a_only, b_only,
+                           n, difference)
+    agreeing = sum(np.sign(r.difference) == np.sign(difference) for r in per_seed)
+    return {"per_seed": per_seed, "pooled": pooled, "difference": difference,
+            "seeds_agreeing": int(agreeing)}
+
+
+def _normal_quantile(q):
+    from scipy import stats
+
+    return float(stats.norm.ppf(q))
+
+
+def mcnemar_detectable_difference(n, discordance, *, alpha=0.05, power=0.8):
+    """Smallest |acc(A) − acc(B)| McNemar detects with probability `power`.
+
+    Normal approximation (Connor, 1987): with n pairs, discordance rate
+    p_d = (b + c)/n and difference δ = (b − c)/n, the test at two-sided level
+    α has power 1 − β when
+        √n·δ = z_{1−α/2}·√p_d + z_{1−β}·√(p_d − δ²).
+    Solved for δ by bisection on (0, √p_d]. The discordance rate should be the
+    observed one (or an assumed one before any data).
+
+    Args:
+        n: number of paired examples (examples × seeds for a pooled test).
+        discordance: p_d in (0, 1].
+        alpha, power: the test's level and the wanted power.
+
+    Returns:
+        δ in (0, 1], or `inf` when no difference is detectable (p_d = 0 means
+        the models never disagreed: any difference is 0 and nothing can be
+        detected; n too small).
+    """
+    if n <= 0 or not 0 <= discordance <= 1:
+        raise ValueError(f"Expected n > 0 and 0 <= discordance <= 1. "
+                         f"Received: n={n}, discordance={discordance}")
+    if discordance == 0:
+        return math.inf
+    z_alpha, z_beta = _normal_quantile(1 - alpha / 2), _normal_quantile(power)
+
+    def excess(delta):
+        return (math.sqrt(n) * delta - z_alpha * math.sqrt(discordance)
+                - z_beta * math.sqrt(max(discordance - delta * delta, 0.0)))
+
+    high = math.sqrt(discordance)
+    if excess(high) < 0:
+        return math.inf
+    low = 0.0
+    for _ in range(100):
+        middle = 0.5 * (low + high)
+        low, high = (middle, high) if excess(middle) < 0 else (low, middle)
+    return high
+
+
+def compare_paired(a_correct_per_seed, b_correct_per_seed, *, alpha=0.05, power=0.8,
+                   margin=0.02):
+    """Win / loss / tie / inconclusive of A against B, by exact McNemar over seeds.
+
+    Rule: the pooled McNemar p < α → "a" or "b" (the direction of the summed
+    discordant counts). Otherwise "tie" when the test had `power` to detect a
+    difference of `margin` (the detectable difference at the observed
+    discordance is ≤ margin), else "inconclusive".
+
+    Returns:
+        A dict: `outcome`, `p_value` (pooled), `p_values_per_seed`,
+        `difference` (mean over seeds of acc(A) − acc(B)), `a_only`, `b_only`
+        (summed), `n` (examples × seeds), `seeds_agreeing`, `num_seeds`,
+        `detectable_difference`, `alpha`, `power`, `margin`, `test`.
+    """
+    over = mcnemar_over_seeds(a_correct_per_seed, b_correct_per_seed)
+    pooled = over["pooled"]
+    discordance = (pooled.a_only + pooled.b_only) / pooled.n
+    detectable = mcnemar_detectable_difference(pooled.n, max(discordance, 1.0 / pooled.n),
+                                               alpha=alpha, power=power)
+    if pooled.p_value < alpha:
+        outcome = "a" if pooled.a_only > pooled.b_only else "b"
+    else:
+        outcome = "tie" if detectable <= margin else "inconclusive"
+    return {
+        "outcome": outcome,
+        "p_value": pooled.p_value,
+        "p_values_per_seed": [r.p_value for r in over["per_seed"]],
+        "difference": over["difference"],
+        "a_only": pooled.a_only,
+        "b_only": pooled.b_only,
+        "n": pooled.n,
+        "seeds_agreeing": over["seeds_agreeing"],
+        "num_seeds": len(over["per_seed"]),
+        "detectable_difference": float(detectable),
+        "alpha": alpha, "power": power, "margin": margin,
+        "test": "exact McNemar, discordant counts summed over seeds",
+    }
+
+
+def bootstrap_interval(samples, confidence=0.95):
+    """Percentile interval [q_{(1−c)/2}, q_{(1+c)/2}] of bootstrap samples."""
+    samples = np.asarray(samples, dtype=np.float64)
+    tail = 100 * (1 - confidence) / 2
+    return [float(np.percentile(samples, tail)), float(np.percentile(samples, 100 - tail))]
+
+
+def bootstrap_p_value(samples, null=0.0):
+    """Two-sided bootstrap p-value of H0: statistic = null.
+
+    p = min(1, 2·min(1 + #{s ≤ null}, 1 + #{s ≥ null}) / (B + 1)): the
+    smallest α at which the percentile interval excludes `null` (with the +1
+    correction, so p is never 0).
+    """
+    samples = np.asarray(samples, dtype=np.float64)
+    below = 1 + np.sum(samples <= null)
+    above = 1 + np.sum(samples >= null)
+    return float(min(1.0, 2 * min(below, above) / (len(samples) + 1)))
+
+
+def gap_difference(accuracies):
+    """Study A's tracking statistic from (seeds, 3) accuracies [net, lin θT, lin θ0].
+
+    |acc(lin θT) − acc(net)| − |acc(lin θ0) − acc(net)| with each accuracy the
+    mean over seeds; negative: the linearization at θT is closer to the
+    network than the one at θ0.
+    """
+    network, final, initial = np.mean(np.asarray(accuracies, np.float64), axis=0)
+    return abs(final - network) - abs(initial - network)
+
+
+def paired_bootstrap(correct, statistic, *, num_resamples=10000, confidence=0.95, seed=0):
+    """Paired bootstrap over test examples within seeds, seeds aggregated as seeds.
+
+    Each resample draws n test-example indices with replacement and uses the
+    same indices for every seed and model (the test set is shared, so the
+    pairing between models and the correlation between seeds are kept);
+    per-seed, per-model accuracies on the resample go to `statistic`.
+
+    Args:
+        correct: (seeds, models, n) booleans or 0/1: seed s, model m, example i.
+        statistic: function of a (seeds, models) array of accuracies to a float
+            (e.g. `gap_difference`; it averages over seeds itself).
+        num_resamples: bootstrap resamples B.
+        confidence: of the percentile interval.
+        seed: of the resampling.
+
+    Returns:
+        `BootstrapResult(estimate, interval, p_value, num_resamples,
+        confidence)`: the statistic on the data, the percentile interval, and
+        `bootstrap_p_value` of statistic = 0.
+    """
+    correct = np.asarray(correct)
+    if correct.ndim != 3 or correct.shape[2] == 0:
+        raise ValueError(f"Expected correctness of shape (seeds, models, examples). "
+                         f"Received: shape {correct.shape}")
+    correct = correct.astype(np.float64)
+    n = correct.shape[2]
+    estimate = float(statistic(correct.mean(axis=2)))
+    rng = np.random.default_rng(seed)
+    samples = np.empty(num_resamples)
+    chunk = max(1, int(2**22 // max(correct.shape[0] * correct.shape[1] * n, 1)))
+    for start in range(0, num_resamples, chunk):
+        stop = min(start + chunk, num_resamples)
+        # Counts of each example in each resample: accuracies as weighted means.
+        counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n)
+                           for _ in range(stop - start)]).astype(np.float64)
+        accuracies = np.einsum("smn,bn->bsm", correct, counts) / n
+        samples[start:stop] = [statistic(a) for a in accuracies]
+    return BootstrapResult(estimate, bootstrap_interval(samples, confidence),
+                           bootstrap_p_value(samples), num_resamples, confidence)
