@@ -63,7 +63,6 @@ Run: `python -m experiments.data_scaling --gin_file=data_scaling/digits_mlp.gin
 --output_dir=runs/b_scaling`.
 """
 
-import json
 import os
 import time
 
@@ -344,25 +343,6 @@ def _validate(dataset, model, methods, model_builders, n0s, network_loss, stop_c
                          f"Received: data_scaling.run.fit_window={fit_window!r}")
 
 
-class _Progress:
-    """Logs `cell i of n`, elapsed time and an ETA from the mean time of computed cells."""
-
-    def __init__(self, total):
-        self.total, self.done, self.computed, self.start = total, 0, 0, time.time()
-
-    def skip(self, label, why="already finished"):
-        self.done += 1
-        logging.info("cell %d of %d (%s): %s, skipped", self.done, self.total, label, why)
-
-    def finish(self, label):
-        self.done += 1
-        self.computed += 1
-        elapsed = time.time() - self.start
-        eta = (self.total - self.done) * elapsed / self.computed
-        logging.info("cell %d of %d (%s) done; elapsed %.0f s, ETA %.0f s", self.done,
-                     self.total, label, elapsed, eta)
-
-
 def _predict(model, x, batch_size=1024):
     return np.concatenate([np.asarray(model(x[i:i + batch_size], training=False))
                            for i in range(0, len(x), batch_size)]).astype(np.float64)
@@ -396,7 +376,8 @@ def _stop_at_criterion(model, x, labels, criterion, threshold, state):
 
 def train_network(model, x, labels, num_classes, *, loss, train_steps, batch_size,
                   learning_rate, momentum, convergence_loss, seed, jit_compile, strategy,
-                  stop_criterion="train_loss", tensorboard_dir=None, chunk_steps=50):
+                  stop_criterion="train_loss", tensorboard_dir=None, chunk_steps=50,
+                  crash_after_epochs=None):
     """Trains `model` to a stated criterion: SGD (constant rate, momentum), MSE or cross-entropy.
 
     Runs at most `train_steps` steps (the cap) in chunks of `chunk_steps` (a
@@ -409,7 +390,9 @@ def train_network(model, x, labels, num_classes, *, loss, train_steps, batch_siz
         True when the cap stopped training before the criterion was met.
     """
     import keras
-    import tensorflow as tf
+
+    from experiments import data as data_lib
+    from experiments import train as train_lib
 
     if stop_criterion not in STOP_CRITERIA:
         raise ValueError(
@@ -426,11 +409,12 @@ def train_network(model, x, labels, num_classes, *, loss, train_steps, batch_siz
     with strategy.scope():
         model.compile(optimizer=keras.optimizers.SGD(learning_rate, momentum=momentum),
                       loss=loss_object, jit_compile=jit_compile)
-    dataset = (tf.data.Dataset.from_tensor_slices((x, targets))
-               .shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-               .repeat().batch(batch_size).prefetch(tf.data.AUTOTUNE))
+    # Epoch e of the examples in the order data.epoch_order(len(x), seed, e), forever.
+    dataset = data_lib.training_dataset(x, targets, batch_size=batch_size, seed=seed)
     state = {"reached": False, "train_error": None}
     callbacks = [_stop_at_criterion(model, x, labels, stop_criterion, convergence_loss, state)]
+    if crash_after_epochs is not None:  # Tests of resuming: killed after this many chunks.
+        callbacks.append(train_lib.CrashAfterEpochs(crash_after_epochs))
     if tensorboard_dir:
         callbacks.append(keras.callbacks.TensorBoard(tensorboard_dir, write_graph=False,
                                                      profile_batch=0))
@@ -443,15 +427,6 @@ def train_network(model, x, labels, num_classes, *, loss, train_steps, batch_siz
     return {"steps": len(losses) * chunk, "train_loss": float(losses[-1]),
             "train_error": float(state["train_error"]), "reached": bool(state["reached"]),
             "hit_cap": not state["reached"], "stop_criterion": stop_criterion}
-
-
-def _load_json(path, default):
-    import tensorflow as tf
-
-    if not tf.io.gfile.exists(path):
-        return default
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
 
 
 def _method_names(methods, n0s):
@@ -468,6 +443,11 @@ def seed_sizes(sizes, seeds, large_n=None, seeds_large_n=None):
         limited = large_n is not None and seeds_large_n is not None and index >= seeds_large_n
         out[seed] = [n for n in sizes if not (limited and n >= large_n)]
     return out
+
+
+def _examples_path(output_dir, key):
+    """Per-test-example results of cell `key`, kept in its cell-store directory."""
+    return os.path.join(output_dir, "cells", key, "examples.npz")
 
 
 def _save_examples(path, **arrays):
@@ -521,15 +501,19 @@ def run(
     num_bootstrap=2000,
     max_new_cells=None,
     write_figures=True,
+    overwrite=False,
+    simulate_crash_after_epochs=None,
 ):
     """Runs the data-scaling study and writes results.json and figures into `output_dir`.
 
     Cells (network: one per (seed, n); kernel methods: one per seed, all n
-    from one sliced kernel) finished in an earlier run are skipped; θ0 per
-    seed and the n0-trained weights are saved under `output_dir/init/`, the
-    per-test-example correctness and losses of every cell under
-    `output_dir/examples/`, and each kernel, while its cell runs, under
-    `output_dir/kernels/` (float32 .npy read back as a memmap: blocks per n).
+    from one sliced kernel) live in the cell store (`experiments.cells`,
+    `output_dir/cells/`) with their operative settings; finished ones are
+    skipped, ones of other settings refused (or recomputed with
+    `overwrite`). Each cell's directory holds its per-test-example
+    correctness and losses (`examples.npz`), the after-kernel's pre-trained
+    weights, and, while the cell runs, its kernel (float32 .npy read back as
+    a memmap: blocks per n).
 
     Args:
         output_dir: the run's directory (local).
@@ -570,18 +554,21 @@ def run(
         local_points: the local exponent is fitted over this many largest sizes.
         num_bootstrap: bootstrap resamples (seeds × test examples).
         max_new_cells: stop after this many newly finished cells (None: all).
+        overwrite: discard stored cells computed with other settings instead
+            of refusing to run (`--overwrite`).
+        simulate_crash_after_epochs: kill the process after this many chunks
+            of the first network fit (tests of resuming).
         write_figures: draw the figures at the end.
 
     Returns:
         The results dictionary (also in results.json).
     """
     import keras
-    import tensorflow as tf
 
     import keras_ntk
+    from experiments import cells as cell_store
     from experiments import data as data_lib
     from experiments import models as models_lib
-    from experiments import report
 
     methods = list(methods)
     n0s = [int(v) for v in n0s] if "after_kernel" in methods else []
@@ -621,14 +608,7 @@ def run(
                       "num_test": num_test_used}
 
     results_path = os.path.join(output_dir, "results.json")
-    results = _load_json(results_path, None)
-    if results is not None and (results.get("dataset") != dataset or results.get("n") != sizes
-                                or results.get("seeds") != list(seeds)):
-        raise ValueError(
-            f"{results_path} holds results of another dataset, grid or seeds; use a new "
-            f"output_dir. Received: dataset={dataset!r}, sizes={sizes}, seeds={list(seeds)}"
-        )
-    cells = (results or {}).get("cells", {})
+    store = cell_store.CellStore(output_dir, overwrite=overwrite)
     infinite_skipped = None
 
     def build(weights_path=None):
@@ -641,35 +621,56 @@ def run(
     def path(*parts):
         return os.path.join(output_dir, *parts)
 
+    # The operative settings of every cell (what only changes speed or memory,
+    # jit_compile and ntk_batch_size, is left out).
+    common = {"dataset": dataset, "num_train": len(data.train.y), "num_test": len(data.test.y),
+              "model": model, "architecture": cell_store.architecture(build()),
+              "split_seed": split_seed, "num_validation": num_validation,
+              "n0_pool": max(n0s, default=0)}
+    network_recipe = dict(loss=network_loss, train_steps=train_steps, batch_size=batch_size,
+                          learning_rate=learning_rate, momentum=momentum,
+                          convergence_loss=convergence_loss, stop_criterion=stop_criterion)
+
+    def cell_settings(name, seed, n):
+        if name == "network":
+            return dict(common, method=name, seed=seed, n=n, **network_recipe)
+        # The kernel's union (and so its inputs) is fixed by the seed's largest size.
+        kernel = dict(common, method=name, seed=seed, sizes=per_seed_sizes[seed],
+                      ridge_factors=list(ridge_factors), test_inputs=num_test_used)
+        if name == "infinite_ntk":
+            return dict(kernel, infinite_sigma_w2=infinite_sigma_w2,
+                        infinite_sigma_b2=infinite_sigma_b2)
+        if name in ("entk_init", "entk_init_centred"):
+            return dict(kernel, ntk_implementation=ntk_implementation)
+        return dict(kernel, ntk_implementation=ntk_implementation,
+                    after_kernel_f0=bool(after_kernel_f0), **network_recipe)
+
     def init_weights(seed):
-        weights_path = path("init", f"seed{seed}.weights.h5")
-        if not tf.io.gfile.exists(weights_path):
-            tf.io.gfile.makedirs(path("init"))
+        key = f"init-seed{seed}"
+        store.get(key, dict(common, seed=seed))  # Refuses a θ0 of other settings.
+        weights_path = os.path.join(store.cell_dir(key), "theta0.weights.h5")
+        if not cell_store.load_weights_or_discard(build(), weights_path):
             keras.utils.set_random_seed(seed)
-            build().save_weights(weights_path)
+            cell_store.save_weights_atomic(build(), weights_path)
         return weights_path
 
-    recipe = dict(loss=network_loss, train_steps=train_steps, batch_size=batch_size,
-                  learning_rate=learning_rate, momentum=momentum,
-                  convergence_loss=convergence_loss, jit_compile=jit_compile, strategy=strategy,
-                  stop_criterion=stop_criterion)
-    settings = dict(recipe, strategy=None, model=model, ridge_factors=list(ridge_factors),
+    recipe = dict(network_recipe, jit_compile=jit_compile, strategy=strategy)
+    settings = dict(network_recipe, model=model, ridge_factors=list(ridge_factors),
                     split_seed=split_seed, infinite_sigma_w2=infinite_sigma_w2,
                     infinite_sigma_b2=infinite_sigma_b2, after_kernel_f0=bool(after_kernel_f0),
                     large_n=large_n, seeds_large_n=seeds_large_n,
                     fit_window=None if fit_window is None else list(fit_window),
                     local_points=local_points)
 
-    def kernel_on_disk(kernel_fn, name):
-        """Computes a kernel, stores it as float32 .npy and returns a read-only memmap."""
-        tf.io.gfile.makedirs(path("kernels"))
-        kernel_path = path("kernels", f"{name}.npy")
+    def kernel_on_disk(kernel_fn, key):
+        """Computes a kernel, stores it as float32 .npy in the cell's directory; a memmap."""
+        kernel_path = os.path.join(store.cell_dir(key), "kernel.npy")
         kernel = np.asarray(kernel_fn(), np.float32)
         np.save(kernel_path, kernel)
         del kernel
         return kernel_path, np.load(kernel_path, mmap_mode="r")
 
-    # Kernel cells first grouped by their kernel: (source, seed) → method names.
+    # Kernel cells grouped by their kernel: (source, seed) → method names.
     work = []
     for seed in seeds:
         work += [("network", seed, n) for n in per_seed_sizes[seed]]
@@ -685,29 +686,42 @@ def run(
     # after the networks of its largest n.
     work = sorted(work + kernel_groups, key=lambda item: (
         (item[2], 0) if item[0] == "network" else (max(per_seed_sizes[item[1]]), 1)))
-    progress = _Progress(len(work))
+
+    def keys_of(source, seed, n_or_names):
+        if source == "network":
+            return [(f"network-seed{seed}-n{n_or_names}", "network", n_or_names)]
+        return [(f"{name}-seed{seed}", name, None) for name in n_or_names]
+
+    # Every stored cell is checked before any work: other settings are refused here. A
+    # record whose per-example file is missing is computed again.
+    cells = {}
+    for item in work:
+        for key, name, n in keys_of(*item):
+            record = store.get(key, cell_settings(name, item[1], n))
+            if record is not None and os.path.exists(_examples_path(output_dir, key)):
+                cells[key] = record
+    progress = cell_store.Progress(len(work), "cell")
     new_cells = 0
     one_hot_test = np.eye(num_classes)[data.test.y]
     for source, seed, n_or_names in work:
-        if source == "network":
-            cell_ids = [f"network-seed{seed}-n{n_or_names}"]
-        else:
-            cell_ids = [f"{name}-seed{seed}" for name in n_or_names]
-        label = ",".join(cell_ids)
-        if all(c in cells for c in cell_ids):
+        keys = keys_of(source, seed, n_or_names)
+        label = ",".join(key for key, _, _ in keys)
+        if all(key in cells for key, _, _ in keys):
             progress.skip(label)
             continue
         if max_new_cells is not None and new_cells >= max_new_cells:
             logging.info("Stopping after %d new cell(s) (max_new_cells).", new_cells)
             break
-        logging.info("cell %d of %d: %s", progress.done + 1, progress.total, label)
-        started = time.time()
+        progress.begin(label)
         x_union, y_union, layout = union(seed)
+        new = {}
         if source == "network":
             n = n_or_names
+            key = keys[0][0]
             network = build(init_weights(seed))
             fit = train_network(network, x_union[:n], y_union[:n], num_classes, seed=seed,
-                                tensorboard_dir=path("tensorboard", cell_ids[0]), **recipe)
+                                tensorboard_dir=path("tensorboard", key),
+                                crash_after_epochs=simulate_crash_after_epochs, **recipe)
             logits = _predict(network, data.test.x)
             correct = np.argmax(logits, -1) == data.test.y
             if network_loss == "mse":
@@ -716,21 +730,20 @@ def run(
                 shifted = logits - logits.max(-1, keepdims=True)
                 example_loss = (np.log(np.exp(shifted).sum(-1))
                                 - shifted[np.arange(len(logits)), data.test.y])
-            _save_examples(path("examples", f"{cell_ids[0]}.npz"), correct=correct,
+            _save_examples(_examples_path(output_dir, key), correct=correct,
                            example_loss=example_loss)
-            new = {cell_ids[0]: dict(fit, test_error=float(1 - correct.mean()),
-                                     test_loss=float(example_loss.mean()),
-                                     wall_seconds=time.time() - started)}
+            new[key] = dict(fit, test_error=float(1 - correct.mean()),
+                            test_loss=float(example_loss.mean()))
         else:
             offsets, min_n, pretraining = None, None, None
+            kernel_key = keys[0][0]
             if source == "infinite_ntk":
                 kernel_path = None
                 try:
                     twin = models_lib.ntk_parameterized(build(), sigma_w2=infinite_sigma_w2,
                                                         sigma_b2=infinite_sigma_b2)
                     kernel_path, kernel = kernel_on_disk(
-                        lambda: keras_ntk.infinite_kernels(twin, x_union).ntk,
-                        f"infinite-seed{seed}")
+                        lambda: keras_ntk.infinite_kernels(twin, x_union).ntk, kernel_key)
                 except ValueError as error:
                     infinite_skipped = str(error)
                     logging.warning("infinite_ntk skipped: %s", error)
@@ -742,33 +755,34 @@ def run(
                     network = build(init_weights(seed))
                 else:
                     min_n = int(source[len(_AFTER):])
-                    after_path = path("init", f"after_n0{min_n}_seed{seed}.weights.h5")
-                    fit_path = path("init", f"after_n0{min_n}_seed{seed}.json")
-                    if tf.io.gfile.exists(after_path) and tf.io.gfile.exists(fit_path):
-                        network = build(after_path)
-                        pretraining = _load_json(fit_path, None)
+                    after_path = os.path.join(store.cell_dir(kernel_key), "after.weights.h5")
+                    fit_path = os.path.join(store.cell_dir(kernel_key), "pretraining.json")
+                    network = build()
+                    if (os.path.exists(fit_path)
+                            and cell_store.load_weights_or_discard(network, after_path)):
+                        pretraining = cell_store.load_json(fit_path)
                     else:
                         network = build(init_weights(seed))
                         rows = pool[np.random.RandomState(1000 + seed).permutation(
                             len(pool))[:min_n]]
                         pretraining = train_network(
                             network, data.train.x[rows], data.train.y[rows], num_classes,
-                            seed=seed, tensorboard_dir=path("tensorboard", label), **recipe)
-                        network.save_weights(after_path)
-                        report.write_json_atomic(fit_path, pretraining)
+                            seed=seed, tensorboard_dir=path("tensorboard", kernel_key),
+                            crash_after_epochs=simulate_crash_after_epochs, **recipe)
+                        cell_store.save_weights_atomic(network, after_path)
+                        cell_store.write_json_atomic(fit_path, pretraining)
                         logging.info("%s: trained on n0=%d pool examples: %s", label, min_n,
                                      pretraining)
                 kernel_started = time.time()
                 kernel_path, kernel = kernel_on_disk(
                     lambda: keras_ntk.empirical_ntk(network, x_union, batch_size=ntk_batch_size,
                                                     implementation=ntk_implementation),
-                    f"{source}-seed{seed}")
+                    kernel_key)
                 logging.info("%s: eNTK on %d inputs in %.1f s", label, len(x_union),
                              time.time() - kernel_started)
                 if source == "init" or after_kernel_f0:
                     offsets = _predict(network, x_union)
-            new = {}
-            for name, cell_id in zip(n_or_names, cell_ids):
+            for key, name, _ in keys:
                 use_f0 = name == "entk_init" or (name.startswith(_AFTER) and after_kernel_f0)
                 scores = kernel_method_errors(
                     kernel, layout, y_union, num_classes, per_seed_sizes[seed], ridge_factors,
@@ -779,29 +793,31 @@ def run(
                 full_loss = np.full((len(sizes), num_test_used), np.nan)
                 rows = [sizes.index(n) for n in per_seed_sizes[seed]]
                 full_correct[rows], full_loss[rows] = correct, example_loss
-                _save_examples(path("examples", f"{cell_id}.npz"), correct=full_correct,
+                _save_examples(_examples_path(output_dir, key), correct=full_correct,
                                example_loss=full_loss)
-                cell = {key: [None] * len(sizes) for key in scores}
-                for key, values in scores.items():
+                cell = {name_: [None] * len(sizes) for name_ in scores}
+                for score, values in scores.items():
                     for row, value in zip(rows, values):
-                        cell[key][row] = value
-                cell.update(with_f0=bool(use_f0), wall_seconds=time.time() - started)
+                        cell[score][row] = value
+                cell["with_f0"] = bool(use_f0)
                 if pretraining is not None:
                     cell["pretraining"] = pretraining
-                new[cell_id] = cell
+                new[key] = cell
             del kernel
             os.remove(kernel_path)
+        for key, name, n in keys:
+            store.put(key, cell_settings(name, seed, n), new[key])
         cells.update(new)
         results = _assemble(dataset, sizes, list(seeds), names, cells, num_test_used, n0s,
                             network_loss, num_bootstrap, infinite_skipped, settings,
                             output_dir, fit_window, local_points, finished=False)
-        report.write_json_atomic(results_path, results)
+        cell_store.write_json_atomic(results_path, results)
         new_cells += 1
         progress.finish(label)
     results = _assemble(dataset, sizes, list(seeds), names, cells, num_test_used, n0s,
                         network_loss, num_bootstrap, infinite_skipped, settings, output_dir,
                         fit_window, local_points, finished=progress.done == progress.total)
-    report.write_json_atomic(results_path, results)
+    cell_store.write_json_atomic(results_path, results)
     _write_summaries(output_dir, results)
     if write_figures:
         draw_figures(results, os.path.join(output_dir, "figures"))
@@ -812,7 +828,7 @@ def _examples_array(output_dir, names_and_rows, sizes, seeds, num_test, key):
     """(K, S, T) per-example values of one method from its cells' .npz files (NaN: missing)."""
     out = np.full((len(sizes), len(seeds), num_test), np.nan)
     for (cell_id, row), column in names_and_rows:
-        file = os.path.join(output_dir, "examples", f"{cell_id}.npz")
+        file = _examples_path(output_dir, cell_id)
         if not os.path.exists(file):
             continue
         values = _load_examples(file)[key]
@@ -952,8 +968,10 @@ def _write_summaries(output_dir, results):
     """TensorBoard scalars: mean test error and loss of each method against n (as the step)."""
     import tensorflow as tf
 
-    writer = tf.summary.create_file_writer(os.path.join(output_dir, "tensorboard", "summary"))
-    with writer.as_default():
+    from experiments import cells
+
+    with cells.summary_writer(os.path.join(output_dir, "tensorboard", "summary")) as writer, \
+            writer.as_default():
         for name, entry in results["methods"].items():
             for n, errors, losses in zip(results["n"], entry["test_error"], entry["test_loss"]):
                 errors = [e for e in errors if e is not None]
@@ -961,7 +979,6 @@ def _write_summaries(output_dir, results):
                 if errors:
                     tf.summary.scalar(f"{name}/test_error", float(np.mean(errors)), step=n)
                     tf.summary.scalar(f"{name}/test_loss", float(np.mean(losses)), step=n)
-    writer.flush()
 
 
 def draw_figures(results, directory):
@@ -1020,7 +1037,7 @@ def draw_figures(results, directory):
 
 
 def main(argv):
-    launcher.main(argv, study="data_scaling")
+    launcher.main(argv, "data_scaling", run)
 
 
 if __name__ == "__main__":
