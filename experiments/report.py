@@ -11,6 +11,7 @@ it) whether this run reproduces it, decided by fixed rules written below
 be re-run on a finished directory: `python -m experiments.report --output_dir=DIR`.
 """
 
+import base64
 import json
 import os
 import uuid
@@ -33,6 +34,17 @@ def write_json_atomic(path, obj):
     with tf.io.gfile.GFile(temporary, "w") as f:
         json.dump(obj, f, indent=1)
     tf.io.gfile.rename(temporary, path, overwrite=True)
+
+
+def pack_bits(values):
+    """A boolean vector as a compact string: `numpy.packbits`, then base64."""
+    return base64.b64encode(np.packbits(np.asarray(values, dtype=bool))).decode("ascii")
+
+
+def unpack_bits(text, size):
+    """The inverse of `pack_bits`: (size,) booleans."""
+    packed = np.frombuffer(base64.b64decode(text), dtype=np.uint8)
+    return np.unpackbits(packed, count=size).astype(bool)
 
 
 def read_json(path):

@@ -107,11 +107,11 @@ crash_after_epochs = None
 
 def fit(model, x, y, *, epochs, batch_size=128, learning_rate=0.05,
         momentum=0.9, seed=0, backup_dir=None, tensorboard_dir=None,
-        jit_compile="auto", verbose="auto", strategy=None):
+        jit_compile="auto", verbose="auto", strategy=None, drop_remainder=False):
     """Trains a single-logit `model` on (x, y) with the paper's recipe.
 
     Sigmoid cross-entropy on the logit, SGD momentum, linear decay to 0 over
-    `epochs · ceil(N / batch_size)` steps. The data order is fixed by `seed`
+    `epochs · ceil(N / batch_size)` steps (`floor` with `drop_remainder`). The data order is fixed by `seed`
     (reshuffled each epoch, deterministically). With `backup_dir` a
     `keras.callbacks.BackupAndRestore` saves the model and optimizer each
     epoch, so a killed fit resumes at its last finished epoch; the backup is
@@ -129,12 +129,17 @@ def fit(model, x, y, *, epochs, batch_size=128, learning_rate=0.05,
         jit_compile: passed to `model.compile`.
         verbose: passed to `model.fit`.
         strategy: the `tf.distribute.Strategy` the model lives in.
+        drop_remainder: drop each epoch's last incomplete batch (as the
+            reference code of Ortiz-Jiménez et al. does).
 
     Returns:
         The `keras.callbacks.History` of the fit.
     """
     strategy = strategy or tf.distribute.get_strategy()
-    steps_per_epoch = int(np.ceil(len(x) / batch_size))
+    steps_per_epoch = len(x) // batch_size if drop_remainder else -(-len(x) // batch_size)
+    if steps_per_epoch < 1:
+        raise ValueError(f"Expected batch_size <= {len(x)} training examples with drop_remainder. "
+                         f"Received: batch_size={batch_size}")
     keras.utils.set_random_seed(seed)
     with strategy.scope():
         model.compile(
@@ -153,7 +158,8 @@ def fit(model, x, y, *, epochs, batch_size=128, learning_rate=0.05,
     if crash_after_epochs is not None:
         callbacks.append(_CrashAfterEpochs(crash_after_epochs))
     dataset = data_lib.training_dataset(
-        x, np.asarray(y, np.float32)[:, None], batch_size=batch_size, seed=seed
+        x, np.asarray(y, np.float32)[:, None], batch_size=batch_size, seed=seed,
+        drop_remainder=drop_remainder,
     )
     return model.fit(dataset, epochs=epochs, callbacks=callbacks, verbose=verbose)
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from experiments import configurables, data, linear_vs_nonlinear
+from experiments import configurables, data, linear_vs_nonlinear, report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "linear_vs_nonlinear/smoke.gin"
@@ -50,14 +50,20 @@ def _check_contract(results, expected_cells):
         assert run["model"] == "mlp" and run["task"] in ("eigenfunction", "binary")
         assert (run["k"] is None) == (run["task"] == "binary")
         assert type(run["seed"]) is int
-        assert set(run["test_accuracy"]) >= {"network", "linearized_init", "linearized_final"}
+        assert set(run["test_accuracy"]) == set(linear_vs_nonlinear.MODELS)
+        labels = report.unpack_bits(run["test_labels"], run["num_test"])
+        for name, accuracy in run["test_accuracy"].items():
+            predictions = report.unpack_bits(run["test_predictions"][name], run["num_test"])
+            assert accuracy == np.mean(predictions == labels)
         assert set(run["alignment"]) >= {"init", "final"}
         for value in (*run["test_accuracy"].values(), *run["alignment"].values(),
                       run["weight_distance"], run["kernel_distance"]):
             assert type(value) is float and np.isfinite(value)
         assert all(0 <= a <= 1 for a in run["test_accuracy"].values())
         np.testing.assert_allclose(run["weight_distance_squared"], run["weight_distance"] ** 2)
-        assert run["variant"]["linearized_final"] == "difference_bn_init_statistics"
+        assert run["variant"] == {"linearized_init": "full",
+                                  "linearized_init_difference": "difference",
+                                  "linearized_final": "difference_bn_init_statistics"}
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +126,16 @@ def test_smoke_config_outputs_and_numbers(interrupted_run, data_dir):
     saved = np.load(output / "init" / "mlp_eigen.npz")
     np.testing.assert_allclose(saved["eigenvalues"][:10], values[:10], rtol=1e-3)
     (eigen_run,) = [r for r in results["runs"] if r["task"] == "eigenfunction"]
+    # a_j at θ0 is v_jᵀ Θ0 v_j in the eigenbasis of Θ0 over train+test (the
+    # tasks' basis): the eigenvalues of the naive kernel, not of a probe kernel.
+    np.testing.assert_allclose(eigen_run["projection"]["init"], values[:16], rtol=1e-3)
+
     labels = (vectors[:, 1] >= 0).astype(float)  # k = 2.
+    # The label energy of the k = 2 task on v_j over train+test: (v_jᵀ y)²/‖y‖², y = ±1
+    # (invariant to the sign of v_2).
+    y_task = 2 * labels - 1
+    np.testing.assert_allclose(eigen_run["label_energy"][:3],
+                               (vectors[:, :3].T @ y_task) ** 2 / len(y_task), atol=2e-3)
     # The sign of an eigenvector is arbitrary: the base rate up to 1 − p.
     base_rate = labels[256:].mean()
     assert min(abs(eigen_run["base_rate"]["test"] - base_rate),
@@ -235,3 +250,48 @@ def test_lanczos_eigenfunction_tasks_match_the_dense_eigendecomposition(tmp_path
     with pytest.raises(ValueError, match="Received: eigen_solver='qr'"):
         linear_vs_nonlinear._validate("digits", ["mlp"], ["binary"], [], {"mlp": builder},
                                       "difference", "qr")
+
+
+@pytest.mark.parametrize("solver", ["dense", "lanczos"])
+def test_a_j_is_taken_in_the_eigenbasis_of_the_tasks(tmp_path, data_dir, solver):
+    """a_j = v_jᵀ ΘT v_j over train+test, v_j the saved eigenvectors the tasks come from."""
+    import keras
+
+    dataset = data.load_dataset("digits", num_train=120, num_test=40, data_dir=data_dir)
+
+    def builder(input_shape, outputs):
+        return keras.Sequential([keras.Input(input_shape), keras.layers.Flatten(),
+                                 keras.layers.Dense(16, activation="tanh"),
+                                 keras.layers.Dense(outputs)])
+
+    study = linear_vs_nonlinear._Study(
+        str(tmp_path), tf.distribute.get_strategy(), {"mlp": builder}, dataset, {},
+        num_probe=32, num_projection=5, ntk_batch_size=None, ntk_implementation="auto",
+        eigen_solver=solver)
+    weights_path, state = linear_vs_nonlinear._initial_state(study, "mlp", init_seed=0,
+                                                             num_eigenvectors=5)
+    # The task labels are the signs of these same columns.
+    train_y, test_y = linear_vs_nonlinear._task_labels(study, "eigenfunction", 3, state)
+    np.testing.assert_array_equal(np.concatenate([train_y, test_y]),
+                                  state["eigenvectors"][:, 2] >= 0)
+    # "Trained" weights: θ0 moved by a fixed perturbation.
+    model = study.build("mlp", weights_path)
+    rng = np.random.default_rng(0)
+    for w in model.trainable_weights:
+        w.assign(w.numpy() + 0.3 * rng.normal(size=w.shape).astype(np.float32))
+    vectors = state["eigenvectors"]
+    a = linear_vs_nonlinear.eigenbasis_projection(study, model, vectors)
+    # Naive float64 reference: per-example Jacobians over the same 160 inputs.
+    inputs = np.concatenate([dataset.train.x, dataset.test.x]).reshape(160, -1)
+    weights64 = [tf.Variable(tf.cast(w, tf.float64)) for w in model.trainable_weights]
+    with tf.GradientTape() as tape:
+        h = tf.tanh(inputs.astype(np.float64) @ weights64[0] + weights64[1])
+        logits = (h @ weights64[2] + weights64[3])[:, 0]
+    flat = np.concatenate([j.numpy().reshape(160, -1)
+                           for j in tape.jacobian(logits, weights64)], axis=1)
+    kernel = flat @ flat.T
+    np.testing.assert_allclose(a, np.einsum("nj,nm,mj->j", vectors, kernel, vectors), rtol=1e-3)
+    # At θ0 the same projection gives back the eigenvalues (j = k is v_k itself).
+    initial = study.build("mlp", weights_path)
+    np.testing.assert_allclose(linear_vs_nonlinear.eigenbasis_projection(study, initial, vectors),
+                               state["eigenvalues"][:5], rtol=1e-3)
