@@ -240,7 +240,7 @@ def test_lanczos_eigenfunction_tasks_match_the_dense_eigendecomposition(tmp_path
             {}, num_probe=32, num_projection=4, ntk_batch_size=None,
             ntk_implementation="auto", eigen_solver=solver)
         _, states[solver] = linear_vs_nonlinear._initial_state(
-            study, "mlp", init_seed=0, need_eigen=True, num_eigenvectors=6)
+            study, "mlp", init_seed=0, num_eigenvectors=6)
     dense, lanczos = states["dense"], states["lanczos"]
     assert str(lanczos["eigen_solver"]) == "lanczos" and lanczos["eigenvectors"].shape == (256, 6)
     np.testing.assert_allclose(lanczos["eigenvalues"], dense["eigenvalues"][:6], rtol=1e-4)
