@@ -29,7 +29,8 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest", "scikit-learn"],
-        "experiments": ["matplotlib", "scikit-learn"],
+        # mnist1d generates MNIST-1D offline; it imports requests and matplotlib.
+        "experiments": ["matplotlib", "scikit-learn", "mnist1d", "requests"],
         "gpu": ["tensorflow[and-cuda]"],
     },
 )

@@ -1,4 +1,4 @@
-"""Datasets and tasks of the experiments: tfds pipelines and the `digits` builder.
+"""Datasets and tasks of the experiments: tfds pipelines, the `digits` and `mnist1d` builders.
 
 `digits` is a tfds builder made from scikit-learn's bundled copy of the UCI
 handwritten digits (1797 grayscale 8×8 images, pixel values 0..16, ten
@@ -17,6 +17,29 @@ How the split and the order are defined (reproducible by construction):
   machine and every run. Shuffling for training happens later, with an
   explicit seed (`experiments.train`).
 
+`mnist1d` is a tfds builder of MNIST-1D (Greydanus 2020), generated
+procedurally and offline by the `mnist1d` package
+(`mnist1d.data.make_dataset(get_dataset_args())`; its `get_dataset`, which
+downloads by default, is never called). How it is defined:
+
+* ONE generation of `MNIST1D_GENERATED_SAMPLES` = 40 000 examples with the
+  package's default arguments (seed 42, 40 points per sequence, its 80/20
+  split: 32 000 train, 8 000 test). The package's generator draws class by
+  class and then permutes, so datasets generated at different sizes are not
+  nested; we therefore always generate at the largest size and take
+  prefixes. It reseeds the global `random` and `numpy.random` generators:
+  their states are saved and restored around it.
+* A config with `num_samples` = N (default 40 000; `Mnist1dConfig`, names
+  like "mnist1d/8000") holds the first 0.8·N examples of the generated train
+  part as `train` and the first 0.2·N of the generated test part as `test`
+  (so the test set of a smaller config is a subset of every larger one's,
+  and never meets any config's train set).
+* Every example carries `index`, its position in its split; `load_split`
+  sorts by it (tfds shuffles on write), so the order is the generator's.
+* `load_split` returns inputs shaped (1, 40, 1) (a 1×40 "image" with one
+  channel, for Conv2D with 1×k kernels; an MLP flattens it) as the package
+  makes them (centred, unit standard deviation over all 40 000 sequences).
+
 `mnist` and `cifar10` come from `tfds.load` (downloaded into `data_dir` by
 tfds the first time; no network is needed once prepared). Their order is
 tfds' deterministic file order with `shuffle_files=False`.
@@ -34,6 +57,7 @@ Tasks built on a dataset (`Task`):
 """
 
 import dataclasses
+import functools
 import os
 
 import numpy as np
@@ -43,9 +67,14 @@ import tensorflow_datasets as tfds
 DIGITS_NUM_TRAIN = 1437
 DIGITS_NUM_TEST = 360
 DIGITS_SPLIT_SEED = 0
+MNIST1D_GENERATED_SAMPLES = 40_000
+MNIST1D_TRAIN_FRACTION = 0.8
 
-# Largest pixel value of each dataset's stored images (to scale into [0, 1]).
-_PIXEL_MAX = {"digits": 16.0, "mnist": 255.0, "cifar10": 255.0}
+# Largest pixel value of each dataset's stored images (to scale into [0, 1]);
+# mnist1d is stored as the generator's standardized floats.
+_PIXEL_MAX = {"digits": 16.0, "mnist": 255.0, "cifar10": 255.0, "mnist1d": 1.0}
+# Builders of ours whose examples carry an `index` to sort by.
+_INDEXED = ("digits", "mnist1d")
 KNOWN_DATASETS = tuple(sorted(_PIXEL_MAX))
 KNOWN_TASKS = ("multiclass", "binary", "eigenfunction")
 
@@ -119,6 +148,110 @@ class Digits(tfds.core.GeneratorBasedBuilder):
             }
 
 
+@functools.lru_cache(maxsize=1)
+def generate_mnist1d(num_samples=MNIST1D_GENERATED_SAMPLES):
+    """The one MNIST-1D generation all `mnist1d` configs take prefixes of.
+
+    `mnist1d.data.make_dataset` with the package's default arguments and
+    `num_samples` (the builder passes `MNIST1D_GENERATED_SAMPLES`), offline;
+    about 6 s on an idle core, cached for the process (do not modify the
+    arrays). The generator seeds the global `random` and `numpy.random`
+    state; both are restored after.
+
+    Returns:
+        dict(x (32000, 40), y (32000,), x_test (8000, 40), y_test (8000,)),
+        float32 inputs and int64 labels.
+    """
+    import random
+
+    from mnist1d import data as mnist1d_data  # Imported lazily: pulls matplotlib.
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        args = mnist1d_data.get_dataset_args()
+        args.num_samples = int(num_samples)
+        generated = mnist1d_data.make_dataset(args)
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+    return {
+        "x": generated["x"].astype(np.float32), "y": generated["y"].astype(np.int64),
+        "x_test": generated["x_test"].astype(np.float32),
+        "y_test": generated["y_test"].astype(np.int64),
+    }
+
+
+def mnist1d_split_sizes(num_samples):
+    """(train, test) sizes of the `mnist1d` config with `num_samples` examples (80/20)."""
+    if not 10 <= num_samples <= MNIST1D_GENERATED_SAMPLES:
+        raise ValueError(
+            f"Expected 10 <= num_samples <= {MNIST1D_GENERATED_SAMPLES} (prefixes of one "
+            f"generation). Received: num_samples={num_samples}"
+        )
+    num_train = int(num_samples * MNIST1D_TRAIN_FRACTION)
+    return num_train, num_samples - num_train
+
+
+class Mnist1dConfig(tfds.core.BuilderConfig):
+    """An `mnist1d` config: `num_samples` examples, 80% train, 20% test."""
+
+    def __init__(self, *, num_samples, **kwargs):
+        mnist1d_split_sizes(num_samples)
+        super().__init__(**kwargs)
+        self.num_samples = int(num_samples)
+
+
+def mnist1d_config(num_samples):
+    """A config of `num_samples` examples, named by its size (e.g. "8000")."""
+    return Mnist1dConfig(name=str(int(num_samples)), num_samples=int(num_samples),
+                         description=f"The first {int(num_samples)} MNIST-1D examples (80/20).")
+
+
+class Mnist1d(tfds.core.GeneratorBasedBuilder):
+    """MNIST-1D (Greydanus 2020), generated offline, as a tfds dataset.
+
+    Sequences of 40 floats, ten classes; `train` and `test` are prefixes of
+    the generated train/test parts (see the module docstring). Each example
+    has `x` (40,) float32, `label` and `index` (its position in its split;
+    sort by it for a reproducible order). Default config: 40 000 examples
+    (32 000 train, 8 000 test); `tfds.load("mnist1d/4000")` for 4 000, or
+    `tfds.builder("mnist1d", config=mnist1d_config(n))` for any n.
+    """
+
+    name = "mnist1d"
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Prefixes of one 40 000-example generation (seed 42)."}
+    BUILDER_CONFIGS = [mnist1d_config(n) for n in (MNIST1D_GENERATED_SAMPLES, 4000)]
+    code_path = None  # Nothing is downloaded (see Digits).
+
+    def _info(self):
+        return self.dataset_info_from_configs(
+            description=self.__doc__,
+            features=tfds.features.FeaturesDict({
+                "x": tfds.features.Tensor(shape=(40,), dtype=np.float32),
+                "label": tfds.features.ClassLabel(num_classes=10),
+                "index": np.int64,
+            }),
+            supervised_keys=("x", "label"),
+            homepage="https://github.com/greydanus/mnist1d",
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # Nothing to download: the data are generated.
+        generated = generate_mnist1d(MNIST1D_GENERATED_SAMPLES)
+        num_train, num_test = mnist1d_split_sizes(self.builder_config.num_samples)
+        return {
+            "train": self._generate_examples(generated["x"][:num_train],
+                                             generated["y"][:num_train]),
+            "test": self._generate_examples(generated["x_test"][:num_test],
+                                            generated["y_test"][:num_test]),
+        }
+
+    def _generate_examples(self, xs, ys):
+        for position, (x, y) in enumerate(zip(xs, ys)):
+            yield position, {"x": x, "label": int(y), "index": position}
+
+
 @dataclasses.dataclass
 class Split:
     """Arrays of one split: inputs scaled to [0, 1] float32 and int labels."""
@@ -127,8 +260,13 @@ class Split:
     y: np.ndarray
 
 
+def _family(name):
+    """The builder of a dataset name: "mnist1d/4000" (a config) → "mnist1d"."""
+    return name.split("/")[0]
+
+
 def _check_dataset(name):
-    if name not in KNOWN_DATASETS:
+    if _family(name) not in KNOWN_DATASETS:
         raise ValueError(
             f"Unknown dataset. Known datasets: {', '.join(KNOWN_DATASETS)}. "
             f"Received: dataset={name!r}"
@@ -139,25 +277,30 @@ def load_split(name, split, *, data_dir=None):
     """Loads a tfds split into memory as arrays, in a reproducible order.
 
     Args:
-        name: "digits", "mnist" or "cifar10".
+        name: "digits", "mnist1d", "mnist" or "cifar10" (a config may follow,
+            e.g. "mnist1d/4000").
         split: a tfds split string, slices allowed (e.g. "train[:1000]").
         data_dir: tfds data directory; default `default_data_dir()`.
 
     Returns:
-        A `Split` with x (N, H, W, C) float32 in [0, 1] and y (N,) int64.
+        A `Split` with x (N, H, W, C) float32 in [0, 1] (mnist1d: (N, 1, 40, 1),
+        standardized) and y (N,) int64.
     """
     _check_dataset(name)
     data_dir = data_dir or default_data_dir()
-    if name == "digits":
+    family = _family(name)
+    if family in _INDEXED:
         # Sort by the stored position so the order does not depend on tfds'
         # shuffle-on-write; slice afterwards so "train[:n]" means the first n
         # of the documented permutation.
         base, _, rest = split.partition("[")
         data = tfds.as_numpy(tfds.load(
-            "digits", split=base, data_dir=data_dir, batch_size=-1, shuffle_files=False
+            name, split=base, data_dir=data_dir, batch_size=-1, shuffle_files=False
         ))
         order = np.argsort(data["index"])
-        x, y = data["image"][order], data["label"][order]
+        x, y = data["image" if family == "digits" else "x"][order], data["label"][order]
+        if family == "mnist1d":
+            x = x.reshape(len(x), 1, 40, 1)
         if rest:
             start, _, stop = rest.rstrip("]").partition(":")
             part = slice(int(start) if start else None, int(stop) if stop else None)
@@ -171,7 +314,7 @@ def load_split(name, split, *, data_dir=None):
         batches = list(tfds.as_numpy(dataset))
         x = np.concatenate([b[0] for b in batches])
         y = np.concatenate([b[1] for b in batches])
-    x = x.astype(np.float32) / _PIXEL_MAX[name]
+    x = x.astype(np.float32) / _PIXEL_MAX[family]
     return Split(x=x, y=np.asarray(y, dtype=np.int64))
 
 
@@ -249,7 +392,7 @@ def load_dataset(name, *, num_train=None, num_test=None, data_dir=None):
     """Loads and standardizes a dataset (first `num_train`/`num_test` examples).
 
     Args:
-        name: "digits", "mnist" or "cifar10".
+        name: "digits", "mnist1d", "mnist" or "cifar10".
         num_train: number of training examples (None: all).
         num_test: number of test examples (None: all).
         data_dir: tfds data directory.

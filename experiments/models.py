@@ -1,4 +1,4 @@
-"""Models of the studies: MLP, LeNet (8×8 and 32×32 inputs), narrow ResNet-18.
+"""Models of the studies: MLP, LeNet (8×8 and 32×32 inputs), narrow ResNet-18, 1-D CNN.
 
 Every builder takes `input_shape` and `num_outputs` (1: a single logit for
 binary tasks trained with sigmoid cross-entropy) and uses LeCun-normal
@@ -124,7 +124,41 @@ def resnet18(input_shape, num_outputs=1, *, width=16, blocks=(2, 2, 2, 2)):
     return keras.Model(inputs, outputs, name="resnet18")
 
 
-MODELS = {"mlp": mlp, "lenet": lenet, "resnet18": resnet18}
+def conv1d(input_shape, num_outputs=1, *, channels=(25, 25, 25), kernel_size=5, strides=2,
+           activation="relu"):
+    """A small 1-D convolutional network for sequences stored as (1, L, C) images.
+
+    Greydanus' (2020) MNIST-1D `ConvBase` in Keras: convolutions with 1×k
+    kernels, stride (1, `strides`), 'same' padding and ReLU, then Flatten and
+    a dense readout. On MNIST-1D inputs (1, 40, 1) the defaults give
+    40 → 20 → 10 → 5 positions × 25 channels = 125 features. Only Conv2D,
+    ReLU, Flatten and Dense: the structured eNTK and the NTK-parameterized
+    twin (`ntk_parameterized`) support it.
+
+    Args:
+        input_shape: (1, L, C).
+        num_outputs: number of logits.
+        channels: channels of each convolution.
+        kernel_size: k of the 1×k kernels.
+        strides: stride along the sequence.
+        activation: activation after every convolution.
+
+    Returns:
+        A `keras.Sequential` named "conv1d".
+    """
+    if len(input_shape) != 3 or input_shape[0] != 1:
+        raise ValueError(
+            "Expected inputs shaped (1, L, C) (a sequence as a one-row image). "
+            f"Received: input_shape={tuple(input_shape)}"
+        )
+    layers = [keras.Input(input_shape)]
+    layers += [_conv(c, (1, int(kernel_size)), strides=(1, int(strides)), padding="same",
+                     activation=activation, name=f"conv_{i}") for i, c in enumerate(channels)]
+    layers.append(keras.layers.Flatten())
+    layers.append(_dense(num_outputs, name="logits"))
+    return keras.Sequential(layers, name="conv1d")
+
+MODELS = {"mlp": mlp, "lenet": lenet, "resnet18": resnet18, "conv1d": conv1d}
 
 
 # ---------------------------------------------------------------- study C

@@ -1,6 +1,7 @@
 """`Linearize`: the first-order Taylor twin of any Keras model."""
 
 import dataclasses
+import weakref
 
 import keras
 import numpy as np
@@ -106,6 +107,14 @@ def _to_float32(tensor):
     return tensor
 
 
+def _check_optimizer(optimizer):
+    if not isinstance(optimizer, keras.optimizers.Optimizer):
+        raise TypeError(
+            "Expected `optimizer` to be a Keras optimizer (e.g. `model.optimizer`). "
+            f"Received: optimizer={optimizer!r} of type {type(optimizer).__name__}"
+        )
+
+
 def _reset_optimizer_slots(optimizer, variables):
     """Resets `optimizer`'s per-variable state for `variables` to its initial values.
 
@@ -114,28 +123,82 @@ def _reset_optimizer_slots(optimizer, variables):
     them from the variable's path) and their initial values (zeros, or e.g.
     Adagrad's `initial_accumulator_value`).
     """
-    if not isinstance(optimizer, keras.optimizers.Optimizer):
-        raise TypeError(
-            "Expected `optimizer` to be a Keras optimizer (e.g. `model.optimizer`). "
-            f"Received: optimizer={optimizer!r} of type {type(optimizer).__name__}"
-        )
+    _check_optimizer(optimizer)
     if not optimizer.built:
         return  # Nothing trained yet: no state to reset.
-    fresh = optimizer.__class__.from_config(optimizer.get_config())
+    config = optimizer.get_config()
+    # Variables an optimizer holds for all weights (its step counter, a
+    # learning-rate variable): those of a fresh optimizer built on no weights.
+    shared = optimizer.__class__.from_config(config)
+    shared.build([])
+    shared_names = {v.name for v in shared.variables}
+    fresh = optimizer.__class__.from_config(config)
     fresh.build(list(variables))
-    skip = {id(fresh.iterations)}
-    learning_rate = getattr(fresh, "_learning_rate", None)
-    if isinstance(learning_rate, keras.Variable):
-        skip.add(id(learning_rate))
     current = {}
     for v in optimizer.variables:
         current.setdefault(v.name, []).append(v)
     for v in fresh.variables:
-        if id(v) in skip:
+        if v.name in shared_names:
             continue
         for target in current.get(v.name, ()):
             if tuple(target.shape) == tuple(v.shape):
                 target.assign(v.value)
+
+
+@dataclasses.dataclass(frozen=True)
+class _HeldValues:
+    """Values of the wrapped model's weights that δ does not move, read once per call."""
+
+    fixed: list  # trainable weights left out of `variables`
+    frozen: list  # non-trainable weights (e.g. BatchNorm statistics)
+
+
+def _live(layer_ref):
+    """The layer behind a weak reference held by a gradient function."""
+    layer = layer_ref()
+    if layer is None:
+        raise RuntimeError(
+            "The Linearize layer this gradient belongs to no longer exists. Received: a "
+            "gradient requested after the layer was freed"
+        )
+    return layer
+
+
+def _add_input_gradient(layer_ref, inputs, flat_inputs, primals, deltas, held, zeros, result):
+    """Adds a zero term that carries ∂f_lin/∂x, computed only if asked for.
+
+    ∂f_lin/∂x differentiates the JVP itself (second order). Kept out of the
+    δ-gradient, it is built only when something upstream of the inputs is
+    differentiated (a trainable layer before the wrapper, input saliency);
+    inside the δ-gradient, XLA would compile it into every training step.
+    A module function holding the layer weakly: see `Linearize.call`.
+    """
+    positions = [i for i, x in enumerate(flat_inputs) if _is_float(x)]
+
+    @tf.custom_gradient
+    def input_term(*float_inputs):
+        def grad(*upstream, variables=None):
+            layer = _live(layer_ref)
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch(float_inputs)
+                replaced = list(flat_inputs)
+                for position, x in zip(positions, float_inputs):
+                    replaced[position] = x
+                _, terms = layer._taylor_terms(inputs, replaced, primals, deltas, held)
+                targets = layer._combine(terms)
+            input_grads = tape.gradient(
+                targets,
+                list(float_inputs),
+                output_gradients=list(upstream),
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            )
+            return list(input_grads), [None] * len(variables or ())
+
+        return list(zeros), grad
+
+    terms = input_term(*[flat_inputs[i] for i in positions])
+    terms = list(terms) if isinstance(terms, (list, tuple)) else [terms]
+    return [y + z for y, z in zip(result, terms)]
 
 
 @keras.saving.register_keras_serializable(package="keras_ntk")
@@ -418,6 +481,15 @@ class Linearize(keras.layers.Wrapper):
                 all variables and read by learning-rate schedules and Adam's
                 bias correction) is left as it is.
         """
+        # Every argument is checked before θ0 moves: a rejected call changes nothing.
+        if not self.built:
+            raise ValueError(
+                "Expected a built Linearize layer (call it on data, or build it, before "
+                "relinearizing: θ0 is taken at build time). Received: an unbuilt layer "
+                f"{self.name!r}"
+            )
+        if optimizer is not None:
+            _check_optimizer(optimizer)
         for initial, delta in zip(self._initial, self._deltas):
             initial.assign(initial.value + delta.value)
             delta.assign(tf.zeros_like(delta.value))
@@ -433,22 +505,33 @@ class Linearize(keras.layers.Wrapper):
         # distribution strategy, custom_gradient cannot watch mirrored variables.
         primals = _read(self._initial)
         deltas = _read(self._deltas)
-        structure = {"frozen": _read(self._frozen), "fixed": _read(self._fixed)}
+        held = _HeldValues(fixed=_read(self._fixed), frozen=_read(self._frozen))
+        # In graph mode `tf.custom_gradient` registers each gradient function in
+        # TensorFlow's global gradient registry, which is never cleared: the
+        # gradient functions below must not hold this layer (or its model)
+        # strongly, or no wrapped model could ever be freed. They get the
+        # layer through a weak reference (it is alive while gradients are
+        # taken: they are taken while the step that called it is traced).
+        layer_ref = weakref.ref(self)
+        output_structure = input_zeros = None  # set while tracing `linearized`
 
         @tf.custom_gradient
         def linearized(*tangents):
+            nonlocal output_structure, input_zeros
             with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
                 tape.watch(primals)
-                terms = self._taylor_terms(inputs, flat_inputs, primals, tangents, structure)
+                outputs, terms = self._taylor_terms(inputs, flat_inputs, primals, tangents, held)
             flat_f0 = terms[0]
+            output_structure = outputs
             # From f(x; θ0) alone: the input term must not be reachable from δ.
-            structure["zeros"] = [tf.zeros_like(_to_float32(y)) for y in flat_f0]
+            input_zeros = [tf.zeros_like(_to_float32(y)) for y in flat_f0]
+            second_order = self.order == 2
 
             def grad(*upstream, variables=None):
                 upstream = [tf.cast(u, y.dtype) for u, y in zip(upstream, flat_f0)]
-                if self.order == 2:
-                    delta_grads = self._second_order_gradient(
-                        inputs, flat_inputs, primals, tangents, structure, upstream
+                if second_order:
+                    delta_grads = _live(layer_ref)._second_order_gradient(
+                        inputs, flat_inputs, primals, tangents, held, upstream
                     )
                 else:
                     # Linear in δ: ∂⟨u, f_lin⟩/∂δ = Jᵀu, one ordinary VJP at θ0.
@@ -465,19 +548,26 @@ class Linearize(keras.layers.Wrapper):
         result = linearized(*deltas)
         result = list(result) if isinstance(result, (list, tuple)) else [result]
         if any(_is_float(x) for x in flat_inputs):
-            result = self._add_input_gradient(inputs, flat_inputs, primals, deltas, structure, result)
-        return tf.nest.pack_sequence_as(structure["outputs"], result)
+            result = _add_input_gradient(
+                layer_ref, inputs, flat_inputs, primals, deltas, held, input_zeros, result
+            )
+        return tf.nest.pack_sequence_as(output_structure, result)
 
-    def _second_order_gradient(self, inputs, flat_inputs, primals, tangents, structure, upstream):
+    def _state_mapping(self, primals, held):
+        """(variable, value) pairs that evaluate the wrapped model at θ = `primals`."""
+        mapping = list(zip(self._wrapped.trainable, primals))
+        mapping += list(zip(self._wrapped.fixed, held.fixed))
+        mapping += list(zip(self._wrapped.non_trainable, held.frozen))
+        return mapping
+
+    def _second_order_gradient(self, inputs, flat_inputs, primals, tangents, held, upstream):
         """∂/∂δ ⟨u, f0 + J·δ + ½ δᵀHδ⟩ = Jᵀu + Σ_o u_o H_o δ, by forward-over-reverse.
 
         With g(θ) = ∂⟨u, f(θ)⟩/∂θ (one VJP), the first term is g(θ0) and the
         second is the JVP of g along δ (a Hessian-vector product), so one
         accumulator around one reverse pass gives both.
         """
-        mapping = list(zip(self._wrapped.trainable, primals))
-        mapping += list(zip(self._wrapped.fixed, structure["fixed"]))
-        mapping += list(zip(self._wrapped.non_trainable, structure["frozen"]))
+        mapping = self._state_mapping(primals, held)
         zero = tf.UnconnectedGradients.ZERO
         with tf.autodiff.ForwardAccumulator(primals, list(tangents)) as accumulator:
             with tf.GradientTape(watch_accessed_variables=False) as tape:
@@ -497,15 +587,14 @@ class Linearize(keras.layers.Wrapper):
             return self.jvp_method
         return "double_vjp" if _contains_recurrent_layer(self.layer) else "forward"
 
-    def _taylor_terms(self, inputs, flat_inputs, primals, tangents, structure):
-        """The flat Taylor terms at θ = `primals` in the direction `tangents`.
+    def _taylor_terms(self, inputs, flat_inputs, primals, tangents, held):
+        """The wrapped model's output structure and its flat Taylor terms.
 
-        Returns [f(x; θ), J·δ] for order 1 and [f(x; θ), J·δ, δᵀHδ] for
-        order 2 (H the Hessian of each output with respect to θ).
+        The terms at θ = `primals` in the direction `tangents` are
+        [f(x; θ), J·δ] for order 1 and [f(x; θ), J·δ, δᵀHδ] for order 2 (H
+        the Hessian of each output with respect to θ).
         """
-        mapping = list(zip(self._wrapped.trainable, primals))
-        mapping += list(zip(self._wrapped.fixed, structure["fixed"]))
-        mapping += list(zip(self._wrapped.non_trainable, structure["frozen"]))
+        mapping = self._state_mapping(primals, held)
         tangents = list(tangents)
 
         def evaluate():
@@ -527,8 +616,7 @@ class Linearize(keras.layers.Wrapper):
                 flat_f0 = tf.nest.flatten(outputs)
                 flat_jvp = _double_vjp_jvp(tape, flat_f0, primals, tangents)
             flat_hvp = [outer.jvp(j, unconnected_gradients=zero) for j in flat_jvp]
-            structure["outputs"] = outputs
-            return [flat_f0, flat_jvp, flat_hvp]
+            return outputs, [flat_f0, flat_jvp, flat_hvp]
         if self._resolved_jvp_method() == "forward":
             with tf.autodiff.ForwardAccumulator(primals, tangents) as accumulator:
                 outputs = evaluate()
@@ -540,8 +628,7 @@ class Linearize(keras.layers.Wrapper):
                 outputs = evaluate()
             flat_f0 = tf.nest.flatten(outputs)
             flat_jvp = _double_vjp_jvp(tape, flat_f0, primals, tangents)
-        structure["outputs"] = outputs
-        return [flat_f0, flat_jvp]
+        return outputs, [flat_f0, flat_jvp]
 
     def _combine(self, terms):
         """Sums the Taylor terms: f0 + J·δ (+ ½ δᵀHδ), or without f0 in "difference" mode.
@@ -555,40 +642,6 @@ class Linearize(keras.layers.Wrapper):
         if self.mode == "difference":
             return outputs
         return [_to_float32(f) + y for f, y in zip(flat_f0, outputs)]
-
-    def _add_input_gradient(self, inputs, flat_inputs, primals, deltas, structure, result):
-        """Adds a zero term that carries ∂f_lin/∂x, computed only if asked for.
-
-        ∂f_lin/∂x differentiates the JVP itself (second order). Kept out of the
-        δ-gradient, it is built only when something upstream of the inputs is
-        differentiated (a trainable layer before the wrapper, input saliency);
-        inside the δ-gradient, XLA would compile it into every training step.
-        """
-        positions = [i for i, x in enumerate(flat_inputs) if _is_float(x)]
-
-        @tf.custom_gradient
-        def input_term(*float_inputs):
-            def grad(*upstream, variables=None):
-                with tf.GradientTape(watch_accessed_variables=False) as tape:
-                    tape.watch(float_inputs)
-                    replaced = list(flat_inputs)
-                    for position, x in zip(positions, float_inputs):
-                        replaced[position] = x
-                    terms = self._taylor_terms(inputs, replaced, primals, deltas, dict(structure))
-                    targets = self._combine(terms)
-                input_grads = tape.gradient(
-                    targets,
-                    list(float_inputs),
-                    output_gradients=list(upstream),
-                    unconnected_gradients=tf.UnconnectedGradients.ZERO,
-                )
-                return list(input_grads), [None] * len(variables or ())
-
-            return list(structure["zeros"]), grad
-
-        zeros = input_term(*[flat_inputs[i] for i in positions])
-        zeros = list(zeros) if isinstance(zeros, (list, tuple)) else [zeros]
-        return [y + z for y, z in zip(result, zeros)]
 
     def compute_output_spec(self, inputs, training=None):
         spec = self.layer.compute_output_spec(inputs)

@@ -1,5 +1,6 @@
 """Tests of experiments/data.py: the digits builder, tfds pipelines, tasks."""
 
+import random
 import socket
 
 import numpy as np
@@ -54,6 +55,94 @@ def test_tfds_load_digits_by_name(data_dir):
     assert info.splits["test"].num_examples == 360
     assert info.features["label"].num_classes == 10
 
+
+def _forbid_network(monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("the mnist1d builder tried to use the network")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+
+
+@pytest.fixture(scope="module")
+def mnist1d_reference():
+    # Independent reference: the package's own generator, called directly.
+    from mnist1d import data as mnist1d_data
+
+    args = mnist1d_data.get_dataset_args()
+    args.num_samples = 40000
+    return mnist1d_data.make_dataset(args)
+
+
+def test_tfds_load_mnist1d_small_generation_offline_and_reproducible(tmp_path, monkeypatch):
+    # Fast version of the two tests below: generate 4000 examples instead of 40 000.
+    _forbid_network(monkeypatch)
+    monkeypatch.setattr(data, "MNIST1D_GENERATED_SAMPLES", 4000)
+    from mnist1d import data as mnist1d_data
+
+    args = mnist1d_data.get_dataset_args()
+    args.num_samples = 4000
+    reference = mnist1d_data.make_dataset(args)
+    for directory in ("first", "second"):  # two independent builds
+        loaded = tfds.as_numpy(tfds.load("mnist1d/4000", split="train",
+                                         data_dir=str(tmp_path / directory),
+                                         batch_size=-1, shuffle_files=False))
+        order = np.argsort(loaded["index"])
+        np.testing.assert_array_equal(loaded["x"][order], reference["x"].astype(np.float32))
+        np.testing.assert_array_equal(loaded["label"][order], reference["y"])
+        data.generate_mnist1d.cache_clear()
+
+
+@pytest.mark.slow
+def test_tfds_load_mnist1d_offline_matches_the_generator(data_dir, monkeypatch,
+                                                         mnist1d_reference):
+    _forbid_network(monkeypatch)
+    loaded = tfds.as_numpy(tfds.load("mnist1d", split="test", data_dir=data_dir,
+                                     batch_size=-1, shuffle_files=False))
+    assert loaded["x"].shape == (8000, 40)
+    order = np.argsort(loaded["index"])
+    np.testing.assert_array_equal(loaded["x"][order],
+                                  mnist1d_reference["x_test"].astype(np.float32))
+    np.testing.assert_array_equal(loaded["label"][order], mnist1d_reference["y_test"])
+    train = data.load_split("mnist1d", "train", data_dir=data_dir)
+    assert train.x.shape == (32000, 1, 40, 1)
+    np.testing.assert_array_equal(train.x[:, 0, :, 0],
+                                  mnist1d_reference["x"].astype(np.float32))
+    np.testing.assert_array_equal(train.y, mnist1d_reference["y"])
+    # Roughly balanced classes (the generator draws 4000 per class, then permutes).
+    assert np.bincount(train.y, minlength=10).min() > 3000
+
+
+@pytest.mark.slow
+def test_mnist1d_generation_restores_global_random_state(mnist1d_reference):
+    # The package's generator reseeds `random` and `numpy.random`; ours restores them.
+    random.seed(7)
+    np.random.seed(7)
+    expected_python, expected_numpy = random.random(), np.random.rand()
+    random.seed(7)
+    np.random.seed(7)
+    data.generate_mnist1d.cache_clear()
+    generated = data.generate_mnist1d()
+    assert random.random() == expected_python and np.random.rand() == expected_numpy
+    np.testing.assert_array_equal(generated["y"], mnist1d_reference["y"])
+
+
+@pytest.mark.slow
+def test_mnist1d_smaller_config_is_a_prefix_built_again(data_dir, tmp_path, monkeypatch):
+    _forbid_network(monkeypatch)
+    full_train = data.load_split("mnist1d", "train", data_dir=data_dir)
+    full_test = data.load_split("mnist1d", "test", data_dir=data_dir)
+    # A second, independent build (another directory) gives the same examples.
+    small_train = data.load_split("mnist1d/4000", "train", data_dir=str(tmp_path))
+    small_test = data.load_split("mnist1d/4000", "test", data_dir=str(tmp_path))
+    assert len(small_train.y) == 3200 and len(small_test.y) == 800
+    np.testing.assert_array_equal(small_train.x, full_train.x[:3200])
+    np.testing.assert_array_equal(small_train.y, full_train.y[:3200])
+    np.testing.assert_array_equal(small_test.x, full_test.x[:800])
+    sliced = data.load_split("mnist1d", "train[100:110]", data_dir=data_dir)
+    np.testing.assert_array_equal(sliced.y, full_train.y[100:110])
+    with pytest.raises(ValueError, match="num_samples=50000"):
+        data.mnist1d_config(50000)
 
 def test_load_dataset_standardizes_with_train_statistics(data_dir):
     dataset = data.load_dataset("digits", num_train=300, num_test=50, data_dir=data_dir)

@@ -703,6 +703,25 @@ def test_relinearize_resets_the_optimizer_state_of_the_offsets():
         linear.relinearize("sgd")
 
 
+
+def test_relinearize_checks_its_arguments_before_moving_the_linearization_point():
+    model = mlp()
+    x = np.random.randn(5, 6).astype("float32")
+    linear = keras_ntk.Linearize(model)
+    linear(x)
+    deltas = random_deltas(linear, scale=0.3)
+    theta0 = [np.asarray(w.value) for w in model.trainable_weights]
+    with pytest.raises(TypeError, match="Received: optimizer='adam'"):
+        linear.relinearize("adam")
+    # Nothing moved: θ0 is still the model's weights, δ still the offsets set above.
+    for actual, expected in zip(linear.initial_weights, theta0):
+        np.testing.assert_array_equal(actual, expected)
+    for actual, expected in zip(linear.deltas, deltas):
+        np.testing.assert_allclose(actual.value, expected, rtol=1e-7)
+    unbuilt = keras_ntk.Linearize(mlp())
+    with pytest.raises(ValueError, match="unbuilt layer"):
+        unbuilt.relinearize()
+
 def test_integer_inputs_are_cast_like_the_wrapped_model():
     model = mlp()
     x = np.arange(24).reshape(4, 6).astype("int32")

@@ -25,6 +25,25 @@ def test_lenet_adapts_to_input_size(size, flat):
     assert [c.kernel_size for c in convs] == ([(3, 3)] * 2 if size == 8 else [(5, 5)] * 2)
 
 
+def test_conv1d_matches_a_numpy_strided_convolution():
+    model = models.conv1d((1, 40, 1), 10)
+    # 5·1·25 + 25, 2 × (5·25·25 + 25), then 5 positions · 25 channels → 10.
+    assert model.count_params() == 150 + 2 * 3150 + (125 * 10 + 10)
+    x = np.random.default_rng(0).normal(size=(3, 1, 40, 1)).astype(np.float32)
+    h = x[:, 0].astype(np.float64)  # (N, L, C)
+    for layer in model.layers[:3]:
+        kernel = np.asarray(layer.kernel, np.float64)[0]  # (k, C_in, C_out)
+        bias = np.asarray(layer.bias, np.float64)
+        # 'same' with stride 2 on an even length: pad 1 before, 2 after (TF's rule).
+        padded = np.pad(h, ((0, 0), (1, 2), (0, 0)))
+        h = np.stack([np.einsum("nkc,kcd->nd", padded[:, 2 * i:2 * i + 5], kernel)
+                      for i in range(h.shape[1] // 2)], axis=1) + bias
+        h = np.maximum(h, 0.0)
+    logits = h.reshape(3, -1) @ np.asarray(model.layers[-1].kernel, np.float64)
+    np.testing.assert_allclose(model(x).numpy(), logits, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="input_shape"):
+        models.conv1d((40, 1), 10)
+
 def test_resnet18_structure():
     model = models.resnet18((32, 32, 3), 10, width=4)
     convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
