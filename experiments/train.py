@@ -111,7 +111,8 @@ def fit(model, x, y, *, epochs, batch_size=128, learning_rate=0.05,
     """Trains a single-logit `model` on (x, y) with the paper's recipe.
 
     Sigmoid cross-entropy on the logit, SGD momentum, linear decay to 0 over
-    `epochs · ceil(N / batch_size)` steps (`floor` with `drop_remainder`). The data order is fixed by `seed`
+    `epochs · ceil(N / batch_size)` steps (`floor` with `drop_remainder`).
+    The data order is fixed by `seed`
     (reshuffled each epoch, deterministically). With `backup_dir` a
     `keras.callbacks.BackupAndRestore` saves the model and optimizer each
     epoch, so a killed fit resumes at its last finished epoch; the backup is
