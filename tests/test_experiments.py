@@ -162,7 +162,7 @@ def test_bad_gin_binding_fails_before_training(tmp_path, data_dir):
 
 @pytest.mark.parametrize("binding, message", [
     ("dataset = 'imagenet'", "Known datasets: cifar10, digits, mnist"),
-    ("models = ['vgg']", "Known models: lenet, mlp, resnet18"),
+    ("models = ['vgg']", "Known models: conv1d, lenet, mlp, resnet18"),
     ("tasks = ['regression']", "Known tasks: eigenfunction, binary"),
 ])
 def test_unknown_names_are_listed_before_any_work(tmp_path, binding, message):
@@ -280,7 +280,7 @@ def test_lenet_reference_options_against_numpy():
     activation = np.maximum(np.einsum("nhwpc,pcf->nhwf", patches,
                                       kernel.reshape(25, 3, 6)) + bias, 0)
     pooled = activation.reshape(2, 16, 2, 16, 2, 6).mean(axis=(2, 4))
-    probe = keras.Model(model.input, model.get_layer("pool_0").output)
+    probe = keras.Model(model.layers[0].input, model.get_layer("pool_0").output)
     np.testing.assert_allclose(probe(x).numpy(), pooled, rtol=1e-4, atol=1e-5)
     assert model.get_layer("dense_0").kernel.shape == (1024, 120)
     # The defaults are unchanged: 5×5 'valid' and max pooling on 32×32.
