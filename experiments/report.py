@@ -372,7 +372,8 @@ def _linearization_wins_finding(eigen, options):
     holm = _holm(p_values)
     for row, adjusted in zip(rows, holm):
         row["p_value_holm"] = adjusted
-    wins = [r for r in rows if r["outcome"] == "linearization" and r["p_value_holm"] < options["alpha"]]
+    wins = [r for r in rows
+            if r["outcome"] == "linearization" and r["p_value_holm"] < options["alpha"]]
     undecided = [r for r in rows if r["outcome"] == "inconclusive"]
     verdict = ("reproduced" if wins else "inconclusive" if undecided else "not reproduced")
     return {"claim": "networks do not always beat their linearization at θ0: on some "
@@ -569,8 +570,9 @@ def _finding_lines(findings):
             lines.append(f"- **Binary task** — paper: {f['claim']}. Here: {detail}. Test: "
                          f"{f['test']}. Rule: {f['rule']}. **{f['verdict']}**.")
         f = found["alignment"]
-        lines.append(f"- **Alignment** — paper: {f['claim']}. Here: rose on {f['rises']} and fell "
-                     f"on {f['falls']} of {f['num_tasks']} two-class tasks, p = {_p(f['p_value'])}. "
+        lines.append(f"- **Alignment** — paper: {f['claim']}. Here: rose on {f['rises']} and "
+                     f"fell on {f['falls']} of {f['num_tasks']} two-class tasks, "
+                     f"p = {_p(f['p_value'])}. "
                      f"Test: {f['test']}. Rule: {f['rule']}. **{f['verdict']}**.")
         f = found["tracking"]
         if "tasks" in f:
