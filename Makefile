@@ -3,27 +3,37 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.installed-docs
 
-.PHONY: demo test test-all install clean
+.PHONY: demo test test-all install docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(STAMP): $(PY) setup.py
+# The package metadata lives in pyproject.toml; the version in keras_ntk/__init__.py.
+$(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test,experiments]"
 	touch $(STAMP)
+
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[test,experiments,docs]"
+	touch $(DOCS_STAMP)
 
 install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q tests
 
-test-all: $(STAMP)
+test-all: $(DOCS_STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
 	$(PY) -m experiments.linear_vs_nonlinear --gin_file=linear_vs_nonlinear/digits_demo.gin --output_dir=runs/demo
 
+# The site (docs/ and mkdocs.yml, API reference from the docstrings) into site/.
+docs: $(DOCS_STAMP)
+	$(PY) -m mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache

@@ -170,7 +170,7 @@ def memory_child():
     model = lenet()
     x = digits(image=True)
     model(x[:1])
-    setup = ntk_module._setup(model, x, None, (-1,), (), "auto", None, 2**30, False, None)
+    setup = ntk_module.kernel_setup(model, x, None, (-1,), (), "auto", None, 2**30, False, None)
     before = _status_bytes("VmHWM")
     current = _status_bytes("VmRSS")
     start = time.perf_counter()

@@ -1,46 +1,25 @@
-"""The only module that registers experiment objects with gin.
+"""The models that gin configs may name, registered with gin.
 
-Configs may name:
+Configs may name models by the names in `MODELS` (`mlp`, `lenet`,
+`resnet18`), with their hyperparameters bound as `mlp.widths = (512, 512)`,
+`lenet.filters = ...`, `resnet18.width = 16`; a study's `run(models=[...])`
+or `run(model=...)` lists model names and receives `MODELS` as
+`model_builders`. Datasets are named by the strings of
+`experiments.data.KNOWN_DATASETS` (the `digits` tfds builder registers
+itself when `experiments.data` is imported).
 
-* models, by the names in `MODELS` (`mlp`, `lenet`, `resnet18`), with their
-  hyperparameters bound as `mlp.widths = (512, 512)`, `lenet.filters = ...`,
-  `resnet18.width = 16`; a study's `run(models=[...])` lists model names.
-* study entry points, `STUDIES`: `linear_vs_nonlinear.run` (study A), whose
-  arguments are the experiment (dataset, tasks, ks, seeds, recipe, ...);
-  `trainability.run` (study C: σw²/depth grids, architectures, widths);
-  `data_scaling.run` and `kernel_evolution.run` (study B).
-
-Arguments that the binary passes itself (output_dir, strategy,
-model_builders, data_dir) are deny-listed: a config cannot set them.
-keras_ntk stays gin-free.
+A study's `run` is registered by the launcher (`launcher.configurable`)
+when its binary starts: this module imports no binary, so the import
+direction is binary → launcher → configurables → models. keras_ntk stays
+gin-free.
 """
 
 import gin
 
-from experiments import linear_vs_nonlinear, models
-from experiments import trainability
-from experiments import data_scaling, kernel_evolution
-
-_FROM_THE_BINARY = ["output_dir", "strategy", "model_builders", "data_dir"]
+from experiments import models
 
 MODELS = {
     name: gin.external_configurable(builder, name=name, module="models",
                                     denylist=["input_shape", "num_outputs"])
     for name, builder in models.MODELS.items()
-}
-
-STUDIES = {
-    "linear_vs_nonlinear": gin.external_configurable(
-        linear_vs_nonlinear.run, name="run", module="linear_vs_nonlinear",
-        denylist=_FROM_THE_BINARY,
-    ),
-    "trainability": gin.external_configurable(
-        trainability.run, name="run", module="trainability", denylist=_FROM_THE_BINARY,
-    ),
-    "data_scaling": gin.external_configurable(
-        data_scaling.run, name="run", module="data_scaling", denylist=_FROM_THE_BINARY,
-    ),
-    "kernel_evolution": gin.external_configurable(
-        kernel_evolution.run, name="run", module="kernel_evolution", denylist=_FROM_THE_BINARY,
-    ),
 }

@@ -410,14 +410,62 @@ def load_dataset(name, *, num_train=None, num_test=None, data_dir=None):
     return Dataset(name=name, train=Split(train_x, train.y), test=Split(test_x, test.y))
 
 
-def training_dataset(x, y, *, batch_size, seed, drop_remainder=False):
-    """A shuffled, batched tf.data pipeline; `seed` fixes the order per epoch.
+def epoch_order(num_examples, seed, epoch):
+    """The order of the training examples in `epoch` (counted from 0) of a run with `seed`.
 
-    The shuffle is reshuffled each epoch deterministically from `seed`.
+    A function of (seed, epoch) only, not of how many epochs this process
+    has already iterated: a fit resumed at epoch e sees exactly the batches
+    an uninterrupted fit sees there. Computed by TensorFlow's stateless
+    shuffle with the seed pair (seed, epoch).
+
+    Returns:
+        An int64 tensor, a permutation of 0..num_examples−1.
     """
-    return (
-        tf.data.Dataset.from_tensor_slices((x, y))
-        .shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-        .batch(batch_size, drop_remainder=drop_remainder)
-        .prefetch(tf.data.AUTOTUNE)
-    )
+    return tf.random.experimental.stateless_shuffle(
+        tf.range(num_examples, dtype=tf.int64),
+        seed=tf.stack([tf.cast(seed, tf.int64), tf.cast(epoch, tf.int64)]))
+
+
+def training_dataset(x, y, *, batch_size, seed, first_epoch=0, num_epochs=None,
+                     drop_remainder=False):
+    """Shuffled batches of (x, y), epoch after epoch; the order is a function of (seed, epoch).
+
+    Epoch e yields the examples in the order `epoch_order(len(x), seed, e)`
+    in batches of `batch_size` (the last one smaller unless
+    `drop_remainder`), so a fit that resumes at epoch e (`first_epoch=e`)
+    sees the same batches as one that never stopped. The epochs follow each
+    other in ONE dataset: iterate it with `model.fit(steps_per_epoch=
+    steps_per_epoch(len(x), batch_size))`, which keeps one iterator across
+    epochs.
+
+    Args:
+        x, y: arrays with the same first dimension.
+        batch_size: examples per batch.
+        seed: the run's data-order seed.
+        first_epoch: the epoch the dataset starts at.
+        num_epochs: how many epochs it yields (None: forever).
+        drop_remainder: drop each epoch's last, smaller batch.
+
+    Returns:
+        A `tf.data.Dataset` of (x batch, y batch).
+    """
+    num_examples = len(x)
+    x, y = tf.constant(x), tf.constant(y)
+
+    def one_epoch(epoch):
+        order = tf.data.Dataset.from_tensor_slices(epoch_order(num_examples, seed, epoch))
+        return order.batch(batch_size, drop_remainder=drop_remainder).map(
+            lambda rows: (tf.gather(x, rows), tf.gather(y, rows)))
+
+    if num_epochs is None:
+        epochs = tf.data.Dataset.counter(first_epoch, dtype=tf.int64)
+    else:
+        epochs = tf.data.Dataset.range(first_epoch, first_epoch + num_epochs)
+    return epochs.flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
+
+
+def steps_per_epoch(num_examples, batch_size, drop_remainder=False):
+    """Batches per epoch of `training_dataset`."""
+    if drop_remainder:
+        return num_examples // batch_size
+    return -(-num_examples // batch_size)

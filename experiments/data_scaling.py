@@ -367,7 +367,7 @@ def _stop_when_converged(model, threshold):
 
 def train_network(model, x, labels, num_classes, *, loss, train_steps, batch_size,
                   learning_rate, momentum, convergence_loss, seed, jit_compile, strategy,
-                  tensorboard_dir=None, chunk_steps=50):
+                  tensorboard_dir=None, chunk_steps=50, crash_after_epochs=None):
     """Trains `model` to convergence: SGD (constant rate, momentum), MSE or cross-entropy.
 
     Runs at most `train_steps` steps in chunks of `chunk_steps` (a Keras
@@ -378,7 +378,9 @@ def train_network(model, x, labels, num_classes, *, loss, train_steps, batch_siz
         dict(steps, train_loss).
     """
     import keras
-    import tensorflow as tf
+
+    from experiments import data as data_lib
+    from experiments import train as train_lib
 
     keras.utils.set_random_seed(seed)
     batch_size = min(batch_size, len(x))
@@ -391,10 +393,11 @@ def train_network(model, x, labels, num_classes, *, loss, train_steps, batch_siz
     with strategy.scope():
         model.compile(optimizer=keras.optimizers.SGD(learning_rate, momentum=momentum),
                       loss=loss_object, jit_compile=jit_compile)
-    dataset = (tf.data.Dataset.from_tensor_slices((x, targets))
-               .shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-               .repeat().batch(batch_size).prefetch(tf.data.AUTOTUNE))
+    # Epoch e of the examples in the order data.epoch_order(len(x), seed, e), forever.
+    dataset = data_lib.training_dataset(x, targets, batch_size=batch_size, seed=seed)
     callbacks = [_stop_when_converged(model, convergence_loss)]
+    if crash_after_epochs is not None:  # Tests of resuming: killed after this many chunks.
+        callbacks.append(train_lib.CrashAfterEpochs(crash_after_epochs))
     if tensorboard_dir:
         callbacks.append(keras.callbacks.TensorBoard(tensorboard_dir, write_graph=False,
                                                      profile_batch=0))
@@ -813,7 +816,7 @@ def draw_figures(results, directory):
 
 
 def main(argv):
-    launcher.main(argv, study="data_scaling")
+    launcher.main(argv, "data_scaling", run)
 
 
 if __name__ == "__main__":

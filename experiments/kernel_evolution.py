@@ -477,7 +477,7 @@ def draw_figures(results, directory):
 
 
 def main(argv):
-    launcher.main(argv, study="kernel_evolution")
+    launcher.main(argv, "kernel_evolution", run)
 
 
 if __name__ == "__main__":

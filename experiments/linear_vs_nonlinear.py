@@ -380,6 +380,7 @@ def run(
     max_new_cells=None,
     verbose="auto",
     write_report=True,
+    simulate_crash_after_epochs=None,
 ):
     """Runs study A and writes results.json, figures and report.md into `output_dir`.
 
@@ -414,6 +415,8 @@ def run(
         max_new_cells: stop after this many newly finished cells (None: all).
         verbose: passed to `model.fit`.
         write_report: write figures and report.md at the end.
+        simulate_crash_after_epochs: kill the process after this many epochs
+            of the first fit (tests of resuming; `--simulate_crash_after_epochs`).
 
     Returns:
         The results dictionary (also in results.json).
@@ -468,7 +471,8 @@ def run(
     results["num_train"], results["num_test"] = len(data.train.y), len(data.test.y)
     study = _Study(output_dir, strategy, model_builders, data,
                    dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-                        momentum=momentum, jit_compile=jit_compile, verbose=verbose),
+                        momentum=momentum, jit_compile=jit_compile, verbose=verbose,
+                        crash_after_epochs=simulate_crash_after_epochs),
                    num_probe, num_projection, ntk_batch_size, ntk_implementation,
                    eigen_solver)
     results["num_probe"] = study.num_probe
@@ -516,7 +520,7 @@ def run(
 
 
 def main(argv):
-    launcher.main(argv, study="linear_vs_nonlinear")
+    launcher.main(argv, "linear_vs_nonlinear", run)
 
 
 if __name__ == "__main__":

@@ -78,16 +78,82 @@ def linear_decay_sgd(total_steps, learning_rate=0.05, momentum=0.9):
     return keras.optimizers.SGD(learning_rate=schedule, momentum=momentum)
 
 
-class _CrashAfterEpochs(keras.callbacks.Callback):
-    """Kills the process after `epochs` epochs (tests of resuming only)."""
+class CrashAfterEpochs(keras.callbacks.Callback):
+    """Kills the process after it ran `epochs` epochs of a fit (tests of resuming only).
+
+    `os._exit(3)`: no cleanup, no flush, as a preempted machine.
+    """
 
     def __init__(self, epochs):
         super().__init__()
-        self.epochs = epochs
+        self.epochs = int(epochs)
+        self.seen = 0
 
     def on_epoch_end(self, epoch, logs=None):
-        if epoch + 1 >= self.epochs:
-            os._exit(3)  # A hard kill: no cleanup, as a preempted machine.
+        self.seen += 1
+        if self.seen >= self.epochs:
+            os._exit(3)
+
+
+class EpochBackup(keras.callbacks.Callback):
+    """Saves the model and optimizer after every epoch, atomically, for an exact resume.
+
+    Keras' `BackupAndRestore` writes its epoch counter non-atomically and
+    restores weights but not a data pipeline's position. Here every epoch
+    writes `epoch<e>.weights.h5` (model and optimizer variables, via
+    `save_weights`) and then `epoch.json` = {"epoch": e, "weights": name},
+    each through a temporary file and a rename; `epoch.json` is the commit.
+    `restore` loads the committed epoch (a truncated or corrupt backup is
+    discarded with a log line, and the fit starts from its beginning), and
+    the caller rebuilds the data for the epochs that remain
+    (`data.training_dataset(first_epoch=...)`).
+    """
+
+    def __init__(self, backup_dir):
+        super().__init__()
+        self.backup_dir = backup_dir
+
+    @property
+    def _commit_path(self):
+        return os.path.join(self.backup_dir, "epoch.json")
+
+    def restore(self, model):
+        """Loads the last committed epoch into `model`; returns the number of finished epochs."""
+        from experiments import cells
+
+        committed = cells.load_or_discard(self._commit_path, cells.load_json)
+        if committed is None:
+            self.discard()
+            return 0
+        model.optimizer.build(model.trainable_variables)
+        initial = [v.numpy() for v in model.variables + model.optimizer.variables]
+        weights_path = os.path.join(self.backup_dir, committed["weights"])
+        if cells.load_weights_or_discard(model, weights_path):
+            logging.info("Resuming the fit from its backup in %s after epoch %d",
+                         self.backup_dir, committed["epoch"])
+            return int(committed["epoch"])
+        # A load that failed halfway may have assigned some variables.
+        for variable, value in zip(model.variables + model.optimizer.variables, initial):
+            variable.assign(value)
+        self.discard()
+        return 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        from experiments import cells
+
+        name = f"epoch{epoch + 1}.weights.h5"
+        cells.save_weights_atomic(self.model, os.path.join(self.backup_dir, name))
+        previous = cells.load_or_discard(self._commit_path, cells.load_json)
+        cells.write_json_atomic(self._commit_path, {"epoch": epoch + 1, "weights": name})
+        if previous is not None and previous["weights"] != name:
+            stale = os.path.join(self.backup_dir, previous["weights"])
+            if tf.io.gfile.exists(stale):
+                tf.io.gfile.remove(stale)
+
+    def discard(self):
+        """Deletes the backup (after the fit completes, or when it is unreadable)."""
+        if tf.io.gfile.exists(self.backup_dir):
+            tf.io.gfile.rmtree(self.backup_dir)
 
 
 def _training_log(log_dir):
@@ -101,21 +167,18 @@ def _training_log(log_dir):
     return keras.callbacks.CSVLogger(os.path.join(log_dir, "history.csv"), append=True)
 
 
-# Set by the binaries' hidden --simulate_crash_after_epochs flag (tests).
-crash_after_epochs = None
-
-
 def fit(model, x, y, *, epochs, batch_size=128, learning_rate=0.05,
         momentum=0.9, seed=0, backup_dir=None, tensorboard_dir=None,
-        jit_compile="auto", verbose="auto", strategy=None):
+        jit_compile="auto", verbose="auto", strategy=None, crash_after_epochs=None):
     """Trains a single-logit `model` on (x, y) with the paper's recipe.
 
     Sigmoid cross-entropy on the logit, SGD momentum, linear decay to 0 over
-    `epochs · ceil(N / batch_size)` steps. The data order is fixed by `seed`
-    (reshuffled each epoch, deterministically). With `backup_dir` a
-    `keras.callbacks.BackupAndRestore` saves the model and optimizer each
-    epoch, so a killed fit resumes at its last finished epoch; the backup is
-    deleted when the fit completes.
+    `epochs · ceil(N / batch_size)` steps. Epoch e sees the examples in the
+    order `data.epoch_order(N, seed, e)`. With `backup_dir` the model and
+    optimizer are saved after every epoch (`EpochBackup`), so a killed fit
+    resumes after its last finished epoch and ends with exactly the weights
+    of a fit that never stopped; the backup is deleted when the fit
+    completes.
 
     Args:
         model: an unbuilt or built Keras model with one logit output; it must
@@ -124,38 +187,51 @@ def fit(model, x, y, *, epochs, batch_size=128, learning_rate=0.05,
         x, y: training arrays, y in {0, 1}.
         epochs, batch_size, learning_rate, momentum: the recipe.
         seed: seed of the data order (and of `keras.utils.set_random_seed`).
-        backup_dir: directory for BackupAndRestore, or None.
+        backup_dir: directory for the per-epoch backup, or None.
         tensorboard_dir: TensorBoard log directory, or None.
         jit_compile: passed to `model.compile`.
         verbose: passed to `model.fit`.
         strategy: the `tf.distribute.Strategy` the model lives in.
+        crash_after_epochs: kill the process (`os._exit(3)`, no cleanup)
+            after this many epochs; tests of resuming (the binaries' hidden
+            `--simulate_crash_after_epochs`).
 
     Returns:
-        The `keras.callbacks.History` of the fit.
+        The `keras.callbacks.History` of the fit (of the epochs run now).
     """
     strategy = strategy or tf.distribute.get_strategy()
-    steps_per_epoch = int(np.ceil(len(x) / batch_size))
+    steps = data_lib.steps_per_epoch(len(x), batch_size)
     keras.utils.set_random_seed(seed)
     with strategy.scope():
         model.compile(
-            optimizer=linear_decay_sgd(epochs * steps_per_epoch, learning_rate, momentum),
+            optimizer=linear_decay_sgd(epochs * steps, learning_rate, momentum),
             loss=keras.losses.BinaryCrossentropy(from_logits=True),
             metrics=[keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy")],
             jit_compile=jit_compile,
         )
-    callbacks = []
+        if not model.built:
+            model.build((None, *np.shape(x)[1:]))
+    callbacks, first_epoch = [], 0
+    backup = None
     if backup_dir is not None:
-        if tf.io.gfile.exists(os.path.join(backup_dir, "training_metadata.json")):
-            logging.info("Resuming the fit from its backup in %s", backup_dir)
-        callbacks.append(keras.callbacks.BackupAndRestore(backup_dir, delete_checkpoint=True))
+        backup = EpochBackup(backup_dir)
+        with strategy.scope():
+            first_epoch = backup.restore(model)
+        callbacks.append(backup)
     if tensorboard_dir is not None:
         callbacks.append(_training_log(tensorboard_dir))
     if crash_after_epochs is not None:
-        callbacks.append(_CrashAfterEpochs(crash_after_epochs))
+        callbacks.append(CrashAfterEpochs(crash_after_epochs))
     dataset = data_lib.training_dataset(
-        x, np.asarray(y, np.float32)[:, None], batch_size=batch_size, seed=seed
+        x, np.asarray(y, np.float32)[:, None], batch_size=batch_size, seed=seed,
+        first_epoch=first_epoch, num_epochs=epochs - first_epoch,
     )
-    return model.fit(dataset, epochs=epochs, callbacks=callbacks, verbose=verbose)
+    history = model.fit(dataset, epochs=epochs, initial_epoch=first_epoch,
+                        steps_per_epoch=steps, callbacks=callbacks, verbose=verbose,
+                        shuffle=False)  # The dataset holds the order.
+    if backup is not None:
+        backup.discard()
+    return history
 
 
 def binary_accuracy(model, x, y, batch_size=1024):

@@ -838,7 +838,7 @@ def draw_figures(results, directory):
 
 
 def main(argv):
-    launcher.main(argv, study="trainability")
+    launcher.main(argv, "trainability", run)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 Shared by `empirical_ntk(..., variables=...)`, `Linearize(..., variables=...)`
 and the callbacks, so that "the weights of layer 'dense_2'" means the same
-thing everywhere.
+thing everywhere. `_children` is the one place in keras_ntk that reads Keras'
+private layer tracking (`_layers`); everything else walks layers through
+`iter_layers`.
 """
 
 import keras
@@ -173,3 +175,38 @@ def select_weights(model, variables=None):
                 f"names. Received: variables item={item!r} of type {type(item).__name__}"
             )
     return [w for w in weights if id(w) in chosen]
+
+
+def couples_examples(model):
+    """Whether some layer mixes examples of a batch in training mode."""
+    return any(
+        isinstance(layer, keras.layers.BatchNormalization) for layer in iter_layers(model)
+    )
+
+
+def weight_groups(model, weights):
+    """[(name, [weights])]: `weights` grouped by the innermost layer holding them.
+
+    Groups come in the order of their first weight in `weights`; a group is
+    named by its layer's name (made unique with the weight's path prefix when
+    two nested layers share a name).
+    """
+    owner = {}
+    for layer in iter_layers(model):
+        # Pre-order: a child comes after its parents, so the last layer seen
+        # holding a weight is the innermost one.
+        for w in layer.trainable_weights:
+            owner[id(w)] = layer
+    groups = {}
+    for w in weights:
+        layer = owner.get(id(w), model)
+        groups.setdefault(id(layer), (layer, []))[1].append(w)
+    names = [layer.name for layer, _ in groups.values()]
+    out = []
+    for layer, ws in groups.values():
+        name = layer.name
+        if names.count(name) > 1:
+            path = getattr(ws[0], "path", "") or ""
+            name = path.rsplit("/", 1)[0] if "/" in path else f"{name}_{id(layer)}"
+        out.append((name, ws))
+    return out

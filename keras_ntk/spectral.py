@@ -21,23 +21,25 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse.linalg
 
-from keras_ntk import ntk as _ntk
+from keras_ntk._batching import gather_examples, num_examples, slice_examples, to_host
+from keras_ntk._output_axes import OutputAxes
+from keras_ntk.ntk import empirical_ntk, ntk_vector_product
 
 
 def _kernel_axes(model, x, trace_axes, name):
     """The per-example kept output shape of a single-output model (for flattening)."""
-    x_host = _ntk._to_host(x, "x")
-    n = _ntk._num_examples(x_host, "x")
+    x_host = to_host(x, "x")
+    n = num_examples(x_host, "x")
     if not getattr(model, "built", True) or not model.trainable_weights:
-        model(_ntk._slice(x_host, 0, 1), training=False)
-    outputs = model(_ntk._slice(x_host, 0, 1), training=False)
+        model(slice_examples(x_host, 0, 1), training=False)
+    outputs = model(slice_examples(x_host, 0, 1), training=False)
     flat = keras.tree.flatten(outputs)
     if len(flat) != 1:
         raise ValueError(
             f"Expected `model` to have a single output for `{name}` (the kernel of "
             f"several outputs is not one matrix). Received: model with {len(flat)} outputs"
         )
-    axes = _ntk._OutputAxes(tuple(flat[0].shape[1:]), trace_axes, ())
+    axes = OutputAxes(tuple(flat[0].shape[1:]), trace_axes, ())
     return x_host, n, axes
 
 
@@ -123,7 +125,7 @@ def ntk_eigsh(model, x, k=6, *, trace_axes=(-1,), implementation="ntvp", batch_s
 
     def matmat(v):
         v = np.asarray(v, np.float64).reshape(size, -1)
-        out = _ntk.ntk_vector_product(
+        out = ntk_vector_product(
             model, x_host, None, v.reshape(*vec_shape, v.shape[-1]), trace_axes=trace_axes,
             implementation=implementation, batch_size=batch_size,
             memory_budget=memory_budget, dtype=dtype, variables=variables)
@@ -184,7 +186,7 @@ class NystromNTK:
 
     def features(self, x_new):
         """Nyström features L* of new inputs: Θ(x_new, x) ≈ L* Lᵀ."""
-        k_new = _ntk.empirical_ntk(self._model, x_new, self._landmark_x, **self._options)
+        k_new = empirical_ntk(self._model, x_new, self._landmark_x, **self._options)
         return np.asarray(k_new, np.float64) @ self._projection
 
     def kernel_regression(self, y_train, ridge, *, x_test=None, test_features=None,
@@ -237,7 +239,7 @@ def _diagonal(model, x, n, block, options):
     out = np.zeros(n)
     for start in range(0, n, block):
         stop = min(start + block, n)
-        k = np.asarray(_ntk.empirical_ntk(model, _ntk._slice(x, start, stop), **options))
+        k = np.asarray(empirical_ntk(model, slice_examples(x, start, stop), **options))
         out[start:stop] = np.diag(k)
     return out
 
@@ -310,8 +312,8 @@ def nystrom_ntk(model, x, landmarks, *, trace_axes=(-1,), implementation="auto",
     options = dict(trace_axes=trace_axes, implementation=implementation,
                    batch_size=batch_size, memory_budget=memory_budget, dtype=dtype,
                    variables=variables, verbose=verbose)
-    landmark_x = _ntk._gather(x_host, index)
-    columns = np.asarray(_ntk.empirical_ntk(model, x_host, landmark_x, **options), np.float64)
+    landmark_x = gather_examples(x_host, index)
+    columns = np.asarray(empirical_ntk(model, x_host, landmark_x, **options), np.float64)
     w = columns[index]
     w = (w + w.T) / 2
     values, vectors = np.linalg.eigh(w)
@@ -331,7 +333,7 @@ def nystrom_ntk(model, x, landmarks, *, trace_axes=(-1,), implementation="auto",
     rest = np.setdiff1d(np.arange(n), index)
     if error_columns and rest.size:
         pick = np.sort(rng.choice(rest, size=min(int(error_columns), rest.size), replace=False))
-        exact = np.asarray(_ntk.empirical_ntk(model, x_host, _ntk._gather(x_host, pick),
+        exact = np.asarray(empirical_ntk(model, x_host, gather_examples(x_host, pick),
                                               **options), np.float64)
         approx = factor @ factor[pick].T
         norm = np.linalg.norm(exact)

@@ -180,17 +180,30 @@ def test_eigenfunction_labels_follow_sign_of_kth_eigenvector():
         data.eigenfunction_labels(vectors, 6)
 
 
-def test_training_dataset_order_fixed_by_seed():
+def test_training_dataset_order_is_a_function_of_seed_and_epoch():
     x = np.arange(20, dtype=np.float32)[:, None]
-    y = np.zeros(20, np.float32)
+    y = np.arange(20, dtype=np.float32) * 10
 
-    def order(seed):
-        return np.concatenate([b[0].numpy()[:, 0] for b in data.training_dataset(
-            x, y, batch_size=8, seed=seed)])
+    def batches(seed, first_epoch=0, num_epochs=1):
+        return [(b[0].numpy()[:, 0], b[1].numpy()) for b in data.training_dataset(
+            x, y, batch_size=8, seed=seed, first_epoch=first_epoch, num_epochs=num_epochs)]
 
-    np.testing.assert_array_equal(order(3), order(3))
-    assert sorted(order(3).tolist()) == list(range(20))
-    assert order(3).tolist() != order(4).tolist()
+    three = batches(3, num_epochs=3)
+    assert [len(b[0]) for b in three] == [8, 8, 4] * 3  # Batches never straddle epochs.
+    np.testing.assert_array_equal(three[0][1], three[0][0] * 10)  # Pairs stay together.
+    orders = [np.concatenate([b[0] for b in three[3 * e:3 * e + 3]]) for e in range(3)]
+    for epoch, order in enumerate(orders):
+        # Each epoch is a permutation, the one named by (seed, epoch) ...
+        assert sorted(order.tolist()) == list(range(20))
+        np.testing.assert_array_equal(order, data.epoch_order(20, 3, epoch).numpy())
+        # ... also when the dataset starts there (a resumed fit).
+        np.testing.assert_array_equal(
+            np.concatenate([b[0] for b in batches(3, first_epoch=epoch)]), order)
+    assert orders[0].tolist() != orders[1].tolist()
+    assert orders[0].tolist() != np.concatenate([b[0] for b in batches(4)]).tolist()
+    assert data.steps_per_epoch(20, 8) == 3 and data.steps_per_epoch(20, 8, True) == 2
+    assert [len(b[0]) for b in data.training_dataset(
+        x, y, batch_size=8, seed=0, num_epochs=2, drop_remainder=True)] == [8, 8, 8, 8]
 
 
 def test_cifar10_through_mock_data():

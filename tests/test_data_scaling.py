@@ -240,8 +240,10 @@ def test_losses_and_error_against_keras():
 def test_every_gin_config_parses(study):
     import gin
 
-    from experiments import configurables, launcher  # noqa: F401 (registers the names)
+    from experiments import configurables, kernel_evolution, launcher  # noqa: F401 (models)
 
+    launcher.configurable(study, {"data_scaling": data_scaling.run,
+                                  "kernel_evolution": kernel_evolution.run}[study])
     directory = os.path.join(ROOT, "gin_configs", study)
     gin.add_config_file_search_path(launcher.GIN_CONFIGS_DIR)
     try:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from experiments import configurables, data, linear_vs_nonlinear
+from experiments import configurables, data, launcher, linear_vs_nonlinear
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "linear_vs_nonlinear/smoke.gin"
@@ -90,6 +90,34 @@ def test_resume_after_a_kill(interrupted_run):
     assert not (interrupted_run["output"] / "cells" / CELLS[1]).exists()
 
 
+def _flat_numbers(value):
+    if isinstance(value, dict):
+        return [v for key in sorted(value) for v in _flat_numbers(value[key])]
+    if isinstance(value, list):
+        return [v for item in value for v in _flat_numbers(item)]
+    return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
+
+
+@pytest.mark.slow  # A fourth smoke run: about a minute on the shared machine.
+def test_a_run_killed_mid_fit_equals_an_uninterrupted_one(interrupted_run, data_dir, tmp_path):
+    """Killed inside the network's fit (after 1 of 2 epochs), resumed: the same numbers."""
+    output = tmp_path / "uninterrupted"
+    run_binary(output, data_dir, TWO_EPOCHS)
+    uninterrupted = json.loads((output / "results.json").read_text())
+    resumed = json.loads((interrupted_run["output"] / "results.json").read_text())
+    assert [r["cell"] for r in resumed["runs"]] == [r["cell"] for r in uninterrupted["runs"]]
+    for got, want in zip(resumed["runs"], uninterrupted["runs"]):
+        # What training produced is bit-identical ...
+        for key in ("test_accuracy", "train_accuracy", "weight_distance", "kernel_distance",
+                    "alignment", "weight_distance_linearized_init"):
+            assert got[key] == want[key], (got["cell"], key)
+        # ... and quantities of the probe eigenvectors (LAPACK eigh in another process:
+        # threaded sums, last-bit differences, resume or not) agree to rounding.
+        assert _flat_numbers(got) == pytest.approx(_flat_numbers(want), rel=1e-12, abs=1e-15)
+    # The killed cell's fit ran epoch 2 only after the resume (not from epoch 1 again).
+    assert "after epoch 1" in interrupted_run["resumed"].stderr
+
+
 def test_smoke_config_outputs_and_numbers(interrupted_run, data_dir):
     output = interrupted_run["output"]
     results = json.loads((output / "results.json").read_text())
@@ -150,11 +178,12 @@ def test_bad_gin_binding_fails_before_training(tmp_path, data_dir):
     ("tasks = ['regression']", "Known tasks: eigenfunction, binary"),
 ])
 def test_unknown_names_are_listed_before_any_work(tmp_path, binding, message):
+    run = launcher.configurable("linear_vs_nonlinear", linear_vs_nonlinear.run)
     with gin.unlock_config():
         gin.parse_config(f"linear_vs_nonlinear.run.{binding}")
     try:
         with pytest.raises(ValueError, match=message):
-            configurables.STUDIES["linear_vs_nonlinear"](
+            run(
                 output_dir=str(tmp_path), strategy=tf.distribute.get_strategy(),
                 model_builders=configurables.MODELS,
             )
@@ -177,6 +206,7 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path, data_dir):
 def test_cifar10_lenet_config_one_step_on_mock_data(tmp_path):
     import tensorflow_datasets as tfds
 
+    run = launcher.configurable("linear_vs_nonlinear", linear_vs_nonlinear.run)
     gin.add_config_file_search_path(os.path.join(ROOT, "gin_configs"))
     gin.parse_config_files_and_bindings(
         [os.path.join(ROOT, "gin_configs", "linear_vs_nonlinear", "cifar10_lenet.gin")],
@@ -194,7 +224,7 @@ def test_cifar10_lenet_config_one_step_on_mock_data(tmp_path):
     )
     try:
         with tfds.testing.mock_data(num_examples=24):
-            results = configurables.STUDIES["linear_vs_nonlinear"](
+            results = run(
                 output_dir=str(tmp_path), strategy=tf.distribute.get_strategy(),
                 model_builders=configurables.MODELS,
             )

@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 
 import keras_ntk
+from keras_ntk import _batching
 from keras_ntk import ntk as ntk_module
 
 RTOL = 1e-4
@@ -24,7 +25,7 @@ IMPLEMENTATIONS = ("structured", "jacobian", "ntvp")
 def _plain_graphs(monkeypatch):
     """Plain tf.function graphs: XLA compilation of every tiny test model would take
     most of this file's time budget; `test_xla_path_matches_plain_graphs` covers XLA."""
-    monkeypatch.setattr(ntk_module, "_JIT", "0")
+    monkeypatch.setattr(_batching, "_JIT", "0")
 
 
 # ----------------------------------------------------------------- reference
@@ -338,7 +339,7 @@ def test_memory_budget_error_is_raised_before_any_work(monkeypatch):
     model = mlp()
     x = inputs_for("mlp", 64)
     ran = []
-    monkeypatch.setattr(ntk_module, "_run_tasks", lambda *a, **k: ran.append(1))
+    monkeypatch.setattr(ntk_module, "run_tasks", lambda *a, **k: ran.append(1))
     with pytest.raises(ValueError, match=r"memory budget.*above the budget of 1000 B"):
         keras_ntk.empirical_ntk(model, x, memory_budget=1000)
     assert not ran
@@ -351,7 +352,7 @@ def test_memory_budget_error_is_raised_before_any_work(monkeypatch):
 def test_memory_budget_picks_blocks_and_stays_exact():
     model = mlp()
     x = inputs_for("mlp", 40)
-    setup = ntk_module._setup(model, x, None, (-1,), (), "auto", None, 60_000, False, None)
+    setup = ntk_module.kernel_setup(model, x, None, (-1,), (), "auto", None, 60_000, False, None)
     assert setup.block < 40  # the budget forced blocks
     assert_close(keras_ntk.empirical_ntk(model, x, memory_budget=60_000), reference(model, x))
 
@@ -359,12 +360,12 @@ def test_memory_budget_picks_blocks_and_stays_exact():
 def test_auto_picks_structured_for_dense_models_and_jacobian_otherwise():
     model = mlp()
     x = inputs_for("mlp", 8)
-    assert ntk_module._setup(model, x, None, (-1,), (), "auto", None, None, False,
-                             None).implementation == "structured"
+    assert ntk_module.kernel_setup(model, x, None, (-1,), (), "auto", None, None, False,
+                                   None).implementation == "structured"
     no_rules = keras.Sequential([keras.Input((5,)), keras.layers.LayerNormalization(),
                                  keras.layers.EinsumDense("ab,bc->ac", output_shape=2)])
-    assert ntk_module._setup(no_rules, x, None, (-1,), (), "auto", None, None, False,
-                             None).implementation == "jacobian"
+    assert ntk_module.kernel_setup(no_rules, x, None, (-1,), (), "auto", None, None, False,
+                                   None).implementation == "jacobian"
     assert_close(keras_ntk.empirical_ntk(no_rules, x), reference(no_rules, x))
 
 
@@ -372,9 +373,9 @@ def test_repeated_calls_do_not_retrace():
     model = mlp()
     x = inputs_for("mlp", 8)
     first = keras_ntk.empirical_ntk(model, x, implementation="structured")
-    functions = [f for f in ntk_module._COMPILED[model].values()
-                 if isinstance(f, ntk_module._JitFallback)]
-    cache = dict(ntk_module._COMPILED[model])
+    functions = [f for f in _batching._COMPILED[model].values()
+                 if isinstance(f, _batching._JitFallback)]
+    cache = dict(_batching._COMPILED[model])
     counts = [f._plain.experimental_get_tracing_count()
               + (f._xla.experimental_get_tracing_count() if f._xla is not None else 0)
               for f in functions]
@@ -383,7 +384,7 @@ def test_repeated_calls_do_not_retrace():
     again = [f._plain.experimental_get_tracing_count()
              + (f._xla.experimental_get_tracing_count() if f._xla is not None else 0)
              for f in functions]
-    assert again == counts and len(ntk_module._COMPILED[model]) == len(cache)
+    assert again == counts and len(_batching._COMPILED[model]) == len(cache)
     # The cached function reads the current weights, not the traced ones.
     assert rel_error(second, first) > 1e-2
     assert_close(second, reference(model, x))
@@ -445,13 +446,13 @@ def test_xla_path_matches_plain_graphs(monkeypatch):
     model = cnn()
     x1, x2 = inputs_for("cnn", 5), inputs_for("cnn", 3, seed=1)
     expected = reference(model, x1, x2, trace_axes=())
-    monkeypatch.setattr(ntk_module, "_JIT", "1")  # XLA errors are raised, not hidden
+    monkeypatch.setattr(_batching, "_JIT", "1")  # XLA errors are raised, not hidden
     for implementation in ("structured", "jacobian"):
         actual = keras_ntk.empirical_ntk(model, x1, x2, trace_axes=(),
                                          implementation=implementation)
         assert_close(actual, expected)
-    functions = [f for f in ntk_module._COMPILED[model].values()
-                 if isinstance(f, ntk_module._JitFallback)]
+    functions = [f for f in _batching._COMPILED[model].values()
+                 if isinstance(f, _batching._JitFallback)]
     assert functions and all(f._xla is not None for f in functions)
 
 

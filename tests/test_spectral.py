@@ -11,12 +11,12 @@ import tensorflow as tf
 from sklearn.datasets import load_digits
 
 import keras_ntk
-from keras_ntk import ntk as ntk_module
+from keras_ntk import _batching
 
 
 @pytest.fixture(autouse=True)
 def _plain_graphs(monkeypatch):
-    monkeypatch.setattr(ntk_module, "_JIT", "0")
+    monkeypatch.setattr(_batching, "_JIT", "0")
 
 
 def naive_kernel(model, x1, x2=None, weights=None, trace=True):

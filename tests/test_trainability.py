@@ -214,8 +214,9 @@ def test_cifar10_config_on_mock_data(tmp_path):
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
-    from experiments import configurables
+    from experiments import launcher
 
+    run = launcher.configurable("trainability", trainability.run)
     gin.add_config_file_search_path(os.path.join(ROOT, "gin_configs"))
     gin.parse_config_files_and_bindings(
         [os.path.join(ROOT, "gin_configs", "trainability", "cifar10.gin")],
@@ -233,7 +234,7 @@ def test_cifar10_config_on_mock_data(tmp_path):
     )
     try:
         with tfds.testing.mock_data(num_examples=24):
-            results = configurables.STUDIES["trainability"](
+            results = run(
                 output_dir=str(tmp_path), strategy=tf.distribute.get_strategy())
     finally:
         gin.clear_config()

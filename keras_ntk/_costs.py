@@ -1,0 +1,195 @@
+"""The cost model behind `implementation="auto"` and the memory budget.
+
+A model is profiled once from a traced (never executed) call; `estimates`
+gives the FLOPs and peak bytes of one block for each implementation, and
+`choose_block` picks the implementation and block size with the fewest
+FLOPs whose peak fits the budget.
+"""
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from keras_ntk._jacobians import call_flat
+from keras_ntk._structured import factorized_costs, patched
+
+
+class Profile:
+    """Static facts about a model, read from one traced (never executed) call."""
+
+    def __init__(self, out_shapes, activations, rule_dims, n_params, n_rest):
+        self.out_shapes = out_shapes  # per output, without the batch axis
+        self.activations = activations  # float elements per example in one forward
+        self.rule_dims = rule_dims  # [(P, a, b)] per structured rule
+        self.n_params = n_params
+        self.n_rest = n_rest  # parameters not covered by a structured rule
+
+
+def _example_spec(x):
+    return tf.nest.map_structure(
+        lambda t: tf.TensorSpec([1, *t.shape[1:]], t.dtype), x
+    )
+
+
+def model_profile(model, x, weights, rules, training):
+    dims = {}
+    out_shapes = []
+
+    def forward(xs):
+        with tf.GradientTape() as tape:
+            with patched(rules, tape):
+                ys = call_flat(model, xs, training)
+            for rule in rules:
+                p_total, a, b = 0, 0, 0
+                for inputs, probe in rule.calls:
+                    patches = rule.patches(inputs)
+                    p_total += int(patches.shape[1])
+                    a = int(patches.shape[2]) + int(rule.layer.use_bias)
+                    b = int(probe.shape[-1])
+                dims[id(rule)] = (p_total, a, b)
+        out_shapes[:] = [tuple(int(d) for d in y.shape[1:]) for y in ys]
+        return ys
+
+    graph = tf.function(forward, autograph=False).get_concrete_function(_example_spec(x)).graph
+    activations = 0
+    for op in graph.get_operations():
+        if op.type in ("ReadVariableOp", "Const", "Placeholder", "VarHandleOp"):
+            continue
+        for t in op.outputs:
+            if t.dtype.is_floating and t.shape.is_fully_defined():
+                activations += int(np.prod(t.shape.as_list(), dtype=np.int64))
+    covered = {id(v) for rule in rules for v in rule.variables()}
+    n_params = sum(int(np.prod(w.shape)) for w in weights)
+    n_rest = sum(int(np.prod(w.shape)) for w in weights if id(w) not in covered)
+    return Profile(
+        out_shapes, max(activations, 1), [dims[id(r)] for r in rules], n_params, n_rest
+    )
+
+
+def estimates(impl, profile, out_axes, n1, n2, same, itemsize, vector=False):
+    """(FLOPs, peak bytes) of one block of n1 × n2 examples for `impl`.
+
+    The cost model behind `implementation="auto"`; see `empirical_ntk`.
+    """
+    n = n1 if same else n1 + n2
+    s_total = sum(ax.size for ax in out_axes)
+    act = profile.activations
+    fwd = 2 * (sum(p * a * b for p, a, b in profile.rule_dims) + profile.n_rest) + act
+    out_elems = sum(n1 * n2 * ax.kernel_size for ax in out_axes)
+    if impl == "jacobian":
+        flops = n * s_total * 3 * fwd + sum(
+            n1 * n2 * ax.pairs * profile.n_params for ax in out_axes
+        )
+        elems = n * s_total * (profile.n_params + 2 * act) + out_elems
+    elif impl == "ntvp" and vector:
+        # ntk_vector_product: |S| stacked VJPs/JVPs per column (one column
+        # assumed), one block of examples at a time. `act` counts every op
+        # output of the forward graph, more than is live at once (measured:
+        # ResNet-18 width 16, blocks of 256, 4x above the peak), so 1·act.
+        flops = s_total * 3 * fwd * (n1 + n2)
+        elems = s_total * (max(n1, n2) * act + 3 * profile.n_params)
+    elif impl == "ntvp":
+        vectors = n2 * s_total
+        flops = vectors * 3 * fwd * (n1 + n2)
+        elems = vectors * ((n1 + n2) * 3 * act + 2 * profile.n_params + n1 * s_total)
+        elems += out_elems
+    elif impl == "structured":
+        flops = n * fwd * (1 + 2 * s_total)
+        elems = n * act * (1 + s_total) + out_elems
+        for p, a, b in profile.rule_dims:
+            for ax in out_axes:
+                pe, fac = factorized_costs(n1, n2, p, a, b, ax)
+                flops += min(pe, fac) if p > 1 else n1 * n2 * (a + b * ax.pairs)
+                if p == 1:
+                    extra = n1 * n2 * (1 + ax.kernel_size)
+                elif pe <= fac:
+                    extra = n * ax.size * a * b
+                else:
+                    extra = n1 * n2 * p * p * (1 + ax.kernel_size)
+                elems += n * p * a + n * ax.size * p * b + extra
+        if profile.n_rest:
+            flops += n * s_total * 3 * fwd + sum(
+                n1 * n2 * ax.pairs * profile.n_rest for ax in out_axes
+            )
+            elems += n * s_total * (profile.n_rest + 2 * act)
+    else:
+        raise ValueError(impl)
+    return float(flops), int(elems * itemsize)
+
+
+def choose_block(order, profile, out_axes, n1, n2, same, itemsize, vector, batch_size,
+                 budget, result_bytes, memory_budget):
+    """(implementation, block size): the fewest estimated FLOPs among `order` within `budget`.
+
+    Per implementation, blocks of `batch_size` examples or else of N, N/2,
+    N/4, ... down to 1; the first whose peak (block working memory plus the
+    `result_bytes` of the host result) fits is that implementation's
+    candidate. Raises a ValueError giving the smallest estimate when nothing
+    fits, before any computation.
+    """
+    def block_sizes():
+        if batch_size is not None:
+            yield int(min(batch_size, max(n1, n2)))
+            return
+        b = max(n1, n2)
+        while True:
+            yield b
+            if b == 1:
+                return
+            b = max(1, (b + 1) // 2)
+
+    best = None
+    tried = []
+    for impl in order:
+        for b in block_sizes():
+            b1, b2 = min(b, n1), min(b, n2)
+            flops, peak = estimates(impl, profile, out_axes, b1, b2, same, itemsize,
+                                    vector=vector)
+            blocks = math.ceil(n1 / b1) * math.ceil(n2 / b2)
+            if same:
+                nb = math.ceil(n1 / b1)
+                blocks = nb * (nb + 1) // 2
+            total_peak = peak + result_bytes
+            tried.append((impl, b, total_peak))
+            if total_peak <= budget:
+                if best is None or flops * blocks < best[0]:
+                    best = (flops * blocks, impl, b)
+                break
+    if best is None:
+        smallest = min(tried, key=lambda t: t[2])
+        raise ValueError(
+            "The empirical NTK does not fit in the memory budget even in its smallest "
+            f"block: implementation '{smallest[0]}' with blocks of {smallest[1]} "
+            f"examples needs about {format_bytes(smallest[2])} (result "
+            f"{format_bytes(result_bytes)} included), above the budget of "
+            f"{format_bytes(budget)}. Raise `memory_budget` or lower `batch_size`. "
+            f"Received: memory_budget={memory_budget}, batch_size={batch_size}"
+        )
+    _, implementation, block = best
+    return implementation, block
+
+
+def default_memory_budget():
+    """A quarter of the available host memory (of 4 GiB at most with a GPU)."""
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if available is None:
+        available = 8 * 2**30
+    budget = available // 4
+    if tf.config.list_logical_devices("GPU"):
+        budget = min(budget, 4 * 2**30)
+    return int(budget)
+
+
+def format_bytes(n):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024

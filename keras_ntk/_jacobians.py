@@ -1,0 +1,76 @@
+"""Per-example Jacobians of a model's outputs and their contraction into Θ.
+
+The generic derivative behind the `jacobian` implementation of
+`empirical_ntk`, and behind the structured one for the weights no rule
+covers: J[n, s, w] = ∂f_s(x_n)/∂θ_w for every example, output entry and
+weight, then Θ[n, m] = Σ_w J1[n, ·, w] J2[m, ·, w].
+"""
+
+import tensorflow as tf
+
+_ZERO = tf.UnconnectedGradients.ZERO
+
+
+def call_flat(model, x, training):
+    return [tf.convert_to_tensor(y) for y in tf.nest.flatten(model(x, training=training))]
+
+
+def tape_jacobian(tape, target, sources):
+    """`tape.jacobian` with zeros for unconnected sources.
+
+    (pfor fails on `unconnected_gradients=ZERO` in TF 2.21, so the zeros are
+    filled in afterwards.)
+    """
+    jac = tape.jacobian(target, sources)
+    return [
+        tf.zeros(tf.concat([tf.shape(target), tf.shape(s)], 0), target.dtype)
+        if j is None else j
+        for j, s in zip(jac, sources)
+    ]
+
+
+def per_example_jacobians(model, x, weights, training, sizes):
+    """Per-example Jacobians J[n, s, w] of all outputs w.r.t. `weights`, vectorized.
+
+    Returns one (N, S_k, W) tensor per output k, W = Σ |w| (weights flattened
+    and concatenated).
+    """
+    total = sum(sizes)
+
+    def one(xi):
+        xi = tf.nest.map_structure(lambda t: t[None], xi)
+        with tf.GradientTape() as tape:
+            ys = call_flat(model, xi, training)
+            flat = tf.concat([tf.reshape(y, [-1]) for y in ys], 0)
+            if total == 1:
+                flat = flat[0]
+        if total == 1:
+            grads = tape.gradient(flat, weights, unconnected_gradients=_ZERO)
+            grads = [tf.reshape(g, [1, -1]) for g in grads]
+        else:
+            grads = tape_jacobian(tape, flat, weights)
+            grads = [tf.reshape(g, [total, -1]) for g in grads]
+        return tf.concat(grads, -1)
+
+    jac = tf.vectorized_map(one, x)  # (N, S_total, W)
+    return tf.split(jac, sizes, axis=1)
+
+
+def full_batch_jacobians(model, x, weights, training, sizes):
+    """Jacobians of the whole batch's outputs (for training-mode coupled models)."""
+    with tf.GradientTape() as tape:
+        ys = call_flat(model, x, training)
+        flat = tf.concat([tf.reshape(y, [tf.shape(y)[0], -1]) for y in ys], 1)
+    n = tf.shape(flat)[0]
+    jac = tape_jacobian(tape, flat, weights)
+    jac = tf.concat([tf.reshape(j, [n, sum(sizes), -1]) for j in jac], -1)
+    return tf.split(jac, sizes, axis=1)
+
+
+def contract_jacobians(j1, j2, axes, dtype):
+    """Θ from per-example factors laid out as (N, *S, W): Σ_w j1 j2."""
+    j1 = tf.cast(tf.reshape(j1, tf.concat([tf.shape(j1)[: 1 + len(axes.shape)], [-1]], 0)), dtype)
+    j2 = tf.cast(tf.reshape(j2, tf.concat([tf.shape(j2)[: 1 + len(axes.shape)], [-1]], 0)), dtype)
+    return tf.einsum(
+        f"n{axes.sub1}z,m{axes.sub2}z->nm{axes.out}", j1, j2
+    )

@@ -1,0 +1,99 @@
+"""Tests of `keras_ntk._batching`: blocks, their placement and the compiled-function cache.
+
+The block layer is tested with a kernel written in numpy, Θ(x1, x2)[n, m, a, b] =
+x1[n, a] x2[m, b] + x1[n, b] x2[m, a] / 2 (not symmetric in a, b, so a mirrored block
+placed without swapping its paired axes would be wrong), against the kernel of the
+whole inputs at once.
+"""
+
+import gc
+import weakref
+
+import numpy as np
+import pytest
+
+from keras_ntk._batching import (
+    block_ranges, compiled, gather_examples, kernel_tasks, model_cache, num_examples,
+    run_tasks, slice_examples, to_host)
+from keras_ntk._output_axes import OutputAxes
+
+D = 3  # output entries per example; the kernel keeps both output axes (trace_axes=())
+
+
+def toy_kernel(x1, x2):
+    x1, x2 = np.asarray(x1), np.asarray(x2)
+    return np.einsum("na,mb->nmab", x1, x2) + 0.5 * np.einsum("nb,ma->nmab", x1, x2)
+
+
+def blocked(x1, x2, block):
+    """The toy kernel through kernel_tasks + run_tasks; returns it and the block calls."""
+    calls = []
+
+    def block_function(same):
+        def fn(*args):
+            calls.append((same, tuple(len(a) for a in args)))
+            return [toy_kernel(args[0], args[0] if same else args[1])]
+        return fn
+
+    n1 = num_examples(x1, "x1")
+    n2 = n1 if x2 is None else num_examples(x2, "x2")
+    results = [np.zeros((n1, n2, D, D))]
+    tasks = kernel_tasks(block_function, results, [OutputAxes((D,), (), ())],
+                         x1, x2, n1, n2, block)
+    run_tasks(tasks, verbose=0)
+    return results[0], calls
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 10])
+def test_blocks_of_x_with_itself_are_mirrored_into_the_whole_kernel(block):
+    x = np.random.default_rng(0).normal(size=(7, D))
+    kernel, calls = blocked(x, None, block)
+    np.testing.assert_allclose(kernel, toy_kernel(x, x), rtol=1e-12)
+    row_blocks = -(-7 // block)
+    # Only blocks on and above the diagonal are computed.
+    assert len(calls) == row_blocks * (row_blocks + 1) // 2
+    assert sum(same for same, _ in calls) == row_blocks
+
+
+@pytest.mark.parametrize("block", [2, 4, 9])
+def test_blocks_of_x1_and_x2_fill_the_whole_kernel(block):
+    rng = np.random.default_rng(1)
+    x1, x2 = rng.normal(size=(7, D)), rng.normal(size=(5, D))
+    kernel, calls = blocked(x1, x2, block)
+    np.testing.assert_allclose(kernel, toy_kernel(x1, x2), rtol=1e-12)
+    assert len(calls) == -(-7 // block) * -(-5 // block)
+    assert not any(same for same, _ in calls)
+
+
+def test_block_ranges_slices_and_gathers_of_host_structures():
+    assert block_ranges(7, 3) == [(0, 3), (3, 6), (6, 7)]
+    x = {"a": np.arange(10).reshape(5, 2), "b": np.arange(5)}
+    host = to_host(x, "x")
+    assert num_examples(host, "x") == 5
+    np.testing.assert_array_equal(slice_examples(host, 1, 3)["a"], [[2, 3], [4, 5]])
+    np.testing.assert_array_equal(gather_examples(host, np.array([4, 0]))["b"], [4, 0])
+    with pytest.raises(ValueError, match="Received: x with leading sizes"):
+        num_examples({"a": np.zeros((2, 1)), "b": np.zeros(3)}, "x")
+
+
+class _Owner:
+    """Stands for a model: the cache is keyed by it, weakly."""
+
+
+def test_compiled_functions_are_cached_per_owner_and_key_and_freed_with_it():
+    owner = _Owner()
+    built = []
+
+    def builder(x):
+        built.append(1)
+        return x * 2.0
+
+    first = compiled(owner, ("jacobian", "k"), builder)
+    assert compiled(owner, ("jacobian", "k"), builder) is first
+    assert compiled(owner, ("jacobian", "other"), builder) is not first
+    assert float(first(np.float32(3.0))) == 6.0
+    assert len(model_cache(owner)) == 2
+    ref = weakref.ref(owner)
+    del owner, first
+    gc.collect()
+    assert ref() is None
