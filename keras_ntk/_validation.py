@@ -57,7 +57,7 @@ def check_finite(value, name):
     """
     if value is None:
         return
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple)) and not any(hasattr(v, "shape") for v in value):
         try:  # a list of numbers is one array, not a structure of inputs
             array = np.asarray(value)
             if array.dtype != object:
@@ -190,4 +190,28 @@ def check_layer(value, name, allow_none=True):
         raise TypeError(
             f"Expected `{name}` to be a Keras layer or a layer name. "
             f"Received: {name}={value!r} of type {type(value).__name__}"
+        )
+
+
+def check_matching_inputs(x1, x2, first="x1", second="x2"):
+    """Refuses `x2` whose structure or per-example shapes differ from `x1`'s.
+
+    A kernel Θ(x1, x2) evaluates one model on both: the inputs must have the
+    same structure and the same shape after the batch axis (e.g. a feature
+    width of 8 in both).
+    """
+    if x2 is None:
+        return
+    try:
+        keras.tree.assert_same_structure(x1, x2)
+        same_structure = True
+    except (TypeError, ValueError):
+        same_structure = False
+    shapes1 = [tuple(np.shape(t)[1:]) for t in keras.tree.flatten(x1)]
+    shapes2 = [tuple(np.shape(t)[1:]) for t in keras.tree.flatten(x2)]
+    if not same_structure or shapes1 != shapes2:
+        raise ValueError(
+            f"Expected `{second}` to have the structure and per-example shapes of `{first}` "
+            f"(one model evaluates both). Received: {first} per-example shapes {shapes1}, "
+            f"{second} per-example shapes {shapes2}"
         )
