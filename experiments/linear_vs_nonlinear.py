@@ -30,8 +30,6 @@ Run: `python -m experiments.linear_vs_nonlinear
 --gin_file=linear_vs_nonlinear/digits_mlp.gin --output_dir=runs/a`.
 """
 
-import io
-import json
 import os
 
 import numpy as np
@@ -147,28 +145,31 @@ class _Study:
             ], name=f"linearized_{network.name}")
 
 
-def _initial_state(study, model_name, init_seed, need_eigen, num_eigenvectors):
-    """θ0 of `model_name` (saved once) and the kernels/eigenvectors at θ0."""
-    import keras
-    import tensorflow as tf
+def _initial_state(study, model_name, init_seed, need_eigen, num_eigenvectors,
+                   init_dir=None):
+    """θ0 of `model_name` (saved once) and the kernels/eigenvectors at θ0.
 
-    tf.io.gfile.makedirs(study.path("init"))
-    weights_path = study.path("init", f"{model_name}.weights.h5")
-    if not tf.io.gfile.exists(weights_path):
+    Both files live in `init_dir` (the store's `init-<model>` cell), written
+    atomically; an unreadable one is discarded and computed again.
+    """
+    import keras
+
+    from experiments import cells
+
+    init_dir = init_dir or study.path("init")
+    weights_path = os.path.join(init_dir, f"{model_name}.weights.h5")
+    model = study.build(model_name)
+    if not cells.load_weights_or_discard(model, weights_path):
         keras.utils.set_random_seed(init_seed)
         model = study.build(model_name)
-        model.save_weights(weights_path)
+        cells.save_weights_atomic(model, weights_path)
         logging.info("Saved θ0 of %s (init_seed=%d) to %s", model_name, init_seed, weights_path)
-    model = study.build(model_name, weights_path)
 
-    eigen_path = study.path("init", f"{model_name}_eigen.npz")
-    if tf.io.gfile.exists(eigen_path):
-        with tf.io.gfile.GFile(eigen_path, "rb") as f:
-            saved = dict(np.load(io.BytesIO(f.read())))
-        if need_eigen and "eigenvectors" not in saved:
-            saved = None
-    else:
-        saved = None
+    eigen_path = os.path.join(init_dir, f"{model_name}_eigen.npz")
+    saved = cells.load_or_discard(eigen_path, cells.load_npz)
+    if saved is not None and need_eigen and (
+            "eigenvectors" not in saved or saved["eigenvectors"].shape[1] < num_eigenvectors):
+        saved = None  # Computed for fewer k: again from the same θ0.
     if saved is None:
         from experiments import data as data_lib
 
@@ -198,10 +199,7 @@ def _initial_state(study, model_name, init_seed, need_eigen, num_eigenvectors):
             saved["eigen_solver"] = np.asarray(solver)
             saved["eigenvalues"] = values
             saved["eigenvectors"] = vectors[:, :num_eigenvectors]
-        buffer = io.BytesIO()
-        np.savez(buffer, **saved)
-        with tf.io.gfile.GFile(eigen_path, "wb") as f:
-            f.write(buffer.getvalue())
+        cells.save_npz_atomic(eigen_path, **saved)
     return weights_path, saved
 
 
@@ -215,29 +213,24 @@ def _task_labels(study, task, k, eigen):
     return labels[: len(train.y)], labels[len(train.y):]
 
 
-def _load_stages(path):
-    import tensorflow as tf
+def _run_cell(study, cell, init_weights_path, init_state, linearized_init_mode, cell_dir=None):
+    """Trains the three models of one cell and measures everything.
 
-    if not tf.io.gfile.exists(path):
-        return {}
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
-
-
-def _run_cell(study, cell, init_weights_path, init_state, linearized_init_mode):
-    """Trains the three models of one cell and measures everything."""
+    Stages finished by an earlier, interrupted run are read back from
+    `cell_dir` (the store's directory of this cell).
+    """
     import keras_ntk
     import tensorflow as tf
 
-    from experiments import report, train
+    from experiments import cells, train
     from keras_ntk import metrics
 
     model_name, task, k, seed = cell
     cell_id = _cell_id(*cell)
-    cell_dir = study.path("cells", cell_id)
+    cell_dir = cell_dir or study.path("cells", cell_id)
     tf.io.gfile.makedirs(cell_dir)
     stages_path = os.path.join(cell_dir, "stages.json")
-    stages = _load_stages(stages_path)
+    stages = cells.load_or_discard(stages_path, cells.load_json) or {}
     train_y, test_y = _task_labels(study, task, k, init_state)
     data = study.dataset
     fit_kwargs = dict(study.recipe, seed=seed, strategy=study.strategy)
@@ -255,17 +248,19 @@ def _run_cell(study, cell, init_weights_path, init_state, linearized_init_mode):
         }
 
     def save_stages():
-        report.write_json_atomic(stages_path, stages)
+        cells.write_json_atomic(stages_path, stages)
 
     # 1. The network, trained from θ0.
     network_path = os.path.join(cell_dir, "network.weights.h5")
+    network = study.build(model_name)
+    if "network" in stages and not cells.load_weights_or_discard(network, network_path):
+        stages = {}  # θT unreadable: every stage after it is trained again.
     if "network" not in stages:
         logging.info("%s: training the network", cell_id)
         network = study.build(model_name, init_weights_path)
         stages["network"] = fit_and_score("network", network)
-        network.save_weights(network_path)
+        cells.save_weights_atomic(network, network_path)
         save_stages()
-    network = study.build(model_name, network_path)
     initial = study.build(model_name, init_weights_path)
 
     # 2. The linearization at θ0.
@@ -381,13 +376,16 @@ def run(
     verbose="auto",
     write_report=True,
     simulate_crash_after_epochs=None,
+    overwrite=False,
 ):
     """Runs study A and writes results.json, figures and report.md into `output_dir`.
 
-    Cells already in `output_dir/results.json` are skipped; a cell cut short
-    resumes from its last finished model (and inside a fit from its last
-    finished epoch). θ0 and the eigenvectors are saved under
-    `output_dir/init/`.
+    Every cell is stored (`experiments.cells`) with its settings: finished
+    cells are skipped on a rerun, a cell cut short resumes from its last
+    finished model (and inside a fit after its last finished epoch, exactly),
+    and a rerun with other settings is refused naming them (or, with
+    `overwrite`, recomputes the cells concerned). θ0 and the eigenvectors
+    are saved in `output_dir/cells/init-<model>/`.
 
     Args:
         output_dir: the run's directory (local or gs://).
@@ -417,12 +415,13 @@ def run(
         write_report: write figures and report.md at the end.
         simulate_crash_after_epochs: kill the process after this many epochs
             of the first fit (tests of resuming; `--simulate_crash_after_epochs`).
+        overwrite: discard stored cells computed with other settings instead
+            of refusing to run (`--overwrite`).
 
     Returns:
         The results dictionary (also in results.json).
     """
-    import tensorflow as tf
-
+    from experiments import cells as cell_store
     from experiments import data as data_lib
     from experiments import report
 
@@ -454,18 +453,7 @@ def run(
         "eigen": {},
         "runs": [],
     }
-    if tf.io.gfile.exists(results_path):
-        with tf.io.gfile.GFile(results_path) as f:
-            previous = json.load(f)
-        if previous.get("dataset") != dataset:
-            raise ValueError(
-                f"{results_path} holds results for another dataset; use a new "
-                f"output_dir. Received: dataset={dataset!r}"
-            )
-        results["runs"] = previous.get("runs", [])
-        results["eigen"] = previous.get("eigen", {})
-    done = {r["cell"] for r in results["runs"]}
-
+    store = cell_store.CellStore(output_dir, overwrite=overwrite)
     data = data_lib.load_dataset(dataset, num_train=num_train, num_test=num_test,
                                  data_dir=data_dir)
     results["num_train"], results["num_test"] = len(data.train.y), len(data.test.y)
@@ -478,27 +466,48 @@ def run(
     results["num_probe"] = study.num_probe
     need_eigen = "eigenfunction" in tasks
     num_eigenvectors = max(max(ks) if need_eigen else 0, num_projection)
+    # The operative settings of every cell (θ0's and the cell's own); not
+    # what only changes speed or memory (jit_compile, ntk_batch_size, verbose).
+    init_settings = {
+        name: {"dataset": dataset, "num_train": len(data.train.y),
+               "num_test": len(data.test.y), "model": name, "init_seed": init_seed,
+               "architecture": cell_store.architecture(study.build(name)),
+               "num_probe": study.num_probe, "num_projection": num_projection,
+               "eigen_solver": eigen_solver, "ntk_implementation": ntk_implementation}
+        for name in models
+    }
 
-    new_cells, states = 0, {}
-    for index, cell in enumerate(cells, start=1):
+    def cell_settings(cell):
+        model_name, task, k, seed = cell
+        return dict(init_settings[model_name], task=task, k=k, seed=seed, epochs=epochs,
+                    batch_size=batch_size, learning_rate=learning_rate, momentum=momentum,
+                    linearized_init_mode=linearized_init_mode)
+
+    progress = cell_store.Progress(len(cells), "cell")
+    new_cells, states, finished = 0, {}, {}
+    for cell in cells:
         cell_id = _cell_id(*cell)
-        if cell_id in done:
-            logging.info("cell %d of %d (%s): already finished, skipped", index, len(cells),
-                         cell_id)
+        record = store.get(cell_id, cell_settings(cell))
+        if record is not None:
+            finished[cell_id] = record
+            progress.skip(cell_id)
             continue
         if max_new_cells is not None and new_cells >= max_new_cells:
             logging.info("Stopping after %d new cell(s) (max_new_cells).", new_cells)
             break
-        logging.info("cell %d of %d: %s", index, len(cells), cell_id)
+        progress.begin(cell_id)
         model_name = cell[0]
         if model_name not in states:
+            init_key = f"init-{model_name}"
+            store.get(init_key, init_settings[model_name])  # Refuses θ0 of other settings.
             states[model_name] = _initial_state(study, model_name, init_seed, need_eigen,
-                                                num_eigenvectors)
+                                                num_eigenvectors, store.cell_dir(init_key))
             if need_eigen:
                 eigenvalues = states[model_name][1]["eigenvalues"]
                 results["eigen"][model_name] = {
                     "eigenvalues": [float(v) for v in eigenvalues[:num_eigenvectors]],
-                    "eigenvectors_file": os.path.join("init", f"{model_name}_eigen.npz"),
+                    "eigenvectors_file": os.path.join("cells", init_key,
+                                                      f"{model_name}_eigen.npz"),
                 }
         weights_path, init_state = states[model_name]
         if need_eigen and init_state["eigenvectors"].shape[1] < max(ks):
@@ -507,13 +516,16 @@ def run(
                 f"{init_state['eigenvectors'].shape[1]}; use a new output_dir for larger k. "
                 f"Received: ks={ks}"
             )
-        results["runs"].append(_run_cell(study, cell, weights_path, init_state,
-                                         linearized_init_mode))
-        report.write_json_atomic(results_path, results)
-        if tf.io.gfile.exists(study.path("cells", cell_id)):
-            tf.io.gfile.rmtree(study.path("cells", cell_id))
+        record = _run_cell(study, cell, weights_path, init_state, linearized_init_mode,
+                           store.cell_dir(cell_id))
+        store.put(cell_id, cell_settings(cell), record, discard_cell_dir=True)
+        finished[cell_id] = record
+        results["runs"] = [finished[_cell_id(*c)] for c in cells if _cell_id(*c) in finished]
+        cell_store.write_json_atomic(results_path, results)
         new_cells += 1
-    report.write_json_atomic(results_path, results)
+        progress.finish(cell_id)
+    results["runs"] = [finished[_cell_id(*c)] for c in cells if _cell_id(*c) in finished]
+    cell_store.write_json_atomic(results_path, results)
     if write_report:
         report.write_study_a_report(output_dir, results)
     return results

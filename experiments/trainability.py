@@ -95,13 +95,6 @@ def _finite_or_none(value):
     return value if math.isfinite(value) else None
 
 
-def _depth_scale(chi):
-    """ξ = −1/log χ for 0 < χ < 1; None where it is infinite or undefined."""
-    if chi is None or not math.isfinite(chi) or chi <= 0 or chi >= 1:
-        return None
-    return -1.0 / math.log(chi)
-
-
 def _accuracy(outputs, labels):
     return float(np.mean(np.argmax(outputs, axis=-1) == labels))
 
@@ -116,35 +109,19 @@ def _output_spread(outputs, targets):
     return float(spread / np.linalg.norm(targets - targets.mean(axis=0)))
 
 
-def critical_sigma_w2(activation, sigma_b2):
-    """σw² on the order-to-chaos line χ1 = 1 (bisection; 2 for ReLU)."""
-    from keras_ntk import infinite
-
-    if activation == "relu":
-        return 2.0
-    low, high = 1e-3, 100.0
-    for _ in range(100):
-        middle = 0.5 * (low + high)
-        if infinite.chi1(activation, middle, sigma_b2) < 1.0:
-            low = middle
-        else:
-            high = middle
-    return 0.5 * (low + high)
-
-
 def mean_field(activation, sigma_w2, sigma_b2):
-    """q*, c*, χ1, χc*, ξ1, ξc* of one point (None where not finite)."""
-    from keras_ntk import infinite
+    """q*, c*, χ1, χc*, ξ1, ξ*, ξc* of one point (`keras_ntk.mean_field`; None where not finite)."""
+    from keras_ntk import mean_field as mf
 
-    chi1 = infinite.chi1(activation, sigma_w2, sigma_b2)
-    chi_c = infinite.chi_c_star(activation, sigma_w2, sigma_b2)
+    args = (activation, sigma_w2, sigma_b2)
     return {
-        "q_star": _finite_or_none(infinite.q_star(activation, sigma_w2, sigma_b2)),
-        "c_star": _finite_or_none(infinite.c_star(activation, sigma_w2, sigma_b2)),
-        "chi1": float(chi1),
-        "chi_c_star": _finite_or_none(chi_c),
-        "xi_1": _depth_scale(chi1),
-        "xi_c_star": _depth_scale(chi_c) if math.isfinite(chi_c) else None,
+        "q_star": _finite_or_none(mf.q_star(*args)),
+        "c_star": _finite_or_none(mf.c_star(*args)),
+        "chi1": float(mf.chi1(*args)),
+        "chi_c_star": _finite_or_none(mf.chi_c_star(*args)),
+        "xi_1": _finite_or_none(mf.xi_1(*args)),
+        "xi_star": _finite_or_none(mf.xi_star(*args)),
+        "xi_c_star": _finite_or_none(mf.xi_c_star(*args)),
     }
 
 
@@ -293,6 +270,8 @@ def _assemble_diagram(activation, grid, depths, sigma_b2, table, times, learning
     def per(get):
         return [[get(table[(s, d)]) for d in depths] for s in grid]
 
+    from keras_ntk import mean_field as mf
+
     fields = [mean_field(activation, s, sigma_b2) for s in grid]
     return {
         "activation": activation,
@@ -307,8 +286,9 @@ def _assemble_diagram(activation, grid, depths, sigma_b2, table, times, learning
         "q_star": [f["q_star"] for f in fields],
         "c_star": [f["c_star"] for f in fields],
         "xi_1": [f["xi_1"] for f in fields],
+        "xi_star": [f["xi_star"] for f in fields],
         "xi_c_star": [f["xi_c_star"] for f in fields],
-        "critical_sigma_w2": critical_sigma_w2(activation, sigma_b2),
+        "critical_sigma_w2": mf.critical_sigma_w2(activation, sigma_b2),
         "lambda_max": per(lambda c: c["lambda_max"]),
         "lambda_min": per(lambda c: c["lambda_min"]),
         "lambda_bulk": per(lambda c: c["lambda_bulk"]),
@@ -684,10 +664,10 @@ def _overlay_phase(ax, diagram):
     if sigma.min() <= critical <= sigma.max() * 1.05:
         ax.axvline(critical, color="white", lw=2, ls="--", label="χ1 = 1")
     fine = np.linspace(sigma.min(), sigma.max(), 200)
-    for name, style in (("xi_1", "-"), ("xi_c_star", ":")):
+    for name, style in (("xi_1", "-"), ("xi_star", ":")):
         values = [mean_field(diagram["activation"], s, diagram["sigma_b2"])[name] for s in fine]
-        ys = np.array([np.nan if v is None else min(v, top) for v in values])
-        label = "ξ1" if name == "xi_1" else "ξc*"
+        ys = np.array([np.nan if v is None else min(8 * v, top) for v in values])
+        label = "8ξ1" if name == "xi_1" else "8ξ*"
         ax.plot(fine, ys, color="black", ls=style, lw=1.5, label=label)
 
 

@@ -1,14 +1,12 @@
 """End-to-end tests of the study binaries (experiments/linear_vs_nonlinear.py).
 
-The binaries run in subprocesses (as users run them); conftest's two logical
-CPUs do not reach a subprocess, so the MirroredStrategy test passes the
-binary's hidden --num_cpu_devices=2.
+The binaries run in subprocesses (as users run them, conftest's run_binary);
+conftest's two logical CPUs do not reach a subprocess, so the
+MirroredStrategy test passes the binary's hidden --num_cpu_devices=2.
 """
 
 import json
 import os
-import subprocess
-import sys
 
 import gin
 import numpy as np
@@ -27,16 +25,14 @@ def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tfds"))
 
 
-def run_binary(output_dir, data_dir, *args, check=True):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    command = [sys.executable, "-m", "experiments.linear_vs_nonlinear",
-               f"--gin_file={SMOKE}", f"--output_dir={output_dir}",
-               f"--data_dir={data_dir}", "--strategy=cpu", *args]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{command} failed:\n{result.stderr[-4000:]}")
-    return result
+@pytest.fixture(scope="module")
+def study_a(run_binary, data_dir):
+    """The study A binary on the smoke config, in a subprocess (conftest's run_binary)."""
+    def run(output_dir, *args, check=True):
+        return run_binary("linear_vs_nonlinear", output_dir, f"--data_dir={data_dir}", *args,
+                          check=check)
+
+    return run
 
 
 CELLS = ["mlp-eigenfunction-k2-seed0", "mlp-binary-seed0"]
@@ -61,16 +57,16 @@ def _check_contract(results, expected_cells):
 
 
 @pytest.fixture(scope="module")
-def interrupted_run(tmp_path_factory, data_dir):
+def interrupted_run(tmp_path_factory, study_a):
     """The smoke config run three times: 1 cell, killed mid-fit, completed."""
     output = tmp_path_factory.mktemp("smoke") / "run"
-    first = run_binary(output, data_dir, TWO_EPOCHS,
+    first = study_a(output, TWO_EPOCHS,
                        "--gin_bindings=linear_vs_nonlinear.run.max_new_cells=1")
     first_results = json.loads((output / "results.json").read_text())
-    killed = run_binary(output, data_dir, TWO_EPOCHS, "--simulate_crash_after_epochs=1",
+    killed = study_a(output, TWO_EPOCHS, "--simulate_crash_after_epochs=1",
                         check=False)
     backup_exists = (output / "cells" / CELLS[1] / "backup_network").exists()
-    resumed = run_binary(output, data_dir, TWO_EPOCHS)
+    resumed = study_a(output, TWO_EPOCHS)
     return dict(output=output, first=first, first_results=first_results, killed=killed,
                 backup_exists=backup_exists, resumed=resumed)
 
@@ -99,10 +95,10 @@ def _flat_numbers(value):
 
 
 @pytest.mark.slow  # A fourth smoke run: about a minute on the shared machine.
-def test_a_run_killed_mid_fit_equals_an_uninterrupted_one(interrupted_run, data_dir, tmp_path):
+def test_a_run_killed_mid_fit_equals_an_uninterrupted_one(interrupted_run, study_a, tmp_path):
     """Killed inside the network's fit (after 1 of 2 epochs), resumed: the same numbers."""
     output = tmp_path / "uninterrupted"
-    run_binary(output, data_dir, TWO_EPOCHS)
+    study_a(output, TWO_EPOCHS)
     uninterrupted = json.loads((output / "results.json").read_text())
     resumed = json.loads((interrupted_run["output"] / "results.json").read_text())
     assert [r["cell"] for r in resumed["runs"]] == [r["cell"] for r in uninterrupted["runs"]]
@@ -116,6 +112,46 @@ def test_a_run_killed_mid_fit_equals_an_uninterrupted_one(interrupted_run, data_
         assert _flat_numbers(got) == pytest.approx(_flat_numbers(want), rel=1e-12, abs=1e-15)
     # The killed cell's fit ran epoch 2 only after the resume (not from epoch 1 again).
     assert "after epoch 1" in interrupted_run["resumed"].stderr
+
+
+LEARNING_RATE_0_1 = "--gin_bindings=linear_vs_nonlinear.run.learning_rate=0.1"
+
+
+def test_a_rerun_with_a_changed_setting_is_refused_naming_it(interrupted_run, study_a):
+    output = interrupted_run["output"]
+    before = (output / "cells" / f"{CELLS[0]}.json").read_text()
+    refused = study_a(output, TWO_EPOCHS, LEARNING_RATE_0_1, check=False)
+    assert refused.returncode != 0
+    assert "learning_rate: 0.05 (stored) → 0.1 (now)" in refused.stderr
+    assert "--overwrite" in refused.stderr
+    # A model width is named by its place in the model's config (θ0 is refused first).
+    refused = study_a(output, TWO_EPOCHS, "--gin_bindings=models.mlp.widths=(16,)", check=False)
+    assert refused.returncode != 0
+    assert "architecture.layers[2].config.units: 32 (stored) → 16 (now)" in refused.stderr
+    assert (output / "cells" / f"{CELLS[0]}.json").read_text() == before
+    assert "learning_rate" not in refused.stderr
+
+
+@pytest.mark.slow  # Trains a cell again: ~30 s on the shared machine.
+def test_overwrite_recomputes_the_cells_of_other_settings(interrupted_run, study_a, tmp_path):
+    import shutil
+
+    output = tmp_path / "copy"
+    shutil.copytree(interrupted_run["output"], output)
+    result = study_a(output, TWO_EPOCHS, LEARNING_RATE_0_1, "--overwrite",
+                     "--gin_bindings=linear_vs_nonlinear.run.max_new_cells=1")
+    assert f"Discarding cell {CELLS[0]}" in result.stderr
+    assert f"{CELLS[0]}: training the network" in result.stderr
+    stored = json.loads((output / "cells" / f"{CELLS[0]}.json").read_text())
+    assert stored["settings"]["learning_rate"] == 0.1 and stored["settings"]["epochs"] == 2
+    # The other stale cell was discarded when reached; results.json holds only current cells.
+    assert not (output / "cells" / f"{CELLS[1]}.json").exists()
+    results = json.loads((output / "results.json").read_text())
+    assert [r["cell"] for r in results["runs"]] == CELLS[:1]
+    assert results["recipe"]["learning_rate"] == 0.1
+    # θ0 (its settings do not include the rate) was kept: the same file.
+    assert ((output / "cells" / "init-mlp" / "mlp.weights.h5").read_bytes()
+            == (interrupted_run["output"] / "cells" / "init-mlp" / "mlp.weights.h5").read_bytes())
 
 
 def test_smoke_config_outputs_and_numbers(interrupted_run, data_dir):
@@ -133,7 +169,7 @@ def test_smoke_config_outputs_and_numbers(interrupted_run, data_dir):
     # θ0 from the naive float64 Jacobian, on the same train+test inputs.
     dataset = data.load_dataset("digits", num_train=256, num_test=128, data_dir=data_dir)
     model = configurables.models.mlp((8, 8, 1), 1, widths=(32,))
-    model.load_weights(str(output / "init" / "mlp.weights.h5"))
+    model.load_weights(str(output / "cells" / "init-mlp" / "mlp.weights.h5"))
     inputs = np.concatenate([dataset.train.x, dataset.test.x]).astype(np.float64)
     weights64 = [tf.Variable(tf.cast(w, tf.float64)) for w in model.trainable_weights]
     with tf.GradientTape() as tape:
@@ -145,7 +181,7 @@ def test_smoke_config_outputs_and_numbers(interrupted_run, data_dir):
     kernel = flat @ flat.T
     values, vectors = np.linalg.eigh(kernel)
     values, vectors = values[::-1], vectors[:, ::-1]
-    saved = np.load(output / "init" / "mlp_eigen.npz")
+    saved = np.load(output / "cells" / "init-mlp" / "mlp_eigen.npz")
     np.testing.assert_allclose(saved["eigenvalues"][:10], values[:10], rtol=1e-3)
     (eigen_run,) = [r for r in results["runs"] if r["task"] == "eigenfunction"]
     labels = (vectors[:, 1] >= 0).astype(float)  # k = 2.
@@ -163,9 +199,9 @@ def test_smoke_config_outputs_and_numbers(interrupted_run, data_dir):
     assert binary["weight_distance"] > 0 and binary["relative_weight_distance"] > 0
 
 
-def test_bad_gin_binding_fails_before_training(tmp_path, data_dir):
+def test_bad_gin_binding_fails_before_training(tmp_path, study_a):
     output = tmp_path / "run"
-    result = run_binary(output, data_dir,
+    result = study_a(output,
                         "--gin_bindings=linear_vs_nonlinear.run.no_such_argument=1", check=False)
     assert result.returncode != 0
     assert "Bad gin config or binding" in result.stderr and "no_such_argument" in result.stderr
@@ -174,7 +210,7 @@ def test_bad_gin_binding_fails_before_training(tmp_path, data_dir):
 
 @pytest.mark.parametrize("binding, message", [
     ("dataset = 'imagenet'", "Known datasets: cifar10, digits, mnist"),
-    ("models = ['vgg']", "Known models: lenet, mlp, resnet18"),
+    ("models = ['vgg']", "Known models: " + ", ".join(sorted(configurables.MODELS))),
     ("tasks = ['regression']", "Known tasks: eigenfunction, binary"),
 ])
 def test_unknown_names_are_listed_before_any_work(tmp_path, binding, message):
@@ -192,9 +228,9 @@ def test_unknown_names_are_listed_before_any_work(tmp_path, binding, message):
     assert not os.listdir(tmp_path)
 
 
-def test_mirrored_strategy_on_two_logical_cpus(tmp_path, data_dir):
+def test_mirrored_strategy_on_two_logical_cpus(tmp_path, study_a):
     output = tmp_path / "run"
-    result = run_binary(output, data_dir, "--strategy=mirrored", "--num_cpu_devices=2",
+    result = study_a(output, "--strategy=mirrored", "--num_cpu_devices=2",
                         "--gin_bindings=linear_vs_nonlinear.run.tasks=['binary']")
     # conftest's two logical CPUs do not reach the subprocess: the flag does it.
     assert "MirroredStrategy with 2 replica(s)" in result.stderr

@@ -9,7 +9,7 @@ import scipy.special
 import tensorflow as tf
 
 import keras_ntk
-from keras_ntk import infinite
+from keras_ntk import infinite, mean_field
 from keras_ntk.layers import Erf, NTKConv2D, NTKDense
 
 
@@ -358,59 +358,8 @@ def test_deep_diagonal_reaches_q_star():
         layers += [NTKDense(4, math.sqrt(0.5), math.sqrt(0.5)), Erf()]
     layers.append(NTKDense(1, math.sqrt(0.5), math.sqrt(0.5)))
     kernels = keras_ntk.infinite_kernels(keras.Sequential(layers), np.random.normal(size=(3, 3)))
-    np.testing.assert_allclose(np.diag(kernels.nngp), infinite.q_star("erf", 0.5, 0.5),
+    np.testing.assert_allclose(np.diag(kernels.nngp), mean_field.q_star("erf", 0.5, 0.5),
                                rtol=1e-6)
-
-
-# ------------------------------------------------------------ mean field by quadrature
-
-
-def _gauss_expectation(fn, q, c=None, degree=200):
-    """E[fn(u)] (or E[fn(u, v)] with correlation c) for variance q, Gauss–Hermite."""
-    z, w = np.polynomial.hermite_e.hermegauss(degree)
-    w = w / w.sum()
-    if c is None:
-        return float(np.sum(w * fn(math.sqrt(q) * z)))
-    z1, z2 = np.meshgrid(z, z, indexing="ij")
-    u = math.sqrt(q) * z1
-    v = math.sqrt(q) * (c * z1 + math.sqrt(max(1 - c * c, 0.0)) * z2)
-    return float(np.sum(np.outer(w, w) * fn(u, v)))
-
-
-def _derivative_of_erf(z):
-    return 2 / math.sqrt(math.pi) * np.exp(-z * z)
-
-
-@pytest.mark.parametrize("w2,b2", [(1.0, 0.05), (2.5, 0.05), (4.0, 0.3)])
-def test_erf_mean_field_by_quadrature(w2, b2):
-    q = infinite.q_star("erf", w2, b2)
-    np.testing.assert_allclose(q, w2 * _gauss_expectation(lambda u: _erf(u) ** 2, q) + b2,
-                               rtol=1e-6)
-    chi = infinite.chi1("erf", w2, b2)
-    np.testing.assert_allclose(chi, w2 * _gauss_expectation(lambda u: _derivative_of_erf(u) ** 2, q),
-                               rtol=1e-6)
-    c = infinite.c_star("erf", w2, b2)
-    if chi <= 1:
-        assert c == 1.0
-    else:
-        assert c < 1
-        mapped = (w2 * _gauss_expectation(lambda u, v: _erf(u) * _erf(v), q, c) + b2) / q
-        np.testing.assert_allclose(mapped, c, rtol=1e-6)
-    chi_c = infinite.chi_c_star("erf", w2, b2)
-    expected = w2 * _gauss_expectation(
-        lambda u, v: _derivative_of_erf(u) * _derivative_of_erf(v), q, min(c, 1.0))
-    np.testing.assert_allclose(chi_c, expected, rtol=1e-5)
-
-
-def test_relu_mean_field():
-    assert infinite.q_star("relu", 1.5, 0.05) == pytest.approx(0.05 / (1 - 0.75))
-    assert infinite.q_star("relu", 2.5, 0.05) == math.inf
-    assert infinite.chi1("relu", 1.5, 0.05) == 0.75
-    assert infinite.c_star("relu", 1.5, 0.05) == 1.0
-    assert infinite.chi_c_star("relu", 1.5, 0.05) == pytest.approx(0.75)
-    assert math.isnan(infinite.c_star("relu", 3.0, 0.05))
-    with pytest.raises(ValueError, match="Received:"):
-        infinite.chi1("tanh", 1.0, 0.0)
 
 
 # ------------------------------------------------------------ errors
