@@ -43,7 +43,6 @@ Run: `python -m experiments.kernel_evolution
 --gin_file=kernel_evolution/digits_mlp.gin --output_dir=runs/b_evolution`.
 """
 
-import json
 import os
 import time
 
@@ -211,15 +210,6 @@ def _width_kwargs(model, width, depth):
     raise ValueError(f"No width knob for model {model!r}. Received: model={model!r}")
 
 
-def _load_json(path, default):
-    import tensorflow as tf
-
-    if not tf.io.gfile.exists(path):
-        return default
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
-
-
 def _train_width(width, *, model_builder, model, depth, data, num_classes, probe_x, probe_y,
                  layout, velocity_times, velocity_dt, epochs, batch_size, learning_rate,
                  momentum, loss, seed, ridge_factors, jit_compile, strategy, output_dir,
@@ -368,6 +358,7 @@ def run(
     ntk_batch_size=None,
     ntk_implementation="auto",
     write_figures=True,
+    overwrite=False,
 ):
     """Runs the kernel-evolution study; writes results.json, figures and TensorBoard logs.
 
@@ -401,12 +392,14 @@ def run(
             read with `keras_ntk.load_ntk_history`) under `kernels/`.
         ntk_batch_size, ntk_implementation: `keras_ntk.empirical_ntk` options.
         write_figures: draw the figures at the end.
+        overwrite: discard widths stored with other settings instead of
+            refusing to run (`--overwrite`).
 
     Returns:
         The results dictionary (also in results.json).
     """
+    from experiments import cells
     from experiments import data as data_lib
-    from experiments import report
 
     if loss not in LOSSES:
         raise ValueError(f"Expected loss in {LOSSES}. Received: kernel_evolution.run.loss={loss!r}")
@@ -452,13 +445,29 @@ def run(
     velocity_times, _ = paired_snapshot_steps(total_steps, num_snapshots, velocity_dt)
 
     results_path = os.path.join(output_dir, "results.json")
-    results = _load_json(results_path, None) or {}
-    if results and (results.get("dataset") != dataset or results.get("steps") != velocity_times):
-        raise ValueError(
-            f"{results_path} holds results of another dataset or schedule; use a new "
-            f"output_dir. Received: dataset={dataset!r}, steps={velocity_times}"
-        )
-    done = {width: entry.get("seeds", {}) for width, entry in results.get("widths", {}).items()}
+    store = cells.CellStore(output_dir, overwrite=overwrite)
+
+    def run_settings(width, seed):
+        """The operative settings of one (width, seed) (not jit_compile/ntk_batch_size)."""
+        network = model_builders[model](data.input_shape, num_classes,
+                                        **_width_kwargs(model, width, depth))
+        return {"dataset": dataset, "num_train": len(data.train.y), "num_test": len(data.test.y),
+                "model": model, "width": width, "depth": depth,
+                "architecture": cells.architecture(network), "epochs": epochs,
+                "batch_size": batch_size, "learning_rate": learning_rate, "momentum": momentum,
+                "loss": loss, "seed": seed, "steps": velocity_times, "velocity_dt": velocity_dt,
+                "num_probe": num_probe, "num_validation": num_validation,
+                "probe_seed": probe_seed, "ridge_factors": list(ridge_factors),
+                "ntk_implementation": ntk_implementation}
+
+    # Every stored run is checked before any work: other settings are refused here.
+    work = [(int(w), int(s)) for w in widths for s in seeds]
+    settings = {(w, s): run_settings(w, s) for w, s in work}
+    done = {}
+    for (width, seed), run_setting in settings.items():
+        record = store.get(f"width{width}-seed{seed}", run_setting)
+        if record is not None:
+            done.setdefault(str(width), {})[str(seed)] = record
     results = {
         "study": "kernel_evolution",
         "dataset": dataset,
@@ -494,10 +503,9 @@ def run(
                 results["widths"][key] = aggregate_seeds(per_seed)
         if results["widths"]:
             results["epochs"] = next(iter(results["widths"].values()))["epochs"]
-        report.write_json_atomic(results_path, results)
+        cells.write_json_atomic(results_path, results)
 
     started = time.time()
-    work = [(int(w), int(s)) for w in widths for s in seeds]
     for index, (width, seed) in enumerate(work, start=1):
         key = str(width)
         per_seed = done.setdefault(key, {})
@@ -516,6 +524,7 @@ def run(
             jit_compile=jit_compile, strategy=strategy, output_dir=output_dir,
             save_kernels=save_kernels, ntk_batch_size=ntk_batch_size,
             ntk_implementation=ntk_implementation)
+        store.put(f"width{width}-seed{seed}", settings[(width, seed)], cell)
         per_seed[str(seed)] = cell
         write()
         logging.info("run %d of %d done; elapsed %.0f s", index, len(work),
