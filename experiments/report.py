@@ -119,7 +119,7 @@ def _bootstrap(correct, statistic, options):
             "num_resamples": result.num_resamples}
 
 
-def _signed_verdict(estimate, interval, p_value, options, *, want_negative):
+def _signed_verdict(estimate, interval, p_value, alpha, margin, *, want_negative):
     """reproduced / not reproduced / inconclusive for a bootstrap statistic.
 
     Significant (p < α) in the wanted direction: reproduced; significant the
@@ -128,10 +128,10 @@ def _signed_verdict(estimate, interval, p_value, options, *, want_negative):
     had the power to see it), else inconclusive.
     """
     sign = -1 if want_negative else 1
-    if p_value < options["alpha"]:
+    if p_value < alpha:
         return "reproduced" if sign * estimate > 0 else "not reproduced"
     reach = interval[0] if want_negative else interval[1]
-    return "not reproduced" if sign * reach < options["margin"] else "inconclusive"
+    return "not reproduced" if sign * reach < margin else "inconclusive"
 
 
 def _rank_finding(eigen, options):
@@ -286,6 +286,7 @@ def _tracking_finding(cells, options):
     from experiments import stats
 
     names = ("network", "linearized_final", "linearized_init_difference")
+    alpha = options["alpha"]
     base = {"claim": "the linearization at the trained weights θT explains the network: its "
                      "accuracy tracks the network's, also where the network loses to the "
                      "linearization at θ0",
@@ -294,25 +295,35 @@ def _tracking_finding(cells, options):
                          "seeds (negative: θT tracks the network more closely)",
             "test": "paired bootstrap over test examples (the same resampled examples for every "
                     "seed and model), percentile interval, two-sided p for 0",
-            "rule": "reproduced when the estimate is below 0 with p < α; above 0 with p < α, or "
-                    f"an interval excluding −{options['margin']:.0%}: not reproduced; else "
-                    "inconclusive. Overall: the mean over two-class tasks"}
-    rows, correct_all = [], []
+            "rule": "reproduced when the estimate is below 0 with p < α; above 0 with p < α: not "
+                    "reproduced. Not significant: not reproduced when the interval excludes "
+                    "removing half of the θ0 gap (the claim predicts θT removes it), else "
+                    "inconclusive. Per task, when lin. θ0 does not differ from the network "
+                    "(exact McNemar p ≥ α) there is no gap to remove: not testable. Overall: "
+                    "the mean over two-class tasks, margin half their mean θ0 gap"}
+    rows, correct_all, gaps_init = [], [], []
     for (task, k), runs in cells.items():
         correct = _correct(runs, names)
         if correct is None:
             return dict(base, verdict="not tested (no per-example predictions)")
         result = _bootstrap(correct, stats.gap_difference, options)
         accuracies = correct.mean(axis=2).mean(axis=0)
+        gap_init = float(abs(accuracies[2] - accuracies[0]))
+        init_vs_network = _paired_outcome(correct[:, 2], correct[:, 0], options)
+        if result["p_value"] >= alpha and init_vs_network["p_value"] >= alpha:
+            verdict = "not testable (lin. θ0 does not differ from the network)"
+        else:
+            verdict = _signed_verdict(result["estimate"], result["interval"], result["p_value"],
+                                      alpha, gap_init / 2, want_negative=True)
         one_class = _is_one_class(runs)
         rows.append({"task": task_name(task, k), "one_class": one_class,
                      "gap_final": float(abs(accuracies[1] - accuracies[0])),
-                     "gap_init": float(abs(accuracies[2] - accuracies[0])),
-                     **result,
-                     "verdict": _signed_verdict(result["estimate"], result["interval"],
-                                                result["p_value"], options, want_negative=True)})
+                     "gap_init": gap_init, **result,
+                     "p_value_init_vs_network": init_vs_network["p_value"],
+                     "verdict": verdict})
         if not one_class:
             correct_all.append(correct)
+            gaps_init.append(gap_init)
     overall = None
     if correct_all and len({c.shape for c in correct_all}) == 1:
         stacked = np.concatenate(correct_all, axis=1)
@@ -324,8 +335,10 @@ def _tracking_finding(cells, options):
 
         overall = _bootstrap(stacked, mean_gap_difference, options)
         overall["num_tasks"] = num_tasks
+        overall["margin"] = float(np.mean(gaps_init) / 2)
         overall["verdict"] = _signed_verdict(overall["estimate"], overall["interval"],
-                                             overall["p_value"], options, want_negative=True)
+                                             overall["p_value"], alpha, overall["margin"],
+                                             want_negative=True)
     return dict(base, tasks=rows, overall=overall,
                 verdict=overall["verdict"] if overall else "not tested")
 
@@ -427,12 +440,13 @@ def _finding_lines(findings):
             per_task = ", ".join(
                 f"{r['task']}{' (one class)' if r['one_class'] else ''}: "
                 f"{r['gap_final']:.3f} vs {r['gap_init']:.3f}, "
-                f"{r['estimate']:+.3f} {_interval(r['interval'])}, p = {_p(r['p_value'])}"
-                for r in f["tasks"])
+                f"{r['estimate']:+.3f} {_interval(r['interval'])}, p = {_p(r['p_value'])}: "
+                f"{r['verdict']}" for r in f["tasks"])
             overall = f["overall"]
             overall_text = (f"overall (mean over {overall['num_tasks']} two-class tasks): "
                             f"{overall['estimate']:+.3f} {_interval(overall['interval'])}, "
-                            f"p = {_p(overall['p_value'])}") if overall else "no overall test"
+                            f"p = {_p(overall['p_value'])}, margin {overall['margin']:.3f}"
+                            if overall else "no overall test")
             lines.append(f"- **θT tracks the network** — paper: {f['claim']}. Statistic: "
                          f"{f['statistic']}. Here, per task (gap at θT vs gap at θ0, "
                          f"difference, {1 - options['alpha']:.0%} interval, p): {per_task}; "
