@@ -46,11 +46,10 @@ kernel of one architecture, so the default grid is a set of depths, not
 every depth.
 
 Run: `python -m experiments.trainability --gin_file=trainability/digits.gin
---output_dir=runs/c`. Finished cells are kept in `cells.json` and skipped on
-a rerun.
+--output_dir=runs/c`. Finished cells are kept in `cells/` (`experiments.cells`,
+with their settings) and skipped on a rerun; other settings are refused.
 """
 
-import json
 import math
 import os
 import time
@@ -58,6 +57,7 @@ import time
 import numpy as np
 from absl import logging
 
+from experiments import cells as cells_lib
 from experiments import launcher
 from experiments import report
 
@@ -67,27 +67,6 @@ _EPS = float(np.finfo(np.float64).eps)
 
 
 # ---------------------------------------------------------------- helpers
-
-
-class _Progress:
-    """Logs `label i of n`, elapsed time and an ETA from the mean cell time."""
-
-    def __init__(self, name, total):
-        self.name, self.total, self.done, self.start = name, total, 0, time.time()
-        self.computed = 0
-
-    def skip(self, label):
-        self.done += 1
-        logging.info("%s %d of %d (%s): already finished, skipped", self.name, self.done,
-                     self.total, label)
-
-    def finish(self, label):
-        self.done += 1
-        self.computed += 1
-        elapsed = time.time() - self.start
-        remaining = (self.total - self.done) * elapsed / self.computed
-        logging.info("%s %d of %d (%s) done; elapsed %.0f s, ETA %.0f s", self.name,
-                     self.done, self.total, label, elapsed, remaining)
 
 
 def _finite_or_none(value):
@@ -142,38 +121,26 @@ def spectrum_summary(k_train):
     }
 
 
-def _load_json(path, default):
-    import tensorflow as tf
-
-    if not tf.io.gfile.exists(path):
-        return default
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
-
-
 class _Cells:
-    """Finished cells, saved atomically in cells.json after each one."""
+    """The study's cells in the shared store (`experiments.cells`), one record each.
 
-    def __init__(self, output_dir, settings):
-        self._write = report.write_json_atomic
-        self.path = os.path.join(output_dir, "cells.json")
-        stored = _load_json(self.path, None)
-        if stored is not None and stored.get("settings") != settings:
-            changed = sorted(k for k in set(settings) | set(stored.get("settings", {}))
-                             if settings.get(k) != stored.get("settings", {}).get(k))
-            raise ValueError(
-                f"{self.path} was written with other settings ({', '.join(changed)}); use a "
-                f"new output_dir. Received: {', '.join(f'{k}={settings.get(k)!r}' for k in changed)}"
-            )
-        self.data = stored or {"settings": settings, "phase": {}, "architectures": {},
-                               "finite_width": {}}
+    A cell of part P (phase, architectures, finite_width) is stored as
+    `cells/<P>-<key>.json` with the settings of its part; a rerun with other
+    settings is refused naming them (or, with `overwrite`, recomputed).
+    """
+
+    def __init__(self, output_dir, settings, overwrite=False):
+        self.store = cells_lib.CellStore(output_dir, overwrite=overwrite)
+        self.settings = settings
+
+    def _cell(self, part, key):
+        return f"{part}-{key.replace('/', '-')}", dict(self.settings[part], part=part, cell=key)
 
     def get(self, part, key):
-        return self.data[part].get(key)
+        return self.store.get(*self._cell(part, key))
 
     def put(self, part, key, value):
-        self.data[part][key] = value
-        self._write(self.path, self.data)
+        self.store.put(*self._cell(part, key), value)
 
 
 def _summary_writer(output_dir, name):
@@ -231,7 +198,8 @@ def _phase_diagrams(cells, output_dir, activations, grids, depths, sigma_b2, dat
         len(dataset.train.x) + len(dataset.test.x), -1).astype(np.float64)
     num_train = len(dataset.train.x)
     num_classes = int(max(dataset.train.y.max(), dataset.test.y.max())) + 1
-    progress = _Progress("phase cell", sum(len(grids[a]) for a in activations) * len(depths))
+    progress = cells_lib.Progress(sum(len(grids[a]) for a in activations) * len(depths),
+                                  "phase cell")
     diagrams = []
     for activation in activations:
         writer = _summary_writer(output_dir, f"phase_{activation}")
@@ -261,6 +229,7 @@ def _phase_diagrams(cells, output_dir, activations, grids, depths, sigma_b2, dat
                     writer.flush()
                     progress.finish(key)
                 table[(sigma_w2, depth)] = cell
+        writer.close()
         diagrams.append(_assemble_diagram(activation, grids[activation], depths, sigma_b2, table,
                                           times, learning_rate_fraction))
     return diagrams
@@ -347,7 +316,7 @@ def _architectures(cells, output_dir, names, depths, activation, sigma_w2, sigma
                    kernel_size, ridge, kernel_batch_size):
     import tensorflow as tf
 
-    progress = _Progress("architecture cell", len(names) * len(depths))
+    progress = cells_lib.Progress(len(names) * len(depths), "architecture cell")
     writer = _summary_writer(output_dir, "architectures")
     out = {}
     for name in names:
@@ -378,6 +347,7 @@ def _architectures(cells, output_dir, names, depths, activation, sigma_w2, sigma
             "eigenvalues": [c["eigenvalues"] for c in by_depth],
             "kernel_seconds": [c["kernel_seconds"] for c in by_depth],
         }
+    writer.close()
     return out
 
 
@@ -436,7 +406,7 @@ def _finite_width(cells, output_dir, dataset, widths, seeds, depth, activation, 
     def error(outputs):
         return float(np.linalg.norm(outputs - infinite_test) / scale)
 
-    progress = _Progress("finite-width run", len(widths) * len(seeds))
+    progress = cells_lib.Progress(len(widths) * len(seeds), "finite-width run")
     per_width = []
     for width in widths:
         centred, raw, runs = [], [], []
@@ -546,8 +516,9 @@ def run(
     finite_steps=200,
     kernel_batch_size=None,
     write_figures=True,
+    overwrite=False,
 ):
-    """Runs study C and writes results.json, cells.json, figures and TensorBoard logs.
+    """Runs study C and writes results.json, the cells, figures and TensorBoard logs.
 
     Args:
         output_dir: the run's directory (local or gs://).
@@ -576,6 +547,8 @@ def run(
         finite_sigma_w2, finite_num_train, finite_steps: part 4.
         kernel_batch_size: `infinite_kernels` block size (None: automatic).
         write_figures: draw the PNG figures at the end.
+        overwrite: discard stored cells computed with other settings instead
+            of refusing to run (`--overwrite`).
 
     Returns:
         The results dictionary (also in results.json).
@@ -588,15 +561,22 @@ def run(
     depths = [int(d) for d in depths]
     times = [float(t) for t in times]
     _validate(dataset, activations, grids, depths, architectures, times, learning_rate_fraction)
-    settings = {"dataset": dataset, "num_train": num_train, "num_test": num_test,
-                "sigma_b2": float(sigma_b2), "times": times,
-                "learning_rate_fraction": float(learning_rate_fraction),
-                "architecture": [architecture_activation, float(architecture_sigma_w2),
-                                 architecture_num_train, architecture_num_test,
-                                 conv_kernel_size, float(ridge)],
-                "finite": [finite_depth, finite_activation, float(finite_sigma_w2),
-                           finite_num_train, finite_steps]}
-    cells = _Cells(output_dir, settings)
+    # The operative settings of each part's cells (kernel_batch_size: memory only).
+    common = {"dataset": dataset, "sigma_b2": float(sigma_b2)}
+    settings = {
+        "phase": dict(common, num_train=num_train, num_test=num_test, times=times,
+                      learning_rate_fraction=float(learning_rate_fraction)),
+        "architectures": dict(common, activation=architecture_activation,
+                              sigma_w2=float(architecture_sigma_w2),
+                              num_train=architecture_num_train, num_test=architecture_num_test,
+                              conv_kernel_size=conv_kernel_size, ridge=float(ridge)),
+        "finite_width": dict(common, num_train=num_train, num_test=num_test,
+                             depth=finite_depth, activation=finite_activation,
+                             sigma_w2=float(finite_sigma_w2), finite_num_train=finite_num_train,
+                             steps=finite_steps,
+                             learning_rate_fraction=float(learning_rate_fraction)),
+    }
+    cells = _Cells(output_dir, settings, overwrite)
     start = time.time()
     results = {"study": "trainability", "dataset": dataset, "sigma_b2": float(sigma_b2),
                "targets": "one-hot minus 1/num_classes; accuracy of the argmax"}
@@ -610,7 +590,7 @@ def run(
                                times, learning_rate_fraction, kernel_batch_size)
     results["phase_diagram"] = diagrams
     results_path = os.path.join(output_dir, "results.json")
-    report.write_json_atomic(results_path, results)
+    cells_lib.write_json_atomic(results_path, results)
 
     if architectures:
         subset = data_lib.load_dataset(dataset, num_train=architecture_num_train,
@@ -627,7 +607,7 @@ def run(
             "num_test": len(subset.test.y), "kernel_size": int(conv_kernel_size),
             "ridge_relative_to_mean_diagonal": float(ridge),
         }
-        report.write_json_atomic(results_path, results)
+        cells_lib.write_json_atomic(results_path, results)
 
     if finite_widths:
         logging.info("Part 4: finite widths %s, seeds %s", list(finite_widths), list(finite_seeds))
@@ -637,7 +617,7 @@ def run(
             sigma_b2, min(finite_num_train, len(data.train.y)), int(finite_steps),
             learning_rate_fraction, strategy)
     results["seconds_this_run"] = time.time() - start
-    report.write_json_atomic(results_path, results)
+    cells_lib.write_json_atomic(results_path, results)
     if write_figures:
         draw_figures(results, os.path.join(output_dir, "figures"))
     return results
