@@ -131,7 +131,8 @@ def regression_path(k_train, k_eval_train, y_train, ridges, *, solver="auto"):
         coefficients = vectors.T @ y_train
         return np.stack([projected @ (coefficients / (values + r)[:, None]) for r in ridges])
     if solver != "cholesky":
-        raise ValueError(f"Expected solver 'eigh', 'cholesky' or 'auto'. Received: solver={solver!r}")
+        raise ValueError(
+            f"Expected solver 'eigh', 'cholesky' or 'auto'. Received: solver={solver!r}")
     work = np.empty_like(k_train)
     diagonal = np.arange(len(k_train))
     out = []
@@ -396,7 +397,8 @@ def train_network(model, x, labels, num_classes, *, loss, train_steps, batch_siz
 
     if stop_criterion not in STOP_CRITERIA:
         raise ValueError(
-            f"Expected stop_criterion in {STOP_CRITERIA}. Received: stop_criterion={stop_criterion!r}"
+            f"Expected stop_criterion in {STOP_CRITERIA}. "
+            f"Received: stop_criterion={stop_criterion!r}"
         )
     keras.utils.set_random_seed(seed)
     batch_size = min(batch_size, len(x))
@@ -437,7 +439,7 @@ def _method_names(methods, n0s):
 
 
 def seed_sizes(sizes, seeds, large_n=None, seeds_large_n=None):
-    """The sizes each seed runs: all, except sizes ≥ `large_n` only for the first `seeds_large_n`."""
+    """The sizes each seed runs: sizes ≥ `large_n` only on the first `seeds_large_n` seeds."""
     out = {}
     for index, seed in enumerate(seeds):
         limited = large_n is not None and seeds_large_n is not None and index >= seeds_large_n
@@ -982,58 +984,10 @@ def _write_summaries(output_dir, results):
 
 
 def draw_figures(results, directory):
-    """test_error_vs_n.png and test_loss_vs_n.png: log-log, one line per method.
+    """test_error_vs_n.png and test_loss_vs_n.png (`experiments.figures.study_b`)."""
+    from experiments.figures import study_b
 
-    Markers: mean over seeds (error floored at half a test error); bands:
-    min to max over seeds; dashed: the fitted power law over its fit sizes;
-    red crosses: network sizes where some seed stopped at the step cap.
-    """
-    import tensorflow as tf
-
-    from experiments import report
-
-    plt = report.pyplot()
-    tf.io.gfile.makedirs(directory)
-    n = np.asarray(results["n"], np.float64)
-    for key, alpha_key, intercept_key, sizes_key, label in (
-        ("test_error", "alpha", "intercept", "fit_sizes_error", "test error"),
-        ("test_loss", "alpha_loss", "intercept_loss", "fit_sizes_loss",
-         "test loss (MSE; CE for a CE network)"),
-    ):
-        fig, ax = plt.subplots(figsize=(5.6, 4.2))
-        for index, (name, entry) in enumerate(results["methods"].items()):
-            values = np.array([[np.nan if v is None else v for v in row]
-                               for row in entry[key]], np.float64)
-            if key == "test_error":
-                values = np.maximum(values, results["error_floor"])
-            ok = np.isfinite(values).any(axis=1)
-            if not ok.any():
-                continue
-            mean = np.nanmean(values[ok], axis=1)
-            color = f"C{index % 10}"
-            alpha = entry[alpha_key]
-            ax.plot(n[ok], mean, "o-", color=color,
-                    label=f"{name} (α={alpha:.2f})" if alpha is not None else name)
-            ax.fill_between(n[ok], np.nanmin(values[ok], axis=1), np.nanmax(values[ok], axis=1),
-                            color=color, alpha=0.08)
-            if alpha is not None:
-                fit_n = np.asarray(entry[sizes_key], np.float64)
-                ax.plot(fit_n, np.exp(entry[intercept_key]) * fit_n ** (-alpha), "--",
-                        color=color, lw=0.8)
-            capped = [any(bool(v) for v in row) for row in entry.get("hit_cap", [])]
-            if any(capped):
-                where = np.asarray(capped) & ok
-                ax.plot(n[where], np.nanmean(values[where], axis=1), "x", color="red", ms=9,
-                        label=f"{name}: some seed hit the step cap "
-                              f"({entry['cap_hits']} of {entry['runs']} runs)")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("training-set size n")
-        ax.set_ylabel(label)
-        model = results.get("settings", {}).get("model", "")
-        ax.set_title(f"{results['dataset']}, {model}: {label} vs n", fontsize=10)
-        ax.legend(fontsize=7)
-        report.save_figure(fig, os.path.join(directory, f"{key}_vs_n.png"))
+    study_b.data_scaling_figures(results, directory)
 
 
 def main(argv):

@@ -2,22 +2,22 @@
 
 Vyas, Nakkiran and Bansal (2022) report that the eNTK keeps changing late in
 training ("kernel velocity" does not vanish), so a fixed kernel cannot
-describe the network. This binary trains one network per width with a
-CONSTANT learning rate (with a rate decaying to 0 the velocity vanishes
+describe the network. This binary trains one network per (width, seed) with
+a CONSTANT learning rate (with a rate decaying to 0 the velocity vanishes
 trivially) and takes eNTK snapshots with `keras_ntk.NTKTracker` at
-log-spaced global steps (`every_n_steps` list), on a fixed probe set made of
-`num_probe` training inputs, `num_validation` other training inputs and the
-test inputs (Θt on all of them, so kernel regression with Θt can be scored).
+log-spaced times t_i and at t_i + Δt (`velocity_dt`, the same Δt at every
+t_i), on a fixed probe set (`probe_seed`) made of `num_probe` training
+inputs, `num_validation` other training inputs and the test inputs (Θt on
+all of them, so kernel regression with Θt can be scored).
 
-Per width and snapshot, results.json holds
+Per (width, seed) and time t_i, the cell holds
 
-* `velocity`: NTKTracker's `ntk_velocity`, the cosine kernel distance
-  1 − ⟨Θa, Θb⟩/(‖Θa‖‖Θb‖) between consecutive snapshots divided by the steps
-  between them. For small changes this distance is QUADRATIC in the change
-  (1 − cos φ ≈ φ²/2), so with log-spaced snapshots (gaps ∝ t) it reads as
-  v² · t rather than a rate;
-* `velocity_relative`: NTKTracker's `ntk_relative_velocity`, ‖Θb − Θa‖_F / ‖Θa‖_F divided by the steps between
-  the snapshots, linear in the change: the rate the verdict is based on;
+* `velocity`: the kernel velocity of Fort et al. (2020), the cosine kernel
+  distance 1 − ⟨Θa, Θb⟩/(‖Θa‖‖Θb‖) between Θa = Θ(t_i) and Θb = Θ(t_i+Δt)
+  divided by Δt. For small changes it is QUADRATIC in the change
+  (1 − cos φ ≈ φ²/2): with a fixed Δt it scales like the square of the rate;
+* `velocity_relative`: ‖Θb − Θa‖_F / (‖Θa‖_F Δt), linear in the change: the
+  rate the verdict is based on;
 * `distance_from_init` (cosine, NTKTracker's), `alignment` (centred
   kernel-target alignment with one-hot labels on the whole probe set),
   `weight_distance_from_init` (‖θt − θ0‖/‖θ0‖), `ntk_trace`;
@@ -27,17 +27,21 @@ Per width and snapshot, results.json holds
   approximation), trained on the `num_probe` probe inputs;
 * `network_test_error`: the network's own test error at the same steps.
 
-The slope of log velocity_relative against log step over the last decade
-of steps (step ≥ total/10) is fitted with its standard error and stated by
-a fixed rule (`velocity_verdict`): faster than 1/t (slope + 2 s.e. < −1):
-the kernel converges; like 1/t (−1 within 2 s.e.): the per-step velocity
-vanishes, yet the kernel moves by a similar amount every decade of steps;
-slower than 1/t (slope < −0.25): it keeps moving; slope ≥ −0.25: it
-plateaus. `distance_from_init_growth_last_decade` is how much the distance
-from init grew over that last decade.
+results.json holds per width the mean series over seeds (`aggregate_seeds`)
+and the per-seed series under `seeds`. The slope of log velocity_relative
+against log step over the last decade of steps (step ≥ total/10) is fitted
+per seed; the width's slope is the mean over seeds with its standard error
+over seeds, stated by a fixed rule (`velocity_verdict`): faster than 1/t
+(slope + 2 s.e. < −1): the kernel converges; like 1/t (−1 within 2 s.e.):
+the per-step velocity vanishes, yet the kernel moves by a similar amount
+every decade of steps; slower than 1/t (slope < −0.25): it keeps moving;
+slope ≥ −0.25: it plateaus. `distance_from_init_growth_last_decade` is how
+much the distance from init grew over that last decade.
 
-A width whose results are in results.json is skipped on a rerun; a width cut
-short is retrained from the start.
+Each (width, seed) is a cell of the cell store (`experiments.cells`) with its
+operative settings: finished ones are skipped on a rerun, ones of other
+settings refused (or recomputed with `overwrite`); a run cut short is
+retrained from the start.
 
 Run: `python -m experiments.kernel_evolution
 --gin_file=kernel_evolution/digits_mlp.gin --output_dir=runs/b_evolution`.
@@ -542,81 +546,10 @@ def run(
 
 
 def draw_figures(results, directory):
-    """velocity.png, distance_from_init.png, alignment.png, kernel_regression.png (per width)."""
-    import tensorflow as tf
+    """velocity.png, distance_from_init.png, alignment.png, kernel_regression.png."""
+    from experiments.figures import study_b
 
-    from experiments import report
-
-    plt = report.pyplot()
-    tf.io.gfile.makedirs(directory)
-    widths = sorted(results["widths"].items(), key=lambda item: int(item[0]))
-    per_epoch = results["steps_per_epoch"]
-
-    def save(fig, name):
-        report.save_figure(fig, os.path.join(directory, name))
-
-    def epoch_axis(ax):
-        top = ax.secondary_xaxis("top", functions=(lambda s: s / per_epoch,
-                                                   lambda e: e * per_epoch))
-        top.set_xlabel("epoch")
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for index, (width, cell) in enumerate(widths):
-        color = f"C{index % 10}"
-        for ax, key, slope_key in ((axes[0], "velocity_relative", "velocity_relative_tail_slope"),
-                                   (axes[1], "velocity", "velocity_tail_slope")):
-            slope, error = cell[slope_key], cell.get(f"{slope_key}_se")
-            ax.plot(cell["steps"], cell[key], "o-", ms=3, color=color,
-                    label=f"width {width}" + (f" (tail slope {slope:.2f} ± {error or 0:.2f})"
-                                              if slope is not None else ""))
-            for seed_cell in cell.get("seeds", {}).values():  # thin: each seed
-                ax.plot(seed_cell["steps"], seed_cell[key], "-", color=color, lw=0.4, alpha=0.5)
-    dt = results.get("velocity_dt", 1)
-    for ax, label in ((axes[0], f"relative velocity ‖Θ(t+Δt)−Θ(t)‖_F/(‖Θ(t)‖_F·Δt), Δt={dt}"),
-                      (axes[1], f"kernel velocity (1−cos(Θ(t),Θ(t+Δt)))/Δt, Δt={dt}")):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.axvline(widths[0][1]["tail_start_step"], color="gray", lw=0.6, ls=":")
-        ax.set_xlabel("step")
-        ax.set_ylabel(label)
-        ax.legend(fontsize=7)
-        epoch_axis(ax)
-    save(fig, "velocity.png")
-
-    for key, label, log_y, name in (
-        ("distance_from_init", "kernel distance from init (1−cos)", True, "distance_from_init.png"),
-        ("alignment", "centred kernel-target alignment", False, "alignment.png"),
-    ):
-        fig, ax = plt.subplots(figsize=(5.6, 4.2))
-        for index, (width, cell) in enumerate(widths):
-            ax.plot(cell["steps"], cell[key], "o-", ms=3, color=f"C{index % 10}",
-                    label=f"width {width}")
-        ax.set_xscale("log")
-        if log_y:
-            ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_ylabel(label)
-        ax.legend(fontsize=7)
-        epoch_axis(ax)
-        save(fig, name)
-
-    fig, ax = plt.subplots(figsize=(5.6, 4.2))
-    for index, (width, cell) in enumerate(widths):
-        color = f"C{index % 10}"
-        ax.plot(cell["steps"], cell["kernel_regression_test_error"], "o-", ms=3, color=color,
-                label=f"kernel regression with Θt, width {width}")
-        ax.axhline(cell["kernel_regression_test_error_init"], color=color, lw=0.6, ls=":")
-        errors = [np.nan if e is None else e for e in cell["network_test_error"]]
-        ax.plot(cell["steps"], errors, "--", color=color, lw=0.8, label=f"network, width {width}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")  # a zero error is not drawn
-    ax.set_xlabel("step")
-    ax.set_ylabel("test error")
-    ax.set_title(f"kernel regression on {results['num_probe']} probe inputs (dotted: Θ0)",
-                 fontsize=9)
-    ax.legend(fontsize=6)
-    epoch_axis(ax)
-    save(fig, "kernel_regression.png")
+    study_b.kernel_evolution_figures(results, directory)
 
 
 def main(argv):
