@@ -237,6 +237,10 @@ def test_bad_gin_binding_fails_before_training(tmp_path, study_a):
     ("dataset = 'imagenet'", "Known datasets: cifar10, digits, mnist"),
     ("models = ['vgg']", "Known models: " + ", ".join(sorted(configurables.MODELS))),
     ("tasks = ['regression']", "Known tasks: eigenfunction, binary"),
+    ("epochs = 0", r"linear_vs_nonlinear.run.epochs to be an int >= 1. Received: epochs=0"),
+    ("num_train = -5", r"run.num_train to be None or an int >= 1. Received: num_train=-5"),
+    ("momentum = 1.0", r"run.momentum to be a number in \[0, 1\). Received: momentum=1.0"),
+    ("seeds = []", r"run.seeds to be a non-empty list of distinct ints. Received: seeds=\[\]"),
 ])
 def test_unknown_names_are_listed_before_any_work(tmp_path, binding, message):
     run = launcher.configurable("linear_vs_nonlinear", linear_vs_nonlinear.run)
@@ -251,6 +255,25 @@ def test_unknown_names_are_listed_before_any_work(tmp_path, binding, message):
     finally:
         gin.clear_config()
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("num_train = 5000", r"run.num_train <= 1437 \(the digits train split\)"),
+    ("num_test = 361", r"run.num_test <= 360 \(the digits test split\)"),
+    ("num_probe = 2000", r"run.num_probe <= 1437 training examples. Received: num_probe=2000"),
+])
+def test_sizes_larger_than_the_dataset_are_refused_before_training(tmp_path, data_dir, binding,
+                                                                    message):
+    run = launcher.configurable("linear_vs_nonlinear", linear_vs_nonlinear.run)
+    with gin.unlock_config():
+        gin.parse_config(f"linear_vs_nonlinear.run.{binding}")
+    try:
+        with pytest.raises(ValueError, match=message):
+            run(output_dir=str(tmp_path), strategy=tf.distribute.get_strategy(),
+                model_builders=configurables.MODELS, data_dir=data_dir)
+    finally:
+        gin.clear_config()
+    assert not (tmp_path / "results.json").exists()
 
 
 def test_mirrored_strategy_on_two_logical_cpus(tmp_path, study_a):
