@@ -114,7 +114,7 @@ def figure_projection(results, path):
                 ax.plot([k], [final[k - 1]], "o", color=f"C{index % 10}")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("j (eigenvector of Θ0 on the probe set)")
+        ax.set_xlabel("j (eigenvector of Θ0 over train+test: the tasks' basis)")
         ax.set_ylabel("a_j")
         ax.set_title(model)
         ax.legend(fontsize=6)
