@@ -1,0 +1,1 @@
+"""Figures of the study binaries, one module per study (drawn from results.json alone)."""
