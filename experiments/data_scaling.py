@@ -48,7 +48,6 @@ Run: `python -m experiments.data_scaling --gin_file=data_scaling/digits_mlp.gin
 --output_dir=runs/b_scaling`.
 """
 
-import json
 import os
 import time
 
@@ -330,25 +329,6 @@ def _validate(dataset, model, methods, model_builders, n0s, network_loss):
         )
 
 
-class _Progress:
-    """Logs `cell i of n`, elapsed time and an ETA from the mean time of computed cells."""
-
-    def __init__(self, total):
-        self.total, self.done, self.computed, self.start = total, 0, 0, time.time()
-
-    def skip(self, label, why="already finished"):
-        self.done += 1
-        logging.info("cell %d of %d (%s): %s, skipped", self.done, self.total, label, why)
-
-    def finish(self, label):
-        self.done += 1
-        self.computed += 1
-        elapsed = time.time() - self.start
-        eta = (self.total - self.done) * elapsed / self.computed
-        logging.info("cell %d of %d (%s) done; elapsed %.0f s, ETA %.0f s", self.done,
-                     self.total, label, elapsed, eta)
-
-
 def _predict(model, x, batch_size=1024):
     return np.concatenate([np.asarray(model(x[i:i + batch_size], training=False))
                            for i in range(0, len(x), batch_size)]).astype(np.float64)
@@ -408,15 +388,6 @@ def train_network(model, x, labels, num_classes, *, loss, train_steps, batch_siz
     return {"steps": len(losses) * chunk, "train_loss": float(losses[-1])}
 
 
-def _load_json(path, default):
-    import tensorflow as tf
-
-    if not tf.io.gfile.exists(path):
-        return default
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
-
-
 def _method_names(methods, n0s):
     names = []
     for m in methods:
@@ -458,6 +429,8 @@ def run(
     subtract_f0=False,
     max_new_cells=None,
     write_figures=True,
+    overwrite=False,
+    simulate_crash_after_epochs=None,
 ):
     """Runs the data-scaling study and writes results.json and figures into `output_dir`.
 
@@ -494,18 +467,21 @@ def run(
         subtract_f0: must be False (recorded in results.json); the kernel
             predictor without the network's initial outputs.
         max_new_cells: stop after this many newly finished cells (None: all).
+        overwrite: discard stored cells computed with other settings instead
+            of refusing to run (`--overwrite`).
+        simulate_crash_after_epochs: kill the process after this many chunks
+            of the first network fit (tests of resuming).
         write_figures: draw the figures at the end.
 
     Returns:
         The results dictionary (also in results.json).
     """
     import keras
-    import tensorflow as tf
 
     import keras_ntk
+    from experiments import cells as cell_store
     from experiments import data as data_lib
     from experiments import models as models_lib
-    from experiments import report
 
     methods = list(methods)
     n0s = [int(v) for v in n0s] if "after_kernel" in methods else []
@@ -537,14 +513,7 @@ def run(
     names = _method_names(methods, n0s)
 
     results_path = os.path.join(output_dir, "results.json")
-    results = _load_json(results_path, None)
-    if results is not None and (results.get("dataset") != dataset or results.get("n") != sizes
-                                or results.get("seeds") != list(seeds)):
-        raise ValueError(
-            f"{results_path} holds results of another dataset, grid or seeds; use a new "
-            f"output_dir. Received: dataset={dataset!r}, sizes={sizes}, seeds={list(seeds)}"
-        )
-    cells = (results or {}).get("cells", {})
+    store = cell_store.CellStore(output_dir, overwrite=overwrite)
     infinite_skipped = None
 
     def build(weights_path=None):
@@ -557,17 +526,38 @@ def run(
     def path(*parts):
         return os.path.join(output_dir, *parts)
 
+    # The operative settings of every cell (what only changes speed or memory,
+    # jit_compile and ntk_batch_size, is left out).
+    common = {"dataset": dataset, "num_train": len(data.train.y), "num_test": len(data.test.y),
+              "model": model, "architecture": cell_store.architecture(build()),
+              "split_seed": split_seed, "num_validation": num_validation,
+              "n0_pool": max(n0s, default=0)}
+    network_recipe = dict(loss=network_loss, train_steps=train_steps, batch_size=batch_size,
+                          learning_rate=learning_rate, momentum=momentum,
+                          convergence_loss=convergence_loss)
+
+    def cell_settings(name, seed, n):
+        if name == "network":
+            return dict(common, method=name, seed=seed, n=n, **network_recipe)
+        kernel = dict(common, method=name, seed=seed, sizes=sizes,
+                      ridge_factors=list(ridge_factors))
+        if name == "infinite_ntk":
+            return dict(kernel, infinite_sigma_w2=infinite_sigma_w2,
+                        infinite_sigma_b2=infinite_sigma_b2)
+        if name == "entk_init":
+            return dict(kernel, ntk_implementation=ntk_implementation)
+        return dict(kernel, ntk_implementation=ntk_implementation, **network_recipe)
+
     def init_weights(seed):
-        weights_path = path("init", f"seed{seed}.weights.h5")
-        if not tf.io.gfile.exists(weights_path):
-            tf.io.gfile.makedirs(path("init"))
+        key = f"init-seed{seed}"
+        store.get(key, dict(common, seed=seed))  # Refuses a θ0 of other settings.
+        weights_path = os.path.join(store.cell_dir(key), "theta0.weights.h5")
+        if not cell_store.load_weights_or_discard(build(), weights_path):
             keras.utils.set_random_seed(seed)
-            build().save_weights(weights_path)
+            cell_store.save_weights_atomic(build(), weights_path)
         return weights_path
 
-    recipe = dict(loss=network_loss, train_steps=train_steps, batch_size=batch_size,
-                  learning_rate=learning_rate, momentum=momentum,
-                  convergence_loss=convergence_loss, jit_compile=jit_compile, strategy=strategy)
+    recipe = dict(network_recipe, jit_compile=jit_compile, strategy=strategy)
 
     def entk(network):
         kernel = keras_ntk.empirical_ntk(network, x_union, batch_size=ntk_batch_size,
@@ -577,23 +567,33 @@ def run(
     infinite_kernel = None
     work = [(name, seed, n) for name in names for seed in seeds
             for n in (sizes if name == "network" else [None])]
-    progress = _Progress(len(work))
+
+    def cell_key(name, seed, n):
+        return f"{name}-seed{seed}" + (f"-n{n}" if n is not None else "")
+
+    # Every stored cell is checked before any work: other settings are refused here.
+    cells = {}
+    for name, seed, n in work:
+        record = store.get(cell_key(name, seed, n), cell_settings(name, seed, n))
+        if record is not None:
+            cells[cell_key(name, seed, n)] = record
+    progress = cell_store.Progress(len(work), "cell")
     new_cells = 0
     for name, seed, n in work:
-        cell_id = f"{name}-seed{seed}" + (f"-n{n}" if n is not None else "")
+        cell_id = cell_key(name, seed, n)
         if cell_id in cells:
             progress.skip(cell_id)
             continue
         if max_new_cells is not None and new_cells >= max_new_cells:
             logging.info("Stopping after %d new cell(s) (max_new_cells).", new_cells)
             break
-        logging.info("cell %d of %d: %s", progress.done + 1, progress.total, cell_id)
+        progress.begin(cell_id)
         if name == "network":
             train_rows = kernel_indices(layout, seed, n)[0]
             network = build(init_weights(seed))
             fit = train_network(network, x_union[train_rows], y_union[train_rows], num_classes,
                                 seed=seed, tensorboard_dir=path("tensorboard", cell_id),
-                                **recipe)
+                                crash_after_epochs=simulate_crash_after_epochs, **recipe)
             logits = _predict(network, data.test.x)
             one_hot = np.eye(num_classes)[data.test.y]
             cell = dict(fit, test_error=error_rate(logits, data.test.y),
@@ -619,17 +619,19 @@ def run(
                 network = build(init_weights(seed))
             else:
                 n0 = int(name[len(_AFTER):])
-                after_path = path("init", f"after_n0{n0}_seed{seed}.weights.h5")
-                if tf.io.gfile.exists(after_path):
-                    network = build(after_path)
+                after_path = os.path.join(store.cell_dir(cell_id), "after.weights.h5")
+                network = build()
+                if cell_store.load_weights_or_discard(network, after_path):
                     fit = None
                 else:
                     network = build(init_weights(seed))
                     rows = pool[np.random.RandomState(1000 + seed).permutation(len(pool))[:n0]]
                     fit = train_network(network, data.train.x[rows], data.train.y[rows],
                                         num_classes, seed=seed,
-                                        tensorboard_dir=path("tensorboard", cell_id), **recipe)
-                    network.save_weights(after_path)
+                                        tensorboard_dir=path("tensorboard", cell_id),
+                                        crash_after_epochs=simulate_crash_after_epochs,
+                                        **recipe)
+                    cell_store.save_weights_atomic(network, after_path)
                     logging.info("%s: trained on n0=%d pool examples: %s", cell_id, n0, fit)
             started = time.time()
             kernel = entk(network)
@@ -637,6 +639,7 @@ def run(
                          time.time() - started)
             cell = kernel_method_errors(kernel, layout, y_union, num_classes, seed, sizes,
                                         ridge_factors)
+        store.put(cell_id, cell_settings(name, seed, n), cell, discard_cell_dir=True)
         cells[cell_id] = cell
         results = _assemble(dataset, sizes, list(seeds), names, cells, layout, n0s,
                             data.test.y, network_loss, num_bootstrap, infinite_skipped,
@@ -644,7 +647,7 @@ def run(
                                  ridge_factors=list(ridge_factors), split_seed=split_seed,
                                  infinite_sigma_w2=infinite_sigma_w2,
                                  infinite_sigma_b2=infinite_sigma_b2), finished=False)
-        report.write_json_atomic(results_path, results)
+        cell_store.write_json_atomic(results_path, results)
         new_cells += 1
         progress.finish(cell_id)
     results = _assemble(dataset, sizes, list(seeds), names, cells, layout, n0s, data.test.y,
@@ -653,7 +656,7 @@ def run(
                              split_seed=split_seed, infinite_sigma_w2=infinite_sigma_w2,
                              infinite_sigma_b2=infinite_sigma_b2),
                         finished=progress.done == progress.total)
-    report.write_json_atomic(results_path, results)
+    cell_store.write_json_atomic(results_path, results)
     _write_summaries(output_dir, results)
     if write_figures:
         draw_figures(results, os.path.join(output_dir, "figures"))
@@ -758,8 +761,10 @@ def _write_summaries(output_dir, results):
     """TensorBoard scalars: mean test error and loss of each method against n (as the step)."""
     import tensorflow as tf
 
-    writer = tf.summary.create_file_writer(os.path.join(output_dir, "tensorboard", "summary"))
-    with writer.as_default():
+    from experiments import cells
+
+    with cells.summary_writer(os.path.join(output_dir, "tensorboard", "summary")) as writer, \
+            writer.as_default():
         for name, entry in results["methods"].items():
             for n, errors, losses in zip(results["n"], entry["test_error"], entry["test_loss"]):
                 errors = [e for e in errors if e is not None]
@@ -767,7 +772,6 @@ def _write_summaries(output_dir, results):
                 if errors:
                     tf.summary.scalar(f"{name}/test_error", float(np.mean(errors)), step=n)
                     tf.summary.scalar(f"{name}/test_loss", float(np.mean(losses)), step=n)
-    writer.flush()
 
 
 def draw_figures(results, directory):

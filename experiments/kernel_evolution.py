@@ -43,7 +43,6 @@ Run: `python -m experiments.kernel_evolution
 --gin_file=kernel_evolution/digits_mlp.gin --output_dir=runs/b_evolution`.
 """
 
-import json
 import os
 import time
 
@@ -134,15 +133,6 @@ def _width_kwargs(model, width, depth):
     if model == "resnet18":
         return {"width": int(width)}
     raise ValueError(f"No width knob for model {model!r}. Received: model={model!r}")
-
-
-def _load_json(path, default):
-    import tensorflow as tf
-
-    if not tf.io.gfile.exists(path):
-        return default
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
 
 
 def _train_width(width, *, model_builder, model, depth, data, num_classes, probe_x, probe_y,
@@ -275,6 +265,7 @@ def run(
     ntk_batch_size=None,
     ntk_implementation="auto",
     write_figures=True,
+    overwrite=False,
 ):
     """Runs the kernel-evolution study; writes results.json, figures and TensorBoard logs.
 
@@ -304,12 +295,14 @@ def run(
             read with `keras_ntk.load_ntk_history`) under `kernels/`.
         ntk_batch_size, ntk_implementation: `keras_ntk.empirical_ntk` options.
         write_figures: draw the figures at the end.
+        overwrite: discard widths stored with other settings instead of
+            refusing to run (`--overwrite`).
 
     Returns:
         The results dictionary (also in results.json).
     """
+    from experiments import cells
     from experiments import data as data_lib
-    from experiments import report
 
     if loss not in LOSSES:
         raise ValueError(f"Expected loss in {LOSSES}. Received: loss={loss!r}")
@@ -339,13 +332,27 @@ def run(
     snapshot_steps = log_spaced_steps(total_steps, num_snapshots)
 
     results_path = os.path.join(output_dir, "results.json")
-    results = _load_json(results_path, None) or {}
-    if results and (results.get("dataset") != dataset or results.get("steps") != snapshot_steps):
-        raise ValueError(
-            f"{results_path} holds results of another dataset or schedule; use a new "
-            f"output_dir. Received: dataset={dataset!r}, steps={snapshot_steps}"
-        )
-    done = results.get("widths", {})
+    store = cells.CellStore(output_dir, overwrite=overwrite)
+
+    def width_settings(width):
+        """The operative settings of one width (not jit_compile/ntk_batch_size: speed only)."""
+        network = model_builders[model](data.input_shape, num_classes,
+                                        **_width_kwargs(model, width, depth))
+        return {"dataset": dataset, "num_train": len(data.train.y), "num_test": len(data.test.y),
+                "model": model, "width": width, "depth": depth,
+                "architecture": cells.architecture(network), "epochs": epochs,
+                "batch_size": batch_size, "learning_rate": learning_rate, "momentum": momentum,
+                "loss": loss, "seed": seed, "steps": snapshot_steps, "num_probe": num_probe,
+                "num_validation": num_validation, "ridge_factors": list(ridge_factors),
+                "ntk_implementation": ntk_implementation}
+
+    # Every stored width is checked before any work: other settings are refused here.
+    settings = {str(int(w)): width_settings(int(w)) for w in widths}
+    done = {}
+    for key in settings:
+        record = store.get(f"width{key}", settings[key])
+        if record is not None:
+            done[key] = record
     results = {
         "study": "kernel_evolution",
         "dataset": dataset,
@@ -385,8 +392,9 @@ def run(
             seed=seed, ridge_factors=list(ridge_factors), jit_compile=jit_compile,
             strategy=strategy, output_dir=output_dir, save_kernels=save_kernels,
             ntk_batch_size=ntk_batch_size, ntk_implementation=ntk_implementation)
+        store.put(f"width{key}", settings[key], done[key])
         results["epochs"] = done[key]["epochs"]
-        report.write_json_atomic(results_path, results)
+        cells.write_json_atomic(results_path, results)
         logging.info("width %d of %d (%s) done; elapsed %.0f s", index, len(widths), key,
                      time.time() - started)
     # The tail fits follow the current rule, also for widths read back from results.json.
@@ -395,7 +403,7 @@ def run(
     if done:
         results["epochs"] = next(iter(done.values()))["epochs"]
     results["finished"] = all(str(int(w)) in done for w in widths)
-    report.write_json_atomic(results_path, results)
+    cells.write_json_atomic(results_path, results)
     if write_figures and done:
         draw_figures(results, os.path.join(output_dir, "figures"))
     return results

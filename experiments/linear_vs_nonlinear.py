@@ -5,12 +5,22 @@ Reproduces the comparisons of Ortiz-Jiménez, Moosavi-Dezfooli and Frossard
 
 * network: f trained from θ0 with the recipe of `experiments.train`.
 * linearized_init: the linearization at θ0 (`keras_ntk.Linearize`), by
-  default the "difference" model J(x; θ0)·(θ − θ0) (mode "full" adds
-  f(x; θ0)), trained from θ = θ0 with the same recipe.
+  default the full model f(x; θ0) + J(x; θ0)·(θ − θ0) ("NTK with bias",
+  `linearize_model` in the reference's train_ntk.py: its main comparison),
+  trained from θ = θ0 with the same recipe.
+* linearized_init_difference: the difference model J(x; θ0)·(θ − θ0)
+  (`linearize_diff_model` in the reference's pretrained_ntk_comparison.py),
+  trained from θ0 with the same recipe and data order: the baseline of the
+  θT tracking rule. Not trained again when linearized_init_mode is
+  "difference" (it is then the same fit).
 * linearized_final: the difference model J(x; θT)·(θ − θT) at the trained
-  weights θT, trained from θ = θT with the same recipe and with BatchNorm
-  statistics reset to their values at initialization, as the paper's code
-  does (`variant` in results.json says so).
+  weights θT, trained from θ = θT with the same recipe and data order and
+  with BatchNorm statistics reset to their values at initialization, as the
+  reference's pretrained_ntk_comparison.py does.
+
+`variant` in results.json names each of them. Test predictions of every
+model (logit > 0) are stored per cell, bit-packed (`report.pack_bits`), for
+the paired tests of the report (experiments/stats.py).
 
 Tasks: the eigenfunction tasks of the empirical NTK Θ0 at θ0 computed on
 train+test inputs (label (sign(v_k)+1)/2, eigenvalues descending), and the
@@ -19,19 +29,19 @@ and saved; every task and seed starts from it, seeds change only the data
 order, so the eigenfunction labels are those of the θ0 every run starts from.
 
 Per cell (model, task, k, seed) results.json records the test accuracy of
-the three models, kernel-target alignment A(Θ, y) = yᵀΘy / (‖Θ‖_F ‖y‖²)
+the four models, kernel-target alignment A(Θ, y) = yᵀΘy / (‖Θ‖_F ‖y‖²)
 with ±1 labels of Θ0 and ΘT on a probe set of training inputs (and the
-centred alignment), the kernel distance 1 − ⟨Θ0, ΘT⟩_F/(‖Θ0‖_F ‖ΘT‖_F),
-a_j = v_jᵀ ΘT v_j in the eigenbasis {v_j} of the probe Θ0, the energy of
-the labels in that eigenbasis, ‖θT − θ0‖, its square and ‖θT − θ0‖/‖θ0‖,
-and the base rate of each task.
+centred alignment), the kernel distance 1 − ⟨Θ0, ΘT⟩_F/(‖Θ0‖_F ‖ΘT‖_F)
+on the probe set, a_j = v_jᵀ ΘT v_j in the eigenbasis {v_j} of Θ0 over
+train+test (the eigenvectors the eigenfunction tasks are built from, so
+j = k is the task's own eigenvector; as the reference's train_ntk.py
+`ntk_comparison`), the energy of the train+test labels in that eigenbasis,
+‖θT − θ0‖, its square and ‖θT − θ0‖/‖θ0‖, and the base rate of each task.
 
 Run: `python -m experiments.linear_vs_nonlinear
 --gin_file=linear_vs_nonlinear/digits_mlp.gin --output_dir=runs/a`.
 """
 
-import io
-import json
 import os
 
 import numpy as np
@@ -44,7 +54,9 @@ EIGEN_SOLVERS = ("auto", "dense", "lanczos")
 # Above this many train+test inputs, eigen_solver="auto" uses Lanczos: the
 # dense N×N float64 kernel would be over 0.5 GB and its eigh O(N³).
 _DENSE_EIGEN_LIMIT = 8000
-LINEARIZATION_MODES = ("difference", "full")
+LINEARIZATION_MODES = ("full", "difference")
+# The models of a cell, in the order they are trained.
+MODELS = ("network", "linearized_init", "linearized_init_difference", "linearized_final")
 
 
 def _cell_id(model, task, k, seed):
@@ -111,7 +123,17 @@ class _Study:
         self.ntk_batch_size = ntk_batch_size
         self.ntk_implementation = ntk_implementation
         self.eigen_solver = eigen_solver
+        self.tensorboard = True
+        self.fit_backups = True
         self.probe_x = dataset.train.x[: self.num_probe]
+        # The inputs of the eigenfunction tasks: train then test.
+        self.inputs = np.concatenate([dataset.train.x, dataset.test.x])
+
+    def solver(self):
+        """"dense" or "lanczos": how Θ over train+test is diagonalized and projected."""
+        if self.eigen_solver == "auto":
+            return "lanczos" if len(self.inputs) > _DENSE_EIGEN_LIMIT else "dense"
+        return self.eigen_solver
 
     def path(self, *parts):
         return os.path.join(self.output_dir, *parts)
@@ -147,62 +169,77 @@ class _Study:
             ], name=f"linearized_{network.name}")
 
 
-def _initial_state(study, model_name, init_seed, need_eigen, num_eigenvectors):
-    """θ0 of `model_name` (saved once) and the kernels/eigenvectors at θ0."""
-    import keras
-    import tensorflow as tf
+def _initial_state(study, model_name, init_seed, num_eigenvectors, init_dir=None):
+    """θ0 of `model_name` (saved once), the probe Θ0 and the eigenpairs of Θ0 on train+test.
 
-    tf.io.gfile.makedirs(study.path("init"))
-    weights_path = study.path("init", f"{model_name}.weights.h5")
-    if not tf.io.gfile.exists(weights_path):
+    The eigenvectors serve the eigenfunction tasks and the a_j of every task.
+
+    Both files live in `init_dir` (the store's `init-<model>` cell), written
+    atomically; an unreadable one is discarded and computed again.
+    """
+    import keras
+
+    from experiments import cells
+
+    init_dir = init_dir or study.path("init")
+    weights_path = os.path.join(init_dir, f"{model_name}.weights.h5")
+    model = study.build(model_name)
+    if not cells.load_weights_or_discard(model, weights_path):
         keras.utils.set_random_seed(init_seed)
         model = study.build(model_name)
-        model.save_weights(weights_path)
+        cells.save_weights_atomic(model, weights_path)
         logging.info("Saved θ0 of %s (init_seed=%d) to %s", model_name, init_seed, weights_path)
-    model = study.build(model_name, weights_path)
 
-    eigen_path = study.path("init", f"{model_name}_eigen.npz")
-    if tf.io.gfile.exists(eigen_path):
-        with tf.io.gfile.GFile(eigen_path, "rb") as f:
-            saved = dict(np.load(io.BytesIO(f.read())))
-        if need_eigen and "eigenvectors" not in saved:
-            saved = None
-    else:
-        saved = None
+    eigen_path = os.path.join(init_dir, f"{model_name}_eigen.npz")
+    saved = cells.load_or_discard(eigen_path, cells.load_npz)
+    if saved is not None and (
+            "eigenvectors" not in saved or saved["eigenvectors"].shape[1] < num_eigenvectors):
+        saved = None  # Computed for fewer eigenvectors: again from the same θ0.
     if saved is None:
         from experiments import data as data_lib
 
         saved = {}
         logging.info("eNTK at θ0 of %s on %d probe inputs", model_name, len(study.probe_x))
-        probe_kernel = study.ntk(model, study.probe_x)
-        saved["probe_kernel"] = probe_kernel
-        values, vectors = data_lib.eigenvectors_descending(probe_kernel, study.num_projection)
-        saved["probe_eigenvalues"], saved["probe_eigenvectors"] = values, vectors
-        if need_eigen:
-            inputs = np.concatenate([study.dataset.train.x, study.dataset.test.x])
-            logging.info("eNTK at θ0 of %s on %d train+test inputs (eigenfunction tasks)",
-                         model_name, len(inputs))
-            solver = study.eigen_solver
-            if solver == "auto":
-                solver = "lanczos" if len(inputs) > _DENSE_EIGEN_LIMIT else "dense"
-            if solver == "lanczos":
-                import keras_ntk
+        saved["probe_kernel"] = study.ntk(model, study.probe_x)
+        inputs = study.inputs
+        solver = study.solver()
+        logging.info("Eigenvectors of the eNTK at θ0 of %s on %d train+test inputs (%s)",
+                     model_name, len(inputs), solver)
+        if solver == "lanczos":
+            import keras_ntk
 
-                # Matrix-free: memory O(N·k), Θ never formed (CIFAR-scale N).
-                values, vectors = keras_ntk.ntk_eigsh(
-                    model, inputs, k=num_eigenvectors, batch_size=study.ntk_batch_size,
-                    verbose=1)
-            else:
-                kernel = study.ntk(model, inputs)
-                values, vectors = data_lib.eigenvectors_descending(kernel)
-            saved["eigen_solver"] = np.asarray(solver)
-            saved["eigenvalues"] = values
-            saved["eigenvectors"] = vectors[:, :num_eigenvectors]
-        buffer = io.BytesIO()
-        np.savez(buffer, **saved)
-        with tf.io.gfile.GFile(eigen_path, "wb") as f:
-            f.write(buffer.getvalue())
+            # Matrix-free: memory O(N·k), Θ never formed (CIFAR-scale N).
+            values, vectors = keras_ntk.ntk_eigsh(
+                model, inputs, k=num_eigenvectors, batch_size=study.ntk_batch_size,
+                verbose=1)
+        else:
+            kernel = study.ntk(model, inputs)
+            values, vectors = data_lib.eigenvectors_descending(kernel)
+        saved["eigen_solver"] = np.asarray(solver)
+        saved["eigenvalues"] = values
+        saved["eigenvectors"] = vectors[:, :num_eigenvectors]
+        cells.save_npz_atomic(eigen_path, **saved)
     return weights_path, saved
+
+
+def eigenbasis_projection(study, model, eigenvectors):
+    """a_j = v_jᵀ Θ v_j of `model`'s eNTK Θ over train+test, for the columns v_j.
+
+    Dense solver: Θ is formed (N×N) and `keras_ntk.metrics.eigenbasis_projection`
+    contracts it. Lanczos solver: a_j = Σ_i v_j[i] (Θ v_j)[i] from the
+    matrix-free product `keras_ntk.ntk_vector_product` (implementation "ntvp"),
+    Θ never formed.
+    """
+    import keras_ntk
+    from keras_ntk import metrics
+
+    eigenvectors = np.asarray(eigenvectors, np.float64)
+    if study.solver() == "lanczos":
+        products = keras_ntk.ntk_vector_product(
+            model, study.inputs, None, eigenvectors, implementation="ntvp",
+            batch_size=study.ntk_batch_size)
+        return np.sum(eigenvectors * np.asarray(products, np.float64), axis=0)
+    return metrics.eigenbasis_projection(study.ntk(model, study.inputs), eigenvectors)
 
 
 def _task_labels(study, task, k, eigen):
@@ -215,29 +252,32 @@ def _task_labels(study, task, k, eigen):
     return labels[: len(train.y)], labels[len(train.y):]
 
 
-def _load_stages(path):
+def _predictions(model, x, batch_size=1024):
+    """Predicted labels 1[logit > 0] in inference mode, batch by batch (eager)."""
+    logits = np.concatenate([
+        np.asarray(model(x[start:start + batch_size], training=False)).reshape(-1)
+        for start in range(0, len(x), batch_size)
+    ])
+    return logits > 0
+
+
+def _run_cell(study, cell, init_weights_path, init_state, linearized_init_mode, cell_dir=None):
+    """Trains the four models of one cell (same recipe, same data order) and measures.
+
+    Stages finished by an earlier, interrupted run are read back from
+    `cell_dir` (the store's directory of this cell).
+    """
     import tensorflow as tf
 
-    if not tf.io.gfile.exists(path):
-        return {}
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
-
-
-def _run_cell(study, cell, init_weights_path, init_state, linearized_init_mode):
-    """Trains the three models of one cell and measures everything."""
-    import keras_ntk
-    import tensorflow as tf
-
-    from experiments import report, train
+    from experiments import cells, report, train
     from keras_ntk import metrics
 
     model_name, task, k, seed = cell
     cell_id = _cell_id(*cell)
-    cell_dir = study.path("cells", cell_id)
+    cell_dir = cell_dir or study.path("cells", cell_id)
     tf.io.gfile.makedirs(cell_dir)
     stages_path = os.path.join(cell_dir, "stages.json")
-    stages = _load_stages(stages_path)
+    stages = cells.load_or_discard(stages_path, cells.load_json) or {}
     train_y, test_y = _task_labels(study, task, k, init_state)
     data = study.dataset
     fit_kwargs = dict(study.recipe, seed=seed, strategy=study.strategy)
@@ -245,57 +285,68 @@ def _run_cell(study, cell, init_weights_path, init_state, linearized_init_mode):
     def fit_and_score(stage, model):
         train.fit(
             model, data.train.x, train_y,
-            backup_dir=os.path.join(cell_dir, f"backup_{stage}"),
-            tensorboard_dir=study.path("tensorboard", cell_id, stage),
+            backup_dir=os.path.join(cell_dir, f"backup_{stage}") if study.fit_backups else None,
+            tensorboard_dir=(study.path("tensorboard", cell_id, stage) if study.tensorboard
+                             else None),
             **fit_kwargs,
         )
+        predictions = _predictions(model, data.test.x)
         return {
             "train": train.binary_accuracy(model, data.train.x, train_y),
-            "test": train.binary_accuracy(model, data.test.x, test_y),
+            "test": float(np.mean(predictions == (test_y > 0.5))),
+            "test_predictions": report.pack_bits(predictions),
         }
 
     def save_stages():
-        report.write_json_atomic(stages_path, stages)
+        cells.write_json_atomic(stages_path, stages)
 
     # 1. The network, trained from θ0.
     network_path = os.path.join(cell_dir, "network.weights.h5")
+    network = study.build(model_name)
+    if "network" in stages and not cells.load_weights_or_discard(network, network_path):
+        stages = {}  # θT unreadable: every stage after it is trained again.
     if "network" not in stages:
         logging.info("%s: training the network", cell_id)
         network = study.build(model_name, init_weights_path)
         stages["network"] = fit_and_score("network", network)
-        network.save_weights(network_path)
+        cells.save_weights_atomic(network, network_path)
         save_stages()
-    network = study.build(model_name, network_path)
     initial = study.build(model_name, init_weights_path)
 
-    # 2. The linearization at θ0.
-    if "linearized_init" not in stages:
-        logging.info("%s: training the linearization at θ0 (%s)", cell_id, linearized_init_mode)
-        linearized = study.linearize(initial, linearized_init_mode)
-        accuracy = fit_and_score("linearized_init", linearized)
+    # 2. The linearization at θ0 (full by default), and 3. the difference
+    # model at θ0, the baseline of the θT tracking rule.
+    modes = {"linearized_init": linearized_init_mode, "linearized_init_difference": "difference"}
+    for stage, mode in modes.items():
+        if stage in stages:
+            continue
+        if stage == "linearized_init_difference" and linearized_init_mode == "difference":
+            stages[stage] = stages["linearized_init"]  # The same fit.
+            continue
+        logging.info("%s: training the linearization at θ0 (%s)", cell_id, mode)
+        linearized = study.linearize(initial, mode)
+        accuracy = fit_and_score(stage, linearized)
         delta = linearized.layers[-1].deltas
-        stages["linearized_init"] = dict(
-            accuracy, weight_distance=_weights_norm([d.numpy() for d in delta])
-        )
+        stages[stage] = dict(accuracy, weight_distance=_weights_norm([d.numpy() for d in delta]))
         save_stages()
 
-    # 3. The difference model at θT, BatchNorm statistics reset to θ0's.
+    # 4. The difference model at θT, BatchNorm statistics reset to θ0's.
     if "linearized_final" not in stages:
         logging.info("%s: training the linearization at θT", cell_id)
         initial_statistics = [np.asarray(v) for v in initial.non_trainable_weights]
         linearized = study.linearize(network, "difference", initial_statistics)
-        accuracy = fit_and_score("linearized_final", linearized)
-        stages["linearized_final"] = accuracy
+        stages["linearized_final"] = fit_and_score("linearized_final", linearized)
         save_stages()
 
-    # 4. Kernels and distances.
+    # 5. Kernels and distances.
     if "kernels" not in stages:
-        logging.info("%s: eNTK at θT on %d probe inputs", cell_id, study.num_probe)
+        logging.info("%s: eNTK at θT on %d probe inputs and a_j on %d train+test inputs",
+                     cell_id, study.num_probe, len(study.inputs))
         probe_y = train_y[: study.num_probe]
         labels_pm = 2.0 * probe_y - 1.0  # Alignment uses ±1 labels.
         kernel_init = init_state["probe_kernel"]
         kernel_final = study.ntk(network, study.probe_x)
-        vectors = init_state["probe_eigenvectors"]
+        vectors = init_state["eigenvectors"][:, : study.num_projection]
+        all_labels_pm = 2.0 * np.concatenate([train_y, test_y]) - 1.0
         theta0 = [np.asarray(w) for w in initial.trainable_weights]
         theta_t = [np.asarray(w) for w in network.trainable_weights]
         distance = _weights_norm([a - b for a, b in zip(theta_t, theta0)])
@@ -313,15 +364,16 @@ def _run_cell(study, cell, init_weights_path, init_state, linearized_init_mode):
             "weight_distance": distance,
             "weight_distance_squared": distance**2,
             "relative_weight_distance": distance / _weights_norm(theta0),
+            # a_j = v_jᵀ Θ v_j over train+test in the eigenbasis of the tasks:
+            # at θ0 these are the eigenvalues λ_j.
             "projection": {
-                "init": [float(a) for a in init_state["probe_eigenvalues"]],
-                "final": [float(a) for a in metrics.eigenbasis_projection(kernel_final, vectors)],
+                "init": [float(a) for a in init_state["eigenvalues"][: study.num_projection]],
+                "final": [float(a) for a in eigenbasis_projection(study, network, vectors)],
             },
-            "label_energy": [float(e) for e in metrics.eigen_energy(labels_pm, vectors)],
+            "label_energy": [float(e) for e in metrics.eigen_energy(all_labels_pm, vectors)],
             "trace": {"init": float(np.trace(kernel_init)), "final": float(np.trace(kernel_final))},
         }
         save_stages()
-        del keras_ntk
 
     kernels = stages["kernels"]
     return {
@@ -329,10 +381,12 @@ def _run_cell(study, cell, init_weights_path, init_state, linearized_init_mode):
         "task": task,
         "k": None if k is None else int(k),
         "seed": int(seed),
-        "test_accuracy": {name: stages[name]["test"]
-                          for name in ("network", "linearized_init", "linearized_final")},
-        "train_accuracy": {name: stages[name]["train"]
-                           for name in ("network", "linearized_init", "linearized_final")},
+        "test_accuracy": {name: stages[name]["test"] for name in MODELS},
+        "train_accuracy": {name: stages[name]["train"] for name in MODELS},
+        # Per-example test predictions 1[logit > 0], bit-packed: the paired tests.
+        "test_predictions": {name: stages[name]["test_predictions"] for name in MODELS},
+        "test_labels": report.pack_bits(test_y > 0.5),
+        "num_test": int(len(test_y)),
         "alignment": kernels["alignment"],
         "alignment_centered": kernels["alignment_centered"],
         "weight_distance": kernels["weight_distance"],
@@ -341,11 +395,13 @@ def _run_cell(study, cell, init_weights_path, init_state, linearized_init_mode):
         "weight_distance_linearized_init": stages["linearized_init"]["weight_distance"],
         "kernel_distance": kernels["kernel_distance"],
         "projection": kernels["projection"],
+        "projection_basis": "eigenvectors of the eNTK at θ0 over train+test (the tasks' basis)",
         "label_energy": kernels["label_energy"],
         "kernel_trace": kernels["trace"],
         "base_rate": {"train": float(np.mean(train_y)), "test": float(np.mean(test_y))},
         "variant": {
             "linearized_init": linearized_init_mode,
+            "linearized_init_difference": "difference",
             "linearized_final": "difference_bn_init_statistics",
         },
         "cell": _cell_id(*cell),
@@ -370,8 +426,9 @@ def run(
     batch_size=128,
     learning_rate=0.05,
     momentum=0.9,
+    drop_remainder=False,
     jit_compile="auto",
-    linearized_init_mode="difference",
+    linearized_init_mode="full",
     num_probe=512,
     num_projection=100,
     ntk_batch_size=None,
@@ -379,15 +436,20 @@ def run(
     eigen_solver="auto",
     max_new_cells=None,
     verbose="auto",
+    tensorboard=True,
+    fit_backups=True,
     write_report=True,
     simulate_crash_after_epochs=None,
+    overwrite=False,
 ):
     """Runs study A and writes results.json, figures and report.md into `output_dir`.
 
-    Cells already in `output_dir/results.json` are skipped; a cell cut short
-    resumes from its last finished model (and inside a fit from its last
-    finished epoch). θ0 and the eigenvectors are saved under
-    `output_dir/init/`.
+    Every cell is stored (`experiments.cells`) with its settings: finished
+    cells are skipped on a rerun, a cell cut short resumes from its last
+    finished model (and inside a fit after its last finished epoch, exactly),
+    and a rerun with other settings is refused naming them (or, with
+    `overwrite`, recomputes the cells concerned). θ0 and the eigenvectors
+    are saved in `output_dir/cells/init-<model>/`.
 
     Args:
         output_dir: the run's directory (local or gs://).
@@ -402,10 +464,14 @@ def run(
         init_seed: the seed of θ0 (one per model).
         num_train, num_test: use the first examples of each split (None: all).
         epochs, batch_size, learning_rate, momentum: the training recipe.
+        drop_remainder: drop each epoch's last incomplete batch (the
+            reference code does; base.gin sets it).
         jit_compile: passed to `model.compile`.
-        linearized_init_mode: "difference" (the paper's code) or "full".
+        linearized_init_mode: "full" f(θ0) + J(θ0)(θ−θ0) (the reference's
+            main comparison, train_ntk.py) or "difference" J(θ0)(θ−θ0).
         num_probe: training inputs on which kernels are compared.
-        num_projection: number of init eigenvectors for a_j and label energy.
+        num_projection: number of eigenvectors of Θ0 over train+test for a_j
+            and the label energy.
         ntk_batch_size: block size for `keras_ntk.empirical_ntk` (None: auto).
         ntk_implementation: its `implementation` argument.
         eigen_solver: how the eigenfunction tasks' eigenvectors of Θ0 on
@@ -414,15 +480,20 @@ def run(
             max(ks, num_projection) pairs) or "auto" (Lanczos above 8000 inputs).
         max_new_cells: stop after this many newly finished cells (None: all).
         verbose: passed to `model.fit`.
+        tensorboard: write TensorBoard logs of every fit.
+        fit_backups: back up every fit each epoch (a killed fit resumes at its
+            last epoch; without, a killed cell resumes at its last finished
+            model). Each costs about 0.15 s per epoch on the 2-core CPU.
         write_report: write figures and report.md at the end.
         simulate_crash_after_epochs: kill the process after this many epochs
             of the first fit (tests of resuming; `--simulate_crash_after_epochs`).
+        overwrite: discard stored cells computed with other settings instead
+            of refusing to run (`--overwrite`).
 
     Returns:
         The results dictionary (also in results.json).
     """
-    import tensorflow as tf
-
+    from experiments import cells as cell_store
     from experiments import data as data_lib
     from experiments import report
 
@@ -441,79 +512,102 @@ def run(
         "study": "linear_vs_nonlinear",
         "dataset": dataset,
         "variant": {
-            "linearized_init": f"{linearized_init_mode}: J(θ0)(θ−θ0)"
-            + (" + f(θ0)" if linearized_init_mode == "full" else "") + ", trained from θ0",
+            "linearized_init": f"{linearized_init_mode}: "
+            + ("f(θ0) + " if linearized_init_mode == "full" else "")
+            + "J(θ0)(θ−θ0), trained from θ0",
+            "linearized_init_difference": "difference: J(θ0)(θ−θ0), trained from θ0 with the "
+            "same recipe and data order (the baseline of the θT tracking rule)",
             "linearized_final": "difference: J(θT)(θ−θT), trained from θT with the same "
-            "recipe, BatchNorm statistics reset to their values at θ0",
+            "recipe and data order, BatchNorm statistics reset to their values at θ0",
         },
         "recipe": {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
                    "momentum": momentum, "schedule": "linear decay to 0",
+                   "drop_remainder": drop_remainder,
                    "loss": "sigmoid cross-entropy"},
         "num_train": None, "num_test": None, "num_probe": None,
         "init_seed": init_seed,
         "eigen": {},
         "runs": [],
     }
-    if tf.io.gfile.exists(results_path):
-        with tf.io.gfile.GFile(results_path) as f:
-            previous = json.load(f)
-        if previous.get("dataset") != dataset:
-            raise ValueError(
-                f"{results_path} holds results for another dataset; use a new "
-                f"output_dir. Received: dataset={dataset!r}"
-            )
-        results["runs"] = previous.get("runs", [])
-        results["eigen"] = previous.get("eigen", {})
-    done = {r["cell"] for r in results["runs"]}
-
+    store = cell_store.CellStore(output_dir, overwrite=overwrite)
     data = data_lib.load_dataset(dataset, num_train=num_train, num_test=num_test,
                                  data_dir=data_dir)
     results["num_train"], results["num_test"] = len(data.train.y), len(data.test.y)
     study = _Study(output_dir, strategy, model_builders, data,
                    dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-                        momentum=momentum, jit_compile=jit_compile, verbose=verbose,
+                        momentum=momentum, drop_remainder=drop_remainder,
+                        jit_compile=jit_compile, verbose=verbose,
                         crash_after_epochs=simulate_crash_after_epochs),
                    num_probe, num_projection, ntk_batch_size, ntk_implementation,
                    eigen_solver)
     results["num_probe"] = study.num_probe
+    study.tensorboard, study.fit_backups = tensorboard, fit_backups
     need_eigen = "eigenfunction" in tasks
     num_eigenvectors = max(max(ks) if need_eigen else 0, num_projection)
+    if num_eigenvectors >= len(study.inputs):
+        raise ValueError(
+            f"Expected fewer eigenvectors than the {len(study.inputs)} train+test inputs. "
+            f"Received: ks={ks}, num_projection={num_projection}")
+    # The operative settings of every cell (θ0's and the cell's own); not
+    # what only changes speed or memory (jit_compile, ntk_batch_size, verbose).
+    init_settings = {
+        name: {"dataset": dataset, "num_train": len(data.train.y),
+               "num_test": len(data.test.y), "model": name, "init_seed": init_seed,
+               "architecture": cell_store.architecture(study.build(name)),
+               "num_probe": study.num_probe, "num_projection": num_projection,
+               "eigen_solver": eigen_solver, "ntk_implementation": ntk_implementation}
+        for name in models
+    }
 
-    new_cells, states = 0, {}
-    for index, cell in enumerate(cells, start=1):
+    def cell_settings(cell):
+        model_name, task, k, seed = cell
+        return dict(init_settings[model_name], task=task, k=k, seed=seed, epochs=epochs,
+                    batch_size=batch_size, learning_rate=learning_rate, momentum=momentum,
+                    drop_remainder=drop_remainder, linearized_init_mode=linearized_init_mode)
+
+    progress = cell_store.Progress(len(cells), "cell")
+    new_cells, states, finished = 0, {}, {}
+    for cell in cells:
         cell_id = _cell_id(*cell)
-        if cell_id in done:
-            logging.info("cell %d of %d (%s): already finished, skipped", index, len(cells),
-                         cell_id)
+        record = store.get(cell_id, cell_settings(cell))
+        if record is not None:
+            finished[cell_id] = record
+            progress.skip(cell_id)
             continue
         if max_new_cells is not None and new_cells >= max_new_cells:
             logging.info("Stopping after %d new cell(s) (max_new_cells).", new_cells)
             break
-        logging.info("cell %d of %d: %s", index, len(cells), cell_id)
+        progress.begin(cell_id)
         model_name = cell[0]
         if model_name not in states:
-            states[model_name] = _initial_state(study, model_name, init_seed, need_eigen,
-                                                num_eigenvectors)
-            if need_eigen:
-                eigenvalues = states[model_name][1]["eigenvalues"]
-                results["eigen"][model_name] = {
-                    "eigenvalues": [float(v) for v in eigenvalues[:num_eigenvectors]],
-                    "eigenvectors_file": os.path.join("init", f"{model_name}_eigen.npz"),
-                }
+            init_key = f"init-{model_name}"
+            store.get(init_key, init_settings[model_name])  # Refuses θ0 of other settings.
+            states[model_name] = _initial_state(study, model_name, init_seed, num_eigenvectors,
+                                                store.cell_dir(init_key))
+            eigenvalues = states[model_name][1]["eigenvalues"]
+            results["eigen"][model_name] = {
+                "eigenvalues": [float(v) for v in eigenvalues[:num_eigenvectors]],
+                "eigenvectors_file": os.path.join("cells", init_key, f"{model_name}_eigen.npz"),
+                "solver": str(states[model_name][1]["eigen_solver"]),
+                "inputs": "train+test",
+            }
         weights_path, init_state = states[model_name]
-        if need_eigen and init_state["eigenvectors"].shape[1] < max(ks):
+        if init_state["eigenvectors"].shape[1] < num_eigenvectors:
             raise ValueError(
                 f"Saved eigenvectors of {model_name} stop at "
-                f"{init_state['eigenvectors'].shape[1]}; use a new output_dir for larger k. "
-                f"Received: ks={ks}"
+                f"{init_state['eigenvectors'].shape[1]}; use a new output_dir for larger k or "
+                f"num_projection. Received: ks={ks}, num_projection={num_projection}"
             )
-        results["runs"].append(_run_cell(study, cell, weights_path, init_state,
-                                         linearized_init_mode))
-        report.write_json_atomic(results_path, results)
-        if tf.io.gfile.exists(study.path("cells", cell_id)):
-            tf.io.gfile.rmtree(study.path("cells", cell_id))
+        record = _run_cell(study, cell, weights_path, init_state, linearized_init_mode,
+                           store.cell_dir(cell_id))
+        store.put(cell_id, cell_settings(cell), record, discard_cell_dir=True)
+        finished[cell_id] = record
+        results["runs"] = [finished[_cell_id(*c)] for c in cells if _cell_id(*c) in finished]
+        cell_store.write_json_atomic(results_path, results)
         new_cells += 1
-    report.write_json_atomic(results_path, results)
+        progress.finish(cell_id)
+    results["runs"] = [finished[_cell_id(*c)] for c in cells if _cell_id(*c) in finished]
+    cell_store.write_json_atomic(results_path, results)
     if write_report:
         report.write_study_a_report(output_dir, results)
     return results

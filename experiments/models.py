@@ -48,13 +48,16 @@ def mlp(input_shape, num_outputs=1, *, widths=(512, 512), activation="relu"):
 
 
 def lenet(input_shape, num_outputs=1, *, filters=(6, 16), hidden=(120, 84),
-          activation="relu"):
+          activation="relu", kernel_size=None, padding=None, pooling="max"):
     """LeNet-5 adapted to the input size.
 
-    32×32 inputs (CIFAR, padded MNIST): 5×5 'valid' convolutions, each
-    followed by 2×2 max pooling (32→28→14→10→5), then the dense layers, as
-    LeNet-5. Inputs smaller than 20 pixels (digits, 8×8): 3×3 'same'
+    Defaults: 32×32 inputs (CIFAR, padded MNIST): 5×5 'valid' convolutions,
+    each followed by 2×2 max pooling (32→28→14→10→5), then the dense layers,
+    as LeNet-5. Inputs smaller than 20 pixels (digits, 8×8): 3×3 'same'
     convolutions with 2×2 pooling (8→4→2), so the same layer sequence fits.
+    `kernel_size`, `padding` and `pooling` override these: the reference code
+    of Ortiz-Jiménez et al. (models/jax/lenet.py) uses 5×5 'same'
+    convolutions and 2×2 average pooling with stride 2 (32→16→8).
 
     Args:
         input_shape: shape of one input example, (H, W, C).
@@ -62,63 +65,109 @@ def lenet(input_shape, num_outputs=1, *, filters=(6, 16), hidden=(120, 84),
         filters: channels of the two convolutions.
         hidden: widths of the dense layers after flattening.
         activation: activation after every convolution and hidden layer.
+        kernel_size: convolution window (None: 3 below 20 pixels, else 5).
+        padding: "same" or "valid" (None: "same" below 20 pixels, else "valid").
+        pooling: "max" or "average" 2×2 pooling with stride 2.
 
     Returns:
         A `keras.Sequential` named "lenet".
     """
+    if pooling not in ("max", "average"):
+        raise ValueError(f"Expected pooling 'max' or 'average'. Received: pooling={pooling!r}")
+    if padding not in (None, "same", "valid"):
+        raise ValueError(f"Expected padding 'same' or 'valid'. Received: padding={padding!r}")
     small = min(input_shape[0], input_shape[1]) < 20
-    kernel_size, padding = (3, "same") if small else (5, "valid")
+    default_size, default_padding = (3, "same") if small else (5, "valid")
+    kernel_size = default_size if kernel_size is None else kernel_size
+    padding = default_padding if padding is None else padding
+    pool = keras.layers.MaxPooling2D if pooling == "max" else keras.layers.AveragePooling2D
     layers = [keras.Input(input_shape)]
     for i, f in enumerate(filters):
         layers.append(_conv(f, kernel_size, padding=padding, activation=activation,
                             name=f"conv_{i}"))
-        layers.append(keras.layers.MaxPooling2D(2, name=f"pool_{i}"))
+        layers.append(pool(2, name=f"pool_{i}"))
     layers.append(keras.layers.Flatten())
     layers += [_dense(w, activation, name=f"dense_{i}") for i, w in enumerate(hidden)]
     layers.append(_dense(num_outputs, name="logits"))
     return keras.Sequential(layers, name="lenet")
 
 
-def _basic_block(x, filters, strides, name):
+@keras.saving.register_keras_serializable(package="experiments")
+def gelu_tanh(x):
+    """GeLU with the tanh approximation (Flax's `nn.gelu` default)."""
+    return keras.activations.gelu(x, approximate=True)
+
+
+_RESNET_ACTIVATIONS = ("relu", "gelu")
+
+
+def _resnet_activation(activation):
+    if activation == "relu":
+        return keras.layers.ReLU()
+    return keras.layers.Activation(gelu_tanh)
+
+
+def _basic_block(x, filters, strides, name, norm, activation, zero_init_last_bn):
     shortcut = x
     y = _conv(filters, 3, strides=strides, use_bias=False, name=f"{name}_conv1")(x)
-    y = keras.layers.BatchNormalization(name=f"{name}_bn1")(y)
-    y = keras.layers.ReLU()(y)
+    y = norm(name=f"{name}_bn1")(y)
+    y = _resnet_activation(activation)(y)
     y = _conv(filters, 3, use_bias=False, name=f"{name}_conv2")(y)
-    y = keras.layers.BatchNormalization(name=f"{name}_bn2")(y)
+    # γ = 0 on the branch's last BatchNorm: each block starts as its shortcut.
+    y = norm(name=f"{name}_bn2",
+             gamma_initializer="zeros" if zero_init_last_bn else "ones")(y)
     if strides != 1 or x.shape[-1] != filters:
         shortcut = _conv(filters, 1, strides=strides, use_bias=False,
                          name=f"{name}_proj")(x)
-        shortcut = keras.layers.BatchNormalization(name=f"{name}_proj_bn")(shortcut)
-    return keras.layers.ReLU()(keras.layers.Add()([y, shortcut]))
+        shortcut = norm(name=f"{name}_proj_bn")(shortcut)
+    y = keras.layers.Add()([y, shortcut])
+    return _resnet_activation(activation)(y)
 
 
-def resnet18(input_shape, num_outputs=1, *, width=16, blocks=(2, 2, 2, 2)):
+def resnet18(input_shape, num_outputs=1, *, width=16, blocks=(2, 2, 2, 2), activation="relu",
+             zero_init_last_bn=False, bn_momentum=0.99, bn_epsilon=1e-3):
     """ResNet-18 (CIFAR variant) with BatchNorm, `width` channels in stage 1.
 
     A 3×3 stem, four stages of basic blocks with `width·(1, 2, 4, 8)`
     channels (stride 2 from the second stage on), global average pooling and
     a dense head. The standard network has width 64; the default 16 is the
-    narrow version that runs on a CPU.
+    narrow version that runs on a CPU. The defaults keep Keras' BatchNorm
+    settings; the reference code of Ortiz-Jiménez et al. (Flax's ResNet V1,
+    models/jax/resnet.py) uses `zero_init_last_bn=True`, `bn_momentum=0.9`,
+    `bn_epsilon=1e-5`, and GeLU in its linearization configs.
 
     Args:
         input_shape: shape of one input example, (H, W, C).
         num_outputs: number of logits.
         width: channels of the first stage.
         blocks: basic blocks per stage.
+        activation: "relu" or "gelu" (tanh approximation, as Flax's nn.gelu).
+        zero_init_last_bn: initialise γ of the last BatchNorm of each residual
+            branch to 0.
+        bn_momentum, bn_epsilon: of every BatchNormalization (moving
+            statistics decay as m ← momentum·m + (1 − momentum)·batch).
 
     Returns:
         A functional `keras.Model` named "resnet18".
     """
+    if activation not in _RESNET_ACTIVATIONS:
+        raise ValueError(f"Expected activation in {_RESNET_ACTIVATIONS}. "
+                         f"Received: activation={activation!r}")
+
+    def norm(name, gamma_initializer="ones"):
+        return keras.layers.BatchNormalization(momentum=bn_momentum, epsilon=bn_epsilon,
+                                               gamma_initializer=gamma_initializer, name=name)
+
     inputs = keras.Input(input_shape)
     x = _conv(width, 3, use_bias=False, name="stem_conv")(inputs)
-    x = keras.layers.BatchNormalization(name="stem_bn")(x)
-    x = keras.layers.ReLU()(x)
+    x = norm(name="stem_bn")(x)
+    x = _resnet_activation(activation)(x)
     for stage, count in enumerate(blocks):
         filters = width * 2**stage
         for block in range(count):
             strides = 2 if stage > 0 and block == 0 else 1
-            x = _basic_block(x, filters, strides, name=f"stage{stage}_block{block}")
+            x = _basic_block(x, filters, strides, f"stage{stage}_block{block}", norm,
+                             activation, zero_init_last_bn)
     x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = _dense(num_outputs, name="logits")(x)
     return keras.Model(inputs, outputs, name="resnet18")

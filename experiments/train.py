@@ -169,16 +169,17 @@ def _training_log(log_dir):
 
 def fit(model, x, y, *, epochs, batch_size=128, learning_rate=0.05,
         momentum=0.9, seed=0, backup_dir=None, tensorboard_dir=None,
-        jit_compile="auto", verbose="auto", strategy=None, crash_after_epochs=None):
+        jit_compile="auto", verbose="auto", strategy=None, crash_after_epochs=None,
+        drop_remainder=False):
     """Trains a single-logit `model` on (x, y) with the paper's recipe.
 
     Sigmoid cross-entropy on the logit, SGD momentum, linear decay to 0 over
-    `epochs · ceil(N / batch_size)` steps. Epoch e sees the examples in the
-    order `data.epoch_order(N, seed, e)`. With `backup_dir` the model and
-    optimizer are saved after every epoch (`EpochBackup`), so a killed fit
-    resumes after its last finished epoch and ends with exactly the weights
-    of a fit that never stopped; the backup is deleted when the fit
-    completes.
+    `epochs · ceil(N / batch_size)` steps (`floor` with `drop_remainder`).
+    Epoch e sees the examples in the order `data.epoch_order(N, seed, e)`.
+    With `backup_dir` the model and optimizer are saved after every epoch
+    (`EpochBackup`), so a killed fit resumes after its last finished epoch
+    and ends with exactly the weights of a fit that never stopped; the
+    backup is deleted when the fit completes.
 
     Args:
         model: an unbuilt or built Keras model with one logit output; it must
@@ -195,12 +196,17 @@ def fit(model, x, y, *, epochs, batch_size=128, learning_rate=0.05,
         crash_after_epochs: kill the process (`os._exit(3)`, no cleanup)
             after this many epochs; tests of resuming (the binaries' hidden
             `--simulate_crash_after_epochs`).
+        drop_remainder: drop each epoch's last incomplete batch (as the
+            reference code of Ortiz-Jiménez et al. does).
 
     Returns:
         The `keras.callbacks.History` of the fit (of the epochs run now).
     """
     strategy = strategy or tf.distribute.get_strategy()
-    steps = data_lib.steps_per_epoch(len(x), batch_size)
+    steps = data_lib.steps_per_epoch(len(x), batch_size, drop_remainder)
+    if steps < 1:
+        raise ValueError(f"Expected batch_size <= {len(x)} training examples with "
+                         f"drop_remainder. Received: batch_size={batch_size}")
     keras.utils.set_random_seed(seed)
     with strategy.scope():
         model.compile(
@@ -225,6 +231,7 @@ def fit(model, x, y, *, epochs, batch_size=128, learning_rate=0.05,
     dataset = data_lib.training_dataset(
         x, np.asarray(y, np.float32)[:, None], batch_size=batch_size, seed=seed,
         first_epoch=first_epoch, num_epochs=epochs - first_epoch,
+        drop_remainder=drop_remainder,
     )
     history = model.fit(dataset, epochs=epochs, initial_epoch=first_epoch,
                         steps_per_epoch=steps, callbacks=callbacks, verbose=verbose,

@@ -39,10 +39,10 @@ layers, plus a readout layer with the same σw², σb²). Figures:
 `experiments.figures.study_c`.
 
 Run: `python -m experiments.trainability --gin_file=trainability/digits.gin
---output_dir=runs/c`. Finished cells are kept and skipped on a rerun.
+--output_dir=runs/c`. Finished cells are kept in `cells/` (`experiments.cells`,
+with their settings) and skipped on a rerun; other settings are refused.
 """
 
-import json
 import math
 import os
 import time
@@ -51,8 +51,8 @@ import numpy as np
 import threadpoolctl  # Installed with scikit-learn (the [experiments] extra).
 from absl import logging
 
+from experiments import cells as cells_lib
 from experiments import launcher
-from experiments import report
 
 ARCHITECTURES = ("fcn", "cnn_flatten", "cnn_gap")
 # Held-out examples of parts 1-2: the test split, or also the training
@@ -63,27 +63,6 @@ _EPS = float(np.finfo(np.float64).eps)
 
 
 # ---------------------------------------------------------------- helpers
-
-
-class _Progress:
-    """Logs `label i of n`, elapsed time and an ETA from the mean cell time."""
-
-    def __init__(self, name, total):
-        self.name, self.total, self.done, self.start = name, total, 0, time.time()
-        self.computed = 0
-
-    def skip(self, label):
-        self.done += 1
-        logging.info("%s %d of %d (%s): already finished, skipped", self.name, self.done,
-                     self.total, label)
-
-    def finish(self, label):
-        self.done += 1
-        self.computed += 1
-        elapsed = time.time() - self.start
-        remaining = (self.total - self.done) * elapsed / self.computed
-        logging.info("%s %d of %d (%s) done; elapsed %.0f s, ETA %.0f s", self.name,
-                     self.done, self.total, label, elapsed, remaining)
 
 
 def _finite_or_none(value):
@@ -174,38 +153,26 @@ def spectrum_summary(k_train):
     }
 
 
-def _load_json(path, default):
-    import tensorflow as tf
-
-    if not tf.io.gfile.exists(path):
-        return default
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
-
-
 class _Cells:
-    """Finished cells, saved atomically in cells.json after each one."""
+    """The study's cells in the shared store (`experiments.cells`), one record each.
 
-    def __init__(self, output_dir, settings):
-        self._write = report.write_json_atomic
-        self.path = os.path.join(output_dir, "cells.json")
-        stored = _load_json(self.path, None)
-        if stored is not None and stored.get("settings") != settings:
-            changed = sorted(k for k in set(settings) | set(stored.get("settings", {}))
-                             if settings.get(k) != stored.get("settings", {}).get(k))
-            raise ValueError(
-                f"{self.path} was written with other settings ({', '.join(changed)}); use a "
-                f"new output_dir. Received: {', '.join(f'{k}={settings.get(k)!r}' for k in changed)}"
-            )
-        self.data = stored or {"settings": settings, "phase": {}, "architectures": {},
-                               "finite_width": {}}
+    A cell of part P (phase, architectures, finite_width) is stored as
+    `cells/<P>-<key>.json` with the settings of its part; a rerun with other
+    settings is refused naming them (or, with `overwrite`, recomputed).
+    """
+
+    def __init__(self, output_dir, settings, overwrite=False):
+        self.store = cells_lib.CellStore(output_dir, overwrite=overwrite)
+        self.settings = settings
+
+    def _cell(self, part, key):
+        return f"{part}-{key.replace('/', '-')}", dict(self.settings[part], part=part, cell=key)
 
     def get(self, part, key):
-        return self.data[part].get(key)
+        return self.store.get(*self._cell(part, key))
 
     def put(self, part, key, value):
-        self.data[part][key] = value
-        self._write(self.path, self.data)
+        self.store.put(*self._cell(part, key), value)
 
 
 def _summary_writer(output_dir, name):
@@ -307,8 +274,8 @@ def _phase_diagrams(cells, output_dir, activations, grids, depths, sigma_b2, pha
     import tensorflow as tf
 
     x_train, labels_train, x_test, labels_test, _ = phase_data
-    progress = _Progress("phase row (σw², every depth)",
-                         sum(len(grids[a]) for a in activations))
+    progress = cells_lib.Progress(sum(len(grids[a]) for a in activations),
+                                  "phase row (σw², every depth)")
     diagrams = []
     for activation in activations:
         writer = _summary_writer(output_dir, f"phase_{activation}")
@@ -426,7 +393,7 @@ def _architectures(cells, output_dir, names, depths, activation, sigma_w2, sigma
                    kernel_size, ridge, kernel_batch_size):
     import tensorflow as tf
 
-    progress = _Progress("architecture cell", len(names) * len(depths))
+    progress = cells_lib.Progress(len(names) * len(depths), "architecture cell")
     writer = _summary_writer(output_dir, "architectures")
     out = {}
     for name in names:
@@ -457,6 +424,7 @@ def _architectures(cells, output_dir, names, depths, activation, sigma_w2, sigma
             "eigenvalues": [c["eigenvalues"] for c in by_depth],
             "kernel_seconds": [c["kernel_seconds"] for c in by_depth],
         }
+    writer.close()
     return out
 
 
@@ -516,7 +484,7 @@ def _finite_width(cells, output_dir, dataset, widths, seeds, depth, activation, 
     def error(outputs):
         return float(np.linalg.norm(outputs - infinite_test) / scale)
 
-    progress = _Progress("finite-width run", len(widths) * len(seeds))
+    progress = cells_lib.Progress(len(widths) * len(seeds), "finite-width run")
     per_width = []
     for width in widths:
         centred, raw, runs = [], [], []
@@ -637,8 +605,9 @@ def run(
     finite_learning_rate_fraction=0.5,
     kernel_batch_size=None,
     write_figures=True,
+    overwrite=False,
 ):
-    """Runs study C and writes results.json, cells.json, figures and TensorBoard logs.
+    """Runs study C and writes results.json, the cells, figures and TensorBoard logs.
 
     Args:
         output_dir: the run's directory (local or gs://).
@@ -674,6 +643,8 @@ def run(
         finite_learning_rate_fraction: η / η_max of part 4's discrete steps (< 1).
         kernel_batch_size: `infinite_kernels` block size (None: automatic).
         write_figures: draw the PNG figures at the end.
+        overwrite: discard stored cells computed with other settings instead
+            of refusing to run (`--overwrite`).
 
     Returns:
         The results dictionary (also in results.json).
@@ -687,16 +658,23 @@ def run(
     times = [float(t) for t in times]
     _validate(dataset, activations, grids, depths, architectures, times, learning_rate_fraction,
               finite_learning_rate_fraction, heldout)
-    settings = {"dataset": dataset, "num_train": num_train, "num_test": num_test,
-                "heldout": heldout, "depths": depths,
-                "sigma_b2": float(sigma_b2), "times": times,
-                "learning_rate_fraction": float(learning_rate_fraction),
-                "architecture": [architecture_activation, float(architecture_sigma_w2),
-                                 architecture_num_train, architecture_num_test,
-                                 conv_kernel_size, float(ridge)],
-                "finite": [finite_depth, finite_activation, float(finite_sigma_w2),
-                           finite_num_train, finite_steps, float(finite_learning_rate_fraction)]}
-    cells = _Cells(output_dir, settings)
+    # The operative settings of each part's cells (kernel_batch_size: memory only).
+    common = {"dataset": dataset, "sigma_b2": float(sigma_b2)}
+    settings = {
+        "phase": dict(common, num_train=num_train, num_test=num_test, heldout=heldout,
+                      depths=depths, times=times,
+                      learning_rate_fraction=float(learning_rate_fraction)),
+        "architectures": dict(common, activation=architecture_activation,
+                              sigma_w2=float(architecture_sigma_w2),
+                              num_train=architecture_num_train, num_test=architecture_num_test,
+                              conv_kernel_size=conv_kernel_size, ridge=float(ridge)),
+        "finite_width": dict(common, num_test=num_test,
+                             depth=finite_depth, activation=finite_activation,
+                             sigma_w2=float(finite_sigma_w2), finite_num_train=finite_num_train,
+                             steps=finite_steps,
+                             learning_rate_fraction=float(finite_learning_rate_fraction)),
+    }
+    cells = _Cells(output_dir, settings, overwrite)
     start = time.time()
     results = {"study": "trainability", "dataset": dataset, "sigma_b2": float(sigma_b2),
                "targets": "heatmaps: raw one-hot (accuracy of the argmax); spread analysis: "
@@ -716,7 +694,7 @@ def run(
                                kernel_batch_size)
     results["phase_diagram"] = diagrams
     results_path = os.path.join(output_dir, "results.json")
-    report.write_json_atomic(results_path, results)
+    cells_lib.write_json_atomic(results_path, results)
 
     if architectures:
         subset = data_lib.load_dataset(dataset, num_train=architecture_num_train,
@@ -733,7 +711,7 @@ def run(
             "num_test": len(subset.test.y), "kernel_size": int(conv_kernel_size),
             "ridge_relative_to_mean_diagonal": float(ridge),
         }
-        report.write_json_atomic(results_path, results)
+        cells_lib.write_json_atomic(results_path, results)
 
     if finite_widths:
         logging.info("Part 4: finite widths %s, seeds %s", list(finite_widths), list(finite_seeds))
@@ -743,7 +721,7 @@ def run(
             sigma_b2, min(finite_num_train, len(data.train.y)), int(finite_steps),
             finite_learning_rate_fraction, strategy)
     results["seconds_this_run"] = time.time() - start
-    report.write_json_atomic(results_path, results)
+    cells_lib.write_json_atomic(results_path, results)
     if write_figures:
         from experiments.figures import study_c as figures
 

@@ -8,6 +8,7 @@ computed one block of x1 × x2 examples at a time by a compiled function
 The kernel functions themselves never know about blocks.
 """
 
+import logging
 import os
 import threading
 import weakref
@@ -26,6 +27,7 @@ _COMPILED = weakref.WeakKeyDictionary()
 # graphs when XLA cannot compile a model. Overridable for debugging through
 # the environment variable KERAS_NTK_JIT=0/1.
 _JIT = os.environ.get("KERAS_NTK_JIT", "auto")
+_LOGGER = logging.getLogger("keras_ntk")
 
 
 def to_host(x, name):
@@ -122,7 +124,16 @@ def compiled(model, key, builder):
 
 
 class _JitFallback:
-    """Runs a block function under XLA, falling back to a plain graph if XLA fails."""
+    """Runs a block function under XLA, falling back to a plain graph if XLA cannot compile it.
+
+    Only XLA's compile errors lead to the fallback, and only when the plain graph
+    then succeeds: an error the model raises itself (a ValueError at tracing, a
+    failing op at run time) is raised as it is, and XLA stays on. The fallback is
+    logged once per function.
+    """
+
+    _XLA_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError,
+                   tf.errors.InternalError)
 
     def __init__(self, builder, jit):
         self._plain = tf.function(builder, autograph=False)
@@ -133,11 +144,18 @@ class _JitFallback:
         if self._xla is not None:
             try:
                 return self._xla(*args)
-            except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError,
-                    tf.errors.InternalError, ValueError, NotImplementedError):
+            except self._XLA_ERRORS as xla_error:
                 if _JIT == "1":
                     raise
+                result = self._plain(*args)  # the model's own errors surface here
                 self._xla = None
+                reason = str(xla_error).strip().splitlines()
+                _LOGGER.warning(
+                    "keras_ntk: XLA could not compile a kernel block function; it runs as a "
+                    "plain graph instead (set KERAS_NTK_JIT=1 to raise). XLA said: %s",
+                    reason[0] if reason else type(xla_error).__name__,
+                )
+                return result
         return self._plain(*args)
 
 

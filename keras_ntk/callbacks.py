@@ -1,15 +1,18 @@
 """Callbacks that snapshot the empirical NTK during `model.fit`."""
 
+import inspect
 import io
 import math
 import os
 import re
+import warnings
+import zipfile
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_ntk import metrics
+from keras_ntk import _validation, metrics
 from keras_ntk._weights import iter_layers
 from keras_ntk.linearize import Linearize
 
@@ -24,6 +27,8 @@ _LOG_KEYS = (
     "weight_distance_sq",
 )
 _INITIAL_FILE = "initial.npz"
+_INITIAL_KEYS = ("kernel", "weights")
+_SNAPSHOT_KEYS = ("kernel", "epoch", "step")
 _SNAPSHOT_FILE = re.compile(r"^step_(\d+)\.npz$")
 
 
@@ -67,10 +72,26 @@ def _write_npz_atomically(path, **arrays):
     tf.io.gfile.rename(temporary, path, overwrite=True)
 
 
-def _read_npz(path):
-    with tf.io.gfile.GFile(path, "rb") as handle:
-        with np.load(io.BytesIO(handle.read()), allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
+def _read_npz(path, required=("kernel",)):
+    """The arrays of an .npz snapshot; a ValueError naming the file if it is unreadable."""
+    try:
+        with tf.io.gfile.GFile(path, "rb") as handle:
+            with np.load(io.BytesIO(handle.read()), allow_pickle=False) as data:
+                record = {key: data[key] for key in data.files}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, tf.errors.OpError) as error:
+        raise ValueError(
+            "Expected a readable NTKTracker snapshot (.npz); the file is truncated or "
+            "corrupt (delete it to recompute it, or restore it from a copy). "
+            f"Received: path={path!r} ({type(error).__name__}: {error})"
+        ) from error
+    missing = [key for key in required if key not in record]
+    if missing:
+        raise ValueError(
+            f"Expected an NTKTracker snapshot holding {list(required)}; {missing} are missing "
+            f"(not written by NTKTracker, or corrupt). Received: path={path!r} with keys "
+            f"{sorted(record)}"
+        )
+    return record
 
 
 def load_ntk_history(save_dir):
@@ -83,6 +104,9 @@ def load_ntk_history(save_dir):
         A dict with `"initial"` (the Θ0 snapshot: `kernel`, `eigenvalues`,
         `weights`) and `"snapshots"`: a list ordered by training step of dicts
         with `step`, `epoch`, `kernel`, `eigenvalues` and the logged metrics.
+
+    Raises:
+        ValueError: naming the file, for a truncated or corrupt snapshot.
     """
     initial_path = os.path.join(save_dir, _INITIAL_FILE)
     if not tf.io.gfile.exists(initial_path):
@@ -93,12 +117,49 @@ def load_ntk_history(save_dir):
     snapshots = []
     for name in tf.io.gfile.listdir(save_dir):
         if _SNAPSHOT_FILE.match(name):
-            record = _read_npz(os.path.join(save_dir, name))
+            record = _read_npz(os.path.join(save_dir, name), _SNAPSHOT_KEYS)
             snapshots.append(
                 {key: (value.item() if value.ndim == 0 else value) for key, value in record.items()}
             )
     snapshots.sort(key=lambda record: record["step"])
-    return {"initial": _read_npz(initial_path), "snapshots": snapshots}
+    return {"initial": _read_npz(initial_path, _INITIAL_KEYS), "snapshots": snapshots}
+
+
+def _raise(error):
+    raise error
+
+
+def _probe_count(probe_inputs):
+    """The number of probe examples (the same leading size in every input)."""
+    try:
+        sizes = {int(np.shape(t)[0]) if np.ndim(t) else -1
+                 for t in tf.nest.flatten(probe_inputs)}
+    except (TypeError, ValueError):
+        sizes = set()
+    if len(sizes) != 1 or -1 in sizes or 0 in sizes:
+        raise ValueError(
+            "Expected `probe_inputs` to be a non-empty batch (an array or a structure of "
+            "arrays with the same leading size). Received: probe_inputs with leading sizes "
+            f"{sorted(sizes)}"
+        )
+    return sizes.pop()
+
+
+# empirical_ntk's own arguments, which the tracker sets itself.
+_TRACKER_SET = ("model", "x1", "x2", "per_layer")
+
+
+def _check_ntk_kwargs(ntk_kwargs):
+    from keras_ntk.ntk import empirical_ntk  # noqa: PLC0415 (import cycle)
+
+    accepted = set(inspect.signature(empirical_ntk).parameters) - set(_TRACKER_SET)
+    unknown = sorted(set(ntk_kwargs) - accepted)
+    if unknown:
+        raise ValueError(
+            f"Expected `ntk_kwargs` to hold keyword arguments of empirical_ntk "
+            f"({sorted(accepted)}; the tracker sets {list(_TRACKER_SET)} itself). "
+            f"Received: ntk_kwargs with {unknown}"
+        )
 
 
 class NTKTracker(keras.callbacks.Callback):
@@ -152,7 +213,8 @@ class NTKTracker(keras.callbacks.Callback):
         probe_inputs: the fixed probe inputs X (any structure the model
             accepts); a few hundred examples.
         probe_labels: optional labels for the alignment.
-        every_n_epochs: snapshot period in epochs (0 or None: never).
+        every_n_epochs: snapshot period in epochs (0 or None: never; then
+            `every_n_steps` is needed).
         every_n_steps: None, a period in steps, or a list of global steps.
         save_dir: optional directory (local or gs://) for the kernels.
         tensorboard_dir: optional TensorBoard log directory.
@@ -185,14 +247,16 @@ class NTKTracker(keras.callbacks.Callback):
         per_layer=False,
     ):
         super().__init__()
-        if every_n_epochs is not None and (not isinstance(every_n_epochs, int) or every_n_epochs < 0):
+        if every_n_epochs is not None and (
+                not isinstance(every_n_epochs, (int, np.integer))
+                or isinstance(every_n_epochs, bool) or every_n_epochs < 0):
             raise ValueError(
                 "Expected `every_n_epochs` to be a non-negative int or None. "
                 f"Received: every_n_epochs={every_n_epochs!r}"
             )
         if every_n_steps is not None:
-            if isinstance(every_n_steps, int):
-                if every_n_steps <= 0:
+            if isinstance(every_n_steps, (int, np.integer)) or isinstance(every_n_steps, bool):
+                if every_n_steps <= 0 or isinstance(every_n_steps, bool):
                     raise ValueError(
                         "Expected `every_n_steps` to be a positive int or a list of steps. "
                         f"Received: every_n_steps={every_n_steps!r}"
@@ -208,15 +272,40 @@ class NTKTracker(keras.callbacks.Callback):
                         f"positive int global steps. Received: every_n_steps={every_n_steps!r}"
                     )
                 every_n_steps = sorted({int(s) for s in steps})
+        if not every_n_epochs and every_n_steps is None:
+            raise ValueError(
+                "Expected a snapshot schedule: `every_n_epochs` ≥ 1 or `every_n_steps` (the "
+                "tracker would never compute a kernel after Θ0). Received: "
+                f"every_n_epochs={every_n_epochs!r}, every_n_steps=None"
+            )
+        probe_count = _probe_count(probe_inputs)
+        _validation.check_finite(probe_inputs, "probe_inputs")
+        if probe_labels is not None:
+            probe_labels = np.asarray(probe_labels)
+            if probe_labels.ndim not in (1, 2) or probe_labels.shape[0] != probe_count:
+                raise ValueError(
+                    f"Expected `probe_labels` of shape ({probe_count},) or ({probe_count}, C), "
+                    "one row per probe input (encode class indices one-hot). Received: "
+                    f"probe_labels.shape={probe_labels.shape}"
+                )
+            if probe_labels.dtype.kind not in "biuf":
+                raise TypeError(
+                    "Expected numeric `probe_labels`. Received: probe_labels of dtype "
+                    f"{probe_labels.dtype}"
+                )
+            _validation.check_finite(probe_labels, "probe_labels")
+        ntk_kwargs = dict(ntk_kwargs or {})
+        _check_ntk_kwargs(ntk_kwargs)
         self.probe_inputs = probe_inputs
-        self.probe_labels = None if probe_labels is None else np.asarray(probe_labels)
+        self.probe_labels = probe_labels
         self.every_n_epochs = every_n_epochs or 0
         self.every_n_steps = every_n_steps
         self.save_dir = save_dir
         self.tensorboard_dir = tensorboard_dir
-        self.ntk_kwargs = dict(ntk_kwargs or {})
+        self.ntk_kwargs = ntk_kwargs
         self.per_layer = bool(per_layer)
         self._layer_names = []
+        self._warned = set()  # metric keys already warned about (undefined values)
         self.history = []
         self._writer = None
         # Without per-step snapshots the batch hook does nothing: let Keras keep
@@ -262,7 +351,7 @@ class NTKTracker(keras.callbacks.Callback):
         if getattr(self, "_initial_model", None) is self.model:
             pass  # a further `fit` of the same model with this tracker keeps Θ0 and θ0
         elif initial_path and tf.io.gfile.exists(initial_path):
-            saved = _read_npz(initial_path)  # a resumed run keeps its Θ0 and θ0
+            saved = _read_npz(initial_path, _INITIAL_KEYS)  # a resumed run keeps its Θ0, θ0
             self._initial_kernel, self._initial_weights = saved["kernel"], saved["weights"]
             if self.per_layer:
                 if "layer_kernels" not in saved:
@@ -303,14 +392,21 @@ class NTKTracker(keras.callbacks.Callback):
                 name for name in tf.io.gfile.listdir(self.save_dir) if _SNAPSHOT_FILE.match(name)
             )
             if saved_steps:  # resuming: continue from the last saved snapshot
-                last = _read_npz(os.path.join(self.save_dir, saved_steps[-1]))
+                last = _read_npz(os.path.join(self.save_dir, saved_steps[-1]), _SNAPSHOT_KEYS)
                 self._previous = {key: last[key].item() for key in ("epoch", "step")}
                 self._previous["kernel"] = last["kernel"]
         if self.tensorboard_dir and self._writer is None:
             self._writer = tf.summary.create_file_writer(self.tensorboard_dir)
 
     def _snapshot(self, epoch, step, per_step=False):
-        kernel = self._kernel()
+        try:
+            kernel = self._kernel()
+            _validation.check_finite(kernel, "kernel")
+        except _validation.NonFiniteError as error:
+            # A diverged model (non-finite weights or outputs): nothing to measure,
+            # and nothing to save; the user's fit goes on (its loss shows it).
+            self._metric("ntk", _raise, error)
+            return dict.fromkeys((*_LOG_KEYS, *self._layer_keys()), math.nan)
         weights = effective_weights(self.model)
         difference = weights - self._initial_weights
         initial_norm = np.sqrt(np.sum(np.square(self._initial_weights)))
@@ -318,16 +414,20 @@ class NTKTracker(keras.callbacks.Callback):
         time_unit = "step" if per_step else "epoch"
         elapsed = max((step if per_step else epoch) - self._previous[time_unit], 1)
         eigenvalues = metrics.spectrum(kernel)
+        metric = self._metric
         values = {
-            "ntk_distance_from_init": metrics.kernel_distance(self._initial_kernel, kernel),
-            "ntk_velocity": metrics.kernel_velocity(previous_kernel, kernel, dt=elapsed),
-            "ntk_relative_velocity": metrics.relative_kernel_velocity(
-                previous_kernel, kernel, dt=elapsed
-            ),
+            "ntk_distance_from_init": metric(
+                "ntk_distance_from_init", metrics.kernel_distance, self._initial_kernel, kernel),
+            "ntk_velocity": metric(
+                "ntk_velocity", metrics.kernel_velocity, previous_kernel, kernel, dt=elapsed),
+            "ntk_relative_velocity": metric(
+                "ntk_relative_velocity", metrics.relative_kernel_velocity, previous_kernel,
+                kernel, dt=elapsed),
             "ntk_alignment": (
                 math.nan
                 if self.probe_labels is None
-                else metrics.kernel_alignment(kernel, self.probe_labels, centered=True)
+                else metric("ntk_alignment", metrics.kernel_alignment, kernel,
+                            self.probe_labels, centered=True)
             ),
             "ntk_trace": float(np.trace(kernel)),
             "ntk_condition": (
@@ -341,8 +441,8 @@ class NTKTracker(keras.callbacks.Callback):
         if self.per_layer:
             parts = self._last_layer_kernels
             for name, key in zip(self._layer_names, self._layer_keys()):
-                values[key] = metrics.kernel_distance(
-                    self._initial_layer_kernels[name], parts[name])
+                values[key] = metric(
+                    key, metrics.kernel_distance, self._initial_layer_kernels[name], parts[name])
         record = {"epoch": epoch, "step": step, **values}
         self.history.append({**record, "kernel": kernel})
         self._previous = self.history[-1]
@@ -357,6 +457,26 @@ class NTKTracker(keras.callbacks.Callback):
         if self._writer is not None:
             self._write_summaries(step, values, kernel, eigenvalues)
         return values
+
+    def _metric(self, key, function, *args, **kwargs):
+        """`function(*args, **kwargs)`, or NaN (with one warning per key) where it is undefined.
+
+        A metric can be undefined on a legitimate kernel: when every ReLU of a
+        network has died its eNTK is constant, the centred alignment is 0/0; a
+        zero layer kernel has no distance. The user's `fit` goes on.
+        """
+        try:
+            return function(*args, **kwargs)
+        except ValueError as error:
+            if key not in self._warned:
+                self._warned.add(key)
+                warnings.warn(
+                    f"NTKTracker logs NaN for `{key}`, undefined on this snapshot: {error} "
+                    "(warned once per key).",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return math.nan
 
     def _write_summaries(self, step, values, kernel, eigenvalues):
         with self._writer.as_default(step=step):
@@ -404,4 +524,5 @@ class NTKTracker(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         if self._writer is not None:
-            self._writer.flush()
+            self._writer.close()
+            self._writer = None

@@ -8,6 +8,8 @@ default output of `keras_ntk.empirical_ntk(model, x)`).
 import numpy as np
 import tensorflow as tf
 
+from keras_ntk import _validation
+
 
 def _as_kernel(kernel, name="kernel"):
     kernel = np.asarray(kernel, dtype=np.float64)
@@ -16,11 +18,7 @@ def _as_kernel(kernel, name="kernel"):
             f"Expected `{name}` to be a square N×N matrix. "
             f"Received: {name} with shape {kernel.shape}"
         )
-    if not np.all(np.isfinite(kernel)):
-        raise ValueError(
-            f"Expected `{name}` to contain only finite values. "
-            f"Received: {name} with {int(np.sum(~np.isfinite(kernel)))} non-finite entries"
-        )
+    _validation.check_finite(kernel, name)
     return kernel
 
 
@@ -35,8 +33,7 @@ def _as_labels(labels, num_examples):
             f"per kernel row (encode class indices one-hot). Received: labels with shape "
             f"{received_shape}"
         )
-    if not np.all(np.isfinite(labels)):
-        raise ValueError("Expected finite labels. Received: labels with non-finite values")
+    _validation.check_finite(labels, "labels")
     return labels
 
 
@@ -49,6 +46,7 @@ def _as_eigenvectors(eigenvectors, num_examples):
             f"Expected eigenvectors as the columns of a ({num_examples}, M) matrix. "
             f"Received: eigenvectors with shape {eigenvectors.shape}"
         )
+    _validation.check_finite(eigenvectors, "eigenvectors")
     return eigenvectors
 
 

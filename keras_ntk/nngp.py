@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_ntk import _validation
 from keras_ntk._batching import num_examples, slice_examples, to_host
 from keras_ntk._output_axes import OutputAxes
 from keras_ntk._weights import iter_layers
@@ -99,12 +100,22 @@ def empirical_nngp(model, x1, x2=None, *, layer=None, trace_axes=(-1,), diagonal
     k_first = keras_ntk.empirical_nngp(model, x_train, x_test, layer="dense_0")
     ```
     """
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(
-            f"Expected `batch_size` to be a positive int. Received: batch_size={batch_size}"
+    _validation.check_int(batch_size, "batch_size", 1)
+    _validation.check_float_dtype(dtype, allow_none=False)
+    if layer is not None and not isinstance(layer, (str, keras.layers.Layer)) and not callable(
+            layer):
+        raise TypeError(
+            "Expected `layer` to be None, a layer name, a layer of the model or a callable "
+            f"x -> features. Received: layer={layer!r} of type {type(layer).__name__}"
         )
     x1 = to_host(x1, "x1")
     n1 = num_examples(x1, "x1")
+    if x2 is not None:
+        x2 = to_host(x2, "x2")
+        num_examples(x2, "x2")
+        _validation.check_matching_inputs(x1, x2)
+    _validation.check_finite(x1, "x1")
+    _validation.check_finite(x2, "x2")
     if not getattr(model, "built", True):
         model(slice_examples(x1, 0, 1), training=False)
     features_of = _feature_function(model, layer)
@@ -123,8 +134,11 @@ def empirical_nngp(model, x1, x2=None, *, layer=None, trace_axes=(-1,), diagonal
     if x2 is None:
         phi2 = phi1
     else:
-        x2 = to_host(x2, "x2")
         phi2 = features(x2, num_examples(x2, "x2"))
     axes = OutputAxes(phi1.shape[1:], trace_axes, diagonal_axes)
     kernel = np.einsum(f"n{axes.sub1},m{axes.sub2}->nm{axes.out}", phi1, phi2)
+    _validation.check_finite_result(
+        kernel, "The empirical NNGP",
+        "the features overflow or are undefined at some input (or the model's weights are "
+        "not finite)")
     return kernel / axes.trace_size

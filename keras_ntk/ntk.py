@@ -24,11 +24,13 @@ implementation; the pieces it builds on live in modules of their own
 """
 
 import contextlib
+import weakref
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_ntk import _validation
 from keras_ntk._batching import (
     block_ranges, compiled, kernel_tasks, model_cache, num_examples, run_tasks, slice_examples,
     to_host)
@@ -46,6 +48,10 @@ __all__ = ["empirical_nngp", "empirical_ntk", "ntk_vector_product", "reduce_full
 
 _IMPLEMENTATIONS = ("auto", "jacobian", "ntvp", "structured")
 _ZERO = tf.UnconnectedGradients.ZERO
+_NON_FINITE_REASON = (
+    "the model's outputs or their gradients overflow or are undefined at some input (e.g. "
+    "log(0), exp of a large value, float16 range); compute in dtype='float64' or check the "
+    "model at those inputs")
 
 
 def _group_columns(groups, weights):
@@ -70,13 +76,25 @@ class _Plan:
 
     def __init__(self, model, weights, out_axes, training, dtype, coupled, groups=None):
         self.groups = groups  # [(name, [weights])] for per-layer kernels, else None
-        self.model = model
+        # Held weakly: the compiled functions cached for `model` close over the
+        # plan, and a cache value holding its key strongly would never free it.
+        self._model = weakref.ref(model)
         self.weights = weights
         self.out_axes = out_axes
         self.sizes = [ax.size for ax in out_axes]
         self.training = training
         self.dtype = dtype
         self.coupled = coupled
+
+    @property
+    def model(self):
+        model = self._model()
+        if model is None:
+            raise RuntimeError(
+                "The model of this compiled kernel function no longer exists. Received: a "
+                "call after the model was freed"
+            )
+        return model
 
 
 def _concat(x1, x2):
@@ -293,24 +311,19 @@ def kernel_setup(model, x1, x2, trace_axes, diagonal_axes, implementation, batch
             f"Expected `implementation` to be one of {_IMPLEMENTATIONS}. "
             f"Received: implementation={implementation}"
         )
-    if batch_size is not None and (not isinstance(batch_size, (int, np.integer))
-                                   or batch_size < 1):
-        raise ValueError(
-            f"Expected `batch_size` to be a positive int or None. "
-            f"Received: batch_size={batch_size}"
-        )
-    if memory_budget is not None and (not isinstance(memory_budget, (int, float, np.number))
-                                      or memory_budget <= 0):
-        raise ValueError(
-            f"Expected `memory_budget` to be a positive number of bytes or None. "
-            f"Received: memory_budget={memory_budget}"
-        )
+    _validation.check_int(batch_size, "batch_size", 1, allow_none=True)
+    _validation.check_number(memory_budget, "memory_budget", 0, strict_minimum=True,
+                             allow_none=True)
+    _validation.check_float_dtype(dtype)
     s = KernelSetup()
     s.x1 = to_host(x1, "x1")
     s.x2 = to_host(x2, "x2")
     s.same = x2 is None
     s.n1 = num_examples(s.x1, "x1")
     s.n2 = s.n1 if s.same else num_examples(s.x2, "x2")
+    _validation.check_matching_inputs(s.x1, s.x2)
+    _validation.check_finite(s.x1, "x1")
+    _validation.check_finite(s.x2, "x2")
     if not getattr(model, "built", True) or not model.trainable_weights:
         model(slice_examples(s.x1, 0, 1), training=False)  # builds a subclassed model
     if not model.trainable_weights:
@@ -319,6 +332,7 @@ def kernel_setup(model, x1, x2, trace_axes, diagonal_axes, implementation, batch
             "with none"
         )
     weights = select_weights(model, variables)
+    _validation.check_finite_weights(weights)
     training = bool(training)
     coupled = training and couples_examples(model)
     # Rules and the traced profile depend only on the model, the weights and
@@ -549,6 +563,8 @@ def empirical_ntk(model, x1, x2=None, *, trace_axes=(-1,), diagonal_axes=(),
                          s.x1, s.x2, s.n1, s.n2, s.block)
     with _frozen_state(model, s.plan.training):
         run_tasks(tasks, verbose)
+    for result in results:
+        _validation.check_finite_result(result, "The empirical NTK", _NON_FINITE_REASON)
     if groups is None:
         return _pack_outputs(model, results)
     per_output = len(s.out_axes)
@@ -595,6 +611,7 @@ def ntk_vector_product(model, x1, x2, v, *, trace_axes=(-1,), diagonal_axes=(),
     kv = keras_ntk.ntk_vector_product(model, x, None, v)  # == empirical_ntk(model, x) @ v
     ```
     """
+    _validation.check_finite(v, "v")
     s = kernel_setup(model, x1, x2, trace_axes, diagonal_axes, implementation, batch_size,
                      memory_budget, training, dtype, vector=True, variables=variables)
     if s.same:
@@ -676,5 +693,7 @@ def ntk_vector_product(model, x1, x2, v, *, trace_axes=(-1,), diagonal_axes=(),
                 tasks.append((fn, (slice_examples(s.x1, a0, a1), slice_examples(s.x2, b0, b1)), done))
     with _frozen_state(model, s.plan.training):
         run_tasks(tasks, verbose)
+    for result in results:
+        _validation.check_finite_result(result, "The NTK-vector product", _NON_FINITE_REASON)
     results = [r[..., 0] if sq else r for r, sq in zip(results, squeeze)]
     return _pack_outputs(model, results)

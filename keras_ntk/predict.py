@@ -18,6 +18,8 @@ import collections
 import numpy as np
 import scipy.linalg
 
+from keras_ntk import _validation
+
 
 def _matrix(k, name, rows=None, cols=None):
     try:
@@ -30,6 +32,7 @@ def _matrix(k, name, rows=None, cols=None):
         raise ValueError(
             f"Expected `{name}` of shape {expected}. Received: {name}.shape={k.shape}"
         )
+    _validation.check_finite(k, name)
     return k
 
 
@@ -42,11 +45,15 @@ def _square(k, name):
 
 def _targets(y, n, name):
     """Targets as (n, O) float64, and whether they were given as a vector."""
-    y = np.asarray(y, dtype=np.float64)
+    try:
+        y = np.asarray(y, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"Expected `{name}` to be a numeric array. Received: {name}={y!r}") from None
     if y.ndim not in (1, 2) or y.shape[0] != n:
         raise ValueError(
             f"Expected `{name}` of shape ({n},) or ({n}, O). Received: {name}.shape={y.shape}"
         )
+    _validation.check_finite(y, name)
     return (y[:, None], True) if y.ndim == 1 else (y, False)
 
 
@@ -54,6 +61,7 @@ def _outputs(f0, shape, name):
     if f0 is None:
         return np.zeros(shape)
     f0 = np.asarray(f0, dtype=np.float64)
+    _validation.check_finite(f0, name)
     if f0.ndim == 1 and len(shape) == 2 and shape[1] == 1:
         f0 = f0[:, None]
     try:
@@ -105,8 +113,7 @@ def kernel_regression(k_train, k_test_train, y_train, ridge=0.0, *, fx_train_0=N
     n = k_train.shape[0]
     k_test_train = _matrix(k_test_train, "k_test_train", cols=n)
     y, vector = _targets(y_train, n, "y_train")
-    if not np.isfinite(ridge) or ridge < 0:
-        raise ValueError(f"Expected `ridge` to be a non-negative float. Received: ridge={ridge}")
+    _validation.check_number(ridge, "ridge", 0.0)
     f0 = _outputs(fx_train_0, y.shape, "fx_train_0")
     f0_test = _outputs(fx_test_0, (k_test_train.shape[0], y.shape[1]), "fx_test_0")
     alpha = _solve_psd(k_train + ridge * np.eye(n), y - f0)
@@ -116,9 +123,7 @@ def kernel_regression(k_train, k_test_train, y_train, ridge=0.0, *, fx_train_0=N
 
 def _check_schedule(learning_rate, t, discrete, momentum):
     """Validates the training schedule; returns the times as a float64 array."""
-    if not np.isfinite(learning_rate) or learning_rate <= 0:
-        raise ValueError("Expected `learning_rate` to be a positive float. "
-                         f"Received: learning_rate={learning_rate}")
+    _validation.check_number(learning_rate, "learning_rate", 0.0, strict_minimum=True)
     times = np.asarray(t, dtype=np.float64)
     if np.any(np.isnan(times)) or np.any(times < 0):
         raise ValueError(f"Expected `t` ≥ 0 (np.inf allowed). Received: t={t}")
@@ -269,12 +274,13 @@ def gradient_descent_mse(k_train, y_train, learning_rate, t, k_test_train=None,
     y, vector = _targets(y_train, n, "y_train")
     times = _check_schedule(learning_rate, t, discrete, momentum)
     f0 = _outputs(fx_train_0, y.shape, "fx_train_0")
+    if k_test_train is not None:
+        k_test_train = _matrix(k_test_train, "k_test_train", cols=n)
+        f0_test = _outputs(fx_test_0, (k_test_train.shape[0], y.shape[1]), "fx_test_0")
     eigenvalues, vectors = _eigenmodes(k_train)
     projected = vectors.T @ (f0 - y)  # Residual in the eigenbasis.
     schedule = (learning_rate, y.size)
     if k_test_train is not None:
-        k_test_train = _matrix(k_test_train, "k_test_train", cols=n)
-        f0_test = _outputs(fx_test_0, (k_test_train.shape[0], y.shape[1]), "fx_test_0")
         k_test_v = k_test_train @ vectors
 
     def at(time):
@@ -387,6 +393,7 @@ def gradient_descent_mse_ensemble(ntk_train, nngp_train, y_train, learning_rate,
                     f"Expected `nngp_test` of shape ({m}, {m}) or ({m},). "
                     f"Received: nngp_test.shape={nngp_test.shape}"
                 )
+            _validation.check_finite(nngp_test, "nngp_test")
     eigenvalues, vectors = _eigenmodes(ntk_train)
     schedule = (learning_rate, y.size)
     projected_y = vectors.T @ y
@@ -457,13 +464,13 @@ def gp_inference(k_train, k_test_train, k_test, y, noise):
     k_test_train = _matrix(k_test_train, "k_test_train", cols=n)
     m = k_test_train.shape[0]
     targets, vector = _targets(y, n, "y")
-    if not np.isfinite(noise) or noise < 0:
-        raise ValueError(f"Expected `noise` to be a non-negative float. Received: noise={noise}")
+    _validation.check_number(noise, "noise", 0.0)
     k_test = np.asarray(k_test, dtype=np.float64)
     if k_test.shape not in ((m, m), (m,)):
         raise ValueError(
             f"Expected `k_test` of shape ({m}, {m}) or ({m},). Received: k_test.shape={k_test.shape}"
         )
+    _validation.check_finite(k_test, "k_test")
     solved = _solve_psd(k_train + noise * np.eye(n), np.concatenate(
         [targets, k_test_train.T], axis=1))
     mean = k_test_train @ solved[:, :targets.shape[1]]
@@ -505,8 +512,7 @@ def max_learning_rate(k_train, y_train_size=None, momentum=0.0):
         raise ValueError(
             f"Expected `y_train_size` to be a positive int. Received: y_train_size={y_train_size}"
         )
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"Expected `momentum` in [0, 1). Received: momentum={momentum}")
+    _validation.check_number(momentum, "momentum", 0.0, 1.0, strict_maximum=True)
     largest = scipy.linalg.eigvalsh((k_train + k_train.T) / 2, subset_by_index=[n - 1, n - 1])[0]
     if largest <= 0:
         raise ValueError(

@@ -21,6 +21,7 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse.linalg
 
+from keras_ntk import _validation
 from keras_ntk._batching import gather_examples, num_examples, slice_examples, to_host
 from keras_ntk._output_axes import OutputAxes
 from keras_ntk.ntk import empirical_ntk, ntk_vector_product
@@ -30,6 +31,7 @@ def _kernel_axes(model, x, trace_axes, name):
     """The per-example kept output shape of a single-output model (for flattening)."""
     x_host = to_host(x, "x")
     n = num_examples(x_host, "x")
+    _validation.check_finite(x_host, "x")
     if not getattr(model, "built", True) or not model.trainable_weights:
         model(slice_examples(x_host, 0, 1), training=False)
     outputs = model(slice_examples(x_host, 0, 1), training=False)
@@ -118,6 +120,11 @@ def ntk_eigsh(model, x, k=6, *, trace_axes=(-1,), implementation="ntvp", batch_s
         raise ValueError(
             f"Expected `k` to be an int with 0 < k < {size} (the size of Θ). Received: k={k}"
         )
+    _validation.check_number(tol, "tol", 0.0)
+    _validation.check_int(maxiter, "maxiter", 1, allow_none=True)
+    _validation.check_int(ncv, "ncv", int(k) + 1, size, allow_none=True)
+    _validation.check_int(seed, "seed", 0)
+    _validation.check_float_dtype(dtype)
     if ncv is None:
         ncv = min(size, max(2 * int(k) + 1, 20))
     progress = _Progress(verbose, "Θ·v product")
@@ -211,6 +218,10 @@ class NystromNTK:
             Predictions (N_test, O) or (N_test,) like `y_train`.
         """
         y = np.asarray(y_train, np.float64)
+        _validation.check_finite(y, "y_train")
+        _validation.check_finite(fx_train_0, "fx_train_0")
+        _validation.check_finite(fx_test_0, "fx_test_0")
+        _validation.check_finite(test_features, "test_features")
         vector = y.ndim == 1
         y = y[:, None] if vector else y
         if y.shape[0] != self.factor.shape[0]:
@@ -218,8 +229,7 @@ class NystromNTK:
                 f"Expected `y_train` with {self.factor.shape[0]} rows. "
                 f"Received: y_train.shape={np.shape(y_train)}"
             )
-        if not np.isfinite(ridge) or ridge < 0:
-            raise ValueError(f"Expected `ridge` ≥ 0. Received: ridge={ridge}")
+        _validation.check_number(ridge, "ridge", 0.0)
         if fx_train_0 is not None:
             y = y - np.asarray(fx_train_0, np.float64).reshape(y.shape[0], -1)
         if test_features is None:
@@ -294,7 +304,13 @@ def nystrom_ntk(model, x, landmarks, *, trace_axes=(-1,), implementation="auto",
             f"`nystrom_ntk`. Received: trace_axes={trace_axes} for outputs of shape "
             f"{axes.shape}"
         )
+    _validation.check_number(rcond, "rcond", 0.0, 1.0, strict_maximum=True)
+    _validation.check_int(error_columns, "error_columns", 0)
+    _validation.check_int(seed, "seed", 0)
+    _validation.check_float_dtype(dtype)
     rng = np.random.default_rng(seed)
+    if isinstance(landmarks, bool):
+        raise TypeError(f"Expected `landmarks` to be an int or indices. Received: landmarks={landmarks}")
     if isinstance(landmarks, (int, np.integer)):
         if not 0 < landmarks <= n:
             raise ValueError(

@@ -47,3 +47,36 @@ def _seed_everything():
     keras.utils.set_random_seed(0)
     np.random.seed(0)
     yield
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def run_binary():
+    """Runs a study binary in a subprocess, as users run it; returns a function.
+
+    `run_binary(study, output_dir, *flags, gin_file=f"{study}/smoke.gin",
+    strategy="cpu", check=True)` runs `python -m experiments.<study>` from
+    the root of this checkout (so it imports this checkout's code), on the
+    CPU, and returns the `subprocess.CompletedProcess` (stdout and stderr as
+    text). With `check`, a non-zero exit fails the test with the end of
+    stderr. conftest's two logical CPUs do not reach the subprocess: pass
+    `--num_cpu_devices=2` for MirroredStrategy.
+    """
+    import subprocess
+    import sys
+
+    def run(study, output_dir, *flags, gin_file=None, strategy="cpu", check=True,
+            timeout=900):
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+        command = [sys.executable, "-m", f"experiments.{study}",
+                   f"--gin_file={gin_file or f'{study}/smoke.gin'}",
+                   f"--output_dir={output_dir}", f"--strategy={strategy}", *flags]
+        result = subprocess.run(command, cwd=_ROOT, env=env, capture_output=True, text=True,
+                                timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{command} failed:\n{result.stderr[-4000:]}")
+        return result
+
+    return run

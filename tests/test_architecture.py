@@ -1,4 +1,4 @@
-"""The import structure of keras_ntk (docs/architecture.md), checked from the source.
+"""The import structure of keras_ntk and experiments (docs/architecture.md), from the source.
 
 Imports are read with `ast` (every `import`, also those inside functions), so
 these tests see the files as they are, without importing them.
@@ -39,22 +39,32 @@ def imported_modules(path, package):
     return names
 
 
+def resolved_imports(path, package, modules):
+    """The modules among `modules` (dotted names) that `path` imports."""
+    found = set()
+    for item in imported_modules(path, package):
+        if isinstance(item, tuple):
+            base, attr = item
+            target = f"{base}.{attr}" if f"{base}.{attr}" in modules else base
+        else:
+            target = item
+        if target in modules:
+            found.add(target)
+    return found
+
+
+def package_modules(root, package):
+    """{dotted module name: path} for the .py files of `package` (not its subfolders)."""
+    return {module_name(p, root): p for p in (root / package).glob("*.py")}
+
+
 def import_graph(root, package):
     """{module: set of modules of `package` it imports} for the .py files of `package`."""
-    files = {module_name(p, root): p for p in (root / package).glob("*.py")}
+    files = package_modules(root, package)
     graph = {}
     for name, path in files.items():
         own_package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-        edges = set()
-        for item in imported_modules(path, own_package):
-            if isinstance(item, tuple):
-                base, attr = item
-                target = f"{base}.{attr}" if f"{base}.{attr}" in files else base
-            else:
-                target = item
-            if target in files and target != name:
-                edges.add(target)
-        graph[name] = edges
+        graph[name] = resolved_imports(path, own_package, files) - {name}
     return graph
 
 
@@ -132,6 +142,23 @@ def test_keras_ntk_has_no_import_cycle():
     assert {"keras_ntk.ntk", "keras_ntk._batching", "keras_ntk._weights"} <= set(graph)
     assert "keras_ntk._batching" in graph["keras_ntk.ntk"]
     assert find_cycle(graph) is None
+
+
+def test_experiments_have_no_import_cycle():
+    graph = import_graph(ROOT, "experiments")
+    assert "experiments.launcher" in graph
+    assert find_cycle(graph) is None
+
+
+def test_experiments_use_only_public_keras_ntk_modules():
+    """The binaries see the library as its users do: no `keras_ntk._*` module."""
+    library = package_modules(ROOT, "keras_ntk")
+    private = []
+    for path in sorted((ROOT / "experiments").glob("*.py")):
+        for module in resolved_imports(path, "experiments", library):
+            if module.split(".")[-1].startswith("_") and module != "keras_ntk":
+                private.append((path.name, module))
+    assert private == []
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "keras_ntk").glob("*.py")),

@@ -302,3 +302,125 @@ def test_per_layer_resume_needs_saved_layer_kernels(tmp_path):
     fit_with_tracker(model, tmp_path, epochs=1)
     with pytest.raises(ValueError, match="per-layer kernels.*Received: save_dir"):
         fit_with_tracker(small_mlp(), tmp_path, epochs=1, per_layer=True)
+
+
+# ------------------------------------------- never aborts fit, never silently wrong
+
+
+def dead_relu_mlp():
+    """Every hidden ReLU is dead (pre-activations −1): Θ(x, x') = 1 from the output bias alone."""
+    return keras.Sequential([
+        keras.Input((5,)),
+        keras.layers.Dense(8, activation="relu", kernel_initializer="zeros",
+                           bias_initializer=keras.initializers.Constant(-1.0)),
+        keras.layers.Dense(1),
+    ])
+
+
+def test_undefined_metric_logs_nan_and_warns_once_without_stopping_fit(tmp_path):
+    model = dead_relu_mlp()
+    with pytest.warns(RuntimeWarning, match="ntk_alignment.*undefined") as caught:
+        tracker, history, _, _, _ = fit_with_tracker(model, tmp_path, epochs=3)
+    assert sum("ntk_alignment" in str(w.message) for w in caught) == 1
+    assert len(history.history["loss"]) == 3
+    assert all(math.isnan(v) for v in history.history["ntk_alignment"])
+    # The kernel is the all-ones matrix at every epoch (closed form): it never moves.
+    for record in tracker.history:
+        np.testing.assert_allclose(record["kernel"], np.ones((12, 12)), rtol=1e-6)
+    assert history.history["ntk_distance_from_init"] == pytest.approx([0.0] * 3, abs=1e-6)
+    assert history.history["ntk_trace"] == pytest.approx([12.0] * 3, rel=1e-6)
+
+
+def test_diverged_model_logs_nan_and_fit_goes_on(tmp_path):
+    model = small_mlp()
+
+    class Diverge(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                kernel = self.model.layers[0].kernel
+                kernel.assign(np.full(kernel.shape, np.nan, np.float32))
+
+    x, y = data()
+    tracker = NTKTracker(x[:12], y[:12, 0])
+    model.compile(optimizer="sgd", loss="mse")
+    with pytest.warns(RuntimeWarning, match="not finite|non-finite"):
+        history = model.fit(x, y, epochs=3, verbose=0, callbacks=[Diverge(), tracker])
+    assert len(history.history["loss"]) == 3
+    assert history.history["ntk_distance_from_init"][0] == pytest.approx(
+        metrics.kernel_distance(tracker.initial_kernel, tracker.history[0]["kernel"]), rel=1e-6)
+    for key in KEYS:
+        assert math.isnan(history.history[key][1]) and math.isnan(history.history[key][2]), key
+
+
+def test_construction_refuses_what_it_can_check():
+    probe = np.zeros((4, 5), "float32")
+    with pytest.raises(ValueError, match=r"Received: probe_labels.shape=\(3,\)"):
+        NTKTracker(probe, np.ones(3))
+    with pytest.raises(ValueError, match=r"Received: probe_inputs\[2, 1\]=nan"):
+        bad = probe.copy()
+        bad[2, 1] = np.nan
+        NTKTracker(bad)
+    with pytest.raises(ValueError, match=r"Received: probe_labels\[1\]=inf"):
+        NTKTracker(probe, [1.0, np.inf, 1.0, 1.0])
+    with pytest.raises(ValueError, match="Received: every_n_epochs=0, every_n_steps=None"):
+        NTKTracker(probe, every_n_epochs=0)
+    with pytest.raises(ValueError, match="Received: every_n_epochs=True"):
+        NTKTracker(probe, every_n_epochs=True)
+    with pytest.raises(ValueError, match=r"Received: ntk_kwargs with \['trace_axis', 'x2'\]"):
+        NTKTracker(probe, ntk_kwargs={"trace_axis": (), "x2": probe})
+    with pytest.raises(ValueError, match=r"Received: probe_inputs with leading sizes \[3, 4\]"):
+        NTKTracker([probe, probe[:3]])
+
+
+def test_corrupt_snapshots_are_named(tmp_path):
+    fit_with_tracker(small_mlp(), tmp_path, epochs=2)
+    save_dir = tmp_path / "ntk"
+    snapshot = sorted(save_dir.glob("step_*.npz"))[-1]
+    snapshot.write_bytes(snapshot.read_bytes()[:100])  # a write killed halfway
+    with pytest.raises(ValueError, match=f"Received: path='{snapshot}'"):
+        load_ntk_history(str(save_dir))
+    # Resuming from a truncated Θ0 names the file instead of failing in numpy.
+    initial = save_dir / "initial.npz"
+    initial.write_bytes(b"")
+    model = small_mlp()
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = data()
+    with pytest.raises(ValueError, match=f"truncated or corrupt.*Received: path='{initial}'"):
+        model.fit(x, y, epochs=1, verbose=0,
+                  callbacks=[NTKTracker(x[:12], save_dir=str(save_dir))])
+
+
+def test_summary_writer_is_closed_at_train_end(tmp_path):
+    import os
+
+    def open_event_files():
+        fd_dir = "/proc/self/fd"
+        targets = []
+        for fd in os.listdir(fd_dir):
+            try:
+                targets.append(os.readlink(os.path.join(fd_dir, fd)))
+            except OSError:
+                pass
+        return [t for t in targets if str(tmp_path / "tb") in t]
+
+    x, y = data()
+    model = small_mlp()
+    model.compile(optimizer="sgd", loss="mse")
+    tracker = NTKTracker(x[:12], y[:12, 0], tensorboard_dir=str(tmp_path / "tb"))
+    seen_during_fit = []
+
+    class Probe(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            seen_during_fit.append(len(open_event_files()))
+
+    model.fit(x, y, epochs=2, verbose=0, callbacks=[tracker, Probe()])
+    assert seen_during_fit[-1] == 1  # the check sees an open writer
+    assert open_event_files() == []
+    # Everything written is readable: two snapshots of every scalar.
+    events = tf.io.gfile.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
+    scalars = [v.tag for e in tf.compat.v1.train.summary_iterator(events[0])
+               for v in e.summary.value if v.tag == "ntk_trace"]
+    assert len(scalars) == 2
+    # A second fit with the same tracker opens a new writer and closes it too.
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[tracker])
+    assert open_event_files() == []

@@ -9,8 +9,6 @@ ReLU network.
 import functools
 import json
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -167,18 +165,20 @@ def test_run_resumes_without_recomputing_finished_cells(tmp_path, monkeypatch):
     again = run()
     assert calls == {"train": 6, "kernel": 4}
     assert again["methods"] == full["methods"]
-    with pytest.raises(ValueError, match="another dataset, grid or seeds"):
+    # Another grid: the kernel cells (all n from one kernel) are refused, naming it,
+    # before any work (no network is trained for the new n = 20).
+    with pytest.raises(ValueError, match=r"sizes: \[10, 30\] \(stored\) → \[10, 20\] \(now\)"):
         run(sizes=[10, 20])
+    assert calls == {"train": 6, "kernel": 4}
+    # With overwrite they are recomputed; the network cells of n = 10 are kept.
+    regridded = run(sizes=[10, 20], overwrite=True)
+    assert calls == {"train": 6 + 2 + 2, "kernel": 4 + 4}  # 2 new n=20 fits, 2 after-kernels.
+    assert regridded["cells"]["network-seed0-n10"] == full["cells"]["network-seed0-n10"]
 
 
-def test_smoke_binary_end_to_end(tmp_path):
+def test_smoke_binary_end_to_end(tmp_path, run_binary):
     output = tmp_path / "run"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    command = [sys.executable, "-m", "experiments.data_scaling",
-               "--gin_file=data_scaling/smoke.gin", f"--output_dir={output}", "--strategy=cpu"]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_binary("data_scaling", output)
     results = json.loads((output / "results.json").read_text())
     assert results["study"] == "data_scaling" and results["dataset"] == "digits"
     assert results["n"] == [20, 60, 200] and results["finished"]
@@ -254,3 +254,42 @@ def test_every_gin_config_parses(study):
                 assert gin.query_parameter(f"{study}.run.dataset") in ("digits", "cifar10"), name
     finally:
         gin.clear_config()
+
+
+ONE_NETWORK_CELL = ["--gin_bindings=data_scaling.run.methods=['network']",
+                    "--gin_bindings=data_scaling.run.sizes=[60]",
+                    "--gin_bindings=data_scaling.run.seeds=[0]",
+                    "--gin_bindings=data_scaling.run.write_figures=False"]
+
+
+@pytest.mark.slow  # Three runs of the binary: about a minute on the shared machine.
+def test_binary_killed_mid_fit_resumes_to_the_uninterrupted_numbers(tmp_path, run_binary):
+    killed = run_binary("data_scaling", tmp_path / "killed", *ONE_NETWORK_CELL,
+                        "--simulate_crash_after_epochs=1", check=False)
+    assert killed.returncode == 3, killed.stderr[-3000:]  # After 50 of 100 steps.
+    assert not (tmp_path / "killed" / "cells" / "network-seed0-n60.json").exists()
+    run_binary("data_scaling", tmp_path / "killed", *ONE_NETWORK_CELL)
+    run_binary("data_scaling", tmp_path / "uninterrupted", *ONE_NETWORK_CELL)
+    resumed, uninterrupted = (
+        json.loads((tmp_path / name / "results.json").read_text())["cells"]["network-seed0-n60"]
+        for name in ("killed", "uninterrupted"))
+    assert resumed == uninterrupted and resumed["steps"] == 100
+
+
+@pytest.mark.slow  # Three runs of the binary: about a minute on the shared machine.
+def test_binary_refuses_a_changed_setting_and_overwrite_recomputes(tmp_path, run_binary):
+    output = tmp_path / "run"
+    run_binary("data_scaling", output, *ONE_NETWORK_CELL)
+    record = (output / "cells" / "network-seed0-n60.json").read_text()
+    refused = run_binary("data_scaling", output, *ONE_NETWORK_CELL,
+                         "--gin_bindings=data_scaling.run.learning_rate=0.2", check=False)
+    assert refused.returncode != 0
+    assert "learning_rate: 0.05 (stored) → 0.2 (now)" in refused.stderr
+    assert (output / "cells" / "network-seed0-n60.json").read_text() == record
+    run_binary("data_scaling", output, *ONE_NETWORK_CELL, "--overwrite",
+               "--gin_bindings=data_scaling.run.learning_rate=0.2")
+    stored = json.loads((output / "cells" / "network-seed0-n60.json").read_text())
+    assert stored["settings"]["learning_rate"] == 0.2
+    results = json.loads((output / "results.json").read_text())
+    assert results["cells"]["network-seed0-n60"] == stored["record"]
+    assert results["settings"]["learning_rate"] == 0.2

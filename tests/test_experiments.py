@@ -1,21 +1,20 @@
 """End-to-end tests of the study binaries (experiments/linear_vs_nonlinear.py).
 
-The binaries run in subprocesses (as users run them); conftest's two logical
-CPUs do not reach a subprocess, so the MirroredStrategy test passes the
-binary's hidden --num_cpu_devices=2.
+The binaries run in subprocesses (as users run them, conftest's run_binary);
+conftest's two logical CPUs do not reach a subprocess, so the
+MirroredStrategy test passes the binary's hidden --num_cpu_devices=2.
 """
 
 import json
 import os
-import subprocess
-import sys
 
 import gin
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from experiments import configurables, data, launcher, linear_vs_nonlinear
+from experiments import configurables, data, launcher, linear_vs_nonlinear, report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "linear_vs_nonlinear/smoke.gin"
@@ -27,16 +26,14 @@ def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tfds"))
 
 
-def run_binary(output_dir, data_dir, *args, check=True):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    command = [sys.executable, "-m", "experiments.linear_vs_nonlinear",
-               f"--gin_file={SMOKE}", f"--output_dir={output_dir}",
-               f"--data_dir={data_dir}", "--strategy=cpu", *args]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{command} failed:\n{result.stderr[-4000:]}")
-    return result
+@pytest.fixture(scope="module")
+def study_a(run_binary, data_dir):
+    """The study A binary on the smoke config, in a subprocess (conftest's run_binary)."""
+    def run(output_dir, *args, check=True):
+        return run_binary("linear_vs_nonlinear", output_dir, f"--data_dir={data_dir}", *args,
+                          check=check)
+
+    return run
 
 
 CELLS = ["mlp-eigenfunction-k2-seed0", "mlp-binary-seed0"]
@@ -50,27 +47,33 @@ def _check_contract(results, expected_cells):
         assert run["model"] == "mlp" and run["task"] in ("eigenfunction", "binary")
         assert (run["k"] is None) == (run["task"] == "binary")
         assert type(run["seed"]) is int
-        assert set(run["test_accuracy"]) >= {"network", "linearized_init", "linearized_final"}
+        assert set(run["test_accuracy"]) == set(linear_vs_nonlinear.MODELS)
+        labels = report.unpack_bits(run["test_labels"], run["num_test"])
+        for name, accuracy in run["test_accuracy"].items():
+            predictions = report.unpack_bits(run["test_predictions"][name], run["num_test"])
+            assert accuracy == np.mean(predictions == labels)
         assert set(run["alignment"]) >= {"init", "final"}
         for value in (*run["test_accuracy"].values(), *run["alignment"].values(),
                       run["weight_distance"], run["kernel_distance"]):
             assert type(value) is float and np.isfinite(value)
         assert all(0 <= a <= 1 for a in run["test_accuracy"].values())
         np.testing.assert_allclose(run["weight_distance_squared"], run["weight_distance"] ** 2)
-        assert run["variant"]["linearized_final"] == "difference_bn_init_statistics"
+        assert run["variant"] == {"linearized_init": "full",
+                                  "linearized_init_difference": "difference",
+                                  "linearized_final": "difference_bn_init_statistics"}
 
 
 @pytest.fixture(scope="module")
-def interrupted_run(tmp_path_factory, data_dir):
+def interrupted_run(tmp_path_factory, study_a):
     """The smoke config run three times: 1 cell, killed mid-fit, completed."""
     output = tmp_path_factory.mktemp("smoke") / "run"
-    first = run_binary(output, data_dir, TWO_EPOCHS,
+    first = study_a(output, TWO_EPOCHS,
                        "--gin_bindings=linear_vs_nonlinear.run.max_new_cells=1")
     first_results = json.loads((output / "results.json").read_text())
-    killed = run_binary(output, data_dir, TWO_EPOCHS, "--simulate_crash_after_epochs=1",
+    killed = study_a(output, TWO_EPOCHS, "--simulate_crash_after_epochs=1",
                         check=False)
     backup_exists = (output / "cells" / CELLS[1] / "backup_network").exists()
-    resumed = run_binary(output, data_dir, TWO_EPOCHS)
+    resumed = study_a(output, TWO_EPOCHS)
     return dict(output=output, first=first, first_results=first_results, killed=killed,
                 backup_exists=backup_exists, resumed=resumed)
 
@@ -99,10 +102,10 @@ def _flat_numbers(value):
 
 
 @pytest.mark.slow  # A fourth smoke run: about a minute on the shared machine.
-def test_a_run_killed_mid_fit_equals_an_uninterrupted_one(interrupted_run, data_dir, tmp_path):
+def test_a_run_killed_mid_fit_equals_an_uninterrupted_one(interrupted_run, study_a, tmp_path):
     """Killed inside the network's fit (after 1 of 2 epochs), resumed: the same numbers."""
     output = tmp_path / "uninterrupted"
-    run_binary(output, data_dir, TWO_EPOCHS)
+    study_a(output, TWO_EPOCHS)
     uninterrupted = json.loads((output / "results.json").read_text())
     resumed = json.loads((interrupted_run["output"] / "results.json").read_text())
     assert [r["cell"] for r in resumed["runs"]] == [r["cell"] for r in uninterrupted["runs"]]
@@ -116,6 +119,46 @@ def test_a_run_killed_mid_fit_equals_an_uninterrupted_one(interrupted_run, data_
         assert _flat_numbers(got) == pytest.approx(_flat_numbers(want), rel=1e-12, abs=1e-15)
     # The killed cell's fit ran epoch 2 only after the resume (not from epoch 1 again).
     assert "after epoch 1" in interrupted_run["resumed"].stderr
+
+
+LEARNING_RATE_0_1 = "--gin_bindings=linear_vs_nonlinear.run.learning_rate=0.1"
+
+
+def test_a_rerun_with_a_changed_setting_is_refused_naming_it(interrupted_run, study_a):
+    output = interrupted_run["output"]
+    before = (output / "cells" / f"{CELLS[0]}.json").read_text()
+    refused = study_a(output, TWO_EPOCHS, LEARNING_RATE_0_1, check=False)
+    assert refused.returncode != 0
+    assert "learning_rate: 0.05 (stored) → 0.1 (now)" in refused.stderr
+    assert "--overwrite" in refused.stderr
+    # A model width is named by its place in the model's config (θ0 is refused first).
+    refused = study_a(output, TWO_EPOCHS, "--gin_bindings=models.mlp.widths=(16,)", check=False)
+    assert refused.returncode != 0
+    assert "architecture.layers[2].config.units: 32 (stored) → 16 (now)" in refused.stderr
+    assert (output / "cells" / f"{CELLS[0]}.json").read_text() == before
+    assert "learning_rate" not in refused.stderr
+
+
+@pytest.mark.slow  # Trains a cell again: ~30 s on the shared machine.
+def test_overwrite_recomputes_the_cells_of_other_settings(interrupted_run, study_a, tmp_path):
+    import shutil
+
+    output = tmp_path / "copy"
+    shutil.copytree(interrupted_run["output"], output)
+    result = study_a(output, TWO_EPOCHS, LEARNING_RATE_0_1, "--overwrite",
+                     "--gin_bindings=linear_vs_nonlinear.run.max_new_cells=1")
+    assert f"Discarding cell {CELLS[0]}" in result.stderr
+    assert f"{CELLS[0]}: training the network" in result.stderr
+    stored = json.loads((output / "cells" / f"{CELLS[0]}.json").read_text())
+    assert stored["settings"]["learning_rate"] == 0.1 and stored["settings"]["epochs"] == 2
+    # The other stale cell was discarded when reached; results.json holds only current cells.
+    assert not (output / "cells" / f"{CELLS[1]}.json").exists()
+    results = json.loads((output / "results.json").read_text())
+    assert [r["cell"] for r in results["runs"]] == CELLS[:1]
+    assert results["recipe"]["learning_rate"] == 0.1
+    # θ0 (its settings do not include the rate) was kept: the same file.
+    assert ((output / "cells" / "init-mlp" / "mlp.weights.h5").read_bytes()
+            == (interrupted_run["output"] / "cells" / "init-mlp" / "mlp.weights.h5").read_bytes())
 
 
 def test_smoke_config_outputs_and_numbers(interrupted_run, data_dir):
@@ -133,7 +176,7 @@ def test_smoke_config_outputs_and_numbers(interrupted_run, data_dir):
     # θ0 from the naive float64 Jacobian, on the same train+test inputs.
     dataset = data.load_dataset("digits", num_train=256, num_test=128, data_dir=data_dir)
     model = configurables.models.mlp((8, 8, 1), 1, widths=(32,))
-    model.load_weights(str(output / "init" / "mlp.weights.h5"))
+    model.load_weights(str(output / "cells" / "init-mlp" / "mlp.weights.h5"))
     inputs = np.concatenate([dataset.train.x, dataset.test.x]).astype(np.float64)
     weights64 = [tf.Variable(tf.cast(w, tf.float64)) for w in model.trainable_weights]
     with tf.GradientTape() as tape:
@@ -145,10 +188,19 @@ def test_smoke_config_outputs_and_numbers(interrupted_run, data_dir):
     kernel = flat @ flat.T
     values, vectors = np.linalg.eigh(kernel)
     values, vectors = values[::-1], vectors[:, ::-1]
-    saved = np.load(output / "init" / "mlp_eigen.npz")
+    saved = np.load(output / "cells" / "init-mlp" / "mlp_eigen.npz")
     np.testing.assert_allclose(saved["eigenvalues"][:10], values[:10], rtol=1e-3)
     (eigen_run,) = [r for r in results["runs"] if r["task"] == "eigenfunction"]
+    # a_j at θ0 is v_jᵀ Θ0 v_j in the eigenbasis of Θ0 over train+test (the
+    # tasks' basis): the eigenvalues of the naive kernel, not of a probe kernel.
+    np.testing.assert_allclose(eigen_run["projection"]["init"], values[:16], rtol=1e-3)
+
     labels = (vectors[:, 1] >= 0).astype(float)  # k = 2.
+    # The label energy of the k = 2 task on v_j over train+test: (v_jᵀ y)²/‖y‖², y = ±1
+    # (invariant to the sign of v_2).
+    y_task = 2 * labels - 1
+    np.testing.assert_allclose(eigen_run["label_energy"][:3],
+                               (vectors[:, :3].T @ y_task) ** 2 / len(y_task), atol=2e-3)
     # The sign of an eigenvector is arbitrary: the base rate up to 1 − p.
     base_rate = labels[256:].mean()
     assert min(abs(eigen_run["base_rate"]["test"] - base_rate),
@@ -163,9 +215,9 @@ def test_smoke_config_outputs_and_numbers(interrupted_run, data_dir):
     assert binary["weight_distance"] > 0 and binary["relative_weight_distance"] > 0
 
 
-def test_bad_gin_binding_fails_before_training(tmp_path, data_dir):
+def test_bad_gin_binding_fails_before_training(tmp_path, study_a):
     output = tmp_path / "run"
-    result = run_binary(output, data_dir,
+    result = study_a(output,
                         "--gin_bindings=linear_vs_nonlinear.run.no_such_argument=1", check=False)
     assert result.returncode != 0
     assert "Bad gin config or binding" in result.stderr and "no_such_argument" in result.stderr
@@ -174,7 +226,7 @@ def test_bad_gin_binding_fails_before_training(tmp_path, data_dir):
 
 @pytest.mark.parametrize("binding, message", [
     ("dataset = 'imagenet'", "Known datasets: cifar10, digits, mnist"),
-    ("models = ['vgg']", "Known models: lenet, mlp, resnet18"),
+    ("models = ['vgg']", "Known models: " + ", ".join(sorted(configurables.MODELS))),
     ("tasks = ['regression']", "Known tasks: eigenfunction, binary"),
 ])
 def test_unknown_names_are_listed_before_any_work(tmp_path, binding, message):
@@ -192,9 +244,9 @@ def test_unknown_names_are_listed_before_any_work(tmp_path, binding, message):
     assert not os.listdir(tmp_path)
 
 
-def test_mirrored_strategy_on_two_logical_cpus(tmp_path, data_dir):
+def test_mirrored_strategy_on_two_logical_cpus(tmp_path, study_a):
     output = tmp_path / "run"
-    result = run_binary(output, data_dir, "--strategy=mirrored", "--num_cpu_devices=2",
+    result = study_a(output, "--strategy=mirrored", "--num_cpu_devices=2",
                         "--gin_bindings=linear_vs_nonlinear.run.tasks=['binary']")
     # conftest's two logical CPUs do not reach the subprocess: the flag does it.
     assert "MirroredStrategy with 2 replica(s)" in result.stderr
@@ -202,24 +254,56 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path, data_dir):
     _check_contract(results, ["mlp-binary-seed0"])
 
 
-@pytest.mark.slow  # About a minute on the shared 2-core machine.
-def test_cifar10_lenet_config_one_step_on_mock_data(tmp_path):
+def _resnet18_parameters(width, blocks=(2, 2, 2, 2), channels=3):
+    """Trainable weights of the reference ResNet-18 (Flax ResNet V1), counted by hand."""
+    count = 9 * channels * width + 2 * width  # Stem conv (no bias) + BN γ, β.
+    previous = width
+    for stage, size in enumerate(blocks):
+        filters = width * 2**stage
+        for block in range(size):
+            count += 9 * previous * filters + 2 * filters  # conv1 + bn1
+            count += 9 * filters * filters + 2 * filters  # conv2 + bn2
+            if previous != filters:
+                count += previous * filters + 2 * filters  # 1×1 projection + BN
+            previous = filters
+    return count + previous + 1  # Dense head to one logit.
+
+
+# Trainable weights of the reference models, by hand: MLP 3072-100-100-1;
+# LeNet 5×5 'same' + 2×2 pooling (32→16→8): 8·8·16 = 1024 features.
+CIFAR10_CONFIGS = {
+    "cifar10_mlp.gin": ("mlp", 3072 * 100 + 100 + 100 * 100 + 100 + 100 + 1),
+    "cifar10_lenet.gin": ("lenet", 5 * 5 * 3 * 6 + 6 + 5 * 5 * 6 * 16 + 16
+                          + 1024 * 120 + 120 + 120 * 84 + 84 + 84 + 1),
+    "cifar10_resnet18.gin": ("resnet18", _resnet18_parameters(64)),
+}
+
+
+@pytest.mark.slow  # 0.5 to 3 minutes each on the shared 2-core machine.
+@pytest.mark.parametrize("config", sorted(CIFAR10_CONFIGS))
+def test_cifar10_configs_build_and_take_one_step_on_mock_data(tmp_path, config):
+    """Each CIFAR-10 config: the reference's model, one SGD step of every fit (no Lanczos)."""
+    import keras
     import tensorflow_datasets as tfds
 
+    model_name, parameters = CIFAR10_CONFIGS[config]
     run = launcher.configurable("linear_vs_nonlinear", linear_vs_nonlinear.run)
     gin.add_config_file_search_path(os.path.join(ROOT, "gin_configs"))
     gin.parse_config_files_and_bindings(
-        [os.path.join(ROOT, "gin_configs", "linear_vs_nonlinear", "cifar10_lenet.gin")],
-        ["linear_vs_nonlinear.run.tasks = ['binary']",
+        [os.path.join(ROOT, "gin_configs", "linear_vs_nonlinear", config)],
+        ["linear_vs_nonlinear.run.ks = [2]",
          "linear_vs_nonlinear.run.seeds = [0]",
          "linear_vs_nonlinear.run.num_train = 16",
          "linear_vs_nonlinear.run.num_test = 8",
-         "linear_vs_nonlinear.run.batch_size = 16",
+         "linear_vs_nonlinear.run.batch_size = 16",  # 16 examples: exactly one step.
          "linear_vs_nonlinear.run.epochs = 1",
          "linear_vs_nonlinear.run.num_probe = 8",
          "linear_vs_nonlinear.run.num_projection = 4",
+         "linear_vs_nonlinear.run.eigen_solver = 'dense'",
          "linear_vs_nonlinear.run.jit_compile = False",
          "linear_vs_nonlinear.run.verbose = 0",
+         "linear_vs_nonlinear.run.tensorboard = False",
+         "linear_vs_nonlinear.run.fit_backups = False",
          "linear_vs_nonlinear.run.write_report = False"],
     )
     try:
@@ -228,18 +312,77 @@ def test_cifar10_lenet_config_one_step_on_mock_data(tmp_path):
                 output_dir=str(tmp_path), strategy=tf.distribute.get_strategy(),
                 model_builders=configurables.MODELS,
             )
+            model = configurables.MODELS[model_name]((32, 32, 3), 1)
     finally:
         gin.clear_config()
     assert results["dataset"] == "cifar10" and results["num_train"] == 16
-    (run,) = results["runs"]
-    assert run["model"] == "lenet" and run["task"] == "binary"
-    assert run["weight_distance"] > 0  # One SGD step moved the weights.
-    assert linear_vs_nonlinear.TASKS == ("eigenfunction", "binary")
+    assert results["recipe"]["drop_remainder"] is True
+    assert int(sum(np.prod(w.shape) for w in model.trainable_weights)) == parameters
+    assert [r["task"] for r in results["runs"]] == ["eigenfunction", "binary"]
+    for run in results["runs"]:
+        assert run["model"] == model_name and run["variant"]["linearized_init"] == "full"
+        assert run["weight_distance"] > 0  # One SGD step moved the weights.
+    if model_name == "resnet18":
+        # γ = 0 on each branch's last BatchNorm; momentum 0.9, ε 1e-5; GeLU (tanh form).
+        norms = [layer for layer in model.layers
+                 if isinstance(layer, keras.layers.BatchNormalization)]
+        assert all(n.momentum == 0.9 and n.epsilon == 1e-5 for n in norms)
+        assert all(np.all(n.gamma.numpy() == 0) == n.name.endswith("_bn2") for n in norms)
+    if model_name == "lenet":
+        assert [type(layer).__name__ for layer in model.layers if "pool" in layer.name] == [
+            "AveragePooling2D", "AveragePooling2D"]
+
+
+def test_lenet_reference_options_against_numpy():
+    """5×5 'same' convolutions and 2×2 average pooling (the reference LeNet), by numpy."""
+    model = configurables.models.lenet((32, 32, 3), 1, kernel_size=5, padding="same",
+                                       pooling="average")
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    conv = model.get_layer("conv_0")
+    kernel, bias = conv.kernel.numpy().astype(np.float64), conv.bias.numpy()
+    padded = np.pad(x.astype(np.float64), ((0, 0), (2, 2), (2, 2), (0, 0)))
+    patches = np.stack([padded[:, i:i + 32, j:j + 32] for i in range(5) for j in range(5)],
+                       axis=3)  # (2, 32, 32, 25, 3)
+    activation = np.maximum(np.einsum("nhwpc,pcf->nhwf", patches,
+                                      kernel.reshape(25, 3, 6)) + bias, 0)
+    pooled = activation.reshape(2, 16, 2, 16, 2, 6).mean(axis=(2, 4))
+    probe = keras.Model(model.layers[0].input, model.get_layer("pool_0").output)
+    np.testing.assert_allclose(probe(x).numpy(), pooled, rtol=1e-4, atol=1e-5)
+    assert model.get_layer("dense_0").kernel.shape == (1024, 120)
+    # The defaults are unchanged: 5×5 'valid' and max pooling on 32×32.
+    default = configurables.models.lenet((32, 32, 3), 1)
+    assert default.get_layer("dense_0").kernel.shape == (5 * 5 * 16, 120)
+    assert type(default.get_layer("pool_0")).__name__ == "MaxPooling2D"
+    with pytest.raises(ValueError, match="Received: pooling='mean'"):
+        configurables.models.lenet((32, 32, 3), 1, pooling="mean")
+
+
+def test_resnet18_reference_options():
+    """γ = 0 on each branch's last BN makes every block start as its shortcut; tanh GeLU."""
+    model = configurables.models.resnet18((8, 8, 3), 1, width=4, activation="gelu",
+                                          zero_init_last_bn=True, bn_momentum=0.9,
+                                          bn_epsilon=1e-5)
+    x = np.random.default_rng(1).normal(size=(3, 8, 8, 3)).astype(np.float32)
+    stem = keras.Model(model.input, model.get_layer("stem_bn").output)(x).numpy()
+
+    def gelu_tanh(v):
+        return 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v**3)))
+
+    # Block 0 of stage 0 (no projection): the branch is 0, the block gives gelu(gelu(stem)).
+    branch = keras.Model(model.input, model.get_layer("stage0_block0_bn2").output)(x).numpy()
+    np.testing.assert_allclose(branch, 0.0, atol=1e-6)
+    add = next(layer for layer in model.layers if isinstance(layer, keras.layers.Add))
+    output = keras.Model(model.input, model.layers[model.layers.index(add) + 1].output)(x)
+    np.testing.assert_allclose(output.numpy(), gelu_tanh(gelu_tanh(stem.astype(np.float64))),
+                               rtol=1e-4, atol=1e-5)
+    # Keras' defaults stay the defaults.
+    default = configurables.models.resnet18((8, 8, 3), 1, width=4)
+    norm = default.get_layer("stage0_block0_bn2")
+    assert (norm.momentum, norm.epsilon) == (0.99, 1e-3) and np.all(norm.gamma.numpy() == 1)
 
 
 def test_lanczos_eigenfunction_tasks_match_the_dense_eigendecomposition(tmp_path, data_dir):
     """eigen_solver='lanczos' (matrix-free, for CIFAR-scale N) gives the dense top eigenpairs."""
-    import keras
 
     dataset = data.load_dataset("digits", num_train=200, num_test=56, data_dir=data_dir)
 
@@ -255,7 +398,7 @@ def test_lanczos_eigenfunction_tasks_match_the_dense_eigendecomposition(tmp_path
             {}, num_probe=32, num_projection=4, ntk_batch_size=None,
             ntk_implementation="auto", eigen_solver=solver)
         _, states[solver] = linear_vs_nonlinear._initial_state(
-            study, "mlp", init_seed=0, need_eigen=True, num_eigenvectors=6)
+            study, "mlp", init_seed=0, num_eigenvectors=6)
     dense, lanczos = states["dense"], states["lanczos"]
     assert str(lanczos["eigen_solver"]) == "lanczos" and lanczos["eigenvectors"].shape == (256, 6)
     np.testing.assert_allclose(lanczos["eigenvalues"], dense["eigenvalues"][:6], rtol=1e-4)
@@ -265,3 +408,47 @@ def test_lanczos_eigenfunction_tasks_match_the_dense_eigendecomposition(tmp_path
     with pytest.raises(ValueError, match="Received: eigen_solver='qr'"):
         linear_vs_nonlinear._validate("digits", ["mlp"], ["binary"], [], {"mlp": builder},
                                       "difference", "qr")
+
+
+@pytest.mark.parametrize("solver", ["dense", "lanczos"])
+def test_a_j_is_taken_in_the_eigenbasis_of_the_tasks(tmp_path, data_dir, solver):
+    """a_j = v_jᵀ ΘT v_j over train+test, v_j the saved eigenvectors the tasks come from."""
+
+    dataset = data.load_dataset("digits", num_train=120, num_test=40, data_dir=data_dir)
+
+    def builder(input_shape, outputs):
+        return keras.Sequential([keras.Input(input_shape), keras.layers.Flatten(),
+                                 keras.layers.Dense(16, activation="tanh"),
+                                 keras.layers.Dense(outputs)])
+
+    study = linear_vs_nonlinear._Study(
+        str(tmp_path), tf.distribute.get_strategy(), {"mlp": builder}, dataset, {},
+        num_probe=32, num_projection=5, ntk_batch_size=None, ntk_implementation="auto",
+        eigen_solver=solver)
+    weights_path, state = linear_vs_nonlinear._initial_state(study, "mlp", init_seed=0,
+                                                             num_eigenvectors=5)
+    # The task labels are the signs of these same columns.
+    train_y, test_y = linear_vs_nonlinear._task_labels(study, "eigenfunction", 3, state)
+    np.testing.assert_array_equal(np.concatenate([train_y, test_y]),
+                                  state["eigenvectors"][:, 2] >= 0)
+    # "Trained" weights: θ0 moved by a fixed perturbation.
+    model = study.build("mlp", weights_path)
+    rng = np.random.default_rng(0)
+    for w in model.trainable_weights:
+        w.assign(w.numpy() + 0.3 * rng.normal(size=w.shape).astype(np.float32))
+    vectors = state["eigenvectors"]
+    a = linear_vs_nonlinear.eigenbasis_projection(study, model, vectors)
+    # Naive float64 reference: per-example Jacobians over the same 160 inputs.
+    inputs = np.concatenate([dataset.train.x, dataset.test.x]).reshape(160, -1)
+    weights64 = [tf.Variable(tf.cast(w, tf.float64)) for w in model.trainable_weights]
+    with tf.GradientTape() as tape:
+        h = tf.tanh(inputs.astype(np.float64) @ weights64[0] + weights64[1])
+        logits = (h @ weights64[2] + weights64[3])[:, 0]
+    flat = np.concatenate([j.numpy().reshape(160, -1)
+                           for j in tape.jacobian(logits, weights64)], axis=1)
+    kernel = flat @ flat.T
+    np.testing.assert_allclose(a, np.einsum("nj,nm,mj->j", vectors, kernel, vectors), rtol=1e-3)
+    # At θ0 the same projection gives back the eigenvalues (j = k is v_k itself).
+    initial = study.build("mlp", weights_path)
+    np.testing.assert_allclose(linear_vs_nonlinear.eigenbasis_projection(study, initial, vectors),
+                               state["eigenvalues"][:5], rtol=1e-3)

@@ -8,8 +8,6 @@ computed with numpy from the kernels the tracker saved, kernels recomputed with
 import functools
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -115,18 +113,36 @@ def test_rerun_skips_and_other_schedule_refused(smoke_run, monkeypatch):
     monkeypatch.setattr(kernel_evolution, "_train_width", fail)
     again = smoke_run["run"](write_figures=False)
     assert again["widths"] == smoke_run["results"]["widths"]
-    with pytest.raises(ValueError, match="another dataset or schedule"):
+    with pytest.raises(ValueError, match=r"epochs: 3 \(stored\) → 4 \(now\); steps: "):
         smoke_run["run"](epochs=4)
 
 
-def test_smoke_binary(tmp_path):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    command = [sys.executable, "-m", "experiments.kernel_evolution",
-               "--gin_file=kernel_evolution/smoke.gin", f"--output_dir={tmp_path}",
-               "--strategy=cpu", "--gin_bindings=kernel_evolution.run.widths=[8]"]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+def test_overwrite_recomputes_a_width_of_other_settings(smoke_run, tmp_path):
+    import shutil
+
+    output = tmp_path / "copy"
+    shutil.copytree(smoke_run["output"], output)
+    run = functools.partial(smoke_run["run"], output_dir=str(output), widths=[8],
+                            save_kernels=False, write_figures=False)
+    with pytest.raises(ValueError, match=r"learning_rate: 0.05 \(stored\) → 0.1 \(now\)"):
+        run(learning_rate=0.1)
+    again = run(learning_rate=0.1, overwrite=True)
+    stored = json.loads((output / "cells" / "width8.json").read_text())
+    assert stored["settings"]["learning_rate"] == 0.1
+    assert again["widths"]["8"] == kernel_evolution.summarize(stored["record"], 12)
+    # Trained again at the other rate: the network moved differently.
+    assert again["widths"]["8"]["weight_distance_from_init"] != (
+        smoke_run["results"]["widths"]["8"]["weight_distance_from_init"])
+
+
+def test_smoke_binary(tmp_path, run_binary):
+    run_binary("kernel_evolution", tmp_path, "--gin_bindings=kernel_evolution.run.widths=[8]")
     results = json.loads((tmp_path / "results.json").read_text())
     assert list(results["widths"]) == ["8"] and results["recipe"]["schedule"] == "constant"
     assert "kernel_evolution.run.widths = [8]" in (tmp_path / "config.gin").read_text()
+    # A rerun with another setting is refused, naming it, before any work.
+    refused = run_binary("kernel_evolution", tmp_path,
+                         "--gin_bindings=kernel_evolution.run.widths=[8]",
+                         "--gin_bindings=kernel_evolution.run.momentum=0.5", check=False)
+    assert refused.returncode != 0
+    assert "momentum: 0.0 (stored) → 0.5 (now)" in refused.stderr

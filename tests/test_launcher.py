@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+from experiments import models
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _TOY_BINARY = textwrap.dedent("""
@@ -42,7 +44,7 @@ def test_the_binary_hands_its_run_to_the_launcher(tmp_path):
     received = json.loads((tmp_path / "out" / "received.json").read_text())
     assert received == {
         "output_dir": str(tmp_path / "out"), "strategy": "OneDeviceStrategy",
-        "model_builders": ["lenet", "mlp", "resnet18"], "data_dir": None, "scale": 2.5,
+        "model_builders": sorted(models.MODELS), "data_dir": None, "scale": 2.5,
         "overwrite": True, "simulate_crash_after_epochs": 3,
     }
     assert "toy.run.scale = 2.5" in (tmp_path / "out" / "config.gin").read_text()

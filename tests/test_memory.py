@@ -12,6 +12,7 @@ import weakref
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_ntk
 
@@ -55,4 +56,26 @@ def test_linearize_fit_frees_the_wrapped_models(order):
         refs += new
         # The fits did train (the gradients ran through the weakly held layer).
         assert losses[-1] < losses[0]
+    assert alive(refs) == 0
+
+
+@pytest.mark.parametrize("implementation", ["structured", "jacobian", "ntvp"])
+def test_empirical_ntk_frees_the_models_it_cached_functions_for(implementation, monkeypatch):
+    from keras_ntk import _batching
+
+    monkeypatch.setattr(_batching, "_JIT", "0")
+    x, _ = data(6)
+    refs = []
+    for seed in range(3):
+        model = mlp()
+        kernel = keras_ntk.empirical_ntk(model, x, x[:4], implementation=implementation)
+        # Θ = J(x) J(x2)ᵀ from an explicit float64 Jacobian: the cache served real work.
+        with tf.GradientTape() as tape:
+            y = model(x, training=False)
+        jac = np.concatenate([np.reshape(np.asarray(j, np.float64), (len(x), -1))
+                              for j in tape.jacobian(y, model.trainable_weights)], 1)
+        np.testing.assert_allclose(kernel, jac @ jac[:4].T, rtol=1e-4, atol=1e-6)
+        assert model in _batching._COMPILED
+        refs.append(weakref.ref(model))
+        del model
     assert alive(refs) == 0

@@ -117,8 +117,14 @@ def test_errors_say_what_was_received():
         metrics.kernel_alignment(np.ones((2, 3)), [1, 1])
     with pytest.raises(ValueError, match=r"Received: labels with shape \(3,\)"):
         metrics.kernel_alignment(np.eye(2), [1, 1, 1])
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(ValueError, match=r"Received: kernel\[0, 1\]=nan \(the first of 2"):
         metrics.spectrum(np.array([[1.0, np.nan], [np.nan, 1.0]]))
+    with pytest.raises(ValueError, match=r"Received: labels\[2, 0\]=inf"):
+        metrics.kernel_alignment(np.eye(3), [1.0, -1.0, np.inf])
+    with pytest.raises(ValueError, match=r"Received: eigenvectors\[1, 0\]=nan"):
+        metrics.eigenbasis_projection(np.eye(2), [0.6, np.nan])
+    with pytest.raises(ValueError, match=r"Received: kernel2\[1, 1\]=-inf"):
+        metrics.kernel_distance(np.eye(2), np.diag([1.0, -np.inf]))
     with pytest.raises(ValueError, match="same shape"):
         metrics.kernel_distance(np.eye(2), np.eye(3))
     with pytest.raises(ValueError, match="Received: k=5"):

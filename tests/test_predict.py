@@ -149,6 +149,67 @@ def test_invalid_arguments(call):
         call()
 
 
+
+def _with_nan(shape, index, value=np.nan):
+    array = np.ones(shape)
+    array[index] = value
+    return array
+
+
+_K = np.eye(4) + 0.5
+
+
+@pytest.mark.parametrize("call, where", [
+    (lambda: predict.kernel_regression(_with_nan((4, 4), (2, 1)), np.ones((2, 4)), np.ones(4)),
+     r"k_train\[2, 1\]=nan"),
+    (lambda: predict.kernel_regression(_K, _with_nan((2, 4), (1, 3), np.inf), np.ones(4)),
+     r"k_test_train\[1, 3\]=inf"),
+    (lambda: predict.kernel_regression(_K, np.ones((2, 4)), _with_nan((4,), 3)),
+     r"y_train\[3\]=nan"),
+    (lambda: predict.kernel_regression(_K, np.ones((2, 4)), np.ones(4),
+                                       fx_train_0=_with_nan((4,), 0)),
+     r"fx_train_0\[0\]=nan"),
+    (lambda: predict.gradient_descent_mse(_K, _with_nan((4, 2), (2, 1), -np.inf), 1.0, 3.0),
+     r"y_train\[2, 1\]=-inf"),
+    (lambda: predict.gradient_descent_mse(_K, np.ones(4), 1.0, 3.0, _with_nan((2, 4), (0, 2))),
+     r"k_test_train\[0, 2\]=nan"),
+    (lambda: predict.gradient_descent_mse_ensemble(_K, _with_nan((4, 4), (3, 3)), np.ones(4),
+                                                   1.0, 2.0), r"nngp_train\[3, 3\]=nan"),
+    (lambda: predict.gradient_descent_mse_ensemble(_K, _K, np.ones(4), 1.0, 2.0, np.ones((2, 4)),
+                                                   np.ones((2, 4)), _with_nan((2,), 1)),
+     r"nngp_test\[1\]=nan"),
+    (lambda: predict.gp_inference(_K, np.ones((2, 4)), _with_nan((2, 2), (1, 0)), np.ones(4), 0.1),
+     r"k_test\[1, 0\]=nan"),
+    (lambda: predict.max_learning_rate(_with_nan((4, 4), (0, 1), np.inf)),
+     r"k_train\[0, 1\]=inf"),
+])
+def test_non_finite_values_are_refused_before_any_solve(call, where, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("a solver ran before the arguments were checked")
+
+    for name in ("_solve_psd", "_eigenmodes"):
+        monkeypatch.setattr(predict, name, no_work)
+    monkeypatch.setattr(predict.scipy.linalg, "eigvalsh", no_work)
+    with pytest.raises(ValueError, match=where) as raised:
+        call()
+    assert "non-finite" in str(raised.value)
+
+
+@pytest.mark.parametrize("call, received", [
+    (lambda: predict.kernel_regression(_K, np.ones((2, 4)), np.ones(4), ridge=np.nan),
+     "ridge=nan"),
+    (lambda: predict.kernel_regression(_K, np.ones((2, 4)), np.ones(4), ridge="big"),
+     "ridge='big'"),
+    (lambda: predict.gp_inference(_K, np.ones((2, 4)), np.eye(2), np.ones(4), noise=True),
+     "noise=True"),
+    (lambda: predict.gradient_descent_mse(_K, np.ones(4), "fast", 1.0), "learning_rate='fast'"),
+    (lambda: predict.max_learning_rate(_K, momentum=np.inf), "momentum=inf"),
+])
+def test_numeric_arguments_are_typed_and_ranged(call, received):
+    with pytest.raises((TypeError, ValueError), match=f"Received: {received}"):
+        call()
+
+
 # ------------------------------------------------------------ momentum
 
 

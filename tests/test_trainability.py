@@ -11,7 +11,6 @@ the ordered phase, the chaotic Erf NTK becomes well conditioned).
 import json
 import math
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -26,21 +25,10 @@ FIGURES = tuple(f"{kind}_{activation}.png" for kind in ("condition", "trainabili
                 for activation in ("relu", "erf")) + ("architectures.png", "finite_width.png")
 
 
-def run_binary(output_dir, *args, check=True):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    command = [sys.executable, "-m", "experiments.trainability", f"--gin_file={SMOKE}",
-               f"--output_dir={output_dir}", "--strategy=cpu", *args]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{command} failed:\n{result.stderr[-4000:]}")
-    return result
-
-
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+def smoke(tmp_path_factory, run_binary):
     output = tmp_path_factory.mktemp("trainability") / "run"
-    run_binary(output)
+    run_binary("trainability", output)
     return output
 
 
@@ -234,18 +222,30 @@ def test_spectrum_summary_flags_the_float64_bound():
     assert not summary["condition_at_float64_bound"] and summary["condition_number"] == 4.0
 
 
-def test_resume_skips_finished_cells(smoke, tmp_path):
+def _copy_cells(smoke, output):
+    import shutil
+
+    shutil.copytree(smoke / "cells", output / "cells")
+
+
+def test_resume_skips_finished_cells(smoke, tmp_path, run_binary):
     output = tmp_path / "resumed"
     output.mkdir()
-    cells = json.loads((smoke / "cells.json").read_text())
+    _copy_cells(smoke, output)
+    cells = output / "cells"
     # A marked cell must be kept as it is; a removed one must be recomputed.
-    kept = "relu/sigma_w2=1"  # A row: every depth of one σw².
-    removed = "erf/sigma_w2=3"
-    cells["phase"][kept]["cells"][2]["condition_number"] = 12345.0
-    expected = cells["phase"].pop(removed)["cells"][3]["condition_number"]
-    cells["finite_width"]["width=16/seed=0"]["final_loss"] = -1.0
-    (output / "cells.json").write_text(json.dumps(cells))
-    result = run_binary(output)
+    kept = cells / "phase-relu-sigma_w2=1.json"  # A row: every depth of one σw².
+    removed = cells / "phase-erf-sigma_w2=3.json"
+    finite = cells / "finite_width-width=16-seed=0.json"
+    stored = json.loads(kept.read_text())
+    stored["record"]["cells"][2]["condition_number"] = 12345.0
+    kept.write_text(json.dumps(stored))
+    stored = json.loads(finite.read_text())
+    stored["record"]["final_loss"] = -1.0
+    finite.write_text(json.dumps(stored))
+    expected = json.loads(removed.read_text())["record"]["cells"][3]["condition_number"]
+    removed.unlink()
+    result = run_binary("trainability", output)
     assert "already finished, skipped" in result.stderr
     assert "4 of 4 (erf/sigma_w2=3) done" in result.stderr
     assert result.stderr.count("done;") == 1  # Only the removed row ran.
@@ -256,13 +256,51 @@ def test_resume_skips_finished_cells(smoke, tmp_path):
     assert results["finite_width"]["widths"][0]["final_train_loss"] == [-1.0]
 
 
-def test_other_settings_in_the_same_directory_are_refused(smoke, tmp_path):
+def test_other_settings_in_the_same_directory_are_refused(smoke, tmp_path, run_binary):
     output = tmp_path / "other"
     output.mkdir()
-    (output / "cells.json").write_text((smoke / "cells.json").read_text())
-    result = run_binary(output, "--gin_bindings=trainability.run.sigma_b2 = 0.1", check=False)
-    assert result.returncode != 0 and "sigma_b2" in result.stderr
-    assert "use a new output_dir" in result.stderr
+    _copy_cells(smoke, output)
+    result = run_binary("trainability", output, "--gin_bindings=trainability.run.sigma_b2 = 0.1",
+                        check=False)
+    assert result.returncode != 0
+    assert "sigma_b2: 0.18 (stored) → 0.1 (now)" in result.stderr
+    assert "use a new output_dir" in result.stderr and "--overwrite" in result.stderr
+    # Another finite-width setting leaves parts 1-3 valid: they are kept, part 4 is refused.
+    result = run_binary("trainability", output,
+                        "--gin_bindings=trainability.run.finite_steps = 6", check=False)
+    assert result.returncode != 0 and "steps: 5 (stored) → 6 (now)" in result.stderr
+    assert result.stderr.count("already finished, skipped") == 4 + 3  # Rows + architectures.
+
+
+def test_overwrite_recomputes_the_cells_of_other_settings(smoke, tmp_path):
+    """In-process (the binary's --overwrite is passed by the launcher: test_launcher)."""
+    import gin
+    import tensorflow as tf
+
+    from experiments import launcher
+
+    output = tmp_path / "overwritten"
+    output.mkdir()
+    _copy_cells(smoke, output)
+    run = launcher.configurable("trainability", trainability.run)
+    gin.add_config_file_search_path(launcher.GIN_CONFIGS_DIR)
+    gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin_configs", SMOKE)],
+                                        ["trainability.run.finite_steps = 6",
+                                         "trainability.run.write_figures = False"])
+    try:
+        results = run(output_dir=str(output), strategy=tf.distribute.get_strategy(),
+                      overwrite=True)
+    finally:
+        gin.clear_config()
+    stored = json.loads((output / "cells" / "finite_width-width=16-seed=0.json").read_text())
+    assert stored["settings"]["steps"] == 6
+    assert results["finite_width"]["steps"] == 6
+    reference = json.loads((smoke / "results.json").read_text())
+    # Parts 1-3 were kept (their settings did not change): the same numbers.
+    assert results["phase_diagram"] == reference["phase_diagram"]
+    # One more gradient step lowers the training loss of the finite network.
+    assert (results["finite_width"]["widths"][0]["final_train_loss"][0]
+            < reference["finite_width"]["widths"][0]["final_train_loss"][0])
 
 
 @pytest.mark.parametrize("override, message", [
