@@ -256,8 +256,8 @@ def phase_row(activation, sigma_w2, sigma_b2, depths, x_train, x_test, labels_tr
             "seconds": time.time() - start}
 
 
-def _phase_data(dataset, num_train, heldout):
-    """(x_train, labels_train, x_test, labels_test, description) of parts 1-2."""
+def _phase_data(dataset, num_train, heldout, flat=True):
+    """(x_train, labels_train, x_test, labels_test, description): training and held-out."""
     x_train, y_train = dataset.train.x[:num_train], dataset.train.y[:num_train]
     x_test, y_test = dataset.test.x, dataset.test.y
     description = f"the first {len(y_train)} training examples; test: the test split"
@@ -265,8 +265,10 @@ def _phase_data(dataset, num_train, heldout):
         x_test = np.concatenate([dataset.train.x[num_train:], x_test])
         y_test = np.concatenate([dataset.train.y[num_train:], y_test])
         description += f" and the {len(dataset.train.y) - len(y_train)} unused training examples"
-    flat = lambda x: x.reshape(len(x), -1).astype(np.float64)
-    return flat(x_train), y_train, flat(x_test), y_test, description
+    def prepared(x):
+        return (x.reshape(len(x), -1) if flat else x).astype(np.float64)
+
+    return prepared(x_train), y_train, prepared(x_test), y_test, description
 
 
 def _phase_diagrams(cells, output_dir, activations, grids, depths, sigma_b2, phase_data,
@@ -356,40 +358,79 @@ def _assemble_diagram(activation, grid, depths, sigma_b2, rows, times, learning_
 # ---------------------------------------------------------------- 3
 
 
-def architecture_cell(name, depth, activation, sigma_w2, sigma_b2, dataset, kernel_size,
+def architecture_cell(name, depth, activation, sigma_w2, sigma_b2, split, kernel_size,
                       ridge, kernel_batch_size=None):
-    """NTK spectrum and kernel-regression accuracy of one architecture."""
+    """NTK spectrum and kernel-regression predictions of one architecture.
+
+    `split` is (x_train, labels_train, x_test, labels_test) with image inputs.
+    Stores which test examples are classified correctly (for paired tests).
+    """
     import keras_ntk
     from experiments import models
     from keras_ntk import predict
 
-    shape = dataset.input_shape
+    x_train, labels_train, x_test, labels_test = split
+    shape = x_train.shape[1:]
     common = dict(depth=depth, sigma_w2=sigma_w2, sigma_b2=sigma_b2, activation=activation)
     if name == "fcn":
         model = models.ntk_fcn(shape, 1, width=8, **common)
     else:
         model = models.ntk_cnn(shape, 1, filters=4, kernel_size=kernel_size,
                                pooling=name.split("_")[1], **common)
-    x_all = np.concatenate([dataset.train.x, dataset.test.x]).astype(np.float64)
-    n = len(dataset.train.x)
     start = time.time()
-    ntk = keras_ntk.infinite_kernels(model, x_all, batch_size=kernel_batch_size).ntk
+    # Θ(X, X) and Θ(X*, X) only (Θ(X*, X*) is not needed).
+    k_train = keras_ntk.infinite_kernels(model, x_train, batch_size=kernel_batch_size).ntk
+    k_test_train = keras_ntk.infinite_kernels(model, x_test, x_train,
+                                              batch_size=kernel_batch_size).ntk
     seconds = time.time() - start
-    k_train, k_test_train = ntk[:n, :n], ntk[n:, :n]
     eigenvalues, cell = spectrum_summary(k_train)
-    num_classes = int(max(dataset.train.y.max(), dataset.test.y.max())) + 1
-    y_train = heatmap_targets(dataset.train.y, num_classes)
-    scaled_ridge = ridge * float(np.trace(k_train)) / n
+    num_classes = int(max(labels_train.max(), labels_test.max())) + 1
+    y_train = heatmap_targets(labels_train, num_classes)
+    scaled_ridge = ridge * float(np.trace(k_train)) / len(k_train)
     fx_test = predict.kernel_regression(k_train, k_test_train, y_train, scaled_ridge)
+    correct = np.argmax(fx_test, axis=-1) == labels_test
     cell.update(
-        test_accuracy=_accuracy(fx_test, dataset.test.y),
+        test_accuracy=float(np.mean(correct)),
+        test_correct=[bool(c) for c in correct],
         eigenvalues=[float(v) for v in eigenvalues[::-1]],
         kernel_seconds=seconds,
     )
     return cell
 
 
-def _architectures(cells, output_dir, names, depths, activation, sigma_w2, sigma_b2, dataset,
+def paired_architecture_tests(architectures, alpha=0.05, power=0.8):
+    """Exact McNemar test per depth for every pair of architectures, with its power.
+
+    `detectable_difference`: the accuracy difference the test detects with
+    probability `power` at level `alpha`, given the number of test examples
+    and the observed rate of disagreement (normal approximation,
+    `experiments.stats.mcnemar_detectable_difference`).
+    """
+    from experiments import stats
+
+    names = list(architectures)
+    tests = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            for k, depth in enumerate(architectures[a]["depth"]):
+                result = stats.mcnemar_exact(architectures[a]["test_correct"][k],
+                                             architectures[b]["test_correct"][k])
+                discordance = (result.a_only + result.b_only) / result.n
+                tests.append({
+                    "a": a, "b": b, "depth": int(depth), "n": int(result.n),
+                    "accuracy_difference": float(result.difference),
+                    "a_only_correct": int(result.a_only), "b_only_correct": int(result.b_only),
+                    "p_value": float(result.p_value),
+                    # None: no difference detectable (the two never disagree).
+                    "detectable_difference": _finite_or_none(
+                        stats.mcnemar_detectable_difference(result.n, discordance,
+                                                            alpha=alpha, power=power)),
+                    "alpha": alpha, "power": power,
+                })
+    return tests
+
+
+def _architectures(cells, output_dir, names, depths, activation, sigma_w2, sigma_b2, split,
                    kernel_size, ridge, kernel_batch_size):
     import tensorflow as tf
 
@@ -404,7 +445,7 @@ def _architectures(cells, output_dir, names, depths, activation, sigma_w2, sigma
             if cell is not None:
                 progress.skip(key)
             else:
-                cell = architecture_cell(name, depth, activation, sigma_w2, sigma_b2, dataset,
+                cell = architecture_cell(name, depth, activation, sigma_w2, sigma_b2, split,
                                          kernel_size, ridge, kernel_batch_size)
                 cells.put("architectures", key, cell)
                 with writer.as_default():
@@ -418,11 +459,10 @@ def _architectures(cells, output_dir, names, depths, activation, sigma_w2, sigma
             # The contract's number: the deepest of `architecture_depths`.
             "test_accuracy": by_depth[-1]["test_accuracy"],
             "depth": [int(d) for d in depths],
-            "test_accuracy_by_depth": [c["test_accuracy"] for c in by_depth],
-            "condition_number": [c["condition_number"] for c in by_depth],
-            "condition_at_float64_bound": [c["condition_at_float64_bound"] for c in by_depth],
-            "eigenvalues": [c["eigenvalues"] for c in by_depth],
-            "kernel_seconds": [c["kernel_seconds"] for c in by_depth],
+            **{f"{key}_by_depth" if key == "test_accuracy" else key:
+               [c[key] for c in by_depth]
+               for key in ("test_accuracy", "test_correct", "condition_number",
+                           "condition_at_float64_bound", "eigenvalues", "kernel_seconds")},
         }
     writer.close()
     return out
@@ -667,7 +707,7 @@ def run(
         "architectures": dict(common, activation=architecture_activation,
                               sigma_w2=float(architecture_sigma_w2),
                               num_train=architecture_num_train, num_test=architecture_num_test,
-                              conv_kernel_size=conv_kernel_size, ridge=float(ridge)),
+                              heldout=heldout, conv_kernel_size=conv_kernel_size, ridge=float(ridge)),
         "finite_width": dict(common, num_test=num_test,
                              depth=finite_depth, activation=finite_activation,
                              sigma_w2=float(finite_sigma_w2), finite_num_train=finite_num_train,
@@ -697,19 +737,29 @@ def run(
     cells_lib.write_json_atomic(results_path, results)
 
     if architectures:
-        subset = data_lib.load_dataset(dataset, num_train=architecture_num_train,
-                                       num_test=architecture_num_test, data_dir=data_dir)
+        subset = data_lib.load_dataset(
+            dataset, num_train=None if heldout == "test_and_unused_train" else
+            architecture_num_train, num_test=None, data_dir=data_dir)
+        x_train, labels_train, x_test, labels_test, description = _phase_data(
+            subset, architecture_num_train, heldout, flat=False)
+        split = (x_train, labels_train, x_test[:architecture_num_test],
+                 labels_test[:architecture_num_test])
         logging.info("Part 3: architectures %s on %d train / %d test inputs", architectures,
-                     len(subset.train.y), len(subset.test.y))
+                     len(split[1]), len(split[3]))
         results["architectures"] = _architectures(
             cells, output_dir, architectures, [int(d) for d in architecture_depths],
-            architecture_activation, architecture_sigma_w2, sigma_b2, subset, conv_kernel_size,
+            architecture_activation, architecture_sigma_w2, sigma_b2, split, conv_kernel_size,
             ridge, kernel_batch_size)
+        results["architecture_tests"] = paired_architecture_tests(results["architectures"])
         results["architecture_setup"] = {
             "activation": architecture_activation, "sigma_w2": float(architecture_sigma_w2),
-            "sigma_b2": float(sigma_b2), "num_train": len(subset.train.y),
-            "num_test": len(subset.test.y), "kernel_size": int(conv_kernel_size),
+            "sigma_b2": float(sigma_b2), "num_train": len(split[1]),
+            "num_test": len(split[3]), "examples": description + (
+                f", the first {len(split[3])} of them" if architecture_num_test else ""),
+            "kernel_size": int(conv_kernel_size),
             "ridge_relative_to_mean_diagonal": float(ridge),
+            "kernel_seconds_total": float(sum(sum(a["kernel_seconds"])
+                                              for a in results["architectures"].values())),
         }
         cells_lib.write_json_atomic(results_path, results)
 

@@ -4,22 +4,19 @@ The equations are in `keras_ntk.infinite`'s docstring. A plan is a list of
 (op, mode, spatial) from `keras_ntk.infinite._plan`; kernels have any leading
 shape (a block of pairs of examples, or pairs i↔i), then nothing ("fcn"), the
 spatial diagonal (H, W) ("diag") or positions × positions (H, W, H, W)
-("full"). `keras_ntk.infinite` compiles these functions and runs them in
-blocks.
+("full"). The compiled form (tf.functions per architecture structure, σ
+values as arguments, a bounded cache) is at the end; `keras_ntk.infinite`
+runs it in blocks.
 """
 
+import collections
 import math
 
 import numpy as np
 import tensorflow as tf
 
 from keras_ntk._arcsine import _acos, _asin
-
-
-def _same_padding(size, k, s):
-    out = -(-size // s)
-    total = max((out - 1) * s + k - size, 0)
-    return out, total // 2, total - total // 2
+from keras_ntk._kernel_plan import _Op, _same_padding
 
 
 def _shifted_sum(k, mode, spatial, kernel_size, strides, padding):
@@ -254,3 +251,115 @@ def _cross_kernels(steps, x1, x2, vars1, vars2, outer, polynomial=False, all_dep
     kernels = _propagate(rest, nngp, None if rest is steps else nngp, provider,
                          polynomial=polynomial, depths=depths)
     return _stack(depths) if all_depths else kernels
+
+
+# ------------------------------------------------------------ compiled recursions
+
+_WEIGHTED = ("dense", "conv")
+
+
+def _variances_of(steps):
+    """(σw², σb²) of every step with weights, an (n, 2) float64 array."""
+    rows = [[op.params["w2"], op.params["b2"]] for op, _, _ in steps if op.kind in _WEIGHTED]
+    return np.array(rows, np.float64).reshape(-1, 2)
+
+
+def _structure(steps):
+    """The plan without its variances: the compile-cache key."""
+    return repr([(op.kind, {k: v for k, v in op.params.items() if k not in ("w2", "b2")},
+                  mode, spatial) for op, mode, spatial in steps])
+
+
+def _bind(steps, variances):
+    """The steps with σw², σb² read from the (n, 2) tensor `variances`."""
+    bound, i = [], 0
+    for op, mode, spatial in steps:
+        if op.kind in _WEIGHTED:
+            op = _Op(op.kind, **{**op.params, "w2": variances[i, 0], "b2": variances[i, 1]})
+            i += 1
+        bound.append((op, mode, spatial))
+    return bound
+
+
+# Compiled recursions per architecture *structure*: σw², σb² are arguments, so
+# a phase diagram over σ reuses one compiled set per depth. Least recently used
+# structures beyond the bound are dropped (their tf.functions are then freed).
+_COMPILED = collections.OrderedDict()
+_COMPILED_LIMIT = 16
+
+
+def _compiled(steps):
+    """The compiled recursions of `steps`, bound to its variances."""
+    key = _structure(steps)
+    if key in _COMPILED:
+        _COMPILED.move_to_end(key)
+    else:
+        _COMPILED[key] = _Compiled(steps)
+        while len(_COMPILED) > _COMPILED_LIMIT:
+            _COMPILED.popitem(last=False)
+    return _Bound(_COMPILED[key], _variances_of(steps))
+
+
+class _Compiled:
+    """tf.functions of one architecture structure (traced once per block shape).
+
+    Every function takes the (n, 2) tensor of (σw², σb²) per weighted layer
+    first. `xla()` gives the same functions compiled by XLA, with
+    arccos/arcsin as fused polynomials (`_acos`, `_asin`): XLA fuses each
+    layer's elementwise chain (arc-cosine kernel, shifted sums, pooling means)
+    into loops over the block instead of writing every (block × positions²)
+    intermediate to memory. Compiling takes seconds, so it pays only for large
+    spatial kernels.
+    """
+
+    def __init__(self, steps, jit_compile=False):
+        self.steps = steps
+        self._xla = self if jit_compile else None
+        options = dict(reduce_retracing=True, jit_compile=jit_compile)
+
+        def function(fn):
+            return tf.function(fn, **options)
+
+        polynomial = jit_compile
+        self.self_recursion = function(
+            lambda s, x: _self_recursion(_bind(steps, s), x, polynomial))
+        self.self_recursion_depths = function(
+            lambda s, x: _self_recursion(_bind(steps, s), x, polynomial, True))
+        self.cross = function(lambda s, x1, x2, v1, v2: _cross_kernels(
+            _bind(steps, s), x1, x2, v1, v2, True, polynomial))
+        self.cross_depths = function(lambda s, x1, x2, v1, v2: _cross_kernels(
+            _bind(steps, s), x1, x2, v1, v2, True, polynomial, True))
+        self.pairwise = function(lambda s, x1, x2, v1, v2: _cross_kernels(
+            _bind(steps, s), x1, x2, v1, v2, False, polynomial))
+
+    def xla(self):
+        if self._xla is None:
+            self._xla = _Compiled(self.steps, jit_compile=True)
+        return self._xla
+
+
+class _Bound:
+    """A `_Compiled` with the variances of one model: calls pass them as a tensor."""
+
+    def __init__(self, compiled, variances):
+        self.compiled, self.variances = compiled, variances
+
+    def xla(self):
+        return _Bound(self.compiled.xla(), self.variances)
+
+    def _s(self, x):
+        return tf.constant(self.variances, tf.as_dtype(x.dtype))
+
+    def self_recursion(self, x, all_depths=False):
+        fn = self.compiled.self_recursion_depths if all_depths else self.compiled.self_recursion
+        return fn(self._s(x), x)
+
+    def self_variances(self, x):
+        return self.compiled.self_recursion(self._s(x), x)[0]
+
+    def cross(self, x1, x2, v1, v2, all_depths=False):
+        fn = self.compiled.cross_depths if all_depths else self.compiled.cross
+        return fn(self._s(x1), x1, x2, v1, v2)
+
+    def pairwise(self, x1, x2, v1, v2):
+        return self.compiled.pairwise(self._s(x1), x1, x2, v1, v2)

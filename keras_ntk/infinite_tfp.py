@@ -7,7 +7,8 @@ heavy and needs tf_keras).
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from keras_ntk import infinite
+from keras_ntk._kernel_plan import _architecture
+from keras_ntk._kernel_recursion import _compiled
 
 
 def _pairwise_kernels(compiled, x1, x2):
@@ -54,7 +55,7 @@ class NTKPsdKernel(tfp.math.psd_kernels.PositiveSemidefiniteKernel):
         self._model = model
         self._kind = kind
         self._example_shape = tuple(input_shape)
-        self._compiled = infinite._compiled(infinite._architecture(model, self._example_shape))
+        self._compiled = _compiled(_architecture(model, self._example_shape))
         super().__init__(feature_ndims=len(self._example_shape),
                          dtype=tf.as_dtype(dtype), name=name, parameters=parameters)
 

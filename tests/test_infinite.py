@@ -9,7 +9,7 @@ import scipy.special
 import tensorflow as tf
 
 import keras_ntk
-from keras_ntk import _arcsine, _kernel_recursion, infinite, mean_field
+from keras_ntk import _arcsine, _kernel_plan, _kernel_recursion, infinite, mean_field
 from keras_ntk.layers import Erf, NTKConv2D, NTKDense
 
 
@@ -279,13 +279,13 @@ def test_flatten_diagonal_path_equals_full_covariance_path(name):
     shape = _ARCHITECTURES[name][0]
     x = np.random.default_rng(2).normal(size=(6, *shape))
     model = _model(name)
-    diagonal = infinite._plan(infinite._model_ops(model), shape)
-    full = infinite._plan(infinite._model_ops(model), shape, full_covariance=True)
+    diagonal = _kernel_plan._plan(_kernel_plan._model_ops(model), shape)
+    full = _kernel_plan._plan(_kernel_plan._model_ops(model), shape, full_covariance=True)
     assert "diag" in [mode for _, mode, _ in diagonal]
     assert "diag" not in [mode for _, mode, _ in full]
     for jit in (False, True) if name == "cnn_flatten" else (False,):
-        compiled = infinite._Bound(infinite._Compiled(full, jit_compile=jit),
-                                   infinite._variances_of(full))
+        compiled = _kernel_recursion._Bound(_kernel_recursion._Compiled(full, jit_compile=jit),
+                                   _kernel_recursion._variances_of(full))
         variances = compiled.self_variances(tf.constant(x))
         nngp, ntk = compiled.cross(tf.constant(x), tf.constant(x), variances, variances)
         kernels = keras_ntk.infinite_kernels(model, x, jit_compile=jit)
@@ -592,7 +592,7 @@ def test_all_depths_needs_a_dense_layer_on_flat_inputs():
 def test_variances_are_arguments_of_one_compiled_recursion():
     # A sweep over σw² (a phase-diagram row) compiles the architecture once;
     # every σ still gets its own kernel (checked against the naive recursion).
-    infinite._COMPILED.clear()
+    _kernel_recursion._COMPILED.clear()
     x = np.random.default_rng(6).normal(size=(6, 5))
     for w2 in (0.5, 1.0, 2.0, 3.0):
         kernels = keras_ntk.infinite_kernels(_fcn(3, w2, 0.1), x)
@@ -607,18 +607,18 @@ def test_variances_are_arguments_of_one_compiled_recursion():
         off = ~np.eye(6, dtype=bool)
         np.testing.assert_allclose(kernels.nngp, k, rtol=1e-12)
         np.testing.assert_allclose(kernels.ntk[off], t[off], rtol=1e-10)
-    assert len(infinite._COMPILED) == 1
-    compiled = next(iter(infinite._COMPILED.values()))
+    assert len(_kernel_recursion._COMPILED) == 1
+    compiled = next(iter(_kernel_recursion._COMPILED.values()))
     assert compiled.cross.experimental_get_tracing_count() == 1
 
 
 def test_compile_cache_is_bounded(monkeypatch):
-    monkeypatch.setattr(infinite, "_COMPILED_LIMIT", 3)
-    infinite._COMPILED.clear()
+    monkeypatch.setattr(_kernel_recursion, "_COMPILED_LIMIT", 3)
+    _kernel_recursion._COMPILED.clear()
     x = np.ones((2, 5))
     for depth in range(6):
         keras_ntk.infinite_kernels(_fcn(depth, 1.0, 0.1), x)
-    assert len(infinite._COMPILED) == 3
+    assert len(_kernel_recursion._COMPILED) == 3
     # The most recently used structures are kept.
-    assert [infinite._structure(infinite._architecture(_fcn(d, 1.0, 0.1), (5,)))
-            for d in (3, 4, 5)] == list(infinite._COMPILED)
+    assert [_kernel_recursion._structure(_kernel_plan._architecture(_fcn(d, 1.0, 0.1), (5,)))
+            for d in (3, 4, 5)] == list(_kernel_recursion._COMPILED)

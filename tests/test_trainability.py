@@ -263,7 +263,7 @@ def test_other_settings_in_the_same_directory_are_refused(smoke, tmp_path, run_b
     result = run_binary("trainability", output, "--gin_bindings=trainability.run.sigma_b2 = 0.1",
                         check=False)
     assert result.returncode != 0
-    assert "sigma_b2: 0.18 (stored) → 0.1 (now)" in result.stderr
+    assert "sigma_b2: 0.05 (stored) → 0.1 (now)" in result.stderr
     assert "use a new output_dir" in result.stderr and "--overwrite" in result.stderr
     # Another finite-width setting leaves parts 1-3 valid: they are kept, part 4 is refused.
     result = run_binary("trainability", output,

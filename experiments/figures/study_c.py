@@ -146,10 +146,13 @@ def figure_spread(diagram, path, curves=6):
     axes[0].set_ylabel("‖F* − mean F*‖ / ‖Yc* − mean Yc*‖ (test)")
     axes[0].set_title("chaotic phase: spread of P(Θ)Yc (dashed: slope e^(−l/ξ*) over the fit "
                       "window)", fontsize=8)
-    axes[0].legend(fontsize=6)
     axes[1].set_xlabel("ξ* = −1/(log χc* − log χ1)")
     axes[1].set_ylabel("e-fold length over the deepest depths above float64 noise")
-    axes[1].legend(fontsize=7)
+    if chaotic:
+        axes[0].legend(fontsize=6)
+        axes[1].legend(fontsize=7)
+    else:
+        axes[0].set_title("no chaotic σw² on this grid", fontsize=8)
     report.save_figure(fig, path)
 
 
