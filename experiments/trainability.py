@@ -571,6 +571,36 @@ def _finite_width(cells, output_dir, dataset, widths, seeds, depth, activation, 
 # ---------------------------------------------------------------- run
 
 
+def _validate_sizes(**sizes):
+    """Positive sizes (None: all) and non-negative variances, named by their gin binding."""
+    optional = ("num_train", "num_test", "architecture_num_test")
+    for name in ("num_train", "num_test", "architecture_num_train", "architecture_num_test",
+                 "finite_num_train", "finite_steps", "conv_kernel_size"):
+        value = sizes[name]
+        if value is None and name in optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"Expected trainability.run.{name} to be a positive int"
+                             f"{' or None' if name in optional else ''}. "
+                             f"Received: {name}={value!r}")
+    for name in ("architecture_depths", "finite_widths"):
+        values = sizes[name]
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < (1 if name ==
+               "finite_widths" else 0) for v in values):
+            raise ValueError(f"Expected trainability.run.{name} to be a list of "
+                             f"{'positive' if name == 'finite_widths' else 'non-negative'} "
+                             f"ints. Received: {name}={values!r}")
+    if isinstance(sizes["finite_depth"], bool) or not isinstance(sizes["finite_depth"], int) or (
+            sizes["finite_depth"] < 0):
+        raise ValueError("Expected trainability.run.finite_depth to be an int ≥ 0. "
+                         f"Received: finite_depth={sizes['finite_depth']!r}")
+    for name in ("sigma_b2", "ridge"):
+        if not (isinstance(sizes[name], (int, float)) and math.isfinite(sizes[name])
+                and sizes[name] >= 0):
+            raise ValueError(f"Expected trainability.run.{name} to be a finite float ≥ 0. "
+                             f"Received: {name}={sizes[name]!r}")
+
+
 def _validate(dataset, activations, grids, depths, architectures, times, learning_rate_fraction,
               finite_learning_rate_fraction, heldout):
     from experiments import data as data_lib
@@ -698,6 +728,27 @@ def run(
     times = [float(t) for t in times]
     _validate(dataset, activations, grids, depths, architectures, times, learning_rate_fraction,
               finite_learning_rate_fraction, heldout)
+    _validate_sizes(num_train=num_train, num_test=num_test,
+                    architecture_num_train=architecture_num_train,
+                    architecture_num_test=architecture_num_test,
+                    finite_num_train=finite_num_train, finite_steps=finite_steps,
+                    finite_depth=finite_depth, conv_kernel_size=conv_kernel_size,
+                    architecture_depths=list(architecture_depths),
+                    finite_widths=list(finite_widths), sigma_b2=sigma_b2, ridge=ridge)
+    # Data first: sizes the dataset cannot provide are refused before any cell is written.
+    data = data_lib.load_dataset(
+        dataset, num_train=None if heldout == "test_and_unused_train" else num_train,
+        num_test=num_test, data_dir=data_dir)
+    for binding, requested in (("num_train", num_train),
+                               ("architecture_num_train", architecture_num_train)):
+        if requested is not None and requested > len(data.train.y) and (
+                heldout == "test_and_unused_train" or binding == "num_train"):
+            raise ValueError(
+                f"trainability.run.{binding} asks for more training examples than {dataset} "
+                f"has ({len(data.train.y)}). Received: {binding}={requested}")
+    if num_test is not None and num_test > len(data.test.y):
+        raise ValueError(f"trainability.run.num_test asks for more test examples than {dataset} "
+                         f"has ({len(data.test.y)}). Received: num_test={num_test}")
     # The operative settings of each part's cells (kernel_batch_size: memory only).
     common = {"dataset": dataset, "sigma_b2": float(sigma_b2)}
     settings = {
@@ -720,9 +771,6 @@ def run(
                "targets": "heatmaps: raw one-hot (accuracy of the argmax); spread analysis: "
                           "one-hot minus the training mean"}
 
-    data = data_lib.load_dataset(
-        dataset, num_train=None if heldout == "test_and_unused_train" else num_train,
-        num_test=num_test, data_dir=data_dir)
     phase_data = _phase_data(data, num_train or len(data.train.y), heldout)
     num_classes = int(max(data.train.y.max(), data.test.y.max())) + 1
     results["num_train"], results["num_test"] = len(phase_data[1]), len(phase_data[3])

@@ -310,6 +310,11 @@ def test_overwrite_recomputes_the_cells_of_other_settings(smoke, tmp_path):
     (dict(architectures=("resnet",)), "architectures"),
     (dict(depths=(4, 1)), "trainability.run.depths"),
     (dict(heldout="train"), "trainability.run.heldout"),
+    (dict(num_train=-5), "trainability.run.num_train"),
+    (dict(num_train=5000), "trainability.run.num_train .*digits has \\(1437\\)"),
+    (dict(architecture_num_test=0), "trainability.run.architecture_num_test"),
+    (dict(finite_widths=(64, -1)), "trainability.run.finite_widths"),
+    (dict(sigma_b2=-0.1), "trainability.run.sigma_b2"),
 ])
 def test_bad_settings_raise_before_work(tmp_path, override, message):
     kwargs = dict(relu_sigma_w2=(1.0,), erf_sigma_w2=(1.0,), architectures=("fcn",))
