@@ -260,11 +260,14 @@ def _phase_data(dataset, num_train, heldout, flat=True):
     """(x_train, labels_train, x_test, labels_test, description): training and held-out."""
     x_train, y_train = dataset.train.x[:num_train], dataset.train.y[:num_train]
     x_test, y_test = dataset.test.x, dataset.test.y
-    description = f"the first {len(y_train)} training examples; test: the test split"
+    description = f"training: the first {len(y_train)} training examples; held-out: "
     if heldout == "test_and_unused_train":
         x_test = np.concatenate([dataset.train.x[num_train:], x_test])
         y_test = np.concatenate([dataset.train.y[num_train:], y_test])
-        description += f" and the {len(dataset.train.y) - len(y_train)} unused training examples"
+        description += (f"the {len(dataset.train.y) - len(y_train)} training examples beyond "
+                        "them, then the test split")
+    else:
+        description += "the test split"
     def prepared(x):
         return (x.reshape(len(x), -1) if flat else x).astype(np.float64)
 
@@ -783,6 +786,10 @@ def run(
     results["phase_diagram"] = diagrams
     results_path = os.path.join(output_dir, "results.json")
     cells_lib.write_json_atomic(results_path, results)
+    if write_figures:  # The heatmaps now; parts 3 and 4 can take much longer.
+        from experiments.figures import study_c as figures
+
+        figures.draw_figures(results, os.path.join(output_dir, "figures"))
 
     if architectures:
         subset = data_lib.load_dataset(
