@@ -97,6 +97,53 @@ def _validate(dataset, models, tasks, ks, model_builders, linearized_init_mode,
         )
 
 
+def _validate_settings(**settings):
+    """Refuses impossible numeric settings, naming the gin binding, before any work."""
+    checks = {
+        "epochs": lambda v: isinstance(v, int) and v >= 1,
+        "batch_size": lambda v: isinstance(v, int) and v >= 1,
+        "learning_rate": lambda v: isinstance(v, (int, float)) and v > 0,
+        "momentum": lambda v: isinstance(v, (int, float)) and 0 <= v < 1,
+        "num_train": lambda v: v is None or (isinstance(v, int) and v >= 1),
+        "num_test": lambda v: v is None or (isinstance(v, int) and v >= 1),
+        "num_probe": lambda v: isinstance(v, int) and v >= 1,
+        "num_projection": lambda v: isinstance(v, int) and v >= 1,
+        "max_new_cells": lambda v: v is None or (isinstance(v, int) and v >= 0),
+        "seeds": lambda v: len(v) > 0 and all(isinstance(s, int) for s in v)
+        and len(set(v)) == len(v),
+    }
+    expected = {
+        "epochs": "an int >= 1", "batch_size": "an int >= 1", "learning_rate": "a number > 0",
+        "momentum": "a number in [0, 1)", "num_train": "None or an int >= 1",
+        "num_test": "None or an int >= 1", "num_probe": "an int >= 1",
+        "num_projection": "an int >= 1", "max_new_cells": "None or an int >= 0",
+        "seeds": "a non-empty list of distinct ints",
+    }
+    for name, value in settings.items():
+        if isinstance(value, bool) or not checks[name](value):
+            raise ValueError(f"Expected linear_vs_nonlinear.run.{name} to be {expected[name]}. "
+                             f"Received: {name}={value!r}")
+
+
+def _validate_sizes(dataset, data, num_train, num_test, num_probe, batch_size, drop_remainder):
+    """Refuses sizes larger than the loaded dataset (tfds slicing would silently clip them)."""
+    for name, wanted, available, split in (("num_train", num_train, len(data.train.y), "train"),
+                                           ("num_test", num_test, len(data.test.y), "test")):
+        if wanted is not None and wanted > available:
+            raise ValueError(
+                f"Expected linear_vs_nonlinear.run.{name} <= {available} (the {dataset} "
+                f"{split} split). Received: {name}={wanted}")
+    if num_probe > len(data.train.y):
+        raise ValueError(
+            f"Expected linear_vs_nonlinear.run.num_probe <= {len(data.train.y)} training "
+            f"examples. Received: num_probe={num_probe}")
+    if drop_remainder and batch_size > len(data.train.y):
+        raise ValueError(
+            f"Expected linear_vs_nonlinear.run.batch_size <= {len(data.train.y)} training "
+            f"examples with drop_remainder (no full batch otherwise). "
+            f"Received: batch_size={batch_size}")
+
+
 def _centered_alignment(metrics, kernel, labels):
     if np.ptp(labels) == 0:
         return None
@@ -500,6 +547,10 @@ def run(
     models, tasks = list(models), list(tasks)
     ks = [int(k) for k in ks]
     _validate(dataset, models, tasks, ks, model_builders, linearized_init_mode, eigen_solver)
+    _validate_settings(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                       momentum=momentum, num_train=num_train, num_test=num_test,
+                       num_probe=num_probe, num_projection=num_projection,
+                       max_new_cells=max_new_cells, seeds=list(seeds))
     cells = [
         (m, task, k, s)
         for m in models
@@ -532,6 +583,7 @@ def run(
     store = cell_store.CellStore(output_dir, overwrite=overwrite)
     data = data_lib.load_dataset(dataset, num_train=num_train, num_test=num_test,
                                  data_dir=data_dir)
+    _validate_sizes(dataset, data, num_train, num_test, num_probe, batch_size, drop_remainder)
     results["num_train"], results["num_test"] = len(data.train.y), len(data.test.y)
     study = _Study(output_dir, strategy, model_builders, data,
                    dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,

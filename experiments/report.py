@@ -1,7 +1,8 @@
 """results.json writing, figures (matplotlib PNG) and report.md of the studies.
 
-`write_json_atomic` is how every binary writes results.json: to a temporary
-file next to it, then a rename, so readers never see half a file.
+`write_json_atomic` (from `experiments.cells`) is how every binary writes
+results.json: to a temporary file next to it, then a rename, so readers
+never see half a file.
 
 Study A's report (`write_study_a_report`) draws four figures from
 results.json alone and writes report.md: a table of accuracies, alignments
@@ -20,38 +21,13 @@ import base64
 import json
 import math
 import os
-import uuid
 
 import numpy as np
 
-_MODELS = ("network", "linearized_init", "linearized_init_difference", "linearized_final")
-_LABELS = {"network": "network", "linearized_init": "linearized at θ0",
-           "linearized_init_difference": "linearized at θ0, difference",
-           "linearized_final": "linearized at θT, difference"}
-_STYLES = {"network": ("o-", "C0"), "linearized_init": ("s--", "C1"),
-           "linearized_init_difference": ("v-.", "C3"), "linearized_final": ("^:", "C2")}
-
-
-_COLUMNS = {"network": "network", "linearized_init": "lin. θ0",
-            "linearized_init_difference": "lin. θ0 diff.", "linearized_final": "lin. θT diff."}
-
-
-def _models_in(runs):
-    """The models of `_MODELS` every run has (older runs lack the θ0 difference model)."""
-    return [name for name in _MODELS if all(name in r["test_accuracy"] for r in runs)]
-
-
-def write_json_atomic(path, obj):
-    """Writes `obj` as JSON to `path` via a temporary file and a rename."""
-    import tensorflow as tf
-
-    directory = os.path.dirname(path)
-    if directory:
-        tf.io.gfile.makedirs(directory)
-    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
-    with tf.io.gfile.GFile(temporary, "w") as f:
-        json.dump(obj, f, indent=1)
-    tf.io.gfile.rename(temporary, path, overwrite=True)
+from experiments.cells import write_json_atomic  # noqa: F401 (one atomic writer, shared)
+from experiments.figures import pyplot, save_figure  # noqa: F401 (shared by the studies)
+from experiments.figures.study_a import (COLUMNS, LABELS, draw_all, grouped, mean, models_in,
+                                         task_name)
 
 
 def pack_bits(values):
@@ -70,145 +46,6 @@ def read_json(path):
 
     with tf.io.gfile.GFile(path) as f:
         return json.load(f)
-
-
-def pyplot():
-    """matplotlib.pyplot with the non-interactive Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path):
-    """Writes `fig` as a PNG to `path` (local or gs://), creating its directory, and closes it."""
-    import tensorflow as tf
-
-    tf.io.gfile.makedirs(os.path.dirname(path))
-    with tf.io.gfile.GFile(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
-    pyplot().close(fig)
-
-
-def _grouped(runs):
-    """{model: {(task, k): [runs over seeds]}} in a stable order."""
-    groups = {}
-    for run in runs:
-        groups.setdefault(run["model"], {}).setdefault((run["task"], run["k"]), []).append(run)
-    for model in groups:
-        groups[model] = dict(sorted(groups[model].items(),
-                                    key=lambda item: (item[0][0] != "eigenfunction",
-                                                      item[0][1] or 0)))
-    return groups
-
-
-def _mean(runs, get):
-    return float(np.mean([get(r) for r in runs]))
-
-
-def _task_name(task, k):
-    return f"k={k}" if task == "eigenfunction" else task
-
-
-def figure_accuracy_vs_k(results, path):
-    """Test accuracy vs eigenfunction index k: network and linearizations."""
-    plt = pyplot()
-    groups = _grouped(results["runs"])
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
-    for ax, (model, cells) in zip(axes[0], groups.items()):
-        eigen = [(k, runs) for (task, k), runs in cells.items() if task == "eigenfunction"]
-        if eigen:
-            ks = [k for k, _ in eigen]
-            for name in _models_in(results["runs"]):
-                style, color = _STYLES[name]
-                ax.plot(ks, [_mean(r, lambda x: x["test_accuracy"][name]) for _, r in eigen],
-                        style, color=color, label=_LABELS[name])
-            majority = [_mean(r, lambda x: max(x["base_rate"]["test"],
-                                               1 - x["base_rate"]["test"])) for _, r in eigen]
-            ax.plot(ks, majority, color="gray", lw=1, label="majority class")
-            ax.set_xscale("log")
-        for (task, _), runs in cells.items():
-            if task == "binary":
-                for name in _models_in(runs):
-                    ax.axhline(_mean(runs, lambda x: x["test_accuracy"][name]), lw=0.6,
-                               ls="-.", color=_STYLES[name][1])
-                ax.text(0.99, 0.02, "dash-dot: binary task", transform=ax.transAxes,
-                        ha="right", fontsize=7)
-        ax.set_xlabel("eigenfunction index k")
-        ax.set_ylabel("test accuracy")
-        ax.set_title(model)
-        ax.legend(fontsize=7)
-    save_figure(fig, path)
-
-
-def figure_alignment(results, path):
-    """Kernel-target alignment of the eNTK at θ0 and at θT, per task."""
-    plt = pyplot()
-    groups = _grouped(results["runs"])
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
-    for ax, (model, cells) in zip(axes[0], groups.items()):
-        names = [_task_name(*key) for key in cells]
-        positions = np.arange(len(names))
-        for offset, when in ((-0.2, "init"), (0.2, "final")):
-            ax.bar(positions + offset, [_mean(r, lambda x: x["alignment"][when])
-                                        for r in cells.values()],
-                   width=0.4, label={"init": "at θ0", "final": "at θT"}[when])
-        ax.set_xticks(positions, names, rotation=45, fontsize=8)
-        ax.set_ylabel("kernel-target alignment")
-        ax.set_title(model)
-        ax.legend(fontsize=7)
-    save_figure(fig, path)
-
-
-def figure_projection(results, path):
-    """a_j = v_jᵀ ΘT v_j in the eigenbasis of Θ0, against the eigenvalues of Θ0."""
-    plt = pyplot()
-    groups = _grouped(results["runs"])
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
-    for ax, (model, cells) in zip(axes[0], groups.items()):
-        first = next(iter(cells.values()))[0]
-        j = np.arange(1, len(first["projection"]["init"]) + 1)
-        ax.plot(j, first["projection"]["init"], color="black", lw=2, label="Θ0 (λ_j)")
-        for index, ((task, k), runs) in enumerate(cells.items()):
-            final = np.mean([r["projection"]["final"] for r in runs], axis=0)
-            ax.plot(j, final, lw=1, color=f"C{index % 10}", label=f"ΘT, {_task_name(task, k)}")
-            if task == "eigenfunction" and k <= len(j):
-                ax.plot([k], [final[k - 1]], "o", color=f"C{index % 10}")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("j (eigenvector of Θ0 on the probe set)")
-        ax.set_ylabel("a_j")
-        ax.set_title(model)
-        ax.legend(fontsize=6)
-    save_figure(fig, path)
-
-
-def figure_energy(results, path):
-    """Cumulative energy of the ±1 labels in the eigenbasis of Θ0."""
-    plt = pyplot()
-    groups = _grouped(results["runs"])
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
-    for ax, (model, cells) in zip(axes[0], groups.items()):
-        for index, ((task, k), runs) in enumerate(cells.items()):
-            energy = np.asarray(runs[0]["label_energy"])
-            ax.plot(np.arange(1, len(energy) + 1), np.cumsum(energy), color=f"C{index % 10}",
-                    label=_task_name(task, k))
-        ax.set_xscale("log")
-        ax.set_xlabel("number of leading eigenvectors of Θ0")
-        ax.set_ylabel("cumulative label energy")
-        ax.set_title(model)
-        ax.legend(fontsize=6)
-    save_figure(fig, path)
-
-
-FIGURES = {
-    "accuracy_vs_k.png": figure_accuracy_vs_k,
-    "alignment.png": figure_alignment,
-    "projection.png": figure_projection,
-    "energy.png": figure_energy,
-}
 
 
 def _spearman(x, y):
@@ -271,7 +108,7 @@ def _bootstrap(correct, statistic, options):
             "num_resamples": result.num_resamples}
 
 
-def _signed_verdict(estimate, interval, p_value, options, *, want_negative):
+def _signed_verdict(estimate, interval, p_value, alpha, margin, *, want_negative):
     """reproduced / not reproduced / inconclusive for a bootstrap statistic.
 
     Significant (p < α) in the wanted direction: reproduced; significant the
@@ -280,10 +117,10 @@ def _signed_verdict(estimate, interval, p_value, options, *, want_negative):
     had the power to see it), else inconclusive.
     """
     sign = -1 if want_negative else 1
-    if p_value < options["alpha"]:
+    if p_value < alpha:
         return "reproduced" if sign * estimate > 0 else "not reproduced"
     reach = interval[0] if want_negative else interval[1]
-    return "not reproduced" if sign * reach < options["margin"] else "inconclusive"
+    return "not reproduced" if sign * reach < margin else "inconclusive"
 
 
 def _rank_finding(eigen, options):
@@ -301,7 +138,7 @@ def _rank_finding(eigen, options):
                        "else inconclusive"}
     if any(c is None for c in correct) or len({c.shape for c in correct}) != 1:
         for index, name in enumerate(names):
-            finding[name] = {"rho": _spearman(ks, [_mean(r, lambda x, n=name: x["test_accuracy"][n])
+            finding[name] = {"rho": _spearman(ks, [mean(r, lambda x, n=name: x["test_accuracy"][n])
                                                   for _, r in eigen])}
         finding["verdict"] = "not tested (no per-example predictions)"
         return finding
@@ -332,7 +169,7 @@ def _weight_distance_finding(eigen, options):
     from scipy import stats
 
     ks = [k for k, _ in eigen]
-    distances = [_mean(r, lambda x: x["weight_distance_squared"]) for _, r in eigen]
+    distances = [mean(r, lambda x: x["weight_distance_squared"]) for _, r in eigen]
     rho = _spearman(ks, distances)
     p_value = float("nan")
     if np.isfinite(rho):
@@ -410,7 +247,7 @@ def _alignment_finding(cells, options):
     from experiments import stats
 
     two_class = [(key, runs) for key, runs in cells.items() if not _is_one_class(runs)]
-    changes = [_mean(r, lambda x: x["alignment"]["final"] - x["alignment"]["init"])
+    changes = [mean(r, lambda x: x["alignment"]["final"] - x["alignment"]["init"])
                for _, r in two_class]
     rises = int(sum(c > 0 for c in changes))
     falls = int(sum(c < 0 for c in changes))
@@ -438,6 +275,7 @@ def _tracking_finding(cells, options):
     from experiments import stats
 
     names = ("network", "linearized_final", "linearized_init_difference")
+    alpha = options["alpha"]
     base = {"claim": "the linearization at the trained weights θT explains the network: its "
                      "accuracy tracks the network's, also where the network loses to the "
                      "linearization at θ0",
@@ -446,25 +284,35 @@ def _tracking_finding(cells, options):
                          "seeds (negative: θT tracks the network more closely)",
             "test": "paired bootstrap over test examples (the same resampled examples for every "
                     "seed and model), percentile interval, two-sided p for 0",
-            "rule": "reproduced when the estimate is below 0 with p < α; above 0 with p < α, or "
-                    f"an interval excluding −{options['margin']:.0%}: not reproduced; else "
-                    "inconclusive. Overall: the mean over two-class tasks"}
-    rows, correct_all = [], []
+            "rule": "reproduced when the estimate is below 0 with p < α; above 0 with p < α: not "
+                    "reproduced. Not significant: not reproduced when the interval excludes "
+                    "removing half of the θ0 gap (the claim predicts θT removes it), else "
+                    "inconclusive. Per task, when lin. θ0 does not differ from the network "
+                    "(exact McNemar p ≥ α) there is no gap to remove: not testable. Overall: "
+                    "the mean over two-class tasks, margin half their mean θ0 gap"}
+    rows, correct_all, gaps_init = [], [], []
     for (task, k), runs in cells.items():
         correct = _correct(runs, names)
         if correct is None:
             return dict(base, verdict="not tested (no per-example predictions)")
         result = _bootstrap(correct, stats.gap_difference, options)
         accuracies = correct.mean(axis=2).mean(axis=0)
+        gap_init = float(abs(accuracies[2] - accuracies[0]))
+        init_vs_network = _paired_outcome(correct[:, 2], correct[:, 0], options)
+        if result["p_value"] >= alpha and init_vs_network["p_value"] >= alpha:
+            verdict = "not testable (lin. θ0 does not differ from the network)"
+        else:
+            verdict = _signed_verdict(result["estimate"], result["interval"], result["p_value"],
+                                      alpha, gap_init / 2, want_negative=True)
         one_class = _is_one_class(runs)
-        rows.append({"task": _task_name(task, k), "one_class": one_class,
+        rows.append({"task": task_name(task, k), "one_class": one_class,
                      "gap_final": float(abs(accuracies[1] - accuracies[0])),
-                     "gap_init": float(abs(accuracies[2] - accuracies[0])),
-                     **result,
-                     "verdict": _signed_verdict(result["estimate"], result["interval"],
-                                                result["p_value"], options, want_negative=True)})
+                     "gap_init": gap_init, **result,
+                     "p_value_init_vs_network": init_vs_network["p_value"],
+                     "verdict": verdict})
         if not one_class:
             correct_all.append(correct)
+            gaps_init.append(gap_init)
     overall = None
     if correct_all and len({c.shape for c in correct_all}) == 1:
         stacked = np.concatenate(correct_all, axis=1)
@@ -476,8 +324,10 @@ def _tracking_finding(cells, options):
 
         overall = _bootstrap(stacked, mean_gap_difference, options)
         overall["num_tasks"] = num_tasks
+        overall["margin"] = float(np.mean(gaps_init) / 2)
         overall["verdict"] = _signed_verdict(overall["estimate"], overall["interval"],
-                                             overall["p_value"], options, want_negative=True)
+                                             overall["p_value"], alpha, overall["margin"],
+                                             want_negative=True)
     return dict(base, tasks=rows, overall=overall,
                 verdict=overall["verdict"] if overall else "not tested")
 
@@ -502,7 +352,7 @@ def study_a_findings(results, *, alpha=0.05, power=0.8, margin=0.02, num_resampl
     options = {"alpha": alpha, "power": power, "margin": margin,
                "num_resamples": num_resamples, "seed": seed}
     models = {}
-    for model, cells in _grouped(results["runs"]).items():
+    for model, cells in grouped(results["runs"]).items():
         eigen = [(k, r) for (task, k), r in cells.items() if task == "eigenfunction"]
         two_class_eigen = [(k, r) for k, r in eigen if not _is_one_class(r)]
         findings = {}
@@ -539,7 +389,7 @@ def _finding_lines(findings):
         if "rank" in found:
             f = found["rank"]
             numbers = "; ".join(
-                f"{_LABELS[name]}: ρ = {f[name]['rho']:.2f}"
+                f"{LABELS[name]}: ρ = {f[name]['rho']:.2f}"
                 + (f", interval {_interval(f[name]['interval'])}" if "interval" in f[name] else "")
                 for name in ("network", "linearized_init"))
             lines.append(f"- **Rank** — paper: {f['claim']}. Here ({len(f['tasks'])} two-class "
@@ -579,12 +429,13 @@ def _finding_lines(findings):
             per_task = ", ".join(
                 f"{r['task']}{' (one class)' if r['one_class'] else ''}: "
                 f"{r['gap_final']:.3f} vs {r['gap_init']:.3f}, "
-                f"{r['estimate']:+.3f} {_interval(r['interval'])}, p = {_p(r['p_value'])}"
-                for r in f["tasks"])
+                f"{r['estimate']:+.3f} {_interval(r['interval'])}, p = {_p(r['p_value'])}: "
+                f"{r['verdict']}" for r in f["tasks"])
             overall = f["overall"]
             overall_text = (f"overall (mean over {overall['num_tasks']} two-class tasks): "
                             f"{overall['estimate']:+.3f} {_interval(overall['interval'])}, "
-                            f"p = {_p(overall['p_value'])}") if overall else "no overall test"
+                            f"p = {_p(overall['p_value'])}, margin {overall['margin']:.3f}"
+                            if overall else "no overall test")
             lines.append(f"- **θT tracks the network** — paper: {f['claim']}. Statistic: "
                          f"{f['statistic']}. Here, per task (gap at θT vs gap at θ0, "
                          f"difference, {1 - options['alpha']:.0%} interval, p): {per_task}; "
@@ -613,10 +464,9 @@ def write_study_a_report(output_dir, results=None):
         results = read_json(os.path.join(output_dir, "results.json"))
     if not results["runs"]:
         return None
-    for name, draw in FIGURES.items():
-        draw(results, os.path.join(output_dir, "figures", name))
+    draw_all(results, os.path.join(output_dir, "figures"))
     recipe = results.get("recipe", {})
-    models = _models_in(results["runs"])
+    models = models_in(results["runs"])
     lines = [
         "# Study A: what can linearized neural networks actually say about generalization?",
         "",
@@ -627,8 +477,8 @@ def write_study_a_report(output_dir, results=None):
         "",
         "Variants (`variant` in results.json):",
         "",
-        *[f"- {_LABELS[name]} (`{name}`): {text}" for name, text in results["variant"].items()
-          if name in _LABELS],
+        *[f"- {LABELS[name]} (`{name}`): {text}" for name, text in results["variant"].items()
+          if name in LABELS],
         "",
         "Accuracies are on the test set (each cell: mean over seeds "
         f"{sorted({r['seed'] for r in results['runs']})}; one test example = "
@@ -636,17 +486,17 @@ def write_study_a_report(output_dir, results=None):
         "label-1 test examples (an eigenfunction task can be nearly one-class).",
         "",
         "| model | task | base rate | "
-        + " | ".join(_COLUMNS[n] for n in models)
+        + " | ".join(COLUMNS[n] for n in models)
         + " | align θ0 | align θT | kernel dist. | ‖θT−θ0‖² | ‖θT−θ0‖/‖θ0‖ |",
         "|---|---|---|" + "---|" * len(models) + "---|---|---|---|---|",
     ]
-    for model, cells in _grouped(results["runs"]).items():
+    for model, cells in grouped(results["runs"]).items():
         for (task, k), runs in cells.items():
             def m(get, runs=runs):
-                return _mean(runs, get)
+                return mean(runs, get)
 
             lines.append(
-                f"| {model} | {_task_name(task, k)} | {m(lambda x: x['base_rate']['test']):.2f} | "
+                f"| {model} | {task_name(task, k)} | {m(lambda x: x['base_rate']['test']):.2f} | "
                 + " | ".join(f"{m(lambda x, n=n: x['test_accuracy'][n]):.3f}" for n in models)
                 + f" | {m(lambda x: x['alignment']['init']):.3f}"
                 f" | {m(lambda x: x['alignment']['final']):.3f}"

@@ -42,6 +42,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from keras_ntk import _validation
 from keras_ntk._kernel_plan import _architecture
 from keras_ntk._kernel_recursion import _compiled
 
@@ -201,6 +202,8 @@ def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
     x1 = _as_array(x1, "x1", np_dtype)
     same = x2 is None
     x2 = x1 if same else _as_array(x2, "x2", np_dtype)
+    _validation.check_finite(x1, "x1")
+    _validation.check_finite(None if same else x2, "x2")
     if x1.shape[1:] != x2.shape[1:]:
         raise ValueError(
             "Expected x1 and x2 with the same example shape. "

@@ -65,14 +65,20 @@ def _check_contract(results, expected_cells):
 
 @pytest.fixture(scope="module")
 def interrupted_run(tmp_path_factory, study_a):
-    """The smoke config run three times: 1 cell, killed mid-fit, completed."""
+    """The smoke config run three times: 1 cell, killed mid-fit, completed.
+
+    Before the third run the eigenvector file is truncated, as a kill during its
+    write by older code left it: it must be discarded and computed again.
+    """
     output = tmp_path_factory.mktemp("smoke") / "run"
     first = study_a(output, TWO_EPOCHS,
-                       "--gin_bindings=linear_vs_nonlinear.run.max_new_cells=1")
+                    "--gin_bindings=linear_vs_nonlinear.run.max_new_cells=1")
     first_results = json.loads((output / "results.json").read_text())
     killed = study_a(output, TWO_EPOCHS, "--simulate_crash_after_epochs=1",
-                        check=False)
+                     check=False)
     backup_exists = (output / "cells" / CELLS[1] / "backup_network").exists()
+    eigen = output / "cells" / "init-mlp" / "mlp_eigen.npz"
+    eigen.write_bytes(eigen.read_bytes()[: eigen.stat().st_size // 2])
     resumed = study_a(output, TWO_EPOCHS)
     return dict(output=output, first=first, first_results=first_results, killed=killed,
                 backup_exists=backup_exists, resumed=resumed)
@@ -87,10 +93,13 @@ def test_resume_after_a_kill(interrupted_run):
     assert f"cell 1 of 2 ({CELLS[0]}): already finished, skipped" in log
     assert f"{CELLS[0]}: training the network" not in log  # Not retrained.
     assert "Resuming the fit from its backup" in log
+    assert "Discarding" in log and "mlp_eigen.npz: unreadable" in log
     results = json.loads((interrupted_run["output"] / "results.json").read_text())
     _check_contract(results, CELLS)
     assert results["runs"][0] == interrupted_run["first_results"]["runs"][0]
     assert not (interrupted_run["output"] / "cells" / CELLS[1]).exists()
+    # No temporary file is left by the killed write or any other.
+    assert not [p for p in interrupted_run["output"].rglob("*") if ".tmp-" in p.name]
 
 
 def _flat_numbers(value):
@@ -228,6 +237,10 @@ def test_bad_gin_binding_fails_before_training(tmp_path, study_a):
     ("dataset = 'imagenet'", "Known datasets: cifar10, digits, mnist"),
     ("models = ['vgg']", "Known models: " + ", ".join(sorted(configurables.MODELS))),
     ("tasks = ['regression']", "Known tasks: eigenfunction, binary"),
+    ("epochs = 0", r"linear_vs_nonlinear.run.epochs to be an int >= 1. Received: epochs=0"),
+    ("num_train = -5", r"run.num_train to be None or an int >= 1. Received: num_train=-5"),
+    ("momentum = 1.0", r"run.momentum to be a number in \[0, 1\). Received: momentum=1.0"),
+    ("seeds = []", r"run.seeds to be a non-empty list of distinct ints. Received: seeds=\[\]"),
 ])
 def test_unknown_names_are_listed_before_any_work(tmp_path, binding, message):
     run = launcher.configurable("linear_vs_nonlinear", linear_vs_nonlinear.run)
@@ -242,6 +255,25 @@ def test_unknown_names_are_listed_before_any_work(tmp_path, binding, message):
     finally:
         gin.clear_config()
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("num_train = 5000", r"run.num_train <= 1437 \(the digits train split\)"),
+    ("num_test = 361", r"run.num_test <= 360 \(the digits test split\)"),
+    ("num_probe = 2000", r"run.num_probe <= 1437 training examples. Received: num_probe=2000"),
+])
+def test_sizes_larger_than_the_dataset_are_refused_before_training(tmp_path, data_dir, binding,
+                                                                    message):
+    run = launcher.configurable("linear_vs_nonlinear", linear_vs_nonlinear.run)
+    with gin.unlock_config():
+        gin.parse_config(f"linear_vs_nonlinear.run.{binding}")
+    try:
+        with pytest.raises(ValueError, match=message):
+            run(output_dir=str(tmp_path), strategy=tf.distribute.get_strategy(),
+                model_builders=configurables.MODELS, data_dir=data_dir)
+    finally:
+        gin.clear_config()
+    assert not (tmp_path / "results.json").exists()
 
 
 def test_mirrored_strategy_on_two_logical_cpus(tmp_path, study_a):

@@ -198,3 +198,21 @@ def test_detectable_difference_reported_matches_stats(alpha):
     np.testing.assert_allclose(binary["detectable_difference"],
                                stats.mcnemar_detectable_difference(binary["n"], discordance,
                                                                    alpha=alpha))
+
+
+def test_tasks_without_a_theta0_gap_are_not_testable():
+    """lin θ0 agrees with the network: no gap for θT to close on that task."""
+    def world(k, rng):
+        network = rng.random(N_TEST) < 0.9
+        return {"network": network, "linearized_init": network,
+                "linearized_init_difference": _flip(network, 0.005, rng),
+                "linearized_final": _flip(network, 0.005, rng)}
+
+    tracking = report.study_a_findings(_results(world), **OPTIONS)["models"]["mlp"]["tracking"]
+    for row in tracking["tasks"]:
+        assert row["p_value_init_vs_network"] >= 0.05
+        assert row["verdict"].startswith("not testable")
+    # Overall: margin = half the mean θ0 gap; the interval reaches below −margin or not.
+    np.testing.assert_allclose(tracking["overall"]["margin"],
+                               np.mean([r["gap_init"] for r in tracking["tasks"]
+                                        if not r["one_class"]]) / 2)

@@ -4,12 +4,13 @@ Re-draw a finished run: `python -m experiments.figures.study_c RUN_DIR` writes
 RUN_DIR/figures/*.png.
 """
 
+import json
 import os
 import sys
 
 import numpy as np
 
-from experiments import report
+from experiments.figures import pyplot, save_figure
 
 # The paper's overlay: 8 depth scales (neural-tangents' notebook, `depth_scaling = 8.`).
 DEPTH_SCALING = 8.0
@@ -57,7 +58,7 @@ def _heatmap(ax, diagram, values, **style):
 
 
 def figure_condition(diagram, path):
-    plt = report.pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     kappa = np.log10(np.asarray(diagram["condition_number"], np.float64))
     mesh = _heatmap(ax, diagram, kappa, cmap="viridis")
@@ -66,12 +67,12 @@ def figure_condition(diagram, path):
     ax.set_title(f"FCN {diagram['activation']}, σb²={diagram['sigma_b2']:g}: condition number",
                  fontsize=9)
     ax.legend(fontsize=7, loc="upper right")
-    report.save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def figure_trainability(diagram, path):
     """Training loss at each t (gradient flow), relative to the loss at t = 0."""
-    plt = report.pyplot()
+    plt = pyplot()
     gd = diagram["gd_mse"]
     loss = np.asarray(gd["train_loss"], np.float64)  # σ × depth × t
     initial = np.asarray(gd["initial_train_loss"], np.float64)[..., None]
@@ -88,12 +89,12 @@ def figure_trainability(diagram, path):
     fig.suptitle(f"Trainability: FCN {diagram['activation']}, σb²={diagram['sigma_b2']:g}, "
                  f"gradient flow at η = {gd['learning_rate_fraction']:g}·2nO/λmax, raw one-hot "
                  "targets", fontsize=10)
-    report.save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def figure_generalization(diagram, path):
     """Mean-predictor test accuracy (raw targets) and its spread (centred targets)."""
-    plt = report.pyplot()
+    plt = pyplot()
     mp = diagram["mean_predictor"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     mesh = _heatmap(axes[0], diagram, mp["test_accuracy"], vmin=0, vmax=1, cmap="magma")
@@ -108,12 +109,12 @@ def figure_generalization(diagram, path):
                       "relative to the NNGP output scale √K(x, x)", fontsize=9)
     fig.suptitle(f"Generalization: FCN {diagram['activation']}, σb²={diagram['sigma_b2']:g}",
                  fontsize=10)
-    report.save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def figure_spread(diagram, path, curves=6):
     """The spread against depth in the chaotic phase, and the fitted e-fold lengths vs ξ*."""
-    plt = report.pyplot()
+    plt = pyplot()
     mp = diagram["mean_predictor"]
     depth = np.asarray(diagram["depth"])
     chaotic = [i for i, x in enumerate(diagram["xi_star"]) if x is not None]
@@ -153,11 +154,11 @@ def figure_spread(diagram, path, curves=6):
         axes[1].legend(fontsize=7)
     else:
         axes[0].set_title("no chaotic σw² on this grid", fontsize=8)
-    report.save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def figure_architectures(architectures, setup, path):
-    plt = report.pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, entry in architectures.items():
         eig = np.asarray(entry["eigenvalues"][-1])
@@ -172,11 +173,11 @@ def figure_architectures(architectures, setup, path):
     axes[1].set_title(f"{setup['num_train']} train / {setup['num_test']} test", fontsize=9)
     for ax in axes:
         ax.legend(fontsize=8)
-    report.save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def figure_finite_width(finite, path):
-    plt = report.pyplot()
+    plt = pyplot()
     widths = [w["width"] for w in finite["widths"]]
     fig, ax = plt.subplots(figsize=(5.5, 4))
     series = (("centred_relative_error_mean", "one net, centred f_T − f_0"),
@@ -192,7 +193,7 @@ def figure_finite_width(finite, path):
     ax.set_title(f"finite vs infinite, {finite['activation']} depth {finite['depth']}, "
                  f"T = {finite['steps']} GD steps", fontsize=9)
     ax.legend(fontsize=7)
-    report.save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def draw_figures(results, directory):
@@ -213,5 +214,5 @@ def draw_figures(results, directory):
 
 if __name__ == "__main__":
     run_dir = sys.argv[1]
-    draw_figures(report.read_json(os.path.join(run_dir, "results.json")),
-                 os.path.join(run_dir, "figures"))
+    with open(os.path.join(run_dir, "results.json")) as f:
+        draw_figures(json.load(f), os.path.join(run_dir, "figures"))
