@@ -305,9 +305,9 @@ def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
 
 
 def __getattr__(name):
-    # NTKPsdKernel lives in keras_ntk.infinite_tfp (imports TFP, which is heavy).
+    # NTKPsdKernel lives in keras_ntk._infinite_tfp (imports TFP, which is heavy).
     if name == "NTKPsdKernel":
-        from keras_ntk import infinite_tfp
+        from keras_ntk import _infinite_tfp
 
-        return infinite_tfp.NTKPsdKernel
+        return _infinite_tfp.NTKPsdKernel
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
