@@ -112,4 +112,4 @@ def test_many_models_are_all_freed_and_rss_growth_is_bounded(path, xla):
     # Generous bound on what stays in the process per model. TensorFlow itself
     # keeps ~1 MiB per fitted model and more under XLA (its per-device compile
     # cache does not evict); the numbers are in docs/reliability.md.
-    assert result["mib_per_model"] < (8.0 if xla else 4.0), result
+    assert result["mib_per_model"] < (16.0 if xla else 5.0), result
