@@ -64,7 +64,7 @@ def _ignore_untracked_output(directory, names):
     return {
         name
         for name in names
-        if name in {".git", ".venv", "runs", "site", "build", "dist", "__pycache__",
+        if name in {".git", ".venv", ".cache", "runs", "site", "build", "dist", "__pycache__",
                     ".pytest_cache"}
         or name.endswith(".egg-info")
     }
