@@ -13,9 +13,9 @@ themselves per model (no keras_ntk code involved):
 
 * `plain_fit`: 2 epochs of `fit` of the fresh model;
 * `plain_custom_gradient_fit`: the same with a layer computing y = x with a
-  `tf.custom_gradient` (graph mode registers every gradient function, with the
-  graph it belongs to, in TensorFlow's global gradient registry, never
-  cleared: what `Linearize`'s δ-gradient costs per traced train step);
+  `tf.custom_gradient` (graph mode registers every gradient function in
+  TensorFlow's global gradient registry, never cleared; `Linearize`'s
+  δ-gradient is one);
 * `plain_gradient`: one `tf.function` computing the model's weight gradients.
 
 Each (path, XLA on/off) runs in its own subprocess: after `--warmup` models,
