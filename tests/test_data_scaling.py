@@ -308,3 +308,21 @@ def test_binary_refuses_a_changed_setting_and_overwrite_recomputes(tmp_path, run
     results = json.loads((output / "results.json").read_text())
     assert results["cells"]["network-seed0-n60"] == stored["record"]
     assert results["settings"]["learning_rate"] == 0.2
+
+
+@pytest.mark.parametrize("binding, message", [
+    (dict(sizes=[-5, 10]), r"Received: data_scaling.run.sizes=\[-5, 10\]"),
+    (dict(sizes=[30, 10]), r"increasing order"),
+    (dict(methods=["network", "ntk"]), r"Received: data_scaling.run.methods="),
+    (dict(dataset="imagenet"), r"Received: data_scaling.run.dataset='imagenet'"),
+    (dict(stop_criterion="never"), r"Received: data_scaling.run.stop_criterion='never'"),
+    (dict(large_n=100), r"data_scaling.run.large_n=100"),
+    (dict(fit_window=(500, 100)), r"data_scaling.run.fit_window"),
+    # 1437 digits − 150 validation − 300 n0 pool leave 987 candidates.
+    (dict(sizes=[10, 1000]), r"Expected sizes at most 987 .*data_scaling.run.sizes=\[10, 1000\]"),
+])
+def test_impossible_settings_are_refused_before_any_work(tmp_path, binding, message):
+    with pytest.raises(ValueError, match=message):
+        data_scaling.run(output_dir=str(tmp_path), strategy=tf.distribute.get_strategy(),
+                         model_builders={"mlp": models.mlp}, **binding)
+    assert not (tmp_path / "cells").exists()

@@ -184,3 +184,19 @@ def test_smoke_binary(tmp_path, run_binary):
                          "--gin_bindings=kernel_evolution.run.momentum=0.5", check=False)
     assert refused.returncode != 0
     assert "momentum: 0.0 (stored) → 0.5 (now)" in refused.stderr
+
+
+@pytest.mark.parametrize("binding, message", [
+    (dict(widths=[0, 8]), r"Received: kernel_evolution.run.widths=\[0, 8\]"),
+    (dict(seeds=[1, 1]), r"Received: kernel_evolution.run.seeds=\[1, 1\]"),
+    (dict(model="vit"), r"Received: kernel_evolution.run.model='vit'"),
+    (dict(dataset="imagenet"), r"Received: kernel_evolution.run.dataset='imagenet'"),
+    (dict(num_probe=1400, num_validation=100),
+     r"Expected num_probe \+ num_validation <= 1437 .*kernel_evolution.run.num_probe=1400"),
+    (dict(velocity_dt=10**6), r"velocity_dt=1000000"),
+])
+def test_impossible_settings_are_refused_before_any_work(tmp_path, binding, message):
+    with pytest.raises(ValueError, match=message):
+        kernel_evolution.run(output_dir=str(tmp_path), strategy=tf.distribute.get_strategy(),
+                             model_builders={"mlp": models.mlp}, **binding)
+    assert not (tmp_path / "cells").exists()
