@@ -33,7 +33,7 @@ demo: $(STAMP)
 
 # The site (docs/ and mkdocs.yml, API reference from the docstrings) into site/.
 docs: $(DOCS_STAMP)
-	$(PY) -m mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf $(VENV) runs site .pytest_cache

@@ -15,6 +15,7 @@ under the same machine load. Run: `python benchmarks/linearize_overhead.py`
 
 import argparse
 import os
+import sys
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -25,6 +26,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_ntk  # noqa: E402
+
+# experiments/ is not installed (the wheel is the library only): run from the checkout.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from experiments import models  # noqa: E402
 
 

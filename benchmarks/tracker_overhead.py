@@ -8,6 +8,7 @@ alternating, after a warm-up epoch that compiles everything. Run:
 
 import argparse
 import os
+import sys
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -19,6 +20,9 @@ import tensorflow as tf  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 import keras_ntk  # noqa: E402
+
+# experiments/ is not installed (the wheel is the library only): run from the checkout.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from experiments import models  # noqa: E402
 
 

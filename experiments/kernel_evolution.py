@@ -2,22 +2,22 @@
 
 Vyas, Nakkiran and Bansal (2022) report that the eNTK keeps changing late in
 training ("kernel velocity" does not vanish), so a fixed kernel cannot
-describe the network. This binary trains one network per width with a
-CONSTANT learning rate (with a rate decaying to 0 the velocity vanishes
+describe the network. This binary trains one network per (width, seed) with
+a CONSTANT learning rate (with a rate decaying to 0 the velocity vanishes
 trivially) and takes eNTK snapshots with `keras_ntk.NTKTracker` at
-log-spaced global steps (`every_n_steps` list), on a fixed probe set made of
-`num_probe` training inputs, `num_validation` other training inputs and the
-test inputs (Θt on all of them, so kernel regression with Θt can be scored).
+log-spaced times t_i and at t_i + Δt (`velocity_dt`, the same Δt at every
+t_i), on a fixed probe set (`probe_seed`) made of `num_probe` training
+inputs, `num_validation` other training inputs and the test inputs (Θt on
+all of them, so kernel regression with Θt can be scored).
 
-Per width and snapshot, results.json holds
+Per (width, seed) and time t_i, the cell holds
 
-* `velocity`: NTKTracker's `ntk_velocity`, the cosine kernel distance
-  1 − ⟨Θa, Θb⟩/(‖Θa‖‖Θb‖) between consecutive snapshots divided by the steps
-  between them. For small changes this distance is QUADRATIC in the change
-  (1 − cos φ ≈ φ²/2), so with log-spaced snapshots (gaps ∝ t) it reads as
-  v² · t rather than a rate;
-* `velocity_relative`: NTKTracker's `ntk_relative_velocity`, ‖Θb − Θa‖_F / ‖Θa‖_F divided by the steps between
-  the snapshots, linear in the change: the rate the verdict is based on;
+* `velocity`: the kernel velocity of Fort et al. (2020), the cosine kernel
+  distance 1 − ⟨Θa, Θb⟩/(‖Θa‖‖Θb‖) between Θa = Θ(t_i) and Θb = Θ(t_i+Δt)
+  divided by Δt. For small changes it is QUADRATIC in the change
+  (1 − cos φ ≈ φ²/2): with a fixed Δt it scales like the square of the rate;
+* `velocity_relative`: ‖Θb − Θa‖_F / (‖Θa‖_F Δt), linear in the change: the
+  rate the verdict is based on;
 * `distance_from_init` (cosine, NTKTracker's), `alignment` (centred
   kernel-target alignment with one-hot labels on the whole probe set),
   `weight_distance_from_init` (‖θt − θ0‖/‖θ0‖), `ntk_trace`;
@@ -27,17 +27,21 @@ Per width and snapshot, results.json holds
   approximation), trained on the `num_probe` probe inputs;
 * `network_test_error`: the network's own test error at the same steps.
 
-The slope of log velocity_relative against log step over the last decade
-of steps (step ≥ total/10) is fitted with its standard error and stated by
-a fixed rule (`velocity_verdict`): faster than 1/t (slope + 2 s.e. < −1):
-the kernel converges; like 1/t (−1 within 2 s.e.): the per-step velocity
-vanishes, yet the kernel moves by a similar amount every decade of steps;
-slower than 1/t (slope < −0.25): it keeps moving; slope ≥ −0.25: it
-plateaus. `distance_from_init_growth_last_decade` is how much the distance
-from init grew over that last decade.
+results.json holds per width the mean series over seeds (`aggregate_seeds`)
+and the per-seed series under `seeds`. The slope of log velocity_relative
+against log step over the last decade of steps (step ≥ total/10) is fitted
+per seed; the width's slope is the mean over seeds with its standard error
+over seeds, stated by a fixed rule (`velocity_verdict`): faster than 1/t
+(slope + 2 s.e. < −1): the kernel converges; like 1/t (−1 within 2 s.e.):
+the per-step velocity vanishes, yet the kernel moves by a similar amount
+every decade of steps; slower than 1/t (slope < −0.25): it keeps moving;
+slope ≥ −0.25: it plateaus. `distance_from_init_growth_last_decade` is how
+much the distance from init grew over that last decade.
 
-A width whose results are in results.json is skipped on a rerun; a width cut
-short is retrained from the start.
+Each (width, seed) is a cell of the cell store (`experiments.cells`) with its
+operative settings: finished ones are skipped on a rerun, ones of other
+settings refused (or recomputed with `overwrite`); a run cut short is
+retrained from the start.
 
 Run: `python -m experiments.kernel_evolution
 --gin_file=kernel_evolution/digits_mlp.gin --output_dir=runs/b_evolution`.
@@ -63,6 +67,28 @@ def log_spaced_steps(total_steps, num):
             f"Received: total_steps={total_steps}, num={num}"
         )
     return sorted({int(round(v)) for v in np.geomspace(1, total_steps, num)})
+
+
+def paired_snapshot_steps(total_steps, num, dt):
+    """Velocity times t_i (about `num`, log-spaced) and the snapshot steps {t_i, t_i + dt}.
+
+    Every t_i is at least 1 and at most `total_steps` − dt, and consecutive
+    times are more than `dt` apart, so no snapshot falls inside a pair and
+    each velocity uses exactly the interval [t_i, t_i + dt].
+
+    Returns:
+        (times t_i, sorted snapshot steps).
+    """
+    if dt < 1 or total_steps <= dt:
+        raise ValueError(
+            "Expected 1 <= velocity_dt < total steps. "
+            f"Received: velocity_dt={dt}, total_steps={total_steps}"
+        )
+    times = []
+    for t in log_spaced_steps(total_steps - dt, num):
+        if not times or t > times[-1] + dt:
+            times.append(t)
+    return times, sorted(set(times) | {t + dt for t in times})
 
 
 def tail_slope(steps, values, start):
@@ -125,6 +151,57 @@ def summarize(cell, total_steps):
     )
 
 
+_SERIES = ("velocity", "velocity_relative", "distance_from_init", "alignment",
+           "weight_distance_from_init", "ntk_trace", "kernel_regression_test_error",
+           "network_test_error")
+
+
+def aggregate_seeds(cells):
+    """One width's series: the mean over seeds, and the verdict from the per-seed tail slopes.
+
+    The tail slope of the relative velocity is fitted per seed (`summarize`);
+    the width's slope is their mean with the standard error over seeds
+    (std / √S; one seed: that seed's regression standard error), and
+    `velocity_verdict` reads it.
+
+    Args:
+        cells: seed (str) → the `summarize`d series of one seed (same steps).
+
+    Returns:
+        dict with the mean series under the per-seed keys, `seeds` (the
+        per-seed cells), the slopes, their standard errors and the verdict.
+    """
+    ordered = [cells[k] for k in sorted(cells, key=int)]
+    first = ordered[0]
+    out = {"steps": first["steps"], "epochs": first["epochs"],
+           "velocity_dt": first.get("velocity_dt"), "seeds": dict(cells)}
+    for key in _SERIES:
+        values = np.array([[np.nan if v is None else v for v in c[key]] for c in ordered],
+                          np.float64)
+        with np.errstate(invalid="ignore"):
+            means = np.nanmean(values, axis=0) if np.isfinite(values).any() else values[0]
+        out[key] = [None if not np.isfinite(v) else float(v) for v in means]
+    out["kernel_regression_test_error_init"] = float(np.mean(
+        [c["kernel_regression_test_error_init"] for c in ordered]))
+    out["final_train_loss"] = float(np.mean([c["final_train_loss"] for c in ordered]))
+    for key in ("velocity_relative_tail_slope", "velocity_tail_slope"):
+        slopes = [c[key] for c in ordered if c[key] is not None]
+        if not slopes:
+            out[key], out[f"{key}_se"] = None, None
+            continue
+        out[key] = float(np.mean(slopes))
+        out[f"{key}_se"] = (float(np.std(slopes, ddof=1) / np.sqrt(len(slopes)))
+                            if len(slopes) > 1 else ordered[0][f"{key}_se"])
+        out[f"{key}_per_seed"] = [float(v) for v in slopes]
+    out["velocity_verdict"] = velocity_verdict(out["velocity_relative_tail_slope"],
+                                               out["velocity_relative_tail_slope_se"] or 0.0)
+    out["tail_start_step"] = first["tail_start_step"]
+    for key in ("distance_from_init_tail_start", "distance_from_init_growth_last_decade"):
+        out[key] = float(np.mean([c[key] for c in ordered]))
+    out["num_seeds"] = len(ordered)
+    return out
+
+
 def _width_kwargs(model, width, depth):
     if model == "mlp":
         return {"widths": (int(width),) * int(depth)}
@@ -132,14 +209,24 @@ def _width_kwargs(model, width, depth):
         return {"filters": (int(width), 2 * int(width)), "hidden": (8 * int(width),) * 2}
     if model == "resnet18":
         return {"width": int(width)}
+    if model == "conv1d":
+        return {"channels": (int(width),) * int(depth)}
     raise ValueError(f"No width knob for model {model!r}. Received: model={model!r}")
 
 
 def _train_width(width, *, model_builder, model, depth, data, num_classes, probe_x, probe_y,
-                 layout, snapshot_steps, epochs, batch_size, learning_rate, momentum, loss,
-                 seed, ridge_factors, jit_compile, strategy, output_dir, save_kernels,
-                 ntk_batch_size, ntk_implementation):
-    """Trains one width with an NTKTracker; returns its per-snapshot series."""
+                 layout, velocity_times, velocity_dt, epochs, batch_size, learning_rate,
+                 momentum, loss, seed, ridge_factors, jit_compile, strategy, output_dir,
+                 save_kernels, ntk_batch_size, ntk_implementation):
+    """Trains one (width, seed) with an NTKTracker; returns its series at the velocity times.
+
+    Snapshots are taken at every t_i and t_i + Δt (`velocity_dt`); the
+    velocity at t_i is the cosine kernel distance between the two divided by
+    Δt (Fort et al. 2020), the relative velocity ‖Θ(t_i+Δt) − Θ(t_i)‖_F /
+    (‖Θ(t_i)‖_F Δt); the other series are read at t_i.
+    """
+    snapshot_steps = sorted(set(velocity_times) | {t + velocity_dt for t in velocity_times})
+    run_name = f"width{width}_seed{seed}"
     import keras
     import tensorflow as tf
 
@@ -157,8 +244,8 @@ def _train_width(width, *, model_builder, model, depth, data, num_classes, probe
             loss_object = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         network.compile(optimizer=keras.optimizers.SGD(learning_rate, momentum=momentum),
                         loss=loss_object, jit_compile=jit_compile)
-    tensorboard = os.path.join(output_dir, "tensorboard", f"width{width}")
-    kernels_dir = os.path.join(output_dir, "kernels", f"width{width}")
+    tensorboard = os.path.join(output_dir, "tensorboard", run_name)
+    kernels_dir = os.path.join(output_dir, "kernels", run_name)
     if tf.io.gfile.exists(kernels_dir):
         tf.io.gfile.rmtree(kernels_dir)  # a width cut short starts again
     one_hot_probe = np.eye(num_classes)[probe_y]
@@ -187,8 +274,8 @@ def _train_width(width, *, model_builder, model, depth, data, num_classes, probe
             progress["next"] = len(tracker.history)
             elapsed = time.time() - started
             total = max(snapshot_steps)
-            logging.info("width %s: snapshot %d of %d at step %d of %d; elapsed %.0f s, "
-                         "ETA %.0f s", width, len(tracker.history), len(snapshot_steps), step,
+            logging.info("%s: snapshot %d of %d at step %d of %d; elapsed %.0f s, "
+                         "ETA %.0f s", run_name, len(tracker.history), len(snapshot_steps), step,
                          total, elapsed, elapsed * (total - step) / max(step, 1))
 
     dataset = (tf.data.Dataset.from_tensor_slices((data.train.x, targets))
@@ -202,37 +289,45 @@ def _train_width(width, *, model_builder, model, depth, data, num_classes, probe
         keras.callbacks.TensorBoard(os.path.join(tensorboard, "train"), write_graph=False,
                                     profile_batch=0),
     ])
-    snapshots = tracker.history
+    by_step = {int(snapshot["step"]): snapshot for snapshot in tracker.history}
+    missing = [t for t in snapshot_steps if t not in by_step]
+    if missing:
+        raise RuntimeError(f"NTKTracker took no snapshot at steps {missing} of {run_name}.")
     initial_kernel = tracker.initial_kernel  # Θ0 on the probe
-    steps = [int(s["step"]) for s in snapshots]
+    starts = [by_step[t] for t in velocity_times]
+    velocity, velocity_relative = [], []
+    for t, start in zip(velocity_times, starts):
+        a = np.asarray(start["kernel"], np.float64)
+        b = np.asarray(by_step[t + velocity_dt]["kernel"], np.float64)
+        velocity.append(float(keras_ntk.metrics.kernel_distance(a, b)) / velocity_dt)
+        velocity_relative.append(float(np.linalg.norm(b - a) / np.linalg.norm(a)) / velocity_dt)
     kernel_errors = []
-    for snapshot in snapshots:
+    for snapshot in starts:
         scores = data_scaling.kernel_method_errors(
-            snapshot["kernel"], layout, probe_y, num_classes, seed,
+            snapshot["kernel"], layout, probe_y, num_classes,
             [layout["num_candidates"]], ridge_factors)
         kernel_errors.append(scores["test_error"][0])
     initial = data_scaling.kernel_method_errors(initial_kernel, layout, probe_y,
-                                                num_classes, seed, [layout["num_candidates"]],
+                                                num_classes, [layout["num_candidates"]],
                                                 ridge_factors)["test_error"][0]
-    velocity = [float(s["ntk_velocity"]) for s in snapshots]
-    velocity_relative = [float(s["ntk_relative_velocity"]) for s in snapshots]
     cell = {
-        "steps": steps,
-        "epochs": [int(s["epoch"]) + 1 for s in snapshots],
+        "steps": list(velocity_times),
+        "epochs": [int(s["epoch"]) + 1 for s in starts],
+        "velocity_dt": int(velocity_dt),
         "velocity": velocity,
         "velocity_relative": velocity_relative,
-        "distance_from_init": [float(s["ntk_distance_from_init"]) for s in snapshots],
-        "alignment": [float(s["ntk_alignment"]) for s in snapshots],
-        "weight_distance_from_init": [float(s["weight_distance_from_init"]) for s in snapshots],
-        "ntk_trace": [float(s["ntk_trace"]) for s in snapshots],
+        "distance_from_init": [float(s["ntk_distance_from_init"]) for s in starts],
+        "alignment": [float(s["ntk_alignment"]) for s in starts],
+        "weight_distance_from_init": [float(s["weight_distance_from_init"]) for s in starts],
+        "ntk_trace": [float(s["ntk_trace"]) for s in starts],
         "kernel_regression_test_error": kernel_errors,
         "kernel_regression_test_error_init": initial,
-        "network_test_error": [network_errors.get(s) for s in steps],
+        "network_test_error": [network_errors.get(t) for t in velocity_times],
         "final_train_loss": float(history.history["loss"][-1]),
         "wall_seconds": time.time() - started,
     }
     cell = summarize(cell, max(snapshot_steps))
-    logging.info("width %s: relative velocity tail slope %s ± %s → %s", width,
+    logging.info("%s: relative velocity tail slope %s ± %s → %s", run_name,
                  cell["velocity_relative_tail_slope"], cell["velocity_relative_tail_slope_se"],
                  cell["velocity_verdict"])
     return cell
@@ -253,8 +348,10 @@ def run(
     learning_rate=0.05,
     momentum=0.0,
     loss="cross_entropy",
-    seed=0,
+    seeds=(0, 1, 2),
     num_snapshots=25,
+    velocity_dt=10,
+    probe_seed=0,
     num_probe=300,
     num_validation=100,
     num_train=None,
@@ -275,16 +372,20 @@ def run(
         model_builders: name → builder(input_shape, num_outputs, ...).
         data_dir: tfds data directory.
         dataset: "digits", "mnist" or "cifar10".
-        model: "mlp" (`depth` hidden layers of `width`), "lenet" (filters
-            (w, 2w), hidden (8w, 8w)) or "resnet18" (stage-1 width w).
+        model: "mlp" (`depth` hidden layers of `width`), "conv1d" (`depth`
+            convolutions of `width` channels), "lenet" (filters (w, 2w),
+            hidden (8w, 8w)) or "resnet18" (stage-1 width w).
         widths: the widths to compare.
         depth: hidden layers of the MLP.
         epochs, batch_size, learning_rate, momentum: SGD at a CONSTANT rate
             on all training examples.
         loss: "cross_entropy" (softmax) or "mse" (one-hot targets).
-        seed: seed of θ0 and the data order.
-        num_snapshots: about this many log-spaced snapshot steps from 1 to
-            the last step.
+        seeds: seeds of θ0 and the data order (one network per width and seed).
+        num_snapshots: about this many log-spaced velocity times t_i from 1
+            to the last step − Δt (each with a snapshot at t_i and t_i + Δt).
+        velocity_dt: Δt in steps, the same at every t_i (the velocity is the
+            cosine distance of Θ(t_i) and Θ(t_i + Δt) divided by Δt).
+        probe_seed: seed of the probe's training inputs (the same for every seed).
         num_probe, num_validation: training inputs of the probe set used as
             the kernel-regression training set and to choose its ridge; the
             probe set also holds every test input.
@@ -305,23 +406,39 @@ def run(
     from experiments import data as data_lib
 
     if loss not in LOSSES:
-        raise ValueError(f"Expected loss in {LOSSES}. Received: loss={loss!r}")
+        raise ValueError(f"Expected loss in {LOSSES}. Received: kernel_evolution.run.loss={loss!r}")
     if model not in model_builders:
         raise ValueError(
             f"Unknown model. Known models: {', '.join(sorted(model_builders))}. "
-            f"Received: model={model!r}"
+            f"Received: kernel_evolution.run.model={model!r}"
+        )
+    if dataset.split("/")[0] not in data_lib.KNOWN_DATASETS:
+        raise ValueError(
+            f"Unknown dataset. Known datasets: {', '.join(data_lib.KNOWN_DATASETS)}. "
+            f"Received: kernel_evolution.run.dataset={dataset!r}"
         )
     if not widths or any(int(w) < 1 for w in widths):
-        raise ValueError(f"Expected positive widths. Received: widths={list(widths)!r}")
+        raise ValueError(
+            f"Expected positive widths. Received: kernel_evolution.run.widths={list(widths)!r}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(
+            f"Expected distinct seeds. Received: kernel_evolution.run.seeds={list(seeds)!r}")
+    _width_kwargs(model, widths[0], depth)  # refuses a model without a width knob
+    if min(num_probe, num_validation) < 1 or epochs < 1 or batch_size < 1:
+        raise ValueError(
+            "Expected num_probe, num_validation, epochs and batch_size >= 1. Received: "
+            f"kernel_evolution.run.num_probe={num_probe}, num_validation={num_validation}, "
+            f"epochs={epochs}, batch_size={batch_size}")
     data = data_lib.load_dataset(dataset, num_train=num_train, num_test=num_test,
                                  data_dir=data_dir)
     if num_probe + num_validation > len(data.train.y):
         raise ValueError(
             f"Expected num_probe + num_validation <= {len(data.train.y)} training examples. "
-            f"Received: num_probe={num_probe}, num_validation={num_validation}"
+            f"Received: kernel_evolution.run.num_probe={num_probe}, "
+            f"kernel_evolution.run.num_validation={num_validation}"
         )
     num_classes = int(max(data.train.y.max(), data.test.y.max())) + 1
-    order = np.random.RandomState(seed).permutation(len(data.train.y))
+    order = np.random.RandomState(probe_seed).permutation(len(data.train.y))
     probe_rows = order[:num_probe + num_validation]
     probe_x = np.concatenate([data.train.x[probe_rows], data.test.x])
     probe_y = np.concatenate([data.train.y[probe_rows], data.test.y])
@@ -329,159 +446,110 @@ def run(
               "num_test": len(data.test.y)}
     steps_per_epoch = int(np.ceil(len(data.train.y) / batch_size))
     total_steps = epochs * steps_per_epoch
-    snapshot_steps = log_spaced_steps(total_steps, num_snapshots)
+    velocity_times, _ = paired_snapshot_steps(total_steps, num_snapshots, velocity_dt)
 
     results_path = os.path.join(output_dir, "results.json")
     store = cells.CellStore(output_dir, overwrite=overwrite)
 
-    def width_settings(width):
-        """The operative settings of one width (not jit_compile/ntk_batch_size: speed only)."""
+    def run_settings(width, seed):
+        """The operative settings of one (width, seed) (not jit_compile/ntk_batch_size)."""
         network = model_builders[model](data.input_shape, num_classes,
                                         **_width_kwargs(model, width, depth))
         return {"dataset": dataset, "num_train": len(data.train.y), "num_test": len(data.test.y),
                 "model": model, "width": width, "depth": depth,
                 "architecture": cells.architecture(network), "epochs": epochs,
                 "batch_size": batch_size, "learning_rate": learning_rate, "momentum": momentum,
-                "loss": loss, "seed": seed, "steps": snapshot_steps, "num_probe": num_probe,
-                "num_validation": num_validation, "ridge_factors": list(ridge_factors),
+                "loss": loss, "seed": seed, "steps": velocity_times, "velocity_dt": velocity_dt,
+                "num_probe": num_probe, "num_validation": num_validation,
+                "probe_seed": probe_seed, "ridge_factors": list(ridge_factors),
                 "ntk_implementation": ntk_implementation}
 
-    # Every stored width is checked before any work: other settings are refused here.
-    settings = {str(int(w)): width_settings(int(w)) for w in widths}
+    # Every stored run is checked before any work: other settings are refused here.
+    work = [(int(w), int(s)) for w in widths for s in seeds]
+    settings = {(w, s): run_settings(w, s) for w, s in work}
     done = {}
-    for key in settings:
-        record = store.get(f"width{key}", settings[key])
+    for (width, seed), run_setting in settings.items():
+        record = store.get(f"width{width}-seed{seed}", run_setting)
         if record is not None:
-            done[key] = record
+            done.setdefault(str(width), {})[str(seed)] = record
     results = {
         "study": "kernel_evolution",
         "dataset": dataset,
         "model": model,
         "depth": depth,
         "epochs": [],
-        "steps": snapshot_steps,
+        "steps": velocity_times,
+        "velocity_dt": int(velocity_dt),
         "steps_per_epoch": steps_per_epoch,
-        "epoch_fraction": [s / steps_per_epoch for s in snapshot_steps],
-        "widths": done,
+        "epoch_fraction": [s / steps_per_epoch for s in velocity_times],
+        "widths": {},
+        "seeds": [int(s) for s in seeds],
         "recipe": {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
-                   "momentum": momentum, "schedule": "constant", "loss": loss, "seed": seed},
+                   "momentum": momentum, "schedule": "constant", "loss": loss,
+                   "seeds": [int(s) for s in seeds]},
         "num_probe": num_probe, "num_validation": num_validation,
         "num_test": len(data.test.y),
         "notes": (
-            "velocity: NTKTracker's cosine kernel distance between consecutive snapshots per "
-            "step (quadratic in small changes); velocity_relative: ‖ΔΘ‖_F/‖Θ‖_F per step "
-            "(linear; the verdict uses it). Constant learning rate, so velocity divided by the "
-            "rate is the same curve scaled. Kernel regression: float64, f0 not subtracted, "
-            "logit-averaged eNTK as Θ⊗I (an approximation), ridge chosen on validation inputs."
+            "velocity (Fort et al. 2020, Vyas et al. 2022): the cosine kernel distance "
+            "1 − ⟨Θa,Θb⟩/(‖Θa‖‖Θb‖) between Θ(t) and Θ(t+Δt) divided by Δt, at log-spaced t "
+            "with the same Δt (velocity_dt steps) everywhere; quadratic in small changes. "
+            "velocity_relative: ‖Θ(t+Δt) − Θ(t)‖_F/(‖Θ(t)‖_F Δt), linear (the verdict uses "
+            "its tail slope, mean over seeds ± s.e. over seeds). Constant learning rate. "
+            "Series are means over seeds; per-seed series under `seeds`. Kernel regression: "
+            "float64, f0 not subtracted, logit-averaged eNTK as Θ⊗I (an approximation), ridge "
+            "chosen on validation inputs."
         ),
     }
-    started = time.time()
-    for index, width in enumerate(widths, start=1):
-        key = str(int(width))
-        if key in done:
-            logging.info("width %d of %d (%s): already finished, skipped", index, len(widths),
-                         key)
-            continue
-        logging.info("width %d of %d (%s): training %d steps, %d snapshots", index, len(widths),
-                     key, total_steps, len(snapshot_steps))
-        done[key] = _train_width(
-            int(width), model_builder=model_builders[model], model=model, depth=depth,
-            data=data, num_classes=num_classes, probe_x=probe_x, probe_y=probe_y,
-            layout=layout, snapshot_steps=snapshot_steps, epochs=epochs,
-            batch_size=batch_size, learning_rate=learning_rate, momentum=momentum, loss=loss,
-            seed=seed, ridge_factors=list(ridge_factors), jit_compile=jit_compile,
-            strategy=strategy, output_dir=output_dir, save_kernels=save_kernels,
-            ntk_batch_size=ntk_batch_size, ntk_implementation=ntk_implementation)
-        store.put(f"width{key}", settings[key], done[key])
-        results["epochs"] = done[key]["epochs"]
+
+    def write():
+        for key, per_seed in done.items():
+            if per_seed:
+                results["widths"][key] = aggregate_seeds(per_seed)
+        if results["widths"]:
+            results["epochs"] = next(iter(results["widths"].values()))["epochs"]
         cells.write_json_atomic(results_path, results)
-        logging.info("width %d of %d (%s) done; elapsed %.0f s", index, len(widths), key,
+
+    started = time.time()
+    for index, (width, seed) in enumerate(work, start=1):
+        key = str(width)
+        per_seed = done.setdefault(key, {})
+        if str(seed) in per_seed:
+            logging.info("run %d of %d (width %s, seed %d): already finished, skipped", index,
+                         len(work), key, seed)
+            continue
+        logging.info("run %d of %d (width %s, seed %d): training %d steps, %d velocity times",
+                     index, len(work), key, seed, total_steps, len(velocity_times))
+        cell = _train_width(
+            width, model_builder=model_builders[model], model=model, depth=depth,
+            data=data, num_classes=num_classes, probe_x=probe_x, probe_y=probe_y,
+            layout=layout, velocity_times=velocity_times, velocity_dt=velocity_dt,
+            epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+            momentum=momentum, loss=loss, seed=seed, ridge_factors=list(ridge_factors),
+            jit_compile=jit_compile, strategy=strategy, output_dir=output_dir,
+            save_kernels=save_kernels, ntk_batch_size=ntk_batch_size,
+            ntk_implementation=ntk_implementation)
+        store.put(f"width{width}-seed{seed}", settings[(width, seed)], cell)
+        per_seed[str(seed)] = cell
+        write()
+        logging.info("run %d of %d done; elapsed %.0f s", index, len(work),
                      time.time() - started)
-    # The tail fits follow the current rule, also for widths read back from results.json.
-    for key in done:
-        done[key] = summarize(done[key], total_steps)
-    if done:
-        results["epochs"] = next(iter(done.values()))["epochs"]
-    results["finished"] = all(str(int(w)) in done for w in widths)
-    cells.write_json_atomic(results_path, results)
-    if write_figures and done:
+    # The tail fits follow the current rule, also for runs read back from results.json.
+    for key, per_seed in done.items():
+        for seed_key in per_seed:
+            per_seed[seed_key] = summarize(per_seed[seed_key], total_steps)
+    results["finished"] = all(str(s) in done.get(str(int(w)), {}) for w in widths
+                              for s in seeds)
+    write()
+    if write_figures and results["widths"]:
         draw_figures(results, os.path.join(output_dir, "figures"))
     return results
 
 
 def draw_figures(results, directory):
-    """velocity.png, distance_from_init.png, alignment.png, kernel_regression.png (per width)."""
-    import tensorflow as tf
+    """velocity.png, distance_from_init.png, alignment.png, kernel_regression.png."""
+    from experiments.figures import study_b
 
-    from experiments import report
-
-    plt = report.pyplot()
-    tf.io.gfile.makedirs(directory)
-    widths = sorted(results["widths"].items(), key=lambda item: int(item[0]))
-    per_epoch = results["steps_per_epoch"]
-
-    def save(fig, name):
-        report.save_figure(fig, os.path.join(directory, name))
-
-    def epoch_axis(ax):
-        top = ax.secondary_xaxis("top", functions=(lambda s: s / per_epoch,
-                                                   lambda e: e * per_epoch))
-        top.set_xlabel("epoch")
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for index, (width, cell) in enumerate(widths):
-        color = f"C{index % 10}"
-        for ax, key, slope_key in ((axes[0], "velocity_relative", "velocity_relative_tail_slope"),
-                                   (axes[1], "velocity", "velocity_tail_slope")):
-            slope = cell[slope_key]
-            ax.plot(cell["steps"], cell[key], "o-", ms=3, color=color,
-                    label=f"width {width}" + (f" (tail slope {slope:.2f})" if slope is not None
-                                              else ""))
-    for ax, label in ((axes[0], "relative velocity ‖ΔΘ‖_F/‖Θ‖_F per step"),
-                      (axes[1], "cosine velocity (1−cos)/Δstep (NTKTracker)")):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.axvline(widths[0][1]["tail_start_step"], color="gray", lw=0.6, ls=":")
-        ax.set_xlabel("step")
-        ax.set_ylabel(label)
-        ax.legend(fontsize=7)
-        epoch_axis(ax)
-    save(fig, "velocity.png")
-
-    for key, label, log_y, name in (
-        ("distance_from_init", "kernel distance from init (1−cos)", True, "distance_from_init.png"),
-        ("alignment", "centred kernel-target alignment", False, "alignment.png"),
-    ):
-        fig, ax = plt.subplots(figsize=(5.6, 4.2))
-        for index, (width, cell) in enumerate(widths):
-            ax.plot(cell["steps"], cell[key], "o-", ms=3, color=f"C{index % 10}",
-                    label=f"width {width}")
-        ax.set_xscale("log")
-        if log_y:
-            ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_ylabel(label)
-        ax.legend(fontsize=7)
-        epoch_axis(ax)
-        save(fig, name)
-
-    fig, ax = plt.subplots(figsize=(5.6, 4.2))
-    for index, (width, cell) in enumerate(widths):
-        color = f"C{index % 10}"
-        ax.plot(cell["steps"], cell["kernel_regression_test_error"], "o-", ms=3, color=color,
-                label=f"kernel regression with Θt, width {width}")
-        ax.axhline(cell["kernel_regression_test_error_init"], color=color, lw=0.6, ls=":")
-        errors = [np.nan if e is None else e for e in cell["network_test_error"]]
-        ax.plot(cell["steps"], errors, "--", color=color, lw=0.8, label=f"network, width {width}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")  # a zero error is not drawn
-    ax.set_xlabel("step")
-    ax.set_ylabel("test error")
-    ax.set_title(f"kernel regression on {results['num_probe']} probe inputs (dotted: Θ0)",
-                 fontsize=9)
-    ax.legend(fontsize=6)
-    epoch_axis(ax)
-    save(fig, "kernel_regression.png")
+    study_b.kernel_evolution_figures(results, directory)
 
 
 def main(argv):

@@ -1,7 +1,8 @@
 """results.json writing, figures (matplotlib PNG) and report.md of the studies.
 
-`write_json_atomic` is how every binary writes results.json: to a temporary
-file next to it, then a rename, so readers never see half a file.
+`write_json_atomic` (from `experiments.cells`) is how every binary writes
+results.json: to a temporary file next to it, then a rename, so readers
+never see half a file.
 
 Study A's report (`write_study_a_report`) draws four figures from
 results.json alone and writes report.md: a table of accuracies, alignments
@@ -20,25 +21,13 @@ import base64
 import json
 import math
 import os
-import uuid
 
 import numpy as np
 
+from experiments.cells import write_json_atomic  # noqa: F401 (one atomic writer, shared)
 from experiments.figures import pyplot, save_figure  # noqa: F401 (shared by the studies)
 from experiments.figures.study_a import (COLUMNS, LABELS, draw_all, grouped, mean, models_in,
                                          task_name)
-
-def write_json_atomic(path, obj):
-    """Writes `obj` as JSON to `path` via a temporary file and a rename."""
-    import tensorflow as tf
-
-    directory = os.path.dirname(path)
-    if directory:
-        tf.io.gfile.makedirs(directory)
-    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
-    with tf.io.gfile.GFile(temporary, "w") as f:
-        json.dump(obj, f, indent=1)
-    tf.io.gfile.rename(temporary, path, overwrite=True)
 
 
 def pack_bits(values):

@@ -1,4 +1,4 @@
-"""Paired statistics over the same test examples, seeds aggregated as seeds.
+"""Paired statistics over the same test examples, seeds aggregated as seeds; power-law fits.
 
 Two models scored on the same test examples are compared example by example,
 not as two independent proportions:
@@ -283,3 +283,207 @@ def paired_bootstrap(correct, statistic, *, num_resamples=10000, confidence=0.95
         samples[start:stop] = [statistic(a) for a in accuracies]
     return BootstrapResult(estimate, bootstrap_interval(samples, confidence),
                            bootstrap_p_value(samples), num_resamples, confidence)
+
+
+# ---------------------------------------------------------------- power laws (study B)
+# A quantity measured at sizes n_k on seeds s and test examples t, v[k, s, t]
+# (a test example's 0/1 error or its loss), is summarized by the mean over
+# seeds of each seed's mean over examples, m_k, and fitted as m_k ∝ n_k^−α by
+# least squares of log m_k on log n_k over the sizes inside a stated window.
+# Intervals come from a bootstrap that resamples seeds AND test examples:
+# one draw of seed indices and one of example indices per resample, shared by
+# every size (a seed's subsets are nested in n and the test set is the same at
+# every n) and, for paired differences, by both methods.
+
+
+def _as_size_seed_example(values, n, name):
+    values = np.asarray(values, np.float64)
+    if values.ndim == 2:
+        values = values[:, :, None]
+    if values.ndim != 3 or values.shape[0] != len(n) or values.shape[2] == 0:
+        raise ValueError(
+            f"Expected {name} of shape (len(n), seeds) or (len(n), seeds, test examples). "
+            f"Received: {name}.shape={values.shape}, len(n)={len(n)}"
+        )
+    return values
+
+
+def _window_mask(n, window):
+    if window is None:
+        return np.ones(len(n), bool)
+    low, high = window
+    low = -np.inf if low is None else low
+    high = np.inf if high is None else high
+    if low > high:
+        raise ValueError(f"Expected window (low, high) with low <= high. Received: window={window}")
+    return (n >= low) & (n <= high)
+
+
+def _size_means(values, seed_weights, example_weights):
+    """(K, B) means over seeds (weights (S, B)) of per-seed example means (weights (T, B)).
+
+    A (size, seed) with no finite values (a seed not run at that size) is
+    left out of that size's mean; a size with none left gives NaN.
+    """
+    present = np.all(np.isfinite(values), axis=2)  # (K, S)
+    filled = np.where(np.isfinite(values), values, 0.0)
+    per_seed = np.einsum("kst,tb->ksb", filled, example_weights) / example_weights.sum(0)
+    weights = present[:, :, None] * seed_weights[None]  # (K, S, B)
+    total = weights.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, (weights * per_seed).sum(1) / total, np.nan)
+
+
+def _slopes(log_n, means, usable):
+    """Least-squares −slope and intercept of log(means) on log n per column, over `usable`."""
+    counts = usable.sum(0)
+    x = np.where(usable, log_n[:, None], 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        y = np.where(usable, np.log(np.where(usable, means, 1.0)), 0.0)
+        x_mean, y_mean = x.sum(0) / counts, y.sum(0) / counts
+        dx = np.where(usable, log_n[:, None] - x_mean, 0.0)
+        slope = (dx * (y - y_mean)).sum(0) / (dx * dx).sum(0)
+    slope = np.where(counts >= 2, slope, np.nan)
+    return -slope, y_mean - slope * x_mean
+
+
+def _bootstrap_weights(rng, num_seeds, num_examples, num_bootstrap, resample_examples):
+    seeds = np.stack([np.bincount(rng.integers(0, num_seeds, num_seeds), minlength=num_seeds)
+                      for _ in range(num_bootstrap)], axis=1).astype(np.float64)
+    if resample_examples and num_examples > 1:
+        examples = np.stack([np.bincount(rng.integers(0, num_examples, num_examples),
+                                         minlength=num_examples)
+                             for _ in range(num_bootstrap)], axis=1).astype(np.float64)
+    else:
+        examples = np.ones((num_examples, num_bootstrap))
+    return seeds, examples
+
+
+def _usable(means, floor, in_window):
+    if floor > 0:
+        means = np.where(np.isfinite(means), np.maximum(means, floor), means)
+    return means, np.isfinite(means) & (means > 0) & in_window[:, None]
+
+
+def fit_exponent(n, values, *, window=None, floor=0.0, num_bootstrap=2000, confidence=0.95,
+                 seed=0, resample_examples=True):
+    """Fits mean value ∝ n^−α over a window of sizes, with a seeds × examples bootstrap.
+
+    The point estimate is the least-squares slope of log m_k on log n_k over
+    the sizes n_k inside `window` whose mean m_k (over seeds of per-seed means
+    over test examples) is usable. Means at or below `floor` are raised to it
+    when it is positive (e.g. half a test error, for zero errors) and dropped
+    otherwise. The interval: `num_bootstrap` resamples of the seeds and of
+    the test examples (each shared by all sizes), refitted on the sizes usable
+    in the point estimate; the central `confidence` percentile interval.
+
+    Args:
+        n: the sizes, shape (K,).
+        values: (K, S) per size and seed, or (K, S, T) per size, seed and test
+            example; NaN marks a (size, seed) not run.
+        window: (low, high) sizes included in the fit (None ends: open);
+            None: every size.
+        floor: the smallest value a mean may take (0: drop non-positive means).
+        num_bootstrap: bootstrap resamples.
+        confidence: the interval's coverage.
+        seed: seed of the resampling.
+        resample_examples: also resample test examples (with (K, S, T) values).
+
+    Returns:
+        dict(alpha, alpha_interval [lo, hi], intercept, sizes_used, window,
+        num_bootstrap); alpha None when fewer than two sizes are usable.
+    """
+    n = np.asarray(n, np.float64)
+    values = _as_size_seed_example(values, n, "values")
+    in_window = _window_mask(n, window)
+    ones = (np.ones((values.shape[1], 1)), np.ones((values.shape[2], 1)))
+    means, keep = _usable(_size_means(values, *ones), floor, in_window)
+    keep = keep[:, 0]
+    result = dict(alpha=None, alpha_interval=[None, None], intercept=None,
+                  sizes_used=[int(v) for v in n[keep]],
+                  window=None if window is None else [window[0], window[1]],
+                  num_bootstrap=int(num_bootstrap))
+    if keep.sum() < 2:
+        return result
+    log_n = np.log(n)
+    alpha, intercept = _slopes(log_n, means, keep[:, None])
+    rng = np.random.default_rng(seed)
+    seed_weights, example_weights = _bootstrap_weights(
+        rng, values.shape[1], values.shape[2], num_bootstrap, resample_examples)
+    boot, ok = _usable(_size_means(values, seed_weights, example_weights), floor, in_window)
+    alphas, _ = _slopes(log_n, boot, ok & keep[:, None])
+    alphas = alphas[np.isfinite(alphas)]
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(alphas, [tail, 100 - tail])
+    result.update(alpha=float(alpha[0]), intercept=float(intercept[0]),
+                  alpha_interval=[float(low), float(high)])
+    return result
+
+
+def local_exponent(n, values, *, num_largest=3, **kwargs):
+    """`fit_exponent` over the `num_largest` largest sizes that have values (the local slope).
+
+    Returns:
+        `fit_exponent`'s dict, its `window` the sizes spanned.
+    """
+    n = np.asarray(n, np.float64)
+    measured = _as_size_seed_example(values, n, "values")
+    has = np.any(np.all(np.isfinite(measured), axis=2), axis=1)
+    sizes = n[has][-num_largest:]
+    if len(sizes) < 2:
+        return fit_exponent(n, values, window=(np.inf, np.inf), **kwargs)
+    return fit_exponent(n, values, window=(float(sizes[0]), float(sizes[-1])), **kwargs)
+
+
+def paired_exponent_difference(n, values_a, values_b, *, window=None, floor=0.0,
+                               num_bootstrap=2000, confidence=0.95, seed=0,
+                               resample_examples=True):
+    """α_a − α_b of two methods measured on the same seeds and test examples.
+
+    Seeds pair the methods (same θ0 and training subsets) and so do the test
+    examples: each resample draws one set of seed indices and one of example
+    indices and uses them for both methods at every size. A size is used
+    where both methods have a usable mean inside `window`. Only compare
+    exponents of the same quantity (never a cross-entropy against an MSE).
+
+    Args:
+        n: the sizes, shape (K,).
+        values_a, values_b: (K, S) or (K, S, T), the same seeds and examples.
+        window, floor, num_bootstrap, confidence, seed, resample_examples: as
+            in `fit_exponent`.
+
+    Returns:
+        dict(difference, interval [lo, hi], sizes_used); None entries when
+        fewer than two sizes are usable.
+    """
+    n = np.asarray(n, np.float64)
+    a = _as_size_seed_example(values_a, n, "values_a")
+    b = _as_size_seed_example(values_b, n, "values_b")
+    if a.shape != b.shape:
+        raise ValueError(
+            "Expected values_a and values_b of the same shape (len(n), seeds[, examples]). "
+            f"Received: values_a.shape={a.shape}, values_b.shape={b.shape}"
+        )
+    in_window = _window_mask(n, window)
+    log_n = np.log(n)
+
+    def differences(seed_weights, example_weights, keep=None):
+        means = [_usable(_size_means(v, seed_weights, example_weights), floor, in_window)
+                 for v in (a, b)]
+        ok = means[0][1] & means[1][1]
+        if keep is not None:
+            ok &= keep[:, None]
+        return _slopes(log_n, means[0][0], ok)[0] - _slopes(log_n, means[1][0], ok)[0], ok
+
+    point, ok = differences(np.ones((a.shape[1], 1)), np.ones((a.shape[2], 1)))
+    keep = ok[:, 0]
+    if keep.sum() < 2:
+        return dict(difference=None, interval=[None, None], sizes_used=[])
+    rng = np.random.default_rng(seed)
+    draws, _ = differences(*_bootstrap_weights(rng, a.shape[1], a.shape[2], num_bootstrap,
+                                               resample_examples), keep)
+    draws = draws[np.isfinite(draws)]
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(draws, [tail, 100 - tail])
+    return dict(difference=float(point[0]), interval=[float(low), float(high)],
+                sizes_used=[int(v) for v in n[keep]])

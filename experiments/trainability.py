@@ -2,48 +2,41 @@
 
 Reproduces on the infinite-width NTK the analyses of Xiao, Pennington and
 Schoenholz (ICML 2020), "Disentangling trainability and generalization in
-deep neural networks":
+deep neural networks", with the grid of neural-tangents' notebook for the
+paper (gin_configs/trainability/base.gin):
 
-1. Phase diagram of fully connected networks (FCN) over (σw², depth) for
-   ReLU and Erf at fixed σb²: the condition number κ = λmax/λmin of the
-   infinite NTK Θ(X, X) on the training inputs, the mean-field fixed points
-   q*, c*, the slopes χ1, χc* and the depth scales ξ1 = −1/log χ1 and
-   ξc* = −1/log χc*, with the order-to-chaos line χ1 = 1. ReLU has no
-   chaotic phase (χ1 = σw²/2, q* infinite for σw² ≥ 2): its grid stops at
-   the critical line σw² = 2. κ at or above the float64 resolution
-   (λmin ≤ n·ε·λmax) is flagged `condition_at_float64_bound` and stored as
-   min(λmax/max(λmin, ε λmax), 1/ε) ≈ 4.5e15. (In the chaotic phase the
-   self-correlation c = 1 of Θ(x, x) is an unstable fixed point;
-   `infinite_kernels` takes the diagonal from the exact self recursion, so
-   deep chaotic cells keep an exact diagonal.)
-   Test accuracy of the infinite network trained by gradient descent on MSE
-   (`keras_ntk.predict.gradient_descent_mse`, discrete steps) after t steps
-   at the learning rate η = `learning_rate_fraction` × η_max, where
-   η_max = 2·n·O/λmax is the largest stable rate (`max_learning_rate`).
-2. The mean predictor P(Θ) = Θ(X*, X) Θ(X, X)⁻¹ (gradient descent at
-   t = ∞; eigenvalues at rounding level are treated as zero, a
-   pseudo-inverse) applied to the training targets, per depth: its test
-   accuracy and the spread of its test outputs across test inputs,
-   ‖F* − mean F*‖_F / ‖Y* − mean Y*‖_F (0 when every test input gets the
-   same output: the predictor has degenerated).
+1. Phase diagram of fully connected networks (FCN) over (σw², depth) at
+   fixed σb² (Erf; ReLU optional: it has no chaotic phase). Per σw² ONE
+   all-depths recursion (`infinite_kernels(..., all_depths=True)`) gives the
+   NTK at every depth. Per cell: the condition number κ of Θ(X, X)
+   (flagged at the float64 bound, λmin ≤ n·ε·λmax); gradient flow on MSE
+   from f0 = 0 at η = `learning_rate_fraction` · 2·n·O/λmax in closed form
+   (`keras_ntk.predict.gradient_descent_mse`), read at `times`: training
+   loss (the trainability heatmap) and accuracies. Per σw²: q*, c*, χ1, χc*
+   and the depth scales ξ1 = −1/log χ1 (ordered) and ξ* = −1/(log χc* −
+   log χ1) (chaotic) from `keras_ntk.mean_field`; figures overlay 8ξ1, 8ξ*.
+2. The mean predictor P(Θ) = Θ(X*, X) Θ(X, X)⁻¹ (t = ∞, pseudo-inverse at
+   rounding level). Its test accuracy on raw one-hot targets is the
+   generalization heatmap (deep in the chaotic phase it collapses to one
+   class, the paper's finding). On targets centred by the training mean
+   (the constant direction removed) the spread of its test outputs,
+   ‖F* − mean F*‖_F / ‖Y* − mean Y*‖_F, and its rms relative to the NNGP
+   output scale √K(x, x), against depth; the e-fold length of the spread is
+   fitted over the deepest depths whose test-train kernel still varies
+   above float64 rounding (`efold_length`) and compared with ξ*.
 3. FCN vs CNN with a Flatten head (CNN-F) vs CNN with global average
    pooling (CNN-GAP), same activation, σw², σb², on the same (smaller)
    subset: NTK spectra and kernel-regression test accuracy.
 4. A finite-width check: NTK-parameterized FCNs of a few widths trained
-   by full-batch gradient descent on MSE for `finite_steps` steps at the
-   same η as the infinite prediction. Under the NTK parameterization f0 is
-   an O(1) random function at any width, so the comparison is of the
-   centred outputs f_T − f_0 (trained on targets Y + f_0(X), exactly the
-   infinite mean prediction in the linear regime) with the infinite mean
-   predictor μ_T, and of the ensemble mean over seeds (centred and not).
+   by full-batch gradient descent on MSE for `finite_steps` steps at
+   `finite_learning_rate_fraction` · η_max, compared through their centred
+   outputs f_T − f_0 (f0 is an O(1) random function at any width under the
+   NTK parameterization) with the infinite mean prediction μ_T.
 
-Targets are one-hot labels minus 1/num_classes; accuracy is that of the
-argmax. Every NTK comes from `keras_ntk.infinite_kernels` on the
-architecture built by `experiments.models.ntk_fcn`/`ntk_cnn` (depth =
-number of hidden layers, plus a readout layer with the same σw², σb²).
-Each (activation, σw², depth) is a separate call: the public API gives the
-kernel of one architecture, so the default grid is a set of depths, not
-every depth.
+Every NTK comes from `keras_ntk.infinite_kernels` on the architecture
+built by `experiments.models.ntk_fcn`/`ntk_cnn` (depth = number of hidden
+layers, plus a readout layer with the same σw², σb²). Figures:
+`experiments.figures.study_c`.
 
 Run: `python -m experiments.trainability --gin_file=trainability/digits.gin
 --output_dir=runs/c`. Finished cells are kept in `cells/` (`experiments.cells`,
@@ -55,13 +48,16 @@ import os
 import time
 
 import numpy as np
+import threadpoolctl  # Installed with scikit-learn (the [experiments] extra).
 from absl import logging
 
 from experiments import cells as cells_lib
 from experiments import launcher
-from experiments import report
 
 ARCHITECTURES = ("fcn", "cnn_flatten", "cnn_gap")
+# Held-out examples of parts 1-2: the test split, or also the training
+# examples beyond num_train (digits has 1797 examples in all).
+HELDOUT = ("test", "test_and_unused_train")
 ACTIVATIONS = ("relu", "erf")
 _EPS = float(np.finfo(np.float64).eps)
 
@@ -78,14 +74,50 @@ def _accuracy(outputs, labels):
     return float(np.mean(np.argmax(outputs, axis=-1) == labels))
 
 
-def _targets(labels, num_classes):
-    return np.eye(num_classes)[labels] - 1.0 / num_classes
+def heatmap_targets(labels, num_classes):
+    """Raw one-hot targets (the accuracy heatmaps, as neural-tangents' notebook).
+
+    Deep in the chaotic phase the mean predictor of these targets collapses to
+    one class for every test input: the paper's finding. (One-hot − 1/C has the
+    same argmax.)
+    """
+    return np.eye(num_classes)[np.asarray(labels)]
 
 
-def _output_spread(outputs, targets):
-    """‖F − mean F‖_F / ‖Y − mean Y‖_F over the rows (inputs)."""
+def centred_targets(labels, num_classes, train_labels):
+    """One-hot targets minus the training set's mean target (the spread analysis).
+
+    Any kernel fits the constant direction, which would hide the decay of
+    the data-dependent rest; centring by the training mean (not by 1/C,
+    which is the mean only for balanced classes) removes it.
+    """
+    mean = heatmap_targets(train_labels, num_classes).mean(axis=0)
+    return heatmap_targets(labels, num_classes) - mean
+
+
+def output_spread(outputs, reference):
+    """‖F − mean F‖_F / ‖R − mean R‖_F over the rows (inputs); 0: one output for all inputs."""
     spread = np.linalg.norm(outputs - outputs.mean(axis=0))
-    return float(spread / np.linalg.norm(targets - targets.mean(axis=0)))
+    return float(spread / np.linalg.norm(reference - reference.mean(axis=0)))
+
+
+def efold_length(depths, spread, variation, *, noise=1e-12, points=4):
+    """Depth over which the spread falls by e, fitted over the deepest depths above noise.
+
+    A least-squares line through log(spread) over the `points` deepest depths
+    whose test-train kernel still varies across examples by more than
+    `noise` relative to its mean (below that, the data-dependent part of the
+    kernel is at float64 rounding). Returns (−1/slope, depths used), or
+    (None, depths) when fewer than 3 depths qualify or the spread does not fall.
+    """
+    usable = [i for i, (s, v) in enumerate(zip(spread, variation))
+              if s is not None and s > 0 and v is not None and v > noise]
+    chosen = usable[-points:]
+    used = [int(depths[i]) for i in chosen]
+    if len(chosen) < 3:
+        return None, used
+    slope = np.polyfit([depths[i] for i in chosen], np.log([spread[i] for i in chosen]), 1)[0]
+    return (float(-1.0 / slope) if slope < 0 else None), used
 
 
 def mean_field(activation, sigma_w2, sigma_b2):
@@ -152,96 +184,143 @@ def _summary_writer(output_dir, name):
 # ---------------------------------------------------------------- 1 + 2
 
 
-def _phase_key(activation, sigma_w2, depth):
-    return f"{activation}/sigma_w2={sigma_w2:g}/depth={depth}"
+def _phase_key(activation, sigma_w2):
+    return f"{activation}/sigma_w2={sigma_w2:.10g}"
 
 
-def phase_cell(activation, sigma_w2, depth, sigma_b2, x_all, num_train, labels_train,
-               labels_test, num_classes, times, learning_rate_fraction, kernel_batch_size=None):
-    """Everything measured at one (activation, σw², depth) of the FCN grid."""
-    import keras_ntk
-    from experiments import models
+def phase_depth(k_train, k_test_train, nngp_scale, labels_train, labels_test, num_classes,
+                times, learning_rate_fraction):
+    """Everything measured at one (σw², depth): trainability, generalization, spread."""
     from keras_ntk import predict
 
-    model = models.ntk_fcn(x_all.shape[1:], 1, depth=depth, width=8, sigma_w2=sigma_w2,
-                           sigma_b2=sigma_b2, activation=activation)
-    ntk = keras_ntk.infinite_kernels(model, x_all, batch_size=kernel_batch_size).ntk
-    k_train, k_test_train = ntk[:num_train, :num_train], ntk[num_train:, :num_train]
     _, cell = spectrum_summary(k_train)
-    y_train = _targets(labels_train, num_classes)
-    y_test = _targets(labels_test, num_classes)
-    rate = learning_rate_fraction * predict.max_learning_rate(k_train, y_train.size)
+    y_train = heatmap_targets(labels_train, num_classes)
+    yc_train = centred_targets(labels_train, num_classes, labels_train)
+    yc_test = centred_targets(labels_test, num_classes, labels_train)
+    n_outputs = y_train.size
+    # η = fraction × 2·n·O/λmax (`predict.max_learning_rate`; λmax from the spectrum).
+    rate = learning_rate_fraction * 2.0 * n_outputs / cell["lambda_max"]
+    # Raw targets (heatmaps) and centred ones (spread analysis) in one call, one
+    # eigendecomposition: the flow runs at η/(n·O), so twice the columns take 2η.
+    # The last time, t = ∞, is the mean predictor P(Θ)Y.
+    steps = np.asarray(list(times) + [np.inf], np.float64)
     fx_train, fx_test = predict.gradient_descent_mse(
-        k_train, y_train, rate, np.asarray(times, np.float64), k_test_train, discrete=True)
-    cell["gd_train_accuracy"] = [_accuracy(f, labels_train) for f in fx_train]
-    cell["gd_test_accuracy"] = [_accuracy(f, labels_test) for f in fx_test]
+        k_train, np.concatenate([y_train, yc_train], 1), 2 * rate, steps, k_test_train)
+    raw_train, raw_test = fx_train[..., :num_classes], fx_test[..., :num_classes]
+    centred_test = fx_test[-1, :, num_classes:]
     cell["learning_rate"] = float(rate)
-    # The mean predictor P(Θ) Y: gradient descent run to t = ∞.
-    mean_train, mean_test = predict.gradient_descent_mse(
-        k_train, y_train, rate, np.inf, k_test_train)
+    cell["train_loss"] = [float(np.sum((f - y_train) ** 2) / (2 * n_outputs))
+                          for f in raw_train[:-1]]
+    cell["initial_train_loss"] = float(np.sum(y_train ** 2) / (2 * n_outputs))
+    cell["gd_train_accuracy"] = [_accuracy(f, labels_train) for f in raw_train[:-1]]
+    cell["gd_test_accuracy"] = [_accuracy(f, labels_test) for f in raw_test[:-1]]
+    rms_spread = np.sqrt(np.mean((centred_test - centred_test.mean(axis=0)) ** 2))
     cell["mean_predictor"] = {
-        "test_accuracy": _accuracy(mean_test, labels_test),
-        "train_accuracy": _accuracy(mean_train, labels_train),
-        "test_output_spread": _output_spread(mean_test, y_test),
-        "test_output_norm": float(np.linalg.norm(mean_test) / np.linalg.norm(y_test)),
-        "train_residual": float(np.linalg.norm(mean_train - y_train) / np.linalg.norm(y_train)),
+        "test_accuracy": _accuracy(raw_test[-1], labels_test),
+        "train_accuracy": _accuracy(raw_train[-1], labels_train),
+        "test_output_spread": output_spread(centred_test, yc_test),
+        "spread_to_nngp_scale": float(rms_spread / nngp_scale),
+        "test_accuracy_centred_targets": _accuracy(centred_test, labels_test),
     }
-    cell["kernel_diag_mean"] = float(np.mean(np.diag(k_train)))
-    off = k_train[~np.eye(num_train, dtype=bool)]
-    cell["kernel_offdiag_mean"] = float(off.mean()) if off.size else 0.0
+    # Relative variation of Θ(X*, X) across pairs: its data-dependent part (the
+    # spread analysis stops where this reaches float64 rounding).
+    cell["kernel_variation"] = float(np.std(k_test_train) / abs(np.mean(k_test_train)))
     return cell
 
 
-def _phase_diagrams(cells, output_dir, activations, grids, depths, sigma_b2, dataset, times,
-                    learning_rate_fraction, kernel_batch_size):
-    x_all = np.concatenate([dataset.train.x, dataset.test.x]).reshape(
-        len(dataset.train.x) + len(dataset.test.x), -1).astype(np.float64)
-    num_train = len(dataset.train.x)
-    num_classes = int(max(dataset.train.y.max(), dataset.test.y.max())) + 1
-    progress = cells_lib.Progress(sum(len(grids[a]) for a in activations) * len(depths),
-                                  "phase cell")
+def phase_row(activation, sigma_w2, sigma_b2, depths, x_train, x_test, labels_train,
+              labels_test, num_classes, times, learning_rate_fraction, kernel_batch_size=None):
+    """The cells of every depth at one σw²: one all-depths kernel recursion."""
+    import keras_ntk
+    from experiments import models
+
+    start = time.time()
+    model = models.ntk_fcn(x_train.shape[1:], 1, depth=max(depths), width=8,
+                           sigma_w2=sigma_w2, sigma_b2=sigma_b2, activation=activation)
+    train = keras_ntk.infinite_kernels(model, x_train, all_depths=True,
+                                       batch_size=kernel_batch_size)
+    cross = keras_ntk.infinite_kernels(model, x_test, x_train, all_depths=True,
+                                       batch_size=kernel_batch_size).ntk
+    kernel_seconds = time.time() - start
+    cells = []
+    # One BLAS thread: 256² eigendecompositions are ~20× slower with two threads on a
+    # loaded 2-core machine (measured 0.84 s against 0.036 s at load 13).
+    with threadpoolctl.threadpool_limits(1), np.errstate(under="ignore"):
+        for depth in depths:
+            # The NNGP scale: the standard deviation of one output of the random infinite
+            # network, √(mean K(x, x)) over the training inputs.
+            nngp_scale = float(np.sqrt(np.mean(np.diag(train.nngp[depth]))))
+            cells.append(phase_depth(train.ntk[depth], cross[depth], nngp_scale, labels_train,
+                                     labels_test, num_classes, times, learning_rate_fraction))
+    return {"cells": cells, "kernel_seconds": kernel_seconds,
+            "seconds": time.time() - start}
+
+
+def _phase_data(dataset, num_train, heldout, flat=True):
+    """(x_train, labels_train, x_test, labels_test, description): training and held-out."""
+    x_train, y_train = dataset.train.x[:num_train], dataset.train.y[:num_train]
+    x_test, y_test = dataset.test.x, dataset.test.y
+    description = f"training: the first {len(y_train)} training examples; held-out: "
+    if heldout == "test_and_unused_train":
+        x_test = np.concatenate([dataset.train.x[num_train:], x_test])
+        y_test = np.concatenate([dataset.train.y[num_train:], y_test])
+        description += (f"the {len(dataset.train.y) - len(y_train)} training examples beyond "
+                        "them, then the test split")
+    else:
+        description += "the test split"
+    def prepared(x):
+        return (x.reshape(len(x), -1) if flat else x).astype(np.float64)
+
+    return prepared(x_train), y_train, prepared(x_test), y_test, description
+
+
+def _phase_diagrams(cells, output_dir, activations, grids, depths, sigma_b2, phase_data,
+                    num_classes, times, learning_rate_fraction, kernel_batch_size):
+    import tensorflow as tf
+
+    x_train, labels_train, x_test, labels_test, _ = phase_data
+    progress = cells_lib.Progress(sum(len(grids[a]) for a in activations),
+                                  "phase row (σw², every depth)")
     diagrams = []
     for activation in activations:
         writer = _summary_writer(output_dir, f"phase_{activation}")
-        table = {}
+        rows = []
         for sigma_w2 in grids[activation]:
-            for depth in depths:
-                key = _phase_key(activation, sigma_w2, depth)
-                cell = cells.get("phase", key)
-                if cell is not None:
-                    progress.skip(key)
-                else:
-                    cell = phase_cell(activation, sigma_w2, depth, sigma_b2, x_all, num_train,
-                                      dataset.train.y, dataset.test.y, num_classes, times,
-                                      learning_rate_fraction, kernel_batch_size)
-                    cells.put("phase", key, cell)
-                    with writer.as_default():
-                        import tensorflow as tf
-
-                        prefix = f"sigma_w2={sigma_w2:g}"
+            key = _phase_key(activation, sigma_w2)
+            row = cells.get("phase", key)
+            if row is not None:
+                progress.skip(key)
+            else:
+                row = phase_row(activation, sigma_w2, sigma_b2, depths, x_train, x_test,
+                                labels_train, labels_test, num_classes, times,
+                                learning_rate_fraction, kernel_batch_size)
+                cells.put("phase", key, row)
+                with writer.as_default():
+                    prefix = f"sigma_w2={sigma_w2:g}"
+                    for depth, cell in zip(depths, row["cells"]):
                         tf.summary.scalar(f"{prefix}/log10_condition_number",
                                           math.log10(cell["condition_number"]), step=depth)
                         tf.summary.scalar(f"{prefix}/mean_predictor_test_accuracy",
                                           cell["mean_predictor"]["test_accuracy"], step=depth)
-                        for t, accuracy in zip(times, cell["gd_test_accuracy"]):
-                            tf.summary.scalar(f"{prefix}/gd_test_accuracy_t={t:g}", accuracy,
-                                              step=depth)
-                    writer.flush()
-                    progress.finish(key)
-                table[(sigma_w2, depth)] = cell
+                writer.flush()
+                progress.finish(key)
+            rows.append(row)
         writer.close()
-        diagrams.append(_assemble_diagram(activation, grids[activation], depths, sigma_b2, table,
+        diagrams.append(_assemble_diagram(activation, grids[activation], depths, sigma_b2, rows,
                                           times, learning_rate_fraction))
     return diagrams
 
 
-def _assemble_diagram(activation, grid, depths, sigma_b2, table, times, learning_rate_fraction):
-    def per(get):
-        return [[get(table[(s, d)]) for d in depths] for s in grid]
-
+def _assemble_diagram(activation, grid, depths, sigma_b2, rows, times, learning_rate_fraction):
     from keras_ntk import mean_field as mf
 
+    def per(get):
+        return [[get(cell) for cell in row["cells"]] for row in rows]
+
     fields = [mean_field(activation, s, sigma_b2) for s in grid]
+    spread = per(lambda c: c["mean_predictor"]["test_output_spread"])
+    variation = per(lambda c: c["kernel_variation"])
+    fits = [efold_length(depths, s, v) for s, v in zip(spread, variation)]
     return {
         "activation": activation,
         "sigma_b2": float(sigma_b2),
@@ -250,28 +329,31 @@ def _assemble_diagram(activation, grid, depths, sigma_b2, table, times, learning
         "condition_number": per(lambda c: c["condition_number"]),
         "condition_at_float64_bound": per(lambda c: c["condition_at_float64_bound"]),
         "float64_bound": 1.0 / _EPS,
-        "chi1": [f["chi1"] for f in fields],
-        "chi_c_star": [f["chi_c_star"] for f in fields],
-        "q_star": [f["q_star"] for f in fields],
-        "c_star": [f["c_star"] for f in fields],
-        "xi_1": [f["xi_1"] for f in fields],
-        "xi_star": [f["xi_star"] for f in fields],
-        "xi_c_star": [f["xi_c_star"] for f in fields],
+        **{name: [f[name] for f in fields] for name in
+           ("chi1", "chi_c_star", "q_star", "c_star", "xi_1", "xi_star", "xi_c_star")},
         "critical_sigma_w2": mf.critical_sigma_w2(activation, sigma_b2),
         "lambda_max": per(lambda c: c["lambda_max"]),
         "lambda_min": per(lambda c: c["lambda_min"]),
-        "lambda_bulk": per(lambda c: c["lambda_bulk"]),
+        "kernel_variation": variation,
+        "kernel_seconds": [row["kernel_seconds"] for row in rows],
         "gd_mse": {
             "times": [float(t) for t in times],
+            "dynamics": "gradient flow (continuous time), closed form",
             "learning_rate_fraction": float(learning_rate_fraction),
             "learning_rate": per(lambda c: c["learning_rate"]),
-            "test_accuracy": per(lambda c: c["gd_test_accuracy"]),
+            "train_loss": per(lambda c: c["train_loss"]),
+            "initial_train_loss": per(lambda c: c["initial_train_loss"]),
             "train_accuracy": per(lambda c: c["gd_train_accuracy"]),
+            "test_accuracy": per(lambda c: c["gd_test_accuracy"]),
         },
         "mean_predictor": {
-            name: per(lambda c, name=name: c["mean_predictor"][name])
-            for name in ("test_accuracy", "train_accuracy", "test_output_spread",
-                         "test_output_norm", "train_residual")
+            "targets": "test_accuracy, train_accuracy: raw one-hot; the rest: one-hot minus "
+                       "the training mean",
+            **{name: per(lambda c, name=name: c["mean_predictor"][name])
+               for name in ("test_accuracy", "train_accuracy", "test_output_spread",
+                            "spread_to_nngp_scale", "test_accuracy_centred_targets")},
+            "spread_efold_length": [fit for fit, _ in fits],
+            "spread_efold_depths": [used for _, used in fits],
         },
     }
 
@@ -279,40 +361,79 @@ def _assemble_diagram(activation, grid, depths, sigma_b2, table, times, learning
 # ---------------------------------------------------------------- 3
 
 
-def architecture_cell(name, depth, activation, sigma_w2, sigma_b2, dataset, kernel_size,
+def architecture_cell(name, depth, activation, sigma_w2, sigma_b2, split, kernel_size,
                       ridge, kernel_batch_size=None):
-    """NTK spectrum and kernel-regression accuracy of one architecture."""
+    """NTK spectrum and kernel-regression predictions of one architecture.
+
+    `split` is (x_train, labels_train, x_test, labels_test) with image inputs.
+    Stores which test examples are classified correctly (for paired tests).
+    """
     import keras_ntk
     from experiments import models
     from keras_ntk import predict
 
-    shape = dataset.input_shape
+    x_train, labels_train, x_test, labels_test = split
+    shape = x_train.shape[1:]
     common = dict(depth=depth, sigma_w2=sigma_w2, sigma_b2=sigma_b2, activation=activation)
     if name == "fcn":
         model = models.ntk_fcn(shape, 1, width=8, **common)
     else:
         model = models.ntk_cnn(shape, 1, filters=4, kernel_size=kernel_size,
                                pooling=name.split("_")[1], **common)
-    x_all = np.concatenate([dataset.train.x, dataset.test.x]).astype(np.float64)
-    n = len(dataset.train.x)
     start = time.time()
-    ntk = keras_ntk.infinite_kernels(model, x_all, batch_size=kernel_batch_size).ntk
+    # Θ(X, X) and Θ(X*, X) only (Θ(X*, X*) is not needed).
+    k_train = keras_ntk.infinite_kernels(model, x_train, batch_size=kernel_batch_size).ntk
+    k_test_train = keras_ntk.infinite_kernels(model, x_test, x_train,
+                                              batch_size=kernel_batch_size).ntk
     seconds = time.time() - start
-    k_train, k_test_train = ntk[:n, :n], ntk[n:, :n]
     eigenvalues, cell = spectrum_summary(k_train)
-    num_classes = int(max(dataset.train.y.max(), dataset.test.y.max())) + 1
-    y_train = _targets(dataset.train.y, num_classes)
-    scaled_ridge = ridge * float(np.trace(k_train)) / n
+    num_classes = int(max(labels_train.max(), labels_test.max())) + 1
+    y_train = heatmap_targets(labels_train, num_classes)
+    scaled_ridge = ridge * float(np.trace(k_train)) / len(k_train)
     fx_test = predict.kernel_regression(k_train, k_test_train, y_train, scaled_ridge)
+    correct = np.argmax(fx_test, axis=-1) == labels_test
     cell.update(
-        test_accuracy=_accuracy(fx_test, dataset.test.y),
+        test_accuracy=float(np.mean(correct)),
+        test_correct=[bool(c) for c in correct],
         eigenvalues=[float(v) for v in eigenvalues[::-1]],
         kernel_seconds=seconds,
     )
     return cell
 
 
-def _architectures(cells, output_dir, names, depths, activation, sigma_w2, sigma_b2, dataset,
+def paired_architecture_tests(architectures, alpha=0.05, power=0.8):
+    """Exact McNemar test per depth for every pair of architectures, with its power.
+
+    `detectable_difference`: the accuracy difference the test detects with
+    probability `power` at level `alpha`, given the number of test examples
+    and the observed rate of disagreement (normal approximation,
+    `experiments.stats.mcnemar_detectable_difference`).
+    """
+    from experiments import stats
+
+    names = list(architectures)
+    tests = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            for k, depth in enumerate(architectures[a]["depth"]):
+                result = stats.mcnemar_exact(architectures[a]["test_correct"][k],
+                                             architectures[b]["test_correct"][k])
+                discordance = (result.a_only + result.b_only) / result.n
+                tests.append({
+                    "a": a, "b": b, "depth": int(depth), "n": int(result.n),
+                    "accuracy_difference": float(result.difference),
+                    "a_only_correct": int(result.a_only), "b_only_correct": int(result.b_only),
+                    "p_value": float(result.p_value),
+                    # None: no difference detectable (the two never disagree).
+                    "detectable_difference": _finite_or_none(
+                        stats.mcnemar_detectable_difference(result.n, discordance,
+                                                            alpha=alpha, power=power)),
+                    "alpha": alpha, "power": power,
+                })
+    return tests
+
+
+def _architectures(cells, output_dir, names, depths, activation, sigma_w2, sigma_b2, split,
                    kernel_size, ridge, kernel_batch_size):
     import tensorflow as tf
 
@@ -327,7 +448,7 @@ def _architectures(cells, output_dir, names, depths, activation, sigma_w2, sigma
             if cell is not None:
                 progress.skip(key)
             else:
-                cell = architecture_cell(name, depth, activation, sigma_w2, sigma_b2, dataset,
+                cell = architecture_cell(name, depth, activation, sigma_w2, sigma_b2, split,
                                          kernel_size, ridge, kernel_batch_size)
                 cells.put("architectures", key, cell)
                 with writer.as_default():
@@ -341,11 +462,10 @@ def _architectures(cells, output_dir, names, depths, activation, sigma_w2, sigma
             # The contract's number: the deepest of `architecture_depths`.
             "test_accuracy": by_depth[-1]["test_accuracy"],
             "depth": [int(d) for d in depths],
-            "test_accuracy_by_depth": [c["test_accuracy"] for c in by_depth],
-            "condition_number": [c["condition_number"] for c in by_depth],
-            "condition_at_float64_bound": [c["condition_at_float64_bound"] for c in by_depth],
-            "eigenvalues": [c["eigenvalues"] for c in by_depth],
-            "kernel_seconds": [c["kernel_seconds"] for c in by_depth],
+            **{f"{key}_by_depth" if key == "test_accuracy" else key:
+               [c[key] for c in by_depth]
+               for key in ("test_accuracy", "test_correct", "condition_number",
+                           "condition_at_float64_bound", "eigenvalues", "kernel_seconds")},
         }
     writer.close()
     return out
@@ -392,7 +512,8 @@ def _finite_width(cells, output_dir, dataset, widths, seeds, depth, activation, 
     labels_train = dataset.train.y[:num_train]
     x_test, labels_test = dataset.test.x, dataset.test.y
     num_classes = int(max(dataset.train.y.max(), dataset.test.y.max())) + 1
-    y_train = _targets(labels_train, num_classes)
+    # One-hot − 1/C (as the session-1 runs of this part).
+    y_train = heatmap_targets(labels_train, num_classes) - 1.0 / num_classes
     model = models.ntk_fcn(x_train.shape[1:], 1, depth=depth, width=8, sigma_w2=sigma_w2,
                            sigma_b2=sigma_b2, activation=activation)
     x_all = np.concatenate([x_train, x_test]).astype(np.float64)
@@ -453,7 +574,38 @@ def _finite_width(cells, output_dir, dataset, widths, seeds, depth, activation, 
 # ---------------------------------------------------------------- run
 
 
-def _validate(dataset, activations, grids, depths, architectures, times, learning_rate_fraction):
+def _validate_sizes(**sizes):
+    """Positive sizes (None: all) and non-negative variances, named by their gin binding."""
+    optional = ("num_train", "num_test", "architecture_num_test")
+    for name in ("num_train", "num_test", "architecture_num_train", "architecture_num_test",
+                 "finite_num_train", "finite_steps", "conv_kernel_size"):
+        value = sizes[name]
+        if value is None and name in optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"Expected trainability.run.{name} to be a positive int"
+                             f"{' or None' if name in optional else ''}. "
+                             f"Received: {name}={value!r}")
+    for name in ("architecture_depths", "finite_widths"):
+        values = sizes[name]
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < (1 if name ==
+               "finite_widths" else 0) for v in values):
+            raise ValueError(f"Expected trainability.run.{name} to be a list of "
+                             f"{'positive' if name == 'finite_widths' else 'non-negative'} "
+                             f"ints. Received: {name}={values!r}")
+    if isinstance(sizes["finite_depth"], bool) or not isinstance(sizes["finite_depth"], int) or (
+            sizes["finite_depth"] < 0):
+        raise ValueError("Expected trainability.run.finite_depth to be an int ≥ 0. "
+                         f"Received: finite_depth={sizes['finite_depth']!r}")
+    for name in ("sigma_b2", "ridge"):
+        if not (isinstance(sizes[name], (int, float)) and math.isfinite(sizes[name])
+                and sizes[name] >= 0):
+            raise ValueError(f"Expected trainability.run.{name} to be a finite float ≥ 0. "
+                             f"Received: {name}={sizes[name]!r}")
+
+
+def _validate(dataset, activations, grids, depths, architectures, times, learning_rate_fraction,
+              finite_learning_rate_fraction, heldout):
     from experiments import data as data_lib
 
     if dataset not in data_lib.KNOWN_DATASETS:
@@ -470,17 +622,25 @@ def _validate(dataset, activations, grids, depths, architectures, times, learnin
     if "relu" in activations and any(s > 2.0 for s in grids["relu"]):
         raise ValueError("ReLU has no chaotic phase (q* is infinite for σw² > 2): keep "
                          f"relu_sigma_w2 ≤ 2. Received: relu_sigma_w2={list(grids['relu'])!r}")
-    if not depths or any(int(d) < 1 for d in depths):
-        raise ValueError(f"Expected depths ≥ 1. Received: depths={list(depths)!r}")
+    if not depths or any(int(d) < 0 for d in depths) or list(depths) != sorted(set(depths)):
+        raise ValueError("Expected increasing depths ≥ 0 (trainability.run.depths). "
+                         f"Received: depths={list(depths)!r}")
+    if heldout not in HELDOUT:
+        raise ValueError(f"Expected trainability.run.heldout among {HELDOUT}. "
+                         f"Received: heldout={heldout!r}")
     bad = [a for a in architectures if a not in ARCHITECTURES]
     if bad:
         raise ValueError(f"Expected architectures among {ARCHITECTURES}. "
                          f"Received: architectures={list(architectures)!r}")
     if any(t < 0 for t in times):
         raise ValueError(f"Expected times ≥ 0. Received: times={list(times)!r}")
-    if not 0 < learning_rate_fraction < 1:
-        raise ValueError("Expected 0 < learning_rate_fraction < 1 (train below the largest "
-                         f"stable rate). Received: learning_rate_fraction={learning_rate_fraction}")
+    if not 0 < learning_rate_fraction <= 1:
+        raise ValueError("Expected 0 < trainability.run.learning_rate_fraction ≤ 1 (η/η_max of "
+                         f"gradient flow). Received: learning_rate_fraction={learning_rate_fraction}")
+    if not 0 < finite_learning_rate_fraction < 1:
+        raise ValueError("Expected 0 < trainability.run.finite_learning_rate_fraction < 1 "
+                         "(discrete steps diverge at η_max). "
+                         f"Received: finite_learning_rate_fraction={finite_learning_rate_fraction}")
 
 
 def run(
@@ -498,7 +658,8 @@ def run(
     sigma_b2=0.05,
     depths=(1, 4, 16, 64),
     times=(1, 8, 64, 512, 4096),
-    learning_rate_fraction=0.5,
+    learning_rate_fraction=1.0,
+    heldout="test",
     architectures=ARCHITECTURES,
     architecture_depths=(2, 8),
     architecture_activation="relu",
@@ -514,6 +675,7 @@ def run(
     finite_sigma_w2=2.0,
     finite_num_train=256,
     finite_steps=200,
+    finite_learning_rate_fraction=0.5,
     kernel_batch_size=None,
     write_figures=True,
     overwrite=False,
@@ -529,12 +691,18 @@ def run(
         dataset: "digits", "mnist" or "cifar10".
         num_train, num_test: the first examples of each split for parts 1, 2
             (None: all).
+        heldout: the held-out examples of parts 1, 2: "test" (the first
+            num_test of the test split) or "test_and_unused_train" (also the
+            training examples beyond num_train).
         activations: phase diagrams to draw, among "relu", "erf".
         relu_sigma_w2, erf_sigma_w2: the σw² grid per activation (ReLU ≤ 2).
         sigma_b2: σb² of every layer.
-        depths: the depth grid (hidden layers).
-        times: gradient-descent steps at which the test accuracy is read.
-        learning_rate_fraction: η / η_max (< 1).
+        depths: the depth grid (hidden layers, increasing, ≥ 0); one
+            all-depths kernel recursion per σw² gives them all.
+        times: gradient-flow times t (in steps of η) at which the training
+            loss and accuracies are read.
+        learning_rate_fraction: η / η_max of the gradient flow (≤ 1; 1 is
+            the notebook's 2/λmax in neural-tangents' normalization).
         architectures: among "fcn", "cnn_flatten", "cnn_gap".
         architecture_depths: depths of part 3 (results' `test_accuracy` is
             the deepest).
@@ -545,6 +713,7 @@ def run(
         ridge: kernel-regression ridge, relative to the mean diagonal (part 3).
         finite_widths, finite_seeds, finite_depth, finite_activation,
         finite_sigma_w2, finite_num_train, finite_steps: part 4.
+        finite_learning_rate_fraction: η / η_max of part 4's discrete steps (< 1).
         kernel_batch_size: `infinite_kernels` block size (None: automatic).
         write_figures: draw the PNG figures at the end.
         overwrite: discard stored cells computed with other settings instead
@@ -560,52 +729,92 @@ def run(
     grids = {"relu": [float(s) for s in relu_sigma_w2], "erf": [float(s) for s in erf_sigma_w2]}
     depths = [int(d) for d in depths]
     times = [float(t) for t in times]
-    _validate(dataset, activations, grids, depths, architectures, times, learning_rate_fraction)
+    _validate(dataset, activations, grids, depths, architectures, times, learning_rate_fraction,
+              finite_learning_rate_fraction, heldout)
+    _validate_sizes(num_train=num_train, num_test=num_test,
+                    architecture_num_train=architecture_num_train,
+                    architecture_num_test=architecture_num_test,
+                    finite_num_train=finite_num_train, finite_steps=finite_steps,
+                    finite_depth=finite_depth, conv_kernel_size=conv_kernel_size,
+                    architecture_depths=list(architecture_depths),
+                    finite_widths=list(finite_widths), sigma_b2=sigma_b2, ridge=ridge)
+    # Data first: sizes the dataset cannot provide are refused before any cell is written.
+    data = data_lib.load_dataset(
+        dataset, num_train=None if heldout == "test_and_unused_train" else num_train,
+        num_test=num_test, data_dir=data_dir)
+    for binding, requested in (("num_train", num_train),
+                               ("architecture_num_train", architecture_num_train)):
+        if requested is not None and requested > len(data.train.y) and (
+                heldout == "test_and_unused_train" or binding == "num_train"):
+            raise ValueError(
+                f"trainability.run.{binding} asks for more training examples than {dataset} "
+                f"has ({len(data.train.y)}). Received: {binding}={requested}")
+    if num_test is not None and num_test > len(data.test.y):
+        raise ValueError(f"trainability.run.num_test asks for more test examples than {dataset} "
+                         f"has ({len(data.test.y)}). Received: num_test={num_test}")
     # The operative settings of each part's cells (kernel_batch_size: memory only).
     common = {"dataset": dataset, "sigma_b2": float(sigma_b2)}
     settings = {
-        "phase": dict(common, num_train=num_train, num_test=num_test, times=times,
+        "phase": dict(common, num_train=num_train, num_test=num_test, heldout=heldout,
+                      depths=depths, times=times,
                       learning_rate_fraction=float(learning_rate_fraction)),
         "architectures": dict(common, activation=architecture_activation,
                               sigma_w2=float(architecture_sigma_w2),
                               num_train=architecture_num_train, num_test=architecture_num_test,
-                              conv_kernel_size=conv_kernel_size, ridge=float(ridge)),
-        "finite_width": dict(common, num_train=num_train, num_test=num_test,
+                              heldout=heldout, conv_kernel_size=conv_kernel_size, ridge=float(ridge)),
+        "finite_width": dict(common, num_test=num_test,
                              depth=finite_depth, activation=finite_activation,
                              sigma_w2=float(finite_sigma_w2), finite_num_train=finite_num_train,
                              steps=finite_steps,
-                             learning_rate_fraction=float(learning_rate_fraction)),
+                             learning_rate_fraction=float(finite_learning_rate_fraction)),
     }
     cells = _Cells(output_dir, settings, overwrite)
     start = time.time()
     results = {"study": "trainability", "dataset": dataset, "sigma_b2": float(sigma_b2),
-               "targets": "one-hot minus 1/num_classes; accuracy of the argmax"}
+               "targets": "heatmaps: raw one-hot (accuracy of the argmax); spread analysis: "
+                          "one-hot minus the training mean"}
 
-    data = data_lib.load_dataset(dataset, num_train=num_train, num_test=num_test,
-                                 data_dir=data_dir)
-    results["num_train"], results["num_test"] = len(data.train.y), len(data.test.y)
-    logging.info("Part 1-2: FCN phase diagrams on %d train / %d test inputs",
-                 len(data.train.y), len(data.test.y))
-    diagrams = _phase_diagrams(cells, output_dir, activations, grids, depths, sigma_b2, data,
-                               times, learning_rate_fraction, kernel_batch_size)
+    phase_data = _phase_data(data, num_train or len(data.train.y), heldout)
+    num_classes = int(max(data.train.y.max(), data.test.y.max())) + 1
+    results["num_train"], results["num_test"] = len(phase_data[1]), len(phase_data[3])
+    results["examples"] = phase_data[4]
+    logging.info("Part 1-2: FCN phase diagrams on %d train / %d held-out inputs (%s)",
+                 results["num_train"], results["num_test"], phase_data[4])
+    diagrams = _phase_diagrams(cells, output_dir, activations, grids, depths, sigma_b2,
+                               phase_data, num_classes, times, learning_rate_fraction,
+                               kernel_batch_size)
     results["phase_diagram"] = diagrams
     results_path = os.path.join(output_dir, "results.json")
     cells_lib.write_json_atomic(results_path, results)
+    if write_figures:  # The heatmaps now; parts 3 and 4 can take much longer.
+        from experiments.figures import study_c as figures
+
+        figures.draw_figures(results, os.path.join(output_dir, "figures"))
 
     if architectures:
-        subset = data_lib.load_dataset(dataset, num_train=architecture_num_train,
-                                       num_test=architecture_num_test, data_dir=data_dir)
+        subset = data_lib.load_dataset(
+            dataset, num_train=None if heldout == "test_and_unused_train" else
+            architecture_num_train, num_test=None, data_dir=data_dir)
+        x_train, labels_train, x_test, labels_test, description = _phase_data(
+            subset, architecture_num_train, heldout, flat=False)
+        split = (x_train, labels_train, x_test[:architecture_num_test],
+                 labels_test[:architecture_num_test])
         logging.info("Part 3: architectures %s on %d train / %d test inputs", architectures,
-                     len(subset.train.y), len(subset.test.y))
+                     len(split[1]), len(split[3]))
         results["architectures"] = _architectures(
             cells, output_dir, architectures, [int(d) for d in architecture_depths],
-            architecture_activation, architecture_sigma_w2, sigma_b2, subset, conv_kernel_size,
+            architecture_activation, architecture_sigma_w2, sigma_b2, split, conv_kernel_size,
             ridge, kernel_batch_size)
+        results["architecture_tests"] = paired_architecture_tests(results["architectures"])
         results["architecture_setup"] = {
             "activation": architecture_activation, "sigma_w2": float(architecture_sigma_w2),
-            "sigma_b2": float(sigma_b2), "num_train": len(subset.train.y),
-            "num_test": len(subset.test.y), "kernel_size": int(conv_kernel_size),
+            "sigma_b2": float(sigma_b2), "num_train": len(split[1]),
+            "num_test": len(split[3]), "examples": description + (
+                f", the first {len(split[3])} of them" if architecture_num_test else ""),
+            "kernel_size": int(conv_kernel_size),
             "ridge_relative_to_mean_diagonal": float(ridge),
+            "kernel_seconds_total": float(sum(sum(a["kernel_seconds"])
+                                              for a in results["architectures"].values())),
         }
         cells_lib.write_json_atomic(results_path, results)
 
@@ -615,186 +824,14 @@ def run(
             cells, output_dir, data, [int(w) for w in finite_widths],
             [int(s) for s in finite_seeds], finite_depth, finite_activation, finite_sigma_w2,
             sigma_b2, min(finite_num_train, len(data.train.y)), int(finite_steps),
-            learning_rate_fraction, strategy)
+            finite_learning_rate_fraction, strategy)
     results["seconds_this_run"] = time.time() - start
     cells_lib.write_json_atomic(results_path, results)
     if write_figures:
-        draw_figures(results, os.path.join(output_dir, "figures"))
+        from experiments.figures import study_c as figures
+
+        figures.draw_figures(results, os.path.join(output_dir, "figures"))
     return results
-
-
-# ---------------------------------------------------------------- figures
-
-
-def _edges(values, log):
-    v = np.log(values) if log else np.asarray(values, np.float64)
-    if len(v) == 1:
-        e = np.array([v[0] - 0.5, v[0] + 0.5])
-    else:
-        mid = (v[1:] + v[:-1]) / 2
-        e = np.concatenate([[2 * v[0] - mid[0]], mid, [2 * v[-1] - mid[-1]]])
-    return np.exp(e) if log else e
-
-
-def _overlay_phase(ax, diagram):
-    """χ1 = 1 line and the depth scales ξ1, ξc* on a (σw², depth) heat map."""
-    sigma = np.asarray(diagram["sigma_w2"])
-    critical = diagram["critical_sigma_w2"]
-    top = max(diagram["depth"]) * 1.5
-    if sigma.min() <= critical <= sigma.max() * 1.05:
-        ax.axvline(critical, color="white", lw=2, ls="--", label="χ1 = 1")
-    fine = np.linspace(sigma.min(), sigma.max(), 200)
-    for name, style in (("xi_1", "-"), ("xi_star", ":")):
-        values = [mean_field(diagram["activation"], s, diagram["sigma_b2"])[name] for s in fine]
-        ys = np.array([np.nan if v is None else min(8 * v, top) for v in values])
-        label = "8ξ1" if name == "xi_1" else "8ξ*"
-        ax.plot(fine, ys, color="black", ls=style, lw=1.5, label=label)
-
-
-def _mark_float64(ax, diagram):
-    """'f64': κ at the float64 bound."""
-    bound = np.asarray(diagram["condition_at_float64_bound"]).T
-    for i, d in enumerate(diagram["depth"]):
-        for j, s in enumerate(diagram["sigma_w2"]):
-            if bound[i, j]:
-                ax.text(s, d, "f64", ha="center", va="center", color="red", fontsize=7)
-
-
-def figure_condition(diagram, path):
-    plt = report.pyplot()
-    sigma, depth = diagram["sigma_w2"], diagram["depth"]
-    kappa = np.log10(np.asarray(diagram["condition_number"], np.float64)).T
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    mesh = ax.pcolormesh(_edges(sigma, False), _edges(depth, True), kappa, cmap="viridis",
-                         shading="flat")
-    fig.colorbar(mesh, ax=ax, label="log10 κ(Θ(X, X))")
-    _mark_float64(ax, diagram)
-    _overlay_phase(ax, diagram)
-    ax.set_yscale("log")
-    ax.set_ylim(_edges(depth, True)[0], _edges(depth, True)[-1])
-    ax.set_xlim(_edges(sigma, False)[0], _edges(sigma, False)[-1])
-    ax.set_xlabel("σw²")
-    ax.set_ylabel("depth (hidden layers)")
-    ax.set_title(f"FCN {diagram['activation']}, σb²={diagram['sigma_b2']:g}: condition number\n"
-                 "(f64: κ at the float64 bound)",
-                 fontsize=9)
-    ax.legend(fontsize=7, loc="upper left")
-    report.save_figure(fig, path)
-
-
-def figure_gd_accuracy(diagram, path):
-    plt = report.pyplot()
-    sigma, depth = diagram["sigma_w2"], diagram["depth"]
-    gd = diagram["gd_mse"]
-    accuracy = np.asarray(gd["test_accuracy"], np.float64)  # σ × depth × t
-    times = gd["times"]
-    fig, axes = plt.subplots(1, len(times), figsize=(3.2 * len(times), 3.2), sharey=True,
-                             squeeze=False)
-    for k, (t, ax) in enumerate(zip(times, axes[0])):
-        mesh = ax.pcolormesh(_edges(sigma, False), _edges(depth, True), accuracy[:, :, k].T,
-                             vmin=0, vmax=1, cmap="magma", shading="flat")
-        _overlay_phase(ax, diagram)
-        _mark_float64(ax, diagram)
-        ax.set_yscale("log")
-        ax.set_ylim(_edges(depth, True)[0], _edges(depth, True)[-1])
-        ax.set_xlim(_edges(sigma, False)[0], _edges(sigma, False)[-1])
-        ax.set_title(f"t = {t:g} steps", fontsize=9)
-        ax.set_xlabel("σw²")
-    axes[0][0].set_ylabel("depth")
-    axes[0][0].legend(fontsize=6, loc="upper left")
-    fig.colorbar(mesh, ax=list(axes[0]), label="test accuracy")
-    fig.suptitle(f"FCN {diagram['activation']}: infinite network trained by GD on MSE, "
-                 f"η = {gd['learning_rate_fraction']:g}·η_max", fontsize=10)
-    report.save_figure(fig, path)
-
-
-def figure_mean_predictor(diagrams, path):
-    plt = report.pyplot()
-    fig, axes = plt.subplots(2, len(diagrams), figsize=(5 * len(diagrams), 6.5), squeeze=False)
-    for col, diagram in enumerate(diagrams):
-        chi = np.asarray(diagram["chi1"])
-        norm = plt.Normalize(-1.0, 1.0)
-        cmap = plt.get_cmap("coolwarm")
-        for i, s in enumerate(diagram["sigma_w2"]):
-            color = cmap(norm(np.clip(np.log2(chi[i]), -1, 1)))
-            label = f"σw²={s:g} (χ1={chi[i]:.2f})"
-            mp = diagram["mean_predictor"]
-            axes[0][col].plot(diagram["depth"], mp["test_accuracy"][i], "o-", color=color,
-                              label=label)
-            axes[1][col].plot(diagram["depth"], np.maximum(mp["test_output_spread"][i], 1e-12),
-                              "o-", color=color)
-            # Cells whose kernel is at the float64 limits (see figure_condition).
-            flagged = [j for j in range(len(diagram["depth"]))
-                       if diagram["condition_at_float64_bound"][i][j]]
-            for row, values in ((0, mp["test_accuracy"][i]), (1, mp["test_output_spread"][i])):
-                axes[row][col].plot([diagram["depth"][j] for j in flagged],
-                                    [max(values[j], 1e-12) for j in flagged], "x",
-                                    color="black", ms=8)
-        axes[0][col].set_title(f"{diagram['activation']}: mean predictor P(Θ)Y\n(blue ordered, "
-                               "red chaotic; × float64-limited)", fontsize=9)
-        axes[0][col].set_ylabel("test accuracy")
-        axes[0][col].set_ylim(0, 1)
-        axes[1][col].set_ylabel("test output spread ‖F*−mean‖/‖Y*−mean‖")
-        axes[1][col].set_yscale("log")
-        for row in range(2):
-            axes[row][col].set_xscale("log")
-            axes[row][col].set_xlabel("depth")
-        axes[0][col].legend(fontsize=6)
-    report.save_figure(fig, path)
-
-
-def figure_architectures(architectures, setup, path):
-    plt = report.pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, entry in architectures.items():
-        eig = np.asarray(entry["eigenvalues"][-1])
-        axes[0].loglog(np.arange(1, len(eig) + 1), np.maximum(eig / eig[0], 1e-18), label=name)
-        axes[1].plot(entry["depth"], entry["test_accuracy_by_depth"], "o-", label=name)
-    axes[0].set_xlabel("index i")
-    axes[0].set_ylabel("λ_i / λ_max")
-    axes[0].set_title(f"NTK spectra, depth {list(architectures.values())[0]['depth'][-1]} "
-                      f"({setup['activation']}, σw²={setup['sigma_w2']:g})", fontsize=9)
-    axes[1].set_xlabel("depth")
-    axes[1].set_ylabel("kernel-regression test accuracy")
-    axes[1].set_title(f"{setup['num_train']} train / {setup['num_test']} test", fontsize=9)
-    for ax in axes:
-        ax.legend(fontsize=8)
-    report.save_figure(fig, path)
-
-
-def figure_finite_width(finite, path):
-    plt = report.pyplot()
-    widths = [w["width"] for w in finite["widths"]]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    series = (("centred_relative_error_mean", "one net, centred f_T − f_0"),
-              ("ensemble_centred_relative_error", "ensemble mean, centred"),
-              ("ensemble_raw_relative_error", "ensemble mean, raw f_T"),
-              ("single_raw_relative_error_mean", "one net, raw f_T"))
-    for key, label in series:
-        ax.loglog(widths, [w[key] for w in finite["widths"]], "o-", label=label)
-    ref = finite["widths"][0]["centred_relative_error_mean"]
-    ax.loglog(widths, [ref * (widths[0] / w) ** 0.5 for w in widths], "k:", label="∝ width^−1/2")
-    ax.set_xlabel("width")
-    ax.set_ylabel("‖f − μ_T‖ / ‖μ_T‖ (test)")
-    ax.set_title(f"finite vs infinite, {finite['activation']} depth {finite['depth']}, "
-                 f"T = {finite['steps']} GD steps", fontsize=9)
-    ax.legend(fontsize=7)
-    report.save_figure(fig, path)
-
-
-def draw_figures(results, directory):
-    """All PNG figures of a results dictionary into `directory`."""
-    diagrams = results.get("phase_diagram", [])
-    for diagram in diagrams:
-        figure_condition(diagram, os.path.join(directory, f"condition_{diagram['activation']}.png"))
-        figure_gd_accuracy(diagram, os.path.join(directory, f"gd_accuracy_{diagram['activation']}.png"))
-    if diagrams:
-        figure_mean_predictor(diagrams, os.path.join(directory, "mean_predictor.png"))
-    if results.get("architectures"):
-        figure_architectures(results["architectures"], results["architecture_setup"],
-                             os.path.join(directory, "architectures.png"))
-    if results.get("finite_width"):
-        figure_finite_width(results["finite_width"], os.path.join(directory, "finite_width.png"))
 
 
 def main(argv):

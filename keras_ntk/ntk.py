@@ -598,8 +598,8 @@ def ntk_vector_product(model, x1, x2, v, *, trace_axes=(-1,), diagonal_axes=(),
         x2: inputs with N2 examples, or None for x1.
         v: array (N2, *kept axes) or (N2, *kept axes, columns); a list with
             one such array per output for a model with several outputs.
-        trace_axes, diagonal_axes, implementation, batch_size, memory_budget,
-        training, dtype, verbose, variables: as in `empirical_ntk`.
+        trace_axes, diagonal_axes, implementation, batch_size: as in `empirical_ntk`.
+        memory_budget, training, dtype, verbose, variables: as in `empirical_ntk`.
 
     Returns:
         A numpy array (N1, *kept axes[, columns]), or a list per output.

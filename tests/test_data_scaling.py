@@ -28,37 +28,6 @@ def test_geometric_sizes():
         data_scaling.geometric_sizes(0, 10, 3)
 
 
-@pytest.mark.parametrize("alpha", [0.3, 0.8])
-def test_fit_exponent_recovers_a_noisy_power_law(alpha):
-    rng = np.random.RandomState(1)
-    n = np.array([50, 91, 165, 299, 544, 987])
-    values = 2.0 * n[:, None] ** -alpha * np.exp(0.1 * rng.normal(size=(len(n), 5)))
-    fit = data_scaling.fit_exponent(n, values, num_bootstrap=500)
-    low, high = fit["alpha_interval"]
-    assert abs(fit["alpha"] - alpha) < 0.05
-    assert low < alpha < high and high - low < 0.2
-    assert fit["sizes_used"] == n.tolist()
-
-
-def test_fit_exponent_exact_and_zero_errors():
-    n = np.array([10.0, 100.0, 1000.0])
-    exact = data_scaling.fit_exponent(n, np.tile(n[:, None] ** -0.5, (1, 4)), num_bootstrap=50)
-    np.testing.assert_allclose(exact["alpha"], 0.5, rtol=1e-10)
-    np.testing.assert_allclose(exact["alpha_interval"], [0.5, 0.5], rtol=1e-10)
-    np.testing.assert_allclose(exact["intercept"], 0.0, atol=1e-10)
-    # All seeds at zero error at the largest n: dropped without a floor...
-    values = np.array([[0.2, 0.3], [0.05, 0.04], [0.0, 0.0]])
-    dropped = data_scaling.fit_exponent(n, values, num_bootstrap=50)
-    assert dropped["sizes_used"] == [10, 100]
-    np.testing.assert_allclose(dropped["alpha"], -np.log10(0.045 / 0.25), rtol=1e-10)
-    # ... or floored (half a test error of a 360-example test set).
-    floored = data_scaling.fit_exponent(n, values, floor=0.5 / 360, num_bootstrap=50)
-    assert floored["sizes_used"] == [10, 100, 1000]
-    assert np.isfinite(floored["alpha"]) and floored["alpha"] > dropped["alpha"]
-    # Missing seeds (NaN) are ignored; fewer than two sizes give None.
-    assert data_scaling.fit_exponent(n, [[0.1, np.nan], [np.nan, np.nan], [0, 0]])["alpha"] is None
-
-
 def test_regression_path_matches_numpy_solve():
     rng = np.random.RandomState(0)
     features = rng.normal(size=(30, 12))
@@ -66,12 +35,54 @@ def test_regression_path_matches_numpy_solve():
     y = np.eye(3)[rng.randint(0, 3, size=20)]
     train, evaluation = np.arange(20), np.arange(20, 30)
     ridges = [1e-3, 0.5, 10.0]
-    path = data_scaling.regression_path(kernel[np.ix_(train, train)],
-                                        kernel[np.ix_(evaluation, train)], y, ridges)
-    for ridge, predictions in zip(ridges, path):
-        reference = kernel[np.ix_(evaluation, train)] @ np.linalg.solve(
-            kernel[np.ix_(train, train)] + ridge * np.eye(20), y)
-        np.testing.assert_allclose(predictions, reference, rtol=1e-6, atol=1e-9)
+    for solver in ("eigh", "cholesky"):
+        path = data_scaling.regression_path(kernel[np.ix_(train, train)],
+                                            kernel[np.ix_(evaluation, train)], y, ridges,
+                                            solver=solver)
+        for ridge, predictions in zip(ridges, path):
+            reference = kernel[np.ix_(evaluation, train)] @ np.linalg.solve(
+                kernel[np.ix_(train, train)] + ridge * np.eye(20), y)
+            np.testing.assert_allclose(predictions, reference, rtol=1e-6, atol=1e-9)
+    # The Cholesky path leaves the caller's kernel untouched (it factorizes a copy).
+    k_train = kernel[np.ix_(train, train)].copy()
+    data_scaling.regression_path(k_train, kernel[np.ix_(evaluation, train)], y, ridges,
+                                 solver="cholesky")
+    np.testing.assert_array_equal(k_train, kernel[np.ix_(train, train)])
+
+
+def test_linearized_predictor_equals_linearize_trained_by_full_batch_gd():
+    # One output, n = 8 ≪ 1 + 6·48 + 48 + 48 parameters, float64 regression; the Linearize
+    # model f0 + J·δ trained from δ = 0 by full-batch GD on the MSE converges to the
+    # minimum-norm fit, whose test predictions are f0* + Θ*Θ⁻¹(Y − f0) (λ → 0).
+    keras.utils.set_random_seed(0)
+    net = models.mlp((6,), 1, widths=(48,))
+    rng = np.random.RandomState(0)
+    x_train = rng.normal(size=(8, 6)).astype(np.float32)
+    x_test = rng.normal(size=(5, 6)).astype(np.float32)
+    y_train = rng.normal(size=(8, 1)).astype(np.float32)
+    k_train = np.asarray(keras_ntk.empirical_ntk(net, x_train), np.float64)
+    k_test_train = np.asarray(keras_ntk.empirical_ntk(net, x_test, x_train), np.float64)
+    f0_train = np.asarray(net(x_train), np.float64)
+    f0_test = np.asarray(net(x_test), np.float64)
+    predicted = data_scaling.linearized_predictions(
+        k_train, k_test_train, y_train, [1e-9 * np.mean(np.diag(k_train))],
+        f0_train=f0_train, f0_eval=f0_test)[0]
+
+    linear = keras.Sequential([keras.Input((6,)), keras_ntk.Linearize(net)])
+    eigenvalues = np.linalg.eigvalsh(k_train)
+    # MSE = mean (f − y)²: function-space GD step lr·(2/n)·Θ; stable below n/λmax.
+    learning_rate = 0.5 * len(x_train) / eigenvalues[-1]
+    steps = int(20 * eigenvalues[-1] / eigenvalues[0]) + 200
+    linear.compile(optimizer=keras.optimizers.SGD(learning_rate), loss="mse")
+    batches = tf.data.Dataset.from_tensors((x_train, y_train)).repeat()
+    linear.fit(batches, steps_per_epoch=steps, epochs=1, verbose=0)
+    assert float(np.mean((linear(x_train).numpy() - y_train) ** 2)) < 1e-8
+    scale = np.abs(predicted - f0_test).max()
+    np.testing.assert_allclose(linear(x_test).numpy(), predicted, atol=2e-3 * scale)
+    # Without f0 (the kernel predictor) the test predictions differ by about f0 itself.
+    kernel_only = data_scaling.linearized_predictions(
+        k_train, k_test_train, y_train, [1e-9 * np.mean(np.diag(k_train))])[0]
+    assert np.abs(kernel_only - predicted).max() > 10 * 2e-3 * scale
 
 
 def test_sliced_kernel_regression_equals_recomputed_kernel():
@@ -82,8 +93,8 @@ def test_sliced_kernel_regression_equals_recomputed_kernel():
     x_union = rng.normal(size=(40, 8, 8, 1)).astype(np.float32)
     y_union = rng.randint(0, 3, size=40)
     union_kernel = np.asarray(keras_ntk.empirical_ntk(model, x_union), np.float64)
-    train, validation, test = data_scaling.kernel_indices(layout, seed=3, n=11)
-    assert len(set(train)) == 11 and set(train) < set(range(24))
+    train, validation, test = data_scaling.kernel_indices(layout, n=11)
+    np.testing.assert_array_equal(train, np.arange(11))
     np.testing.assert_array_equal(validation, np.arange(24, 30))
     np.testing.assert_array_equal(test, np.arange(30, 40))
     # Kernels recomputed on the subset, in float64 from float32 passes.
@@ -99,11 +110,23 @@ def test_sliced_kernel_regression_equals_recomputed_kernel():
     reference = k_test_train @ np.linalg.solve(k_train + ridge * np.eye(11), y)
     np.testing.assert_allclose(sliced, reference, rtol=1e-3, atol=1e-4 * np.abs(reference).max())
     # And the method's scores are those of the reference predictions at the chosen ridge.
-    scores = data_scaling.kernel_method_errors(union_kernel, layout, y_union, 3, 3, [11], [1e-2])
-    np.testing.assert_allclose(scores["test_error"][0],
+    scores = data_scaling.kernel_method_errors(union_kernel, layout, y_union, 3, [5, 11],
+                                               [1e-2], min_n=6)
+    np.testing.assert_allclose(scores["test_error"][1],
                                np.mean(np.argmax(reference, 1) != y_union[test]))
-    np.testing.assert_allclose(scores["test_loss"][0],
+    np.testing.assert_allclose(scores["test_loss"][1],
                                np.mean((reference - np.eye(3)[y_union[test]]) ** 2), rtol=1e-3)
+    np.testing.assert_array_equal(scores["correct"][1], np.argmax(reference, 1) == y_union[test])
+    # Sizes below min_n (after-kernels: n < n0) are not run.
+    assert scores["test_error"][0] is None and np.all(np.isnan(scores["correct"][0]))
+    # With offsets f0: the linearized predictor f0 + Θ*(Θ+λ)⁻¹(Y − f0).
+    f0 = rng.normal(size=(40, 3))
+    with_f0 = data_scaling.kernel_method_errors(union_kernel, layout, y_union, 3, [11], [1e-2],
+                                                offsets=f0)
+    shifted = f0[test] + k_test_train @ np.linalg.solve(k_train + ridge * np.eye(11),
+                                                        y - f0[train])
+    np.testing.assert_allclose(with_f0["test_loss"][0],
+                               np.mean((shifted - np.eye(3)[y_union[test]]) ** 2), rtol=1e-3)
 
 
 def _relu_ntk_one_hidden_layer(x1, x2):
@@ -160,6 +183,14 @@ def test_run_resumes_without_recomputing_finished_cells(tmp_path, monkeypatch):
     # 1 more network cell + 2 after-kernel pre-trainings; 4 kernel cells.
     assert calls == {"train": 6, "kernel": 4}
     assert full["methods"]["network"]["loss_name"] == "cross_entropy"
+    # After-kernels pre-trained on n0 = 20 examples: no value, and no fit point, at n = 10.
+    after = full["methods"]["after_kernel_n0=20"]
+    assert after["test_error"][0] == [None, None] and None not in after["test_error"][1]
+    assert after["fit_window"][0] == 20 and min(after["fit_sizes_error"] or [20]) >= 20
+    assert full["methods"]["entk_init"]["with_f0"] and not after["with_f0"]
+    # Cross-entropy network: its loss exponent is never compared with the kernels' MSE.
+    assert all("alpha_loss" not in c for c in full["exponent_differences"].values())
+    assert full["methods"]["network"]["cap_hits"] == 4  # 20 steps never reach 1e-3
     assert full["methods"]["entk_init"]["loss_name"] == "mse"
     assert all(full["cells"][key] == value for key, value in first_cells.items())
     again = run()
@@ -186,7 +217,10 @@ def test_smoke_binary_end_to_end(tmp_path, run_binary):
                                        "infinite_ntk"}
     for name, method in results["methods"].items():
         errors = np.array(method["test_error"], np.float64)
-        assert errors.shape == (3, 2) and np.all((errors >= 0) & (errors <= 1)), name
+        if name == "after_kernel_n0=30":  # n = 20 < n0: not run
+            assert np.all(np.isnan(errors[0])) and method["fit_sizes_error"] == [60, 200]
+            errors = errors[1:]
+        assert errors.shape[1] == 2 and np.all((errors >= 0) & (errors <= 1)), name
         assert np.array(method["test_loss"], np.float64).shape == (3, 2)
         assert type(method["alpha"]) is float and len(method["alpha_interval"]) == 2
         assert all(type(v) is float for v in method["alpha_interval"])
@@ -200,26 +234,6 @@ def test_smoke_binary_end_to_end(tmp_path, run_binary):
     assert "data_scaling.run.sizes = [20, 60, 200]" in (output / "config.gin").read_text()
     assert "experiments.data_scaling" in (output / "command.txt").read_text()
     assert list((output / "tensorboard" / "summary").iterdir())
-
-
-def test_paired_exponent_difference():
-    rng = np.random.RandomState(2)
-    n = np.array([50, 100, 200, 400, 800])
-    # Seed effects shared by both methods (same subsets) cancel in a paired comparison.
-    shared = np.exp(0.3 * rng.normal(size=(len(n), 6)))
-    a = n[:, None] ** -0.9 * shared * np.exp(0.02 * rng.normal(size=shared.shape))
-    b = 0.5 * n[:, None] ** -0.6 * shared * np.exp(0.02 * rng.normal(size=shared.shape))
-    paired = data_scaling.paired_exponent_difference(n, a, b, num_bootstrap=500)
-    assert abs(paired["difference"] - 0.3) < 0.05
-    low, high = paired["interval"]
-    assert low < 0.3 < high and low > 0.2
-    # The difference of the separate point estimates, narrower than their separate intervals.
-    separate = [data_scaling.fit_exponent(n, v, num_bootstrap=500) for v in (a, b)]
-    np.testing.assert_allclose(paired["difference"],
-                               separate[0]["alpha"] - separate[1]["alpha"], rtol=1e-10)
-    assert high - low < separate[0]["alpha_interval"][1] - separate[0]["alpha_interval"][0]
-    with pytest.raises(ValueError, match="same shape"):
-        data_scaling.paired_exponent_difference(n, a, b[:, :3])
 
 
 def test_losses_and_error_against_keras():
@@ -251,7 +265,8 @@ def test_every_gin_config_parses(study):
             gin.clear_config()
             gin.parse_config_file(os.path.join(directory, name))
             if name != "base.gin":
-                assert gin.query_parameter(f"{study}.run.dataset") in ("digits", "cifar10"), name
+                assert gin.query_parameter(f"{study}.run.dataset").split("/")[0] in (
+                    "digits", "mnist1d", "cifar10"), name
     finally:
         gin.clear_config()
 

@@ -179,17 +179,16 @@ def test_tutorial_notebook_runs(path, tmp_path):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     notebook = nbformat.read(path, as_version=4)
-    env_backend = os.environ.get("MPLBACKEND")
-    os.environ["MPLBACKEND"] = "Agg"
+    # The kernel draws with the inline backend (PNG outputs), which ipykernel
+    # picks only when MPLBACKEND is unset.
+    env_backend = os.environ.pop("MPLBACKEND", None)
     try:
         nbclient.NotebookClient(
             notebook, timeout=NOTEBOOK_TIMEOUT_SECONDS, kernel_name="python3",
             resources={"metadata": {"path": str(REPO)}},
         ).execute()
     finally:
-        if env_backend is None:
-            os.environ.pop("MPLBACKEND")
-        else:
+        if env_backend is not None:
             os.environ["MPLBACKEND"] = env_backend
     # Each notebook checks its own numbers with asserts; it must also draw.
     images = [
@@ -197,3 +196,44 @@ def test_tutorial_notebook_runs(path, tmp_path):
         for output in cell.get("outputs", []) if "image/png" in output.get("data", {})
     ]
     assert images, f"{path.name} drew no figure"
+
+
+def test_readme_links_resolve():
+    """README's relative links (to the site's pages in docs/) name existing files."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    relative = [t for t in targets if "://" not in t]
+    assert {"docs/linearize.md", "docs/api/index.md", "CHANGELOG.md", "LICENSE"} <= set(relative)
+    assert [t for t in relative if not (REPO / t).exists()] == []
+
+
+def test_every_public_module_has_an_api_page():
+    modules = {p.stem for p in (REPO / "keras_ntk").glob("*.py") if not p.name.startswith("_")}
+    pages = {p.stem for p in (REPO / "docs" / "api").glob("*.md")} - {"index"}
+    assert modules == pages
+    for module in modules:
+        page = (REPO / "docs" / "api" / f"{module}.md").read_text(encoding="utf-8")
+        assert f"::: keras_ntk.{module}" in page
+    mkdocs = (REPO / "mkdocs.yml").read_text(encoding="utf-8")
+    assert [m for m in modules if f"api/{m}.md" not in mkdocs] == []
+
+
+def test_site_builds_strict(tmp_path):
+    """`make docs`: mkdocs --strict (no warning from links, griffe or autorefs)."""
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("mkdocstrings")
+    import subprocess
+    import sys
+    site = tmp_path / "site"
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    modules = [p.stem for p in (REPO / "keras_ntk").glob("*.py") if not p.name.startswith("_")]
+    for module in modules:
+        assert (site / "api" / f"{module}.html").exists()
+    reference = (site / "api" / "ntk.html").read_text(encoding="utf-8")
+    assert 'id="keras_ntk.ntk.empirical_ntk"' in reference
+    for notebook in _notebooks():
+        assert (site / "tutorials" / f"{notebook.stem}.html").exists()

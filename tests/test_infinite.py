@@ -9,7 +9,7 @@ import scipy.special
 import tensorflow as tf
 
 import keras_ntk
-from keras_ntk import infinite, mean_field
+from keras_ntk import _arcsine, _kernel_plan, _kernel_recursion, infinite, mean_field
 from keras_ntk.layers import Erf, NTKConv2D, NTKDense
 
 
@@ -65,7 +65,7 @@ def test_closed_forms_match_gaussian_sampling():
         ("erf", _erf, lambda z: 2 / math.sqrt(math.pi) * np.exp(-z * z)),
     ]:
         nngp = tf.constant(cov[0, 1], tf.float64)
-        fn = infinite._relu if activation == "relu" else infinite._erf
+        fn = _kernel_recursion._relu if activation == "relu" else _kernel_recursion._erf
         k, t = fn(nngp, tf.constant(1.0, tf.float64), tf.constant(cov[0, 0], tf.float64),
                   tf.constant(cov[1, 1], tf.float64))
         np.testing.assert_allclose(k.numpy(), np.mean(phi(u) * phi(v)), rtol=5e-3)
@@ -262,7 +262,7 @@ def test_xla_path_matches_naive_recursion():
 def test_polynomial_arccos_and_arcsin_match_numpy():
     x = np.concatenate([np.linspace(-1, 1, 200_001), 1 - np.logspace(-17, -1, 300),
                         -1 + np.logspace(-17, -1, 300), [0.5, -0.5, np.nextafter(0.5, 1)]])
-    for ours, reference in ((infinite._acos, np.arccos), (infinite._asin, np.arcsin)):
+    for ours, reference in ((_arcsine._acos, np.arccos), (_arcsine._asin, np.arcsin)):
         got = tf.function(ours, jit_compile=True)(tf.constant(x)).numpy()
         expected = reference(x)
         ulps = np.abs(got - expected) / np.spacing(np.maximum(np.abs(expected), 1e-300))
@@ -279,12 +279,13 @@ def test_flatten_diagonal_path_equals_full_covariance_path(name):
     shape = _ARCHITECTURES[name][0]
     x = np.random.default_rng(2).normal(size=(6, *shape))
     model = _model(name)
-    diagonal = infinite._plan(infinite._model_ops(model), shape)
-    full = infinite._plan(infinite._model_ops(model), shape, full_covariance=True)
+    diagonal = _kernel_plan._plan(_kernel_plan._model_ops(model), shape)
+    full = _kernel_plan._plan(_kernel_plan._model_ops(model), shape, full_covariance=True)
     assert "diag" in [mode for _, mode, _ in diagonal]
     assert "diag" not in [mode for _, mode, _ in full]
     for jit in (False, True) if name == "cnn_flatten" else (False,):
-        compiled = infinite._Compiled(full, jit_compile=jit)
+        compiled = _kernel_recursion._Bound(_kernel_recursion._Compiled(full, jit_compile=jit),
+                                   _kernel_recursion._variances_of(full))
         variances = compiled.self_variances(tf.constant(x))
         nngp, ntk = compiled.cross(tf.constant(x), tf.constant(x), variances, variances)
         kernels = keras_ntk.infinite_kernels(model, x, jit_compile=jit)
@@ -543,3 +544,81 @@ def test_diagonal_is_exact_deep_in_the_chaotic_phase(jit_compile):
     # Off the diagonal the chaotic phase decorrelates: entries far below the diagonal.
     off = kernels.ntk[~np.eye(7, dtype=bool)]
     assert np.all(np.abs(off) < 1e-3 * theta.min())
+
+
+# ------------------------------------------------------------ all depths, compile cache
+
+
+def _fcn(depth, w2, b2, activation="erf", inputs=5):
+    layers = [keras.Input((inputs,))]
+    for _ in range(depth):
+        layers += [NTKDense(4, math.sqrt(w2), math.sqrt(b2)),
+                   Erf() if activation == "erf" else keras.layers.ReLU()]
+    layers.append(NTKDense(1, math.sqrt(w2), math.sqrt(b2)))
+    return keras.Sequential(layers)
+
+
+@pytest.mark.parametrize("activation,w2,b2,deepest", [("erf", 3.0, 0.05, 12),
+                                                      ("relu", 1.5, 0.1, 5)])
+def test_all_depths_equal_per_depth_calls(activation, w2, b2, deepest):
+    rng = np.random.default_rng(5)
+    x1, x2 = rng.normal(size=(9, 5)), rng.normal(size=(4, 5))
+    model = _fcn(deepest, w2, b2, activation)
+    every = keras_ntk.infinite_kernels(model, x1, all_depths=True, batch_size=4)
+    cross = keras_ntk.infinite_kernels(model, x1, x2, all_depths=True, batch_size=3)
+    assert every.ntk.shape == (deepest + 1, 9, 9) and cross.nngp.shape == (deepest + 1, 9, 4)
+    # Per-depth references at a few depths (each is its own compiled architecture).
+    for depth in sorted({0, 1, 2, deepest // 2, deepest}):
+        single = keras_ntk.infinite_kernels(_fcn(depth, w2, b2, activation), x1)
+        single_cross = keras_ntk.infinite_kernels(_fcn(depth, w2, b2, activation), x1, x2)
+        for got, expected in ((every.nngp[depth], single.nngp), (every.ntk[depth], single.ntk),
+                              (cross.nngp[depth], single_cross.nngp),
+                              (cross.ntk[depth], single_cross.ntk)):
+            np.testing.assert_allclose(got, expected, rtol=1e-10, atol=0)
+    # The last index is the model's own kernel.
+    np.testing.assert_allclose(every.ntk[-1], keras_ntk.infinite_kernels(model, x1).ntk,
+                               rtol=1e-10)
+
+
+def test_all_depths_needs_a_dense_layer_on_flat_inputs():
+    model = keras.Sequential([keras.Input((4, 4, 1)), NTKConv2D(2, 3), keras.layers.ReLU(),
+                              keras.layers.GlobalAveragePooling2D()])
+    with pytest.raises(ValueError, match="Received: model="):
+        keras_ntk.infinite_kernels(model, np.ones((2, 4, 4, 1)), all_depths=True)
+    with pytest.raises(TypeError, match="Received: all_depths="):
+        keras_ntk.infinite_kernels(_fcn(1, 1.0, 0.1), np.ones((2, 5)), all_depths="yes")
+
+
+def test_variances_are_arguments_of_one_compiled_recursion():
+    # A sweep over σw² (a phase-diagram row) compiles the architecture once;
+    # every σ still gets its own kernel (checked against the naive recursion).
+    _kernel_recursion._COMPILED.clear()
+    x = np.random.default_rng(6).normal(size=(6, 5))
+    for w2 in (0.5, 1.0, 2.0, 3.0):
+        kernels = keras_ntk.infinite_kernels(_fcn(3, w2, 0.1), x)
+        k = x @ x.T / 5
+        t = np.zeros_like(k)
+        for _ in range(3):
+            k, t = w2 * k + 0.1, w2 * k + 0.1 + w2 * t
+            d = np.sqrt(np.outer(1 + 2 * np.diag(k), 1 + 2 * np.diag(k)))
+            k, t = (2 / np.pi * np.arcsin(np.clip(2 * k / d, -1, 1)),
+                    t * 4 / np.pi / np.sqrt(np.maximum(d ** 2 - 4 * k ** 2, 0) + np.eye(6) * 0))
+        k, t = w2 * k + 0.1, w2 * k + 0.1 + w2 * t
+        off = ~np.eye(6, dtype=bool)
+        np.testing.assert_allclose(kernels.nngp, k, rtol=1e-12)
+        np.testing.assert_allclose(kernels.ntk[off], t[off], rtol=1e-10)
+    assert len(_kernel_recursion._COMPILED) == 1
+    compiled = next(iter(_kernel_recursion._COMPILED.values()))
+    assert compiled.cross.experimental_get_tracing_count() == 1
+
+
+def test_compile_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(_kernel_recursion, "_COMPILED_LIMIT", 3)
+    _kernel_recursion._COMPILED.clear()
+    x = np.ones((2, 5))
+    for depth in range(6):
+        keras_ntk.infinite_kernels(_fcn(depth, 1.0, 0.1), x)
+    assert len(_kernel_recursion._COMPILED) == 3
+    # The most recently used structures are kept.
+    assert [_kernel_recursion._structure(_kernel_plan._architecture(_fcn(d, 1.0, 0.1), (5,)))
+            for d in (3, 4, 5)] == list(_kernel_recursion._COMPILED)

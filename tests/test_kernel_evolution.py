@@ -49,14 +49,48 @@ def test_tail_slope_and_verdict(slope):
     assert kernel_evolution.velocity_verdict(None).startswith("undetermined")
 
 
+def test_paired_snapshot_steps():
+    times, snapshots = kernel_evolution.paired_snapshot_steps(12, 8, 1)
+    assert times == [1, 3, 6, 8, 11]
+    assert snapshots == [1, 2, 3, 4, 6, 7, 8, 9, 11, 12]
+    times, snapshots = kernel_evolution.paired_snapshot_steps(5000, 30, 10)
+    assert times[0] == 1 and times[-1] == 4990 and min(np.diff(times)) > 10
+    assert set(snapshots) == set(times) | {t + 10 for t in times}
+    with pytest.raises(ValueError, match="velocity_dt=12"):
+        kernel_evolution.paired_snapshot_steps(12, 8, 12)
+
+
+def test_aggregate_seeds_mean_series_and_slope_standard_error():
+    steps = [1, 10, 100, 300, 1000]
+    cells = {}
+    for seed, slope in (("0", -0.8), ("1", -1.0), ("2", -1.3)):
+        velocity = [2.0 * t ** slope for t in steps]
+        cell = {"steps": steps, "epochs": [1, 1, 2, 3, 9], "velocity_dt": 10,
+                "velocity": velocity, "velocity_relative": velocity,
+                "distance_from_init": [0.1, 0.2, 0.3, 0.35, 0.4], "alignment": [0.5] * 5,
+                "weight_distance_from_init": [0.0] * 5, "ntk_trace": [1.0] * 5,
+                "kernel_regression_test_error": [0.2] * 5, "network_test_error": [None] * 5,
+                "kernel_regression_test_error_init": 0.3, "final_train_loss": 0.01}
+        cells[seed] = kernel_evolution.summarize(cell, 1000)
+    out = kernel_evolution.aggregate_seeds(cells)
+    slopes = [-0.8, -1.0, -1.3]
+    np.testing.assert_allclose(out["velocity_relative_tail_slope"], np.mean(slopes), rtol=1e-10)
+    np.testing.assert_allclose(out["velocity_relative_tail_slope_se"],
+                               np.std(slopes, ddof=1) / np.sqrt(3), rtol=1e-10)
+    np.testing.assert_allclose(out["velocity"], np.mean(
+        [[2.0 * t ** s for t in steps] for s in slopes], axis=0), rtol=1e-12)
+    assert out["network_test_error"] == [None] * 5 and out["num_seeds"] == 3
+    assert out["velocity_verdict"].startswith("decays like 1/t")
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     output = tmp_path_factory.mktemp("evolution")
     run = functools.partial(
         kernel_evolution.run, output_dir=str(output), strategy=tf.distribute.get_strategy(),
         model_builders={"mlp": models.mlp}, widths=[8, 32], depth=1, num_train=256,
-        num_test=64, epochs=3, batch_size=64, num_snapshots=8, num_probe=40,
-        num_validation=20, save_kernels=True)
+        num_test=64, epochs=3, batch_size=64, num_snapshots=8, velocity_dt=1, seeds=[0, 1],
+        num_probe=40, num_validation=20, save_kernels=True)
     first = run(widths=[8])
     results = run()
     return dict(output=output, first=first, results=results, run=run)
@@ -65,45 +99,46 @@ def smoke_run(tmp_path_factory):
 def test_results_shape(smoke_run):
     results = smoke_run["results"]
     assert results["study"] == "kernel_evolution" and results["finished"]
-    assert results["steps"] == [1, 2, 3, 4, 6, 8, 12]
-    assert results["epochs"] == [1, 1, 1, 1, 2, 2, 3]
+    assert results["steps"] == [1, 3, 6, 8, 11] and results["velocity_dt"] == 1
+    assert results["epochs"] == [1, 1, 2, 2, 3]
     assert set(results["widths"]) == {"8", "32"}
     for cell in results["widths"].values():
         for key in ("velocity", "velocity_relative", "distance_from_init", "alignment",
                     "kernel_regression_test_error", "network_test_error"):
-            assert len(cell[key]) == 7 and all(type(v) is float for v in cell[key]), key
+            assert len(cell[key]) == 5 and all(type(v) is float for v in cell[key]), key
         assert all(0 <= v <= 1 for v in cell["kernel_regression_test_error"])
         assert cell["velocity_verdict"] and np.isclose(cell["tail_start_step"], 1.2)
         assert cell["distance_from_init_growth_last_decade"] > 0
+        assert set(cell["seeds"]) == {"0", "1"}
+        # The width's series is the mean of its seeds'.
+        np.testing.assert_allclose(cell["velocity"], np.mean(
+            [cell["seeds"][s]["velocity"] for s in ("0", "1")], axis=0), rtol=1e-12)
     for name in ("velocity.png", "distance_from_init.png", "alignment.png",
                  "kernel_regression.png"):
         assert (smoke_run["output"] / "figures" / name).stat().st_size > 1000
-    assert list((smoke_run["output"] / "tensorboard" / "width8" / "ntk").iterdir())
+    assert list((smoke_run["output"] / "tensorboard" / "width8_seed0" / "ntk").iterdir())
     # The width finished in the first call was kept, not retrained.
-    assert results["widths"]["8"] == smoke_run["first"]["widths"]["8"]
+    assert results["widths"]["8"]["seeds"] == smoke_run["first"]["widths"]["8"]["seeds"]
 
 
 def test_series_match_numpy_on_saved_kernels(smoke_run):
-    cell = smoke_run["results"]["widths"]["32"]
-    history = keras_ntk.load_ntk_history(str(smoke_run["output"] / "kernels" / "width32"))
-    kernels = [history["initial"]["kernel"]] + [s["kernel"] for s in history["snapshots"]]
-    assert [s["step"] for s in history["snapshots"]] == cell["steps"]
-    steps = [0] + cell["steps"]
-    for i in range(1, len(kernels)):
-        a, b = kernels[i - 1], kernels[i]
+    cell = smoke_run["results"]["widths"]["32"]["seeds"]["1"]
+    history = keras_ntk.load_ntk_history(str(smoke_run["output"] / "kernels" / "width32_seed1"))
+    kernels = {s["step"]: s["kernel"] for s in history["snapshots"]}
+    k0 = history["initial"]["kernel"]
+    assert sorted(kernels) == [1, 2, 3, 4, 6, 7, 8, 9, 11, 12]
+    for i, t in enumerate(cell["steps"]):
+        a, b = kernels[t], kernels[t + 1]  # Δt = 1
         cosine = np.sum(a * b) / np.linalg.norm(a) / np.linalg.norm(b)
-        np.testing.assert_allclose(cell["velocity"][i - 1],
-                                   (1 - cosine) / (steps[i] - steps[i - 1]), rtol=1e-6, atol=1e-12)
-        np.testing.assert_allclose(cell["velocity_relative"][i - 1],
-                                   np.linalg.norm(b - a) / np.linalg.norm(a)
-                                   / (steps[i] - steps[i - 1]), rtol=1e-6)
-        k0 = kernels[0]
+        np.testing.assert_allclose(cell["velocity"][i], 1 - cosine, rtol=1e-5, atol=1e-12)
+        np.testing.assert_allclose(cell["velocity_relative"][i],
+                                   np.linalg.norm(b - a) / np.linalg.norm(a), rtol=1e-5)
         np.testing.assert_allclose(
-            cell["distance_from_init"][i - 1],
-            1 - np.sum(k0 * b) / np.linalg.norm(k0) / np.linalg.norm(b), rtol=1e-6, atol=1e-12)
+            cell["distance_from_init"][i],
+            1 - np.sum(k0 * a) / np.linalg.norm(k0) / np.linalg.norm(a), rtol=1e-5, atol=1e-12)
     # The kernel moved, less so for the wider network (same steps and rate).
     narrow = smoke_run["results"]["widths"]["8"]["distance_from_init"][-1]
-    assert 0 < cell["distance_from_init"][-1] < narrow
+    assert 0 < smoke_run["results"]["widths"]["32"]["distance_from_init"][-1] < narrow
 
 
 def test_rerun_skips_and_other_schedule_refused(smoke_run, monkeypatch):
@@ -127,9 +162,11 @@ def test_overwrite_recomputes_a_width_of_other_settings(smoke_run, tmp_path):
     with pytest.raises(ValueError, match=r"learning_rate: 0.05 \(stored\) → 0.1 \(now\)"):
         run(learning_rate=0.1)
     again = run(learning_rate=0.1, overwrite=True)
-    stored = json.loads((output / "cells" / "width8.json").read_text())
-    assert stored["settings"]["learning_rate"] == 0.1
-    assert again["widths"]["8"] == kernel_evolution.summarize(stored["record"], 12)
+    for seed in ("0", "1"):
+        stored = json.loads((output / "cells" / f"width8-seed{seed}.json").read_text())
+        assert stored["settings"]["learning_rate"] == 0.1
+        assert again["widths"]["8"]["seeds"][seed] == kernel_evolution.summarize(
+            stored["record"], 12)
     # Trained again at the other rate: the network moved differently.
     assert again["widths"]["8"]["weight_distance_from_init"] != (
         smoke_run["results"]["widths"]["8"]["weight_distance_from_init"])
@@ -139,6 +176,7 @@ def test_smoke_binary(tmp_path, run_binary):
     run_binary("kernel_evolution", tmp_path, "--gin_bindings=kernel_evolution.run.widths=[8]")
     results = json.loads((tmp_path / "results.json").read_text())
     assert list(results["widths"]) == ["8"] and results["recipe"]["schedule"] == "constant"
+    assert results["seeds"] == [0] and results["velocity_dt"] == 1
     assert "kernel_evolution.run.widths = [8]" in (tmp_path / "config.gin").read_text()
     # A rerun with another setting is refused, naming it, before any work.
     refused = run_binary("kernel_evolution", tmp_path,

@@ -12,6 +12,7 @@ import site
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import tomllib
 import zipfile
 
@@ -64,7 +65,7 @@ def _ignore_untracked_output(directory, names):
     return {
         name
         for name in names
-        if name in {".git", ".venv", "runs", "site", "build", "dist", "__pycache__",
+        if name in {".git", ".venv", ".cache", "runs", "site", "build", "dist", "__pycache__",
                     ".pytest_cache"}
         or name.endswith(".egg-info")
     }
@@ -84,6 +85,12 @@ def test_build_and_install_wheel(tmp_path):
     sdists = list(dist.glob("*.tar.gz"))
     assert [w.name for w in wheels] == [f"keras_ntk-{version}-py3-none-any.whl"]
     assert [s.name for s in sdists] == [f"keras_ntk-{version}.tar.gz"]
+
+    with tarfile.open(sdists[0]) as sdist:
+        sdist_names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
+    assert {"pyproject.toml", "README.md", "LICENSE", "CHANGELOG.md",
+            "keras_ntk/__init__.py"} <= sdist_names
+    assert not [n for n in sdist_names if n.split("/")[0] in ("experiments", "tests")]
 
     with zipfile.ZipFile(wheels[0]) as wheel:
         names = wheel.namelist()

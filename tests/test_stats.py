@@ -160,3 +160,134 @@ def test_bootstrap_p_value_by_hand():
     np.testing.assert_allclose(stats.bootstrap_p_value(samples), 4 / 6)
     np.testing.assert_allclose(stats.bootstrap_p_value(np.ones(99)), 2 / 100)
     np.testing.assert_allclose(stats.bootstrap_interval(np.arange(101.0), 0.9), [5.0, 95.0])
+
+
+# ---------------------------------------------------------------- power laws
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.8])
+def test_fit_exponent_recovers_a_noisy_power_law(alpha):
+    rng = np.random.RandomState(1)
+    n = np.array([50, 91, 165, 299, 544, 987])
+    values = 2.0 * n[:, None] ** -alpha * np.exp(0.1 * rng.normal(size=(len(n), 5)))
+    fit = stats.fit_exponent(n, values, num_bootstrap=500)
+    low, high = fit["alpha_interval"]
+    assert abs(fit["alpha"] - alpha) < 0.05
+    assert low < alpha < high and high - low < 0.2
+    assert fit["sizes_used"] == n.tolist()
+    # The point estimate is numpy's least-squares line through log(mean over seeds).
+    slope = np.polyfit(np.log(n), np.log(values.mean(1)), 1)[0]
+    np.testing.assert_allclose(fit["alpha"], -slope, rtol=1e-10)
+
+
+def test_fit_exponent_exact_and_zero_errors():
+    n = np.array([10.0, 100.0, 1000.0])
+    exact = stats.fit_exponent(n, np.tile(n[:, None] ** -0.5, (1, 4)), num_bootstrap=50)
+    np.testing.assert_allclose(exact["alpha"], 0.5, rtol=1e-10)
+    np.testing.assert_allclose(exact["alpha_interval"], [0.5, 0.5], rtol=1e-10)
+    np.testing.assert_allclose(exact["intercept"], 0.0, atol=1e-10)
+    # All seeds at zero error at the largest n: dropped without a floor...
+    values = np.array([[0.2, 0.3], [0.05, 0.04], [0.0, 0.0]])
+    dropped = stats.fit_exponent(n, values, num_bootstrap=50)
+    assert dropped["sizes_used"] == [10, 100]
+    np.testing.assert_allclose(dropped["alpha"], -np.log10(0.045 / 0.25), rtol=1e-10)
+    # ... or floored (half a test error of a 360-example test set).
+    floored = stats.fit_exponent(n, values, floor=0.5 / 360, num_bootstrap=50)
+    assert floored["sizes_used"] == [10, 100, 1000]
+    assert np.isfinite(floored["alpha"]) and floored["alpha"] > dropped["alpha"]
+    # Missing seeds (NaN) are ignored; fewer than two sizes give None.
+    assert stats.fit_exponent(n, [[0.1, np.nan], [np.nan, np.nan], [0, 0]])["alpha"] is None
+
+
+def _synthetic_errors(n, alpha, seeds, examples, rng, plateau_below=None):
+    """0/1 test errors: P(error) = 0.6·(n/n_ref)^−α × a per-example difficulty × a seed effect.
+
+    Below `plateau_below` the error stays at its value there (not a power law).
+    """
+    effective = np.maximum(n, plateau_below or 0)
+    rate = 0.6 * (effective / effective[0]) ** -alpha
+    difficulty = rng.uniform(0.5, 1.5, size=examples)  # mean 1, varies between examples
+    seed_effect = np.exp(0.1 * rng.normal(size=(len(n), seeds)))
+    p = np.clip(rate[:, None, None] * seed_effect[:, :, None] * difficulty, 0, 1)
+    return (rng.uniform(size=p.shape) < p).astype(np.float64)
+
+
+def test_windowed_fit_recovers_alpha_with_test_example_noise():
+    rng = np.random.default_rng(3)
+    n = np.geomspace(64, 16000, 9).round()
+    errors = _synthetic_errors(n, 0.45, seeds=4, examples=2000, rng=rng, plateau_below=400)
+    window = (400, None)  # where the curve is a power law
+    fit = stats.fit_exponent(n, errors, window=window, floor=0.5 / 2000, num_bootstrap=1000)
+    low, high = fit["alpha_interval"]
+    assert low < 0.45 < high, fit
+    assert high - low < 0.2
+    assert fit["sizes_used"] == [int(v) for v in n if v >= 400]
+    # The same data fitted over every size (plateau included) is biased out of its interval.
+    everything = stats.fit_exponent(n, errors, floor=0.5 / 2000, num_bootstrap=1000)
+    assert everything["alpha_interval"][1] < 0.45
+    # Resampling seeds only ignores the test-example noise: a narrower interval.
+    seeds_only = stats.fit_exponent(n, errors, window=window, num_bootstrap=1000,
+                                    resample_examples=False)
+    assert (seeds_only["alpha_interval"][1] - seeds_only["alpha_interval"][0]) < high - low
+    # Per-example values reduce to the per-seed means for the point estimate.
+    per_seed = stats.fit_exponent(n, errors.mean(2), window=window, num_bootstrap=10)
+    np.testing.assert_allclose(per_seed["alpha"], fit["alpha"], rtol=1e-12)
+
+
+def test_fit_exponent_window_and_missing_seeds_at_the_top():
+    n = np.array([100.0, 200.0, 400.0, 800.0, 1600.0])
+    values = np.tile((n ** -0.7)[:, None], (1, 5))
+    values[-2:, 3:] = np.nan  # only three seeds at the top sizes
+    fit = stats.fit_exponent(n, values, window=(200, 800), num_bootstrap=100)
+    assert fit["sizes_used"] == [200, 400, 800] and fit["window"] == [200, 800]
+    np.testing.assert_allclose(fit["alpha"], 0.7, rtol=1e-10)
+    np.testing.assert_allclose(fit["alpha_interval"], [0.7, 0.7], rtol=1e-10)
+    with pytest.raises(ValueError, match="window"):
+        stats.fit_exponent(n, values, window=(800, 200))
+
+
+def test_local_exponent_reads_the_slope_at_the_largest_sizes():
+    n = np.geomspace(100, 10000, 7)
+    # A slope of 1 up to n = 1000, then 0.3 (a bending curve).
+    curve = np.where(n <= 1000, n ** -1.0, 1000 ** -0.7 * n ** -0.3)
+    values = curve[:, None] * np.ones((1, 3))
+    values[-1] = np.nan  # the largest size not run: the local slope uses the 3 before it
+    local = stats.local_exponent(n, values, num_largest=3, num_bootstrap=50)
+    np.testing.assert_allclose(local["alpha"], 0.3, rtol=1e-10)
+    assert local["sizes_used"] == [int(v) for v in n[-4:-1]]
+
+
+def test_paired_exponent_difference():
+    rng = np.random.RandomState(2)
+    n = np.array([50, 100, 200, 400, 800])
+    # Seed effects shared by both methods (same subsets) cancel in a paired comparison.
+    shared = np.exp(0.3 * rng.normal(size=(len(n), 6)))
+    a = n[:, None] ** -0.9 * shared * np.exp(0.02 * rng.normal(size=shared.shape))
+    b = 0.5 * n[:, None] ** -0.6 * shared * np.exp(0.02 * rng.normal(size=shared.shape))
+    paired = stats.paired_exponent_difference(n, a, b, num_bootstrap=500)
+    assert abs(paired["difference"] - 0.3) < 0.05
+    low, high = paired["interval"]
+    assert low < 0.3 < high and low > 0.2
+    # The difference of the separate point estimates, narrower than their separate intervals.
+    separate = [stats.fit_exponent(n, v, num_bootstrap=500) for v in (a, b)]
+    np.testing.assert_allclose(paired["difference"],
+                               separate[0]["alpha"] - separate[1]["alpha"], rtol=1e-10)
+    assert high - low < separate[0]["alpha_interval"][1] - separate[0]["alpha_interval"][0]
+    with pytest.raises(ValueError, match="same shape"):
+        stats.paired_exponent_difference(n, a, b[:, :3])
+
+
+def test_paired_difference_with_shared_test_examples():
+    rng = np.random.default_rng(5)
+    n = np.geomspace(100, 6400, 7).round()
+    # Two methods erring on the same hard examples (shared difficulty), α 0.6 and 0.4.
+    difficulty = rng.uniform(0.5, 1.5, size=3000)
+    uniforms = rng.uniform(size=(len(n), 3, 3000))  # common randomness: positively correlated
+
+    def errors(alpha):
+        rate = 0.5 * (n / n[0]) ** -alpha
+        return (uniforms < np.clip(rate[:, None, None] * difficulty, 0, 1)).astype(float)
+
+    paired = stats.paired_exponent_difference(n, errors(0.6), errors(0.4), num_bootstrap=500)
+    low, high = paired["interval"]
+    assert low < 0.2 < high and low > 0.1, paired

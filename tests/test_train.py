@@ -81,18 +81,22 @@ def test_fit_follows_the_recipe_and_the_epoch_order():
         np.testing.assert_allclose(got.numpy(), want, rtol=2e-4, atol=2e-5)
 
 
-def test_a_resumed_fit_equals_an_uninterrupted_one(tmp_path):
+def _interrupted(backup, epochs, stop_after):
+    """θ0, the recipe, an uninterrupted fit, and a fit stopped after `stop_after` epochs."""
     x, y = _problem()
     init = [w.numpy() for w in _model().weights]
-    recipe = dict(epochs=5, batch_size=16, learning_rate=0.1, momentum=0.9, seed=1,
+    recipe = dict(epochs=epochs, batch_size=16, learning_rate=0.1, momentum=0.9, seed=1,
                   jit_compile=False, verbose=0)
     uninterrupted = _model(init)
     train.fit(uninterrupted, x, y, **recipe)
-
-    backup = str(tmp_path / "backup")
-    interrupted = _model(init)
     with pytest.raises(_Interrupt):
-        _fit_with_callback(interrupted, x, y, backup, _StopAfter(3), recipe)
+        _fit_with_callback(_model(init), x, y, backup, _StopAfter(stop_after), recipe)
+    return x, y, init, recipe, uninterrupted
+
+
+def test_a_resumed_fit_equals_an_uninterrupted_one(tmp_path):
+    backup = str(tmp_path / "backup")
+    x, y, init, recipe, uninterrupted = _interrupted(backup, epochs=5, stop_after=3)
     committed = json.loads(open(os.path.join(backup, "epoch.json")).read())
     assert committed == {"epoch": 3, "weights": "epoch3.weights.h5"}
     # Only the committed epoch's weights are kept.
@@ -124,15 +128,8 @@ def test_a_corrupt_backup_restarts_the_fit_from_its_beginning(tmp_path, caplog):
     import logging as std_logging
 
     caplog.set_level(std_logging.WARNING, logger="absl")
-    x, y = _problem()
-    init = [w.numpy() for w in _model().weights]
-    recipe = dict(epochs=3, batch_size=16, learning_rate=0.1, momentum=0.9, seed=1,
-                  jit_compile=False, verbose=0)
-    uninterrupted = _model(init)
-    train.fit(uninterrupted, x, y, **recipe)
     backup = str(tmp_path / "backup")
-    with pytest.raises(_Interrupt):
-        _fit_with_callback(_model(init), x, y, backup, _StopAfter(2), recipe)
+    x, y, init, recipe, uninterrupted = _interrupted(backup, epochs=3, stop_after=2)
     weights = os.path.join(backup, "epoch2.weights.h5")
     data = open(weights, "rb").read()
     open(weights, "wb").write(data[: len(data) // 3])

@@ -20,8 +20,9 @@ from experiments import trainability
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "trainability/smoke.gin"
-FIGURES = ("condition_relu.png", "condition_erf.png", "gd_accuracy_relu.png",
-           "gd_accuracy_erf.png", "mean_predictor.png", "architectures.png", "finite_width.png")
+FIGURES = tuple(f"{kind}_{activation}.png" for kind in ("condition", "trainability",
+                                                       "generalization", "spread")
+                for activation in ("relu", "erf")) + ("architectures.png", "finite_width.png")
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +42,13 @@ def test_results_contract(smoke):
     assert [d["activation"] for d in results["phase_diagram"]] == ["relu", "erf"]
     for diagram in results["phase_diagram"]:
         sigma, depth = diagram["sigma_w2"], diagram["depth"]
-        assert depth == [1, 4, 12] and all(type(d) is int for d in depth)
+        assert depth == [0, 1, 4, 12] and all(type(d) is int for d in depth)
         kappa = np.asarray(diagram["condition_number"])
         assert kappa.shape == (len(sigma), len(depth))
         assert all(type(v) is float for row in diagram["condition_number"] for v in row)
         assert np.all(kappa >= 1) and np.all(kappa <= 1 / np.finfo(np.float64).eps)
-        assert len(diagram["chi1"]) == len(sigma)
+        for key in ("chi1", "xi_1", "xi_star"):
+            assert len(diagram[key]) == len(sigma)
         gd = np.asarray(diagram["gd_mse"]["test_accuracy"])
         assert gd.shape == (len(sigma), len(depth), 2)
         for values in (gd, diagram["gd_mse"]["train_accuracy"],
@@ -85,6 +87,11 @@ def test_mean_field_closed_forms(smoke):
     assert erf["chi1"][1] == pytest.approx(3.0 * 4 / (math.pi * math.sqrt(1 + 4 * q)))
     critical = erf["critical_sigma_w2"]
     assert erf["sigma_w2"][0] < critical < erf["sigma_w2"][1]
+    # ξ1 on the ordered side, ξ* = −1/(log χc* − log χ1) on the chaotic side.
+    assert erf["xi_1"][0] == pytest.approx(-1 / math.log(erf["chi1"][0]))
+    assert erf["xi_1"][1] is None and erf["xi_star"][0] is None
+    assert erf["xi_star"][1] == pytest.approx(
+        -1 / (math.log(erf["chi_c_star"][1]) - math.log(erf["chi1"][1])))
 
 
 def test_condition_number_follows_the_phases(smoke):
@@ -92,12 +99,12 @@ def test_condition_number_follows_the_phases(smoke):
     relu, erf = _diagram(results, "relu"), _diagram(results, "erf")
     # Ordered phase: κ grows with depth beyond the first layers.
     for kappa in (relu["condition_number"][0], erf["condition_number"][0]):
-        assert kappa[2] > kappa[1]
+        assert kappa[3] > kappa[2]
     # Chaotic Erf: the kernel tends to a multiple of (1 − c*) I + c* 11ᵀ, κ falls.
-    assert erf["condition_number"][1][2] < erf["condition_number"][1][0]
+    assert erf["condition_number"][1][3] < erf["condition_number"][1][1]
     # ...and its mean predictor's test outputs collapse towards a constant.
     spread = erf["mean_predictor"]["test_output_spread"][1]
-    assert spread[2] < spread[0]
+    assert spread[3] < spread[1]
 
 
 def _reference_relu_ntk(x, depth, sigma_w2, sigma_b2):
@@ -116,30 +123,94 @@ def _reference_relu_ntk(x, depth, sigma_w2, sigma_b2):
     return theta
 
 
-def test_phase_cell_matches_a_numpy_reference():
+def test_phase_row_matches_a_numpy_reference():
+    import scipy.linalg
+
     rng = np.random.RandomState(0)
-    x = rng.normal(size=(30, 12))
+    x = rng.normal(size=(30, 24))  # 24 features: the depth-0 (linear) kernel has full rank.
     labels = rng.randint(0, 3, size=30)
     n = 20
-    cell = trainability.phase_cell("relu", 1.5, 3, 0.05, x, n, labels[:n], labels[n:], 3,
-                                   [1.0, 10.0], 0.5)
-    theta = _reference_relu_ntk(x, 3, 1.5, 0.05)
-    eigenvalues = np.linalg.eigvalsh(theta[:n, :n])
-    assert cell["condition_number"] == pytest.approx(eigenvalues[-1] / eigenvalues[0], rel=1e-6)
-    # Discrete GD from f0 = 0 at η = λmax⁻¹·n·O, by iterating the linear model.
-    y = np.eye(3)[labels[:n]] - 1 / 3
-    rate = 0.5 * 2 * y.size / eigenvalues[-1]
-    f_train, f_test = np.zeros_like(y), np.zeros((10, 3))
-    for step in range(1, 11):
-        residual = f_train - y
-        f_test = f_test - rate / y.size * theta[n:, :n] @ residual
-        f_train = f_train - rate / y.size * theta[:n, :n] @ residual
-        if step in (1, 10):
-            accuracy = np.mean(np.argmax(f_test, 1) == labels[n:])
-            assert cell["gd_test_accuracy"][0 if step == 1 else 1] == pytest.approx(accuracy)
-    mean = theta[n:, :n] @ np.linalg.solve(theta[:n, :n], y)
-    assert cell["mean_predictor"]["test_accuracy"] == pytest.approx(
-        np.mean(np.argmax(mean, 1) == labels[n:]))
+    depths = [0, 2, 3]
+    row = trainability.phase_row("relu", 1.5, 0.05, depths, x[:n], x[n:], labels[:n],
+                                 labels[n:], 3, [1.0, 10.0], 0.5)
+    for depth, cell in zip(depths, row["cells"]):
+        theta = _reference_relu_ntk(x, depth, 1.5, 0.05)
+        k, k_test = theta[:n, :n], theta[n:, :n]
+        eigenvalues = np.linalg.eigvalsh(k)
+        assert cell["condition_number"] == pytest.approx(eigenvalues[-1] / eigenvalues[0],
+                                                         rel=1e-6)
+        # Gradient flow from f0 = 0 on raw one-hot targets, by the matrix exponential.
+        y = np.eye(3)[labels[:n]]
+        rate = 0.5 * 2 * y.size / eigenvalues[-1]
+        for i, t in enumerate((1.0, 10.0)):
+            decay = scipy.linalg.expm(-rate * t / y.size * k)
+            f_train = y - decay @ y
+            f_test = k_test @ np.linalg.solve(k, f_train)
+            assert cell["train_loss"][i] == pytest.approx(
+                np.sum((f_train - y) ** 2) / (2 * y.size), rel=1e-6)
+            assert cell["gd_test_accuracy"][i] == pytest.approx(
+                np.mean(np.argmax(f_test, 1) == labels[n:]))
+        mean = k_test @ np.linalg.solve(k, y)
+        assert cell["mean_predictor"]["test_accuracy"] == pytest.approx(
+            np.mean(np.argmax(mean, 1) == labels[n:]))
+        centred = y - y.mean(0)
+        mean = k_test @ np.linalg.solve(k, centred)
+        test_targets = np.eye(3)[labels[n:]] - y.mean(0)
+        assert cell["mean_predictor"]["test_output_spread"] == pytest.approx(
+            np.linalg.norm(mean - mean.mean(0))
+            / np.linalg.norm(test_targets - test_targets.mean(0)), rel=1e-6)
+
+
+def test_targets_raw_for_the_heatmap_centred_by_the_training_mean_for_the_spread():
+    # Imbalanced: 7 of class 0, 2 of class 1, 1 of class 2 (1/C would be the wrong mean).
+    train = np.array([0] * 7 + [1, 1, 2])
+    raw = trainability.heatmap_targets(train, 3)
+    np.testing.assert_array_equal(raw, np.eye(3)[train])
+    centred = trainability.centred_targets(train, 3, train)
+    np.testing.assert_allclose(centred.sum(axis=0), 0, atol=1e-15)
+    np.testing.assert_allclose(centred[0], [1 - 0.7, -0.2, -0.1])
+    test = np.array([2, 1])
+    np.testing.assert_allclose(trainability.centred_targets(test, 3, train),
+                               [[-0.7, -0.2, 0.9], [-0.7, 0.8, -0.1]])
+    # A constant kernel predicts the training mean: the centred spread analysis sees
+    # nothing (0), the raw heatmap sees one class for every input (the majority, 0).
+    k = np.ones((10, 10)) + 1e-3 * np.eye(10)
+    k_test = np.ones((2, 10))
+    cell = trainability.phase_depth(k, k_test, 1.0, train, test, 3, [1.0], 1.0)
+    assert cell["mean_predictor"]["test_accuracy"] == 0.0  # Both predicted as class 0.
+    assert cell["mean_predictor"]["test_output_spread"] < 1e-12
+
+
+def test_efold_length_fits_the_deepest_depths_above_noise():
+    depths = np.arange(0, 40, 2)
+    spread = 3.0 * np.exp(-depths / 2.5)
+    variation = np.where(depths <= 30, 1e-3, 1e-15)  # Beyond 30: float64 noise.
+    spread[depths > 30] = 1.0  # Whatever rounding gives there is ignored.
+    length, used = trainability.efold_length(depths, list(spread), list(variation))
+    assert used == [24, 26, 28, 30]
+    assert length == pytest.approx(2.5, rel=1e-9)
+
+
+@pytest.mark.parametrize("sigma_w2", [2.5, 3.0])
+def test_spread_decays_on_the_depth_scale_xi_star(sigma_w2):
+    # Erf, σb² = 0.18, chaotic phase: the spread of P(Θ)Y on centred targets, fitted over
+    # the deepest depths above float64 noise, falls e-fold every ξ* layers (within 25%).
+    from experiments import data as data_lib
+    from keras_ntk import mean_field
+
+    data = data_lib.load_dataset("digits", num_train=64, num_test=64)
+    flat = lambda x: x.reshape(len(x), -1).astype(np.float64)
+    depths = list(range(0, 61, 5))
+    row = trainability.phase_row("erf", sigma_w2, 0.18, depths, flat(data.train.x),
+                                 flat(data.test.x), data.train.y, data.test.y, 10, [1.0], 1.0)
+    spread = [c["mean_predictor"]["test_output_spread"] for c in row["cells"]]
+    variation = [c["kernel_variation"] for c in row["cells"]]
+    length, used = trainability.efold_length(depths, spread, variation)
+    xi_star = mean_field.xi_star("erf", sigma_w2, 0.18)
+    assert len(used) == 4 and used[-1] >= 50
+    assert length == pytest.approx(xi_star, rel=0.25)
+    # −1/log χc*, the scale the study used before, is off by far more.
+    assert abs(-1 / math.log(mean_field.chi_c_star("erf", sigma_w2, 0.18)) - length) > length
 
 
 def test_spectrum_summary_flags_the_float64_bound():
@@ -163,23 +234,25 @@ def test_resume_skips_finished_cells(smoke, tmp_path, run_binary):
     _copy_cells(smoke, output)
     cells = output / "cells"
     # A marked cell must be kept as it is; a removed one must be recomputed.
-    kept = cells / "phase-relu-sigma_w2=1-depth=4.json"
-    removed = cells / "phase-erf-sigma_w2=3-depth=12.json"
+    kept = cells / "phase-relu-sigma_w2=1.json"  # A row: every depth of one σw².
+    removed = cells / "phase-erf-sigma_w2=3.json"
     finite = cells / "finite_width-width=16-seed=0.json"
-    for path, change in ((kept, ("condition_number", 12345.0)), (finite, ("final_loss", -1.0))):
-        stored = json.loads(path.read_text())
-        stored["record"][change[0]] = change[1]
-        path.write_text(json.dumps(stored))
-    expected = json.loads(removed.read_text())["record"]["condition_number"]
+    stored = json.loads(kept.read_text())
+    stored["record"]["cells"][2]["condition_number"] = 12345.0
+    kept.write_text(json.dumps(stored))
+    stored = json.loads(finite.read_text())
+    stored["record"]["final_loss"] = -1.0
+    finite.write_text(json.dumps(stored))
+    expected = json.loads(removed.read_text())["record"]["cells"][3]["condition_number"]
     removed.unlink()
     result = run_binary("trainability", output)
     assert "already finished, skipped" in result.stderr
-    assert "phase cell 12 of 12 (erf/sigma_w2=3/depth=12) done" in result.stderr
-    assert result.stderr.count("done;") == 1  # Only the removed cell ran.
+    assert "4 of 4 (erf/sigma_w2=3) done" in result.stderr
+    assert result.stderr.count("done;") == 1  # Only the removed row ran.
     results = json.loads((output / "results.json").read_text())
     relu, erf = _diagram(results, "relu"), _diagram(results, "erf")
-    assert relu["condition_number"][0][1] == 12345.0
-    assert erf["condition_number"][1][2] == pytest.approx(expected, rel=1e-9)
+    assert relu["condition_number"][0][2] == 12345.0
+    assert erf["condition_number"][1][3] == pytest.approx(expected, rel=1e-9)
     assert results["finite_width"]["widths"][0]["final_train_loss"] == [-1.0]
 
 
@@ -196,7 +269,7 @@ def test_other_settings_in_the_same_directory_are_refused(smoke, tmp_path, run_b
     result = run_binary("trainability", output,
                         "--gin_bindings=trainability.run.finite_steps = 6", check=False)
     assert result.returncode != 0 and "steps: 5 (stored) → 6 (now)" in result.stderr
-    assert result.stderr.count("already finished, skipped") == 12 + 3
+    assert result.stderr.count("already finished, skipped") == 4 + 3  # Rows + architectures.
 
 
 def test_overwrite_recomputes_the_cells_of_other_settings(smoke, tmp_path):
@@ -232,9 +305,16 @@ def test_overwrite_recomputes_the_cells_of_other_settings(smoke, tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     (dict(relu_sigma_w2=(1.0, 3.0)), "no chaotic phase"),
-    (dict(learning_rate_fraction=1.0), "learning_rate_fraction"),
+    (dict(learning_rate_fraction=1.5), "learning_rate_fraction"),
+    (dict(finite_learning_rate_fraction=1.0), "finite_learning_rate_fraction"),
     (dict(architectures=("resnet",)), "architectures"),
-    (dict(depths=(0, 4)), "depths"),
+    (dict(depths=(4, 1)), "trainability.run.depths"),
+    (dict(heldout="train"), "trainability.run.heldout"),
+    (dict(num_train=-5), "trainability.run.num_train"),
+    (dict(num_train=5000), "trainability.run.num_train .*digits has \\(1437\\)"),
+    (dict(architecture_num_test=0), "trainability.run.architecture_num_test"),
+    (dict(finite_widths=(64, -1)), "trainability.run.finite_widths"),
+    (dict(sigma_b2=-0.1), "trainability.run.sigma_b2"),
 ])
 def test_bad_settings_raise_before_work(tmp_path, override, message):
     kwargs = dict(relu_sigma_w2=(1.0,), erf_sigma_w2=(1.0,), architectures=("fcn",))

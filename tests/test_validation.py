@@ -185,3 +185,13 @@ def test_xla_fallback_only_for_xla_compile_errors_and_logged_once(monkeypatch, c
     with pytest.raises(ValueError, match="the model refuses this input"):
         function(tf.ones((2, 4)))
     assert function._xla is not None and len(calls) == 1
+
+
+def test_infinite_kernels_refuse_non_finite_inputs():
+    model = keras.Sequential([keras.Input((4,)), keras_ntk.NTKDense(8), keras.layers.ReLU(),
+                              keras_ntk.NTKDense(1)])
+    x = inputs().astype("float64")
+    with pytest.raises(ValueError, match=r"Received: x1\[2, 3\]=nan"):
+        keras_ntk.infinite_kernels(model, with_value(x, (2, 3)))
+    with pytest.raises(ValueError, match=r"Received: x2\[0, 1\]=inf"):
+        keras_ntk.infinite_kernels(model, x, with_value(x[:2], (0, 1), np.inf))

@@ -1,0 +1,192 @@
+"""Memory held per model: models still alive after gc, and RSS growth per model.
+
+Builds many fresh models of ONE architecture (an MLP 8-16-1) and runs each
+through a library path, dropping every reference to it afterwards:
+
+* `empirical_ntk`: Θ(x, x) on 16 examples;
+* `linearize_fit`: `Linearize(model)` inside a functional model (a trainable
+  Dense before it) and 2 epochs of `fit`;
+* `tracker_fit`: 2 epochs of `fit` with an `NTKTracker` (probe of 16);
+
+and, as plain-TensorFlow references of what TensorFlow/Keras keep by
+themselves per model (no keras_ntk code involved):
+
+* `plain_fit`: 2 epochs of `fit` of the fresh model;
+* `plain_custom_gradient_fit`: the same with a layer computing y = x with a
+  `tf.custom_gradient` (graph mode registers every gradient function in
+  TensorFlow's global gradient registry, never cleared; `Linearize`'s
+  δ-gradient is one);
+* `plain_gradient`: one `tf.function` computing the model's weight gradients.
+
+Each (path, XLA on/off) runs in its own subprocess: after `--warmup` models,
+RSS is read, `--models` more models are run, then `gc.collect()` and RSS is
+read again; growth/model = (RSS after − RSS before) / models. "alive" counts the
+models (of all, warm-up included) whose weak reference survives `gc.collect()`.
+XLA on means `jit_compile=True` for fit and `KERAS_NTK_JIT=1` for the kernels.
+
+Run: `python benchmarks/memory_growth.py [--models 150] [--warmup 20]
+[--paths empirical_ntk,linearize_fit] [--xla on,off]`. One case:
+`python benchmarks/memory_growth.py --case empirical_ntk:off --json`.
+"""
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+import weakref
+
+PATHS = ("empirical_ntk", "linearize_fit", "tracker_fit", "plain_fit",
+         "plain_custom_gradient_fit", "plain_gradient")
+
+
+def _rss_mib():
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _run_case(path, xla, models, warmup):
+    """Runs in the subprocess: returns the measurements of one (path, xla) case."""
+    os.environ["KERAS_NTK_JIT"] = "1" if xla else "0"
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras  # noqa: PLC0415 (after the environment is set)
+    import numpy as np  # noqa: PLC0415
+    import tensorflow as tf  # noqa: PLC0415
+
+    import keras_ntk  # noqa: PLC0415
+
+    tf.get_logger().setLevel("ERROR")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 8)).astype("float32")
+    y = rng.normal(size=(32, 1)).astype("float32")
+    probe = x[:16]
+
+    def mlp():
+        return keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
+                                 keras.layers.Dense(1)])
+
+    def empirical_ntk():
+        model = mlp()
+        keras_ntk.empirical_ntk(model, probe)
+        return [model]
+
+    def linearize_fit():
+        net = mlp()
+        inputs = keras.Input((8,))
+        model = keras.Model(inputs, keras_ntk.Linearize(net)(keras.layers.Dense(8)(inputs)))
+        model.compile(optimizer="sgd", loss="mse", jit_compile=xla)
+        model.fit(x, y, epochs=2, batch_size=16, verbose=0)
+        return [net, model]
+
+    def tracker_fit():
+        model = mlp()
+        model.compile(optimizer="sgd", loss="mse", jit_compile=xla)
+        model.fit(x, y, epochs=2, batch_size=16, verbose=0,
+                  callbacks=[keras_ntk.NTKTracker(probe, y[:16, 0])])
+        return [model]
+
+    def plain_fit():
+        model = mlp()
+        model.compile(optimizer="sgd", loss="mse", jit_compile=xla)
+        model.fit(x, y, epochs=2, batch_size=16, verbose=0)
+        return [model]
+
+    @tf.custom_gradient
+    def identity_with_gradient(inputs):
+        return tf.identity(inputs), lambda upstream: upstream
+
+    class CustomGradientIdentity(keras.layers.Layer):
+        def call(self, inputs):
+            return identity_with_gradient(inputs)
+
+    def plain_custom_gradient_fit():
+        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
+                                  CustomGradientIdentity(), keras.layers.Dense(1)])
+        model.compile(optimizer="sgd", loss="mse", jit_compile=xla)
+        model.fit(x, y, epochs=2, batch_size=16, verbose=0)
+        return [model]
+
+    def plain_gradient():
+        model = mlp()
+
+        @tf.function(jit_compile=xla)
+        def gradients(inputs):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(model(inputs))
+            return tape.gradient(loss, model.trainable_weights)
+
+        gradients(tf.constant(probe))
+        return [model]
+
+    run = locals()[path]
+    refs = []
+
+    def one():
+        refs.extend(weakref.ref(obj) for obj in run())
+
+    for _ in range(warmup):
+        one()
+    gc.collect()
+    before = _rss_mib()
+    start = time.perf_counter()
+    for _ in range(models):
+        one()
+    seconds = time.perf_counter() - start
+    gc.collect()
+    after = _rss_mib()
+    alive = sum(ref() is not None for ref in refs)
+    return {
+        "path": path, "xla": xla, "models": models, "warmup": warmup,
+        "alive": alive, "objects": len(refs),
+        "rss_before_mib": before, "rss_after_mib": after,
+        "mib_per_model": (after - before) / models,
+        "seconds_per_model": seconds / models,
+    }
+
+
+def measure(path, xla, models=150, warmup=20, cwd=None):
+    """Runs one case in a fresh Python process and returns its measurements (a dict)."""
+    command = [sys.executable, os.path.abspath(__file__), "--case",
+               f"{path}:{'on' if xla else 'off'}", "--models", str(models),
+               "--warmup", str(warmup), "--json"]
+    root = cwd or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"case {path}:{xla} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", type=int, default=150)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--paths", default=",".join(PATHS))
+    parser.add_argument("--xla", default="off,on")
+    parser.add_argument("--case", help="path:on|off, run in this process")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if args.case:
+        path, xla = args.case.split(":")
+        if path not in PATHS or xla not in ("on", "off"):
+            parser.error(f"unknown case {args.case!r}")
+        result = _run_case(path, xla == "on", args.models, args.warmup)
+        print(json.dumps(result) if args.json else result, flush=True)
+        return
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; "
+          f"{args.models} models after {args.warmup} warm-up, one process per case")
+    print(f"{'path':16s} {'XLA':>4s} {'alive':>9s} {'MiB/model':>10s} {'s/model':>8s}")
+    for path in args.paths.split(","):
+        for xla in args.xla.split(","):
+            r = measure(path, xla == "on", args.models, args.warmup)
+            print(f"{path:16s} {xla:>4s} {r['alive']:>4d}/{r['objects']:<4d} "
+                  f"{r['mib_per_model']:10.3f} {r['seconds_per_model']:8.3f}", flush=True)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,365 @@
+"""The layer-by-layer recursion of the infinite-width NNGP and NTK (pure tensor maths).
+
+The equations are in `keras_ntk.infinite`'s docstring. A plan is a list of
+(op, mode, spatial) from `keras_ntk.infinite._plan`; kernels have any leading
+shape (a block of pairs of examples, or pairs i↔i), then nothing ("fcn"), the
+spatial diagonal (H, W) ("diag") or positions × positions (H, W, H, W)
+("full"). The compiled form (tf.functions per architecture structure, σ
+values as arguments, a bounded cache) is at the end; `keras_ntk.infinite`
+runs it in blocks.
+"""
+
+import collections
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from keras_ntk._arcsine import _acos, _asin
+from keras_ntk._kernel_plan import _Op, _same_padding
+
+
+def _shifted_sum(k, mode, spatial, kernel_size, strides, padding):
+    """Σ_d K(p+d, q+d) over the kernel offsets d, for every output (p, q).
+
+    The box of offsets is separable: the sum runs over the height offsets
+    (shifting the height axes of both positions) and then over the width
+    offsets, kh + kw shifted slices instead of kh·kw.
+    """
+    rank = k.shape.rank
+    axes = ([rank - 4, rank - 2], [rank - 3, rank - 1]) if mode == "full" else (
+        [rank - 2], [rank - 1])
+    for dim in (0, 1):
+        size, kk, ss = spatial[dim], kernel_size[dim], strides[dim]
+        if padding == "same":
+            out, before, after = _same_padding(size, kk, ss)
+        else:
+            out, before, after = (size - kk) // ss + 1, 0, 0
+        if before or after:
+            paddings = [(0, 0)] * rank
+            for axis in axes[dim]:
+                paddings[axis] = (before, after)
+            k = tf.pad(k, paddings)
+        total = None
+        for d in range(kk):
+            index = [slice(None)] * rank
+            for axis in axes[dim]:
+                index[axis] = slice(d, d + ss * (out - 1) + 1, ss)
+            part = k[tuple(index)]
+            total = part if total is None else total + part
+        k = total
+    return k
+
+
+def _pool_matrix(size, k, s, padding, dtype):
+    """Rows: output positions; entries 1/count over each window (pads excluded)."""
+    if padding == "same":
+        out, before, _ = _same_padding(size, k, s)
+    else:
+        out, before = (size - k) // s + 1, 0
+    m = np.zeros((out, size))
+    for i in range(out):
+        start = i * s - before
+        idx = [j for j in range(start, start + k) if 0 <= j < size]
+        m[i, idx] = 1.0 / len(idx)
+    return tf.constant(m, dtype)
+
+
+def _diagonal(k, mode, spatial):
+    """The spatial diagonal K(p, p) of a kernel in `mode`, shape (..., H, W)."""
+    if mode != "full":
+        return k
+    h, w = spatial
+    lead = tf.shape(k)[:-4]
+    flat = tf.reshape(k, tf.concat([lead, [h * w, h * w]], 0))
+    return tf.reshape(tf.linalg.diag_part(flat), tf.concat([lead, [h, w]], 0))
+
+
+def _relu(nngp, ntk, var1, var2, polynomial=False):
+    """Arc-cosine kernel; `polynomial`: arccos by `_acos` (for XLA) instead of tf.acos."""
+    norm = tf.sqrt(var1 * var2)
+    cos = tf.clip_by_value(tf.math.divide_no_nan(nngp, norm), -1.0, 1.0)
+    if polynomial:
+        theta = _acos(cos)
+        sin = tf.sqrt((1.0 - cos) * (1.0 + cos))
+    else:
+        theta = tf.acos(cos)
+        sin = tf.sqrt(1.0 - cos * cos)
+    nngp = norm / (2 * math.pi) * (sin + (math.pi - theta) * cos)
+    ntk = ntk * ((math.pi - theta) / (2 * math.pi))
+    return nngp, ntk
+
+
+def _erf(nngp, ntk, var1, var2, polynomial=False):
+    """Arcsine kernel; `polynomial`: arcsin by `_asin` (for XLA) instead of tf.asin."""
+    d = (1.0 + 2.0 * var1) * (1.0 + 2.0 * var2)
+    ratio = tf.clip_by_value(2.0 * nngp / tf.sqrt(d), -1.0, 1.0)
+    new_nngp = (2.0 / math.pi) * (_asin(ratio) if polynomial else tf.asin(ratio))
+    dot = (4.0 / math.pi) / tf.sqrt(tf.maximum(d - 4.0 * nngp * nngp, 0.0))
+    return new_nngp, ntk * dot
+
+
+def _propagate(steps, nngp, ntk, variances, activation_index=0, polynomial=False,
+               depths=None):
+    """Runs the recursion on a kernel of any leading shape.
+
+    `variances(i, nngp, mode, spatial)` returns (var1, var2) broadcastable to
+    nngp: the self-covariances at each position for the i-th activation step.
+    `ntk=None` stands for a zero NTK (before the first layer with weights),
+    which saves its arithmetic. `depths`: a list that receives (K, Θ) at the
+    output of every dense layer on flat kernels (`all_depths`).
+    """
+    previous_mode = steps[0][1] if steps else "fcn"
+    for op, mode, spatial in steps:
+        if previous_mode == "full" and mode == "diag":
+            nngp = _diagonal(nngp, "full", spatial)
+            ntk = None if ntk is None else _diagonal(ntk, "full", spatial)
+        previous_mode = mode
+        p = op.params
+        if op.kind == "dense":
+            nngp = p["w2"] * nngp + p["b2"]
+            ntk = nngp if ntk is None else nngp + p["w2"] * ntk
+            if depths is not None and mode == "fcn":
+                depths.append((nngp, ntk))
+        elif op.kind == "conv":
+            scale = p["w2"] / (p["kernel_size"][0] * p["kernel_size"][1])
+            args = (mode, spatial, p["kernel_size"], p["strides"], p["padding"])
+            nngp = scale * _shifted_sum(nngp, *args) + p["b2"]
+            ntk = nngp if ntk is None else nngp + scale * _shifted_sum(ntk, *args)
+        elif op.kind in ("relu", "erf"):
+            var1, var2 = variances(activation_index, nngp, mode, spatial)
+            activation_index += 1
+            fn = _relu if op.kind == "relu" else _erf
+            nngp, ntk = fn(nngp, 0.0 if ntk is None else ntk, var1, var2, polynomial)
+        elif op.kind == "avgpool":
+            mh = _pool_matrix(spatial[0], p["pool_size"][0], p["strides"][0],
+                              p["padding"], nngp.dtype)
+            mw = _pool_matrix(spatial[1], p["pool_size"][1], p["strides"][1],
+                              p["padding"], nngp.dtype)
+            pool = lambda k: tf.einsum("...abcd,ia,jb,kc,ld->...ijkl", k, mh, mw, mh, mw)
+            nngp, ntk = pool(nngp), None if ntk is None else pool(ntk)
+        elif op.kind == "gap":
+            gap = lambda k: tf.reduce_mean(k, axis=[-4, -3, -2, -1])
+            nngp, ntk = gap(nngp), None if ntk is None else gap(ntk)
+            previous_mode = "fcn"
+        elif op.kind == "flatten":
+            if mode != "fcn":
+                flat = lambda k: tf.reduce_mean(_diagonal(k, mode, spatial), axis=[-2, -1])
+                nngp, ntk = flat(nngp), None if ntk is None else flat(ntk)
+            previous_mode = "fcn"
+    return nngp, (tf.zeros_like(nngp) if ntk is None else ntk)
+
+
+def _input_covariance(x1, x2, mode, outer):
+    """K0 = x1·x2 / C; `outer`: all pairs (N1, N2, ...), else pairs i↔i (N, ...)."""
+    channels = tf.cast(tf.shape(x1)[-1], x1.dtype)
+    if mode == "fcn":
+        if x1.shape.rank > 2:  # An image flattened first: mean over everything.
+            x1 = tf.reshape(x1, [tf.shape(x1)[0], -1])
+            x2 = tf.reshape(x2, [tf.shape(x2)[0], -1])
+            channels = tf.cast(tf.shape(x1)[-1], x1.dtype)
+        k = tf.matmul(x1, x2, transpose_b=True) if outer else tf.reduce_sum(x1 * x2, -1)
+    elif mode == "full":
+        equation = "ahwc,bijc->abhwij" if outer else "nhwc,nijc->nhwij"
+        k = tf.einsum(equation, x1, x2)
+    else:
+        k = (tf.einsum("ahwc,bhwc->abhw", x1, x2) if outer
+             else tf.reduce_sum(x1 * x2, -1))
+    return k / channels
+
+
+def _input_mode(steps):
+    """Representation of the input covariance: that of the first step."""
+    return steps[0][1] if steps else "fcn"
+
+
+def _first_kernels(steps, x1, x2, outer):
+    """NNGP after the first step(s) and the steps left to run.
+
+    A first convolution is computed from image patches: K'(p, q) =
+    σw²/(kh·kw·C) ⟨patch1(p), patch2(q)⟩ + σb², one matrix product instead of
+    forming the input covariance of every pair of positions and shifting it.
+    """
+    mode = _input_mode(steps)
+    if not steps or steps[0][0].kind != "conv":
+        return _input_covariance(x1, x2, mode, outer), steps
+    p = steps[0][0].params
+    (kh, kw), (sh, sw) = p["kernel_size"], p["strides"]
+
+    def patches(x):
+        return tf.image.extract_patches(x, [1, kh, kw, 1], [1, sh, sw, 1], [1, 1, 1, 1],
+                                        p["padding"].upper())
+
+    p1, p2 = patches(x1), patches(x2)
+    if mode == "full":
+        k = tf.einsum("ahwk,bijk->abhwij" if outer else "nhwk,nijk->nhwij", p1, p2)
+    else:
+        k = tf.einsum("ahwk,bhwk->abhw", p1, p2) if outer else tf.reduce_sum(p1 * p2, -1)
+    channels = tf.cast(tf.shape(x1)[-1], x1.dtype)
+    return p["w2"] / (kh * kw * channels) * k + p["b2"], steps[1:]
+
+
+def _self_recursion(steps, x, polynomial=False, all_depths=False):
+    """The self-covariances before each activation, and K(x, x), Θ(x, x) (shape (N,)).
+
+    Each activation reads its variances from the very kernel it transforms,
+    so the correlation of an example with itself is exactly 1. The pair
+    recursion computes the same entries with c = k12/√(k11 k22) rounded, and
+    in the chaotic phase (c = 1 unstable) that error grows like χ1^depth.
+    `all_depths`: K and Θ at every dense layer's output, shape (depths, N).
+    """
+    nngp, rest = _first_kernels(steps, x, x, outer=False)
+    records = []
+
+    def variances(index, k, mode, spatial):
+        var = _diagonal(k, mode, spatial)
+        records.append(var)
+        if mode == "full":
+            return var[..., :, :, None, None], var[..., None, None, :, :]
+        return var, var
+
+    depths = [] if all_depths else None
+    kernels = _propagate(rest, nngp, None if rest is steps else nngp, variances,
+                         polynomial=polynomial, depths=depths)
+    return records, _stack(depths) if all_depths else kernels
+
+
+def _stack(depths):
+    return tf.stack([k for k, _ in depths]), tf.stack([t for _, t in depths])
+
+
+def _broadcast_variances(vars1, vars2, steps, outer):
+    """Provider of (var1, var2) for pairs built from per-example variances."""
+    modes = [mode for op, mode, _ in steps if op.kind in ("relu", "erf")]
+
+    def variances(index, k, mode, spatial):
+        v1, v2 = vars1[index], vars2[index]
+        if outer:  # v1: (b1, ...) -> (b1, 1, ...); v2: (b2, ...) -> (1, b2, ...)
+            v1, v2 = v1[:, None], v2[None, :]
+        if modes[index] == "full":
+            v1, v2 = v1[..., :, :, None, None], v2[..., None, None, :, :]
+        return v1, v2
+
+    return variances
+
+
+def _cross_kernels(steps, x1, x2, vars1, vars2, outer, polynomial=False, all_depths=False):
+    nngp, rest = _first_kernels(steps, x1, x2, outer)
+    provider = _broadcast_variances(vars1, vars2, steps, outer)
+    depths = [] if all_depths else None
+    # After a first convolution Θ = K (the bias and weight terms of one layer).
+    kernels = _propagate(rest, nngp, None if rest is steps else nngp, provider,
+                         polynomial=polynomial, depths=depths)
+    return _stack(depths) if all_depths else kernels
+
+
+# ------------------------------------------------------------ compiled recursions
+
+_WEIGHTED = ("dense", "conv")
+
+
+def _variances_of(steps):
+    """(σw², σb²) of every step with weights, an (n, 2) float64 array."""
+    rows = [[op.params["w2"], op.params["b2"]] for op, _, _ in steps if op.kind in _WEIGHTED]
+    return np.array(rows, np.float64).reshape(-1, 2)
+
+
+def _structure(steps):
+    """The plan without its variances: the compile-cache key."""
+    return repr([(op.kind, {k: v for k, v in op.params.items() if k not in ("w2", "b2")},
+                  mode, spatial) for op, mode, spatial in steps])
+
+
+def _bind(steps, variances):
+    """The steps with σw², σb² read from the (n, 2) tensor `variances`."""
+    bound, i = [], 0
+    for op, mode, spatial in steps:
+        if op.kind in _WEIGHTED:
+            op = _Op(op.kind, **{**op.params, "w2": variances[i, 0], "b2": variances[i, 1]})
+            i += 1
+        bound.append((op, mode, spatial))
+    return bound
+
+
+# Compiled recursions per architecture *structure*: σw², σb² are arguments, so
+# a phase diagram over σ reuses one compiled set per depth. Least recently used
+# structures beyond the bound are dropped (their tf.functions are then freed).
+_COMPILED = collections.OrderedDict()
+_COMPILED_LIMIT = 16
+
+
+def _compiled(steps):
+    """The compiled recursions of `steps`, bound to its variances."""
+    key = _structure(steps)
+    if key in _COMPILED:
+        _COMPILED.move_to_end(key)
+    else:
+        _COMPILED[key] = _Compiled(steps)
+        while len(_COMPILED) > _COMPILED_LIMIT:
+            _COMPILED.popitem(last=False)
+    return _Bound(_COMPILED[key], _variances_of(steps))
+
+
+class _Compiled:
+    """tf.functions of one architecture structure (traced once per block shape).
+
+    Every function takes the (n, 2) tensor of (σw², σb²) per weighted layer
+    first. `xla()` gives the same functions compiled by XLA, with
+    arccos/arcsin as fused polynomials (`_acos`, `_asin`): XLA fuses each
+    layer's elementwise chain (arc-cosine kernel, shifted sums, pooling means)
+    into loops over the block instead of writing every (block × positions²)
+    intermediate to memory. Compiling takes seconds, so it pays only for large
+    spatial kernels.
+    """
+
+    def __init__(self, steps, jit_compile=False):
+        self.steps = steps
+        self._xla = self if jit_compile else None
+        options = dict(reduce_retracing=True, jit_compile=jit_compile)
+
+        def function(fn):
+            return tf.function(fn, **options)
+
+        polynomial = jit_compile
+        self.self_recursion = function(
+            lambda s, x: _self_recursion(_bind(steps, s), x, polynomial))
+        self.self_recursion_depths = function(
+            lambda s, x: _self_recursion(_bind(steps, s), x, polynomial, True))
+        self.cross = function(lambda s, x1, x2, v1, v2: _cross_kernels(
+            _bind(steps, s), x1, x2, v1, v2, True, polynomial))
+        self.cross_depths = function(lambda s, x1, x2, v1, v2: _cross_kernels(
+            _bind(steps, s), x1, x2, v1, v2, True, polynomial, True))
+        self.pairwise = function(lambda s, x1, x2, v1, v2: _cross_kernels(
+            _bind(steps, s), x1, x2, v1, v2, False, polynomial))
+
+    def xla(self):
+        if self._xla is None:
+            self._xla = _Compiled(self.steps, jit_compile=True)
+        return self._xla
+
+
+class _Bound:
+    """A `_Compiled` with the variances of one model: calls pass them as a tensor."""
+
+    def __init__(self, compiled, variances):
+        self.compiled, self.variances = compiled, variances
+
+    def xla(self):
+        return _Bound(self.compiled.xla(), self.variances)
+
+    def _s(self, x):
+        return tf.constant(self.variances, tf.as_dtype(x.dtype))
+
+    def self_recursion(self, x, all_depths=False):
+        fn = self.compiled.self_recursion_depths if all_depths else self.compiled.self_recursion
+        return fn(self._s(x), x)
+
+    def self_variances(self, x):
+        return self.compiled.self_recursion(self._s(x), x)[0]
+
+    def cross(self, x1, x2, v1, v2, all_depths=False):
+        fn = self.compiled.cross_depths if all_depths else self.compiled.cross
+        return fn(self._s(x1), x1, x2, v1, v2)
+
+    def pairwise(self, x1, x2, v1, v2):
+        return self.compiled.pairwise(self._s(x1), x1, x2, v1, v2)
