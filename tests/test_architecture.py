@@ -179,3 +179,11 @@ def test_only_the_weights_walker_reads_keras_layer_tracking():
             elif isinstance(node, ast.Constant) and node.value == "_layers":
                 readers.append(path.name)
     assert readers == ["_weights.py"]
+
+
+def test_no_keras_ntk_module_is_over_800_lines():
+    """One concern per module (issue 17): a file that grows past this wants splitting."""
+    lengths = {path.name: len(path.read_text().splitlines())
+               for path in (ROOT / "keras_ntk").glob("*.py")}
+    assert lengths["ntk.py"] > 100  # the count reads real files
+    assert {name: n for name, n in lengths.items() if n > 800} == {}
