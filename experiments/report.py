@@ -519,13 +519,15 @@ def write_study_a_report(output_dir, results=None):
     lines += ["## Comparison with the paper's findings", "",
               "Each finding is the paper's claim as we read it (Ortiz-Jiménez et al., 2021), "
               "then what this run shows, judged by a named paired test and a fixed rule "
-              f"(α = {options['alpha']}; a non-significant result counts as a tie or as \"not "
-              f"reproduced\" only when the test had {options['power']:.0%} power to see a "
-              f"difference of {options['margin']:.0%}, otherwise it is **inconclusive**). Seeds "
+              f"(α = {options['alpha']}; a non-significant comparison of two models counts as a "
+              f"tie or as \"not reproduced\" only when the exact McNemar test had "
+              f"{options['power']:.0%} power to see a difference of {options['margin']:.0%}, and "
+              "a non-significant tracking result only when its interval excludes removing half "
+              "of the θ0 gap; otherwise it is **inconclusive**). Seeds "
               "are aggregated as seeds: accuracies per seed, averaged over seeds; test examples "
               f"are resampled in {options['num_resamples']} bootstrap resamples. One-class tasks "
               "are reported in the table but left out of the rank, ‖θT−θ0‖², alignment and "
-              "overall tracking rules. Nothing was tuned to make a finding appear. The same "
+              "overall tracking rules. Each finding states its test and rule below; the same "
               "numbers are in results.json under `findings`.",
               ""]
     lines += _finding_lines(findings)
