@@ -19,8 +19,10 @@ _AXES_2 = "CDEFGHIJKL"
 def _canonical_axes(axes, ndim, name):
     """Normalizes output axes (batch axis 0 included in the count)."""
     try:
+        if isinstance(axes, (str, bytes)):
+            raise TypeError
         axes = tuple(int(a) for a in axes)
-    except TypeError:
+    except (TypeError, ValueError):
         raise TypeError(
             f"Expected `{name}` to be a tuple of ints. Received: {name}={axes}"
         ) from None

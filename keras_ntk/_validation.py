@@ -24,13 +24,21 @@ class NonFiniteError(ValueError):
 
 
 def _first_non_finite(array):
-    """(index tuple, value, count) of the non-finite entries of `array`, or None."""
+    """(where, value, count) of the non-finite entries of `array`, or None.
+
+    `where` is the first such entry's index as written after a name ("[3, 2]",
+    "" for a scalar). Arrays that are not floating point are finite by
+    construction: None.
+    """
+    if array.dtype.kind not in "fc":
+        return None
     finite = np.isfinite(array)
     if finite.all():
         return None
     bad = ~finite
     index = tuple(int(i) for i in np.unravel_index(np.argmax(bad), array.shape))
-    return index, array[index] if array.ndim else array.item(), int(bad.sum())
+    where = f"[{', '.join(map(str, index))}]" if index else ""
+    return where, array[index] if array.ndim else array.item(), int(bad.sum())
 
 
 def _count(count):
@@ -72,12 +80,9 @@ def check_finite(value, name):
                 leaf = np.asarray(leaf)
             except (TypeError, ValueError):
                 continue  # not numeric: the function's own checks report it
-        if leaf.dtype.kind not in "fc":
-            continue
         found = _first_non_finite(leaf)
         if found is not None:
-            index, bad_value, count = found
-            where = f"[{', '.join(map(str, index))}]" if index else ""
+            where, bad_value, count = found
             raise NonFiniteError(
                 f"Expected only finite values in `{leaf_name}` (a NaN or Inf makes every "
                 f"result NaN). Received: {leaf_name}{where}={bad_value}{_count(count)}"
@@ -88,11 +93,10 @@ def check_finite_weights(weights, name="model"):
     """Refuses non-finite weights (a diverged model), naming the first such weight."""
     for weight in weights:
         array = np.asarray(weight)
-        found = _first_non_finite(array) if array.dtype.kind in "fc" else None
+        found = _first_non_finite(array)
         if found is not None:
-            index, bad_value, count = found
+            where, bad_value, count = found
             path = getattr(weight, "path", None) or getattr(weight, "name", "?")
-            where = f"[{', '.join(map(str, index))}]" if index else ""
             raise NonFiniteError(
                 f"Expected `{name}` to have finite weights (a diverged model gives a NaN "
                 f"kernel). Received: weight {path!r}{where}={bad_value}{_count(count)}"
@@ -106,10 +110,9 @@ def check_finite_result(value, what, reason):
     input was found finite (e.g. a model whose outputs overflow).
     """
     array = np.asarray(value)
-    found = _first_non_finite(array) if array.dtype.kind in "fc" else None
+    found = _first_non_finite(array)
     if found is not None:
-        index, bad_value, count = found
-        where = f"[{', '.join(map(str, index))}]" if index else ""
+        where, bad_value, count = found
         raise NonFiniteError(
             f"{what} is not finite although every input is: {reason}. Received: "
             f"{count} non-finite entries, the first {what}{where}={bad_value}"

@@ -15,6 +15,7 @@ import tensorflow as tf
 from keras_ntk import _validation, metrics
 from keras_ntk._weights import iter_layers
 from keras_ntk.linearize import Linearize
+from keras_ntk.ntk import empirical_ntk
 
 _LOG_KEYS = (
     "ntk_distance_from_init",
@@ -150,8 +151,6 @@ _TRACKER_SET = ("model", "x1", "x2", "per_layer")
 
 
 def _check_ntk_kwargs(ntk_kwargs):
-    from keras_ntk.ntk import empirical_ntk  # noqa: PLC0415 (import cycle)
-
     accepted = set(inspect.signature(empirical_ntk).parameters) - set(_TRACKER_SET)
     unknown = sorted(set(ntk_kwargs) - accepted)
     if unknown:
@@ -322,8 +321,6 @@ class NTKTracker(keras.callbacks.Callback):
 
     def _kernel(self):
         """Θ on the probe inputs (float64), and {layer: Θ_l} with `per_layer`, else None."""
-        from keras_ntk.ntk import empirical_ntk  # noqa: PLC0415 (import cycle)
-
         result = empirical_ntk(self.model, self.probe_inputs, per_layer=self.per_layer,
                                **self.ntk_kwargs)
         parts = None

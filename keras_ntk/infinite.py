@@ -43,6 +43,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_ntk import _validation
+from keras_ntk._batching import block_ranges
 from keras_ntk._kernel_plan import _architecture
 from keras_ntk._kernel_recursion import _compiled
 
@@ -110,10 +111,6 @@ def _as_array(x, name, dtype):
             f"with N ≥ 1. Received: {name}.shape={x.shape}"
         )
     return x
-
-
-def _blocks(n, b):
-    return [(i, min(i + b, n)) for i in range(0, n, b)]
 
 
 def _even_block(n, batch_size):
@@ -258,7 +255,7 @@ def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
         """Per-example variances before each activation, and the diagonal kernels."""
         chunk = max(batch_size * batch_size // block, 1) * block
         parts = [compiled.self_recursion(tf.constant(x[a:b]), all_depths)
-                 for a, b in _blocks(len(x), chunk)]
+                 for a, b in block_ranges(len(x), chunk)]
         records = [p[0] for p in parts]
         variances = ([] if not records or not records[0] else
                      [tf.concat([r[i] for r in records], 0) for i in range(len(records[0]))])
@@ -269,8 +266,8 @@ def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
     vars2 = vars1 if same else self_terms(x2, b2)[0]
     shape = ((depth_count,) if all_depths else ()) + (len(x1), len(x2))
     nngp, ntk = np.zeros(shape, np_dtype), np.zeros(shape, np_dtype)
-    rows = _blocks(len(x1), b1)
-    cols = rows if same else _blocks(len(x2), b2)
+    rows = block_ranges(len(x1), b1)
+    cols = rows if same else block_ranges(len(x2), b2)
     blocks = [(r, c) for i, r in enumerate(rows) for j, c in enumerate(cols)
               if not same or j >= i]
 

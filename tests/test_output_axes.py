@@ -87,3 +87,8 @@ def test_axes_errors_name_what_was_received():
         OutputAxes((A, B), (1,), (-2,))
     with pytest.raises(TypeError, match="Received: diagonal_axes=1.5"):
         OutputAxes((A, B), (), 1.5)
+    # A string is not a tuple of ints (it was int()'s bare ValueError).
+    with pytest.raises(TypeError, match="Received: trace_axes=x"):
+        OutputAxes((A, B), "x", ())
+    with pytest.raises(TypeError, match="Received: trace_axes=1"):
+        OutputAxes((A, B), "1", ())
