@@ -175,12 +175,6 @@ class _Cells:
         self.store.put(*self._cell(part, key), value)
 
 
-def _summary_writer(output_dir, name):
-    import tensorflow as tf
-
-    return tf.summary.create_file_writer(os.path.join(output_dir, "tensorboard", name))
-
-
 # ---------------------------------------------------------------- 1 + 2
 
 
@@ -283,29 +277,29 @@ def _phase_diagrams(cells, output_dir, activations, grids, depths, sigma_b2, pha
                                   "phase row (σw², every depth)")
     diagrams = []
     for activation in activations:
-        writer = _summary_writer(output_dir, f"phase_{activation}")
-        rows = []
-        for sigma_w2 in grids[activation]:
-            key = _phase_key(activation, sigma_w2)
-            row = cells.get("phase", key)
-            if row is not None:
-                progress.skip(key)
-            else:
-                row = phase_row(activation, sigma_w2, sigma_b2, depths, x_train, x_test,
-                                labels_train, labels_test, num_classes, times,
-                                learning_rate_fraction, kernel_batch_size)
-                cells.put("phase", key, row)
-                with writer.as_default():
-                    prefix = f"sigma_w2={sigma_w2:g}"
-                    for depth, cell in zip(depths, row["cells"]):
-                        tf.summary.scalar(f"{prefix}/log10_condition_number",
-                                          math.log10(cell["condition_number"]), step=depth)
-                        tf.summary.scalar(f"{prefix}/mean_predictor_test_accuracy",
-                                          cell["mean_predictor"]["test_accuracy"], step=depth)
-                writer.flush()
-                progress.finish(key)
-            rows.append(row)
-        writer.close()
+        log_dir = os.path.join(output_dir, "tensorboard", f"phase_{activation}")
+        with cells_lib.summary_writer(log_dir) as writer:
+            rows = []
+            for sigma_w2 in grids[activation]:
+                key = _phase_key(activation, sigma_w2)
+                row = cells.get("phase", key)
+                if row is not None:
+                    progress.skip(key)
+                else:
+                    row = phase_row(activation, sigma_w2, sigma_b2, depths, x_train, x_test,
+                                    labels_train, labels_test, num_classes, times,
+                                    learning_rate_fraction, kernel_batch_size)
+                    cells.put("phase", key, row)
+                    with writer.as_default():
+                        prefix = f"sigma_w2={sigma_w2:g}"
+                        for depth, cell in zip(depths, row["cells"]):
+                            tf.summary.scalar(f"{prefix}/log10_condition_number",
+                                              math.log10(cell["condition_number"]), step=depth)
+                            tf.summary.scalar(f"{prefix}/mean_predictor_test_accuracy",
+                                              cell["mean_predictor"]["test_accuracy"], step=depth)
+                    writer.flush()
+                    progress.finish(key)
+                rows.append(row)
         diagrams.append(_assemble_diagram(activation, grids[activation], depths, sigma_b2, rows,
                                           times, learning_rate_fraction))
     return diagrams
@@ -438,36 +432,37 @@ def _architectures(cells, output_dir, names, depths, activation, sigma_w2, sigma
     import tensorflow as tf
 
     progress = cells_lib.Progress(len(names) * len(depths), "architecture cell")
-    writer = _summary_writer(output_dir, "architectures")
-    out = {}
-    for name in names:
-        by_depth = []
-        for depth in depths:
-            key = f"{name}/depth={depth}"
-            cell = cells.get("architectures", key)
-            if cell is not None:
-                progress.skip(key)
-            else:
-                cell = architecture_cell(name, depth, activation, sigma_w2, sigma_b2, split,
-                                         kernel_size, ridge, kernel_batch_size)
-                cells.put("architectures", key, cell)
-                with writer.as_default():
-                    tf.summary.scalar(f"{name}/test_accuracy", cell["test_accuracy"], step=depth)
-                    tf.summary.scalar(f"{name}/log10_condition_number",
-                                      math.log10(cell["condition_number"]), step=depth)
-                writer.flush()
-                progress.finish(key)
-            by_depth.append(cell)
-        out[name] = {
-            # The contract's number: the deepest of `architecture_depths`.
-            "test_accuracy": by_depth[-1]["test_accuracy"],
-            "depth": [int(d) for d in depths],
-            **{f"{key}_by_depth" if key == "test_accuracy" else key:
-               [c[key] for c in by_depth]
-               for key in ("test_accuracy", "test_correct", "condition_number",
-                           "condition_at_float64_bound", "eigenvalues", "kernel_seconds")},
-        }
-    writer.close()
+    log_dir = os.path.join(output_dir, "tensorboard", "architectures")
+    with cells_lib.summary_writer(log_dir) as writer:
+        out = {}
+        for name in names:
+            by_depth = []
+            for depth in depths:
+                key = f"{name}/depth={depth}"
+                cell = cells.get("architectures", key)
+                if cell is not None:
+                    progress.skip(key)
+                else:
+                    cell = architecture_cell(name, depth, activation, sigma_w2, sigma_b2, split,
+                                             kernel_size, ridge, kernel_batch_size)
+                    cells.put("architectures", key, cell)
+                    with writer.as_default():
+                        tf.summary.scalar(f"{name}/test_accuracy", cell["test_accuracy"],
+                                          step=depth)
+                        tf.summary.scalar(f"{name}/log10_condition_number",
+                                          math.log10(cell["condition_number"]), step=depth)
+                    writer.flush()
+                    progress.finish(key)
+                by_depth.append(cell)
+            out[name] = {
+                # The contract's number: the deepest of `architecture_depths`.
+                "test_accuracy": by_depth[-1]["test_accuracy"],
+                "depth": [int(d) for d in depths],
+                **{f"{key}_by_depth" if key == "test_accuracy" else key:
+                   [c[key] for c in by_depth]
+                   for key in ("test_accuracy", "test_correct", "condition_number",
+                               "condition_at_float64_bound", "eigenvalues", "kernel_seconds")},
+            }
     return out
 
 
