@@ -458,12 +458,6 @@ def _save_examples(path, **arrays):
     cells_lib.save_npz_atomic(path, **{k: np.asarray(v) for k, v in arrays.items()})
 
 
-def _load_examples(path):
-    with open(path, "rb") as f:
-        with np.load(f) as data:
-            return {k: data[k] for k in data.files}
-
-
 def run(
     *,
     output_dir,
@@ -833,7 +827,9 @@ def _examples_array(output_dir, names_and_rows, sizes, seeds, num_test, key):
         file = _examples_path(output_dir, cell_id)
         if not os.path.exists(file):
             continue
-        values = _load_examples(file)[key]
+        from experiments import cells as cells_lib
+
+        values = cells_lib.load_npz(file)[key]
         if row is None:
             out[:, column] = values
         else:
