@@ -668,7 +668,7 @@ def run(
 
     # Kernel cells grouped by their kernel: (source, seed) → method names.
     work = []
-    for seed in seeds:
+    for seed in seeds if "network" in names else ():
         work += [("network", seed, n) for n in per_seed_sizes[seed]]
     kernel_groups = []
     for seed in seeds:
