@@ -471,7 +471,7 @@ def test_a_j_is_taken_in_the_eigenbasis_of_the_tasks(tmp_path, data_dir, solver)
     for w in model.trainable_weights:
         w.assign(w.numpy() + 0.3 * rng.normal(size=w.shape).astype(np.float32))
     vectors = state["eigenvectors"]
-    a = linear_vs_nonlinear.eigenbasis_projection(study, model, vectors)
+    a = study.kernels.eigenbasis_projection(model, study.inputs, vectors)
     # Naive float64 reference: per-example Jacobians over the same 160 inputs.
     inputs = np.concatenate([dataset.train.x, dataset.test.x]).reshape(160, -1)
     weights64 = [tf.Variable(tf.cast(w, tf.float64)) for w in model.trainable_weights]
@@ -484,7 +484,7 @@ def test_a_j_is_taken_in_the_eigenbasis_of_the_tasks(tmp_path, data_dir, solver)
     np.testing.assert_allclose(a, np.einsum("nj,nm,mj->j", vectors, kernel, vectors), rtol=1e-3)
     # At θ0 the same projection gives back the eigenvalues (j = k is v_k itself).
     initial = study.build("mlp", weights_path)
-    np.testing.assert_allclose(linear_vs_nonlinear.eigenbasis_projection(study, initial, vectors),
+    np.testing.assert_allclose(study.kernels.eigenbasis_projection(initial, study.inputs, vectors),
                                state["eigenvalues"][:5], rtol=1e-3)
 
 
