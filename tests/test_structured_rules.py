@@ -1,0 +1,176 @@
+"""Structured rules beyond Dense/Conv2D against float64 Jacobian kernels.
+
+Each model is built twice from the same factory, in float32 and in float64
+(weights copied); the reference is the explicit Jacobian of the float64
+model's whole-batch output (`tf.GradientTape.jacobian`) contracted with
+numpy. The structured kernel of the float64 model must match it to float64
+precision, through both contraction forms (per-example weight gradients and
+factorized), and the rule must really cover the layer (no generic fallback).
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_ntk
+from keras_ntk import _batching, _structured
+from keras_ntk._weights import iter_layers
+
+RTOL64 = 1e-9
+
+
+@pytest.fixture(autouse=True)
+def _plain_graphs(monkeypatch):
+    """Plain graphs: XLA-compiling every tiny test model would dominate the time."""
+    monkeypatch.setattr(_batching, "_JIT", "0")
+
+
+def _randomize_normalization(model):
+    rng = np.random.default_rng(3)
+    for layer in iter_layers(model):
+        if isinstance(layer, (keras.layers.BatchNormalization, keras.layers.LayerNormalization)):
+            for v in layer.weights:
+                name = v.path.rsplit("/", 1)[-1]
+                shape = tuple(v.shape)
+                if name in ("gamma", "moving_variance"):
+                    v.assign(rng.uniform(0.5, 1.5, shape))
+                else:
+                    v.assign(rng.normal(size=shape) * 0.3)
+    return model
+
+
+def conv1d(dtype):
+    return keras.Sequential([
+        keras.Input((9, 4)),
+        keras.layers.Conv1D(4, 3, padding="causal", dilation_rate=2, activation="tanh",
+                            dtype=dtype),
+        keras.layers.Conv1D(4, 2, strides=2, padding="same", dtype=dtype),
+        keras.layers.Conv1D(3, 3, padding="valid", use_bias=False, dtype=dtype),
+        keras.layers.Flatten(dtype=dtype),
+        keras.layers.Dense(2, dtype=dtype),
+    ])
+
+
+def depthwise(dtype):
+    return keras.Sequential([
+        keras.Input((6, 6, 2)),
+        keras.layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same", activation="tanh",
+                                     dtype=dtype),
+        keras.layers.DepthwiseConv2D(2, strides=2, padding="valid", use_bias=False, dtype=dtype),
+        keras.layers.Reshape((9, 4), dtype=dtype),
+        keras.layers.DepthwiseConv1D(3, padding="same", dtype=dtype),
+        keras.layers.Flatten(dtype=dtype),
+        keras.layers.Dense(2, dtype=dtype),
+    ])
+
+
+def attention(dtype):
+    x = keras.Input((5, 4))
+    h = keras.layers.MultiHeadAttention(num_heads=2, key_dim=3, dtype=dtype)(x, x)
+    h = keras.layers.LayerNormalization(dtype=dtype)(h + x)
+    h = keras.layers.EinsumDense("abc,cd->abd", output_shape=(5, 3), bias_axes="d",
+                                 activation="tanh", dtype=dtype)(h)
+    h = keras.layers.EinsumDense("abc,bcd->ad", output_shape=(2,), bias_axes="d",
+                                 dtype=dtype)(h)
+    return keras.Model(x, h)
+
+
+def embedding(dtype):
+    return keras.Sequential([
+        keras.Input((6,), dtype="int32"),
+        keras.layers.Embedding(7, 4, dtype=dtype),
+        keras.layers.Dense(3, activation="tanh", dtype=dtype),
+        keras.layers.Flatten(dtype=dtype),
+        keras.layers.Dense(2, dtype=dtype),
+    ])
+
+
+def normalization(dtype):
+    x = keras.Input((4, 3, 2))
+    h = keras.layers.Conv2D(3, 2, padding="same", dtype=dtype)(x)
+    h = keras.layers.BatchNormalization(dtype=dtype)(h)
+    h = keras.layers.Activation("relu", dtype=dtype)(h)
+    h = keras.layers.BatchNormalization(axis=1, center=False, dtype=dtype)(h)
+    h = keras.layers.LayerNormalization(axis=(1, 2), dtype=dtype)(h)
+    h = keras.layers.LayerNormalization(scale=False, dtype=dtype)(h)
+    h = keras.layers.Flatten(dtype=dtype)(h)
+    h = keras.layers.Dense(5, dtype=dtype)(h)
+    h = keras.layers.BatchNormalization(dtype=dtype)(h)
+    h = keras.layers.Dense(2, dtype=dtype)(h)
+    return keras.Model(x, h)
+
+
+FAMILIES = {
+    "conv1d": (conv1d, (keras.layers.Conv1D,)),
+    "depthwise": (depthwise, (keras.layers.DepthwiseConv2D, keras.layers.DepthwiseConv1D)),
+    "attention": (attention, (keras.layers.EinsumDense, keras.layers.LayerNormalization)),
+    "embedding": (embedding, (keras.layers.Embedding,)),
+    "normalization": (normalization, (keras.layers.BatchNormalization,
+                                      keras.layers.LayerNormalization)),
+}
+
+
+def inputs_for(name, n, seed):
+    rng = np.random.default_rng(seed)
+    if name == "embedding":
+        return rng.integers(0, 7, size=(n, 6)).astype("int32")
+    shape = {"conv1d": (9, 4), "depthwise": (6, 6, 2), "attention": (5, 4),
+             "normalization": (4, 3, 2)}[name]
+    return rng.normal(size=(n, *shape))
+
+
+def model_pair(name):
+    factory = FAMILIES[name][0]
+    model32, model64 = factory("float32"), factory("float64")
+    _randomize_normalization(model32)
+    model64.set_weights(model32.get_weights())
+    return model32, model64
+
+
+def jacobian_kernel(model, x1, x2, weights=None, trace=True):
+    """Θ from whole-batch float64 Jacobians: (N1, N2) traced, else (N1, N2, O, O)."""
+    weights = model.trainable_weights if weights is None else weights
+
+    def jac(x):
+        with tf.GradientTape(persistent=True) as tape:
+            y = model(x, training=False)
+        # A while loop, not pfor: pfor has no rule for grouped convolutions' gradients.
+        js = tape.jacobian(y, weights, experimental_use_pfor=False)
+        return np.concatenate(
+            [np.reshape(np.asarray(j, np.float64), (*y.shape, -1)) for j in js], -1)
+
+    j1, j2 = jac(x1), jac(x2)
+    full = np.einsum("nop,mqp->nmoq", j1, j2)
+    return np.einsum("nmoo->nm", full) / full.shape[-1] if trace else full
+
+
+def rel_error(a, b):
+    return np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b)
+
+
+def covered_layer_types(model):
+    rules = _structured.structured_rules(model, model.trainable_weights)
+    return {type(rule.layer) for rule in rules}
+
+
+# Each family runs one contraction form in `make test`, the other under `slow`.
+FAST = {("conv1d", "factorized"), ("depthwise", "per_example"), ("attention", "factorized"),
+        ("embedding", "factorized"), ("normalization", "per_example")}
+
+
+@pytest.mark.parametrize("name,form", [
+    pytest.param(n, f, marks=() if (n, f) in FAST else pytest.mark.slow)
+    for n in sorted(FAMILIES) for f in ("per_example", "factorized")])
+def test_rule_matches_float64_jacobian_kernel(name, form, monkeypatch):
+    _, model = model_pair(name)
+    for layer_type in FAMILIES[name][1]:
+        assert layer_type in covered_layer_types(model), layer_type
+    forced = lambda n1, n2, dims, axes: (form, (0, 0))  # noqa: E731
+    monkeypatch.setattr(_structured, "contraction_form", forced)
+    x1, x2 = inputs_for(name, 5, 0), inputs_for(name, 3, 1)
+    expected = jacobian_kernel(model, x1, x2, trace=False)
+    actual = keras_ntk.empirical_ntk(model, x1, x2, trace_axes=(), implementation="structured",
+                                     dtype="float64")
+    assert actual.shape == expected.shape
+    assert rel_error(actual, expected) < RTOL64
