@@ -16,7 +16,7 @@ without forming per-example gradients (or through W_n when cheaper):
 
     layer               positions p      groups c           a               b
     Dense               leading axes     -                  input features  units
-    Conv1D/Conv2D       output pixels    conv groups        patch           filters/group
+    Conv1D/Conv2D       output pixels    -                  patch           filters
     DepthwiseConv1D/2D  output pixels    input channels     patch (1 ch.)   multiplier
     EinsumDense         input-only axes  axes of x, W, y    contracted      output-only
     Embedding           token positions  -                  one-hot token   output_dim
@@ -198,12 +198,17 @@ def _causal_pad(layer, inputs):
 
 
 class _ConvRule(_Rule):
-    """Conv1D/Conv2D (channels last; any groups, strides, dilation; 'causal' in 1-D)."""
+    """Conv1D/Conv2D (channels last, any strides and dilation, 'causal' in 1-D).
+
+    Grouped convolutions are left to the generic path: TensorFlow cannot
+    differentiate them on CPU outside XLA.
+    """
 
     @staticmethod
     def supports(layer):
         return (
             type(layer) in (keras.layers.Conv1D, keras.layers.Conv2D)
+            and layer.groups == 1
             and layer.data_format == "channels_last"
             and layer.padding in ("valid", "same", "causal")
             and _plain(layer)
@@ -226,16 +231,10 @@ class _ConvRule(_Rule):
     def grouped_inputs(self, inputs):
         x, padding = self._padded(inputs)
         p = _conv_patches(self.layer, x, padding)  # (N, P, K, C_in)
-        groups = self.layer.groups
-        k, c = int(p.shape[2]), int(p.shape[3])
-        p = tf.reshape(p, [tf.shape(p)[0], -1, k, groups, c // groups])
-        p = tf.transpose(p, [0, 1, 3, 2, 4])  # kernel order (k, c/groups) within a group
-        return tf.reshape(p, [tf.shape(p)[0], -1, groups, k * (c // groups)])
+        return tf.reshape(p, [tf.shape(p)[0], -1, 1, int(p.shape[2]) * int(p.shape[3])])
 
     def grouped_cotangents(self, g):
-        groups = self.layer.groups
-        b = int(g.shape[-1])
-        return tf.reshape(g, tf.concat([tf.shape(g)[:2], [-1, groups, b // groups]], 0))
+        return tf.reshape(g, tf.concat([tf.shape(g)[:2], [-1, 1, int(g.shape[-1])]], 0))
 
 
 class _DepthwiseRule(_Rule):

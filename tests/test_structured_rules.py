@@ -128,21 +128,23 @@ def model_pair(name):
     return model32, model64
 
 
-def jacobian_kernel(model, x1, x2, weights=None, trace=True):
-    """Θ from whole-batch float64 Jacobians: (N1, N2) traced, else (N1, N2, O, O)."""
-    weights = model.trainable_weights if weights is None else weights
+def jacobians(model, x, weights):
+    """Per weight, the float64 Jacobian of the whole-batch output, (N, O, |w|)."""
+    with tf.GradientTape() as tape:
+        y = model(x, training=False)
+    js = tape.jacobian(y, weights)
+    return [np.reshape(np.asarray(j, np.float64), (*y.shape, -1)) for j in js]
 
-    def jac(x):
-        with tf.GradientTape(persistent=True) as tape:
-            y = model(x, training=False)
-        # A while loop, not pfor: pfor has no rule for grouped convolutions' gradients.
-        js = tape.jacobian(y, weights, experimental_use_pfor=False)
-        return np.concatenate(
-            [np.reshape(np.asarray(j, np.float64), (*y.shape, -1)) for j in js], -1)
 
-    j1, j2 = jac(x1), jac(x2)
-    full = np.einsum("nop,mqp->nmoq", j1, j2)
+def contract(j1, j2, trace=True):
+    """Θ from Jacobian columns: (N1, N2) traced, else (N1, N2, O, O)."""
+    full = np.einsum("nop,mqp->nmoq", np.concatenate(j1, -1), np.concatenate(j2, -1))
     return np.einsum("nmoo->nm", full) / full.shape[-1] if trace else full
+
+
+def jacobian_kernel(model, x1, x2, trace=True):
+    weights = model.trainable_weights
+    return contract(jacobians(model, x1, weights), jacobians(model, x2, weights), trace)
 
 
 def rel_error(a, b):
@@ -174,3 +176,40 @@ def test_rule_matches_float64_jacobian_kernel(name, form, monkeypatch):
                                      dtype="float64")
     assert actual.shape == expected.shape
     assert rel_error(actual, expected) < RTOL64
+
+
+def transformer(dtype):
+    """Embedding + attention + LayerNorm + MLP: every weight under a structured rule."""
+    tokens = keras.Input((6,), dtype="int32")
+    h = keras.layers.Embedding(7, 4, dtype=dtype)(tokens)
+    h = h + keras.layers.MultiHeadAttention(num_heads=2, key_dim=2, dtype=dtype)(h, h)
+    h = keras.layers.LayerNormalization(dtype=dtype)(h)
+    h = keras.layers.Dense(5, activation="relu", dtype=dtype)(h)
+    h = keras.layers.GlobalAveragePooling1D(dtype=dtype)(h)
+    h = keras.layers.BatchNormalization(dtype=dtype)(h)
+    return keras.Model(tokens, keras.layers.Dense(2, dtype=dtype)(h))
+
+
+def test_per_layer_kernels_of_a_transformer_match_float64_jacobians():
+    model32, model = transformer("float32"), transformer("float64")
+    _randomize_normalization(model32)
+    model.set_weights(model32.get_weights())
+    rules = _structured.structured_rules(model, model.trainable_weights)
+    covered = {id(v) for rule in rules for v in rule.variables()}
+    assert all(id(w) in covered for w in model.trainable_weights)
+    rng = np.random.default_rng(0)
+    x1, x2 = rng.integers(0, 7, (5, 6)).astype("int32"), rng.integers(0, 7, (4, 6)).astype("int32")
+    parts = keras_ntk.empirical_ntk(model, x1, x2, per_layer=True, dtype="float64",
+                                    implementation="structured")
+    weights = model.trainable_weights
+    j1, j2 = jacobians(model, x1, weights), jacobians(model, x2, weights)
+    index = {id(w): i for i, w in enumerate(weights)}
+    for layer in iter_layers(model):
+        own = [index[id(w)] for w in layer.trainable_weights
+               if not any(w is v for sub in iter_layers(layer, include_self=False)
+                          for v in sub.trainable_weights)]
+        if own:
+            expected = contract([j1[i] for i in own], [j2[i] for i in own])
+            assert rel_error(parts[layer.name], expected) < RTOL64, layer.name
+    assert len(parts) == 9  # embedding, query/key/value/output, norm, dense, batchnorm, dense
+    assert rel_error(sum(parts.values()), contract(j1, j2)) < RTOL64
