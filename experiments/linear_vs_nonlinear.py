@@ -191,15 +191,6 @@ def _task_labels(study, task, k, eigen):
     return labels[: len(train.y)], labels[len(train.y):]
 
 
-def _predictions(model, x, batch_size=1024):
-    """Predicted labels 1[logit > 0] in inference mode, batch by batch (eager)."""
-    logits = np.concatenate([
-        np.asarray(model(x[start:start + batch_size], training=False)).reshape(-1)
-        for start in range(0, len(x), batch_size)
-    ])
-    return logits > 0
-
-
 def _run_cell(study, cell, init_weights_path, init_state, linearized_init_mode, cell_dir=None):
     """Trains the four models of one cell (same recipe, same data order) and measures.
 
@@ -208,7 +199,7 @@ def _run_cell(study, cell, init_weights_path, init_state, linearized_init_mode, 
     """
     import tensorflow as tf
 
-    from experiments import cells, report, train
+    from experiments import cells, network_fit, report, train
     from keras_ntk import metrics
 
     model_name, task, k, seed = cell
@@ -229,7 +220,8 @@ def _run_cell(study, cell, init_weights_path, init_state, linearized_init_mode, 
                              else None),
             **fit_kwargs,
         )
-        predictions = _predictions(model, data.test.x)
+        # Predicted labels 1[logit > 0] in inference mode.
+        predictions = network_fit.predict(model, data.test.x).reshape(-1) > 0
         return {
             "train": train.binary_accuracy(model, data.train.x, train_y),
             "test": float(np.mean(predictions == (test_y > 0.5))),

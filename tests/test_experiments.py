@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 from experiments import configurables, data, launcher, linear_vs_nonlinear, report
+from study_outputs import make_stale
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "linear_vs_nonlinear/smoke.gin"
@@ -497,11 +498,7 @@ def test_a_stale_cell_after_an_unfinished_one_is_refused_before_any_work(
 
     output = tmp_path / "stale"
     shutil.copytree(interrupted_run["output"], output)
-    (output / "cells" / f"{CELLS[0]}.json").unlink()  # The first cell: to compute.
-    stale = output / "cells" / f"{CELLS[1]}.json"
-    stored = json.loads(stale.read_text())
-    stored["settings"]["learning_rate"] = 0.1
-    stale.write_text(json.dumps(stored))
+    make_stale(output / "cells", CELLS[0], CELLS[1], "learning_rate", 0.1)
 
     def no_work(*args, **kwargs):
         raise AssertionError("work started before every cell was checked")

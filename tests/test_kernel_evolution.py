@@ -15,7 +15,7 @@ import tensorflow as tf
 
 import keras_ntk
 from experiments import kernel_evolution, kernel_velocity, models
-from json_numbers import assert_same_results
+from study_outputs import assert_same_results, make_stale
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,11 +98,7 @@ def test_a_stale_run_after_an_unfinished_one_is_refused_before_any_work(smoke_ru
 
     output = tmp_path / "stale"
     shutil.copytree(smoke_run["output"], output)
-    (output / "cells" / "width8-seed0.json").unlink()  # The first run: to compute.
-    stale = output / "cells" / "width32-seed1.json"
-    stored = json.loads(stale.read_text())
-    stored["settings"]["learning_rate"] = 0.1
-    stale.write_text(json.dumps(stored))
+    make_stale(output / "cells", "width8-seed0", "width32-seed1", "learning_rate", 0.1)
     monkeypatch.setattr(kernel_evolution, "_train_width", fail)
     with pytest.raises(ValueError, match=r"Cell 'width32-seed1'.*learning_rate: 0.1 \(stored\) "
                                          r"→ 0.05 \(now\)"):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from experiments import phase_diagram, trainability
-from json_numbers import assert_same_results
+from study_outputs import assert_same_results, make_stale
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "trainability/smoke.gin"
@@ -221,11 +221,8 @@ def test_a_stale_cell_of_a_later_part_is_refused_before_any_work(smoke, tmp_path
     output = tmp_path / "stale"
     output.mkdir()
     _copy_cells(smoke, output)
-    (output / "cells" / "phase-relu-sigma_w2=1.json").unlink()  # The first row: to compute.
-    stale = output / "cells" / "finite_width-width=16-seed=0.json"
-    stored = json.loads(stale.read_text())
-    stored["settings"]["steps"] = 6
-    stale.write_text(json.dumps(stored))
+    make_stale(output / "cells", "phase-relu-sigma_w2=1", "finite_width-width=16-seed=0",
+               "steps", 6)
 
     def no_work(*args, **kwargs):
         raise AssertionError("work started before every cell was checked")

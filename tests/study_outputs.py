@@ -1,11 +1,26 @@
-"""Comparing two results.json trees: numbers to rounding, everything else exactly.
+"""Helpers of the study binaries' tests: results compared to rounding, a stale stored cell.
 
-Test modules import it (pytest puts tests/ on sys.path): a rerun in another
+Test modules import it (pytest puts tests/ on sys.path). A rerun in another
 process may differ in the last bits of LAPACK results (threaded sums), never in
-structure, labels or verdicts.
+structure, labels or verdicts: `assert_same_results`.
 """
 
+import json
+
 import pytest
+
+
+def make_stale(cells_dir, unfinished, stale, setting, value):
+    """Deletes the record of cell `unfinished` and stores `setting=value` in cell `stale`'s.
+
+    A rerun must then compute `unfinished` and refuse `stale`: the check of
+    every stored cell before any work is tested by the refusal coming first.
+    """
+    (cells_dir / f"{unfinished}.json").unlink()
+    path = cells_dir / f"{stale}.json"
+    stored = json.loads(path.read_text())
+    stored["settings"][setting] = value
+    path.write_text(json.dumps(stored))
 
 
 def numbers_and_rest(value, skip=(), path=""):
