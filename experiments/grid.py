@@ -13,8 +13,10 @@ assembly):
    record atomically as soon as it is finished, logs progress with an ETA
    and calls `after_each` (e.g. to rewrite results.json).
 
-`run` is the single place where a process decides which cells it computes,
-so selecting a job's cells of a sharded grid (`--shard=i/n`) goes there.
+`run` is the single place where a process decides which cells it computes:
+a job of a sharded grid (`--shard=i/n`) computes the cells at grid index
+i mod n (`CellStore.mine`); the binary then assembles results only from a
+complete grid (`CellStore.gather`).
 
 Example:
 
@@ -80,9 +82,9 @@ class Grid:
         """
         records = self.check()
         new = 0
-        for key, settings, label in self.cells:
-            if records[key] is not None:
-                continue
+        for index, (key, settings, label) in enumerate(self.cells):
+            if records[key] is not None or not self.store.mine(index):
+                continue  # Finished, or another shard's cell (--shard).
             if max_new is not None and new >= max_new:
                 logging.info("Stopping after %d new %s(s) (max_new_cells).", new, self.name)
                 break

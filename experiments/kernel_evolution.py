@@ -370,7 +370,12 @@ def run(
             save_kernels=save_kernels, ntk_batch_size=ntk_batch_size,
             ntk_implementation=ntk_implementation)
 
-    grid.run(compute, after_each=write)
+    grid.run(compute, after_each=None if store.sharded else write)
+    if store.sharded:  # The cells of every shard, or no results.json yet.
+        gathered = store.gather(grid.settings)
+        if gathered is None:
+            return None
+        records.update(gathered)
     # The tail fits follow the current rule, also for runs read back from the store.
     results["finished"] = all(record is not None for record in records.values())
     write()
