@@ -5,9 +5,29 @@ process may differ in the last bits of LAPACK results (threaded sums), never in
 structure, labels or verdicts: `assert_same_results`.
 """
 
+import contextlib
 import json
+import os
 
 import pytest
+
+
+@contextlib.contextmanager
+def configured_run(study, run, gin_file, bindings=()):
+    """`run` registered and configured as the launcher does (gin_configs/`gin_file`,
+    `bindings`), in-process; gin's config is cleared on exit."""
+    import gin
+
+    from experiments import launcher
+
+    configured = launcher.configurable(study, run)
+    gin.add_config_file_search_path(launcher.GIN_CONFIGS_DIR)
+    gin.parse_config_files_and_bindings([os.path.join(launcher.GIN_CONFIGS_DIR, gin_file)],
+                                        list(bindings))
+    try:
+        yield configured
+    finally:
+        gin.clear_config()
 
 
 def make_stale(cells_dir, unfinished, stale, setting, value):

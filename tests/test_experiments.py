@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from experiments import configurables, data, launcher, linear_vs_nonlinear, report
-from study_outputs import make_stale
+from study_outputs import configured_run, make_stale
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "linear_vs_nonlinear/smoke.gin"
@@ -505,14 +505,9 @@ def test_a_stale_cell_after_an_unfinished_one_is_refused_before_any_work(
 
     monkeypatch.setattr(train, "fit", no_work)
     monkeypatch.setattr(linear_vs_nonlinear, "_initial_state", no_work)
-    run = launcher.configurable("linear_vs_nonlinear", linear_vs_nonlinear.run)
-    gin.add_config_file_search_path(launcher.GIN_CONFIGS_DIR)
-    gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin_configs", SMOKE)],
-                                        ["linear_vs_nonlinear.run.epochs = 2"])
-    try:
+    with configured_run("linear_vs_nonlinear", linear_vs_nonlinear.run, SMOKE,
+                        ["linear_vs_nonlinear.run.epochs = 2"]) as run:
         with pytest.raises(ValueError, match=rf"Cell '{CELLS[1]}'.*learning_rate: 0.1 "
                                              r"\(stored\) → 0.05 \(now\)"):
             run(output_dir=str(output), strategy=tf.distribute.get_strategy(),
                 model_builders=configurables.MODELS, data_dir=data_dir)
-    finally:
-        gin.clear_config()

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from experiments import phase_diagram, trainability
-from study_outputs import assert_same_results, make_stale
+from study_outputs import assert_same_results, configured_run, make_stale
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "trainability/smoke.gin"
@@ -213,10 +213,7 @@ def test_overwrite_recomputes_the_cells_of_other_settings(smoke, tmp_path):
 
 def test_a_stale_cell_of_a_later_part_is_refused_before_any_work(smoke, tmp_path, monkeypatch):
     """Every part's stored cells are checked before the first phase row is computed."""
-    import gin
     import tensorflow as tf
-
-    from experiments import launcher
 
     output = tmp_path / "stale"
     output.mkdir()
@@ -228,16 +225,11 @@ def test_a_stale_cell_of_a_later_part_is_refused_before_any_work(smoke, tmp_path
         raise AssertionError("work started before every cell was checked")
 
     monkeypatch.setattr(phase_diagram, "phase_row", no_work)
-    run = launcher.configurable("trainability", trainability.run)
-    gin.add_config_file_search_path(launcher.GIN_CONFIGS_DIR)
-    gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin_configs", SMOKE)],
-                                        ["trainability.run.write_figures = False"])
-    try:
+    with configured_run("trainability", trainability.run, SMOKE,
+                        ["trainability.run.write_figures = False"]) as run:
         with pytest.raises(ValueError, match=r"Cell 'finite_width-width=16-seed=0'.*steps: 6 "
                                              r"\(stored\) → 5 \(now\)"):
             run(output_dir=str(output), strategy=tf.distribute.get_strategy())
-    finally:
-        gin.clear_config()
     assert not (output / "results.json").exists()
 
 
