@@ -280,3 +280,13 @@ class _OutputOf:
 
     def __call__(self, x):
         return self.model(x, training=False)
+
+
+def clone_sampler(model):
+    """A zero-argument model_fn: `keras.models.clone_model(model)`, freshly initialized
+    (trained weights and BatchNorm statistics are not copied)."""
+
+    def clone():
+        return keras.models.clone_model(model)
+
+    return clone

@@ -91,11 +91,6 @@ def test_standard_error_matches_per_sample_kernels_and_models_are_freed(float64_
     np.testing.assert_allclose(mc.nngp_stderr, nngps.std(0, ddof=1) / 2, rtol=1e-8)
     np.testing.assert_allclose(mc.ntk_stderr, ntks.std(0, ddof=1) / 2, rtol=1e-8)
     assert np.min(mc.ntk_stderr) > 0
-    # A zero-argument model_fn is seeded by keras.utils.set_random_seed(seed + i).
-    only_ntk = keras_ntk.monte_carlo_kernels(lambda: _mlp(16, 1), x1, x2, n_samples=4, seed=7,
-                                             get="ntk")
-    assert only_ntk.nngp is None and only_ntk.nngp_stderr is None
-    np.testing.assert_allclose(only_ntk.ntk, mc.ntk, rtol=1e-12)
 
 
 class _BatchCentring(keras.layers.Layer):
@@ -127,3 +122,40 @@ def test_refuses_bad_arguments(kwargs, error, match):
     arguments.update(kwargs)
     with pytest.raises(error, match=match):
         keras_ntk.monte_carlo_kernels(**arguments)
+
+
+def _cnn(width, pool):
+    layers = [keras.Input((3, 3, 1)), keras_ntk.NTKConv2D(width, 2, weight_std=1.4, bias_std=0.3),
+              keras.layers.ReLU()]
+    if pool:
+        layers.append(keras.layers.MaxPooling2D(pool_size=1, name="max_pool"))
+    return keras.Sequential(layers + [keras.layers.Flatten(), NTKDense(2, 1.2, 0.2)])
+
+
+def test_infinite_kernels_falls_back_to_monte_carlo_and_names_the_layers():
+    # MaxPooling2D has no closed form, but with pool_size=1 it is the identity: the
+    # Monte-Carlo estimate of the whole (width-256) model must agree, within 4.5 standard
+    # errors (Student t, 9 degrees of freedom: P(|t| > 4.5) = 1.5e-3 per entry), with
+    # the closed form of the same model without it.
+    x = np.random.default_rng(3).normal(size=(3, 3, 3, 1))
+    exact = keras_ntk.infinite_kernels(_cnn(1, pool=False), x)
+    model = _cnn(256, pool=True)
+    with pytest.raises(ValueError, match="max_pool"):
+        keras_ntk.infinite_kernels(model, x)
+    estimate = keras_ntk.infinite_kernels(model, x, fallback="monte_carlo", n_samples=10, seed=1)
+    assert estimate.monte_carlo_layers == ("max_pool",)
+    assert exact.monte_carlo_layers == () and exact.ntk_stderr is None
+    for name in ("nngp", "ntk"):
+        z = (getattr(estimate, name) - getattr(exact, name)) / getattr(estimate, name + "_stderr")
+        assert np.max(np.abs(z)) < 4.5, (name, z)
+    assert np.max(estimate.ntk_stderr / np.abs(exact.ntk)) < 0.1
+
+
+def test_monte_carlo_fallback_refuses_a_layer_without_a_pairwise_kernel():
+    model = keras.Sequential([keras.Input((4,)), NTKDense(8), _BatchCentring(name="centring"),
+                              NTKDense(1)])
+    x = np.random.default_rng(4).normal(size=(3, 4))
+    with pytest.raises(ValueError, match="no kernel between pairs.*centring"):
+        keras_ntk.infinite_kernels(model, x, fallback="monte_carlo", n_samples=2)
+    with pytest.raises(ValueError, match="fallback"):
+        keras_ntk.infinite_kernels(model, x, fallback="sampling")
