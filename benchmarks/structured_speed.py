@@ -22,7 +22,8 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(_HERE, ".."), _HERE]  # this checkout's keras_ntk, ntk_speed
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -63,6 +64,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=30)
     args = parser.parse_args()
+    print(f"keras_ntk from {os.path.dirname(keras_ntk.__file__)}")
     keras.utils.set_random_seed(0)
     x, images = digits(256), digits(256, image=True)
     cases = [("mlp1", mlp(1), x), ("mlp10_traced", mlp(10), x), ("lenet", lenet(), images)]
