@@ -517,6 +517,8 @@ def run(
             logging.info("run %d of %d (width %s, seed %d): already finished, skipped", index,
                          len(work), key, seed)
             continue
+        if not store.mine(index - 1):  # Another shard's cell (--shard).
+            continue
         logging.info("run %d of %d (width %s, seed %d): training %d steps, %d velocity times",
                      index, len(work), key, seed, total_steps, len(velocity_times))
         cell = _train_width(
@@ -530,9 +532,16 @@ def run(
             ntk_implementation=ntk_implementation)
         store.put(f"width{width}-seed{seed}", settings[(width, seed)], cell)
         per_seed[str(seed)] = cell
-        write()
+        if not store.sharded:
+            write()
         logging.info("run %d of %d done; elapsed %.0f s", index, len(work),
                      time.time() - started)
+    if store.sharded:  # The cells of every shard, or no results.json yet.
+        gathered = store.gather({f"width{w}-seed{s}": settings[(w, s)] for w, s in work})
+        if gathered is None:
+            return None
+        for w, s in work:
+            done.setdefault(str(w), {})[str(s)] = gathered[f"width{w}-seed{s}"]
     # The tail fits follow the current rule, also for runs read back from results.json.
     for key, per_seed in done.items():
         for seed_key in per_seed:
