@@ -461,6 +461,25 @@ class CellStore:
         self._claimed[key] = settings
         return None
 
+    def check_all(self, settings_by_key, on_finished=None):
+        """Reads every cell of a grid before any work: {key: record, or None when unfinished}.
+
+        Each stored cell (record or intermediate files) is checked against
+        its settings as `get` does, in order, so a rerun with other settings
+        is refused (ValueError naming every setting that differs) before the
+        first cell is computed, wherever the stale cell lies in the grid.
+
+        Args:
+            settings_by_key: {key: settings} in grid order.
+            on_finished: called with the key of each finished cell (progress logs).
+        """
+        records = {}
+        for key, settings in settings_by_key.items():
+            records[key] = self.get(key, settings)
+            if records[key] is not None and on_finished is not None:
+                on_finished(key)
+        return records
+
     def cell_dir(self, key):
         """The directory for `key`'s intermediate files (created, stamped with its settings).
 

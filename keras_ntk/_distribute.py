@@ -2,28 +2,29 @@
 
 Under a `tf.distribute.MultiWorkerMirroredStrategy` (a cluster described by
 TF_CONFIG) every worker runs the same program and calls the kernel functions
-with the same arguments inside `strategy.scope()`. Worker w of W (its rank:
-the chief first, then the workers, as TensorFlow numbers them) computes the
-blocks t with t ≡ w (mod W) on its own device, and every worker then receives
-every block by collective all-reduces (SUM) of zero-filled float64 buffers,
-one round of blocks (one per replica of the cluster) at a time:
+with the same arguments inside `strategy.scope()`. The blocks of a call go
+round by round, one per replica of the cluster (R replicas: worker w, ranked
+chief first as TensorFlow ranks them, holds replicas w·L … w·L + L − 1 of its
+L devices); each replica computes its block in replica context (a distributed
+variable's handle is read only there), and every worker then receives every
+block of the round by collective all-reduces (SUM) of zero-filled float64
+buffers:
 
-1. the length of each block's description (dtype and shape per output),
-2. the descriptions, 3. the values (each block's numbers at its offset,
+1. the length of each block's description, 2. the descriptions (dtype and
+   shape per output), 3. the values (each block's numbers at its offset,
    zeros elsewhere: a sum with one non-zero term is exact).
 
 Each block's `on_done` is then called in block order on every worker, so the
 whole result (kernel, Θ·v product, eigenpairs of `ntk_eigsh`, which calls the
 products) is on every worker, equal to what one process computes. A round
-holds a block per replica in float64 (twice: the buffer and its reduced copy).
-`worker_share` / `sum_over_workers` do the same for functions whose blocks
-are not `_batching` tasks (`infinite_kernels`, `empirical_nngp`): each worker
-fills its share of a zero result, then the results are summed.
+holds one block per replica in float64 twice (the buffer and its sum).
 
-The blocks of `_batching.run_tasks` run in replica context, one per replica
-of the cluster (all devices of all workers); the host-side splits
-(`run_tasks(..., replica_context=False)`, `worker_share`) use one device per
-worker. A worker's replicas beyond the first contribute zeros to the sums.
+Host-side splits use one device per worker: `run_tasks(tasks)` (the feature
+batches of `empirical_nngp`, called directly, not in replica context) and
+`worker_share` + `sum_over_workers` (the blocks of pairs of
+`infinite_kernels`: each worker fills its share of zero results, then the
+results are summed). Without such a strategy in scope every function here
+leaves the work to the caller's process unchanged.
 """
 
 import numpy as np
