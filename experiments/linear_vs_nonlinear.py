@@ -530,7 +530,15 @@ def run(
         store.get(f"init-{name}", init_settings[name])
     grid = grid_lib.Grid(store, [(key, cell_settings(cell)) for key, cell in cells_by_id.items()])
     records = grid.check()
-    grid.run(compute, after_each=write_results, max_new=max_new_cells, discard_cell_dir=True)
+    grid.run(compute, after_each=None if store.sharded else write_results,
+             max_new=max_new_cells, discard_cell_dir=True)
+    if store.sharded:  # The cells of every shard, or no results.json yet.
+        gathered = store.gather(grid.settings)
+        if gathered is None:
+            return None
+        records.update(gathered)
+        for name in models:
+            initial_state(name)  # results["eigen"], from the θ0 cell stored by a shard.
     write_results()
     if write_report:
         report.write_study_a_report(output_dir, results)
