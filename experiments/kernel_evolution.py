@@ -27,11 +27,11 @@ Per (width, seed) and time t_i, the cell holds
   approximation), trained on the `num_probe` probe inputs;
 * `network_test_error`: the network's own test error at the same steps.
 
-results.json holds per width the mean series over seeds (`aggregate_seeds`)
+results.json holds per width the mean series over seeds (`kernel_velocity`)
 and the per-seed series under `seeds`. The slope of log velocity_relative
 against log step over the last decade of steps (step ≥ total/10) is fitted
 per seed; the width's slope is the mean over seeds with its standard error
-over seeds, stated by a fixed rule (`velocity_verdict`): faster than 1/t
+over seeds, stated by a fixed rule (`kernel_velocity.velocity_verdict`): faster than 1/t
 (slope + 2 s.e. < −1): the kernel converges; like 1/t (−1 within 2 s.e.):
 the per-step velocity vanishes, yet the kernel moves by a similar amount
 every decade of steps; slower than 1/t (slope < −0.25): it keeps moving;
@@ -53,153 +53,9 @@ import time
 import numpy as np
 from absl import logging
 
-from experiments import launcher
+from experiments import kernel_velocity, launcher
 
 LOSSES = ("cross_entropy", "mse")
-_TAIL_FRACTION = 0.1
-
-
-def log_spaced_steps(total_steps, num):
-    """About `num` distinct integer steps from 1 to `total_steps`, log-spaced."""
-    if total_steps < 1 or num < 1:
-        raise ValueError(
-            "Expected total_steps >= 1 and num >= 1. "
-            f"Received: total_steps={total_steps}, num={num}"
-        )
-    return sorted({int(round(v)) for v in np.geomspace(1, total_steps, num)})
-
-
-def paired_snapshot_steps(total_steps, num, dt):
-    """Velocity times t_i (about `num`, log-spaced) and the snapshot steps {t_i, t_i + dt}.
-
-    Every t_i is at least 1 and at most `total_steps` − dt, and consecutive
-    times are more than `dt` apart, so no snapshot falls inside a pair and
-    each velocity uses exactly the interval [t_i, t_i + dt].
-
-    Returns:
-        (times t_i, sorted snapshot steps).
-    """
-    if dt < 1 or total_steps <= dt:
-        raise ValueError(
-            "Expected 1 <= velocity_dt < total steps. "
-            f"Received: velocity_dt={dt}, total_steps={total_steps}"
-        )
-    times = []
-    for t in log_spaced_steps(total_steps - dt, num):
-        if not times or t > times[-1] + dt:
-            times.append(t)
-    return times, sorted(set(times) | {t + dt for t in times})
-
-
-def tail_slope(steps, values, start):
-    """Least-squares slope of log(value) on log(step) for steps ≥ `start`, and its standard error.
-
-    Returns:
-        (slope, standard error), or (None, None) with fewer than 3 usable points.
-    """
-    steps, values = np.asarray(steps, np.float64), np.asarray(values, np.float64)
-    keep = (steps >= start) & np.isfinite(values) & (values > 0)
-    if keep.sum() < 3:
-        return None, None
-    x, y = np.log(steps[keep]), np.log(values[keep])
-    slope, intercept = np.polyfit(x, y, 1)
-    residuals = y - (slope * x + intercept)
-    spread = np.sum((x - x.mean()) ** 2)
-    error = np.sqrt(np.sum(residuals**2) / max(len(x) - 2, 1) / spread) if spread > 0 else np.inf
-    return float(slope), float(error)
-
-
-def velocity_verdict(slope, error=0.0):
-    """The fixed rule turning a tail slope ± 2 standard errors into words.
-
-    * slope + 2 s.e. < −1: decays faster than 1/t, the kernel converges;
-    * −1 within slope ± 2 s.e.: decays like 1/t, the kernel moves by a similar
-      amount every decade of steps (distance grows like log t);
-    * otherwise, slope < −0.25: decays slower than 1/t, the kernel keeps moving;
-    * slope ≥ −0.25: plateaus.
-    """
-    if slope is None:
-        return "undetermined (fewer than 3 snapshots in the tail)"
-    if slope + 2 * error < -1.0:
-        return "decays faster than 1/t (the kernel converges)"
-    if slope - 2 * error <= -1.0:
-        return ("decays like 1/t (slope within 2 s.e. of -1): the per-step velocity goes to "
-                "zero, but the kernel moves by a similar amount every decade of steps")
-    if slope < -0.25:
-        return "decays slower than 1/t (the kernel keeps moving)"
-    return "plateaus (slope >= -0.25: does not decay)"
-
-
-def summarize(cell, total_steps):
-    """Adds the tail fits, the verdict and the last decade's movement to a width's series."""
-    start = _TAIL_FRACTION * total_steps
-    slope, error = tail_slope(cell["steps"], cell["velocity_relative"], start)
-    cosine_slope, cosine_error = tail_slope(cell["steps"], cell["velocity"], start)
-    steps = np.asarray(cell["steps"], np.float64)
-    distance = np.asarray(cell["distance_from_init"], np.float64)
-    at_start = float(np.interp(np.log(start), np.log(steps), distance))
-    return dict(
-        cell,
-        tail_start_step=float(start),
-        velocity_relative_tail_slope=slope,
-        velocity_relative_tail_slope_se=error,
-        velocity_tail_slope=cosine_slope,
-        velocity_tail_slope_se=cosine_error,
-        velocity_verdict=velocity_verdict(slope, error or 0.0),
-        distance_from_init_tail_start=at_start,
-        distance_from_init_growth_last_decade=float(distance[-1] - at_start),
-    )
-
-
-_SERIES = ("velocity", "velocity_relative", "distance_from_init", "alignment",
-           "weight_distance_from_init", "ntk_trace", "kernel_regression_test_error",
-           "network_test_error")
-
-
-def aggregate_seeds(cells):
-    """One width's series: the mean over seeds, and the verdict from the per-seed tail slopes.
-
-    The tail slope of the relative velocity is fitted per seed (`summarize`);
-    the width's slope is their mean with the standard error over seeds
-    (std / √S; one seed: that seed's regression standard error), and
-    `velocity_verdict` reads it.
-
-    Args:
-        cells: seed (str) → the `summarize`d series of one seed (same steps).
-
-    Returns:
-        dict with the mean series under the per-seed keys, `seeds` (the
-        per-seed cells), the slopes, their standard errors and the verdict.
-    """
-    ordered = [cells[k] for k in sorted(cells, key=int)]
-    first = ordered[0]
-    out = {"steps": first["steps"], "epochs": first["epochs"],
-           "velocity_dt": first.get("velocity_dt"), "seeds": dict(cells)}
-    for key in _SERIES:
-        values = np.array([[np.nan if v is None else v for v in c[key]] for c in ordered],
-                          np.float64)
-        with np.errstate(invalid="ignore"):
-            means = np.nanmean(values, axis=0) if np.isfinite(values).any() else values[0]
-        out[key] = [None if not np.isfinite(v) else float(v) for v in means]
-    out["kernel_regression_test_error_init"] = float(np.mean(
-        [c["kernel_regression_test_error_init"] for c in ordered]))
-    out["final_train_loss"] = float(np.mean([c["final_train_loss"] for c in ordered]))
-    for key in ("velocity_relative_tail_slope", "velocity_tail_slope"):
-        slopes = [c[key] for c in ordered if c[key] is not None]
-        if not slopes:
-            out[key], out[f"{key}_se"] = None, None
-            continue
-        out[key] = float(np.mean(slopes))
-        out[f"{key}_se"] = (float(np.std(slopes, ddof=1) / np.sqrt(len(slopes)))
-                            if len(slopes) > 1 else ordered[0][f"{key}_se"])
-        out[f"{key}_per_seed"] = [float(v) for v in slopes]
-    out["velocity_verdict"] = velocity_verdict(out["velocity_relative_tail_slope"],
-                                               out["velocity_relative_tail_slope_se"] or 0.0)
-    out["tail_start_step"] = first["tail_start_step"]
-    for key in ("distance_from_init_tail_start", "distance_from_init_growth_last_decade"):
-        out[key] = float(np.mean([c[key] for c in ordered]))
-    out["num_seeds"] = len(ordered)
-    return out
 
 
 def _width_kwargs(model, width, depth):
@@ -326,7 +182,7 @@ def _train_width(width, *, model_builder, model, depth, data, num_classes, probe
         "final_train_loss": float(history.history["loss"][-1]),
         "wall_seconds": time.time() - started,
     }
-    cell = summarize(cell, max(snapshot_steps))
+    cell = kernel_velocity.summarize(cell, max(snapshot_steps))
     logging.info("%s: relative velocity tail slope %s ± %s → %s", run_name,
                  cell["velocity_relative_tail_slope"], cell["velocity_relative_tail_slope_se"],
                  cell["velocity_verdict"])
@@ -402,33 +258,21 @@ def run(
     Returns:
         The results dictionary (also in results.json).
     """
-    from experiments import cells
+    from experiments import bindings, cells
     from experiments import data as data_lib
+    from experiments import grid as grid_lib
 
-    if loss not in LOSSES:
-        raise ValueError(f"Expected loss in {LOSSES}. Received: kernel_evolution.run.loss={loss!r}")
-    if model not in model_builders:
-        raise ValueError(
-            f"Unknown model. Known models: {', '.join(sorted(model_builders))}. "
-            f"Received: kernel_evolution.run.model={model!r}"
-        )
-    if dataset.split("/")[0] not in data_lib.KNOWN_DATASETS:
-        raise ValueError(
-            f"Unknown dataset. Known datasets: {', '.join(data_lib.KNOWN_DATASETS)}. "
-            f"Received: kernel_evolution.run.dataset={dataset!r}"
-        )
-    if not widths or any(int(w) < 1 for w in widths):
-        raise ValueError(
-            f"Expected positive widths. Received: kernel_evolution.run.widths={list(widths)!r}")
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(
-            f"Expected distinct seeds. Received: kernel_evolution.run.seeds={list(seeds)!r}")
+    checks = bindings.Bindings("kernel_evolution", qualified=True)
+    checks.known("loss", loss, LOSSES, "loss")
+    checks.known("model", model, model_builders, "model", listed=sorted(model_builders))
+    checks.known("dataset", dataset.split("/")[0], data_lib.KNOWN_DATASETS, "dataset")
+    checks.check(widths=(list(widths), bindings.NON_EMPTY_POSITIVE_INTS),
+                 seeds=(list(seeds), bindings.DISTINCT_INTS),
+                 num_probe=(num_probe, bindings.POSITIVE_INT),
+                 num_validation=(num_validation, bindings.POSITIVE_INT),
+                 epochs=(epochs, bindings.POSITIVE_INT),
+                 batch_size=(batch_size, bindings.POSITIVE_INT))
     _width_kwargs(model, widths[0], depth)  # refuses a model without a width knob
-    if min(num_probe, num_validation) < 1 or epochs < 1 or batch_size < 1:
-        raise ValueError(
-            "Expected num_probe, num_validation, epochs and batch_size >= 1. Received: "
-            f"kernel_evolution.run.num_probe={num_probe}, num_validation={num_validation}, "
-            f"epochs={epochs}, batch_size={batch_size}")
     data = data_lib.load_dataset(dataset, num_train=num_train, num_test=num_test,
                                  data_dir=data_dir)
     if num_probe + num_validation > len(data.train.y):
@@ -446,7 +290,8 @@ def run(
               "num_test": len(data.test.y)}
     steps_per_epoch = int(np.ceil(len(data.train.y) / batch_size))
     total_steps = epochs * steps_per_epoch
-    velocity_times, _ = paired_snapshot_steps(total_steps, num_snapshots, velocity_dt)
+    velocity_times, _ = kernel_velocity.paired_snapshot_steps(total_steps, num_snapshots,
+                                                              velocity_dt)
 
     results_path = os.path.join(output_dir, "results.json")
     store = cells.CellStore(output_dir, overwrite=overwrite)
@@ -464,14 +309,11 @@ def run(
                 "probe_seed": probe_seed, "ridge_factors": list(ridge_factors),
                 "ntk_implementation": ntk_implementation}
 
+    work = {f"width{int(w)}-seed{int(s)}": (int(w), int(s)) for w in widths for s in seeds}
+    grid = grid_lib.Grid(store, [(key, run_settings(*point), key, point)
+                                 for key, point in work.items()], name="run")
     # Every stored run is checked before any work: other settings are refused here.
-    work = [(int(w), int(s)) for w in widths for s in seeds]
-    settings = {(w, s): run_settings(w, s) for w, s in work}
-    done = {}
-    for (width, seed), run_setting in settings.items():
-        record = store.get(f"width{width}-seed{seed}", run_setting)
-        if record is not None:
-            done.setdefault(str(width), {})[str(seed)] = record
+    records = grid.check()
     results = {
         "study": "kernel_evolution",
         "dataset": dataset,
@@ -501,25 +343,24 @@ def run(
         ),
     }
 
-    def write():
-        for key, per_seed in done.items():
-            if per_seed:
-                results["widths"][key] = aggregate_seeds(per_seed)
+    def write(*_):
+        done = {}
+        for key, record in records.items():
+            if record is not None:
+                width, seed = work[key]
+                done.setdefault(str(width), {})[str(seed)] = kernel_velocity.summarize(
+                    record, total_steps)
+        for width, per_seed in done.items():
+            results["widths"][width] = kernel_velocity.aggregate_seeds(per_seed)
         if results["widths"]:
             results["epochs"] = next(iter(results["widths"].values()))["epochs"]
         cells.write_json_atomic(results_path, results)
 
-    started = time.time()
-    for index, (width, seed) in enumerate(work, start=1):
-        key = str(width)
-        per_seed = done.setdefault(key, {})
-        if str(seed) in per_seed:
-            logging.info("run %d of %d (width %s, seed %d): already finished, skipped", index,
-                         len(work), key, seed)
-            continue
-        logging.info("run %d of %d (width %s, seed %d): training %d steps, %d velocity times",
-                     index, len(work), key, seed, total_steps, len(velocity_times))
-        cell = _train_width(
+    def compute(key):
+        width, seed = work[key]
+        logging.info("width %d, seed %d: training %d steps, %d velocity times", width, seed,
+                     total_steps, len(velocity_times))
+        return _train_width(
             width, model_builder=model_builders[model], model=model, depth=depth,
             data=data, num_classes=num_classes, probe_x=probe_x, probe_y=probe_y,
             layout=layout, velocity_times=velocity_times, velocity_dt=velocity_dt,
@@ -528,17 +369,15 @@ def run(
             jit_compile=jit_compile, strategy=strategy, output_dir=output_dir,
             save_kernels=save_kernels, ntk_batch_size=ntk_batch_size,
             ntk_implementation=ntk_implementation)
-        store.put(f"width{width}-seed{seed}", settings[(width, seed)], cell)
-        per_seed[str(seed)] = cell
-        write()
-        logging.info("run %d of %d done; elapsed %.0f s", index, len(work),
-                     time.time() - started)
-    # The tail fits follow the current rule, also for runs read back from results.json.
-    for key, per_seed in done.items():
-        for seed_key in per_seed:
-            per_seed[seed_key] = summarize(per_seed[seed_key], total_steps)
-    results["finished"] = all(str(s) in done.get(str(int(w)), {}) for w in widths
-                              for s in seeds)
+
+    grid.run(compute, after_each=None if store.sharded else write)
+    if store.sharded:  # The cells of every shard, or no results.json yet.
+        gathered = store.gather(grid.settings)
+        if gathered is None:
+            return None
+        records.update(gathered)
+    # The tail fits follow the current rule, also for runs read back from the store.
+    results["finished"] = all(record is not None for record in records.values())
     write()
     if write_figures and results["widths"]:
         draw_figures(results, os.path.join(output_dir, "figures"))

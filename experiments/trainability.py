@@ -23,7 +23,9 @@ paper (gin_configs/trainability/base.gin):
    ‖F* − mean F*‖_F / ‖Y* − mean Y*‖_F, and its rms relative to the NNGP
    output scale √K(x, x), against depth; the e-fold length of the spread is
    fitted over the deepest depths whose test-train kernel still varies
-   above float64 rounding (`efold_length`) and compared with ξ*.
+   above float64 rounding and compared with ξ*. The maths of parts 1 and 2
+   is in `experiments.phase_diagram`; this binary holds the grids, the cells
+   of parts 3 and 4 and the assembly of results.json.
 3. FCN vs CNN with a Flatten head (CNN-F) vs CNN with global average
    pooling (CNN-GAP), same activation, σw², σb², on the same (smaller)
    subset: NTK spectra and kernel-regression test accuracy.
@@ -48,131 +50,18 @@ import os
 import time
 
 import numpy as np
-import threadpoolctl  # Installed with scikit-learn (the [experiments] extra).
 from absl import logging
 
+from experiments import bindings
 from experiments import cells as cells_lib
-from experiments import launcher
+from experiments import grid as grid_lib
+from experiments import launcher, phase_diagram, stats
 
 ARCHITECTURES = ("fcn", "cnn_flatten", "cnn_gap")
 # Held-out examples of parts 1-2: the test split, or also the training
 # examples beyond num_train (digits has 1797 examples in all).
 HELDOUT = ("test", "test_and_unused_train")
 ACTIVATIONS = ("relu", "erf")
-_EPS = float(np.finfo(np.float64).eps)
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def _finite_or_none(value):
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def _accuracy(outputs, labels):
-    return float(np.mean(np.argmax(outputs, axis=-1) == labels))
-
-
-def heatmap_targets(labels, num_classes):
-    """Raw one-hot targets (the accuracy heatmaps, as neural-tangents' notebook).
-
-    Deep in the chaotic phase the mean predictor of these targets collapses to
-    one class for every test input: the paper's finding. (One-hot − 1/C has the
-    same argmax.)
-    """
-    return np.eye(num_classes)[np.asarray(labels)]
-
-
-def centred_targets(labels, num_classes, train_labels):
-    """One-hot targets minus the training set's mean target (the spread analysis).
-
-    Any kernel fits the constant direction, which would hide the decay of
-    the data-dependent rest; centring by the training mean (not by 1/C,
-    which is the mean only for balanced classes) removes it.
-    """
-    mean = heatmap_targets(train_labels, num_classes).mean(axis=0)
-    return heatmap_targets(labels, num_classes) - mean
-
-
-def output_spread(outputs, reference):
-    """‖F − mean F‖_F / ‖R − mean R‖_F over the rows (inputs); 0: one output for all inputs."""
-    spread = np.linalg.norm(outputs - outputs.mean(axis=0))
-    return float(spread / np.linalg.norm(reference - reference.mean(axis=0)))
-
-
-def efold_length(depths, spread, variation, *, noise=1e-12, points=4):
-    """Depth over which the spread falls by e, fitted over the deepest depths above noise.
-
-    A least-squares line through log(spread) over the `points` deepest depths
-    whose test-train kernel still varies across examples by more than
-    `noise` relative to its mean (below that, the data-dependent part of the
-    kernel is at float64 rounding). Returns (−1/slope, depths used), or
-    (None, depths) when fewer than 3 depths qualify or the spread does not fall.
-    """
-    usable = [i for i, (s, v) in enumerate(zip(spread, variation))
-              if s is not None and s > 0 and v is not None and v > noise]
-    chosen = usable[-points:]
-    used = [int(depths[i]) for i in chosen]
-    if len(chosen) < 3:
-        return None, used
-    slope = np.polyfit([depths[i] for i in chosen], np.log([spread[i] for i in chosen]), 1)[0]
-    return (float(-1.0 / slope) if slope < 0 else None), used
-
-
-def mean_field(activation, sigma_w2, sigma_b2):
-    """q*, c*, χ1, χc*, ξ1, ξ*, ξc* of one point (`keras_ntk.mean_field`; None where not finite)."""
-    from keras_ntk import mean_field as mf
-
-    args = (activation, sigma_w2, sigma_b2)
-    return {
-        "q_star": _finite_or_none(mf.q_star(*args)),
-        "c_star": _finite_or_none(mf.c_star(*args)),
-        "chi1": float(mf.chi1(*args)),
-        "chi_c_star": _finite_or_none(mf.chi_c_star(*args)),
-        "xi_1": _finite_or_none(mf.xi_1(*args)),
-        "xi_star": _finite_or_none(mf.xi_star(*args)),
-        "xi_c_star": _finite_or_none(mf.xi_c_star(*args)),
-    }
-
-
-def spectrum_summary(k_train):
-    """Eigenvalues of Θ(X, X) and its condition number with the float64 flag."""
-    eigenvalues = np.linalg.eigvalsh((k_train + k_train.T) / 2)
-    n = len(eigenvalues)
-    largest, smallest = float(eigenvalues[-1]), float(eigenvalues[0])
-    at_bound = bool(smallest <= n * _EPS * largest)
-    condition = min(largest / max(smallest, _EPS * largest), 1.0 / _EPS)
-    return eigenvalues, {
-        "condition_number": float(condition),
-        "condition_at_float64_bound": at_bound,
-        "lambda_max": largest,
-        "lambda_min": smallest,
-        # The bulk: the mean of all but the largest eigenvalue.
-        "lambda_bulk": float(np.mean(eigenvalues[:-1])) if n > 1 else largest,
-    }
-
-
-class _Cells:
-    """The study's cells in the shared store (`experiments.cells`), one record each.
-
-    A cell of part P (phase, architectures, finite_width) is stored as
-    `cells/<P>-<key>.json` with the settings of its part; a rerun with other
-    settings is refused naming them (or, with `overwrite`, recomputed).
-    """
-
-    def __init__(self, output_dir, settings, overwrite=False):
-        self.store = cells_lib.CellStore(output_dir, overwrite=overwrite)
-        self.settings = settings
-
-    def _cell(self, part, key):
-        return f"{part}-{key.replace('/', '-')}", dict(self.settings[part], part=part, cell=key)
-
-    def get(self, part, key):
-        return self.store.get(*self._cell(part, key))
-
-    def put(self, part, key, value):
-        self.store.put(*self._cell(part, key), value)
 
 
 # ---------------------------------------------------------------- 1 + 2
@@ -180,74 +69,6 @@ class _Cells:
 
 def _phase_key(activation, sigma_w2):
     return f"{activation}/sigma_w2={sigma_w2:.10g}"
-
-
-def phase_depth(k_train, k_test_train, nngp_scale, labels_train, labels_test, num_classes,
-                times, learning_rate_fraction):
-    """Everything measured at one (σw², depth): trainability, generalization, spread."""
-    from keras_ntk import predict
-
-    _, cell = spectrum_summary(k_train)
-    y_train = heatmap_targets(labels_train, num_classes)
-    yc_train = centred_targets(labels_train, num_classes, labels_train)
-    yc_test = centred_targets(labels_test, num_classes, labels_train)
-    n_outputs = y_train.size
-    # η = fraction × 2·n·O/λmax (`predict.max_learning_rate`; λmax from the spectrum).
-    rate = learning_rate_fraction * 2.0 * n_outputs / cell["lambda_max"]
-    # Raw targets (heatmaps) and centred ones (spread analysis) in one call, one
-    # eigendecomposition: the flow runs at η/(n·O), so twice the columns take 2η.
-    # The last time, t = ∞, is the mean predictor P(Θ)Y.
-    steps = np.asarray(list(times) + [np.inf], np.float64)
-    fx_train, fx_test = predict.gradient_descent_mse(
-        k_train, np.concatenate([y_train, yc_train], 1), 2 * rate, steps, k_test_train)
-    raw_train, raw_test = fx_train[..., :num_classes], fx_test[..., :num_classes]
-    centred_test = fx_test[-1, :, num_classes:]
-    cell["learning_rate"] = float(rate)
-    cell["train_loss"] = [float(np.sum((f - y_train) ** 2) / (2 * n_outputs))
-                          for f in raw_train[:-1]]
-    cell["initial_train_loss"] = float(np.sum(y_train ** 2) / (2 * n_outputs))
-    cell["gd_train_accuracy"] = [_accuracy(f, labels_train) for f in raw_train[:-1]]
-    cell["gd_test_accuracy"] = [_accuracy(f, labels_test) for f in raw_test[:-1]]
-    rms_spread = np.sqrt(np.mean((centred_test - centred_test.mean(axis=0)) ** 2))
-    cell["mean_predictor"] = {
-        "test_accuracy": _accuracy(raw_test[-1], labels_test),
-        "train_accuracy": _accuracy(raw_train[-1], labels_train),
-        "test_output_spread": output_spread(centred_test, yc_test),
-        "spread_to_nngp_scale": float(rms_spread / nngp_scale),
-        "test_accuracy_centred_targets": _accuracy(centred_test, labels_test),
-    }
-    # Relative variation of Θ(X*, X) across pairs: its data-dependent part (the
-    # spread analysis stops where this reaches float64 rounding).
-    cell["kernel_variation"] = float(np.std(k_test_train) / abs(np.mean(k_test_train)))
-    return cell
-
-
-def phase_row(activation, sigma_w2, sigma_b2, depths, x_train, x_test, labels_train,
-              labels_test, num_classes, times, learning_rate_fraction, kernel_batch_size=None):
-    """The cells of every depth at one σw²: one all-depths kernel recursion."""
-    import keras_ntk
-    from experiments import models
-
-    start = time.time()
-    model = models.ntk_fcn(x_train.shape[1:], 1, depth=max(depths), width=8,
-                           sigma_w2=sigma_w2, sigma_b2=sigma_b2, activation=activation)
-    train = keras_ntk.infinite_kernels(model, x_train, all_depths=True,
-                                       batch_size=kernel_batch_size)
-    cross = keras_ntk.infinite_kernels(model, x_test, x_train, all_depths=True,
-                                       batch_size=kernel_batch_size).ntk
-    kernel_seconds = time.time() - start
-    cells = []
-    # One BLAS thread: 256² eigendecompositions are ~20× slower with two threads on a
-    # loaded 2-core machine (measured 0.84 s against 0.036 s at load 13).
-    with threadpoolctl.threadpool_limits(1), np.errstate(under="ignore"):
-        for depth in depths:
-            # The NNGP scale: the standard deviation of one output of the random infinite
-            # network, √(mean K(x, x)) over the training inputs.
-            nngp_scale = float(np.sqrt(np.mean(np.diag(train.nngp[depth]))))
-            cells.append(phase_depth(train.ntk[depth], cross[depth], nngp_scale, labels_train,
-                                     labels_test, num_classes, times, learning_rate_fraction))
-    return {"cells": cells, "kernel_seconds": kernel_seconds,
-            "seconds": time.time() - start}
 
 
 def _phase_data(dataset, num_train, heldout, flat=True):
@@ -268,89 +89,41 @@ def _phase_data(dataset, num_train, heldout, flat=True):
     return prepared(x_train), y_train, prepared(x_test), y_test, description
 
 
-def _phase_diagrams(cells, output_dir, activations, grids, depths, sigma_b2, phase_data,
-                    num_classes, times, learning_rate_fraction, kernel_batch_size):
+def _log_scalars(output_dir, run_name, step_scalars):
+    """Writes {step: {tag: value}} to TensorBoard under output_dir/tensorboard/run_name."""
     import tensorflow as tf
 
+    with cells_lib.summary_writer(os.path.join(output_dir, "tensorboard", run_name)) as writer:
+        with writer.as_default():
+            for step, scalars in step_scalars.items():
+                for tag, value in scalars.items():
+                    tf.summary.scalar(tag, value, step=step)
+
+
+def _phase_diagrams(grid, output_dir, activations, grids, depths, sigma_b2, phase_data,
+                    num_classes, times, learning_rate_fraction, kernel_batch_size):
     x_train, labels_train, x_test, labels_test, _ = phase_data
-    progress = cells_lib.Progress(sum(len(grids[a]) for a in activations),
-                                  "phase row (σw², every depth)")
-    diagrams = []
-    for activation in activations:
-        log_dir = os.path.join(output_dir, "tensorboard", f"phase_{activation}")
-        with cells_lib.summary_writer(log_dir) as writer:
-            rows = []
-            for sigma_w2 in grids[activation]:
-                key = _phase_key(activation, sigma_w2)
-                row = cells.get("phase", key)
-                if row is not None:
-                    progress.skip(key)
-                else:
-                    row = phase_row(activation, sigma_w2, sigma_b2, depths, x_train, x_test,
-                                    labels_train, labels_test, num_classes, times,
-                                    learning_rate_fraction, kernel_batch_size)
-                    cells.put("phase", key, row)
-                    with writer.as_default():
-                        prefix = f"sigma_w2={sigma_w2:g}"
-                        for depth, cell in zip(depths, row["cells"]):
-                            tf.summary.scalar(f"{prefix}/log10_condition_number",
-                                              math.log10(cell["condition_number"]), step=depth)
-                            tf.summary.scalar(f"{prefix}/mean_predictor_test_accuracy",
-                                              cell["mean_predictor"]["test_accuracy"], step=depth)
-                    writer.flush()
-                    progress.finish(key)
-                rows.append(row)
-        diagrams.append(_assemble_diagram(activation, grids[activation], depths, sigma_b2, rows,
-                                          times, learning_rate_fraction))
-    return diagrams
+    points = grid.points  # key → (activation, σw²)
 
+    def compute(key):
+        activation, sigma_w2 = points[key]
+        return phase_diagram.phase_row(activation, sigma_w2, sigma_b2, depths, x_train, x_test,
+                                       labels_train, labels_test, num_classes, times,
+                                       learning_rate_fraction, kernel_batch_size)
 
-def _assemble_diagram(activation, grid, depths, sigma_b2, rows, times, learning_rate_fraction):
-    from keras_ntk import mean_field as mf
+    def log(key, row):
+        activation, sigma_w2 = points[key]
+        prefix = f"sigma_w2={sigma_w2:g}"
+        _log_scalars(output_dir, f"phase_{activation}", {depth: {
+            f"{prefix}/log10_condition_number": math.log10(cell["condition_number"]),
+            f"{prefix}/mean_predictor_test_accuracy": cell["mean_predictor"]["test_accuracy"],
+        } for depth, cell in zip(depths, row["cells"])})
 
-    def per(get):
-        return [[get(cell) for cell in row["cells"]] for row in rows]
-
-    fields = [mean_field(activation, s, sigma_b2) for s in grid]
-    spread = per(lambda c: c["mean_predictor"]["test_output_spread"])
-    variation = per(lambda c: c["kernel_variation"])
-    fits = [efold_length(depths, s, v) for s, v in zip(spread, variation)]
-    return {
-        "activation": activation,
-        "sigma_b2": float(sigma_b2),
-        "sigma_w2": [float(s) for s in grid],
-        "depth": [int(d) for d in depths],
-        "condition_number": per(lambda c: c["condition_number"]),
-        "condition_at_float64_bound": per(lambda c: c["condition_at_float64_bound"]),
-        "float64_bound": 1.0 / _EPS,
-        **{name: [f[name] for f in fields] for name in
-           ("chi1", "chi_c_star", "q_star", "c_star", "xi_1", "xi_star", "xi_c_star")},
-        "critical_sigma_w2": mf.critical_sigma_w2(activation, sigma_b2),
-        "lambda_max": per(lambda c: c["lambda_max"]),
-        "lambda_min": per(lambda c: c["lambda_min"]),
-        "kernel_variation": variation,
-        "kernel_seconds": [row["kernel_seconds"] for row in rows],
-        "gd_mse": {
-            "times": [float(t) for t in times],
-            "dynamics": "gradient flow (continuous time), closed form",
-            "learning_rate_fraction": float(learning_rate_fraction),
-            "learning_rate": per(lambda c: c["learning_rate"]),
-            "train_loss": per(lambda c: c["train_loss"]),
-            "initial_train_loss": per(lambda c: c["initial_train_loss"]),
-            "train_accuracy": per(lambda c: c["gd_train_accuracy"]),
-            "test_accuracy": per(lambda c: c["gd_test_accuracy"]),
-        },
-        "mean_predictor": {
-            "targets": "test_accuracy, train_accuracy: raw one-hot; the rest: one-hot minus "
-                       "the training mean",
-            **{name: per(lambda c, name=name: c["mean_predictor"][name])
-               for name in ("test_accuracy", "train_accuracy", "test_output_spread",
-                            "spread_to_nngp_scale", "test_accuracy_centred_targets")},
-            "spread_efold_length": [fit for fit, _ in fits],
-            "spread_efold_depths": [used for _, used in fits],
-        },
-    }
-
+    records = grid.run(compute, after_each=log)
+    return [phase_diagram.assemble_diagram(
+        activation, grids[activation], depths, sigma_b2,
+        [records[key] for key in points if points[key][0] == activation], times,
+        learning_rate_fraction) for activation in activations]
 
 # ---------------------------------------------------------------- 3
 
@@ -380,9 +153,9 @@ def architecture_cell(name, depth, activation, sigma_w2, sigma_b2, split, kernel
     k_test_train = keras_ntk.infinite_kernels(model, x_test, x_train,
                                               batch_size=kernel_batch_size).ntk
     seconds = time.time() - start
-    eigenvalues, cell = spectrum_summary(k_train)
+    eigenvalues, cell = phase_diagram.spectrum_summary(k_train)
     num_classes = int(max(labels_train.max(), labels_test.max())) + 1
-    y_train = heatmap_targets(labels_train, num_classes)
+    y_train = phase_diagram.heatmap_targets(labels_train, num_classes)
     scaled_ridge = ridge * float(np.trace(k_train)) / len(k_train)
     fx_test = predict.kernel_regression(k_train, k_test_train, y_train, scaled_ridge)
     correct = np.argmax(fx_test, axis=-1) == labels_test
@@ -395,74 +168,33 @@ def architecture_cell(name, depth, activation, sigma_w2, sigma_b2, split, kernel
     return cell
 
 
-def paired_architecture_tests(architectures, alpha=0.05, power=0.8):
-    """Exact McNemar test per depth for every pair of architectures, with its power.
-
-    `detectable_difference`: the accuracy difference the test detects with
-    probability `power` at level `alpha`, given the number of test examples
-    and the observed rate of disagreement (normal approximation,
-    `experiments.stats.mcnemar_detectable_difference`).
-    """
-    from experiments import stats
-
-    names = list(architectures)
-    tests = []
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            for k, depth in enumerate(architectures[a]["depth"]):
-                result = stats.mcnemar_exact(architectures[a]["test_correct"][k],
-                                             architectures[b]["test_correct"][k])
-                discordance = (result.a_only + result.b_only) / result.n
-                tests.append({
-                    "a": a, "b": b, "depth": int(depth), "n": int(result.n),
-                    "accuracy_difference": float(result.difference),
-                    "a_only_correct": int(result.a_only), "b_only_correct": int(result.b_only),
-                    "p_value": float(result.p_value),
-                    # None: no difference detectable (the two never disagree).
-                    "detectable_difference": _finite_or_none(
-                        stats.mcnemar_detectable_difference(result.n, discordance,
-                                                            alpha=alpha, power=power)),
-                    "alpha": alpha, "power": power,
-                })
-    return tests
-
-
-def _architectures(cells, output_dir, names, depths, activation, sigma_w2, sigma_b2, split,
+def _architectures(grid, output_dir, names, depths, activation, sigma_w2, sigma_b2, split,
                    kernel_size, ridge, kernel_batch_size):
-    import tensorflow as tf
+    points = grid.points  # key → (architecture, depth)
 
-    progress = cells_lib.Progress(len(names) * len(depths), "architecture cell")
-    log_dir = os.path.join(output_dir, "tensorboard", "architectures")
-    with cells_lib.summary_writer(log_dir) as writer:
-        out = {}
-        for name in names:
-            by_depth = []
-            for depth in depths:
-                key = f"{name}/depth={depth}"
-                cell = cells.get("architectures", key)
-                if cell is not None:
-                    progress.skip(key)
-                else:
-                    cell = architecture_cell(name, depth, activation, sigma_w2, sigma_b2, split,
-                                             kernel_size, ridge, kernel_batch_size)
-                    cells.put("architectures", key, cell)
-                    with writer.as_default():
-                        tf.summary.scalar(f"{name}/test_accuracy", cell["test_accuracy"],
-                                          step=depth)
-                        tf.summary.scalar(f"{name}/log10_condition_number",
-                                          math.log10(cell["condition_number"]), step=depth)
-                    writer.flush()
-                    progress.finish(key)
-                by_depth.append(cell)
-            out[name] = {
-                # The contract's number: the deepest of `architecture_depths`.
-                "test_accuracy": by_depth[-1]["test_accuracy"],
-                "depth": [int(d) for d in depths],
-                **{f"{key}_by_depth" if key == "test_accuracy" else key:
-                   [c[key] for c in by_depth]
-                   for key in ("test_accuracy", "test_correct", "condition_number",
-                               "condition_at_float64_bound", "eigenvalues", "kernel_seconds")},
-            }
+    def compute(key):
+        return architecture_cell(*points[key], activation, sigma_w2, sigma_b2, split,
+                                 kernel_size, ridge, kernel_batch_size)
+
+    def log(key, cell):
+        name, depth = points[key]
+        _log_scalars(output_dir, "architectures", {depth: {
+            f"{name}/test_accuracy": cell["test_accuracy"],
+            f"{name}/log10_condition_number": math.log10(cell["condition_number"])}})
+
+    records = grid.run(compute, after_each=log)
+    out = {}
+    for name in names:
+        by_depth = [records[key] for key in points if points[key][0] == name]
+        out[name] = {
+            # The contract's number: the deepest of `architecture_depths`.
+            "test_accuracy": by_depth[-1]["test_accuracy"],
+            "depth": [int(d) for d in depths],
+            **{f"{key}_by_depth" if key == "test_accuracy" else key:
+               [c[key] for c in by_depth]
+               for key in ("test_accuracy", "test_correct", "condition_number",
+                           "condition_at_float64_bound", "eigenvalues", "kernel_seconds")},
+        }
     return out
 
 
@@ -497,7 +229,7 @@ def _train_finite(width, seed, depth, activation, sigma_w2, sigma_b2, x_train, y
     return ft_test, f0_test, float(np.mean((ft_train - targets) ** 2))
 
 
-def _finite_width(cells, output_dir, dataset, widths, seeds, depth, activation, sigma_w2,
+def _finite_width(grid, output_dir, dataset, widths, seeds, depth, activation, sigma_w2,
                   sigma_b2, num_train, steps, learning_rate_fraction, strategy):
     import keras_ntk
     from experiments import models
@@ -508,7 +240,7 @@ def _finite_width(cells, output_dir, dataset, widths, seeds, depth, activation, 
     x_test, labels_test = dataset.test.x, dataset.test.y
     num_classes = int(max(dataset.train.y.max(), dataset.test.y.max())) + 1
     # One-hot − 1/C (as the session-1 runs of this part).
-    y_train = heatmap_targets(labels_train, num_classes) - 1.0 / num_classes
+    y_train = phase_diagram.heatmap_targets(labels_train, num_classes) - 1.0 / num_classes
     model = models.ntk_fcn(x_train.shape[1:], 1, depth=depth, width=8, sigma_w2=sigma_w2,
                            sigma_b2=sigma_b2, activation=activation)
     x_all = np.concatenate([x_train, x_test]).astype(np.float64)
@@ -522,27 +254,22 @@ def _finite_width(cells, output_dir, dataset, widths, seeds, depth, activation, 
     def error(outputs):
         return float(np.linalg.norm(outputs - infinite_test) / scale)
 
-    progress = cells_lib.Progress(len(widths) * len(seeds), "finite-width run")
+    points = grid.points  # key → (width, seed)
+
+    def compute(key):
+        width, seed = points[key]
+        ft, f0, loss = _train_finite(
+            width, seed, depth, activation, sigma_w2, sigma_b2, x_train, y_train, x_test, rate,
+            steps, strategy,
+            os.path.join(output_dir, "tensorboard", "finite_width", f"w{width}_s{seed}"))
+        return {"centred_test": (ft - f0).tolist(), "raw_test": ft.tolist(), "final_loss": loss}
+
+    records = grid.run(compute)
     per_width = []
     for width in widths:
-        centred, raw, runs = [], [], []
-        for seed in seeds:
-            key = f"width={width}/seed={seed}"
-            run = cells.get("finite_width", key)
-            if run is not None:
-                progress.skip(key)
-            else:
-                ft, f0, loss = _train_finite(
-                    width, seed, depth, activation, sigma_w2, sigma_b2, x_train, y_train,
-                    x_test, rate, steps, strategy,
-                    os.path.join(output_dir, "tensorboard", "finite_width", f"w{width}_s{seed}"))
-                run = {"centred_test": (ft - f0).tolist(), "raw_test": ft.tolist(),
-                       "final_loss": loss}
-                cells.put("finite_width", key, run)
-                progress.finish(key)
-            centred.append(np.asarray(run["centred_test"]))
-            raw.append(np.asarray(run["raw_test"]))
-            runs.append(run)
+        runs = [records[key] for key in points if points[key][0] == width]
+        centred = [np.asarray(run["centred_test"]) for run in runs]
+        raw = [np.asarray(run["raw_test"]) for run in runs]
         per_width.append({
             "width": int(width),
             "centred_relative_error": [error(c) for c in centred],
@@ -550,8 +277,9 @@ def _finite_width(cells, output_dir, dataset, widths, seeds, depth, activation, 
             "ensemble_centred_relative_error": error(np.mean(centred, axis=0)),
             "ensemble_raw_relative_error": error(np.mean(raw, axis=0)),
             "single_raw_relative_error_mean": float(np.mean([error(r) for r in raw])),
-            "centred_test_accuracy": [_accuracy(c, labels_test) for c in centred],
-            "ensemble_centred_test_accuracy": _accuracy(np.mean(centred, axis=0), labels_test),
+            "centred_test_accuracy": [phase_diagram.accuracy(c, labels_test) for c in centred],
+            "ensemble_centred_test_accuracy": phase_diagram.accuracy(np.mean(centred, axis=0),
+                                                                     labels_test),
             "final_train_loss": [r["final_loss"] for r in runs],
         })
     return {
@@ -559,7 +287,7 @@ def _finite_width(cells, output_dir, dataset, widths, seeds, depth, activation, 
         "sigma_b2": float(sigma_b2), "num_train": int(num_train), "steps": int(steps),
         "learning_rate": float(rate), "learning_rate_fraction": float(learning_rate_fraction),
         "seeds": [int(s) for s in seeds],
-        "infinite_test_accuracy": _accuracy(infinite_test, labels_test),
+        "infinite_test_accuracy": phase_diagram.accuracy(infinite_test, labels_test),
         "comparison": "relative Frobenius error ‖f − μ_T‖/‖μ_T‖ on test inputs, μ_T the "
                       "infinite mean predictor after T steps",
         "widths": per_width,
@@ -569,73 +297,47 @@ def _finite_width(cells, output_dir, dataset, widths, seeds, depth, activation, 
 # ---------------------------------------------------------------- run
 
 
-def _validate_sizes(**sizes):
-    """Positive sizes (None: all) and non-negative variances, named by their gin binding."""
-    optional = ("num_train", "num_test", "architecture_num_test")
-    for name in ("num_train", "num_test", "architecture_num_train", "architecture_num_test",
-                 "finite_num_train", "finite_steps", "conv_kernel_size"):
-        value = sizes[name]
-        if value is None and name in optional:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"Expected trainability.run.{name} to be a positive int"
-                             f"{' or None' if name in optional else ''}. "
-                             f"Received: {name}={value!r}")
-    for name in ("architecture_depths", "finite_widths"):
-        values = sizes[name]
-        if any(isinstance(v, bool) or not isinstance(v, int) or v < (1 if name ==
-               "finite_widths" else 0) for v in values):
-            raise ValueError(f"Expected trainability.run.{name} to be a list of "
-                             f"{'positive' if name == 'finite_widths' else 'non-negative'} "
-                             f"ints. Received: {name}={values!r}")
-    if isinstance(sizes["finite_depth"], bool) or not isinstance(sizes["finite_depth"], int) or (
-            sizes["finite_depth"] < 0):
-        raise ValueError("Expected trainability.run.finite_depth to be an int ≥ 0. "
-                         f"Received: finite_depth={sizes['finite_depth']!r}")
-    for name in ("sigma_b2", "ridge"):
-        if not (isinstance(sizes[name], (int, float)) and math.isfinite(sizes[name])
-                and sizes[name] >= 0):
-            raise ValueError(f"Expected trainability.run.{name} to be a finite float ≥ 0. "
-                             f"Received: {name}={sizes[name]!r}")
+_BINDINGS = bindings.Bindings("trainability")
 
 
 def _validate(dataset, activations, grids, depths, architectures, times, learning_rate_fraction,
-              finite_learning_rate_fraction, heldout):
+              finite_learning_rate_fraction, heldout, **numbers):
+    """Refuses unknown names and impossible numbers before any work, naming the binding."""
     from experiments import data as data_lib
 
-    if dataset not in data_lib.KNOWN_DATASETS:
-        raise ValueError(f"Unknown dataset. Known datasets: {', '.join(data_lib.KNOWN_DATASETS)}. "
-                         f"Received: dataset={dataset!r}")
-    bad = [a for a in activations if a not in ACTIVATIONS]
-    if bad:
-        raise ValueError(f"Expected activations among {ACTIVATIONS}. "
-                         f"Received: activations={list(activations)!r}")
+    _BINDINGS.known("dataset", dataset, data_lib.KNOWN_DATASETS, "dataset")
+    _BINDINGS.known("activations", activations, ACTIVATIONS, "activation")
     for activation in activations:
-        if not grids[activation] or any(s <= 0 for s in grids[activation]):
-            raise ValueError(f"Expected a non-empty list of positive σw² for {activation}. "
-                             f"Received: {activation}_sigma_w2={list(grids[activation])!r}")
+        _BINDINGS.check(**{f"{activation}_sigma_w2": (grids[activation], _POSITIVE_NUMBERS)})
     if "relu" in activations and any(s > 2.0 for s in grids["relu"]):
         raise ValueError("ReLU has no chaotic phase (q* is infinite for σw² > 2): keep "
                          f"relu_sigma_w2 ≤ 2. Received: relu_sigma_w2={list(grids['relu'])!r}")
-    if not depths or any(int(d) < 0 for d in depths) or list(depths) != sorted(set(depths)):
-        raise ValueError("Expected increasing depths ≥ 0 (trainability.run.depths). "
-                         f"Received: depths={list(depths)!r}")
-    if heldout not in HELDOUT:
-        raise ValueError(f"Expected trainability.run.heldout among {HELDOUT}. "
-                         f"Received: heldout={heldout!r}")
-    bad = [a for a in architectures if a not in ARCHITECTURES]
-    if bad:
-        raise ValueError(f"Expected architectures among {ARCHITECTURES}. "
-                         f"Received: architectures={list(architectures)!r}")
-    if any(t < 0 for t in times):
-        raise ValueError(f"Expected times ≥ 0. Received: times={list(times)!r}")
-    if not 0 < learning_rate_fraction <= 1:
-        raise ValueError("Expected 0 < trainability.run.learning_rate_fraction ≤ 1 (η/η_max of "
-                         f"gradient flow). Received: learning_rate_fraction={learning_rate_fraction}")
-    if not 0 < finite_learning_rate_fraction < 1:
-        raise ValueError("Expected 0 < trainability.run.finite_learning_rate_fraction < 1 "
-                         "(discrete steps diverge at η_max). "
-                         f"Received: finite_learning_rate_fraction={finite_learning_rate_fraction}")
+    _BINDINGS.check(depths=(depths, _INCREASING_DEPTHS), times=(times, _NON_NEGATIVE_NUMBERS),
+                    learning_rate_fraction=(learning_rate_fraction, _AT_MOST_ONE),
+                    finite_learning_rate_fraction=(finite_learning_rate_fraction, _BELOW_ONE))
+    _BINDINGS.known("heldout", heldout, HELDOUT, "heldout")
+    _BINDINGS.known("architectures", architectures, ARCHITECTURES, "architecture")
+    kinds = dict(num_train=bindings.OPTIONAL_POSITIVE_INT, num_test=bindings.OPTIONAL_POSITIVE_INT,
+                 architecture_num_train=bindings.POSITIVE_INT,
+                 architecture_num_test=bindings.OPTIONAL_POSITIVE_INT,
+                 finite_num_train=bindings.POSITIVE_INT, finite_steps=bindings.POSITIVE_INT,
+                 conv_kernel_size=bindings.POSITIVE_INT, finite_depth=bindings.NON_NEGATIVE_INT,
+                 architecture_depths=bindings.NON_NEGATIVE_INTS,
+                 finite_widths=bindings.POSITIVE_INTS, sigma_b2=bindings.FINITE_NON_NEGATIVE,
+                 ridge=bindings.FINITE_NON_NEGATIVE)
+    _BINDINGS.check(**{name: (value, kinds[name]) for name, value in numbers.items()})
+
+
+_POSITIVE_NUMBERS = ("a non-empty list of numbers > 0",
+                     lambda v: len(v) > 0 and all(bindings.POSITIVE_NUMBER[1](s) for s in v))
+_NON_NEGATIVE_NUMBERS = ("a list of numbers >= 0",
+                         lambda v: all(bindings.FINITE_NON_NEGATIVE[1](s) for s in v))
+_INCREASING_DEPTHS = ("increasing ints >= 0", lambda v: len(v) > 0 and all(
+    d >= 0 for d in v) and list(v) == sorted(set(v)))
+_AT_MOST_ONE = ("in (0, 1] (η/η_max of gradient flow)",
+                lambda v: bindings.POSITIVE_NUMBER[1](v) and v <= 1)
+_BELOW_ONE = ("in (0, 1) (discrete steps diverge at η_max)",
+              lambda v: bindings.POSITIVE_NUMBER[1](v) and v < 1)
 
 
 def run(
@@ -725,14 +427,12 @@ def run(
     depths = [int(d) for d in depths]
     times = [float(t) for t in times]
     _validate(dataset, activations, grids, depths, architectures, times, learning_rate_fraction,
-              finite_learning_rate_fraction, heldout)
-    _validate_sizes(num_train=num_train, num_test=num_test,
-                    architecture_num_train=architecture_num_train,
-                    architecture_num_test=architecture_num_test,
-                    finite_num_train=finite_num_train, finite_steps=finite_steps,
-                    finite_depth=finite_depth, conv_kernel_size=conv_kernel_size,
-                    architecture_depths=list(architecture_depths),
-                    finite_widths=list(finite_widths), sigma_b2=sigma_b2, ridge=ridge)
+              finite_learning_rate_fraction, heldout, num_train=num_train, num_test=num_test,
+              architecture_num_train=architecture_num_train,
+              architecture_num_test=architecture_num_test, finite_num_train=finite_num_train,
+              finite_steps=finite_steps, finite_depth=finite_depth,
+              conv_kernel_size=conv_kernel_size, architecture_depths=list(architecture_depths),
+              finite_widths=list(finite_widths), sigma_b2=sigma_b2, ridge=ridge)
     # Data first: sizes the dataset cannot provide are refused before any cell is written.
     data = data_lib.load_dataset(
         dataset, num_train=None if heldout == "test_and_unused_train" else num_train,
@@ -756,14 +456,34 @@ def run(
         "architectures": dict(common, activation=architecture_activation,
                               sigma_w2=float(architecture_sigma_w2),
                               num_train=architecture_num_train, num_test=architecture_num_test,
-                              heldout=heldout, conv_kernel_size=conv_kernel_size, ridge=float(ridge)),
+                              heldout=heldout, conv_kernel_size=conv_kernel_size,
+                              ridge=float(ridge)),
         "finite_width": dict(common, num_test=num_test,
                              depth=finite_depth, activation=finite_activation,
                              sigma_w2=float(finite_sigma_w2), finite_num_train=finite_num_train,
                              steps=finite_steps,
                              learning_rate_fraction=float(finite_learning_rate_fraction)),
     }
-    cells = _Cells(output_dir, settings, overwrite)
+    store = cells_lib.CellStore(output_dir, overwrite=overwrite)
+
+    def part_grid(part, points, label, name):
+        """The grid of one part: a cell `<part>-<label>` per point, with the part's settings."""
+        return grid_lib.Grid(store, [
+            (f"{part}-{label(*p).replace('/', '-')}", dict(settings[part], part=part,
+                                                           cell=label(*p)), label(*p), p)
+            for p in points], name)
+
+    architecture_depths = [int(d) for d in architecture_depths]
+    finite_widths, finite_seeds = [int(w) for w in finite_widths], [int(s) for s in finite_seeds]
+    phase_grid = part_grid("phase", [(a, s) for a in activations for s in grids[a]],
+                           _phase_key, "phase row (σw², every depth)")
+    architecture_grid = part_grid(
+        "architectures", [(n, d) for n in architectures for d in architecture_depths],
+        lambda n, d: f"{n}/depth={d}", "architecture cell")
+    finite_grid = part_grid("finite_width", [(w, s) for w in finite_widths for s in finite_seeds],
+                            lambda w, s: f"width={w}/seed={s}", "finite-width run")
+    # Every stored cell of every part is checked before any work: other settings refused here.
+    grid_lib.check_all(phase_grid, architecture_grid, finite_grid)
     start = time.time()
     results = {"study": "trainability", "dataset": dataset, "sigma_b2": float(sigma_b2),
                "targets": "heatmaps: raw one-hot (accuracy of the argmax); spread analysis: "
@@ -775,7 +495,7 @@ def run(
     results["examples"] = phase_data[4]
     logging.info("Part 1-2: FCN phase diagrams on %d train / %d held-out inputs (%s)",
                  results["num_train"], results["num_test"], phase_data[4])
-    diagrams = _phase_diagrams(cells, output_dir, activations, grids, depths, sigma_b2,
+    diagrams = _phase_diagrams(phase_grid, output_dir, activations, grids, depths, sigma_b2,
                                phase_data, num_classes, times, learning_rate_fraction,
                                kernel_batch_size)
     results["phase_diagram"] = diagrams
@@ -797,10 +517,12 @@ def run(
         logging.info("Part 3: architectures %s on %d train / %d test inputs", architectures,
                      len(split[1]), len(split[3]))
         results["architectures"] = _architectures(
-            cells, output_dir, architectures, [int(d) for d in architecture_depths],
+            architecture_grid, output_dir, architectures, architecture_depths,
             architecture_activation, architecture_sigma_w2, sigma_b2, split, conv_kernel_size,
             ridge, kernel_batch_size)
-        results["architecture_tests"] = paired_architecture_tests(results["architectures"])
+        results["architecture_tests"] = stats.pairwise_mcnemar(
+            {name: a["test_correct"] for name, a in results["architectures"].items()},
+            architecture_depths)
         results["architecture_setup"] = {
             "activation": architecture_activation, "sigma_w2": float(architecture_sigma_w2),
             "sigma_b2": float(sigma_b2), "num_train": len(split[1]),
@@ -814,11 +536,11 @@ def run(
         cells_lib.write_json_atomic(results_path, results)
 
     if finite_widths:
-        logging.info("Part 4: finite widths %s, seeds %s", list(finite_widths), list(finite_seeds))
+        logging.info("Part 4: finite widths %s, seeds %s", finite_widths, finite_seeds)
         results["finite_width"] = _finite_width(
-            cells, output_dir, data, [int(w) for w in finite_widths],
-            [int(s) for s in finite_seeds], finite_depth, finite_activation, finite_sigma_w2,
-            sigma_b2, min(finite_num_train, len(data.train.y)), int(finite_steps),
+            finite_grid, output_dir, data, finite_widths, finite_seeds, finite_depth,
+            finite_activation, finite_sigma_w2, sigma_b2,
+            min(finite_num_train, len(data.train.y)), int(finite_steps),
             finite_learning_rate_fraction, strategy)
     results["seconds_this_run"] = time.time() - start
     cells_lib.write_json_atomic(results_path, results)

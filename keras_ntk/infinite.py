@@ -42,20 +42,27 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from keras_ntk import _validation
+from keras_ntk import _distribute, _validation
 from keras_ntk._batching import block_ranges
-from keras_ntk._kernel_plan import _architecture
+from keras_ntk._kernel_plan import _architecture, unsupported_layers
 from keras_ntk._kernel_recursion import _compiled
+from keras_ntk.monte_carlo import clone_sampler, monte_carlo_kernels
 
-InfiniteKernels = collections.namedtuple("InfiniteKernels", ["nngp", "ntk"])
-InfiniteKernels.__doc__ = """The infinite-width kernels of a model.
+class InfiniteKernels(collections.namedtuple("InfiniteKernels", ["nngp", "ntk"])):
+    """The infinite-width kernels of a model.
 
-Attributes:
-    nngp: numpy array (N1, N2), the NNGP kernel K(x1, x2): the covariance of
-        the outputs of the randomly initialized infinite network.
-    ntk: numpy array (N1, N2), the NTK Θ(x1, x2) (per output, the kernel is
-        the identity across the output units).
-"""
+    Attributes:
+        nngp: numpy array (N1, N2), the NNGP kernel K(x1, x2): the covariance of
+            the outputs of the randomly initialized infinite network.
+        ntk: numpy array (N1, N2), the NTK Θ(x1, x2) (per output, the kernel is
+            the identity across the output units).
+        monte_carlo_layers: names of the layers without a closed form that made
+            the kernels a Monte-Carlo estimate (`fallback="monte_carlo"`); () if exact.
+        nngp_stderr, ntk_stderr: standard errors of a Monte-Carlo estimate (else None).
+    """
+
+    monte_carlo_layers = ()
+    nngp_stderr = ntk_stderr = None
 
 # Default working memory of one block of pairs (bytes).
 _DEFAULT_MEMORY_BUDGET = 1 << 30
@@ -68,6 +75,10 @@ _LIVE_ARRAYS = 12
 # the loaded 2-core machine) is worth it: XLA saved ~1e-7 s per number on GAP
 # and ~2e-7 s on Flatten kernels (3× faster once compiled).
 _XLA_MIN_ENTRIES = 1 << 26
+# Smaller calls (numbers in the kernels of all pairs, as `_spatial_entries`)
+# run op by op: tracing the recursion into a graph takes 1-10 s, which is all
+# of a small call's time (a 5-image residual CNN: 0.2 s instead of 4 s).
+_EAGER_MAX_ENTRIES = 1 << 22
 # Bytes of one block's kernel on the XLA path (automatic batch_size).
 _XLA_BLOCK_BYTES = 2 << 20
 # Threads running compiled blocks side by side (at most the CPU count).
@@ -129,7 +140,8 @@ def _pad_examples(x, block):
 
 
 def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
-                     memory_budget=None, jit_compile=None, all_depths=False):
+                     memory_budget=None, jit_compile=None, all_depths=False, fallback=None,
+                     n_samples=64, seed=0):
     """Infinite-width NNGP and NTK of a model's architecture.
 
     The model is read as an architecture only (its widths and weights are
@@ -174,6 +186,17 @@ def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
             (`experiments.models.ntk_fcn(depth=D)`), index d is the kernel of
             the same network with d hidden layers (d = 0..D): a whole depth
             sweep for the cost of the deepest network.
+        fallback: None (layers without a closed form raise a ValueError) or
+            "monte_carlo": if any layer has no closed form (MaxPooling,
+            attention, ...), the whole kernel is estimated by
+            `keras_ntk.monte_carlo_kernels` over `n_samples` re-initialized
+            copies of the model (`keras.models.clone_model`) at the model's
+            own widths (build it wide: the estimate is that width's expected
+            kernel), seeds `seed + i`, in inference mode; the result names
+            those layers in `.monte_carlo_layers` and carries
+            `.nngp_stderr`, `.ntk_stderr`. A model whose outputs couple the
+            examples of a batch is refused.
+        n_samples, seed: of the Monte-Carlo fallback.
 
     Returns:
         `InfiniteKernels(nngp, ntk)`, two numpy arrays of shape (N1, N2);
@@ -207,6 +230,25 @@ def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
             "Expected x1 and x2 with the same example shape. "
             f"Received: x1.shape={x1.shape}, x2.shape={x2.shape}"
         )
+    if fallback not in (None, "monte_carlo"):
+        raise ValueError(
+            f"Expected `fallback` None or 'monte_carlo'. Received: fallback={fallback!r}")
+    if fallback == "monte_carlo":
+        # Layers without a closed form make the whole kernel a Monte-Carlo estimate
+        # over re-initialized copies of the model at its own widths.
+        missing = tuple(error.layer.name for error in unsupported_layers(model))
+        if missing:
+            if all_depths:
+                raise ValueError(
+                    "Expected `all_depths=False` with a Monte-Carlo fallback (it estimates the "
+                    f"output's kernels only). Received: monte_carlo_layers={missing}")
+            mc = monte_carlo_kernels(clone_sampler(model), x1, None if same else x2,
+                                     n_samples=n_samples, seed=seed, batch_size=batch_size,
+                                     memory_budget=memory_budget, dtype="float64")
+            result = InfiniteKernels(mc.nngp.astype(np_dtype), mc.ntk.astype(np_dtype))
+            result.monte_carlo_layers = missing
+            result.nngp_stderr, result.ntk_stderr = mc.nngp_stderr, mc.ntk_stderr
+            return result
     steps = _architecture(model, x1.shape[1:])
     if not isinstance(all_depths, bool):
         raise TypeError(f"Expected `all_depths` to be True or False. Received: all_depths={all_depths!r}")
@@ -215,8 +257,8 @@ def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
         raise ValueError("`all_depths=True` returns the kernels after each NTKDense layer on "
                          f"flat inputs, and the model has none. Received: model={model.name!r}")
     n1, n2 = len(x1), len(x2)
+    pairs = n1 * (n1 + 1) // 2 if same else n1 * n2
     if jit_compile is None:
-        pairs = n1 * (n1 + 1) // 2 if same else n1 * n2
         jit_compile = _spatial_entries(steps, pairs) > _XLA_MIN_ENTRIES
     elif not isinstance(jit_compile, bool):
         raise TypeError(
@@ -244,6 +286,8 @@ def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
     compiled = _compiled(steps)
     if jit_compile:
         compiled = compiled.xla()
+    elif _spatial_entries(steps, n1 * n2) + n1 * n2 <= _EAGER_MAX_ENTRIES:
+        compiled = compiled.eager()
     # Every block has the same shape (inputs padded with zero examples, whose
     # rows and columns are dropped) so that XLA compiles the block once; the
     # block side is evened out over the blocks to keep the padding small.
@@ -286,6 +330,7 @@ def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
             nngp[..., c0:c1, r0:r1] = np.swapaxes(nngp[..., r0:r1, c0:c1], -1, -2)
             ntk[..., c0:c1, r0:r1] = np.swapaxes(ntk[..., r0:r1, c0:c1], -1, -2)
 
+    blocks = _distribute.worker_share(blocks)  # All unless several workers are in scope.
     if jit_compile and len(blocks) > 1:
         # A compiled cache-sized block keeps about 1.4 cores busy: run blocks
         # side by side (disjoint slices of the results; TensorFlow releases
@@ -297,6 +342,7 @@ def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
     else:
         for block in blocks:
             compute(block)
+    nngp, ntk = _distribute.sum_over_workers(nngp, ntk)
     if same:
         # The diagonal from the self recursion (exact c = 1; see _self_recursion).
         index = np.arange(len(x1))
