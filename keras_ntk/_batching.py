@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_ntk import _distribute
 from keras_ntk._output_axes import swap_pairs
 
 # Compiled block functions, per model and options, so that repeated calls
@@ -171,6 +172,8 @@ def run_tasks(tasks, verbose):
     """Runs [(fn, args, on_done)] blocks, spread over replicas under a strategy."""
     progbar = keras.utils.Progbar(len(tasks), unit_name="block") if verbose else None
     strategy = _strategy()
+    if strategy is not None and _distribute.multi_worker_strategy() is strategy:
+        return _distribute.run_tasks_on_workers(strategy, tasks, progbar)  # W workers
     step = strategy.num_replicas_in_sync if strategy is not None else 1
     done = 0
     for start in range(0, len(tasks), step):

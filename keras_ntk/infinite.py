@@ -42,7 +42,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from keras_ntk import _validation
+from keras_ntk import _distribute, _validation
 from keras_ntk._batching import block_ranges
 from keras_ntk._kernel_plan import _architecture
 from keras_ntk._kernel_recursion import _compiled
@@ -300,6 +300,7 @@ def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
             nngp[..., c0:c1, r0:r1] = np.swapaxes(nngp[..., r0:r1, c0:c1], -1, -2)
             ntk[..., c0:c1, r0:r1] = np.swapaxes(ntk[..., r0:r1, c0:c1], -1, -2)
 
+    blocks = _distribute.worker_share(blocks)  # All unless several workers are in scope.
     if jit_compile and len(blocks) > 1:
         # A compiled cache-sized block keeps about 1.4 cores busy: run blocks
         # side by side (disjoint slices of the results; TensorFlow releases
@@ -311,6 +312,7 @@ def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
     else:
         for block in blocks:
             compute(block)
+    nngp, ntk = _distribute.sum_over_workers(nngp, ntk)
     if same:
         # The diagonal from the self recursion (exact c = 1; see _self_recursion).
         index = np.arange(len(x1))
