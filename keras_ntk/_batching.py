@@ -65,16 +65,70 @@ def block_ranges(n, b):
     return [(i, min(i + b, n)) for i in range(0, n, b)]
 
 
-def kernel_tasks(block_function, results, out_axes, x1, x2, n1, n2, block):
+# ----------------------------------------------------------------- fixed block shapes
+#
+# A compiled block function is traced (and compiled by XLA) once per input
+# shape, which costs 10-100x a warm call. Blocks are therefore padded to a
+# few fixed sizes, the ladder 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, ... (2^k and
+# 3·2^(k-1)): every call whose sizes fall on the same rungs reuses the same
+# compiled functions. Padding repeats the block's last example (a valid
+# input for any model, unlike zeros for e.g. a log or an Embedding); the
+# padded rows and columns are discarded. Exact because examples are
+# independent in inference mode (training-mode BatchNorm couples them: those
+# blocks are never padded).
+
+
+def ladder_sizes(top):
+    """The ladder 1, 2, 3, 4, 6, 8, 12, ... from `bucket(top)` down to 1, largest first."""
+    sizes, b = [], 1
+    while True:
+        for c in (b, 3 * b // 2) if b >= 2 else (b,):
+            sizes.append(c)
+            if c >= top:
+                return sorted(set(sizes), reverse=True)
+        b *= 2
+
+
+def bucket(n):
+    """The smallest ladder size ≥ n (n itself on the ladder: 8, 12, 16, 24, ...)."""
+    return ladder_sizes(n)[0]
+
+
+def padded_size(n, block):
+    """The fixed leading size of the blocks of `n` examples cut into `block`s."""
+    return min(block, bucket(n))
+
+
+def pad_examples(x, size):
+    """Host inputs with `size` examples: the last example repeated to fill up."""
+    def pad(t):
+        missing = size - t.shape[0]
+        if missing <= 0:
+            return t
+        return np.concatenate([t, np.repeat(t[-1:], missing, axis=0)], axis=0)
+    return tf.nest.map_structure(pad, x)
+
+
+def padded_slice(x, start, stop, size):
+    """Examples start:stop of host inputs, padded to `size` (None: not padded)."""
+    part = slice_examples(x, start, stop)
+    return part if size is None else pad_examples(part, size)
+
+
+def kernel_tasks(block_function, results, out_axes, x1, x2, n1, n2, block, pad=True):
     """[(fn, args, on_done)]: the blocks of Θ(x1, x2), each written into `results`.
 
     `block_function(same)` returns the compiled kernel function of one block:
     with same=True it takes one block of examples (a diagonal block of
     Θ(x, x)), with same=False two. With `x2=None` only the blocks on and
     above the diagonal are computed; those above are mirrored below it.
+    With `pad`, every block is padded to `padded_size` examples (one fixed
+    shape per side) and the padding cut off its kernel block.
     """
     rows = block_ranges(n1, block)
     cols = rows if x2 is None else block_ranges(n2, block)
+    p1 = padded_size(n1, block) if pad else None
+    p2 = p1 if x2 is None else (padded_size(n2, block) if pad else None)
     tasks = []
     if x2 is None:
         fn_diag = block_function(True)
@@ -84,16 +138,17 @@ def kernel_tasks(block_function, results, out_axes, x1, x2, n1, n2, block):
                 if j < i:
                     continue
                 if i == j:
-                    tasks.append((fn_diag, (slice_examples(x1, a0, a1),),
+                    tasks.append((fn_diag, (padded_slice(x1, a0, a1, p1),),
                                   placer(results, out_axes, a0, a1, b0, b1, False)))
                 else:
-                    tasks.append((fn_off, (slice_examples(x1, a0, a1), slice_examples(x1, b0, b1)),
+                    tasks.append((fn_off, (padded_slice(x1, a0, a1, p1),
+                                           padded_slice(x1, b0, b1, p1)),
                                   placer(results, out_axes, a0, a1, b0, b1, True)))
     else:
         fn = block_function(False)
         for a0, a1 in rows:
             for b0, b1 in cols:
-                tasks.append((fn, (slice_examples(x1, a0, a1), slice_examples(x2, b0, b1)),
+                tasks.append((fn, (padded_slice(x1, a0, a1, p1), padded_slice(x2, b0, b1, p2)),
                               placer(results, out_axes, a0, a1, b0, b1, False)))
     return tasks
 
@@ -101,9 +156,10 @@ def kernel_tasks(block_function, results, out_axes, x1, x2, n1, n2, block):
 def placer(results, out_axes, a0, a1, b0, b1, mirror):
     def place(blocks):
         for k, (res, ax) in enumerate(zip(results, out_axes)):
-            res[a0:a1, b0:b1] = blocks[k]
+            block = blocks[k][:a1 - a0, :b1 - b0]  # padding cut off
+            res[a0:a1, b0:b1] = block
             if mirror:
-                res[b0:b1, a0:a1] = swap_pairs(blocks[k], ax)
+                res[b0:b1, a0:a1] = swap_pairs(block, ax)
     return place
 
 

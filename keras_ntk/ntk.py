@@ -560,7 +560,7 @@ def empirical_ntk(model, x1, x2=None, *, trace_axes=(-1,), diagonal_axes=(),
         np.zeros((s.n1, s.n2, *ax.kernel_shape), np_dtype) for ax in out_axes
     ]
     tasks = kernel_tasks(lambda same: _block_function(s, same), results, out_axes,
-                         s.x1, s.x2, s.n1, s.n2, s.block)
+                         s.x1, s.x2, s.n1, s.n2, s.block, pad=not s.plan.coupled)
     with _frozen_state(model, s.plan.training):
         run_tasks(tasks, verbose)
     for result in results:

@@ -12,9 +12,10 @@ import weakref
 import numpy as np
 import pytest
 
+from keras_ntk import _batching
 from keras_ntk._batching import (
-    block_ranges, compiled, gather_examples, kernel_tasks, model_cache, num_examples,
-    run_tasks, slice_examples, to_host)
+    block_ranges, bucket, compiled, gather_examples, kernel_tasks, ladder_sizes, model_cache,
+    num_examples, pad_examples, padded_size, run_tasks, slice_examples, to_host)
 from keras_ntk._output_axes import OutputAxes
 
 D = 3  # output entries per example; the kernel keeps both output axes (trace_axes=())
@@ -25,7 +26,7 @@ def toy_kernel(x1, x2):
     return np.einsum("na,mb->nmab", x1, x2) + 0.5 * np.einsum("nb,ma->nmab", x1, x2)
 
 
-def blocked(x1, x2, block):
+def blocked(x1, x2, block, pad=False):
     """The toy kernel through kernel_tasks + run_tasks; returns it and the block calls."""
     calls = []
 
@@ -39,7 +40,7 @@ def blocked(x1, x2, block):
     n2 = n1 if x2 is None else num_examples(x2, "x2")
     results = [np.zeros((n1, n2, D, D))]
     tasks = kernel_tasks(block_function, results, [OutputAxes((D,), (), ())],
-                         x1, x2, n1, n2, block)
+                         x1, x2, n1, n2, block, pad=pad)
     run_tasks(tasks, verbose=0)
     return results[0], calls
 
@@ -97,3 +98,87 @@ def test_compiled_functions_are_cached_per_owner_and_key_and_freed_with_it():
     del owner, first
     gc.collect()
     assert ref() is None
+
+
+# ------------------------------------------------------------------ fixed (padded) block shapes
+
+
+def test_the_ladder_of_block_sizes():
+    assert ladder_sizes(100) == [128, 96, 64, 48, 32, 24, 16, 12, 8, 6, 4, 3, 2, 1]
+    assert [bucket(n) for n in (1, 5, 8, 9, 13, 256, 257, 1797)] == [
+        1, 6, 8, 12, 16, 256, 384, 2048]
+    # One block: padded to the ladder; several: every block padded to the block size.
+    assert [padded_size(n, 64) for n in (5, 40, 64, 65, 1000)] == [6, 48, 64, 64, 64]
+    x = {"a": np.arange(6).reshape(3, 2), "b": np.array([4, 5, 6])}
+    padded = pad_examples(x, 5)
+    np.testing.assert_array_equal(padded["a"], [[0, 1], [2, 3], [4, 5], [4, 5], [4, 5]])
+    np.testing.assert_array_equal(padded["b"], [4, 5, 6, 6, 6])
+
+
+@pytest.mark.parametrize("n1, n2, block", [(7, None, 3), (7, None, 16), (10, 5, 4), (5, 11, 8)])
+def test_padded_blocks_have_fixed_shapes_and_give_the_unpadded_kernel(n1, n2, block):
+    rng = np.random.default_rng(2)
+    x1 = rng.normal(size=(n1, D))
+    x2 = None if n2 is None else rng.normal(size=(n2, D))
+    kernel, calls = blocked(x1, x2, block, pad=True)
+    np.testing.assert_allclose(kernel, toy_kernel(x1, x1 if x2 is None else x2), rtol=1e-12)
+    p1 = padded_size(n1, block)
+    p2 = p1 if n2 is None else padded_size(n2, block)
+    for same, sizes in calls:
+        assert sizes == ((p1,) if same else (p1, p1 if n2 is None else p2))
+
+
+def _tracing_counts(model):
+    functions = [f for f in _batching._COMPILED[model].values()
+                 if isinstance(f, _batching._JitFallback)]
+    return sum(f._plain.experimental_get_tracing_count()
+               + (f._xla.experimental_get_tracing_count() if f._xla is not None else 0)
+               for f in functions), len(functions)
+
+
+def _jacobian64(model, x):
+    """J(x) from a whole-batch Jacobian, float64 (one scalar output): Θ = J Jᵀ."""
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        y = model(x, training=False)
+    return np.concatenate([np.reshape(np.asarray(j, np.float64), (len(x), -1))
+                           for j in tape.jacobian(y, model.trainable_weights)], 1)
+
+
+@pytest.mark.parametrize(
+    "implementation", ["structured", pytest.param("jacobian", marks=pytest.mark.slow)])
+def test_one_compiled_function_serves_every_size_of_a_rung(implementation, monkeypatch):
+    """Sizes 9..12 share the rung 12 (one block), 20 and 30 blocks of 8: no retrace,
+    kernels equal to the float64 Jacobian kernel of the unpadded inputs (BatchNorm in
+    inference mode included: padding must not touch the other examples)."""
+    import keras
+
+    import keras_ntk
+
+    monkeypatch.setattr(_batching, "_JIT", "0")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((5,)), keras.layers.Dense(16, activation="tanh"),
+        keras.layers.BatchNormalization(), keras.layers.Dense(1)])
+    bn = model.layers[1]
+    bn.moving_mean.assign(np.linspace(-0.2, 0.2, 16))
+    bn.moving_variance.assign(np.linspace(0.5, 1.5, 16))
+    x = np.random.default_rng(3).normal(size=(30, 5)).astype("float32")
+    jac = _jacobian64(model, x)
+    theta = jac @ jac.T
+    call = lambda a, b=None, **kw: keras_ntk.empirical_ntk(  # noqa: E731
+        model, a, b, implementation=implementation, dtype="float64", **kw)
+    call(x[:12])
+    seen = _tracing_counts(model)
+    np.testing.assert_allclose(call(x[:9]), theta[:9, :9], rtol=1e-5, atol=1e-7)
+    assert _tracing_counts(model) == seen
+    np.testing.assert_allclose(call(x[:11], x[11:21]), theta[:11, 11:21], rtol=1e-5, atol=1e-7)
+    # Only the x1 × x2 function (rungs 12 × 12) is new; a second x1 × x2 call reuses it.
+    assert _tracing_counts(model)[0] == seen[0] + 1
+    np.testing.assert_allclose(call(x[:10], x[19:]), theta[:10, 19:], rtol=1e-5, atol=1e-7)
+    assert _tracing_counts(model)[0] == seen[0] + 1
+    call(x[:20], batch_size=8)
+    blocks = _tracing_counts(model)
+    np.testing.assert_allclose(call(x, batch_size=8), theta, rtol=1e-5, atol=1e-7)
+    assert _tracing_counts(model) == blocks
