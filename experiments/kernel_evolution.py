@@ -231,7 +231,7 @@ def _train_width(width, *, model_builder, model, depth, data, num_classes, probe
     import tensorflow as tf
 
     import keras_ntk
-    from experiments import data_scaling
+    from experiments import kernel_methods
 
     keras.utils.set_random_seed(seed)
     with strategy.scope():
@@ -263,7 +263,7 @@ def _train_width(width, *, model_builder, model, depth, data, num_classes, probe
         step = int(network.optimizer.iterations.numpy())
         if step in wanted:
             logits = np.asarray(network(test_x, training=False))
-            network_errors[step] = data_scaling.error_rate(logits, test_y)
+            network_errors[step] = kernel_methods.error_rate(logits, test_y)
 
     started = time.time()
     progress = {"next": 0}
@@ -303,11 +303,11 @@ def _train_width(width, *, model_builder, model, depth, data, num_classes, probe
         velocity_relative.append(float(np.linalg.norm(b - a) / np.linalg.norm(a)) / velocity_dt)
     kernel_errors = []
     for snapshot in starts:
-        scores = data_scaling.kernel_method_errors(
+        scores = kernel_methods.kernel_method_errors(
             snapshot["kernel"], layout, probe_y, num_classes,
             [layout["num_candidates"]], ridge_factors)
         kernel_errors.append(scores["test_error"][0])
-    initial = data_scaling.kernel_method_errors(initial_kernel, layout, probe_y,
+    initial = kernel_methods.kernel_method_errors(initial_kernel, layout, probe_y,
                                                 num_classes, [layout["num_candidates"]],
                                                 ridge_factors)["test_error"][0]
     cell = {

@@ -487,3 +487,68 @@ def paired_exponent_difference(n, values_a, values_b, *, window=None, floor=0.0,
     low, high = np.percentile(draws, [tail, 100 - tail])
     return dict(difference=float(point[0]), interval=[float(low), float(high)],
                 sizes_used=[int(v) for v in n[keep]])
+
+
+def scaling_fits(n, errors, losses, *, window=None, floor=0.0, local_points=3,
+                 num_bootstrap=2000):
+    """A method's power laws: error and loss exponents over `window` and over the largest sizes.
+
+    Args:
+        n: the sizes, shape (K,).
+        errors, losses: (K, S, T) per size, seed and test example (NaN: not run).
+        window: the fit window (`fit_exponent`).
+        floor: the error floor (half a test error); losses are not floored.
+        local_points: the local exponents use this many largest sizes.
+        num_bootstrap: resamples of seeds and test examples.
+
+    Returns:
+        dict of the results.json entries: alpha, alpha_interval, alpha_loss,
+        alpha_loss_interval, fit_sizes_error, fit_sizes_loss, intercept,
+        intercept_loss, local_alpha, local_alpha_interval, local_alpha_sizes,
+        local_alpha_loss, local_alpha_loss_interval.
+    """
+    error = fit_exponent(n, errors, window=window, floor=floor, num_bootstrap=num_bootstrap)
+    loss = fit_exponent(n, losses, window=window, num_bootstrap=num_bootstrap)
+    error_local = local_exponent(n, errors, num_largest=local_points, floor=floor,
+                                 num_bootstrap=num_bootstrap)
+    loss_local = local_exponent(n, losses, num_largest=local_points, num_bootstrap=num_bootstrap)
+    return {
+        "alpha": error["alpha"], "alpha_interval": error["alpha_interval"],
+        "alpha_loss": loss["alpha"], "alpha_loss_interval": loss["alpha_interval"],
+        "fit_sizes_error": error["sizes_used"], "fit_sizes_loss": loss["sizes_used"],
+        "intercept": error["intercept"], "intercept_loss": loss["intercept"],
+        "local_alpha": error_local["alpha"],
+        "local_alpha_interval": error_local["alpha_interval"],
+        "local_alpha_sizes": error_local["sizes_used"],
+        "local_alpha_loss": loss_local["alpha"],
+        "local_alpha_loss_interval": loss_local["alpha_interval"],
+    }
+
+
+def exponent_comparisons(n, reference, others, *, floor=0.0, compare_loss=True,
+                         num_bootstrap=2000):
+    """Paired α_reference − α_method for every other method, over that method's window.
+
+    Args:
+        n: the sizes, shape (K,).
+        reference: dict(test_error, test_loss) of (K, S, T) arrays (the network).
+        others: name → dict(test_error, test_loss, window), the same seeds and examples.
+        floor: the error floor.
+        compare_loss: also the loss exponents (only when both are the same loss).
+        num_bootstrap: resamples of seeds and test examples.
+
+    Returns:
+        name → dict(alpha[, alpha_loss]) of `paired_exponent_difference` results.
+    """
+    out = {}
+    for name, method in others.items():
+        window = method["window"]
+        entry = {"alpha": paired_exponent_difference(
+            n, reference["test_error"], method["test_error"], window=window, floor=floor,
+            num_bootstrap=num_bootstrap)}
+        if compare_loss:
+            entry["alpha_loss"] = paired_exponent_difference(
+                n, reference["test_loss"], method["test_loss"], window=window,
+                num_bootstrap=num_bootstrap)
+        out[name] = entry
+    return out

@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_ntk._arcsine import _acos, _asin
-from keras_ntk._kernel_plan import _Op, _same_padding
+from keras_ntk._kernel_plan import _input_mode, _Op, _same_padding
 
 
 def _shifted_sum(k, mode, spatial, kernel_size, strides, padding):
@@ -90,6 +90,19 @@ def _relu(nngp, ntk, var1, var2, polynomial=False):
     return nngp, ntk
 
 
+def _abrelu(nngp, ntk, var1, var2, a, b, polynomial=False):
+    """φ(x) = a·min(x, 0) + b·max(x, 0) (LeakyReLU: a = slope, b = 1).
+
+    φ = b·relu(x) − a·relu(−x), so E[φ(u)φ(v)] = (a² + b²)R(c) − 2ab·R(−c)
+    with R the ReLU kernel, R(c) − R(−c) = k12/2; E[φ'φ'] = (a² + b²)(π − θ)/(2π)
+    + 2ab·θ/(2π).
+    """
+    relu_k, relu_t = _relu(nngp, tf.ones_like(nngp), var1, var2, polynomial)
+    new_nngp = (a - b) ** 2 * relu_k + a * b * nngp
+    dot = (a * a + b * b) * relu_t + 2 * a * b * (0.5 - relu_t)
+    return new_nngp, ntk * dot
+
+
 def _erf(nngp, ntk, var1, var2, polynomial=False):
     """Arcsine kernel; `polynomial`: arcsin by `_asin` (for XLA) instead of tf.asin."""
     d = (1.0 + 2.0 * var1) * (1.0 + 2.0 * var2)
@@ -99,55 +112,157 @@ def _erf(nngp, ntk, var1, var2, polynomial=False):
     return new_nngp, ntk * dot
 
 
-def _propagate(steps, nngp, ntk, variances, activation_index=0, polynomial=False,
-               depths=None):
-    """Runs the recursion on a kernel of any leading shape.
+def _sign(nngp, ntk, var1, var2, polynomial=False):
+    """E[sign u sign v] = 2/π·arcsin(c); the derivative is 0 almost everywhere (Θ' = 0)."""
+    c = tf.clip_by_value(tf.math.divide_no_nan(nngp, tf.sqrt(var1 * var2)), -1.0, 1.0)
+    return (2.0 / math.pi) * (_asin(c) if polynomial else tf.asin(c)), tf.zeros_like(nngp)
 
-    `variances(i, nngp, mode, spatial)` returns (var1, var2) broadcastable to
-    nngp: the self-covariances at each position for the i-th activation step.
-    `ntk=None` stands for a zero NTK (before the first layer with weights),
-    which saves its arithmetic. `depths`: a list that receives (K, Θ) at the
-    output of every dense layer on flat kernels (`all_depths`).
+
+def _sin_cos(nngp, ntk, var1, var2, kind):
+    """E[sin u sin v] = e^{−(k11+k22)/2} sinh k12, E[cos u cos v] = e^{…} cosh k12."""
+    damping = tf.exp(-0.5 * (var1 + var2))
+    odd, even = damping * tf.sinh(nngp), damping * tf.cosh(nngp)
+    return (odd, ntk * even) if kind == "sin" else (even, ntk * odd)
+
+
+def _numerical(nngp, ntk, var1, var2, fn, deg):
+    """E[φ(u)φ(v)], E[φ'(u)φ'(v)] by Gauss-Hermite quadrature on the 2-D Gaussian.
+
+    As neural-tangents' ElementwiseNumerical: u = √(2k11)·x, v = k12/√(k11/2)·x
+    + √(2(k22 − k12²/k11))·y over the deg × deg product rule (weights w_i w_j/π);
+    φ' by automatic differentiation. The outer sum is a Python loop, so memory
+    is deg times the kernel's.
     """
-    previous_mode = steps[0][1] if steps else "fcn"
-    for op, mode, spatial in steps:
-        if previous_mode == "full" and mode == "diag":
-            nngp = _diagonal(nngp, "full", spatial)
-            ntk = None if ntk is None else _diagonal(ntk, "full", spatial)
-        previous_mode = mode
-        p = op.params
-        if op.kind == "dense":
-            nngp = p["w2"] * nngp + p["b2"]
-            ntk = nngp if ntk is None else nngp + p["w2"] * ntk
-            if depths is not None and mode == "fcn":
-                depths.append((nngp, ntk))
-        elif op.kind == "conv":
-            scale = p["w2"] / (p["kernel_size"][0] * p["kernel_size"][1])
+    nodes, weights = np.polynomial.hermite.hermgauss(deg)
+    dtype = nngp.dtype
+    var1 = var1 + tf.zeros_like(nngp)
+    var2 = var2 + tf.zeros_like(nngp)
+    safe1 = tf.maximum(var1, 1e-30)
+    residual = tf.sqrt(tf.maximum(2.0 * (var2 - nngp * nngp / safe1), 0.0))[..., None]
+    scale_u = tf.sqrt(2.0 * var1)[..., None]
+    slope = (nngp / tf.sqrt(safe1 / 2.0))[..., None]
+    y = tf.constant(nodes, dtype)
+    wy = tf.constant(weights, dtype)
+
+    def values(z):
+        with tf.GradientTape() as tape:
+            tape.watch(z)
+            f = tf.cast(fn(z), dtype)
+        return f, tape.gradient(f, z)
+
+    new_nngp, dot = 0.0, 0.0
+    for xi, wi in zip(nodes, weights):
+        fu, du = values(scale_u * xi)
+        fv, dv = values(slope * xi + residual * y)
+        new_nngp += wi * tf.reduce_sum(wy * fu * fv, -1)
+        dot += wi * tf.reduce_sum(wy * du * dv, -1)
+    return new_nngp / math.pi, ntk * dot / math.pi
+
+
+def _pool(k, mode, spatial, p):
+    mh = _pool_matrix(spatial[0], p["pool_size"][0], p["strides"][0], p["padding"], k.dtype)
+    mw = _pool_matrix(spatial[1], p["pool_size"][1], p["strides"][1], p["padding"], k.dtype)
+    return tf.einsum("...abcd,ia,jb,kc,ld->...ijkl", k, mh, mw, mh, mw)
+
+
+_VARIANCE_STEPS = ("relu", "erf", "abrelu", "sign", "sin", "cos", "numerical", "layernorm")
+
+
+def _activation(op, nngp, ntk, var1, var2, polynomial):
+    p = op.params
+    ntk = 0.0 if ntk is None else ntk
+    if op.kind == "relu":
+        return _relu(nngp, ntk, var1, var2, polynomial)
+    if op.kind == "erf":
+        return _erf(nngp, ntk, var1, var2, polynomial)
+    if op.kind == "abrelu":
+        return _abrelu(nngp, ntk, var1, var2, p["a"], p["b"], polynomial)
+    if op.kind == "sign":
+        return _sign(nngp, ntk, var1, var2, polynomial)
+    if op.kind in ("sin", "cos"):
+        return _sin_cos(nngp, ntk, var1, var2, op.kind)
+    if op.kind == "numerical":
+        return _numerical(nngp, ntk, var1, var2, p["fn"], p["deg"])
+    # LayerNorm over features of centred inputs (neural-tangents' LayerNorm).
+    norm = tf.sqrt((var1 + p["eps"]) * (var2 + p["eps"]))
+    return nngp / norm, ntk / norm
+
+
+def _step(op, mode, spatial, inputs, variances, index, polynomial):
+    """One step on its input values [(K, Θ or None)]: returns (K, Θ or None)."""
+    p = op.params
+    nngp, ntk = inputs[0]
+    if op.kind in ("dense", "affine", "conv"):
+        if op.kind == "conv":
+            area = p["kernel_size"][0] * p["kernel_size"][1]
             args = (mode, spatial, p["kernel_size"], p["strides"], p["padding"])
-            nngp = scale * _shifted_sum(nngp, *args) + p["b2"]
-            ntk = nngp if ntk is None else nngp + scale * _shifted_sum(ntk, *args)
-        elif op.kind in ("relu", "erf"):
-            var1, var2 = variances(activation_index, nngp, mode, spatial)
-            activation_index += 1
-            fn = _relu if op.kind == "relu" else _erf
-            nngp, ntk = fn(nngp, 0.0 if ntk is None else ntk, var1, var2, polynomial)
-        elif op.kind == "avgpool":
-            mh = _pool_matrix(spatial[0], p["pool_size"][0], p["strides"][0],
-                              p["padding"], nngp.dtype)
-            mw = _pool_matrix(spatial[1], p["pool_size"][1], p["strides"][1],
-                              p["padding"], nngp.dtype)
-            pool = lambda k: tf.einsum("...abcd,ia,jb,kc,ld->...ijkl", k, mh, mw, mh, mw)
-            nngp, ntk = pool(nngp), None if ntk is None else pool(ntk)
-        elif op.kind == "gap":
-            gap = lambda k: tf.reduce_mean(k, axis=[-4, -3, -2, -1])
-            nngp, ntk = gap(nngp), None if ntk is None else gap(ntk)
-            previous_mode = "fcn"
-        elif op.kind == "flatten":
-            if mode != "fcn":
-                flat = lambda k: tf.reduce_mean(_diagonal(k, mode, spatial), axis=[-2, -1])
-                nngp, ntk = flat(nngp), None if ntk is None else flat(ntk)
-            previous_mode = "fcn"
+            shift = lambda k: _shifted_sum(k, *args) / area
+        else:
+            shift = lambda k: k
+        s = shift(nngp)
+        own = p["tw"] * s + p["tb"]
+        new_nngp = p["w2"] * s + p["b2"]
+        return new_nngp, own if ntk is None else own + p["w2"] * shift(ntk)
+    if op.kind in _VARIANCE_STEPS:
+        var1, var2 = variances(index, nngp, mode, spatial)
+        return _activation(op, nngp, ntk, var1, var2, polynomial)
+    if op.kind == "avgpool":
+        return _pool(nngp, mode, spatial, p), None if ntk is None else _pool(ntk, mode, spatial, p)
+    if op.kind == "gap":
+        gap = lambda k: tf.reduce_mean(k, axis=[-4, -3, -2, -1])
+        return gap(nngp), None if ntk is None else gap(ntk)
+    if op.kind == "flatten":
+        if mode == "fcn":
+            return nngp, ntk
+        flat = lambda k: tf.reduce_mean(_diagonal(k, mode, spatial), axis=[-2, -1])
+        return flat(nngp), None if ntk is None else flat(ntk)
+    weights = p["weights"] if op.kind == "concat" else [p["scale"]] * len(inputs)
+    new_nngp = tf.add_n([w * k for w, (k, _) in zip(weights, inputs)])
+    ntks = [w * t for w, (_, t) in zip(weights, inputs) if t is not None]
+    return new_nngp, tf.add_n(ntks) if ntks else None
+
+
+def _propagate(steps, values, variances, polynomial=False, depths=None, start=0):
+    """Runs the recursion (a graph in topological order) on kernels of any leading shape.
+
+    `values`: {step index: (K, Θ or None, mode)}, −1 the input; `Θ = None`
+    stands for a zero NTK (before the first layer with weights), which saves
+    its arithmetic. `variances(i, nngp, mode, spatial)` returns (var1, var2)
+    broadcastable to nngp, the self-covariances at each position for the i-th
+    step that needs them. Values are dropped after their last use. `depths`: a
+    list that receives (K, Θ) at the output of every dense layer on flat
+    kernels (`all_depths`). Returns the last step's (K, Θ).
+    """
+    last_use = {}
+    for i, (op, _, _) in enumerate(steps):
+        for j in op.inputs:
+            last_use[j] = i
+    index = sum(op.kind in _VARIANCE_STEPS for op, _, _ in steps[:start])
+    for i in range(start, len(steps)):
+        op, mode, spatial = steps[i]
+        inputs = []
+        for j in op.inputs:
+            nngp, ntk, held = values[j]
+            if held == "full" and mode == "diag":
+                nngp = _diagonal(nngp, "full", spatial)
+                ntk = None if ntk is None else _diagonal(ntk, "full", spatial)
+            inputs.append((nngp, ntk))
+        nngp, ntk = _step(op, mode, spatial, inputs, variances, index, polynomial)
+        index += op.kind in _VARIANCE_STEPS
+        out_mode = "fcn" if op.kind in ("gap", "flatten") else mode
+        values[i] = (nngp, ntk, out_mode)
+        if depths is not None and op.kind == "dense" and mode == "fcn":
+            depths.append((nngp, tf.zeros_like(nngp) if ntk is None else ntk))
+        for j in set(op.inputs):
+            if last_use.get(j) == i:
+                del values[j]
+    nngp, ntk, _ = values[len(steps) - 1] if steps else values[-1]
     return nngp, (tf.zeros_like(nngp) if ntk is None else ntk)
+
+
+def _as_image(x):
+    """1-D inputs (N, length, C) as (N, 1, length, C)."""
+    return x[:, None] if x.shape.rank == 3 else x
 
 
 def _input_covariance(x1, x2, mode, outer):
@@ -168,22 +283,21 @@ def _input_covariance(x1, x2, mode, outer):
     return k / channels
 
 
-def _input_mode(steps):
-    """Representation of the input covariance: that of the first step."""
-    return steps[0][1] if steps else "fcn"
-
-
 def _first_kernels(steps, x1, x2, outer):
-    """NNGP after the first step(s) and the steps left to run.
+    """The values before the graph runs and the index of the first step left.
 
-    A first convolution is computed from image patches: K'(p, q) =
-    σw²/(kh·kw·C) ⟨patch1(p), patch2(q)⟩ + σb², one matrix product instead of
-    forming the input covariance of every pair of positions and shifting it.
+    A first convolution that alone reads the input is computed from image
+    patches: S(K)(p, q) = ⟨patch1(p), patch2(q)⟩/(kh·kw·C), one matrix product
+    instead of forming the input covariance of every pair of positions and
+    shifting it.
     """
+    x1, x2 = _as_image(x1), _as_image(x2)
     mode = _input_mode(steps)
-    if not steps or steps[0][0].kind != "conv":
-        return _input_covariance(x1, x2, mode, outer), steps
-    p = steps[0][0].params
+    readers = [i for i, (op, _, _) in enumerate(steps) if -1 in op.inputs]
+    if not steps or steps[0][0].kind != "conv" or readers != [0]:
+        return {-1: (_input_covariance(x1, x2, mode, outer), None, mode)}, 0
+    op, mode, _ = steps[0]
+    p = op.params
     (kh, kw), (sh, sw) = p["kernel_size"], p["strides"]
 
     def patches(x):
@@ -196,7 +310,8 @@ def _first_kernels(steps, x1, x2, outer):
     else:
         k = tf.einsum("ahwk,bhwk->abhw", p1, p2) if outer else tf.reduce_sum(p1 * p2, -1)
     channels = tf.cast(tf.shape(x1)[-1], x1.dtype)
-    return p["w2"] / (kh * kw * channels) * k + p["b2"], steps[1:]
+    s = k / (kh * kw * channels)
+    return {0: (p["w2"] * s + p["b2"], p["tw"] * s + p["tb"], mode)}, 1
 
 
 def _self_recursion(steps, x, polynomial=False, all_depths=False):
@@ -208,7 +323,7 @@ def _self_recursion(steps, x, polynomial=False, all_depths=False):
     in the chaotic phase (c = 1 unstable) that error grows like χ1^depth.
     `all_depths`: K and Θ at every dense layer's output, shape (depths, N).
     """
-    nngp, rest = _first_kernels(steps, x, x, outer=False)
+    values, start = _first_kernels(steps, x, x, outer=False)
     records = []
 
     def variances(index, k, mode, spatial):
@@ -219,8 +334,7 @@ def _self_recursion(steps, x, polynomial=False, all_depths=False):
         return var, var
 
     depths = [] if all_depths else None
-    kernels = _propagate(rest, nngp, None if rest is steps else nngp, variances,
-                         polynomial=polynomial, depths=depths)
+    kernels = _propagate(steps, values, variances, polynomial, depths, start)
     return records, _stack(depths) if all_depths else kernels
 
 
@@ -230,7 +344,7 @@ def _stack(depths):
 
 def _broadcast_variances(vars1, vars2, steps, outer):
     """Provider of (var1, var2) for pairs built from per-example variances."""
-    modes = [mode for op, mode, _ in steps if op.kind in ("relu", "erf")]
+    modes = [mode for op, mode, _ in steps if op.kind in _VARIANCE_STEPS]
 
     def variances(index, k, mode, spatial):
         v1, v2 = vars1[index], vars2[index]
@@ -244,29 +358,28 @@ def _broadcast_variances(vars1, vars2, steps, outer):
 
 
 def _cross_kernels(steps, x1, x2, vars1, vars2, outer, polynomial=False, all_depths=False):
-    nngp, rest = _first_kernels(steps, x1, x2, outer)
+    values, start = _first_kernels(steps, x1, x2, outer)
     provider = _broadcast_variances(vars1, vars2, steps, outer)
     depths = [] if all_depths else None
-    # After a first convolution Θ = K (the bias and weight terms of one layer).
-    kernels = _propagate(rest, nngp, None if rest is steps else nngp, provider,
-                         polynomial=polynomial, depths=depths)
+    kernels = _propagate(steps, values, provider, polynomial, depths, start)
     return _stack(depths) if all_depths else kernels
 
 
 # ------------------------------------------------------------ compiled recursions
 
-_WEIGHTED = ("dense", "conv")
+_WEIGHTED = ("dense", "conv", "affine")
+_NUMBERS = ("w2", "b2", "tw", "tb")
 
 
 def _variances_of(steps):
-    """(σw², σb²) of every step with weights, an (n, 2) float64 array."""
-    rows = [[op.params["w2"], op.params["b2"]] for op, _, _ in steps if op.kind in _WEIGHTED]
-    return np.array(rows, np.float64).reshape(-1, 2)
+    """(σw², σb², tw, tb) of every step with weights, an (n, 4) float64 array."""
+    rows = [[op.params[k] for k in _NUMBERS] for op, _, _ in steps if op.kind in _WEIGHTED]
+    return np.array(rows, np.float64).reshape(-1, 4)
 
 
 def _structure(steps):
     """The plan without its variances: the compile-cache key."""
-    return repr([(op.kind, {k: v for k, v in op.params.items() if k not in ("w2", "b2")},
+    return repr([(op.kind, op.inputs, {k: v for k, v in op.params.items() if k not in _NUMBERS},
                   mode, spatial) for op, mode, spatial in steps])
 
 
@@ -275,7 +388,9 @@ def _bind(steps, variances):
     bound, i = [], 0
     for op, mode, spatial in steps:
         if op.kind in _WEIGHTED:
-            op = _Op(op.kind, **{**op.params, "w2": variances[i, 0], "b2": variances[i, 1]})
+            inputs = op.inputs
+            op = _Op(op.kind, **{**op.params, **{k: variances[i, n] for n, k in enumerate(_NUMBERS)}})
+            op.inputs = inputs
             i += 1
         bound.append((op, mode, spatial))
     return bound

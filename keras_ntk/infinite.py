@@ -105,9 +105,10 @@ def _as_array(x, name, dtype):
         raise TypeError(
             f"Expected `{name}` to be an array of numbers. Received: {name}={x!r}"
         ) from None
-    if x.ndim not in (2, 4) or x.shape[0] == 0:
+    if x.ndim not in (2, 3, 4) or x.shape[0] == 0:
         raise ValueError(
-            f"Expected `{name}` of shape (N, features) or (N, height, width, channels) "
+            f"Expected `{name}` of shape (N, features), (N, length, channels) or "
+            "(N, height, width, channels) "
             f"with N ≥ 1. Received: {name}.shape={x.shape}"
         )
     return x
@@ -226,6 +227,9 @@ def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
         budget = _DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
         pair = _pair_bytes(steps, x1.shape[1:], np_dtype.itemsize)
         live = _LIVE_ARRAYS + (2 * depth_count if all_depths else 0)
+        # Quadrature holds a few arrays deg times the kernel's size.
+        live += max([4 * op.params["deg"] for op, _, _ in steps if op.kind == "numerical"],
+                    default=0)
         batch_size = max(1, int(math.isqrt(max(budget // (pair * live), 1))))
         if jit_compile:
             # XLA's fused passes over a block run faster while a block's kernel

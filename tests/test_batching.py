@@ -12,11 +12,15 @@ import weakref
 import numpy as np
 import pytest
 
+import keras_ntk
 from keras_ntk import _batching
 from keras_ntk._batching import (
     block_ranges, bucket, compiled, gather_examples, kernel_tasks, ladder_sizes, model_cache,
     num_examples, pad_examples, padded_size, run_tasks, slice_examples, to_host)
 from keras_ntk._output_axes import OutputAxes
+from ntk_reference import (  # noqa: F401 (plain_graphs: a fixture)
+    IMPLEMENTATIONS, assert_close, cnn, inputs_for, mlp, plain_graphs, reference, rel_error,
+    slow_unless)
 
 D = 3  # output entries per example; the kernel keeps both output axes (trace_axes=())
 
@@ -182,3 +186,84 @@ def test_one_compiled_function_serves_every_size_of_a_rung(implementation, monke
     blocks = _tracing_counts(model)
     np.testing.assert_allclose(call(x, batch_size=8), theta, rtol=1e-5, atol=1e-7)
     assert _tracing_counts(model) == blocks
+# ----------------------------------------------------------------- through empirical_ntk
+
+
+@pytest.mark.usefixtures("plain_graphs")
+@pytest.mark.parametrize(
+    "implementation", [slow_unless(i == "structured", i) for i in IMPLEMENTATIONS])
+def test_blocks_with_n_not_divisible_by_batch_size(implementation):
+    model = mlp()
+    x1, x2 = inputs_for("mlp", 11), inputs_for("mlp", 7, seed=1)
+    assert_close(
+        keras_ntk.empirical_ntk(model, x1, x2, trace_axes=(), batch_size=4,
+                                implementation=implementation),
+        reference(model, x1, x2, trace_axes=()),
+    )
+    # x2=None: the mirrored blocks must swap the paired output axes as well.
+    assert_close(
+        keras_ntk.empirical_ntk(model, x1, trace_axes=(), batch_size=4,
+                                implementation=implementation),
+        reference(model, x1, None, trace_axes=()),
+    )
+
+
+@pytest.mark.usefixtures("plain_graphs")
+def test_repeated_calls_do_not_retrace():
+    model = mlp()
+    x = inputs_for("mlp", 8)
+    first = keras_ntk.empirical_ntk(model, x, implementation="structured")
+    functions = [f for f in _batching._COMPILED[model].values()
+                 if isinstance(f, _batching._JitFallback)]
+    cache = dict(_batching._COMPILED[model])
+    counts = [f._plain.experimental_get_tracing_count()
+              + (f._xla.experimental_get_tracing_count() if f._xla is not None else 0)
+              for f in functions]
+    model.layers[0].kernel.assign(model.layers[0].kernel * 1.5)
+    second = keras_ntk.empirical_ntk(model, x, implementation="structured")
+    again = [f._plain.experimental_get_tracing_count()
+             + (f._xla.experimental_get_tracing_count() if f._xla is not None else 0)
+             for f in functions]
+    assert again == counts and len(_batching._COMPILED[model]) == len(cache)
+    # The cached function reads the current weights, not the traced ones.
+    assert rel_error(second, first) > 1e-2
+    assert_close(second, reference(model, x))
+
+
+@pytest.mark.usefixtures("plain_graphs")
+def test_progbar_over_blocks(capsys):
+    model = mlp()
+    x = inputs_for("mlp", 9)
+    kernel = keras_ntk.empirical_ntk(model, x, batch_size=3, verbose=1)
+    assert "6/6" in capsys.readouterr().out  # 3 diagonal + 3 upper blocks
+    assert_close(kernel, reference(model, x))
+
+
+@pytest.mark.usefixtures("plain_graphs")
+def test_mirrored_strategy_equals_single_device(mirrored_strategy):
+    assert mirrored_strategy.num_replicas_in_sync == 2
+    strategy = mirrored_strategy
+    with strategy.scope():
+        model = mlp()
+    x = inputs_for("mlp", 9)
+    single = keras_ntk.empirical_ntk(model, x, batch_size=3)
+    with strategy.scope():
+        # 6 blocks (3 on the diagonal) over 2 replicas.
+        mirrored = keras_ntk.empirical_ntk(model, x, batch_size=3)
+    np.testing.assert_allclose(mirrored, single, rtol=1e-5, atol=1e-6 * np.abs(single).max())
+    assert_close(mirrored, reference(model, x))
+
+
+@pytest.mark.usefixtures("plain_graphs")
+def test_xla_path_matches_plain_graphs(monkeypatch):
+    model = cnn()
+    x1, x2 = inputs_for("cnn", 5), inputs_for("cnn", 3, seed=1)
+    expected = reference(model, x1, x2, trace_axes=())
+    monkeypatch.setattr(_batching, "_JIT", "1")  # XLA errors are raised, not hidden
+    for implementation in ("structured", "jacobian"):
+        actual = keras_ntk.empirical_ntk(model, x1, x2, trace_axes=(),
+                                         implementation=implementation)
+        assert_close(actual, expected)
+    functions = [f for f in _batching._COMPILED[model].values()
+                 if isinstance(f, _batching._JitFallback)]
+    assert functions and all(f._xla is not None for f in functions)

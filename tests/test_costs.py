@@ -6,10 +6,15 @@ then holds b·(P + 2·act) numbers of per-example Jacobians and activations plus
 the b² kernel block: 4·(b·(P + 2·act) + b²) bytes in float32.
 """
 
+import keras
 import pytest
 
+import keras_ntk
+from keras_ntk import ntk as ntk_module
 from keras_ntk._costs import Profile, choose_block, format_bytes
 from keras_ntk._output_axes import OutputAxes
+from ntk_reference import (  # noqa: F401 (plain_graphs: a fixture)
+    assert_close, inputs_for, mlp, plain_graphs, reference)
 
 P, ACT, N = 1000, 100, 64
 
@@ -53,3 +58,43 @@ def test_nothing_fits_names_the_smallest_estimate_and_the_budget():
 def test_format_bytes():
     assert [format_bytes(n) for n in (100, 4_804, 3 * 2**20, 2**40)] == [
         "100 B", "4.7 KiB", "3.0 MiB", "1.0 TiB"]
+
+
+# ----------------------------------------------------------------- through empirical_ntk
+
+
+@pytest.mark.usefixtures("plain_graphs")
+def test_memory_budget_error_is_raised_before_any_work(monkeypatch):
+    model = mlp()
+    x = inputs_for("mlp", 64)
+    ran = []
+    monkeypatch.setattr(ntk_module, "run_tasks", lambda *a, **k: ran.append(1))
+    with pytest.raises(ValueError, match=r"memory budget.*above the budget of 1000 B"):
+        keras_ntk.empirical_ntk(model, x, memory_budget=1000)
+    assert not ran
+    # An explicit block that is too large for the budget is refused as well.
+    with pytest.raises(ValueError, match="budget"):
+        keras_ntk.empirical_ntk(model, x, batch_size=64, memory_budget=20_000)
+    assert not ran
+
+
+@pytest.mark.usefixtures("plain_graphs")
+def test_memory_budget_picks_blocks_and_stays_exact():
+    model = mlp()
+    x = inputs_for("mlp", 40)
+    setup = ntk_module.kernel_setup(model, x, None, (-1,), (), "auto", None, 60_000, False, None)
+    assert setup.block < 40  # the budget forced blocks
+    assert_close(keras_ntk.empirical_ntk(model, x, memory_budget=60_000), reference(model, x))
+
+
+@pytest.mark.usefixtures("plain_graphs")
+def test_auto_picks_structured_for_dense_models_and_jacobian_otherwise():
+    model = mlp()
+    x = inputs_for("mlp", 8)
+    assert ntk_module.kernel_setup(model, x, None, (-1,), (), "auto", None, None, False,
+                                   None).implementation == "structured"
+    no_rules = keras.Sequential([keras.Input((5,)), keras.layers.LayerNormalization(),
+                                 keras.layers.EinsumDense("ab,bc->ac", output_shape=2)])
+    assert ntk_module.kernel_setup(no_rules, x, None, (-1,), (), "auto", None, None, False,
+                                   None).implementation == "jacobian"
+    assert_close(keras_ntk.empirical_ntk(no_rules, x), reference(no_rules, x))

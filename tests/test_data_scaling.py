@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 import keras_ntk
-from experiments import data_scaling, models
+from experiments import data_scaling, kernel_methods, models, network_fit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,107 +26,6 @@ def test_geometric_sizes():
     assert data_scaling.geometric_sizes(10, 10, 3) == [10]
     with pytest.raises(ValueError, match="Received: smallest=0"):
         data_scaling.geometric_sizes(0, 10, 3)
-
-
-def test_regression_path_matches_numpy_solve():
-    rng = np.random.RandomState(0)
-    features = rng.normal(size=(30, 12))
-    kernel = features @ features.T  # rank 12: singular without the ridge
-    y = np.eye(3)[rng.randint(0, 3, size=20)]
-    train, evaluation = np.arange(20), np.arange(20, 30)
-    ridges = [1e-3, 0.5, 10.0]
-    for solver in ("eigh", "cholesky"):
-        path = data_scaling.regression_path(kernel[np.ix_(train, train)],
-                                            kernel[np.ix_(evaluation, train)], y, ridges,
-                                            solver=solver)
-        for ridge, predictions in zip(ridges, path):
-            reference = kernel[np.ix_(evaluation, train)] @ np.linalg.solve(
-                kernel[np.ix_(train, train)] + ridge * np.eye(20), y)
-            np.testing.assert_allclose(predictions, reference, rtol=1e-6, atol=1e-9)
-    # The Cholesky path leaves the caller's kernel untouched (it factorizes a copy).
-    k_train = kernel[np.ix_(train, train)].copy()
-    data_scaling.regression_path(k_train, kernel[np.ix_(evaluation, train)], y, ridges,
-                                 solver="cholesky")
-    np.testing.assert_array_equal(k_train, kernel[np.ix_(train, train)])
-
-
-def test_linearized_predictor_equals_linearize_trained_by_full_batch_gd():
-    # One output, n = 8 ≪ 1 + 6·48 + 48 + 48 parameters, float64 regression; the Linearize
-    # model f0 + J·δ trained from δ = 0 by full-batch GD on the MSE converges to the
-    # minimum-norm fit, whose test predictions are f0* + Θ*Θ⁻¹(Y − f0) (λ → 0).
-    keras.utils.set_random_seed(0)
-    net = models.mlp((6,), 1, widths=(48,))
-    rng = np.random.RandomState(0)
-    x_train = rng.normal(size=(8, 6)).astype(np.float32)
-    x_test = rng.normal(size=(5, 6)).astype(np.float32)
-    y_train = rng.normal(size=(8, 1)).astype(np.float32)
-    k_train = np.asarray(keras_ntk.empirical_ntk(net, x_train), np.float64)
-    k_test_train = np.asarray(keras_ntk.empirical_ntk(net, x_test, x_train), np.float64)
-    f0_train = np.asarray(net(x_train), np.float64)
-    f0_test = np.asarray(net(x_test), np.float64)
-    predicted = data_scaling.linearized_predictions(
-        k_train, k_test_train, y_train, [1e-9 * np.mean(np.diag(k_train))],
-        f0_train=f0_train, f0_eval=f0_test)[0]
-
-    linear = keras.Sequential([keras.Input((6,)), keras_ntk.Linearize(net)])
-    eigenvalues = np.linalg.eigvalsh(k_train)
-    # MSE = mean (f − y)²: function-space GD step lr·(2/n)·Θ; stable below n/λmax.
-    learning_rate = 0.5 * len(x_train) / eigenvalues[-1]
-    steps = int(20 * eigenvalues[-1] / eigenvalues[0]) + 200
-    linear.compile(optimizer=keras.optimizers.SGD(learning_rate), loss="mse")
-    batches = tf.data.Dataset.from_tensors((x_train, y_train)).repeat()
-    linear.fit(batches, steps_per_epoch=steps, epochs=1, verbose=0)
-    assert float(np.mean((linear(x_train).numpy() - y_train) ** 2)) < 1e-8
-    scale = np.abs(predicted - f0_test).max()
-    np.testing.assert_allclose(linear(x_test).numpy(), predicted, atol=2e-3 * scale)
-    # Without f0 (the kernel predictor) the test predictions differ by about f0 itself.
-    kernel_only = data_scaling.linearized_predictions(
-        k_train, k_test_train, y_train, [1e-9 * np.mean(np.diag(k_train))])[0]
-    assert np.abs(kernel_only - predicted).max() > 10 * 2e-3 * scale
-
-
-def test_sliced_kernel_regression_equals_recomputed_kernel():
-    keras.utils.set_random_seed(0)
-    model = models.mlp((8, 8, 1), 3, widths=(16,))
-    rng = np.random.RandomState(0)
-    layout = {"num_candidates": 24, "num_validation": 6, "num_test": 10}
-    x_union = rng.normal(size=(40, 8, 8, 1)).astype(np.float32)
-    y_union = rng.randint(0, 3, size=40)
-    union_kernel = np.asarray(keras_ntk.empirical_ntk(model, x_union), np.float64)
-    train, validation, test = data_scaling.kernel_indices(layout, n=11)
-    np.testing.assert_array_equal(train, np.arange(11))
-    np.testing.assert_array_equal(validation, np.arange(24, 30))
-    np.testing.assert_array_equal(test, np.arange(30, 40))
-    # Kernels recomputed on the subset, in float64 from float32 passes.
-    k_train = np.asarray(keras_ntk.empirical_ntk(model, x_union[train]), np.float64)
-    k_test_train = np.asarray(keras_ntk.empirical_ntk(model, x_union[test], x_union[train]),
-                              np.float64)
-    np.testing.assert_allclose(union_kernel[np.ix_(train, train)], k_train, rtol=1e-4,
-                               atol=1e-5 * np.abs(k_train).max())
-    y = np.eye(3)[y_union[train]]
-    ridge = 1e-2 * np.mean(np.diag(k_train))
-    sliced = data_scaling.regression_path(union_kernel[np.ix_(train, train)],
-                                          union_kernel[np.ix_(test, train)], y, [ridge])[0]
-    reference = k_test_train @ np.linalg.solve(k_train + ridge * np.eye(11), y)
-    np.testing.assert_allclose(sliced, reference, rtol=1e-3, atol=1e-4 * np.abs(reference).max())
-    # And the method's scores are those of the reference predictions at the chosen ridge.
-    scores = data_scaling.kernel_method_errors(union_kernel, layout, y_union, 3, [5, 11],
-                                               [1e-2], min_n=6)
-    np.testing.assert_allclose(scores["test_error"][1],
-                               np.mean(np.argmax(reference, 1) != y_union[test]))
-    np.testing.assert_allclose(scores["test_loss"][1],
-                               np.mean((reference - np.eye(3)[y_union[test]]) ** 2), rtol=1e-3)
-    np.testing.assert_array_equal(scores["correct"][1], np.argmax(reference, 1) == y_union[test])
-    # Sizes below min_n (after-kernels: n < n0) are not run.
-    assert scores["test_error"][0] is None and np.all(np.isnan(scores["correct"][0]))
-    # With offsets f0: the linearized predictor f0 + Θ*(Θ+λ)⁻¹(Y − f0).
-    f0 = rng.normal(size=(40, 3))
-    with_f0 = data_scaling.kernel_method_errors(union_kernel, layout, y_union, 3, [11], [1e-2],
-                                                offsets=f0)
-    shifted = f0[test] + k_test_train @ np.linalg.solve(k_train + ridge * np.eye(11),
-                                                        y - f0[train])
-    np.testing.assert_allclose(with_f0["test_loss"][0],
-                               np.mean((shifted - np.eye(3)[y_union[test]]) ** 2), rtol=1e-3)
 
 
 def _relu_ntk_one_hidden_layer(x1, x2):
@@ -156,7 +55,7 @@ def test_ntk_parameterized_twin_has_the_closed_form_kernel():
 
 def test_run_resumes_without_recomputing_finished_cells(tmp_path, monkeypatch):
     calls = {"train": 0, "kernel": 0}
-    train_network, kernel_errors = data_scaling.train_network, data_scaling.kernel_method_errors
+    train_network, kernel_errors = network_fit.train_network, kernel_methods.kernel_method_errors
 
     def counted_train(*args, **kwargs):
         calls["train"] += 1
@@ -166,8 +65,8 @@ def test_run_resumes_without_recomputing_finished_cells(tmp_path, monkeypatch):
         calls["kernel"] += 1
         return kernel_errors(*args, **kwargs)
 
-    monkeypatch.setattr(data_scaling, "train_network", counted_train)
-    monkeypatch.setattr(data_scaling, "kernel_method_errors", counted_kernel)
+    monkeypatch.setattr(network_fit, "train_network", counted_train)
+    monkeypatch.setattr(kernel_methods, "kernel_method_errors", counted_kernel)
     run = functools.partial(
         data_scaling.run, output_dir=str(tmp_path), strategy=tf.distribute.get_strategy(),
         model_builders={"mlp": functools.partial(models.mlp, widths=(16,))},
@@ -207,6 +106,30 @@ def test_run_resumes_without_recomputing_finished_cells(tmp_path, monkeypatch):
     assert regridded["cells"]["network-seed0-n10"] == full["cells"]["network-seed0-n10"]
 
 
+def test_kernel_only_run_trains_no_network_and_keeps_kernel_cells_of_unchanged_seeds(
+        tmp_path, monkeypatch):
+    trained = []
+    monkeypatch.setattr(network_fit, "train_network", lambda *a, **k: trained.append(1))
+    run = functools.partial(
+        data_scaling.run, output_dir=str(tmp_path), strategy=tf.distribute.get_strategy(),
+        model_builders={"mlp": functools.partial(models.mlp, widths=(16,))},
+        methods=["entk_init"], seeds=[0, 1], large_n=30, seeds_large_n=1, num_train=200,
+        num_test=40, num_validation=30, num_bootstrap=10, write_figures=False)
+    first = run(sizes=[10, 30])
+    assert not trained and set(first["cells"]) == {"entk_init-seed0", "entk_init-seed1"}
+    # A larger grid: seed 1 still runs only n = 10 (n >= 30 on seed 0 only), so its stored
+    # kernel cell is kept and read by n (its file has one row); seed 0's grid changed.
+    with pytest.raises(ValueError, match=r"entk_init-seed0"):
+        run(sizes=[10, 30, 60])
+    second = run(sizes=[10, 30, 60], overwrite=True)
+    assert second["cells"]["entk_init-seed1"] == first["cells"]["entk_init-seed1"]
+    assert second["cells"]["entk_init-seed0"]["n"] == [10, 30, 60]
+    errors = second["methods"]["entk_init"]["test_error"]
+    assert errors[0][1] == first["methods"]["entk_init"]["test_error"][0][1]
+    assert errors[2][1] is None and errors[2][0] is not None
+    assert not trained
+
+
 def test_smoke_binary_end_to_end(tmp_path, run_binary):
     output = tmp_path / "run"
     run_binary("data_scaling", output)
@@ -234,20 +157,6 @@ def test_smoke_binary_end_to_end(tmp_path, run_binary):
     assert "data_scaling.run.sizes = [20, 60, 200]" in (output / "config.gin").read_text()
     assert "experiments.data_scaling" in (output / "command.txt").read_text()
     assert list((output / "tensorboard" / "summary").iterdir())
-
-
-def test_losses_and_error_against_keras():
-    rng = np.random.RandomState(0)
-    logits = rng.normal(size=(9, 4))
-    labels = rng.randint(0, 4, size=9)
-    reference = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(labels, logits)
-    np.testing.assert_allclose(data_scaling.cross_entropy(logits, labels), float(reference),
-                               rtol=1e-5)
-    one_hot = np.eye(4)[labels]
-    np.testing.assert_allclose(data_scaling.mse(logits, one_hot),
-                               float(keras.losses.MeanSquaredError()(one_hot, logits)), rtol=1e-5)
-    assert data_scaling.error_rate(one_hot, labels) == 0.0
-    assert data_scaling.error_rate(-one_hot, labels) == 1.0
 
 
 @pytest.mark.parametrize("study", ["data_scaling", "kernel_evolution"])

@@ -7,8 +7,12 @@ axes), independent of the subscripts `OutputAxes` generates.
 import numpy as np
 import pytest
 
+import keras_ntk
 from keras_ntk._output_axes import (
     OutputAxes, cotangents_from_vector, reduce_full_kernel, swap_pairs, vector_from_products)
+from ntk_reference import (  # noqa: F401 (plain_graphs: a fixture)
+    IMPLEMENTATIONS, assert_close, conv_map, inputs_for, mlp, plain_graphs, reference,
+    slow_unless)
 
 A, B, W = 3, 4, 5  # output shape (A, B) per example, W weights
 
@@ -92,3 +96,41 @@ def test_axes_errors_name_what_was_received():
         OutputAxes((A, B), "x", ())
     with pytest.raises(TypeError, match="Received: trace_axes=1"):
         OutputAxes((A, B), "1", ())
+
+
+# ----------------------------------------------------------------- through empirical_ntk
+
+
+AXES_CASES = [((), (), (6, 6, 3, 3)), ((), (-1,), (6, 6, 3)), ((1,), (), (6, 6))]
+
+
+@pytest.mark.usefixtures("plain_graphs")
+@pytest.mark.parametrize(
+    "implementation,trace_axes,diagonal_axes,shape",
+    [slow_unless(i == "structured" or (i == "jacobian" and c[1]) or (i == "ntvp" and c[0] == ()
+                                                                    and not c[1]), i, *c)
+     for i in IMPLEMENTATIONS for c in AXES_CASES],
+)
+def test_output_axis_conventions_on_mlp(implementation, trace_axes, diagonal_axes, shape):
+    model = mlp()
+    x = inputs_for("mlp", 6)
+    expected = reference(model, x, None, trace_axes, diagonal_axes)
+    actual = keras_ntk.empirical_ntk(model, x, trace_axes=trace_axes,
+                                     diagonal_axes=diagonal_axes,
+                                     implementation=implementation)
+    assert actual.shape == shape
+    assert_close(actual, expected)
+
+
+@pytest.mark.usefixtures("plain_graphs")
+@pytest.mark.parametrize(
+    "implementation", [slow_unless(i != "jacobian", i) for i in IMPLEMENTATIONS])
+def test_spatial_output_with_trace_and_diagonal_axes(implementation):
+    # Output (N, 4, 4, 2): channels traced, rows diagonal, columns paired.
+    model = conv_map()
+    x1, x2 = inputs_for("conv_map", 3), inputs_for("conv_map", 2, seed=1)
+    expected = reference(model, x1, x2, trace_axes=(3,), diagonal_axes=(1,))
+    actual = keras_ntk.empirical_ntk(model, x1, x2, trace_axes=(3,), diagonal_axes=(1,),
+                                     implementation=implementation)
+    assert actual.shape == (3, 2, 4, 4, 4)
+    assert_close(actual, expected)

@@ -3,6 +3,7 @@
 * `data_scaling_figures`: test error and test loss against n (log–log), one
   line per method, the fitted power laws over their fit sizes, network sizes
   where a seed stopped at the step cap marked;
+* `data_scaling_summaries`: the same means as TensorBoard scalars (n as the step);
 * `kernel_evolution_figures`: kernel velocity (the cosine distance of Θ(t)
   and Θ(t+Δt) per step, and the relative velocity), distance from init,
   alignment and kernel regression with Θt, per width (mean over seeds, thin
@@ -64,6 +65,22 @@ def data_scaling_figures(results, directory):
         ax.set_title(f"{results['dataset']}, {model}: {label} vs n", fontsize=10)
         ax.legend(fontsize=7)
         figures.save_figure(fig, os.path.join(directory, f"{key}_vs_n.png"))
+
+
+def data_scaling_summaries(results, directory):
+    """TensorBoard scalars: mean test error and loss of each method against n (as the step)."""
+    import tensorflow as tf
+
+    from experiments import cells
+
+    with cells.summary_writer(directory) as writer, writer.as_default():
+        for name, entry in results["methods"].items():
+            for n, errors, losses in zip(results["n"], entry["test_error"], entry["test_loss"]):
+                errors = [e for e in errors if e is not None]
+                losses = [v for v in losses if v is not None]
+                if errors:
+                    tf.summary.scalar(f"{name}/test_error", float(np.mean(errors)), step=n)
+                    tf.summary.scalar(f"{name}/test_loss", float(np.mean(losses)), step=n)
 
 
 def kernel_evolution_figures(results, directory):
