@@ -8,6 +8,8 @@ computed one block of x1 × x2 examples at a time by a compiled function
 The kernel functions themselves never know about blocks.
 """
 
+import collections
+import json
 import logging
 import os
 import threading
@@ -18,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_ntk._output_axes import swap_pairs
+from keras_ntk._weights import iter_layers
 
 # Compiled block functions, per model and options, so that repeated calls
 # (a callback computing the kernel every epoch) do not retrace.
@@ -177,6 +180,157 @@ def compiled(model, key, builder):
         fn = _JitFallback(builder, jit)
         per_model[key] = fn
     return fn
+
+
+# ----------------------------------------------------------------- one function per architecture
+#
+# XLA keeps every compiled program in a per-device cache that never evicts
+# (tensorflow#66434), and a traced graph costs memory too: a study that builds
+# hundreds of models of one architecture would hold one compiled set per
+# model. Block functions of models whose architecture is known exactly (a
+# Functional or Sequential model of built-in Keras layers, described by its
+# config with layer names canonicalized) are therefore shared: the weights
+# are ARGUMENTS, substituted for the variables under `keras.StatelessScope`,
+# and no model is held by the shared entry. A first trace that still reads a
+# variable directly (a layer the substitution does not reach) marks the
+# architecture unshareable: those models keep functions of their own.
+_SHARED = collections.OrderedDict()
+_SHARED_LIMIT = 32  # architectures × options kept; least recently used evicted
+_SHARED_LOCK = threading.RLock()
+
+
+def architecture_key(model):
+    """A hashable description of what `model` computes up to its weights' values, or None."""
+    cache = model_cache(model)
+    if "architecture" not in cache:
+        try:
+            cache["architecture"] = _architecture_key(model)
+        except (TypeError, ValueError, NotImplementedError, AttributeError):
+            cache["architecture"] = None  # not serializable: no sharing
+    return cache["architecture"]
+
+
+def _is_builtin(obj):
+    return type(obj).__module__.startswith("keras.")
+
+
+def _architecture_key(model):
+    if type(model).__name__ not in ("Functional", "Sequential") or not _is_builtin(model):
+        return None
+    layers = list(iter_layers(model))
+    if not all(_is_builtin(layer) for layer in layers) or any(
+            isinstance(layer, keras.layers.Lambda) for layer in layers):
+        return None
+    config = json.loads(json.dumps(keras.saving.serialize_keras_object(model),
+                                   sort_keys=True))
+    names = {layer.name for layer in layers}
+
+    def collect(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "keras_history" and value:
+                    names.add(value[0])
+                elif key in ("input_layers", "output_layers"):
+                    for item in value:
+                        if isinstance(item, list) and item and isinstance(item[0], str):
+                            names.add(item[0])
+                collect(value)
+        elif isinstance(node, list):
+            for item in node:
+                collect(item)
+
+    collect(config)
+    canonical = {}
+
+    def rename(node):
+        if isinstance(node, dict):
+            return {k: rename(v) for k, v in sorted(node.items())}
+        if isinstance(node, list):
+            return [rename(v) for v in node]
+        if isinstance(node, str) and node in names:
+            return canonical.setdefault(node, f"#{len(canonical)}")
+        return node
+
+    variables = tuple((tuple(v.shape), str(v.dtype), bool(v.trainable))
+                      for v in model.variables)
+    return json.dumps(rename(config), sort_keys=True), variables
+
+
+class _Shared:
+    """A block function compiled once for all models of an architecture.
+
+    `builder(state, values, *xs)` computes the block for the model whose
+    (state, variables) the current call set: `values` maps id(variable) to the
+    tensor argument that replaces it.
+    """
+
+    def __init__(self, builder, jit):
+        self._call_state = None
+        self.shareable = None  # unknown until the first trace is inspected
+        self.lock = threading.RLock()
+
+        def traced(values, *xs):
+            model, state = self._call_state
+            variables = list(model.variables)
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                return builder(state, {id(v): t for v, t in zip(variables, values)}, *xs)
+
+        self.fn = _JitFallback(traced, jit)
+
+    def __call__(self, model, state, *xs):
+        values = [tf.convert_to_tensor(v) for v in model.variables]
+        with self.lock:
+            self._call_state = (model, state)
+            try:
+                out = self.fn(values, *xs)
+                if self.shareable is None:
+                    self.shareable = not _reads_variables(self.fn, values, xs)
+            finally:
+                self._call_state = None
+        return out
+
+
+def _reads_variables(fn, values, xs):
+    """Whether the traced function captured a variable (read it directly, not as an argument)."""
+    active = fn._xla if fn._xla is not None else fn._plain
+    concrete = active.get_concrete_function(values, *xs)
+    return any(t.dtype == tf.resource for t in concrete.captured_inputs)
+
+
+def shared_compiled(model, key, builder, state, jit_allowed=True):
+    """`fn(*xs)` running the block function shared by `model`'s architecture, or None.
+
+    None when the architecture is unknown or found unshareable; the caller then
+    compiles a function of its own (`compiled`). `key` holds the options (with
+    weights as indices into `model.variables`); `state` is what `builder`
+    needs of this model (never held after the call).
+    """
+    arch = architecture_key(model)
+    if arch is None:
+        return None
+    full_key = (arch, key)
+    with _SHARED_LOCK:
+        entry = _SHARED.get(full_key)
+        if entry is None:
+            entry = _Shared(builder, jit_allowed and _JIT != "0")
+            _SHARED[full_key] = entry
+            while len(_SHARED) > _SHARED_LIMIT:
+                _SHARED.popitem(last=False)
+        else:
+            _SHARED.move_to_end(full_key)
+    if entry.shareable is False:
+        return None
+    model_ref = weakref.ref(model)
+
+    def call(*xs):
+        current = model_ref()
+        if current is None:
+            raise RuntimeError("The model of this kernel block no longer exists. Received: a "
+                               "call after the model was freed")
+        return entry(current, state, *xs)
+
+    call.shared = entry
+    return call
 
 
 class _JitFallback:
