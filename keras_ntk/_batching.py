@@ -333,6 +333,43 @@ def shared_compiled(model, key, builder, state, jit_allowed=True):
     return call
 
 
+_SHARED_VALUES = collections.OrderedDict()
+
+
+def shared_value(model, key, weights, make):
+    """`make()` computed once per (architecture, key, weights as indices): for facts
+    about a model that do not depend on its weights' values (e.g. its profile).
+    Computed for `model` alone when its architecture is unknown."""
+    arch = architecture_key(model)
+    if arch is None:
+        return make()
+    index = {id(v): i for i, v in enumerate(model.variables)}
+    if any(id(w) not in index for w in weights):
+        return make()
+    full_key = (arch, key, tuple(index[id(w)] for w in weights))
+    with _SHARED_LOCK:
+        if full_key in _SHARED_VALUES:
+            _SHARED_VALUES.move_to_end(full_key)
+            return _SHARED_VALUES[full_key]
+    value = make()
+    with _SHARED_LOCK:
+        _SHARED_VALUES[full_key] = value
+        while len(_SHARED_VALUES) > _SHARED_LIMIT:
+            _SHARED_VALUES.popitem(last=False)
+    return value
+
+
+def block_functions(model):
+    """The compiled block functions (`_JitFallback`) serving `model`: its own and
+    those shared by its architecture (for tests and diagnostics)."""
+    cache = model_cache(model)
+    own = [f for f in cache.values() if isinstance(f, _JitFallback)]
+    arch = cache.get("architecture")
+    with _SHARED_LOCK:
+        shared = [e.fn for (a, _), e in _SHARED.items() if arch is not None and a == arch]
+    return own + shared
+
+
 class _JitFallback:
     """Runs a block function under XLA, falling back to a plain graph if XLA cannot compile it.
 

@@ -33,7 +33,7 @@ import tensorflow as tf
 from keras_ntk import _validation
 from keras_ntk._batching import (
     block_ranges, compiled, kernel_tasks, model_cache, num_examples, run_tasks, shared_compiled,
-    slice_examples, to_host)
+    shared_value, slice_examples, to_host)
 from keras_ntk._costs import choose_block, default_memory_budget, model_profile
 from keras_ntk._jacobians import (
     call_flat, contract_jacobians, full_batch_jacobians, per_example_jacobians)
@@ -361,7 +361,11 @@ def kernel_setup(model, x1, x2, trace_axes, diagonal_axes, implementation, batch
     per_model = model_cache(model)
     if cache_key not in per_model:
         rules = [] if coupled else structured_rules(model, weights)
-        per_model[cache_key] = (rules, model_profile(model, s.x1, weights, rules, training))
+        # The profile (shapes and counts only) is shared by the models of an
+        # architecture: a new model of a known architecture is not traced.
+        per_model[cache_key] = (rules, shared_value(
+            model, cache_key[:3] + cache_key[4:], weights,
+            lambda: model_profile(model, s.x1, weights, rules, training)))
     rules, profile = per_model[cache_key]
     out_axes = [OutputAxes(shape, trace_axes, diagonal_axes) for shape in profile.out_shapes]
     if dtype is None:

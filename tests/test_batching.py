@@ -133,8 +133,7 @@ def test_padded_blocks_have_fixed_shapes_and_give_the_unpadded_kernel(n1, n2, bl
 
 
 def _tracing_counts(model):
-    functions = [f for f in _batching._COMPILED[model].values()
-                 if isinstance(f, _batching._JitFallback)]
+    functions = _batching.block_functions(model)
     return sum(f._plain.experimental_get_tracing_count()
                + (f._xla.experimental_get_tracing_count() if f._xla is not None else 0)
                for f in functions), len(functions)
@@ -213,8 +212,8 @@ def test_repeated_calls_do_not_retrace():
     model = mlp()
     x = inputs_for("mlp", 8)
     first = keras_ntk.empirical_ntk(model, x, implementation="structured")
-    functions = [f for f in _batching._COMPILED[model].values()
-                 if isinstance(f, _batching._JitFallback)]
+    functions = _batching.block_functions(model)
+    assert functions
     cache = dict(_batching._COMPILED[model])
     counts = [f._plain.experimental_get_tracing_count()
               + (f._xla.experimental_get_tracing_count() if f._xla is not None else 0)
@@ -264,6 +263,93 @@ def test_xla_path_matches_plain_graphs(monkeypatch):
         actual = keras_ntk.empirical_ntk(model, x1, x2, trace_axes=(),
                                          implementation=implementation)
         assert_close(actual, expected)
-    functions = [f for f in _batching._COMPILED[model].values()
-                 if isinstance(f, _batching._JitFallback)]
+    functions = _batching.block_functions(model)
     assert functions and all(f._xla is not None for f in functions)
+
+
+# ------------------------------------------------------------------ one function per architecture
+
+
+def _three_layer_mlp(width=16, seed=0):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((5,)), keras.layers.Dense(width, activation="tanh"),
+                             keras.layers.Dense(width, activation="relu"),
+                             keras.layers.Dense(1)])
+
+
+def test_models_of_one_architecture_share_one_compiled_function(monkeypatch):
+    """Weights are arguments: a second model of the architecture is not traced again,
+    its kernel is its own (float64 Jacobian reference), and no model is held."""
+    import collections
+
+    import keras
+
+    monkeypatch.setattr(_batching, "_JIT", "0")
+    monkeypatch.setattr(_batching, "_SHARED", collections.OrderedDict())
+    x = np.random.default_rng(4).normal(size=(8, 5)).astype("float32")
+    refs, kernels = [], []
+    for seed in range(3):
+        model = _three_layer_mlp(seed=seed)
+        kernel = keras_ntk.empirical_ntk(model, x, implementation="structured")
+        jac = _jacobian64(model, x)
+        np.testing.assert_allclose(kernel, jac @ jac.T, rtol=1e-4, atol=1e-6)
+        kernels.append(kernel)
+        refs.append(weakref.ref(model))
+        del model
+    assert len(_batching._SHARED) == 1
+    (entry,) = _batching._SHARED.values()
+    assert entry.shareable and entry.fn._plain.experimental_get_tracing_count() == 1
+    assert np.abs(kernels[0] - kernels[1]).max() > 1e-3 * np.abs(kernels[0]).max()
+    gc.collect()
+    assert sum(ref() is not None for ref in refs) == 0
+    # Another width is another architecture; a renamed layer is not.
+    wider = _three_layer_mlp(width=24)
+    assert _batching.architecture_key(wider) != _batching.architecture_key(_three_layer_mlp())
+    renamed = keras.Sequential([keras.Input((5,)),
+                                keras.layers.Dense(16, activation="tanh", name="first"),
+                                keras.layers.Dense(16, activation="relu"),
+                                keras.layers.Dense(1, name="head")], name="other")
+    assert _batching.architecture_key(renamed) == _batching.architecture_key(_three_layer_mlp())
+    other_activation = keras.Sequential([keras.Input((5,)), keras.layers.Dense(16),
+                                         keras.layers.Dense(16, activation="relu"),
+                                         keras.layers.Dense(1)])
+    assert _batching.architecture_key(other_activation) != _batching.architecture_key(wider)
+    assert _batching.architecture_key(other_activation) != _batching.architecture_key(
+        _three_layer_mlp())
+
+
+def test_unknown_architectures_and_direct_variable_reads_keep_functions_of_their_own(
+        monkeypatch):
+    import collections
+
+    import keras
+    import tensorflow as tf
+
+    monkeypatch.setattr(_batching, "_JIT", "0")
+    monkeypatch.setattr(_batching, "_SHARED", collections.OrderedDict())
+
+    class Scale(keras.layers.Layer):  # a custom layer: its call is not described by a config
+        def build(self, shape):
+            self.w = self.add_weight(shape=(shape[-1],), initializer="ones")
+
+        def call(self, x):
+            return x * self.w
+
+    custom = keras.Sequential([keras.Input((5,)), Scale(), keras.layers.Dense(1)])
+    assert _batching.architecture_key(custom) is None
+    x = np.random.default_rng(5).normal(size=(6, 5)).astype("float32")
+    jac = _jacobian64(custom, x)
+    np.testing.assert_allclose(keras_ntk.empirical_ntk(custom, x), jac @ jac.T,
+                               rtol=1e-4, atol=1e-6)
+    assert not _batching._SHARED
+
+    # A shared builder that reads a variable directly (not through the substitution)
+    # is found out at its first trace and the architecture is no longer shared.
+    model = _three_layer_mlp()
+    hidden = tf.Variable(2.0)
+    first = _batching.shared_compiled(model, ("probe",), lambda state, values, xb: xb * hidden,
+                                      None)
+    np.testing.assert_allclose(first(np.ones(3, np.float32)), 2.0)
+    assert _batching.shared_compiled(model, ("probe",), None, None) is None
