@@ -24,6 +24,13 @@ killed writers are removed when a store is opened
 (written by older code, or damaged) is discarded with a log line naming it
 by `load_or_discard`, and the caller computes it again.
 
+Shards (`--shard=i/n`, `docs/scaling.md`): n jobs share one output
+directory, each computing every n-th cell of the grid (`CellStore.mine`);
+cells are separate files written atomically, so shards never collide. A
+shard that finishes while cells of other shards are missing says which and
+writes no results.json (`CellStore.gather`); the last one to finish (or a
+run with `--merge`, which computes nothing) writes results.json and figures.
+
 All paths go through `tf.io.gfile`, so the output directory may be `gs://`.
 """
 
@@ -282,6 +289,68 @@ def architecture(model):
     return _canonical(strip(model.get_config()))
 
 
+# ---------------------------------------------------------------- shards
+
+MERGE = "merge"
+# The shard of this process, set by the launcher (`--shard`, `--merge`) before
+# the study's `run` opens its store: None (every cell), (i, n) or MERGE.
+_process_shard = None
+
+
+def parse_shard(text):
+    """(i, n) from "i/n" with 0 <= i < n, e.g. "1/4" → (1, 4)."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if match is None or not 0 <= int(match[1]) < int(match[2]):
+        raise ValueError(
+            "Expected a shard 'i/n' with 0 <= i < n (shard i of n jobs, counted from 0). "
+            f"Received: shard={text!r}")
+    return int(match[1]), int(match[2])
+
+
+def shard_from_tf_config(tf_config):
+    """(i, n) of this task in a TF_CONFIG dict: i its rank among chief and workers.
+
+    The cluster's chief (if any) comes first, then the workers in order;
+    evaluators and parameter servers are not shards.
+    """
+    cluster = tf_config.get("cluster", {}) if isinstance(tf_config, dict) else {}
+    task = tf_config.get("task", {}) if isinstance(tf_config, dict) else {}
+    ranked = [("chief", i) for i in range(len(cluster.get("chief", [])))] + [
+        ("worker", i) for i in range(len(cluster.get("worker", [])))]
+    key = (task.get("type"), int(task.get("index", 0)))
+    if key not in ranked:
+        raise ValueError(
+            "Expected TF_CONFIG to name a chief or worker task of its cluster (its rank is "
+            f"the shard index). Received: TF_CONFIG task={task!r}, cluster types="
+            f"{sorted(cluster)}")
+    return ranked.index(key), len(ranked)
+
+
+def set_process_shard(shard):
+    """Sets the shard that `CellStore`s opened by this process use by default.
+
+    Args:
+        shard: None (every cell), (i, n), "i/n", or `MERGE` (no cell: only
+            gather the finished ones).
+    """
+    global _process_shard
+    if shard is None or shard == MERGE:
+        _process_shard = shard
+    elif isinstance(shard, str):
+        _process_shard = parse_shard(shard)
+    else:
+        _process_shard = parse_shard(f"{shard[0]}/{shard[1]}")
+
+
+def process_shard():
+    """The shard set by `set_process_shard` (None, (i, n) or MERGE)."""
+    return _process_shard
+
+
+def _stable_index(key):
+    return int(hashlib.sha256(str(key).encode("utf-8")).hexdigest()[:15], 16)
+
+
 # ---------------------------------------------------------------- the store
 
 
@@ -292,6 +361,10 @@ class CellStore:
         output_dir: the run's directory; cells live in `output_dir/cells/`.
         overwrite: discard a cell (record and intermediate files) stored
             under other settings instead of refusing to run.
+        shard: which cells this process computes: None (all), (i, n) (the
+            cells whose grid index is i modulo n, `mine`) or `MERGE` (none);
+            default: the process' shard (`set_process_shard`, set by the
+            launcher's `--shard`/`--merge`).
 
     Example:
 
@@ -303,11 +376,28 @@ class CellStore:
         record = compute(...)
         store.put("mlp-binary-seed0", settings, record)
     ```
+
+    A sharded loop skips the cells of other shards and builds results only
+    from a complete grid:
+
+    ```python
+    for index, key in enumerate(keys):
+        if store.get(key, settings[key]) is None and store.mine(index):
+            store.put(key, settings[key], compute(key))
+    records = store.gather({key: settings[key] for key in keys})
+    if records is None:
+        return None  # Other shards' cells are missing (logged): no results.json.
+    ```
     """
 
-    def __init__(self, output_dir, overwrite=False):
+    def __init__(self, output_dir, overwrite=False, shard="process"):
         self.output_dir = output_dir
         self.overwrite = bool(overwrite)
+        if shard == "process":
+            shard = _process_shard
+        elif shard is not None and shard != MERGE:
+            shard = parse_shard(shard if isinstance(shard, str) else f"{shard[0]}/{shard[1]}")
+        self.shard = shard
         self.root = os.path.join(output_dir, "cells")
         self._claimed = {}
         remove_temporary_files(output_dir)
@@ -371,6 +461,25 @@ class CellStore:
         self._claimed[key] = settings
         return None
 
+    def check_all(self, settings_by_key, on_finished=None):
+        """Reads every cell of a grid before any work: {key: record, or None when unfinished}.
+
+        Each stored cell (record or intermediate files) is checked against
+        its settings as `get` does, in order, so a rerun with other settings
+        is refused (ValueError naming every setting that differs) before the
+        first cell is computed, wherever the stale cell lies in the grid.
+
+        Args:
+            settings_by_key: {key: settings} in grid order.
+            on_finished: called with the key of each finished cell (progress logs).
+        """
+        records = {}
+        for key, settings in settings_by_key.items():
+            records[key] = self.get(key, settings)
+            if records[key] is not None and on_finished is not None:
+                on_finished(key)
+        return records
+
     def cell_dir(self, key):
         """The directory for `key`'s intermediate files (created, stamped with its settings).
 
@@ -402,6 +511,73 @@ class CellStore:
         self._claimed.pop(key, None)
         if discard_cell_dir:
             self.discard_cell_dir(key)
+
+    @property
+    def sharded(self):
+        """True when this process computes only part of the grid (a shard, or a merge)."""
+        return self.shard is not None
+
+    @property
+    def shard_name(self):
+        """"shard i/n", "merge" or "run" (unsharded), for log lines."""
+        if self.shard is None:
+            return "run"
+        return MERGE if self.shard == MERGE else "shard %d/%d" % self.shard
+
+    def mine(self, index_or_key):
+        """Whether this process computes the cell at grid index (int) or with key (str).
+
+        Unsharded: always. Shard (i, n): grid indices ≡ i (mod n), or, for a
+        key, its SHA-256 modulo n (stable across processes and orderings).
+        Merge: never.
+        """
+        is_index = isinstance(index_or_key, (int, np.integer)) and not isinstance(
+            index_or_key, bool)
+        if not is_index and not isinstance(index_or_key, str):
+            raise TypeError(
+                "Expected a grid index (int) or a cell key (str). Received: "
+                f"index_or_key={index_or_key!r} of type {type(index_or_key).__name__}")
+        if not is_index:
+            self._check_key(index_or_key)
+        if self.shard is None:
+            return True
+        if self.shard == MERGE:
+            return False
+        i, n = self.shard
+        if is_index:
+            return int(index_or_key) % n == i
+        return _stable_index(index_or_key) % n == i
+
+    def missing(self, keys):
+        """The keys among `keys` that have no finished record yet, in order."""
+        gfile = _gfile()
+        return [key for key in keys if not gfile.exists(self.record_path(key))]
+
+    def gather(self, settings_by_key):
+        """{key: record} of every cell when all are finished, else None (logged).
+
+        Reads each record written by any shard (checking its settings as
+        `get` does). When cells are missing, logs which and how many and
+        returns None: the caller writes no results.json; the last shard to
+        finish, or a run with `--merge`, writes it.
+        """
+        missing = self.missing(list(settings_by_key))
+        if missing:
+            shown = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more"
+                                                if len(missing) > 20 else "")
+            logging.info(
+                "%s: %d of %d cells are not finished yet (%s); results.json and the figures "
+                "are written by the last shard to finish, or by a run with --merge.",
+                self.shard_name, len(missing), len(settings_by_key), shown)
+            return None
+        records = {}
+        for key, settings in settings_by_key.items():
+            record = self.get(key, settings)
+            if record is None:  # Discarded as unreadable or stale since `missing` looked.
+                logging.info("Cell %s could not be read: no results.json yet.", key)
+                return None
+            records[key] = record
+        return records
 
     def discard_cell_dir(self, key):
         """Deletes `key`'s intermediate files (not its record)."""

@@ -402,33 +402,21 @@ def run(
     Returns:
         The results dictionary (also in results.json).
     """
-    from experiments import cells
+    from experiments import bindings, cells
     from experiments import data as data_lib
+    from experiments import grid as grid_lib
 
-    if loss not in LOSSES:
-        raise ValueError(f"Expected loss in {LOSSES}. Received: kernel_evolution.run.loss={loss!r}")
-    if model not in model_builders:
-        raise ValueError(
-            f"Unknown model. Known models: {', '.join(sorted(model_builders))}. "
-            f"Received: kernel_evolution.run.model={model!r}"
-        )
-    if dataset.split("/")[0] not in data_lib.KNOWN_DATASETS:
-        raise ValueError(
-            f"Unknown dataset. Known datasets: {', '.join(data_lib.KNOWN_DATASETS)}. "
-            f"Received: kernel_evolution.run.dataset={dataset!r}"
-        )
-    if not widths or any(int(w) < 1 for w in widths):
-        raise ValueError(
-            f"Expected positive widths. Received: kernel_evolution.run.widths={list(widths)!r}")
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(
-            f"Expected distinct seeds. Received: kernel_evolution.run.seeds={list(seeds)!r}")
+    checks = bindings.Bindings("kernel_evolution", qualified=True)
+    checks.known("loss", loss, LOSSES, "loss")
+    checks.known("model", model, model_builders, "model", listed=sorted(model_builders))
+    checks.known("dataset", dataset.split("/")[0], data_lib.KNOWN_DATASETS, "dataset")
+    checks.check(widths=(list(widths), bindings.NON_EMPTY_POSITIVE_INTS),
+                 seeds=(list(seeds), bindings.DISTINCT_INTS),
+                 num_probe=(num_probe, bindings.POSITIVE_INT),
+                 num_validation=(num_validation, bindings.POSITIVE_INT),
+                 epochs=(epochs, bindings.POSITIVE_INT),
+                 batch_size=(batch_size, bindings.POSITIVE_INT))
     _width_kwargs(model, widths[0], depth)  # refuses a model without a width knob
-    if min(num_probe, num_validation) < 1 or epochs < 1 or batch_size < 1:
-        raise ValueError(
-            "Expected num_probe, num_validation, epochs and batch_size >= 1. Received: "
-            f"kernel_evolution.run.num_probe={num_probe}, num_validation={num_validation}, "
-            f"epochs={epochs}, batch_size={batch_size}")
     data = data_lib.load_dataset(dataset, num_train=num_train, num_test=num_test,
                                  data_dir=data_dir)
     if num_probe + num_validation > len(data.train.y):
@@ -464,14 +452,11 @@ def run(
                 "probe_seed": probe_seed, "ridge_factors": list(ridge_factors),
                 "ntk_implementation": ntk_implementation}
 
+    work = {f"width{int(w)}-seed{int(s)}": (int(w), int(s)) for w in widths for s in seeds}
+    grid = grid_lib.Grid(store, [(key, run_settings(*point), key, point)
+                                 for key, point in work.items()], name="run")
     # Every stored run is checked before any work: other settings are refused here.
-    work = [(int(w), int(s)) for w in widths for s in seeds]
-    settings = {(w, s): run_settings(w, s) for w, s in work}
-    done = {}
-    for (width, seed), run_setting in settings.items():
-        record = store.get(f"width{width}-seed{seed}", run_setting)
-        if record is not None:
-            done.setdefault(str(width), {})[str(seed)] = record
+    records = grid.check()
     results = {
         "study": "kernel_evolution",
         "dataset": dataset,
@@ -501,25 +486,23 @@ def run(
         ),
     }
 
-    def write():
-        for key, per_seed in done.items():
-            if per_seed:
-                results["widths"][key] = aggregate_seeds(per_seed)
+    def write(*_):
+        done = {}
+        for key, record in records.items():
+            if record is not None:
+                width, seed = work[key]
+                done.setdefault(str(width), {})[str(seed)] = summarize(record, total_steps)
+        for width, per_seed in done.items():
+            results["widths"][width] = aggregate_seeds(per_seed)
         if results["widths"]:
             results["epochs"] = next(iter(results["widths"].values()))["epochs"]
         cells.write_json_atomic(results_path, results)
 
-    started = time.time()
-    for index, (width, seed) in enumerate(work, start=1):
-        key = str(width)
-        per_seed = done.setdefault(key, {})
-        if str(seed) in per_seed:
-            logging.info("run %d of %d (width %s, seed %d): already finished, skipped", index,
-                         len(work), key, seed)
-            continue
-        logging.info("run %d of %d (width %s, seed %d): training %d steps, %d velocity times",
-                     index, len(work), key, seed, total_steps, len(velocity_times))
-        cell = _train_width(
+    def compute(key):
+        width, seed = work[key]
+        logging.info("width %d, seed %d: training %d steps, %d velocity times", width, seed,
+                     total_steps, len(velocity_times))
+        return _train_width(
             width, model_builder=model_builders[model], model=model, depth=depth,
             data=data, num_classes=num_classes, probe_x=probe_x, probe_y=probe_y,
             layout=layout, velocity_times=velocity_times, velocity_dt=velocity_dt,
@@ -528,17 +511,15 @@ def run(
             jit_compile=jit_compile, strategy=strategy, output_dir=output_dir,
             save_kernels=save_kernels, ntk_batch_size=ntk_batch_size,
             ntk_implementation=ntk_implementation)
-        store.put(f"width{width}-seed{seed}", settings[(width, seed)], cell)
-        per_seed[str(seed)] = cell
-        write()
-        logging.info("run %d of %d done; elapsed %.0f s", index, len(work),
-                     time.time() - started)
-    # The tail fits follow the current rule, also for runs read back from results.json.
-    for key, per_seed in done.items():
-        for seed_key in per_seed:
-            per_seed[seed_key] = summarize(per_seed[seed_key], total_steps)
-    results["finished"] = all(str(s) in done.get(str(int(w)), {}) for w in widths
-                              for s in seeds)
+
+    grid.run(compute, after_each=None if store.sharded else write)
+    if store.sharded:  # The cells of every shard, or no results.json yet.
+        gathered = store.gather(grid.settings)
+        if gathered is None:
+            return None
+        records.update(gathered)
+    # The tail fits follow the current rule, also for runs read back from the store.
+    results["finished"] = all(record is not None for record in records.values())
     write()
     if write_figures and results["widths"]:
         draw_figures(results, os.path.join(output_dir, "figures"))

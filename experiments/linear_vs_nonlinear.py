@@ -47,6 +47,7 @@ import os
 import numpy as np
 from absl import app, logging
 
+from experiments import bindings
 from experiments import launcher
 
 TASKS = ("eigenfunction", "binary")
@@ -63,85 +64,40 @@ def _cell_id(model, task, k, seed):
     return f"{model}-{task}" + (f"-k{k}" if k is not None else "") + f"-seed{seed}"
 
 
-def _validate(dataset, models, tasks, ks, model_builders, linearized_init_mode,
-              eigen_solver="auto"):
+_BINDINGS = bindings.Bindings("linear_vs_nonlinear")
+
+
+def _validate(dataset, models, tasks, ks, model_builders, linearized_init_mode, eigen_solver,
+              **numbers):
+    """Refuses unknown names and impossible numbers before any work, naming the binding."""
     from experiments import data as data_lib
 
-    if dataset not in data_lib.KNOWN_DATASETS:
-        raise ValueError(
-            f"Unknown dataset. Known datasets: {', '.join(data_lib.KNOWN_DATASETS)}. "
-            f"Received: dataset={dataset!r}"
-        )
-    unknown = [m for m in models if m not in model_builders]
-    if unknown or not models:
-        raise ValueError(
-            f"Unknown model(s) {unknown}. Known models: {', '.join(sorted(model_builders))}. "
-            f"Received: models={list(models)!r}"
-        )
-    bad_tasks = [t for t in tasks if t not in TASKS]
-    if bad_tasks or not tasks:
-        raise ValueError(
-            f"Unknown task(s) {bad_tasks}. Known tasks: {', '.join(TASKS)}. "
-            f"Received: tasks={list(tasks)!r}"
-        )
+    _BINDINGS.known("dataset", dataset, data_lib.KNOWN_DATASETS, "dataset")
+    _BINDINGS.known("models", models, model_builders, "model", listed=sorted(model_builders))
+    _BINDINGS.known("tasks", tasks, TASKS, "task")
     if "eigenfunction" in tasks and (not ks or any(int(k) < 1 for k in ks)):
         raise ValueError(f"Expected eigenfunction indices k >= 1. Received: ks={list(ks)!r}")
-    if eigen_solver not in EIGEN_SOLVERS:
-        raise ValueError(
-            f"Expected eigen_solver in {EIGEN_SOLVERS}. Received: eigen_solver={eigen_solver!r}"
-        )
-    if linearized_init_mode not in LINEARIZATION_MODES:
-        raise ValueError(
-            f"Expected linearized_init_mode in {LINEARIZATION_MODES}. "
-            f"Received: linearized_init_mode={linearized_init_mode!r}"
-        )
-
-
-def _validate_settings(**settings):
-    """Refuses impossible numeric settings, naming the gin binding, before any work."""
-    checks = {
-        "epochs": lambda v: isinstance(v, int) and v >= 1,
-        "batch_size": lambda v: isinstance(v, int) and v >= 1,
-        "learning_rate": lambda v: isinstance(v, (int, float)) and v > 0,
-        "momentum": lambda v: isinstance(v, (int, float)) and 0 <= v < 1,
-        "num_train": lambda v: v is None or (isinstance(v, int) and v >= 1),
-        "num_test": lambda v: v is None or (isinstance(v, int) and v >= 1),
-        "num_probe": lambda v: isinstance(v, int) and v >= 1,
-        "num_projection": lambda v: isinstance(v, int) and v >= 1,
-        "max_new_cells": lambda v: v is None or (isinstance(v, int) and v >= 0),
-        "seeds": lambda v: len(v) > 0 and all(isinstance(s, int) for s in v)
-        and len(set(v)) == len(v),
-    }
-    expected = {
-        "epochs": "an int >= 1", "batch_size": "an int >= 1", "learning_rate": "a number > 0",
-        "momentum": "a number in [0, 1)", "num_train": "None or an int >= 1",
-        "num_test": "None or an int >= 1", "num_probe": "an int >= 1",
-        "num_projection": "an int >= 1", "max_new_cells": "None or an int >= 0",
-        "seeds": "a non-empty list of distinct ints",
-    }
-    for name, value in settings.items():
-        if isinstance(value, bool) or not checks[name](value):
-            raise ValueError(f"Expected linear_vs_nonlinear.run.{name} to be {expected[name]}. "
-                             f"Received: {name}={value!r}")
+    _BINDINGS.known("eigen_solver", eigen_solver, EIGEN_SOLVERS, "eigen_solver")
+    _BINDINGS.known("linearized_init_mode", linearized_init_mode, LINEARIZATION_MODES,
+                    "linearized_init_mode")
+    kinds = dict(epochs=bindings.POSITIVE_INT, batch_size=bindings.POSITIVE_INT,
+                 learning_rate=bindings.POSITIVE_NUMBER, momentum=bindings.MOMENTUM,
+                 num_train=bindings.OPTIONAL_POSITIVE_INT,
+                 num_test=bindings.OPTIONAL_POSITIVE_INT, num_probe=bindings.POSITIVE_INT,
+                 num_projection=bindings.POSITIVE_INT,
+                 max_new_cells=bindings.OPTIONAL_NON_NEGATIVE_INT, seeds=bindings.DISTINCT_INTS)
+    _BINDINGS.check(**{name: (value, kinds[name]) for name, value in numbers.items()})
 
 
 def _validate_sizes(dataset, data, num_train, num_test, num_probe, batch_size, drop_remainder):
     """Refuses sizes larger than the loaded dataset (tfds slicing would silently clip them)."""
-    for name, wanted, available, split in (("num_train", num_train, len(data.train.y), "train"),
-                                           ("num_test", num_test, len(data.test.y), "test")):
-        if wanted is not None and wanted > available:
-            raise ValueError(
-                f"Expected linear_vs_nonlinear.run.{name} <= {available} (the {dataset} "
-                f"{split} split). Received: {name}={wanted}")
-    if num_probe > len(data.train.y):
-        raise ValueError(
-            f"Expected linear_vs_nonlinear.run.num_probe <= {len(data.train.y)} training "
-            f"examples. Received: num_probe={num_probe}")
-    if drop_remainder and batch_size > len(data.train.y):
-        raise ValueError(
-            f"Expected linear_vs_nonlinear.run.batch_size <= {len(data.train.y)} training "
-            f"examples with drop_remainder (no full batch otherwise). "
-            f"Received: batch_size={batch_size}")
+    train_size = len(data.train.y)
+    _BINDINGS.at_most("num_train", num_train, train_size, f"(the {dataset} train split)")
+    _BINDINGS.at_most("num_test", num_test, len(data.test.y), f"(the {dataset} test split)")
+    _BINDINGS.at_most("num_probe", num_probe, train_size, "training examples")
+    if drop_remainder:
+        _BINDINGS.at_most("batch_size", batch_size, train_size,
+                          "training examples with drop_remainder (no full batch otherwise)")
 
 
 def _centered_alignment(metrics, kernel, labels):
@@ -542,15 +498,15 @@ def run(
     """
     from experiments import cells as cell_store
     from experiments import data as data_lib
+    from experiments import grid as grid_lib
     from experiments import report
 
     models, tasks = list(models), list(tasks)
     ks = [int(k) for k in ks]
-    _validate(dataset, models, tasks, ks, model_builders, linearized_init_mode, eigen_solver)
-    _validate_settings(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-                       momentum=momentum, num_train=num_train, num_test=num_test,
-                       num_probe=num_probe, num_projection=num_projection,
-                       max_new_cells=max_new_cells, seeds=list(seeds))
+    _validate(dataset, models, tasks, ks, model_builders, linearized_init_mode, eigen_solver,
+              epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+              momentum=momentum, num_train=num_train, num_test=num_test, num_probe=num_probe,
+              num_projection=num_projection, max_new_cells=max_new_cells, seeds=list(seeds))
     cells = [
         (m, task, k, s)
         for m in models
@@ -617,49 +573,48 @@ def run(
                     batch_size=batch_size, learning_rate=learning_rate, momentum=momentum,
                     drop_remainder=drop_remainder, linearized_init_mode=linearized_init_mode)
 
-    progress = cell_store.Progress(len(cells), "cell")
-    new_cells, states, finished = 0, {}, {}
-    for cell in cells:
-        cell_id = _cell_id(*cell)
-        record = store.get(cell_id, cell_settings(cell))
-        if record is not None:
-            finished[cell_id] = record
-            progress.skip(cell_id)
-            continue
-        if max_new_cells is not None and new_cells >= max_new_cells:
-            logging.info("Stopping after %d new cell(s) (max_new_cells).", new_cells)
-            break
-        progress.begin(cell_id)
-        model_name = cell[0]
-        if model_name not in states:
+    init_states = {}
+
+    def initial_state(model_name):
+        """θ0 and the eigenpairs of Θ0 of `model_name`, computed once (the store's init cell)."""
+        if model_name not in init_states:
             init_key = f"init-{model_name}"
-            store.get(init_key, init_settings[model_name])  # Refuses θ0 of other settings.
-            states[model_name] = _initial_state(study, model_name, init_seed, num_eigenvectors,
-                                                store.cell_dir(init_key))
-            eigenvalues = states[model_name][1]["eigenvalues"]
+            init_states[model_name] = _initial_state(study, model_name, init_seed,
+                                                     num_eigenvectors, store.cell_dir(init_key))
+            eigen = init_states[model_name][1]
             results["eigen"][model_name] = {
-                "eigenvalues": [float(v) for v in eigenvalues[:num_eigenvectors]],
+                "eigenvalues": [float(v) for v in eigen["eigenvalues"][:num_eigenvectors]],
                 "eigenvectors_file": os.path.join("cells", init_key, f"{model_name}_eigen.npz"),
-                "solver": str(states[model_name][1]["eigen_solver"]),
+                "solver": str(eigen["eigen_solver"]),
                 "inputs": "train+test",
             }
-        weights_path, init_state = states[model_name]
+        weights_path, init_state = init_states[model_name]
         if init_state["eigenvectors"].shape[1] < num_eigenvectors:
             raise ValueError(
                 f"Saved eigenvectors of {model_name} stop at "
                 f"{init_state['eigenvectors'].shape[1]}; use a new output_dir for larger k or "
                 f"num_projection. Received: ks={ks}, num_projection={num_projection}"
             )
-        record = _run_cell(study, cell, weights_path, init_state, linearized_init_mode,
-                           store.cell_dir(cell_id))
-        store.put(cell_id, cell_settings(cell), record, discard_cell_dir=True)
-        finished[cell_id] = record
-        results["runs"] = [finished[_cell_id(*c)] for c in cells if _cell_id(*c) in finished]
+        return weights_path, init_state
+
+    def compute(cell_id):
+        cell = cells_by_id[cell_id]
+        weights_path, init_state = initial_state(cell[0])
+        return _run_cell(study, cell, weights_path, init_state, linearized_init_mode,
+                         store.cell_dir(cell_id))
+
+    def write_results(*_):
+        results["runs"] = [record for record in records.values() if record is not None]
         cell_store.write_json_atomic(results_path, results)
-        new_cells += 1
-        progress.finish(cell_id)
-    results["runs"] = [finished[_cell_id(*c)] for c in cells if _cell_id(*c) in finished]
-    cell_store.write_json_atomic(results_path, results)
+
+    cells_by_id = {_cell_id(*cell): cell for cell in cells}
+    # Every stored cell and θ0 is checked before any work: other settings are refused here.
+    for name in models:
+        store.get(f"init-{name}", init_settings[name])
+    grid = grid_lib.Grid(store, [(key, cell_settings(cell)) for key, cell in cells_by_id.items()])
+    records = grid.check()
+    grid.run(compute, after_each=write_results, max_new=max_new_cells, discard_cell_dir=True)
+    write_results()
     if write_report:
         report.write_study_a_report(output_dir, results)
     return results

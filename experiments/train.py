@@ -16,7 +16,7 @@ from absl import logging
 
 from experiments import data as data_lib
 
-STRATEGIES = ("auto", "cpu", "one_device", "mirrored", "tpu")
+STRATEGIES = ("auto", "cpu", "one_device", "mirrored", "tpu", "multi_worker")
 
 
 def make_strategy(name="auto", tpu=None):
@@ -30,6 +30,11 @@ def make_strategy(name="auto", tpu=None):
     * `mirrored`: MirroredStrategy over all GPUs, or over all logical CPUs
       when there is no GPU (tests configure two).
     * `tpu`: TPUStrategy on `tpu` (an address, or "" / "local").
+    * `multi_worker`: refused (ValueError): Keras 3's `model.fit` fails under
+      MultiWorkerMirroredStrategy (keras-team/keras#20585); studies run on a
+      cluster as shards (`--shard`, docs/scaling.md). The kernel functions of
+      `keras_ntk` do split their blocks across the workers of a
+      MultiWorkerMirroredStrategy created by the caller.
 
     Returns:
         A `tf.distribute.Strategy`.
@@ -39,6 +44,11 @@ def make_strategy(name="auto", tpu=None):
             f"Unknown strategy. Known strategies: {', '.join(STRATEGIES)}. "
             f"Received: strategy={name!r}"
         )
+    if name == "multi_worker":
+        raise ValueError(
+            "Training under MultiWorkerMirroredStrategy is not supported: Keras 3's model.fit "
+            "fails under it (keras-team/keras#20585). Run the study as shards (--shard=i/n) "
+            "with one job per machine. Received: strategy='multi_worker'")
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":
         if tpu is not None:

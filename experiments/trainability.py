@@ -51,7 +51,9 @@ import numpy as np
 import threadpoolctl  # Installed with scikit-learn (the [experiments] extra).
 from absl import logging
 
+from experiments import bindings
 from experiments import cells as cells_lib
+from experiments import grid as grid_lib
 from experiments import launcher
 
 ARCHITECTURES = ("fcn", "cnn_flatten", "cnn_gap")
@@ -153,28 +155,6 @@ def spectrum_summary(k_train):
     }
 
 
-class _Cells:
-    """The study's cells in the shared store (`experiments.cells`), one record each.
-
-    A cell of part P (phase, architectures, finite_width) is stored as
-    `cells/<P>-<key>.json` with the settings of its part; a rerun with other
-    settings is refused naming them (or, with `overwrite`, recomputed).
-    """
-
-    def __init__(self, output_dir, settings, overwrite=False):
-        self.store = cells_lib.CellStore(output_dir, overwrite=overwrite)
-        self.settings = settings
-
-    def _cell(self, part, key):
-        return f"{part}-{key.replace('/', '-')}", dict(self.settings[part], part=part, cell=key)
-
-    def get(self, part, key):
-        return self.store.get(*self._cell(part, key))
-
-    def put(self, part, key, value):
-        self.store.put(*self._cell(part, key), value)
-
-
 # ---------------------------------------------------------------- 1 + 2
 
 
@@ -268,41 +248,41 @@ def _phase_data(dataset, num_train, heldout, flat=True):
     return prepared(x_train), y_train, prepared(x_test), y_test, description
 
 
-def _phase_diagrams(cells, output_dir, activations, grids, depths, sigma_b2, phase_data,
-                    num_classes, times, learning_rate_fraction, kernel_batch_size):
+def _log_scalars(output_dir, run_name, step_scalars):
+    """Writes {step: {tag: value}} to TensorBoard under output_dir/tensorboard/run_name."""
     import tensorflow as tf
 
+    with cells_lib.summary_writer(os.path.join(output_dir, "tensorboard", run_name)) as writer:
+        with writer.as_default():
+            for step, scalars in step_scalars.items():
+                for tag, value in scalars.items():
+                    tf.summary.scalar(tag, value, step=step)
+
+
+def _phase_diagrams(grid, output_dir, activations, grids, depths, sigma_b2, phase_data,
+                    num_classes, times, learning_rate_fraction, kernel_batch_size):
     x_train, labels_train, x_test, labels_test, _ = phase_data
-    progress = cells_lib.Progress(sum(len(grids[a]) for a in activations),
-                                  "phase row (σw², every depth)")
-    diagrams = []
-    for activation in activations:
-        log_dir = os.path.join(output_dir, "tensorboard", f"phase_{activation}")
-        with cells_lib.summary_writer(log_dir) as writer:
-            rows = []
-            for sigma_w2 in grids[activation]:
-                key = _phase_key(activation, sigma_w2)
-                row = cells.get("phase", key)
-                if row is not None:
-                    progress.skip(key)
-                else:
-                    row = phase_row(activation, sigma_w2, sigma_b2, depths, x_train, x_test,
-                                    labels_train, labels_test, num_classes, times,
-                                    learning_rate_fraction, kernel_batch_size)
-                    cells.put("phase", key, row)
-                    with writer.as_default():
-                        prefix = f"sigma_w2={sigma_w2:g}"
-                        for depth, cell in zip(depths, row["cells"]):
-                            tf.summary.scalar(f"{prefix}/log10_condition_number",
-                                              math.log10(cell["condition_number"]), step=depth)
-                            tf.summary.scalar(f"{prefix}/mean_predictor_test_accuracy",
-                                              cell["mean_predictor"]["test_accuracy"], step=depth)
-                    writer.flush()
-                    progress.finish(key)
-                rows.append(row)
-        diagrams.append(_assemble_diagram(activation, grids[activation], depths, sigma_b2, rows,
-                                          times, learning_rate_fraction))
-    return diagrams
+    points = grid.points  # key → (activation, σw²)
+
+    def compute(key):
+        activation, sigma_w2 = points[key]
+        return phase_row(activation, sigma_w2, sigma_b2, depths, x_train, x_test,
+                         labels_train, labels_test, num_classes, times,
+                         learning_rate_fraction, kernel_batch_size)
+
+    def log(key, row):
+        activation, sigma_w2 = points[key]
+        prefix = f"sigma_w2={sigma_w2:g}"
+        _log_scalars(output_dir, f"phase_{activation}", {depth: {
+            f"{prefix}/log10_condition_number": math.log10(cell["condition_number"]),
+            f"{prefix}/mean_predictor_test_accuracy": cell["mean_predictor"]["test_accuracy"],
+        } for depth, cell in zip(depths, row["cells"])})
+
+    records = grid.run(compute, after_each=log)
+    return [_assemble_diagram(activation, grids[activation], depths, sigma_b2,
+                              [records[key] for key in points if points[key][0] == activation],
+                              times, learning_rate_fraction)
+            for activation in activations]
 
 
 def _assemble_diagram(activation, grid, depths, sigma_b2, rows, times, learning_rate_fraction):
@@ -427,42 +407,33 @@ def paired_architecture_tests(architectures, alpha=0.05, power=0.8):
     return tests
 
 
-def _architectures(cells, output_dir, names, depths, activation, sigma_w2, sigma_b2, split,
+def _architectures(grid, output_dir, names, depths, activation, sigma_w2, sigma_b2, split,
                    kernel_size, ridge, kernel_batch_size):
-    import tensorflow as tf
+    points = grid.points  # key → (architecture, depth)
 
-    progress = cells_lib.Progress(len(names) * len(depths), "architecture cell")
-    log_dir = os.path.join(output_dir, "tensorboard", "architectures")
-    with cells_lib.summary_writer(log_dir) as writer:
-        out = {}
-        for name in names:
-            by_depth = []
-            for depth in depths:
-                key = f"{name}/depth={depth}"
-                cell = cells.get("architectures", key)
-                if cell is not None:
-                    progress.skip(key)
-                else:
-                    cell = architecture_cell(name, depth, activation, sigma_w2, sigma_b2, split,
-                                             kernel_size, ridge, kernel_batch_size)
-                    cells.put("architectures", key, cell)
-                    with writer.as_default():
-                        tf.summary.scalar(f"{name}/test_accuracy", cell["test_accuracy"],
-                                          step=depth)
-                        tf.summary.scalar(f"{name}/log10_condition_number",
-                                          math.log10(cell["condition_number"]), step=depth)
-                    writer.flush()
-                    progress.finish(key)
-                by_depth.append(cell)
-            out[name] = {
-                # The contract's number: the deepest of `architecture_depths`.
-                "test_accuracy": by_depth[-1]["test_accuracy"],
-                "depth": [int(d) for d in depths],
-                **{f"{key}_by_depth" if key == "test_accuracy" else key:
-                   [c[key] for c in by_depth]
-                   for key in ("test_accuracy", "test_correct", "condition_number",
-                               "condition_at_float64_bound", "eigenvalues", "kernel_seconds")},
-            }
+    def compute(key):
+        return architecture_cell(*points[key], activation, sigma_w2, sigma_b2, split,
+                                 kernel_size, ridge, kernel_batch_size)
+
+    def log(key, cell):
+        name, depth = points[key]
+        _log_scalars(output_dir, "architectures", {depth: {
+            f"{name}/test_accuracy": cell["test_accuracy"],
+            f"{name}/log10_condition_number": math.log10(cell["condition_number"])}})
+
+    records = grid.run(compute, after_each=log)
+    out = {}
+    for name in names:
+        by_depth = [records[key] for key in points if points[key][0] == name]
+        out[name] = {
+            # The contract's number: the deepest of `architecture_depths`.
+            "test_accuracy": by_depth[-1]["test_accuracy"],
+            "depth": [int(d) for d in depths],
+            **{f"{key}_by_depth" if key == "test_accuracy" else key:
+               [c[key] for c in by_depth]
+               for key in ("test_accuracy", "test_correct", "condition_number",
+                           "condition_at_float64_bound", "eigenvalues", "kernel_seconds")},
+        }
     return out
 
 
@@ -497,7 +468,7 @@ def _train_finite(width, seed, depth, activation, sigma_w2, sigma_b2, x_train, y
     return ft_test, f0_test, float(np.mean((ft_train - targets) ** 2))
 
 
-def _finite_width(cells, output_dir, dataset, widths, seeds, depth, activation, sigma_w2,
+def _finite_width(grid, output_dir, dataset, widths, seeds, depth, activation, sigma_w2,
                   sigma_b2, num_train, steps, learning_rate_fraction, strategy):
     import keras_ntk
     from experiments import models
@@ -522,27 +493,22 @@ def _finite_width(cells, output_dir, dataset, widths, seeds, depth, activation, 
     def error(outputs):
         return float(np.linalg.norm(outputs - infinite_test) / scale)
 
-    progress = cells_lib.Progress(len(widths) * len(seeds), "finite-width run")
+    points = grid.points  # key → (width, seed)
+
+    def compute(key):
+        width, seed = points[key]
+        ft, f0, loss = _train_finite(
+            width, seed, depth, activation, sigma_w2, sigma_b2, x_train, y_train, x_test, rate,
+            steps, strategy,
+            os.path.join(output_dir, "tensorboard", "finite_width", f"w{width}_s{seed}"))
+        return {"centred_test": (ft - f0).tolist(), "raw_test": ft.tolist(), "final_loss": loss}
+
+    records = grid.run(compute)
     per_width = []
     for width in widths:
-        centred, raw, runs = [], [], []
-        for seed in seeds:
-            key = f"width={width}/seed={seed}"
-            run = cells.get("finite_width", key)
-            if run is not None:
-                progress.skip(key)
-            else:
-                ft, f0, loss = _train_finite(
-                    width, seed, depth, activation, sigma_w2, sigma_b2, x_train, y_train,
-                    x_test, rate, steps, strategy,
-                    os.path.join(output_dir, "tensorboard", "finite_width", f"w{width}_s{seed}"))
-                run = {"centred_test": (ft - f0).tolist(), "raw_test": ft.tolist(),
-                       "final_loss": loss}
-                cells.put("finite_width", key, run)
-                progress.finish(key)
-            centred.append(np.asarray(run["centred_test"]))
-            raw.append(np.asarray(run["raw_test"]))
-            runs.append(run)
+        runs = [records[key] for key in points if points[key][0] == width]
+        centred = [np.asarray(run["centred_test"]) for run in runs]
+        raw = [np.asarray(run["raw_test"]) for run in runs]
         per_width.append({
             "width": int(width),
             "centred_relative_error": [error(c) for c in centred],
@@ -569,73 +535,47 @@ def _finite_width(cells, output_dir, dataset, widths, seeds, depth, activation, 
 # ---------------------------------------------------------------- run
 
 
-def _validate_sizes(**sizes):
-    """Positive sizes (None: all) and non-negative variances, named by their gin binding."""
-    optional = ("num_train", "num_test", "architecture_num_test")
-    for name in ("num_train", "num_test", "architecture_num_train", "architecture_num_test",
-                 "finite_num_train", "finite_steps", "conv_kernel_size"):
-        value = sizes[name]
-        if value is None and name in optional:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"Expected trainability.run.{name} to be a positive int"
-                             f"{' or None' if name in optional else ''}. "
-                             f"Received: {name}={value!r}")
-    for name in ("architecture_depths", "finite_widths"):
-        values = sizes[name]
-        if any(isinstance(v, bool) or not isinstance(v, int) or v < (1 if name ==
-               "finite_widths" else 0) for v in values):
-            raise ValueError(f"Expected trainability.run.{name} to be a list of "
-                             f"{'positive' if name == 'finite_widths' else 'non-negative'} "
-                             f"ints. Received: {name}={values!r}")
-    if isinstance(sizes["finite_depth"], bool) or not isinstance(sizes["finite_depth"], int) or (
-            sizes["finite_depth"] < 0):
-        raise ValueError("Expected trainability.run.finite_depth to be an int ≥ 0. "
-                         f"Received: finite_depth={sizes['finite_depth']!r}")
-    for name in ("sigma_b2", "ridge"):
-        if not (isinstance(sizes[name], (int, float)) and math.isfinite(sizes[name])
-                and sizes[name] >= 0):
-            raise ValueError(f"Expected trainability.run.{name} to be a finite float ≥ 0. "
-                             f"Received: {name}={sizes[name]!r}")
+_BINDINGS = bindings.Bindings("trainability")
 
 
 def _validate(dataset, activations, grids, depths, architectures, times, learning_rate_fraction,
-              finite_learning_rate_fraction, heldout):
+              finite_learning_rate_fraction, heldout, **numbers):
+    """Refuses unknown names and impossible numbers before any work, naming the binding."""
     from experiments import data as data_lib
 
-    if dataset not in data_lib.KNOWN_DATASETS:
-        raise ValueError(f"Unknown dataset. Known datasets: {', '.join(data_lib.KNOWN_DATASETS)}. "
-                         f"Received: dataset={dataset!r}")
-    bad = [a for a in activations if a not in ACTIVATIONS]
-    if bad:
-        raise ValueError(f"Expected activations among {ACTIVATIONS}. "
-                         f"Received: activations={list(activations)!r}")
+    _BINDINGS.known("dataset", dataset, data_lib.KNOWN_DATASETS, "dataset")
+    _BINDINGS.known("activations", activations, ACTIVATIONS, "activation")
     for activation in activations:
-        if not grids[activation] or any(s <= 0 for s in grids[activation]):
-            raise ValueError(f"Expected a non-empty list of positive σw² for {activation}. "
-                             f"Received: {activation}_sigma_w2={list(grids[activation])!r}")
+        _BINDINGS.check(**{f"{activation}_sigma_w2": (grids[activation], _POSITIVE_NUMBERS)})
     if "relu" in activations and any(s > 2.0 for s in grids["relu"]):
         raise ValueError("ReLU has no chaotic phase (q* is infinite for σw² > 2): keep "
                          f"relu_sigma_w2 ≤ 2. Received: relu_sigma_w2={list(grids['relu'])!r}")
-    if not depths or any(int(d) < 0 for d in depths) or list(depths) != sorted(set(depths)):
-        raise ValueError("Expected increasing depths ≥ 0 (trainability.run.depths). "
-                         f"Received: depths={list(depths)!r}")
-    if heldout not in HELDOUT:
-        raise ValueError(f"Expected trainability.run.heldout among {HELDOUT}. "
-                         f"Received: heldout={heldout!r}")
-    bad = [a for a in architectures if a not in ARCHITECTURES]
-    if bad:
-        raise ValueError(f"Expected architectures among {ARCHITECTURES}. "
-                         f"Received: architectures={list(architectures)!r}")
-    if any(t < 0 for t in times):
-        raise ValueError(f"Expected times ≥ 0. Received: times={list(times)!r}")
-    if not 0 < learning_rate_fraction <= 1:
-        raise ValueError("Expected 0 < trainability.run.learning_rate_fraction ≤ 1 (η/η_max of "
-                         f"gradient flow). Received: learning_rate_fraction={learning_rate_fraction}")
-    if not 0 < finite_learning_rate_fraction < 1:
-        raise ValueError("Expected 0 < trainability.run.finite_learning_rate_fraction < 1 "
-                         "(discrete steps diverge at η_max). "
-                         f"Received: finite_learning_rate_fraction={finite_learning_rate_fraction}")
+    _BINDINGS.check(depths=(depths, _INCREASING_DEPTHS), times=(times, _NON_NEGATIVE_NUMBERS),
+                    learning_rate_fraction=(learning_rate_fraction, _AT_MOST_ONE),
+                    finite_learning_rate_fraction=(finite_learning_rate_fraction, _BELOW_ONE))
+    _BINDINGS.known("heldout", heldout, HELDOUT, "heldout")
+    _BINDINGS.known("architectures", architectures, ARCHITECTURES, "architecture")
+    kinds = dict(num_train=bindings.OPTIONAL_POSITIVE_INT, num_test=bindings.OPTIONAL_POSITIVE_INT,
+                 architecture_num_train=bindings.POSITIVE_INT,
+                 architecture_num_test=bindings.OPTIONAL_POSITIVE_INT,
+                 finite_num_train=bindings.POSITIVE_INT, finite_steps=bindings.POSITIVE_INT,
+                 conv_kernel_size=bindings.POSITIVE_INT, finite_depth=bindings.NON_NEGATIVE_INT,
+                 architecture_depths=bindings.NON_NEGATIVE_INTS,
+                 finite_widths=bindings.POSITIVE_INTS, sigma_b2=bindings.FINITE_NON_NEGATIVE,
+                 ridge=bindings.FINITE_NON_NEGATIVE)
+    _BINDINGS.check(**{name: (value, kinds[name]) for name, value in numbers.items()})
+
+
+_POSITIVE_NUMBERS = ("a non-empty list of numbers > 0",
+                     lambda v: len(v) > 0 and all(bindings.POSITIVE_NUMBER[1](s) for s in v))
+_NON_NEGATIVE_NUMBERS = ("a list of numbers >= 0",
+                         lambda v: all(bindings.FINITE_NON_NEGATIVE[1](s) for s in v))
+_INCREASING_DEPTHS = ("increasing ints >= 0", lambda v: len(v) > 0 and all(
+    d >= 0 for d in v) and list(v) == sorted(set(v)))
+_AT_MOST_ONE = ("in (0, 1] (η/η_max of gradient flow)",
+                lambda v: bindings.POSITIVE_NUMBER[1](v) and v <= 1)
+_BELOW_ONE = ("in (0, 1) (discrete steps diverge at η_max)",
+              lambda v: bindings.POSITIVE_NUMBER[1](v) and v < 1)
 
 
 def run(
@@ -725,14 +665,12 @@ def run(
     depths = [int(d) for d in depths]
     times = [float(t) for t in times]
     _validate(dataset, activations, grids, depths, architectures, times, learning_rate_fraction,
-              finite_learning_rate_fraction, heldout)
-    _validate_sizes(num_train=num_train, num_test=num_test,
-                    architecture_num_train=architecture_num_train,
-                    architecture_num_test=architecture_num_test,
-                    finite_num_train=finite_num_train, finite_steps=finite_steps,
-                    finite_depth=finite_depth, conv_kernel_size=conv_kernel_size,
-                    architecture_depths=list(architecture_depths),
-                    finite_widths=list(finite_widths), sigma_b2=sigma_b2, ridge=ridge)
+              finite_learning_rate_fraction, heldout, num_train=num_train, num_test=num_test,
+              architecture_num_train=architecture_num_train,
+              architecture_num_test=architecture_num_test, finite_num_train=finite_num_train,
+              finite_steps=finite_steps, finite_depth=finite_depth,
+              conv_kernel_size=conv_kernel_size, architecture_depths=list(architecture_depths),
+              finite_widths=list(finite_widths), sigma_b2=sigma_b2, ridge=ridge)
     # Data first: sizes the dataset cannot provide are refused before any cell is written.
     data = data_lib.load_dataset(
         dataset, num_train=None if heldout == "test_and_unused_train" else num_train,
@@ -763,7 +701,26 @@ def run(
                              steps=finite_steps,
                              learning_rate_fraction=float(finite_learning_rate_fraction)),
     }
-    cells = _Cells(output_dir, settings, overwrite)
+    store = cells_lib.CellStore(output_dir, overwrite=overwrite)
+
+    def part_grid(part, points, label, name):
+        """The grid of one part: a cell `<part>-<label>` per point, with the part's settings."""
+        return grid_lib.Grid(store, [
+            (f"{part}-{label(*p).replace('/', '-')}", dict(settings[part], part=part,
+                                                           cell=label(*p)), label(*p), p)
+            for p in points], name)
+
+    architecture_depths = [int(d) for d in architecture_depths]
+    finite_widths, finite_seeds = [int(w) for w in finite_widths], [int(s) for s in finite_seeds]
+    phase_grid = part_grid("phase", [(a, s) for a in activations for s in grids[a]],
+                           _phase_key, "phase row (σw², every depth)")
+    architecture_grid = part_grid(
+        "architectures", [(n, d) for n in architectures for d in architecture_depths],
+        lambda n, d: f"{n}/depth={d}", "architecture cell")
+    finite_grid = part_grid("finite_width", [(w, s) for w in finite_widths for s in finite_seeds],
+                            lambda w, s: f"width={w}/seed={s}", "finite-width run")
+    # Every stored cell of every part is checked before any work: other settings refused here.
+    grid_lib.check_all(phase_grid, architecture_grid, finite_grid)
     start = time.time()
     results = {"study": "trainability", "dataset": dataset, "sigma_b2": float(sigma_b2),
                "targets": "heatmaps: raw one-hot (accuracy of the argmax); spread analysis: "
@@ -775,7 +732,7 @@ def run(
     results["examples"] = phase_data[4]
     logging.info("Part 1-2: FCN phase diagrams on %d train / %d held-out inputs (%s)",
                  results["num_train"], results["num_test"], phase_data[4])
-    diagrams = _phase_diagrams(cells, output_dir, activations, grids, depths, sigma_b2,
+    diagrams = _phase_diagrams(phase_grid, output_dir, activations, grids, depths, sigma_b2,
                                phase_data, num_classes, times, learning_rate_fraction,
                                kernel_batch_size)
     results["phase_diagram"] = diagrams
@@ -797,7 +754,7 @@ def run(
         logging.info("Part 3: architectures %s on %d train / %d test inputs", architectures,
                      len(split[1]), len(split[3]))
         results["architectures"] = _architectures(
-            cells, output_dir, architectures, [int(d) for d in architecture_depths],
+            architecture_grid, output_dir, architectures, architecture_depths,
             architecture_activation, architecture_sigma_w2, sigma_b2, split, conv_kernel_size,
             ridge, kernel_batch_size)
         results["architecture_tests"] = paired_architecture_tests(results["architectures"])
@@ -814,11 +771,11 @@ def run(
         cells_lib.write_json_atomic(results_path, results)
 
     if finite_widths:
-        logging.info("Part 4: finite widths %s, seeds %s", list(finite_widths), list(finite_seeds))
+        logging.info("Part 4: finite widths %s, seeds %s", finite_widths, finite_seeds)
         results["finite_width"] = _finite_width(
-            cells, output_dir, data, [int(w) for w in finite_widths],
-            [int(s) for s in finite_seeds], finite_depth, finite_activation, finite_sigma_w2,
-            sigma_b2, min(finite_num_train, len(data.train.y)), int(finite_steps),
+            finite_grid, output_dir, data, finite_widths, finite_seeds, finite_depth,
+            finite_activation, finite_sigma_w2, sigma_b2,
+            min(finite_num_train, len(data.train.y)), int(finite_steps),
             finite_learning_rate_fraction, strategy)
     results["seconds_this_run"] = time.time() - start
     cells_lib.write_json_atomic(results_path, results)

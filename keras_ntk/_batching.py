@@ -19,6 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_ntk import _distribute
 from keras_ntk._output_axes import swap_pairs
 from keras_ntk._weights import iter_layers
 
@@ -418,6 +419,8 @@ def run_tasks(tasks, verbose):
     """Runs [(fn, args, on_done)] blocks, spread over replicas under a strategy."""
     progbar = keras.utils.Progbar(len(tasks), unit_name="block") if verbose else None
     strategy = _strategy()
+    if strategy is not None and _distribute.multi_worker_strategy() is strategy:
+        return _distribute.run_tasks_on_workers(strategy, tasks, progbar)  # W workers
     step = strategy.num_replicas_in_sync if strategy is not None else 1
     done = 0
     for start in range(0, len(tasks), step):

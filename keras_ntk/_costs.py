@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from keras_ntk._batching import bucket, ladder_sizes, padded_size
 from keras_ntk._jacobians import call_flat
-from keras_ntk._structured import factorized_costs, patched
+from keras_ntk._structured import contraction_form, forward_flops, patched, rule_dims
 
 
 class Profile:
@@ -22,7 +22,7 @@ class Profile:
     def __init__(self, out_shapes, activations, rule_dims, n_params, n_rest):
         self.out_shapes = out_shapes  # per output, without the batch axis
         self.activations = activations  # float elements per example in one forward
-        self.rule_dims = rule_dims  # [(P, a, b)] per structured rule
+        self.rule_dims = rule_dims  # [_structured.RuleDims] per structured rule
         self.n_params = n_params
         self.n_rest = n_rest  # parameters not covered by a structured rule
 
@@ -42,13 +42,7 @@ def model_profile(model, x, weights, rules, training):
             with patched(rules, tape):
                 ys = call_flat(model, xs, training)
             for rule in rules:
-                p_total, a, b = 0, 0, 0
-                for inputs, probe in rule.calls:
-                    patches = rule.patches(inputs)
-                    p_total += int(patches.shape[1])
-                    a = int(patches.shape[2]) + int(rule.layer.use_bias)
-                    b = int(probe.shape[-1])
-                dims[id(rule)] = (p_total, a, b)
+                dims[id(rule)] = rule_dims(rule)
         out_shapes[:] = [tuple(int(d) for d in y.shape[1:]) for y in ys]
         return ys
 
@@ -76,7 +70,7 @@ def estimates(impl, profile, out_axes, n1, n2, same, itemsize, vector=False):
     n = n1 if same else n1 + n2
     s_total = sum(ax.size for ax in out_axes)
     act = profile.activations
-    fwd = 2 * (sum(p * a * b for p, a, b in profile.rule_dims) + profile.n_rest) + act
+    fwd = sum(forward_flops(d) for d in profile.rule_dims) + 2 * profile.n_rest + act
     out_elems = sum(n1 * n2 * ax.kernel_size for ax in out_axes)
     if impl == "jacobian":
         flops = n * s_total * 3 * fwd + sum(
@@ -98,17 +92,12 @@ def estimates(impl, profile, out_axes, n1, n2, same, itemsize, vector=False):
     elif impl == "structured":
         flops = n * fwd * (1 + 2 * s_total)
         elems = n * act * (1 + s_total) + out_elems
-        for p, a, b in profile.rule_dims:
+        for d in profile.rule_dims:
             for ax in out_axes:
-                pe, fac = factorized_costs(n1, n2, p, a, b, ax)
-                flops += min(pe, fac) if p > 1 else n1 * n2 * (a + b * ax.pairs)
-                if p == 1:
-                    extra = n1 * n2 * (1 + ax.kernel_size)
-                elif pe <= fac:
-                    extra = n * ax.size * a * b
-                else:
-                    extra = n1 * n2 * p * p * (1 + ax.kernel_size)
-                elems += n * p * a + n * ax.size * p * b + extra
+                _, (rule_flops, extra) = contraction_form(n1, n2, d, ax)
+                flops += rule_flops
+                factor_a = d.p if d.gather else d.p * d.g * d.a
+                elems += n * factor_a + n * ax.size * d.p * d.g * d.b + extra
         if profile.n_rest:
             flops += n * s_total * 3 * fwd + sum(
                 n1 * n2 * ax.pairs * profile.n_rest for ax in out_axes

@@ -4,15 +4,76 @@ The generic derivative behind the `jacobian` implementation of
 `empirical_ntk`, and behind the structured one for the weights no rule
 covers: J[n, s, w] = ∂f_s(x_n)/∂θ_w for every example, output entry and
 weight, then Θ[n, m] = Σ_w J1[n, ·, w] J2[m, ·, w].
+
+Every model call of the kernels goes through `call_flat`, which traces the
+model's recurrent layers unrolled (see `unrolled`): TensorFlow can neither
+vectorize (pfor) the gradient of a recurrent layer's `tf.while_loop` nor run
+forward mode through it, but both work on the unrolled loop.
 """
 
+import contextlib
+import logging
+import threading
+
+import keras
 import tensorflow as tf
 
+from keras_ntk._weights import iter_layers
+
 _ZERO = tf.UnconnectedGradients.ZERO
+_LOGGER = logging.getLogger("keras_ntk")
+# Flipping `unroll` is process-global state: serialize it across threads
+# (MirroredStrategy replicas trace concurrently).
+_UNROLL_LOCK = threading.RLock()
+_LOGGED = set()
+
+
+def recurrent_layers(model):
+    """The `keras.layers.RNN` layers (LSTM, GRU, SimpleRNN, ...) nested in `model`."""
+    return [layer for layer in iter_layers(model) if isinstance(layer, keras.layers.RNN)]
+
+
+@contextlib.contextmanager
+def unrolled(model):
+    """Traces `model`'s recurrent layers as Python loops over the time steps.
+
+    A Keras RNN layer runs its cell in a `tf.while_loop` unless `unroll=True`.
+    Vectorizing the gradient of that loop over examples or output entries
+    (`tf.vectorized_map`, `tape.jacobian`) fails in TF 2.21 ("Tried to take
+    gradients ... of a variable without handle data"), and
+    `tf.autodiff.ForwardAccumulator` cannot push tangents through it; the
+    unrolled loop is the same maths as straight-line code, which both handle
+    (and XLA compiles). So `unroll` is set to True on every recurrent layer for
+    the duration of one traced call and restored afterwards. The time
+    dimension is static inside the kernels' traced functions (their inputs
+    are concrete blocks), which unrolling requires. The graph grows linearly
+    with the number of time steps.
+    """
+    layers = [layer for layer in recurrent_layers(model) if not layer.unroll]
+    if not layers:
+        yield
+        return
+    with _UNROLL_LOCK:
+        if id(model) not in _LOGGED:
+            _LOGGED.add(id(model))
+            _LOGGER.info(
+                "keras_ntk: tracing the recurrent layers %s unrolled over time (vectorized "
+                "Jacobians and forward mode cannot run through a tf.while_loop)",
+                [layer.name for layer in layers])
+        try:
+            for layer in layers:
+                layer.unroll = True
+            yield
+        finally:
+            for layer in layers:
+                layer.unroll = False
 
 
 def call_flat(model, x, training):
-    return [tf.convert_to_tensor(y) for y in tf.nest.flatten(model(x, training=training))]
+    """The model's outputs on `x` as a flat list of tensors (recurrent layers unrolled)."""
+    with unrolled(model):
+        ys = model(x, training=training)
+    return [tf.convert_to_tensor(y) for y in tf.nest.flatten(ys)]
 
 
 def tape_jacobian(tape, target, sources):

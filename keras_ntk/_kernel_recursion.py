@@ -427,13 +427,14 @@ class _Compiled:
     spatial kernels.
     """
 
-    def __init__(self, steps, jit_compile=False):
+    def __init__(self, steps, jit_compile=False, eager=False):
         self.steps = steps
         self._xla = self if jit_compile else None
+        self._eager = self if eager else None
         options = dict(reduce_retracing=True, jit_compile=jit_compile)
 
         def function(fn):
-            return tf.function(fn, **options)
+            return fn if eager else tf.function(fn, **options)
 
         polynomial = jit_compile
         self.self_recursion = function(
@@ -452,6 +453,12 @@ class _Compiled:
             self._xla = _Compiled(self.steps, jit_compile=True)
         return self._xla
 
+    def eager(self):
+        """The same functions run op by op (no tracing: seconds saved on small kernels)."""
+        if self._eager is None:
+            self._eager = _Compiled(self.steps, eager=True)
+        return self._eager
+
 
 class _Bound:
     """A `_Compiled` with the variances of one model: calls pass them as a tensor."""
@@ -461,6 +468,9 @@ class _Bound:
 
     def xla(self):
         return _Bound(self.compiled.xla(), self.variances)
+
+    def eager(self):
+        return _Bound(self.compiled.eager(), self.variances)
 
     def _s(self, x):
         return tf.constant(self.variances, tf.as_dtype(x.dtype))

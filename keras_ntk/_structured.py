@@ -1,11 +1,31 @@
-"""Structured derivative rules: Θ of Dense/Conv2D layers from (input, cotangent) factors.
+"""Structured derivative rules: Θ of linear-in-weights layers from (input, cotangent) factors.
 
 In inference mode each example's output depends only on its own input, so
 one backward pass of the batch-summed output gives every example's cotangent
-g at each layer; a Dense or Conv2D layer's per-example weight gradient is
-Σ_p a_p ⊗ g_p (input patches a, cotangents at the pre-activation g), so its
-part of Θ is contracted from those factors without forming per-example
-gradients.
+g at each layer. Every layer with a rule here computes, per example,
+
+    z[p, c, b] = Σ_a a[p, c, a] W[c, a, b]     (+ bias, as a constant a = 1)
+
+over positions p, groups c and weight axes a (in) and b (out): its
+per-example weight gradient is W_n[c, a, b] = Σ_p a_np[c, a] g_np[c, b], so
+its part of Θ is contracted from the factors
+
+    Θ[n, m] = Σ_c Σ_{p,q} (a_np[c] · a_mq[c]) (g_np[c] · g_mq[c])
+
+without forming per-example gradients (or through W_n when cheaper):
+
+    layer               positions p      groups c           a               b
+    Dense               leading axes     -                  input features  units
+    Conv1D/Conv2D       output pixels    -                  patch           filters
+    DepthwiseConv1D/2D  output pixels    input channels     patch (1 ch.)   multiplier
+    EinsumDense         input-only axes  axes of x, W, y    contracted      output-only
+    Embedding           token positions  -                  one-hot token   output_dim
+    BatchNormalization  all but `axis`   channels           (x̂, 1)          1
+    LayerNormalization  all but `axis`   normalized entries (x̂, 1)          1
+
+(x̂: the normalized input; BatchNormalization in inference mode, moving
+statistics.) For Embedding a·a' is the token equality [t == t'] (a gather:
+the one-hot vectors are never formed).
 
 This is the only code that touches Keras layer internals: to record a
 layer's input and to add a zero probe to its pre-activation, each supported
@@ -13,10 +33,13 @@ layer's `call` is replaced for the duration of one traced forward pass
 (`patched`), and the rule recomputes the layer's maths from its variables.
 """
 
+import collections
 import contextlib
+import re
 import threading
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_ntk._jacobians import call_flat, contract_jacobians, tape_jacobian
@@ -28,14 +51,51 @@ _ZERO = tf.UnconnectedGradients.ZERO
 # (MirroredStrategy runs replicas in threads that may trace concurrently).
 _PATCH_LOCK = threading.RLock()
 
+# Sizes of one rule's factors: P positions, G groups, A inputs and B outputs
+# per group; `gather`: a is a one-hot token (A = vocabulary, never formed).
+RuleDims = collections.namedtuple("RuleDims", "p g a b gather")
+
+
+def _plain(layer):
+    """A layer without LoRA or quantization (their maths differ from the rule's)."""
+    return (not getattr(layer, "lora_enabled", False)
+            and getattr(layer, "quantization_mode", None) is None)
+
+
+def _arrange(t, lead, p_axes, g_axes, b_axes):
+    """Transposes the axes after `lead` leading ones to (p..., g..., b...) and
+    reshapes them to three axes (P, G, B); sizes are static."""
+    shape = t.shape[lead:]
+    perm = list(range(lead)) + [lead + i for i in (*p_axes, *g_axes, *b_axes)]
+    if perm != list(range(len(perm))):
+        t = tf.transpose(t, perm)
+    size = lambda axes: int(np.prod([int(shape[i]) for i in axes], dtype=np.int64))  # noqa: E731
+    head = tf.shape(t)[:lead]
+    return tf.reshape(t, tf.concat([head, [size(p_axes), size(g_axes), size(b_axes)]], 0))
+
+
+class Tokens:
+    """The a-factor of a gather (Embedding): token ids (N, P) and the vocabulary size.
+
+    Sliced over examples like a tensor (`tokens[:n]`).
+    """
+
+    def __init__(self, ids, vocabulary):
+        self.ids = ids
+        self.vocabulary = int(vocabulary)
+
+    def __getitem__(self, index):
+        return Tokens(self.ids[index], self.vocabulary)
+
+    @property
+    def shape(self):
+        return tf.TensorShape([*self.ids.shape, 1, self.vocabulary])
+
 
 class _Rule:
-    """A structured rule: a layer whose per-example weight gradient is Σ_p a_p ⊗ g_p.
+    """A layer linear in its weights: z[p, c, b] = Σ_a a[p, c, a] W[c, a, b] (+ bias)."""
 
-    `a_p` are the layer's input patches (with a constant 1 appended when the
-    layer has a bias, so the bias gradient Σ_p g_p comes out of the same
-    factors) and `g_p` the cotangents at its pre-activations.
-    """
+    gather = False
 
     def __init__(self, layer):
         self.layer = layer
@@ -47,87 +107,373 @@ class _Rule:
             v.append(self.layer.bias)
         return v
 
-    def patched_call(self, tape):
-        layer = self.layer
+    def activation(self, z):
+        act = getattr(self.layer, "activation", None)
+        return z if act is None else act(z)
 
+    def patched_call(self, tape):
         def call(inputs, *args, **kwargs):
             z = self.preactivation(inputs)
             probe = tf.zeros_like(z)
             tape.watch(probe)
             self.calls.append((inputs, probe))
-            return layer.activation(z + probe)
+            return self.activation(z + probe)
 
         return call
 
-    def patches(self, inputs):
+    def preactivation(self, inputs):
         raise NotImplementedError
 
-    def factors(self, dtype):
-        """(A, probes) with A: (N, P, a) for every recorded call."""
-        out = []
-        for inputs, probe in self.calls:
-            a = self.patches(inputs)
+    def grouped_inputs(self, inputs):
+        """(N, P, G, A) without the bias column."""
+        raise NotImplementedError
+
+    def grouped_cotangents(self, g):
+        """(K, N, *z.shape[1:]) → (K, N, P, G, B)."""
+        raise NotImplementedError
+
+    def has_bias_column(self):
+        return bool(getattr(self.layer, "use_bias", False))
+
+    def patches(self, inputs, dtype=None):
+        """The a-factor (N, P, G, A) of one call, bias column included."""
+        a = self.grouped_inputs(inputs)
+        if dtype is not None:
             a = tf.cast(a, dtype)
-            if self.layer.use_bias:
-                a = tf.concat([a, tf.ones_like(a[..., :1])], -1)
-            out.append((a, probe))
-        return out
+        if self.has_bias_column():
+            a = tf.concat([a, tf.ones_like(a[..., :1])], -1)
+        return a
+
+    def dims(self, inputs, probe):
+        a = self.patches(inputs)
+        g = self.grouped_cotangents(probe[None])
+        return RuleDims(int(a.shape[1]), int(a.shape[2]), int(a.shape[3]), int(g.shape[-1]),
+                        self.gather)
+
+    def factors(self, dtype):
+        """[(a, probe)] for every recorded call."""
+        return [(self.patches(inputs, dtype), probe) for inputs, probe in self.calls]
 
 
 class _DenseRule(_Rule):
     @staticmethod
     def supports(layer):
-        return (
-            type(layer) is keras.layers.Dense
-            and not getattr(layer, "lora_enabled", False)
-            and getattr(layer, "quantization_mode", None) is None
-        )
+        return type(layer) is keras.layers.Dense and _plain(layer)
 
     def preactivation(self, inputs):
-        z = tf.matmul(tf.convert_to_tensor(inputs), tf.convert_to_tensor(self.layer.kernel)) \
-            if len(inputs.shape) == 2 else keras.ops.matmul(inputs, self.layer.kernel)
+        inputs = tf.convert_to_tensor(inputs)
+        kernel = tf.convert_to_tensor(self.layer.kernel)
+        z = tf.matmul(inputs, kernel) if len(inputs.shape) == 2 else keras.ops.matmul(inputs, kernel)
         if self.layer.use_bias:
             z = z + self.layer.bias
         return z
 
-    def patches(self, inputs):
-        d = int(inputs.shape[-1])
-        n = tf.shape(inputs)[0]
-        return tf.reshape(inputs, [n, -1, d])
+    def grouped_inputs(self, inputs):
+        r = len(inputs.shape) - 1
+        return _arrange(tf.convert_to_tensor(inputs), 1, range(r - 1), (), (r - 1,))
+
+    def grouped_cotangents(self, g):
+        r = len(g.shape) - 2
+        return _arrange(g, 2, range(r - 1), (), (r - 1,))
 
 
-class _Conv2DRule(_Rule):
+def _conv_patches(layer, inputs, padding):
+    """(N, P, k..., C_in) patches of a 1-D/2-D channels-last convolution, in kernel order."""
+    rank = layer.rank
+    x = tf.convert_to_tensor(inputs)
+    ks, st, dl = list(layer.kernel_size), list(layer.strides), list(layer.dilation_rate)
+    if rank == 1:
+        x = x[:, :, None, :]
+        ks, st, dl = ks + [1], st + [1], dl + [1]
+    p = tf.image.extract_patches(
+        x, sizes=[1, *ks, 1], strides=[1, *st, 1], rates=[1, *dl, 1],
+        padding=padding.upper())
+    c = int(inputs.shape[-1])
+    return tf.reshape(p, [tf.shape(p)[0], -1, ks[0] * ks[1], c])
+
+
+def _causal_pad(layer, inputs):
+    left = layer.dilation_rate[0] * (layer.kernel_size[0] - 1)
+    return tf.pad(inputs, [[0, 0], [left, 0], [0, 0]])
+
+
+class _ConvRule(_Rule):
+    """Conv1D/Conv2D (channels last, any strides and dilation, 'causal' in 1-D).
+
+    Grouped convolutions are left to the generic path: TensorFlow cannot
+    differentiate them on CPU outside XLA.
+    """
+
     @staticmethod
     def supports(layer):
         return (
-            type(layer) is keras.layers.Conv2D
+            type(layer) in (keras.layers.Conv1D, keras.layers.Conv2D)
             and layer.groups == 1
             and layer.data_format == "channels_last"
+            and layer.padding in ("valid", "same", "causal")
+            and _plain(layer)
+        )
+
+    def _padded(self, inputs):
+        if self.layer.padding == "causal":
+            return _causal_pad(self.layer, inputs), "valid"
+        return inputs, self.layer.padding
+
+    def preactivation(self, inputs):
+        x, padding = self._padded(inputs)
+        layer = self.layer
+        z = keras.ops.conv(x, layer.kernel, strides=list(layer.strides), padding=padding,
+                           dilation_rate=layer.dilation_rate, data_format="channels_last")
+        if layer.use_bias:
+            z = z + layer.bias
+        return z
+
+    def grouped_inputs(self, inputs):
+        x, padding = self._padded(inputs)
+        p = _conv_patches(self.layer, x, padding)  # (N, P, K, C_in)
+        return tf.reshape(p, [tf.shape(p)[0], -1, 1, int(p.shape[2]) * int(p.shape[3])])
+
+    def grouped_cotangents(self, g):
+        return tf.reshape(g, tf.concat([tf.shape(g)[:2], [-1, 1, int(g.shape[-1])]], 0))
+
+
+class _DepthwiseRule(_Rule):
+    """DepthwiseConv1D/2D (channels last): one group per input channel."""
+
+    @staticmethod
+    def supports(layer):
+        return (
+            type(layer) in (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
+            and layer.data_format == "channels_last"
             and layer.padding in ("valid", "same")
-            and getattr(layer, "quantization_mode", None) is None
+            and _plain(layer)
         )
 
     def preactivation(self, inputs):
-        z = self.layer.convolution_op(inputs, self.layer.kernel)
-        if self.layer.use_bias:
+        layer = self.layer
+        z = keras.ops.depthwise_conv(inputs, layer.kernel, strides=layer.strides,
+                                     padding=layer.padding, dilation_rate=layer.dilation_rate,
+                                     data_format="channels_last")
+        if layer.use_bias:
+            z = z + layer.bias
+        return z
+
+    def grouped_inputs(self, inputs):
+        p = _conv_patches(self.layer, inputs, self.layer.padding)  # (N, P, K, C)
+        return tf.transpose(p, [0, 1, 3, 2])
+
+    def grouped_cotangents(self, g):
+        m = self.layer.depth_multiplier
+        c = int(g.shape[-1]) // m
+        return tf.reshape(g, tf.concat([tf.shape(g)[:2], [-1, c, m]], 0))
+
+
+_EINSUM = re.compile(r"^([a-zA-Z]+),([a-zA-Z]+)->([a-zA-Z]+)$")
+
+
+def _einsum_roles(layer):
+    """The equation's letters as (positions, groups, contracted, outputs, bias column), or None."""
+    match = _EINSUM.match(layer.equation.replace(" ", ""))
+    if match is None:
+        return None
+    x, w, y = match.groups()
+    if x[0] != y[0] or x[0] in w or len(set(x + w + y)) != len(set(x)) + len(set(w) - set(x)) \
+            + len(set(y) - set(x) - set(w)):
+        return None
+    if any(c not in w and c not in y for c in x[1:]) or any(c not in x and c not in y for c in w):
+        return None
+    if any(c not in x and c not in w for c in y):
+        return None
+    positions = [c for c in x[1:] if c not in w]
+    groups = [c for c in w if c in x and c in y]
+    contracted = [c for c in w if c in x and c not in y]
+    outputs = [c for c in w if c not in x]
+    bias_axes = getattr(layer, "bias_axes", None) or ""
+    # A bias over exactly the output-only axes is the constant column a = 1.
+    bias_column = bool(bias_axes) and not groups and sorted(bias_axes) == sorted(outputs)
+    return x, w, y, positions, groups, contracted, outputs, bias_column
+
+
+class _EinsumDenseRule(_Rule):
+    """EinsumDense without ellipses (MultiHeadAttention's query/key/value/output)."""
+
+    @staticmethod
+    def supports(layer):
+        return (type(layer) is keras.layers.EinsumDense and _plain(layer)
+                and _einsum_roles(layer) is not None)
+
+    def __init__(self, layer):
+        super().__init__(layer)
+        self.roles = _einsum_roles(layer)
+
+    def variables(self):
+        v = [self.layer.kernel]
+        if self.layer.bias is not None and self.roles[-1]:
+            v.append(self.layer.bias)
+        return v  # another bias is left to the generic Jacobian
+
+    def has_bias_column(self):
+        return self.layer.bias is not None and self.roles[-1]
+
+    def preactivation(self, inputs):
+        z = keras.ops.einsum(self.layer.equation, inputs, self.layer.kernel)
+        if self.layer.bias is not None:
             z = z + self.layer.bias
         return z
 
-    def patches(self, inputs):
-        kh, kw = self.layer.kernel_size
-        sh, sw = self.layer.strides
-        dh, dw = self.layer.dilation_rate
-        p = tf.image.extract_patches(
-            inputs,
-            sizes=[1, kh, kw, 1],
-            strides=[1, sh, sw, 1],
-            rates=[1, dh, dw, 1],
-            padding=self.layer.padding.upper(),
-        )
-        return tf.reshape(p, [tf.shape(p)[0], -1, int(p.shape[-1])])
+    def grouped_inputs(self, inputs):
+        x, _, _, positions, groups, contracted, _, _ = self.roles
+        at = lambda cs: [x.index(c) - 1 for c in cs]  # noqa: E731
+        return _arrange(tf.convert_to_tensor(inputs), 1, at(positions), at(groups),
+                        at(contracted))
+
+    def grouped_cotangents(self, g):
+        _, _, y, positions, groups, _, outputs, _ = self.roles
+        at = lambda cs: [y.index(c) - 1 for c in cs]  # noqa: E731
+        return _arrange(g, 2, at(positions), at(groups), at(outputs))
 
 
-_RULES = (_DenseRule, _Conv2DRule)
+class _EmbeddingRule(_Rule):
+    """Embedding: a gather, z[p] = W[t_p]; a·a' = [t == t'] (no one-hot formed)."""
+
+    gather = True
+
+    @staticmethod
+    def supports(layer):
+        return type(layer) is keras.layers.Embedding and _plain(layer)
+
+    def variables(self):
+        return [self.layer.embeddings]
+
+    def activation(self, z):
+        return z
+
+    def _ids(self, inputs):
+        ids = tf.convert_to_tensor(inputs)
+        return ids if ids.dtype in (tf.int32, tf.int64) else tf.cast(ids, tf.int32)
+
+    def preactivation(self, inputs):
+        z = tf.gather(tf.convert_to_tensor(self.layer.embeddings), self._ids(inputs), axis=0)
+        return tf.cast(z, self.layer.compute_dtype)
+
+    def patches(self, inputs, dtype=None):
+        ids = tf.cast(self._ids(inputs), tf.int32)
+        return Tokens(tf.reshape(ids, [tf.shape(ids)[0], -1]), self.layer.input_dim)
+
+    def grouped_cotangents(self, g):
+        r = len(g.shape) - 2
+        return _arrange(g, 2, range(r - 1), (), (r - 1,))
+
+    def dims(self, inputs, probe):
+        p = int(np.prod(inputs.shape[1:], dtype=np.int64))
+        return RuleDims(p, 1, self.layer.input_dim, self.layer.output_dim, True)
+
+
+class _NormalizationRule(_Rule):
+    """Scale/offset of a normalization: z = γ ⊙ x̂ + β, per entry of the parameter axes."""
+
+    def variables(self):
+        v = []
+        if self.layer.scale:
+            v.append(self.layer.gamma)
+        if self.layer.center:
+            v.append(self.layer.beta)
+        return v
+
+    def activation(self, z):
+        return tf.cast(z, self.layer.compute_dtype)
+
+    def param_axes(self, rank):
+        """The parameter axes of an input of `rank` (batch axis counted), sorted."""
+        raise NotImplementedError
+
+    def normalized(self, inputs):
+        raise NotImplementedError
+
+    def _broadcast(self, v, rank):
+        axes = self.param_axes(rank)
+        shape = [1] * rank
+        for i, size in zip(axes, v.shape):
+            shape[i] = int(size)
+        return tf.reshape(v, shape)
+
+    def preactivation(self, inputs):
+        xhat = self.normalized(inputs)
+        rank = len(inputs.shape)
+        z = xhat
+        if self.layer.scale:
+            z = z * self._broadcast(tf.cast(self.layer.gamma, xhat.dtype), rank)
+        if self.layer.center:
+            z = z + self._broadcast(tf.cast(self.layer.beta, xhat.dtype), rank)
+        return z
+
+    def _split(self, t, lead, rank):
+        g_axes = [a - 1 for a in self.param_axes(rank)]
+        p_axes = [a for a in range(rank - 1) if a not in g_axes]
+        return _arrange(t, lead, p_axes, g_axes, ())
+
+    def has_bias_column(self):
+        return False
+
+    def patches(self, inputs, dtype=None):
+        rank = len(inputs.shape)
+        xhat = self._split(self.normalized(inputs), 1, rank)  # (N, P, G, 1)
+        # Columns: x̂ for γ, then the constant 1 for β.
+        columns = []
+        if self.layer.scale:
+            columns.append(xhat)
+        if self.layer.center:
+            columns.append(tf.ones_like(xhat))
+        a = tf.concat(columns, -1) if len(columns) > 1 else columns[0]
+        return a if dtype is None else tf.cast(a, dtype)
+
+    def grouped_cotangents(self, g):
+        rank = len(g.shape) - 1
+        return self._split(g, 2, rank)
+
+
+class _BatchNormRule(_NormalizationRule):
+    """BatchNormalization in inference mode (moving statistics)."""
+
+    @staticmethod
+    def supports(layer):
+        return (type(layer) is keras.layers.BatchNormalization
+                and (layer.scale or layer.center))
+
+    def param_axes(self, rank):
+        return [self.layer.axis % rank]
+
+    def normalized(self, inputs):
+        x = tf.convert_to_tensor(inputs)
+        x = tf.cast(x, keras.backend.result_type(x.dtype, "float32"))
+        rank = len(x.shape)
+        mean = self._broadcast(tf.cast(self.layer.moving_mean, x.dtype), rank)
+        variance = self._broadcast(tf.cast(self.layer.moving_variance, x.dtype), rank)
+        return (x - mean) * tf.math.rsqrt(variance + self.layer.epsilon)
+
+
+class _LayerNormRule(_NormalizationRule):
+    """LayerNormalization (not `rms_scaling`); statistics are per example."""
+
+    @staticmethod
+    def supports(layer):
+        return (type(layer) is keras.layers.LayerNormalization
+                and not getattr(layer, "rms_scaling", False)
+                and (layer.scale or layer.center))
+
+    def param_axes(self, rank):
+        axis = self.layer.axis
+        axes = [axis] if isinstance(axis, int) else list(axis)
+        return sorted(a % rank for a in axes)
+
+    def normalized(self, inputs):
+        return keras.ops.layer_normalization(
+            tf.convert_to_tensor(inputs), None, None, axis=self.layer.axis,
+            epsilon=self.layer.epsilon)
+
+
+_RULES = (_DenseRule, _ConvRule, _DepthwiseRule, _EinsumDenseRule, _EmbeddingRule,
+          _BatchNormRule, _LayerNormRule)
 
 
 def structured_rules(model, weights):
@@ -138,7 +484,7 @@ def structured_rules(model, weights):
         for rule_cls in _RULES:
             if rule_cls.supports(layer):
                 rule = rule_cls(layer)
-                if all(id(v) in ids for v in rule.variables()):
+                if rule.variables() and all(id(v) in ids for v in rule.variables()):
                     rules.append(rule)
                 break
     return rules
@@ -164,8 +510,27 @@ def patched(rules, tape):
                     object.__delattr__(layer, "call")
 
 
+def rule_dims(rule):
+    """RuleDims of a rule after a patched pass (a layer called k times: k·P positions)."""
+    dims = [rule.dims(inputs, probe) for inputs, probe in rule.calls]
+    if not dims:  # a layer the forward pass never calls
+        return RuleDims(0, 0, 0, 0, False)
+    return dims[0]._replace(p=sum(d.p for d in dims))
+
+
+def _concat_a(parts):
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], Tokens):
+        return Tokens(tf.concat([t.ids for t in parts], 1), parts[0].vocabulary)
+    return tf.concat(parts, 1)
+
+
 def structured_factors(model, x, rules, training, sizes, dtype):
-    """One forward pass with probes; returns per rule [(A, [G_k per output])]."""
+    """One forward pass with probes; returns per rule [(a, [g_k per output])].
+
+    a: (N, P, G, A) (a `Tokens` for a gather); g_k: (N, S_k, P, G, B).
+    """
     with _PATCH_LOCK:  # rule.calls is shared by threads tracing the same model
         with tf.GradientTape(persistent=True) as tape:
             with patched(rules, tape):
@@ -187,52 +552,101 @@ def structured_factors(model, x, rules, training, sizes, dtype):
     for rule, calls in recorded:
         a_list, g_list = [], []
         for a, _ in calls:
-            g = cots[i]  # (S_total, N, ..., b)
+            g = rule.grouped_cotangents(cots[i])  # (S_total, N, P, G, B)
             i += 1
-            b = int(g.shape[-1])
-            n = tf.shape(g)[1]
-            g = tf.reshape(g, [total, n, -1, b])
-            g = tf.transpose(g, [1, 0, 2, 3])  # (N, S_total, P, b)
+            g_list.append(tf.cast(tf.transpose(g, [1, 0, 2, 3, 4]), dtype))
             a_list.append(a)
-            g_list.append(tf.cast(g, dtype))
         # A layer called several times: its calls are extra positions p.
-        a = tf.concat(a_list, 1) if len(a_list) > 1 else a_list[0]
+        a = _concat_a(a_list)
         g = tf.concat(g_list, 2) if len(g_list) > 1 else g_list[0]
         out.append((a, tf.split(g, sizes, axis=1)))
     return out
 
 
-def factorized_costs(n1, n2, p, a, b, axes):
-    """FLOPs of the two ways to contract a patch-linear layer."""
-    per_example = (n1 + n2) * axes.size * p * a * b + n1 * n2 * axes.pairs * a * b
-    factorized = n1 * n2 * p * p * (a + b * axes.pairs)
-    return per_example, factorized
+def contraction_costs(n1, n2, dims, axes):
+    """{form: (FLOPs, elements held)} of the ways to contract one rule's factors.
+
+    "per_example": W_n = Σ_p a_np ⊗ g_np, then Σ_{c,a,b} W_n W_m;
+    "factorized": Σ_c Σ_{p,q} (a_np · a_mq)(g_np · g_mq) (for a gather a·a'
+    is a token comparison). Element counts are the intermediates beyond the
+    factors themselves.
+    """
+    p, g, a, b = dims.p, dims.g, dims.a, dims.b
+    n, pairs = n1 + n2, axes.pairs
+    weights = g * a * b
+    pe_flops = n * axes.size * p * (g * b if dims.gather else weights) + n1 * n2 * pairs * weights
+    pe_elems = n * axes.size * weights + n1 * n2 * axes.kernel_size
+    fa = 1 if dims.gather else a
+    fac_flops = n1 * n2 * p * p * g * (fa + b * pairs)
+    fac_elems = n1 * n2 * p * p * g * (1 + axes.kernel_size)
+    return {"per_example": (pe_flops, pe_elems), "factorized": (fac_flops, fac_elems)}
+
+
+def contraction_form(n1, n2, dims, axes):
+    """The form with the fewest FLOPs (ties: per-example) and its (FLOPs, elements)."""
+    costs = contraction_costs(n1, n2, dims, axes)
+    form = min(costs, key=lambda k: (costs[k][0], k != "per_example"))
+    return form, costs[form]
+
+
+def forward_flops(dims):
+    """FLOPs of one example's forward pass through a rule's layer."""
+    return dims.p * dims.b if dims.gather else 2 * dims.p * dims.g * dims.a * dims.b
+
+
+def _gather_weight_gradients(ids, g, vocabulary, axes):
+    """Per-example W_n[s, v, b] = Σ_p [t_np = v] g_np[s, b] by segment sums: (N, *S, V, B)."""
+    n, p = int(ids.shape[0]), int(ids.shape[1])
+    shape_s = list(axes.shape)
+    b = int(g.shape[-1])
+    rank_s = len(shape_s)
+    # (N, *S, P, 1, B) → (N, P, *S, B) → rows (N·P, S·B)
+    g = tf.reshape(g, [n, *shape_s, p, b])
+    g = tf.transpose(g, [0, rank_s + 1, *range(1, rank_s + 1), rank_s + 2])
+    rows = tf.reshape(g, [n * p, -1])
+    segments = tf.reshape(ids + vocabulary * tf.range(n, dtype=ids.dtype)[:, None], [-1])
+    w = tf.math.unsorted_segment_sum(rows, segments, n * vocabulary)
+    w = tf.reshape(w, [n, vocabulary, *shape_s, b])
+    return tf.transpose(w, [0, *range(2, rank_s + 2), 1, rank_s + 2])
 
 
 def contract_structured(a1, g1, a2, g2, axes, dtype):
-    """Θ contribution of one patch-linear layer from (A, G) factors.
+    """Θ contribution of one rule from its (a, g) factors.
 
-    Θ[n, m] = Σ_{p,q} (a_np · a_mq)(g_np · g_mq), either through per-example
-    weight gradients W_n = Σ_p a_np ⊗ g_np or in factorized form, whichever
-    the FLOP estimate says is cheaper.
+    Θ[n, m] = Σ_c Σ_{p,q} (a_np[c] · a_mq[c])(g_np[c] · g_mq[c]), either
+    through per-example weight gradients W_n = Σ_p a_np ⊗ g_np or in
+    factorized form, whichever `contraction_form` says is cheaper.
     """
-    n1, n2 = int(a1.shape[0]), int(a2.shape[0])
-    p, a, b = int(a1.shape[1]), int(a1.shape[2]), int(g1.shape[-1])
+    same = a2 is a1 and g2 is g1
+    gather = isinstance(a1, Tokens)
+    n1, n2 = int(g1.shape[0]), int(g2.shape[0])
+    p, c, b = int(g1.shape[-3]), int(g1.shape[-2]), int(g1.shape[-1])
+    a = a1.vocabulary if gather else int(a1.shape[-1])
     shape_s = list(axes.shape)
-    g1 = tf.reshape(g1, [n1] + shape_s + [p, b])
-    g2 = tf.reshape(g2, [n2] + shape_s + [p, b])
-    per_example, factorized = factorized_costs(n1, n2, p, a, b, axes)
-    if p == 1:
-        gram_a = tf.einsum("na,ma->nm", a1[:, 0], a2[:, 0])
-        gram_g = tf.einsum(
-            f"n{axes.sub1}b,m{axes.sub2}b->nm{axes.out}", g1[..., 0, :], g2[..., 0, :]
-        )
-        gram_a = tf.reshape(gram_a, [n1, n2] + [1] * len(axes.out))
-        return gram_a * gram_g
-    if per_example <= factorized:
-        w1 = tf.einsum(f"npa,n{axes.sub1}pb->n{axes.sub1}ab", a1, g1)
-        w2 = tf.einsum(f"mpa,m{axes.sub2}pb->m{axes.sub2}ab", a2, g2)
+    g1 = tf.reshape(g1, [n1] + shape_s + [p, c, b])
+    g2 = g1 if same else tf.reshape(g2, [n2] + shape_s + [p, c, b])
+    s1, s2, out = axes.sub1, axes.sub2, axes.out
+    form, _ = contraction_form(n1, n2, RuleDims(p, c, a, b, gather), axes)
+    if form == "per_example":
+        if gather:
+            w1 = _gather_weight_gradients(a1.ids, g1, a, axes)
+            w2 = w1 if same else _gather_weight_gradients(a2.ids, g2, a, axes)
+        else:
+            w1 = tf.einsum(f"npra,n{s1}prb->n{s1}rab", a1, g1)
+            w2 = w1 if same else tf.einsum(f"mpra,m{s2}prb->m{s2}rab", a2, g2)
         return contract_jacobians(w1, w2, axes, dtype)
-    gram_a = tf.einsum("npa,mqa->nmpq", a1, a2)
-    gram_g = tf.einsum(f"n{axes.sub1}pb,m{axes.sub2}qb->nm{axes.out}pq", g1, g2)
-    return tf.einsum(f"nmpq,nm{axes.out}pq->nm{axes.out}", gram_a, gram_g)
+    if gather:
+        ids1, ids2 = a1.ids, a2.ids
+        gram_a = tf.cast(tf.equal(ids1[:, None, :, None], ids2[None, :, None, :]), dtype)
+        gram_g = tf.einsum(f"n{s1}pb,m{s2}qb->nm{out}pq", g1[..., 0, :], g2[..., 0, :])
+        return tf.einsum(f"nmpq,nm{out}pq->nm{out}", gram_a, gram_g)
+    if p == 1:
+        gram_a = tf.einsum("nra,mra->nmr", a1[:, 0], a2[:, 0])
+        gram_g = tf.einsum(f"n{s1}rb,m{s2}rb->nm{out}r", g1[..., 0, :, :], g2[..., 0, :, :])
+        if c == 1:
+            gram_a = tf.reshape(gram_a, [n1, n2] + [1] * len(out))
+            return gram_a * gram_g[..., 0]
+        return tf.einsum(f"nmr,nm{out}r->nm{out}", gram_a, gram_g)
+    gram_a = tf.einsum("npra,mqra->nmpqr", a1, a2)
+    gram_g = tf.einsum(f"n{s1}prb,m{s2}qrb->nm{out}pqr", g1, g2)
+    return tf.einsum(f"nmpqr,nm{out}pqr->nm{out}", gram_a, gram_g)

@@ -42,7 +42,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from keras_ntk import _validation
+from keras_ntk import _distribute, _validation
 from keras_ntk._batching import block_ranges
 from keras_ntk._kernel_plan import _architecture
 from keras_ntk._kernel_recursion import _compiled
@@ -68,6 +68,10 @@ _LIVE_ARRAYS = 12
 # the loaded 2-core machine) is worth it: XLA saved ~1e-7 s per number on GAP
 # and ~2e-7 s on Flatten kernels (3× faster once compiled).
 _XLA_MIN_ENTRIES = 1 << 26
+# Smaller calls (numbers in the kernels of all pairs, as `_spatial_entries`)
+# run op by op: tracing the recursion into a graph takes 1-10 s, which is all
+# of a small call's time (a 5-image residual CNN: 0.2 s instead of 4 s).
+_EAGER_MAX_ENTRIES = 1 << 22
 # Bytes of one block's kernel on the XLA path (automatic batch_size).
 _XLA_BLOCK_BYTES = 2 << 20
 # Threads running compiled blocks side by side (at most the CPU count).
@@ -215,8 +219,8 @@ def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
         raise ValueError("`all_depths=True` returns the kernels after each NTKDense layer on "
                          f"flat inputs, and the model has none. Received: model={model.name!r}")
     n1, n2 = len(x1), len(x2)
+    pairs = n1 * (n1 + 1) // 2 if same else n1 * n2
     if jit_compile is None:
-        pairs = n1 * (n1 + 1) // 2 if same else n1 * n2
         jit_compile = _spatial_entries(steps, pairs) > _XLA_MIN_ENTRIES
     elif not isinstance(jit_compile, bool):
         raise TypeError(
@@ -244,6 +248,8 @@ def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
     compiled = _compiled(steps)
     if jit_compile:
         compiled = compiled.xla()
+    elif _spatial_entries(steps, n1 * n2) + n1 * n2 <= _EAGER_MAX_ENTRIES:
+        compiled = compiled.eager()
     # Every block has the same shape (inputs padded with zero examples, whose
     # rows and columns are dropped) so that XLA compiles the block once; the
     # block side is evened out over the blocks to keep the padding small.
@@ -286,6 +292,7 @@ def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
             nngp[..., c0:c1, r0:r1] = np.swapaxes(nngp[..., r0:r1, c0:c1], -1, -2)
             ntk[..., c0:c1, r0:r1] = np.swapaxes(ntk[..., r0:r1, c0:c1], -1, -2)
 
+    blocks = _distribute.worker_share(blocks)  # All unless several workers are in scope.
     if jit_compile and len(blocks) > 1:
         # A compiled cache-sized block keeps about 1.4 cores busy: run blocks
         # side by side (disjoint slices of the results; TensorFlow releases
@@ -297,6 +304,7 @@ def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
     else:
         for block in blocks:
             compute(block)
+    nngp, ntk = _distribute.sum_over_workers(nngp, ntk)
     if same:
         # The diagonal from the self recursion (exact c = 1; see _self_recursion).
         index = np.arange(len(x1))

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_ntk import _validation
+from keras_ntk import _distribute, _validation
 from keras_ntk._batching import num_examples, slice_examples, to_host
 from keras_ntk._output_axes import OutputAxes
 from keras_ntk._weights import iter_layers
@@ -123,11 +123,16 @@ def empirical_nngp(model, x1, x2=None, *, layer=None, trace_axes=(-1,), diagonal
 
     def features(x, n):
         parts = []
-        for start in range(0, n, batch_size):
+
+        def batch_features(start):
             out = features_of(slice_examples(x, start, min(start + batch_size, n)), training=False) \
                 if isinstance(features_of, keras.Model) else \
                 features_of(slice_examples(x, start, min(start + batch_size, n)))
-            parts.append(np.asarray(keras.ops.convert_to_numpy(out), np_dtype))
+            return [np.asarray(keras.ops.convert_to_numpy(out), np_dtype)]
+
+        # Batches split across workers under a MultiWorkerMirroredStrategy.
+        _distribute.run_tasks([(batch_features, (start,), lambda out: parts.append(out[0]))
+                               for start in range(0, n, batch_size)])
         return np.concatenate(parts, 0)
 
     phi1 = features(x1, n1)

@@ -52,6 +52,17 @@ def _seed_everything():
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _binary_command(study, output_dir, flags, gin_file, strategy):
+    """The command line and environment of a study binary run from this checkout's root."""
+    import sys
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    command = [sys.executable, "-m", f"experiments.{study}",
+               f"--gin_file={gin_file or f'{study}/smoke.gin'}",
+               f"--output_dir={output_dir}", f"--strategy={strategy}", *flags]
+    return command, env
+
+
 @pytest.fixture(scope="session")
 def run_binary():
     """Runs a study binary in a subprocess, as users run it; returns a function.
@@ -65,14 +76,10 @@ def run_binary():
     `--num_cpu_devices=2` for MirroredStrategy.
     """
     import subprocess
-    import sys
 
     def run(study, output_dir, *flags, gin_file=None, strategy="cpu", check=True,
             timeout=900):
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-        command = [sys.executable, "-m", f"experiments.{study}",
-                   f"--gin_file={gin_file or f'{study}/smoke.gin'}",
-                   f"--output_dir={output_dir}", f"--strategy={strategy}", *flags]
+        command, env = _binary_command(study, output_dir, flags, gin_file, strategy)
         result = subprocess.run(command, cwd=_ROOT, env=env, capture_output=True, text=True,
                                 timeout=timeout)
         if check and result.returncode != 0:
@@ -80,3 +87,36 @@ def run_binary():
         return result
 
     return run
+
+
+@pytest.fixture(scope="session")
+def kill_binary():
+    """Runs a study binary as `run_binary` does and kills it (SIGKILL) once a condition holds.
+
+    `kill_binary(study, output_dir, *flags, when, gin_file=None, strategy="cpu",
+    timeout=900)` polls `when()` every 0.1 s while the binary runs, sends
+    SIGKILL as soon as it is true (as a crash or a preempted job would end),
+    and returns the return code (-9 when killed; the test should check it:
+    a binary that finished first was not interrupted).
+    """
+    import signal
+    import subprocess
+    import time
+
+    def kill(study, output_dir, *flags, when, gin_file=None, strategy="cpu", timeout=900):
+        command, env = _binary_command(study, output_dir, flags, gin_file, strategy)
+        process = subprocess.Popen(command, cwd=_ROOT, env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        deadline = time.time() + timeout
+        try:
+            while process.poll() is None and time.time() < deadline:
+                if when():
+                    process.send_signal(signal.SIGKILL)
+                    break
+                time.sleep(0.1)
+        finally:
+            if process.poll() is None and time.time() >= deadline:
+                process.kill()
+        return process.wait()
+
+    return kill

@@ -65,6 +65,21 @@ def test_a_changed_setting_is_refused_naming_it(tmp_path):
         cells.CellStore(str(tmp_path)).get("mlp-seed0", dict(SETTINGS, momentum=0.9))
 
 
+def test_check_all_reads_every_cell_and_refuses_a_stale_one_wherever_it_is(tmp_path):
+    store = cells.CellStore(str(tmp_path))
+    grid = {f"mlp-seed{s}": dict(SETTINGS, seed=s) for s in range(3)}
+    store.put("mlp-seed1", grid["mlp-seed1"], {"accuracy": 0.5})
+    finished = []
+    assert cells.CellStore(str(tmp_path)).check_all(grid, on_finished=finished.append) == {
+        "mlp-seed0": None, "mlp-seed1": {"accuracy": 0.5}, "mlp-seed2": None}
+    assert finished == ["mlp-seed1"]
+    # The last cell stored under another rate: refused although the first is unfinished.
+    store.put("mlp-seed2", dict(grid["mlp-seed2"], learning_rate=0.1), {"accuracy": 0.25})
+    with pytest.raises(ValueError, match=r"Cell 'mlp-seed2'.*learning_rate: 0.1 \(stored\) → "
+                                         r"0.05 \(now\)"):
+        cells.CellStore(str(tmp_path)).check_all(grid)
+
+
 def test_a_changed_architecture_is_named_by_its_config_path(tmp_path):
     store = cells.CellStore(str(tmp_path))
     store.put("init", {"model": cells.architecture(_small_model(4))}, {})

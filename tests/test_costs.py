@@ -93,8 +93,11 @@ def test_auto_picks_structured_for_dense_models_and_jacobian_otherwise():
     x = inputs_for("mlp", 8)
     assert ntk_module.kernel_setup(model, x, None, (-1,), (), "auto", None, None, False,
                                    None).implementation == "structured"
-    no_rules = keras.Sequential([keras.Input((5,)), keras.layers.LayerNormalization(),
-                                 keras.layers.EinsumDense("ab,bc->ac", output_shape=2)])
+    # PReLU and GroupNormalization have no structured rule.
+    no_rules = keras.Sequential([keras.Input((5,)), keras.layers.PReLU(),
+                                 keras.layers.Reshape((5, 1)),
+                                 keras.layers.GroupNormalization(groups=1),
+                                 keras.layers.Flatten()])
     assert ntk_module.kernel_setup(no_rules, x, None, (-1,), (), "auto", None, None, False,
                                    None).implementation == "jacobian"
     assert_close(keras_ntk.empirical_ntk(no_rules, x), reference(no_rules, x))

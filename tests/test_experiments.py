@@ -486,3 +486,36 @@ def test_a_j_is_taken_in_the_eigenbasis_of_the_tasks(tmp_path, data_dir, solver)
     initial = study.build("mlp", weights_path)
     np.testing.assert_allclose(linear_vs_nonlinear.eigenbasis_projection(study, initial, vectors),
                                state["eigenvalues"][:5], rtol=1e-3)
+
+
+def test_a_stale_cell_after_an_unfinished_one_is_refused_before_any_work(
+        interrupted_run, data_dir, tmp_path, monkeypatch):
+    """Every stored cell is checked before the first fit, not when the loop reaches it."""
+    import shutil
+
+    from experiments import train
+
+    output = tmp_path / "stale"
+    shutil.copytree(interrupted_run["output"], output)
+    (output / "cells" / f"{CELLS[0]}.json").unlink()  # The first cell: to compute.
+    stale = output / "cells" / f"{CELLS[1]}.json"
+    stored = json.loads(stale.read_text())
+    stored["settings"]["learning_rate"] = 0.1
+    stale.write_text(json.dumps(stored))
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before every cell was checked")
+
+    monkeypatch.setattr(train, "fit", no_work)
+    monkeypatch.setattr(linear_vs_nonlinear, "_initial_state", no_work)
+    run = launcher.configurable("linear_vs_nonlinear", linear_vs_nonlinear.run)
+    gin.add_config_file_search_path(launcher.GIN_CONFIGS_DIR)
+    gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin_configs", SMOKE)],
+                                        ["linear_vs_nonlinear.run.epochs = 2"])
+    try:
+        with pytest.raises(ValueError, match=rf"Cell '{CELLS[1]}'.*learning_rate: 0.1 "
+                                             r"\(stored\) → 0.05 \(now\)"):
+            run(output_dir=str(output), strategy=tf.distribute.get_strategy(),
+                model_builders=configurables.MODELS, data_dir=data_dir)
+    finally:
+        gin.clear_config()

@@ -590,9 +590,10 @@ def test_all_depths_needs_a_dense_layer_on_flat_inputs():
         keras_ntk.infinite_kernels(_fcn(1, 1.0, 0.1), np.ones((2, 5)), all_depths="yes")
 
 
-def test_variances_are_arguments_of_one_compiled_recursion():
+def test_variances_are_arguments_of_one_compiled_recursion(monkeypatch):
     # A sweep over σw² (a phase-diagram row) compiles the architecture once;
     # every σ still gets its own kernel (checked against the naive recursion).
+    monkeypatch.setattr(infinite, "_EAGER_MAX_ENTRIES", 0)  # Small calls run eagerly.
     _kernel_recursion._COMPILED.clear()
     x = np.random.default_rng(6).normal(size=(6, 5))
     for w2 in (0.5, 1.0, 2.0, 3.0):

@@ -196,3 +196,121 @@ def test_numerical_activation_matches_closed_forms():
         scale = np.abs(expected[0]).max(), np.abs(expected[1]).max()
         assert np.abs(got[0] - expected[0]).max() <= nngp_tol * scale[0], fn
         assert np.abs(got[1] - expected[1]).max() <= ntk_tol * scale[1], fn
+
+
+def _arccos_kernels(k, t):
+    """numpy ReLU step on a full N × N kernel (arc-cosine kernel)."""
+    d = np.sqrt(np.diag(k))
+    c = np.clip(k / np.outer(d, d), -1, 1)
+    theta = np.arccos(c)
+    return (np.outer(d, d) / (2 * np.pi) * (np.sin(theta) + (np.pi - theta) * c),
+            t * (np.pi - theta) / (2 * np.pi))
+
+
+def test_batch_norm_standard_dense_by_hand():
+    """Dense(16) → BatchNormalization (fresh, trainable γ, β) → ReLU → Dense(1), Keras defaults,
+    against the recursion written out in numpy (Glorot: σw² = 2·fan_in/(fan_in + fan_out))."""
+    x = REFERENCE["resnet_fcn_x"]
+    model = keras.Sequential([keras.Input((5,)), L.Dense(16), L.BatchNormalization(),
+                              L.ReLU(), L.Dense(1)])
+    k0 = x @ x.T / 5
+    k1, t1 = 2 * 5 / 21 * k0, 5 * k0 + 1
+    s = 1 / (1 + 1e-3)  # γ²/(moving variance + ε) at initialization.
+    k2, t2 = s * k1, s * k1 + 1 + s * t1  # γ contributes x̂·x̂' = K/(var + ε), β contributes 1.
+    k3, t3 = _arccos_kernels(k2, t2)
+    expected = (2 * 16 / 17 * k3, 16 * k3 + 1 + 2 * 16 / 17 * t3)
+    kernels = keras_ntk.infinite_kernels(model, x)
+    # 1e-8: numpy's diagonal carries the arccos(1 − ε) rounding, ours is exact (c = 1).
+    np.testing.assert_allclose(kernels.nngp, expected[0], rtol=1e-8)
+    np.testing.assert_allclose(kernels.ntk, expected[1], rtol=1e-8)
+    frozen = keras.Sequential([keras.Input((5,)), L.Dense(16, trainable=False),
+                               L.BatchNormalization(trainable=False), L.ReLU(), L.Dense(1)])
+    np.testing.assert_allclose(keras_ntk.infinite_kernels(frozen, x).ntk,
+                               16 * k3 + 1, rtol=1e-8)  # Only the readout is trained.
+
+
+# ------------------------------------------------------------ Monte Carlo of wide finite nets
+
+
+@pytest.fixture
+def float64_keras():
+    previous = keras.config.floatx()
+    keras.config.set_floatx("float64")
+    yield
+    keras.config.set_floatx(previous)
+
+
+def _standard_resnet(width):
+    """A residual FCN of plain Keras layers: He/Glorot/LeCun initializers, BatchNorm."""
+    inputs = keras.Input((6,))
+    h = L.Dense(width, kernel_initializer="he_normal",
+                bias_initializer=keras.initializers.RandomNormal(stddev=0.1))(inputs)
+    a = L.Dense(width, kernel_initializer="lecun_uniform")(L.ReLU()(L.Dense(width)(L.ReLU()(h))))
+    h = L.ReLU()(L.BatchNormalization()(L.Add()([a, h])))
+    return keras.Model(inputs, L.Dense(1)(h))
+
+
+def _standard_wrn(width):
+    """Conv2D stem and one WideResNet block (standard parameterization), GAP, Dense."""
+    inputs = keras.Input((5, 5, 1))
+    h = L.Conv2D(width, 3, padding="same", kernel_initializer="he_normal")(inputs)
+    a = L.Conv2D(width, 3, padding="same")(L.ReLU()(h))
+    a = L.Conv2D(width, 3, padding="same", kernel_initializer="he_uniform")(L.ReLU()(a))
+    h = L.GlobalAveragePooling2D()(L.ReLU()(L.Add()([a, h])))
+    return keras.Model(inputs, L.Dense(1)(h))
+
+
+def _empirical(model, x):
+    """NNGP from the readout's input features (Glorot readout, zero bias: Var(W) = 2/(n + 1));
+    eNTK from a naive float64 Jacobian over the trainable variables."""
+    x = tf.constant(x, tf.float64)
+    features = keras.Model(model.inputs, model.layers[-1].input)(x, training=False).numpy()
+    n = features.shape[1]
+    nngp = 2 / (n + 1) * features @ features.T
+    with tf.GradientTape() as tape:
+        out = model(x, training=False)
+    jacobians = tape.jacobian(out, model.trainable_variables)
+    j = np.concatenate([tf.reshape(g, [x.shape[0], -1]).numpy() for g in jacobians], axis=1)
+    return nngp, j @ j.T
+
+
+def _relative(a, b):
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def _standard_errors(build, shape, widths, seeds, x_seed):
+    """Per width: mean over seeds of each network's relative (NNGP, NTK) error against
+    infinite_kernels of that same model (standard parameterization: Θ grows with width),
+    and the error of the seed-mean kernels."""
+    x = np.random.default_rng(x_seed).normal(size=(4, *shape))
+    per_seed, of_mean = {}, {}
+    for width in widths:
+        errors, nngps, ntks, limit = [], [], [], None
+        for seed in range(seeds):
+            keras.utils.set_random_seed(seed)
+            model = build(width)
+            limit = keras_ntk.infinite_kernels(model, x)
+            nngp, ntk = _empirical(model, x)
+            nngps.append(nngp)
+            ntks.append(ntk)
+            errors.append((_relative(nngp, limit.nngp), _relative(ntk, limit.ntk)))
+        per_seed[width] = np.mean(errors, 0)
+        of_mean[width] = (_relative(np.mean(nngps, 0), limit.nngp),
+                          _relative(np.mean(ntks, 0), limit.ntk))
+    return per_seed, of_mean
+
+
+def test_monte_carlo_standard_resnet(float64_keras):
+    per_seed, _ = _standard_errors(_standard_resnet, (6,), (32, 1024), 3, 1)
+    for kind in (0, 1):  # NNGP, NTK: O(1/√width), 32× wider ≈ 5.7× closer.
+        assert per_seed[1024][kind] < 0.5 * per_seed[32][kind], per_seed
+        assert per_seed[1024][kind] < 0.15, per_seed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("build,shape", [(_standard_resnet, (6,)), (_standard_wrn, (5, 5, 1))])
+def test_monte_carlo_standard_residual_width_2048(build, shape, float64_keras):
+    per_seed, of_mean = _standard_errors(build, shape, (128, 2048), 4, 2)
+    for kind in (0, 1):
+        assert per_seed[2048][kind] < 0.5 * per_seed[128][kind], per_seed
+        assert of_mean[2048][kind] < 0.05, of_mean

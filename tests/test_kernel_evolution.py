@@ -15,6 +15,7 @@ import tensorflow as tf
 
 import keras_ntk
 from experiments import kernel_evolution, models
+from json_numbers import assert_same_results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -152,6 +153,26 @@ def test_rerun_skips_and_other_schedule_refused(smoke_run, monkeypatch):
         smoke_run["run"](epochs=4)
 
 
+def test_a_stale_run_after_an_unfinished_one_is_refused_before_any_work(smoke_run, tmp_path,
+                                                                       monkeypatch):
+    import shutil
+
+    def fail(*args, **kwargs):
+        raise AssertionError("work started before every run was checked")
+
+    output = tmp_path / "stale"
+    shutil.copytree(smoke_run["output"], output)
+    (output / "cells" / "width8-seed0.json").unlink()  # The first run: to compute.
+    stale = output / "cells" / "width32-seed1.json"
+    stored = json.loads(stale.read_text())
+    stored["settings"]["learning_rate"] = 0.1
+    stale.write_text(json.dumps(stored))
+    monkeypatch.setattr(kernel_evolution, "_train_width", fail)
+    with pytest.raises(ValueError, match=r"Cell 'width32-seed1'.*learning_rate: 0.1 \(stored\) "
+                                         r"→ 0.05 \(now\)"):
+        smoke_run["run"](output_dir=str(output), write_figures=False)
+
+
 def test_overwrite_recomputes_a_width_of_other_settings(smoke_run, tmp_path):
     import shutil
 
@@ -200,3 +221,24 @@ def test_impossible_settings_are_refused_before_any_work(tmp_path, binding, mess
         kernel_evolution.run(output_dir=str(tmp_path), strategy=tf.distribute.get_strategy(),
                              model_builders={"mlp": models.mlp}, **binding)
     assert not (tmp_path / "cells").exists()
+
+
+@pytest.mark.slow  # An uninterrupted, a killed and a resumed smoke run: ~2 minutes, loaded.
+def test_a_run_killed_mid_run_equals_an_uninterrupted_one(tmp_path, run_binary, kill_binary):
+    """kill -9 while the second width trains, rerun: the uninterrupted run's results."""
+    uninterrupted = tmp_path / "uninterrupted"
+    run_binary("kernel_evolution", uninterrupted, "--gin_bindings=kernel_evolution.run."
+               "write_figures=False")
+    output = tmp_path / "killed"
+    first = output / "cells" / "width8-seed0.json"
+    second = output / "tensorboard" / "width32_seed0"
+    returncode = kill_binary("kernel_evolution", output, "--gin_bindings=kernel_evolution.run."
+                             "write_figures=False", when=lambda: first.exists() and second.exists())
+    assert returncode == -9 and not (output / "cells" / "width32-seed0.json").exists()
+    resumed = run_binary("kernel_evolution", output, "--gin_bindings=kernel_evolution.run."
+                         "write_figures=False")
+    assert "run 1 of 2 (width8-seed0): already finished, skipped" in resumed.stderr
+    got = json.loads((output / "results.json").read_text())
+    want = json.loads((uninterrupted / "results.json").read_text())
+    assert_same_results(got, want, skip=("wall_seconds",))  # The only timing.
+    assert not [p for p in output.rglob("*") if ".tmp-" in p.name]

@@ -1,10 +1,24 @@
-"""Tests of `keras_ntk._structured`: the structured Dense/Conv2D rules.
+"""Tests of `keras_ntk._structured`: the structured rules of every supported layer.
 
 Through `empirical_ntk(implementation="structured")`, against the naive float64
-`GradientTape.jacobian` kernel of tests/ntk_reference.py.
+`GradientTape.jacobian` kernel of tests/ntk_reference.py (Dense/Conv2D models),
+and against the Jacobian kernel of float64 models for the other layers: each
+such model is built twice from the same factory, in float32 and in float64
+(weights copied); the reference is the explicit Jacobian of the float64 model's
+whole-batch output contracted with numpy. The structured kernel of the float64
+model must match it to float64 precision, through both contraction forms
+(per-example weight gradients and factorized), and the rule must really cover
+the layer (no generic fallback).
 """
 
+import keras
+import numpy as np
 import pytest
+import tensorflow as tf
+
+import keras_ntk
+from keras_ntk import _structured
+from keras_ntk._weights import iter_layers
 
 from ntk_reference import (  # noqa: F401 (plain_graphs: a fixture)
     assert_matches_naive_jacobian, model_cases, plain_graphs)
@@ -15,3 +29,196 @@ pytestmark = pytest.mark.usefixtures("plain_graphs")
 @pytest.mark.parametrize("name", model_cases("structured"))
 def test_structured_implementation_matches_naive_jacobian(name):
     assert_matches_naive_jacobian(name, "structured")
+
+
+RTOL64 = 1e-9
+
+
+def _randomize_normalization(model):
+    rng = np.random.default_rng(3)
+    for layer in iter_layers(model):
+        if isinstance(layer, (keras.layers.BatchNormalization, keras.layers.LayerNormalization)):
+            for v in layer.weights:
+                name = v.path.rsplit("/", 1)[-1]
+                shape = tuple(v.shape)
+                if name in ("gamma", "moving_variance"):
+                    v.assign(rng.uniform(0.5, 1.5, shape))
+                else:
+                    v.assign(rng.normal(size=shape) * 0.3)
+    return model
+
+
+def conv1d(dtype):
+    return keras.Sequential([
+        keras.Input((9, 4)),
+        keras.layers.Conv1D(4, 3, padding="causal", dilation_rate=2, activation="tanh",
+                            dtype=dtype),
+        keras.layers.Conv1D(4, 2, strides=2, padding="same", dtype=dtype),
+        keras.layers.Conv1D(3, 3, padding="valid", use_bias=False, dtype=dtype),
+        keras.layers.Flatten(dtype=dtype),
+        keras.layers.Dense(2, dtype=dtype),
+    ])
+
+
+def depthwise(dtype):
+    return keras.Sequential([
+        keras.Input((6, 6, 2)),
+        keras.layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same", activation="tanh",
+                                     dtype=dtype),
+        keras.layers.DepthwiseConv2D(2, strides=2, padding="valid", use_bias=False, dtype=dtype),
+        keras.layers.Reshape((9, 4), dtype=dtype),
+        keras.layers.DepthwiseConv1D(3, padding="same", dtype=dtype),
+        keras.layers.Flatten(dtype=dtype),
+        keras.layers.Dense(2, dtype=dtype),
+    ])
+
+
+def attention(dtype):
+    x = keras.Input((5, 4))
+    h = keras.layers.MultiHeadAttention(num_heads=2, key_dim=3, dtype=dtype)(x, x)
+    h = keras.layers.LayerNormalization(dtype=dtype)(h + x)
+    h = keras.layers.EinsumDense("abc,cd->abd", output_shape=(5, 3), bias_axes="d",
+                                 activation="tanh", dtype=dtype)(h)
+    h = keras.layers.EinsumDense("abc,bcd->ad", output_shape=(2,), bias_axes="d",
+                                 dtype=dtype)(h)
+    return keras.Model(x, h)
+
+
+def embedding(dtype):
+    return keras.Sequential([
+        keras.Input((6,), dtype="int32"),
+        keras.layers.Embedding(7, 4, dtype=dtype),
+        keras.layers.Dense(3, activation="tanh", dtype=dtype),
+        keras.layers.Flatten(dtype=dtype),
+        keras.layers.Dense(2, dtype=dtype),
+    ])
+
+
+def normalization(dtype):
+    x = keras.Input((4, 3, 2))
+    h = keras.layers.Conv2D(3, 2, padding="same", dtype=dtype)(x)
+    h = keras.layers.BatchNormalization(dtype=dtype)(h)
+    h = keras.layers.Activation("relu", dtype=dtype)(h)
+    h = keras.layers.BatchNormalization(axis=1, center=False, dtype=dtype)(h)
+    h = keras.layers.LayerNormalization(axis=(1, 2), dtype=dtype)(h)
+    h = keras.layers.LayerNormalization(scale=False, dtype=dtype)(h)
+    h = keras.layers.Flatten(dtype=dtype)(h)
+    h = keras.layers.Dense(5, dtype=dtype)(h)
+    h = keras.layers.BatchNormalization(dtype=dtype)(h)
+    h = keras.layers.Dense(2, dtype=dtype)(h)
+    return keras.Model(x, h)
+
+
+FAMILIES = {
+    "conv1d": (conv1d, (keras.layers.Conv1D,)),
+    "depthwise": (depthwise, (keras.layers.DepthwiseConv2D, keras.layers.DepthwiseConv1D)),
+    "attention": (attention, (keras.layers.EinsumDense, keras.layers.LayerNormalization)),
+    "embedding": (embedding, (keras.layers.Embedding,)),
+    "normalization": (normalization, (keras.layers.BatchNormalization,
+                                      keras.layers.LayerNormalization)),
+}
+
+
+def inputs_for(name, n, seed):
+    rng = np.random.default_rng(seed)
+    if name == "embedding":
+        return rng.integers(0, 7, size=(n, 6)).astype("int32")
+    shape = {"conv1d": (9, 4), "depthwise": (6, 6, 2), "attention": (5, 4),
+             "normalization": (4, 3, 2)}[name]
+    return rng.normal(size=(n, *shape))
+
+
+def model_pair(name):
+    factory = FAMILIES[name][0]
+    model32, model64 = factory("float32"), factory("float64")
+    _randomize_normalization(model32)
+    model64.set_weights(model32.get_weights())
+    return model32, model64
+
+
+def jacobians(model, x, weights):
+    """Per weight, the float64 Jacobian of the whole-batch output, (N, O, |w|)."""
+    with tf.GradientTape(persistent=True) as tape:
+        y = model(x, training=False)
+    # A loop of gradients, not pfor: quicker for these few outputs.
+    js = tape.jacobian(y, weights, experimental_use_pfor=False)
+    return [np.reshape(np.asarray(j, np.float64), (*y.shape, -1)) for j in js]
+
+
+def contract(j1, j2, trace=True):
+    """Θ from Jacobian columns: (N1, N2) traced, else (N1, N2, O, O)."""
+    full = np.einsum("nop,mqp->nmoq", np.concatenate(j1, -1), np.concatenate(j2, -1))
+    return np.einsum("nmoo->nm", full) / full.shape[-1] if trace else full
+
+
+def jacobian_kernel(model, x1, x2, trace=True):
+    weights = model.trainable_weights
+    return contract(jacobians(model, x1, weights), jacobians(model, x2, weights), trace)
+
+
+def rel_error(a, b):
+    return np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b)
+
+
+def covered_layer_types(model):
+    rules = _structured.structured_rules(model, model.trainable_weights)
+    return {type(rule.layer) for rule in rules}
+
+
+# Each family runs one contraction form in `make test`, the other under `slow`.
+FAST = {("conv1d", "factorized"), ("depthwise", "per_example"), ("attention", "factorized"),
+        ("embedding", "factorized"), ("normalization", "per_example")}
+
+
+@pytest.mark.parametrize("name,form", [
+    pytest.param(n, f, marks=() if (n, f) in FAST else pytest.mark.slow)
+    for n in sorted(FAMILIES) for f in ("per_example", "factorized")])
+def test_rule_matches_float64_jacobian_kernel(name, form, monkeypatch):
+    _, model = model_pair(name)
+    for layer_type in FAMILIES[name][1]:
+        assert layer_type in covered_layer_types(model), layer_type
+    forced = lambda n1, n2, dims, axes: (form, (0, 0))  # noqa: E731
+    monkeypatch.setattr(_structured, "contraction_form", forced)
+    x1, x2 = inputs_for(name, 5, 0), inputs_for(name, 3, 1)
+    expected = jacobian_kernel(model, x1, x2, trace=False)
+    actual = keras_ntk.empirical_ntk(model, x1, x2, trace_axes=(), implementation="structured",
+                                     dtype="float64")
+    assert actual.shape == expected.shape
+    assert rel_error(actual, expected) < RTOL64
+
+
+def transformer(dtype):
+    """Embedding + attention + LayerNorm + MLP: every weight under a structured rule."""
+    tokens = keras.Input((6,), dtype="int32")
+    h = keras.layers.Embedding(7, 4, dtype=dtype)(tokens)
+    h = h + keras.layers.MultiHeadAttention(num_heads=2, key_dim=2, dtype=dtype)(h, h)
+    h = keras.layers.LayerNormalization(dtype=dtype)(h)
+    h = keras.layers.Dense(5, activation="relu", dtype=dtype)(h)
+    h = keras.layers.GlobalAveragePooling1D(dtype=dtype)(h)
+    h = keras.layers.BatchNormalization(dtype=dtype)(h)
+    return keras.Model(tokens, keras.layers.Dense(2, dtype=dtype)(h))
+
+
+def test_per_layer_kernels_of_a_transformer_match_float64_jacobians():
+    model32, model = transformer("float32"), transformer("float64")
+    _randomize_normalization(model32)
+    model.set_weights(model32.get_weights())
+    rules = _structured.structured_rules(model, model.trainable_weights)
+    covered = {id(v) for rule in rules for v in rule.variables()}
+    assert all(id(w) in covered for w in model.trainable_weights)
+    rng = np.random.default_rng(0)
+    x1, x2 = rng.integers(0, 7, (5, 6)).astype("int32"), rng.integers(0, 7, (4, 6)).astype("int32")
+    parts = keras_ntk.empirical_ntk(model, x1, x2, per_layer=True, dtype="float64",
+                                    implementation="structured")
+    weights = model.trainable_weights
+    j1, j2 = jacobians(model, x1, weights), jacobians(model, x2, weights)
+    index = {id(w): i for i, w in enumerate(weights)}
+    for layer in iter_layers(model):
+        own = [index[id(w)] for w in layer.trainable_weights
+               if not any(w is v for sub in iter_layers(layer, include_self=False)
+                          for v in sub.trainable_weights)]
+        if own:
+            expected = contract([j1[i] for i in own], [j2[i] for i in own])
+            assert rel_error(parts[layer.name], expected) < RTOL64, layer.name
+    assert len(parts) == 9  # embedding, query/key/value/output, norm, dense, batchnorm, dense
+    assert rel_error(sum(parts.values()), contract(j1, j2)) < RTOL64

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from experiments import trainability
+from json_numbers import assert_same_results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "trainability/smoke.gin"
@@ -256,6 +257,28 @@ def test_resume_skips_finished_cells(smoke, tmp_path, run_binary):
     assert results["finite_width"]["widths"][0]["final_train_loss"] == [-1.0]
 
 
+_TIMINGS = ("seconds", "kernel_seconds", "kernel_seconds_total", "seconds_this_run")
+
+
+@pytest.mark.slow  # A killed and a resumed smoke run: about a minute on the shared machine.
+def test_a_run_killed_mid_run_equals_an_uninterrupted_one(smoke, tmp_path, run_binary,
+                                                          kill_binary):
+    """kill -9 after the second of four phase rows, rerun: the uninterrupted run's results."""
+    output = tmp_path / "killed"
+    rows = lambda: list((output / "cells").glob("phase-*.json"))  # noqa: E731
+    returncode = kill_binary("trainability", output, when=lambda: len(rows()) >= 2)
+    finished = len(rows())
+    assert returncode == -9 and 2 <= finished < 4  # Killed inside part 1.
+    assert not (output / "results.json").exists()
+    resumed = run_binary("trainability", output)
+    # The rows finished before the kill are kept; the rest of the grid is computed.
+    assert resumed.stderr.count("already finished, skipped") == finished
+    got = json.loads((output / "results.json").read_text())
+    want = json.loads((smoke / "results.json").read_text())
+    assert_same_results(got, want, skip=_TIMINGS)
+    assert not [p for p in output.rglob("*") if ".tmp-" in p.name]
+
+
 def test_other_settings_in_the_same_directory_are_refused(smoke, tmp_path, run_binary):
     output = tmp_path / "other"
     output.mkdir()
@@ -301,6 +324,39 @@ def test_overwrite_recomputes_the_cells_of_other_settings(smoke, tmp_path):
     # One more gradient step lowers the training loss of the finite network.
     assert (results["finite_width"]["widths"][0]["final_train_loss"][0]
             < reference["finite_width"]["widths"][0]["final_train_loss"][0])
+
+
+def test_a_stale_cell_of_a_later_part_is_refused_before_any_work(smoke, tmp_path, monkeypatch):
+    """Every part's stored cells are checked before the first phase row is computed."""
+    import gin
+    import tensorflow as tf
+
+    from experiments import launcher
+
+    output = tmp_path / "stale"
+    output.mkdir()
+    _copy_cells(smoke, output)
+    (output / "cells" / "phase-relu-sigma_w2=1.json").unlink()  # The first row: to compute.
+    stale = output / "cells" / "finite_width-width=16-seed=0.json"
+    stored = json.loads(stale.read_text())
+    stored["settings"]["steps"] = 6
+    stale.write_text(json.dumps(stored))
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before every cell was checked")
+
+    monkeypatch.setattr(trainability, "phase_row", no_work)
+    run = launcher.configurable("trainability", trainability.run)
+    gin.add_config_file_search_path(launcher.GIN_CONFIGS_DIR)
+    gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin_configs", SMOKE)],
+                                        ["trainability.run.write_figures = False"])
+    try:
+        with pytest.raises(ValueError, match=r"Cell 'finite_width-width=16-seed=0'.*steps: 6 "
+                                             r"\(stored\) → 5 \(now\)"):
+            run(output_dir=str(output), strategy=tf.distribute.get_strategy())
+    finally:
+        gin.clear_config()
+    assert not (output / "results.json").exists()
 
 
 @pytest.mark.parametrize("override, message", [

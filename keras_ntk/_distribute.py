@@ -1,0 +1,213 @@
+"""Kernel blocks split across the workers of a `MultiWorkerMirroredStrategy`.
+
+Under a `tf.distribute.MultiWorkerMirroredStrategy` (a cluster described by
+TF_CONFIG) every worker runs the same program and calls the kernel functions
+with the same arguments inside `strategy.scope()`. The blocks of a call go
+round by round, one per replica of the cluster (R replicas: worker w, ranked
+chief first as TensorFlow ranks them, holds replicas w·L … w·L + L − 1 of its
+L devices); each replica computes its block in replica context (a distributed
+variable's handle is read only there), and every worker then receives every
+block of the round by collective all-reduces (SUM) of zero-filled float64
+buffers:
+
+1. the length of each block's description, 2. the descriptions (dtype and
+   shape per output), 3. the values (each block's numbers at its offset,
+   zeros elsewhere: a sum with one non-zero term is exact).
+
+Each block's `on_done` is then called in block order on every worker, so the
+whole result (kernel, Θ·v product, eigenpairs of `ntk_eigsh`, which calls the
+products) is on every worker, equal to what one process computes. A round
+holds one block per replica in float64 twice (the buffer and its sum).
+
+Host-side splits use one device per worker: `run_tasks(tasks)` (the feature
+batches of `empirical_nngp`, called directly, not in replica context) and
+`worker_share` + `sum_over_workers` (the blocks of pairs of
+`infinite_kernels`: each worker fills its share of zero results, then the
+results are summed). Without such a strategy in scope every function here
+leaves the work to the caller's process unchanged.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+# Blocks computed by this process under a multi-worker strategy (tests, logs).
+counts = {"blocks": 0}
+# The replica of the next call's first block (see `run_tasks_on_workers`).
+_offset = [0]
+
+_DTYPES = (np.float16, np.float32, np.float64, np.int32, np.int64, np.complex64,
+           np.complex128)
+
+
+def multi_worker_strategy():
+    """The MultiWorkerMirroredStrategy in scope with several workers, or None."""
+    if not (tf.distribute.has_strategy() and tf.distribute.in_cross_replica_context()):
+        return None
+    strategy = tf.distribute.get_strategy()
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return None
+    return strategy if _workers(strategy)[1] > 1 else None
+
+
+def _workers(strategy):
+    """(rank of this worker, number of workers): chief first, then workers."""
+    resolver = strategy.cluster_resolver
+    spec = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    ranked = [("chief", i) for i in range(_task_count(spec, "chief"))] + [
+        ("worker", i) for i in range(_task_count(spec, "worker"))]
+    if not ranked:
+        return 0, 1
+    return ranked.index((resolver.task_type, int(resolver.task_id))), len(ranked)
+
+
+def _task_count(spec, kind):
+    tasks = spec.get(kind, [])
+    return len(tasks) if not isinstance(tasks, dict) else len(tasks)
+
+
+def _sum(strategy, buffer):
+    """The element-wise sum of `buffer` (float64, 1-D) over the workers, on every worker."""
+    if buffer.size == 0:
+        return buffer
+    local = len(strategy.extended.worker_devices)
+
+    def value(context):
+        first = context.replica_id_in_sync_group % local == 0
+        return tf.constant(buffer if first else np.zeros_like(buffer))
+
+    values = strategy.experimental_distribute_values_from_function(value)
+    return np.asarray(strategy.reduce(tf.distribute.ReduceOp.SUM, values, axis=None))
+
+
+def _describe(blocks):
+    out = [len(blocks)]
+    for b in blocks:
+        out += [_DTYPES.index(b.dtype.type), b.ndim, *b.shape]
+    return out
+
+
+def _read_descriptions(description):
+    blocks, pos = [], 1
+    for _ in range(int(description[0])):
+        dtype, ndim = _DTYPES[int(description[pos])], int(description[pos + 1])
+        shape = tuple(int(d) for d in description[pos + 2:pos + 2 + ndim])
+        blocks.append((dtype, shape))
+        pos += 2 + ndim
+    return blocks
+
+
+def _compute_local(strategy, group, slots, owner, first_replica, replica_context):
+    """{j: [arrays]}: the blocks group[j], j in `slots`, computed by this worker's replicas."""
+    if not replica_context:
+        out = {}
+        for j in slots:
+            fn, args, _ = group[j]
+            out[j] = [np.asarray(k) for k in fn(*args)]
+        return out
+    # In replica context (a distributed variable's handle is read only there):
+    # replica owner[j] computes group[j]; a replica without a block repeats one.
+    block_of = {owner[j]: j for j in range(len(group))}
+
+    def replica_fn():
+        replica = int(tf.distribute.get_replica_context().replica_id_in_sync_group)
+        fn, args, _ = group[block_of.get(replica, slots[0])]
+        return fn(*[tf.nest.map_structure(tf.convert_to_tensor, a) for a in args])
+
+    outputs = strategy.run(replica_fn)
+    per_replica = [strategy.experimental_local_results(o) for o in tf.nest.flatten(outputs)]
+    return {j: [np.asarray(p[owner[j] - first_replica]) for p in per_replica] for j in slots}
+
+
+def run_tasks_on_workers(strategy, tasks, progbar=None, replica_context=True):
+    """Runs [(fn, args, on_done)] blocks split across workers; every on_done runs everywhere.
+
+    Blocks go round by round, one per replica of the cluster: replica r
+    (worker r // L, its local replica r mod L, L devices per worker) computes
+    block j of a round when r = (j + offset) mod R; then the round's blocks are
+    exchanged. The offset moves on by the number of blocks of each call (the
+    same on every worker), so that calls with few blocks (the Θ·v products of
+    `ntk_eigsh`) do not all start on the first worker.
+    `replica_context=False` calls the functions directly, one block per
+    worker and round (host code that reads no distributed variable handle,
+    e.g. a forward pass).
+    """
+    rank, workers = _workers(strategy)
+    per_worker = len(strategy.extended.worker_devices) if replica_context else 1
+    step = workers * per_worker
+    offset = _offset[0] % step
+    _offset[0] += len(tasks)
+    first_replica = rank * per_worker
+    for start in range(0, len(tasks), step):
+        group = tasks[start:start + step]
+        owner = [(j + offset) % step for j in range(len(group))]
+        slots = [j for j in range(len(group))
+                 if first_replica <= owner[j] < first_replica + per_worker]
+        mine = _compute_local(strategy, group, slots, owner, first_replica,
+                              replica_context) if slots else {}
+        counts["blocks"] += len(mine)
+        lengths = np.zeros(len(group))
+        for r, blocks in mine.items():
+            lengths[r] = len(_describe(blocks))
+        lengths = _sum(strategy, lengths).astype(np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        descriptions = np.zeros(int(offsets[-1]))
+        for r, blocks in mine.items():
+            descriptions[offsets[r]:offsets[r + 1]] = _describe(blocks)
+        descriptions = _sum(strategy, descriptions)
+        layouts = [_read_descriptions(descriptions[offsets[t]:offsets[t + 1]])
+                   for t in range(len(group))]
+        sizes = [[int(np.prod(shape)) for _, shape in layout] for layout in layouts]
+        value_offsets = np.concatenate([[0], np.cumsum([sum(s) for s in sizes])]).astype(
+            np.int64)
+        values = np.zeros(int(value_offsets[-1]))
+        for r, blocks in mine.items():
+            if blocks:
+                values[value_offsets[r]:value_offsets[r + 1]] = np.concatenate(
+                    [b.astype(np.float64).ravel() for b in blocks])
+        values = _sum(strategy, values)
+        for t, (_, _, on_done) in enumerate(group):
+            pos, blocks = int(value_offsets[t]), []
+            for (dtype, shape), size in zip(layouts[t], sizes[t]):
+                blocks.append(values[pos:pos + size].reshape(shape).astype(dtype))
+                pos += size
+            on_done(blocks)
+        if progbar is not None:
+            progbar.update(start + len(group))
+
+
+def run_tasks(tasks):
+    """Runs [(fn, args, on_done)] here, or split across workers when several are in scope."""
+    strategy = multi_worker_strategy()
+    if strategy is not None:
+        run_tasks_on_workers(strategy, tasks, replica_context=False)
+        return
+    for fn, args, on_done in tasks:
+        on_done([np.asarray(k) for k in fn(*args)])
+
+
+def worker_share(items):
+    """This worker's share of `items` (every W-th from its rank), or all of them.
+
+    All of them unless a `MultiWorkerMirroredStrategy` with several workers is
+    in scope; then pair it with `sum_over_workers` on zero-filled results.
+    """
+    strategy = multi_worker_strategy()
+    if strategy is None:
+        return list(items)
+    rank, workers = _workers(strategy)
+    share = list(items)[rank::workers]
+    counts["blocks"] += len(share)
+    return share
+
+
+def sum_over_workers(*arrays):
+    """The arrays summed over the workers (each filled its `worker_share`), or as they are."""
+    strategy = multi_worker_strategy()
+    if strategy is None:
+        return arrays
+    summed = _sum(strategy, np.concatenate([np.asarray(a, np.float64).ravel() for a in arrays]))
+    out, pos = [], 0
+    for a in arrays:
+        out.append(summed[pos:pos + a.size].reshape(a.shape).astype(a.dtype))
+        pos += a.size
+    return tuple(out)
