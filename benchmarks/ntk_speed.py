@@ -206,6 +206,78 @@ def memory_child():
                           rel_error_vs_jacobian_float64=err)))
 
 
+ESTIMATE_CASES = {
+    # case: (N, implementations measured)
+    "mlp1": (256, ("structured", "jacobian")),
+    "mlp10_full": (256, ("structured",)),
+    "lenet": (1797, ("structured",)),
+    "resnet18": (64, ("jacobian", "structured")),
+    "transformer": (64, ("jacobian",)),
+}
+
+
+def estimate_child(case, implementation):
+    """Runs in a fresh process: the estimated peak of one call against the measured one.
+
+    Measured: the resident high-water mark (VmHWM) of a WARM call above the resident
+    size before it. The first call (tracing, XLA compilation) is made first, then the
+    kernel's host result is freed, the high-water mark is reset (`5` written to
+    /proc/self/clear_refs) and the call is repeated: its peak is the block's working
+    memory plus the result, which is what the estimate models. (CPU-only:
+    tf.config.experimental.get_memory_info does not report CPU memory.)
+    """
+    import gc
+
+    model, x, trace_axes, _ = build_case(case)
+    n = ESTIMATE_CASES[case][0]
+    if len(x) < n:
+        x = np.concatenate([x] * (-(-n // len(x))))[:n]
+    x = x[:n]
+    setup = ntk_module.kernel_setup(model, x, None, trace_axes, (), implementation, None,
+                                    None, False, None)
+    kernel = keras_ntk.empirical_ntk(model, x, trace_axes=trace_axes,
+                                     implementation=implementation)
+    del kernel
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_bytes("VmRSS")
+    start = time.perf_counter()
+    kernel = keras_ntk.empirical_ntk(model, x, trace_axes=trace_axes,
+                                     implementation=implementation)
+    seconds = time.perf_counter() - start
+    peak = _status_bytes("VmHWM") - before
+    from keras_ntk._batching import padded_size
+    from keras_ntk._costs import estimates
+    p = padded_size(n, setup.block)
+    _, block_peak = estimates(setup.implementation, setup.profile, setup.out_axes, p, p, True,
+                              setup.plan.dtype.size)
+    result = kernel.nbytes
+    print(json.dumps(dict(case=case, implementation=setup.implementation, n=n,
+                          block=setup.block, measured=peak, estimated=block_peak + result,
+                          result=result, seconds=seconds)))
+
+
+def memory_estimates(cases):
+    """Estimated / measured peak per case and implementation, each in a fresh process."""
+    print(f"{'case':12s} {'impl':10s} {'N':>5s} {'block':>5s} {'measured':>10s} "
+          f"{'estimated':>10s} {'est/meas':>8s}", flush=True)
+    rows = []
+    for case in cases:
+        for impl in ESTIMATE_CASES[case][1]:
+            out = subprocess.run([sys.executable, __file__, "--estimate-child", case, impl],
+                                 capture_output=True, text=True, check=False)
+            if out.returncode != 0:
+                print(f"{case:12s} {impl:10s} failed: {out.stderr.strip()[-500:]}", flush=True)
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(r)
+            print(f"{case:12s} {r['implementation']:10s} {r['n']:5d} {r['block']:5d} "
+                  f"{r['measured'] / 2**20:8.1f} MiB {r['estimated'] / 2**20:8.1f} MiB "
+                  f"{r['estimated'] / max(r['measured'], 1):8.2f}", flush=True)
+    return rows
+
+
 def _status_bytes(field):
     """VmRSS (current) or VmHWM (high-water mark) of this process, in bytes.
 
@@ -410,6 +482,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, skip slow ntvp")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--estimate-child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-estimates", action="store_true",
+                        help="estimated vs measured peak memory of one call per case")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--naive", action="store_true",
                         help="time every implementation against the naive TF reference")
@@ -425,6 +500,9 @@ def main():
     if args.memory_child:
         memory_child()
         return
+    if args.estimate_child:
+        estimate_child(*args.estimate_child)
+        return
     print(f"device: {device_name()}; TensorFlow {tf.__version__}, Keras {keras.__version__}; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     keras.utils.set_random_seed(0)
@@ -438,6 +516,9 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             out["neural_tangents"] = compare_with_neural_tangents(
                 args.neural_tangents_python, args.cases.split(","), args.rounds, tmp)
+    if args.memory_estimates:
+        out["memory_estimates"] = memory_estimates(
+            [c for c in args.cases.split(",") if c in ESTIMATE_CASES])
     if not args.skip_memory:
         out["memory"] = memory()
     print(f"load average {os.getloadavg()[0]:.1f} at the end", flush=True)

@@ -309,11 +309,12 @@ def shared_compiled(model, key, builder, state, jit_allowed=True):
     arch = architecture_key(model)
     if arch is None:
         return None
-    full_key = (arch, key)
+    jit = jit_allowed and _JIT != "0"
+    full_key = (arch, key, jit)
     with _SHARED_LOCK:
         entry = _SHARED.get(full_key)
         if entry is None:
-            entry = _Shared(builder, jit_allowed and _JIT != "0")
+            entry = _Shared(builder, jit)
             _SHARED[full_key] = entry
             while len(_SHARED) > _SHARED_LIMIT:
                 _SHARED.popitem(last=False)
@@ -367,7 +368,8 @@ def block_functions(model):
     own = [f for f in cache.values() if isinstance(f, _JitFallback)]
     arch = cache.get("architecture")
     with _SHARED_LOCK:
-        shared = [e.fn for (a, _), e in _SHARED.items() if arch is not None and a == arch]
+        shared = [e.fn for (a, _, jit), e in _SHARED.items()
+                  if arch is not None and a == arch and jit == (_JIT != "0")]
     return own + shared
 
 
