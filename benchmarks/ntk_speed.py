@@ -43,11 +43,13 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
-import keras_ntk  # noqa: E402
-from keras_ntk import ntk as ntk_module  # noqa: E402
+# This checkout's keras_ntk and experiments, not an installed copy.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import keras_ntk  # noqa: E402
 from experiments import models as study_models  # noqa: E402
+from keras_ntk import ntk as ntk_module  # noqa: E402
 
 TARGETS = {"mlp1": 70.0, "mlp10_traced": 233.0, "lenet": 21.0}
 
@@ -266,7 +268,7 @@ def memory_estimates(cases):
     for case in cases:
         for impl in ESTIMATE_CASES[case][1]:
             out = subprocess.run([sys.executable, __file__, "--estimate-child", case, impl],
-                                 capture_output=True, text=True, check=False)
+                                 capture_output=True, text=True, check=False, cwd=ROOT)
             if out.returncode != 0:
                 print(f"{case:12s} {impl:10s} failed: {out.stderr.strip()[-500:]}", flush=True)
                 continue
@@ -294,7 +296,7 @@ def _status_bytes(field):
 
 def memory():
     out = subprocess.run([sys.executable, __file__, "--memory-child"], capture_output=True,
-                         text=True, check=True)
+                         text=True, check=True, cwd=ROOT)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"lenet 1797x1797 memory_budget=1GiB ({result['implementation']}, blocks of "
           f"{result['block']}): {result['seconds']:.2f} s, RSS high-water "
