@@ -36,7 +36,7 @@ from keras_ntk._batching import (
     to_host)
 from keras_ntk._costs import choose_block, default_memory_budget, model_profile
 from keras_ntk._jacobians import (
-    call_flat, contract_jacobians, full_batch_jacobians, per_example_jacobians)
+    call_flat, contract_jacobians, full_batch_jacobians, per_example_jacobians, recurrent_layers)
 from keras_ntk._output_axes import (
     OutputAxes, cotangents_from_vector, reduce_full_kernel, vector_from_products)
 from keras_ntk._structured import contract_structured, structured_factors, structured_rules
@@ -408,9 +408,12 @@ def _block_function(s, same):
         impl = lambda x1, x2=None: _jacobian_block(plan, x1, x2)  # noqa: E731
     else:
         impl = lambda x1, x2=None: _ntvp_block(plan, x1, x2)  # noqa: E731
+    # XLA compiled an unrolled LSTM's kernel (16 steps) in 67-87 s against 16-19 s of
+    # tracing for a plain graph, which then ran faster (benchmarks/recurrent_ntk.py).
+    jit = not recurrent_layers(plan.model)
     if same:
-        return compiled(plan.model, key, lambda x1: impl(x1))
-    return compiled(plan.model, key, lambda x1, x2: impl(x1, x2))
+        return compiled(plan.model, key, lambda x1: impl(x1), jit=jit)
+    return compiled(plan.model, key, lambda x1, x2: impl(x1, x2), jit=jit)
 
 
 @contextlib.contextmanager
