@@ -627,26 +627,42 @@ def contract_structured(a1, g1, a2, g2, axes, dtype):
     g2 = g1 if same else tf.reshape(g2, [n2] + shape_s + [p, c, b])
     s1, s2, out = axes.sub1, axes.sub2, axes.out
     form, _ = contraction_form(n1, n2, RuleDims(p, c, a, b, gather), axes)
-    if form == "per_example":
-        if gather:
+    if gather:
+        g1, g2 = g1[..., 0, :], g2[..., 0, :]
+        if form == "per_example":
             w1 = _gather_weight_gradients(a1.ids, g1, a, axes)
             w2 = w1 if same else _gather_weight_gradients(a2.ids, g2, a, axes)
-        else:
-            w1 = tf.einsum(f"npra,n{s1}prb->n{s1}rab", a1, g1)
-            w2 = w1 if same else tf.einsum(f"mpra,m{s2}prb->m{s2}rab", a2, g2)
-        return contract_jacobians(w1, w2, axes, dtype)
-    if gather:
-        ids1, ids2 = a1.ids, a2.ids
-        gram_a = tf.cast(tf.equal(ids1[:, None, :, None], ids2[None, :, None, :]), dtype)
-        gram_g = tf.einsum(f"n{s1}pb,m{s2}qb->nm{out}pq", g1[..., 0, :], g2[..., 0, :])
+            return contract_jacobians(w1, w2, axes, dtype)
+        gram_a = tf.cast(tf.equal(a1.ids[:, None, :, None], a2.ids[None, :, None, :]), dtype)
+        gram_g = tf.einsum(f"n{s1}pb,m{s2}qb->nm{out}pq", g1, g2)
         return tf.einsum(f"nmpq,nm{out}pq->nm{out}", gram_a, gram_g)
+    # One group: drop its axis, so that XLA sees plain matrix products (a batch
+    # axis of size 1 sends dots down a slower path).
+    r = "r" if c > 1 else ""
+    if not r:
+        a1, a2 = a1[:, :, 0], a2[:, :, 0]
+        g1, g2 = g1[..., 0, :], g2[..., 0, :]
+    if form == "per_example":
+        w1 = tf.einsum(f"np{r}a,n{s1}p{r}b->n{s1}{r}ab", a1, g1)
+        w2 = w1 if same else tf.einsum(f"mp{r}a,m{s2}p{r}b->m{s2}{r}ab", a2, g2)
+        return contract_jacobians(w1, w2, axes, dtype)
     if p == 1:
-        gram_a = tf.einsum("nra,mra->nmr", a1[:, 0], a2[:, 0])
-        gram_g = tf.einsum(f"n{s1}rb,m{s2}rb->nm{out}r", g1[..., 0, :, :], g2[..., 0, :, :])
-        if c == 1:
-            gram_a = tf.reshape(gram_a, [n1, n2] + [1] * len(out))
-            return gram_a * gram_g[..., 0]
+        a1, a2 = a1[:, 0], a2[:, 0]
+        if r:
+            g1, g2 = g1[..., 0, :, :], g2[..., 0, :, :]
+        else:
+            g1, g2 = g1[..., 0, :], g2[..., 0, :]
+        if not r and not out:
+            # Dense, every output axis traced: (A1 A2ᵀ) ⊙ (G1 G2ᵀ), two matrix products.
+            gram_a = tf.matmul(a1, a2, transpose_b=True)
+            gram_g = tf.matmul(tf.reshape(g1, [n1, -1]), tf.reshape(g2, [n2, -1]),
+                               transpose_b=True)
+            return gram_a * gram_g
+        gram_a = tf.einsum(f"n{r}a,m{r}a->nm{r}", a1, a2)
+        gram_g = tf.einsum(f"n{s1}{r}b,m{s2}{r}b->nm{out}{r}", g1, g2)
+        if not r:
+            return tf.reshape(gram_a, [n1, n2] + [1] * len(out)) * gram_g
         return tf.einsum(f"nmr,nm{out}r->nm{out}", gram_a, gram_g)
-    gram_a = tf.einsum("npra,mqra->nmpqr", a1, a2)
-    gram_g = tf.einsum(f"n{s1}prb,m{s2}qrb->nm{out}pqr", g1, g2)
-    return tf.einsum(f"nmpqr,nm{out}pqr->nm{out}", gram_a, gram_g)
+    gram_a = tf.einsum(f"np{r}a,mq{r}a->nmpq{r}", a1, a2)
+    gram_g = tf.einsum(f"n{s1}p{r}b,m{s2}q{r}b->nm{out}pq{r}", g1, g2)
+    return tf.einsum(f"nmpq{r},nm{out}pq{r}->nm{out}", gram_a, gram_g)

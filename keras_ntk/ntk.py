@@ -17,7 +17,7 @@ implementation; the pieces it builds on live in modules of their own
 
 * `_output_axes`: the trace/diagonal conventions as einsum subscripts (numpy);
 * `_jacobians`: per-example Jacobians and their contraction;
-* `_structured`: the Dense/Conv2D rules and the Keras layer patching;
+* `_structured`: the structured layer rules and the Keras layer patching;
 * `_costs`: the cost model of `implementation="auto"` and the memory budget;
 * `_batching`: blocks, the compiled-function cache and replica placement;
 * `nngp`: the empirical NNGP (re-exported here).
@@ -464,7 +464,9 @@ def empirical_ntk(model, x1, x2=None, *, trace_axes=(-1,), diagonal_axes=(),
     Implementations (N examples, S outputs per example, P parameters):
 
     * `"structured"` (fastest): one forward pass in which every supported
-      layer (`Dense`, `Conv2D`) records its input and a zero probe added to its
+      layer (`Dense`, `Conv1D`/`Conv2D`, `DepthwiseConv1D`/`2D`, `EinsumDense`,
+      `Embedding`, `BatchNormalization` in inference mode, `LayerNormalization`;
+      see `keras_ntk._structured`) records its input and a zero probe added to its
       pre-activation, and one backward pass of the batch-summed output per
       output entry (vectorized) that gives each example's cotangent g at each
       such layer (examples are independent in inference mode). The layer's
@@ -474,15 +476,15 @@ def empirical_ntk(model, x1, x2=None, *, trace_axes=(-1,), diagonal_axes=(),
       cotangent) pairs are contracted either in that factorized form
       (N1 N2 P_pos² (a + b S) FLOPs) or through per-example weight gradients
       (N S P_pos a b + N1 N2 S a b), whichever is cheaper per layer. Weights not
-      covered by a rule (BatchNorm, Embedding, LayerNorm, custom layers, a
-      `Linearize` wrapper's δ) use the per-example Jacobian for those weights only.
+      covered by a rule (grouped convolutions, GroupNormalization, recurrent
+      and custom layers, a `Linearize` wrapper's δ) use the per-example Jacobian for those weights only.
     * `"jacobian"`: per-example Jacobians (N S P numbers), vectorized over the
       examples, contracted over the weights: N1 N2 S² P FLOPs.
     * `"ntvp"`: products J(x1) (J(x2)ᵀ w) (a VJP then a JVP) for the N2 S basis
       cotangents w: never forms J; the slowest, useful when P is huge.
     * `"auto"`: the implementation with the fewest estimated FLOPs among those
       whose estimated peak memory fits `memory_budget` (structured when the model
-      has Dense/Conv2D layers, otherwise jacobian, ntvp when nothing else fits).
+      has layers with a structured rule, otherwise jacobian, ntvp when nothing else fits).
 
     Memory: the kernel is computed in blocks of x1 × x2 examples; the block size
     is `batch_size`, or else the largest power-of-two fraction of N whose
