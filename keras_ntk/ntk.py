@@ -486,6 +486,11 @@ def empirical_ntk(model, x1, x2=None, *, trace_axes=(-1,), diagonal_axes=(),
       whose estimated peak memory fits `memory_budget` (structured when the model
       has layers with a structured rule, otherwise jacobian, ntvp when nothing else fits).
 
+    Recurrent layers (LSTM, GRU, SimpleRNN, also in `Bidirectional`) are
+    traced unrolled over their time steps: TensorFlow cannot vectorize the
+    gradient of their `tf.while_loop` nor run forward mode through it (see
+    docs/ntk.md, "Layer families"); their block functions run as plain graphs.
+
     Memory: the kernel is computed in blocks of x1 × x2 examples; the block size
     is `batch_size`, or else the largest power-of-two fraction of N whose
     estimated peak (block working memory plus the host result) fits
