@@ -47,14 +47,9 @@ import os
 import numpy as np
 from absl import app, logging
 
-from experiments import bindings
-from experiments import launcher
+from experiments import bindings, entk, launcher
 
 TASKS = ("eigenfunction", "binary")
-EIGEN_SOLVERS = ("auto", "dense", "lanczos")
-# Above this many train+test inputs, eigen_solver="auto" uses Lanczos: the
-# dense N×N float64 kernel would be over 0.5 GB and its eigh O(N³).
-_DENSE_EIGEN_LIMIT = 8000
 LINEARIZATION_MODES = ("full", "difference")
 # The models of a cell, in the order they are trained.
 MODELS = ("network", "linearized_init", "linearized_init_difference", "linearized_final")
@@ -77,7 +72,7 @@ def _validate(dataset, models, tasks, ks, model_builders, linearized_init_mode, 
     _BINDINGS.known("tasks", tasks, TASKS, "task")
     if "eigenfunction" in tasks and (not ks or any(int(k) < 1 for k in ks)):
         raise ValueError(f"Expected eigenfunction indices k >= 1. Received: ks={list(ks)!r}")
-    _BINDINGS.known("eigen_solver", eigen_solver, EIGEN_SOLVERS, "eigen_solver")
+    _BINDINGS.known("eigen_solver", eigen_solver, entk.SOLVERS, "eigen_solver")
     _BINDINGS.known("linearized_init_mode", linearized_init_mode, LINEARIZATION_MODES,
                     "linearized_init_mode")
     kinds = dict(epochs=bindings.POSITIVE_INT, batch_size=bindings.POSITIVE_INT,
@@ -100,16 +95,6 @@ def _validate_sizes(dataset, data, num_train, num_test, num_probe, batch_size, d
                           "training examples with drop_remainder (no full batch otherwise)")
 
 
-def _centered_alignment(metrics, kernel, labels):
-    if np.ptp(labels) == 0:
-        return None
-    return float(metrics.kernel_alignment(kernel, labels, centered=True))
-
-
-def _weights_norm(arrays):
-    return float(np.sqrt(sum(np.sum(np.square(np.asarray(a, np.float64))) for a in arrays)))
-
-
 class _Study:
     """State shared by the cells of one run (data, θ0 per model, strategy)."""
 
@@ -123,31 +108,17 @@ class _Study:
         self.recipe = recipe
         self.num_probe = min(num_probe, len(dataset.train.x))
         self.num_projection = num_projection
-        self.ntk_batch_size = ntk_batch_size
-        self.ntk_implementation = ntk_implementation
-        self.eigen_solver = eigen_solver
         self.tensorboard = True
         self.fit_backups = True
         self.probe_x = dataset.train.x[: self.num_probe]
         # The inputs of the eigenfunction tasks: train then test.
         self.inputs = np.concatenate([dataset.train.x, dataset.test.x])
-
-    def solver(self):
-        """"dense" or "lanczos": how Θ over train+test is diagonalized and projected."""
-        if self.eigen_solver == "auto":
-            return "lanczos" if len(self.inputs) > _DENSE_EIGEN_LIMIT else "dense"
-        return self.eigen_solver
+        # How Θ is computed, and diagonalized and projected over train+test.
+        self.kernels = entk.Kernels(ntk_batch_size, ntk_implementation,
+                                    entk.resolve_solver(eigen_solver, len(self.inputs)))
 
     def path(self, *parts):
         return os.path.join(self.output_dir, *parts)
-
-    def ntk(self, model, x):
-        import keras_ntk
-
-        kernel = keras_ntk.empirical_ntk(
-            model, x, batch_size=self.ntk_batch_size, implementation=self.ntk_implementation
-        )
-        return np.asarray(kernel, dtype=np.float64)
 
     def build(self, name, weights_path=None):
         import keras
@@ -199,50 +170,15 @@ def _initial_state(study, model_name, init_seed, num_eigenvectors, init_dir=None
             "eigenvectors" not in saved or saved["eigenvectors"].shape[1] < num_eigenvectors):
         saved = None  # Computed for fewer eigenvectors: again from the same θ0.
     if saved is None:
-        from experiments import data as data_lib
-
-        saved = {}
         logging.info("eNTK at θ0 of %s on %d probe inputs", model_name, len(study.probe_x))
-        saved["probe_kernel"] = study.ntk(model, study.probe_x)
-        inputs = study.inputs
-        solver = study.solver()
+        saved = {"probe_kernel": study.kernels.kernel(model, study.probe_x),
+                 "eigen_solver": np.asarray(study.kernels.solver)}
         logging.info("Eigenvectors of the eNTK at θ0 of %s on %d train+test inputs (%s)",
-                     model_name, len(inputs), solver)
-        if solver == "lanczos":
-            import keras_ntk
-
-            # Matrix-free: memory O(N·k), Θ never formed (CIFAR-scale N).
-            values, vectors = keras_ntk.ntk_eigsh(
-                model, inputs, k=num_eigenvectors, batch_size=study.ntk_batch_size,
-                verbose=1)
-        else:
-            kernel = study.ntk(model, inputs)
-            values, vectors = data_lib.eigenvectors_descending(kernel)
-        saved["eigen_solver"] = np.asarray(solver)
-        saved["eigenvalues"] = values
-        saved["eigenvectors"] = vectors[:, :num_eigenvectors]
+                     model_name, len(study.inputs), study.kernels.solver)
+        saved["eigenvalues"], saved["eigenvectors"] = study.kernels.top_eigenpairs(
+            model, study.inputs, num_eigenvectors)
         cells.save_npz_atomic(eigen_path, **saved)
     return weights_path, saved
-
-
-def eigenbasis_projection(study, model, eigenvectors):
-    """a_j = v_jᵀ Θ v_j of `model`'s eNTK Θ over train+test, for the columns v_j.
-
-    Dense solver: Θ is formed (N×N) and `keras_ntk.metrics.eigenbasis_projection`
-    contracts it. Lanczos solver: a_j = Σ_i v_j[i] (Θ v_j)[i] from the
-    matrix-free product `keras_ntk.ntk_vector_product` (implementation "ntvp"),
-    Θ never formed.
-    """
-    import keras_ntk
-    from keras_ntk import metrics
-
-    eigenvectors = np.asarray(eigenvectors, np.float64)
-    if study.solver() == "lanczos":
-        products = keras_ntk.ntk_vector_product(
-            model, study.inputs, None, eigenvectors, implementation="ntvp",
-            batch_size=study.ntk_batch_size)
-        return np.sum(eigenvectors * np.asarray(products, np.float64), axis=0)
-    return metrics.eigenbasis_projection(study.ntk(model, study.inputs), eigenvectors)
 
 
 def _task_labels(study, task, k, eigen):
@@ -255,15 +191,6 @@ def _task_labels(study, task, k, eigen):
     return labels[: len(train.y)], labels[len(train.y):]
 
 
-def _predictions(model, x, batch_size=1024):
-    """Predicted labels 1[logit > 0] in inference mode, batch by batch (eager)."""
-    logits = np.concatenate([
-        np.asarray(model(x[start:start + batch_size], training=False)).reshape(-1)
-        for start in range(0, len(x), batch_size)
-    ])
-    return logits > 0
-
-
 def _run_cell(study, cell, init_weights_path, init_state, linearized_init_mode, cell_dir=None):
     """Trains the four models of one cell (same recipe, same data order) and measures.
 
@@ -272,7 +199,7 @@ def _run_cell(study, cell, init_weights_path, init_state, linearized_init_mode, 
     """
     import tensorflow as tf
 
-    from experiments import cells, report, train
+    from experiments import cells, network_fit, report, train
     from keras_ntk import metrics
 
     model_name, task, k, seed = cell
@@ -293,7 +220,8 @@ def _run_cell(study, cell, init_weights_path, init_state, linearized_init_mode, 
                              else None),
             **fit_kwargs,
         )
-        predictions = _predictions(model, data.test.x)
+        # Predicted labels 1[logit > 0] in inference mode.
+        predictions = network_fit.predict(model, data.test.x).reshape(-1) > 0
         return {
             "train": train.binary_accuracy(model, data.train.x, train_y),
             "test": float(np.mean(predictions == (test_y > 0.5))),
@@ -329,7 +257,8 @@ def _run_cell(study, cell, init_weights_path, init_state, linearized_init_mode, 
         linearized = study.linearize(initial, mode)
         accuracy = fit_and_score(stage, linearized)
         delta = linearized.layers[-1].deltas
-        stages[stage] = dict(accuracy, weight_distance=_weights_norm([d.numpy() for d in delta]))
+        stages[stage] = dict(accuracy,
+                             weight_distance=entk.weights_norm([d.numpy() for d in delta]))
         save_stages()
 
     # 4. The difference model at θT, BatchNorm statistics reset to θ0's.
@@ -346,36 +275,24 @@ def _run_cell(study, cell, init_weights_path, init_state, linearized_init_mode, 
                      cell_id, study.num_probe, len(study.inputs))
         probe_y = train_y[: study.num_probe]
         labels_pm = 2.0 * probe_y - 1.0  # Alignment uses ±1 labels.
-        kernel_init = init_state["probe_kernel"]
-        kernel_final = study.ntk(network, study.probe_x)
+        kernel_final = study.kernels.kernel(network, study.probe_x)
         vectors = init_state["eigenvectors"][:, : study.num_projection]
         all_labels_pm = 2.0 * np.concatenate([train_y, test_y]) - 1.0
         theta0 = [np.asarray(w) for w in initial.trainable_weights]
         theta_t = [np.asarray(w) for w in network.trainable_weights]
-        distance = _weights_norm([a - b for a, b in zip(theta_t, theta0)])
-        stages["kernels"] = {
-            "alignment": {
-                "init": float(metrics.kernel_alignment(kernel_init, labels_pm)),
-                "final": float(metrics.kernel_alignment(kernel_final, labels_pm)),
-            },
-            # Undefined (null) for a one-class task: centred labels are zero.
-            "alignment_centered": {
-                "init": _centered_alignment(metrics, kernel_init, labels_pm),
-                "final": _centered_alignment(metrics, kernel_final, labels_pm),
-            },
-            "kernel_distance": float(metrics.kernel_distance(kernel_init, kernel_final)),
-            "weight_distance": distance,
-            "weight_distance_squared": distance**2,
-            "relative_weight_distance": distance / _weights_norm(theta0),
+        distance = entk.weights_norm([a - b for a, b in zip(theta_t, theta0)])
+        stages["kernels"] = dict(
+            entk.kernel_change(init_state["probe_kernel"], kernel_final, labels_pm),
+            weight_distance=distance, weight_distance_squared=distance**2,
+            relative_weight_distance=distance / entk.weights_norm(theta0),
             # a_j = v_jᵀ Θ v_j over train+test in the eigenbasis of the tasks:
             # at θ0 these are the eigenvalues λ_j.
-            "projection": {
+            projection={
                 "init": [float(a) for a in init_state["eigenvalues"][: study.num_projection]],
-                "final": [float(a) for a in eigenbasis_projection(study, network, vectors)],
+                "final": [float(a) for a in study.kernels.eigenbasis_projection(
+                    network, study.inputs, vectors)],
             },
-            "label_energy": [float(e) for e in metrics.eigen_energy(all_labels_pm, vectors)],
-            "trace": {"init": float(np.trace(kernel_init)), "final": float(np.trace(kernel_final))},
-        }
+            label_energy=[float(e) for e in metrics.eigen_energy(all_labels_pm, vectors)])
         save_stages()
 
     kernels = stages["kernels"]
@@ -613,7 +530,15 @@ def run(
         store.get(f"init-{name}", init_settings[name])
     grid = grid_lib.Grid(store, [(key, cell_settings(cell)) for key, cell in cells_by_id.items()])
     records = grid.check()
-    grid.run(compute, after_each=write_results, max_new=max_new_cells, discard_cell_dir=True)
+    grid.run(compute, after_each=None if store.sharded else write_results,
+             max_new=max_new_cells, discard_cell_dir=True)
+    if store.sharded:  # The cells of every shard, or no results.json yet.
+        gathered = store.gather(grid.settings)
+        if gathered is None:
+            return None
+        records.update(gathered)
+        for name in models:
+            initial_state(name)  # results["eigen"], from the θ0 cell stored by a shard.
     write_results()
     if write_report:
         report.write_study_a_report(output_dir, results)

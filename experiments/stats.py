@@ -20,7 +20,8 @@ not as two independent proportions:
   McNemar test detects at level α with the given power, for n pairs and a
   discordance rate; `compare_paired` uses it to call a non-significant
   comparison a "tie" (it had the power to see a difference of `margin`) or
-  "inconclusive" (it had not).
+  "inconclusive" (it had not); `pairwise_mcnemar` tests every pair of models
+  under each condition (study C's architectures at each depth).
 
 Seeds as seeds: accuracies are computed per seed over that seed's test
 predictions, then averaged over seeds; test examples are never pooled across
@@ -170,6 +171,44 @@ def mcnemar_detectable_difference(n, discordance, *, alpha=0.05, power=0.8):
         middle = 0.5 * (low + high)
         low, high = (middle, high) if excess(middle) < 0 else (low, middle)
     return high
+
+
+def pairwise_mcnemar(correct, conditions, *, condition="depth", alpha=0.05, power=0.8):
+    """Exact McNemar test of every pair of models under each condition, with its power.
+
+    `detectable_difference`: the accuracy difference the test detects with
+    probability `power` at level `alpha`, given the number of test examples
+    and the observed rate of disagreement (`mcnemar_detectable_difference`;
+    None when the two never disagree: no difference is detectable).
+
+    Args:
+        correct: {model: [per condition, per test example: correct?]}.
+        conditions: the conditions (e.g. depths), in the order of the lists.
+        condition: the key naming a condition in each result.
+
+    Returns:
+        [{"a", "b", condition, "n", "accuracy_difference", "a_only_correct",
+        "b_only_correct", "p_value", "detectable_difference", "alpha",
+        "power"}] for every pair a before b in `correct`'s order.
+    """
+    names = list(correct)
+    tests = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            for k, value in enumerate(conditions):
+                result = mcnemar_exact(correct[a][k], correct[b][k])
+                detectable = mcnemar_detectable_difference(
+                    result.n, (result.a_only + result.b_only) / result.n, alpha=alpha,
+                    power=power)
+                tests.append({
+                    "a": a, "b": b, condition: value, "n": int(result.n),
+                    "accuracy_difference": float(result.difference),
+                    "a_only_correct": int(result.a_only), "b_only_correct": int(result.b_only),
+                    "p_value": float(result.p_value),
+                    "detectable_difference": detectable if math.isfinite(detectable) else None,
+                    "alpha": alpha, "power": power,
+                })
+    return tests
 
 
 def compare_paired(a_correct_per_seed, b_correct_per_seed, *, alpha=0.05, power=0.8,

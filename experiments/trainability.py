@@ -23,7 +23,9 @@ paper (gin_configs/trainability/base.gin):
    ‖F* − mean F*‖_F / ‖Y* − mean Y*‖_F, and its rms relative to the NNGP
    output scale √K(x, x), against depth; the e-fold length of the spread is
    fitted over the deepest depths whose test-train kernel still varies
-   above float64 rounding (`efold_length`) and compared with ξ*.
+   above float64 rounding and compared with ξ*. The maths of parts 1 and 2
+   is in `experiments.phase_diagram`; this binary holds the grids, the cells
+   of parts 3 and 4 and the assembly of results.json.
 3. FCN vs CNN with a Flatten head (CNN-F) vs CNN with global average
    pooling (CNN-GAP), same activation, σw², σb², on the same (smaller)
    subset: NTK spectra and kernel-regression test accuracy.
@@ -48,111 +50,18 @@ import os
 import time
 
 import numpy as np
-import threadpoolctl  # Installed with scikit-learn (the [experiments] extra).
 from absl import logging
 
 from experiments import bindings
 from experiments import cells as cells_lib
 from experiments import grid as grid_lib
-from experiments import launcher
+from experiments import launcher, phase_diagram, stats
 
 ARCHITECTURES = ("fcn", "cnn_flatten", "cnn_gap")
 # Held-out examples of parts 1-2: the test split, or also the training
 # examples beyond num_train (digits has 1797 examples in all).
 HELDOUT = ("test", "test_and_unused_train")
 ACTIVATIONS = ("relu", "erf")
-_EPS = float(np.finfo(np.float64).eps)
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def _finite_or_none(value):
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def _accuracy(outputs, labels):
-    return float(np.mean(np.argmax(outputs, axis=-1) == labels))
-
-
-def heatmap_targets(labels, num_classes):
-    """Raw one-hot targets (the accuracy heatmaps, as neural-tangents' notebook).
-
-    Deep in the chaotic phase the mean predictor of these targets collapses to
-    one class for every test input: the paper's finding. (One-hot − 1/C has the
-    same argmax.)
-    """
-    return np.eye(num_classes)[np.asarray(labels)]
-
-
-def centred_targets(labels, num_classes, train_labels):
-    """One-hot targets minus the training set's mean target (the spread analysis).
-
-    Any kernel fits the constant direction, which would hide the decay of
-    the data-dependent rest; centring by the training mean (not by 1/C,
-    which is the mean only for balanced classes) removes it.
-    """
-    mean = heatmap_targets(train_labels, num_classes).mean(axis=0)
-    return heatmap_targets(labels, num_classes) - mean
-
-
-def output_spread(outputs, reference):
-    """‖F − mean F‖_F / ‖R − mean R‖_F over the rows (inputs); 0: one output for all inputs."""
-    spread = np.linalg.norm(outputs - outputs.mean(axis=0))
-    return float(spread / np.linalg.norm(reference - reference.mean(axis=0)))
-
-
-def efold_length(depths, spread, variation, *, noise=1e-12, points=4):
-    """Depth over which the spread falls by e, fitted over the deepest depths above noise.
-
-    A least-squares line through log(spread) over the `points` deepest depths
-    whose test-train kernel still varies across examples by more than
-    `noise` relative to its mean (below that, the data-dependent part of the
-    kernel is at float64 rounding). Returns (−1/slope, depths used), or
-    (None, depths) when fewer than 3 depths qualify or the spread does not fall.
-    """
-    usable = [i for i, (s, v) in enumerate(zip(spread, variation))
-              if s is not None and s > 0 and v is not None and v > noise]
-    chosen = usable[-points:]
-    used = [int(depths[i]) for i in chosen]
-    if len(chosen) < 3:
-        return None, used
-    slope = np.polyfit([depths[i] for i in chosen], np.log([spread[i] for i in chosen]), 1)[0]
-    return (float(-1.0 / slope) if slope < 0 else None), used
-
-
-def mean_field(activation, sigma_w2, sigma_b2):
-    """q*, c*, χ1, χc*, ξ1, ξ*, ξc* of one point (`keras_ntk.mean_field`; None where not finite)."""
-    from keras_ntk import mean_field as mf
-
-    args = (activation, sigma_w2, sigma_b2)
-    return {
-        "q_star": _finite_or_none(mf.q_star(*args)),
-        "c_star": _finite_or_none(mf.c_star(*args)),
-        "chi1": float(mf.chi1(*args)),
-        "chi_c_star": _finite_or_none(mf.chi_c_star(*args)),
-        "xi_1": _finite_or_none(mf.xi_1(*args)),
-        "xi_star": _finite_or_none(mf.xi_star(*args)),
-        "xi_c_star": _finite_or_none(mf.xi_c_star(*args)),
-    }
-
-
-def spectrum_summary(k_train):
-    """Eigenvalues of Θ(X, X) and its condition number with the float64 flag."""
-    eigenvalues = np.linalg.eigvalsh((k_train + k_train.T) / 2)
-    n = len(eigenvalues)
-    largest, smallest = float(eigenvalues[-1]), float(eigenvalues[0])
-    at_bound = bool(smallest <= n * _EPS * largest)
-    condition = min(largest / max(smallest, _EPS * largest), 1.0 / _EPS)
-    return eigenvalues, {
-        "condition_number": float(condition),
-        "condition_at_float64_bound": at_bound,
-        "lambda_max": largest,
-        "lambda_min": smallest,
-        # The bulk: the mean of all but the largest eigenvalue.
-        "lambda_bulk": float(np.mean(eigenvalues[:-1])) if n > 1 else largest,
-    }
 
 
 # ---------------------------------------------------------------- 1 + 2
@@ -160,74 +69,6 @@ def spectrum_summary(k_train):
 
 def _phase_key(activation, sigma_w2):
     return f"{activation}/sigma_w2={sigma_w2:.10g}"
-
-
-def phase_depth(k_train, k_test_train, nngp_scale, labels_train, labels_test, num_classes,
-                times, learning_rate_fraction):
-    """Everything measured at one (σw², depth): trainability, generalization, spread."""
-    from keras_ntk import predict
-
-    _, cell = spectrum_summary(k_train)
-    y_train = heatmap_targets(labels_train, num_classes)
-    yc_train = centred_targets(labels_train, num_classes, labels_train)
-    yc_test = centred_targets(labels_test, num_classes, labels_train)
-    n_outputs = y_train.size
-    # η = fraction × 2·n·O/λmax (`predict.max_learning_rate`; λmax from the spectrum).
-    rate = learning_rate_fraction * 2.0 * n_outputs / cell["lambda_max"]
-    # Raw targets (heatmaps) and centred ones (spread analysis) in one call, one
-    # eigendecomposition: the flow runs at η/(n·O), so twice the columns take 2η.
-    # The last time, t = ∞, is the mean predictor P(Θ)Y.
-    steps = np.asarray(list(times) + [np.inf], np.float64)
-    fx_train, fx_test = predict.gradient_descent_mse(
-        k_train, np.concatenate([y_train, yc_train], 1), 2 * rate, steps, k_test_train)
-    raw_train, raw_test = fx_train[..., :num_classes], fx_test[..., :num_classes]
-    centred_test = fx_test[-1, :, num_classes:]
-    cell["learning_rate"] = float(rate)
-    cell["train_loss"] = [float(np.sum((f - y_train) ** 2) / (2 * n_outputs))
-                          for f in raw_train[:-1]]
-    cell["initial_train_loss"] = float(np.sum(y_train ** 2) / (2 * n_outputs))
-    cell["gd_train_accuracy"] = [_accuracy(f, labels_train) for f in raw_train[:-1]]
-    cell["gd_test_accuracy"] = [_accuracy(f, labels_test) for f in raw_test[:-1]]
-    rms_spread = np.sqrt(np.mean((centred_test - centred_test.mean(axis=0)) ** 2))
-    cell["mean_predictor"] = {
-        "test_accuracy": _accuracy(raw_test[-1], labels_test),
-        "train_accuracy": _accuracy(raw_train[-1], labels_train),
-        "test_output_spread": output_spread(centred_test, yc_test),
-        "spread_to_nngp_scale": float(rms_spread / nngp_scale),
-        "test_accuracy_centred_targets": _accuracy(centred_test, labels_test),
-    }
-    # Relative variation of Θ(X*, X) across pairs: its data-dependent part (the
-    # spread analysis stops where this reaches float64 rounding).
-    cell["kernel_variation"] = float(np.std(k_test_train) / abs(np.mean(k_test_train)))
-    return cell
-
-
-def phase_row(activation, sigma_w2, sigma_b2, depths, x_train, x_test, labels_train,
-              labels_test, num_classes, times, learning_rate_fraction, kernel_batch_size=None):
-    """The cells of every depth at one σw²: one all-depths kernel recursion."""
-    import keras_ntk
-    from experiments import models
-
-    start = time.time()
-    model = models.ntk_fcn(x_train.shape[1:], 1, depth=max(depths), width=8,
-                           sigma_w2=sigma_w2, sigma_b2=sigma_b2, activation=activation)
-    train = keras_ntk.infinite_kernels(model, x_train, all_depths=True,
-                                       batch_size=kernel_batch_size)
-    cross = keras_ntk.infinite_kernels(model, x_test, x_train, all_depths=True,
-                                       batch_size=kernel_batch_size).ntk
-    kernel_seconds = time.time() - start
-    cells = []
-    # One BLAS thread: 256² eigendecompositions are ~20× slower with two threads on a
-    # loaded 2-core machine (measured 0.84 s against 0.036 s at load 13).
-    with threadpoolctl.threadpool_limits(1), np.errstate(under="ignore"):
-        for depth in depths:
-            # The NNGP scale: the standard deviation of one output of the random infinite
-            # network, √(mean K(x, x)) over the training inputs.
-            nngp_scale = float(np.sqrt(np.mean(np.diag(train.nngp[depth]))))
-            cells.append(phase_depth(train.ntk[depth], cross[depth], nngp_scale, labels_train,
-                                     labels_test, num_classes, times, learning_rate_fraction))
-    return {"cells": cells, "kernel_seconds": kernel_seconds,
-            "seconds": time.time() - start}
 
 
 def _phase_data(dataset, num_train, heldout, flat=True):
@@ -266,9 +107,9 @@ def _phase_diagrams(grid, output_dir, activations, grids, depths, sigma_b2, phas
 
     def compute(key):
         activation, sigma_w2 = points[key]
-        return phase_row(activation, sigma_w2, sigma_b2, depths, x_train, x_test,
-                         labels_train, labels_test, num_classes, times,
-                         learning_rate_fraction, kernel_batch_size)
+        return phase_diagram.phase_row(activation, sigma_w2, sigma_b2, depths, x_train, x_test,
+                                       labels_train, labels_test, num_classes, times,
+                                       learning_rate_fraction, kernel_batch_size)
 
     def log(key, row):
         activation, sigma_w2 = points[key]
@@ -279,58 +120,10 @@ def _phase_diagrams(grid, output_dir, activations, grids, depths, sigma_b2, phas
         } for depth, cell in zip(depths, row["cells"])})
 
     records = grid.run(compute, after_each=log)
-    return [_assemble_diagram(activation, grids[activation], depths, sigma_b2,
-                              [records[key] for key in points if points[key][0] == activation],
-                              times, learning_rate_fraction)
-            for activation in activations]
-
-
-def _assemble_diagram(activation, grid, depths, sigma_b2, rows, times, learning_rate_fraction):
-    from keras_ntk import mean_field as mf
-
-    def per(get):
-        return [[get(cell) for cell in row["cells"]] for row in rows]
-
-    fields = [mean_field(activation, s, sigma_b2) for s in grid]
-    spread = per(lambda c: c["mean_predictor"]["test_output_spread"])
-    variation = per(lambda c: c["kernel_variation"])
-    fits = [efold_length(depths, s, v) for s, v in zip(spread, variation)]
-    return {
-        "activation": activation,
-        "sigma_b2": float(sigma_b2),
-        "sigma_w2": [float(s) for s in grid],
-        "depth": [int(d) for d in depths],
-        "condition_number": per(lambda c: c["condition_number"]),
-        "condition_at_float64_bound": per(lambda c: c["condition_at_float64_bound"]),
-        "float64_bound": 1.0 / _EPS,
-        **{name: [f[name] for f in fields] for name in
-           ("chi1", "chi_c_star", "q_star", "c_star", "xi_1", "xi_star", "xi_c_star")},
-        "critical_sigma_w2": mf.critical_sigma_w2(activation, sigma_b2),
-        "lambda_max": per(lambda c: c["lambda_max"]),
-        "lambda_min": per(lambda c: c["lambda_min"]),
-        "kernel_variation": variation,
-        "kernel_seconds": [row["kernel_seconds"] for row in rows],
-        "gd_mse": {
-            "times": [float(t) for t in times],
-            "dynamics": "gradient flow (continuous time), closed form",
-            "learning_rate_fraction": float(learning_rate_fraction),
-            "learning_rate": per(lambda c: c["learning_rate"]),
-            "train_loss": per(lambda c: c["train_loss"]),
-            "initial_train_loss": per(lambda c: c["initial_train_loss"]),
-            "train_accuracy": per(lambda c: c["gd_train_accuracy"]),
-            "test_accuracy": per(lambda c: c["gd_test_accuracy"]),
-        },
-        "mean_predictor": {
-            "targets": "test_accuracy, train_accuracy: raw one-hot; the rest: one-hot minus "
-                       "the training mean",
-            **{name: per(lambda c, name=name: c["mean_predictor"][name])
-               for name in ("test_accuracy", "train_accuracy", "test_output_spread",
-                            "spread_to_nngp_scale", "test_accuracy_centred_targets")},
-            "spread_efold_length": [fit for fit, _ in fits],
-            "spread_efold_depths": [used for _, used in fits],
-        },
-    }
-
+    return [phase_diagram.assemble_diagram(
+        activation, grids[activation], depths, sigma_b2,
+        [records[key] for key in points if points[key][0] == activation], times,
+        learning_rate_fraction) for activation in activations]
 
 # ---------------------------------------------------------------- 3
 
@@ -360,9 +153,9 @@ def architecture_cell(name, depth, activation, sigma_w2, sigma_b2, split, kernel
     k_test_train = keras_ntk.infinite_kernels(model, x_test, x_train,
                                               batch_size=kernel_batch_size).ntk
     seconds = time.time() - start
-    eigenvalues, cell = spectrum_summary(k_train)
+    eigenvalues, cell = phase_diagram.spectrum_summary(k_train)
     num_classes = int(max(labels_train.max(), labels_test.max())) + 1
-    y_train = heatmap_targets(labels_train, num_classes)
+    y_train = phase_diagram.heatmap_targets(labels_train, num_classes)
     scaled_ridge = ridge * float(np.trace(k_train)) / len(k_train)
     fx_test = predict.kernel_regression(k_train, k_test_train, y_train, scaled_ridge)
     correct = np.argmax(fx_test, axis=-1) == labels_test
@@ -373,38 +166,6 @@ def architecture_cell(name, depth, activation, sigma_w2, sigma_b2, split, kernel
         kernel_seconds=seconds,
     )
     return cell
-
-
-def paired_architecture_tests(architectures, alpha=0.05, power=0.8):
-    """Exact McNemar test per depth for every pair of architectures, with its power.
-
-    `detectable_difference`: the accuracy difference the test detects with
-    probability `power` at level `alpha`, given the number of test examples
-    and the observed rate of disagreement (normal approximation,
-    `experiments.stats.mcnemar_detectable_difference`).
-    """
-    from experiments import stats
-
-    names = list(architectures)
-    tests = []
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            for k, depth in enumerate(architectures[a]["depth"]):
-                result = stats.mcnemar_exact(architectures[a]["test_correct"][k],
-                                             architectures[b]["test_correct"][k])
-                discordance = (result.a_only + result.b_only) / result.n
-                tests.append({
-                    "a": a, "b": b, "depth": int(depth), "n": int(result.n),
-                    "accuracy_difference": float(result.difference),
-                    "a_only_correct": int(result.a_only), "b_only_correct": int(result.b_only),
-                    "p_value": float(result.p_value),
-                    # None: no difference detectable (the two never disagree).
-                    "detectable_difference": _finite_or_none(
-                        stats.mcnemar_detectable_difference(result.n, discordance,
-                                                            alpha=alpha, power=power)),
-                    "alpha": alpha, "power": power,
-                })
-    return tests
 
 
 def _architectures(grid, output_dir, names, depths, activation, sigma_w2, sigma_b2, split,
@@ -479,7 +240,7 @@ def _finite_width(grid, output_dir, dataset, widths, seeds, depth, activation, s
     x_test, labels_test = dataset.test.x, dataset.test.y
     num_classes = int(max(dataset.train.y.max(), dataset.test.y.max())) + 1
     # One-hot − 1/C (as the session-1 runs of this part).
-    y_train = heatmap_targets(labels_train, num_classes) - 1.0 / num_classes
+    y_train = phase_diagram.heatmap_targets(labels_train, num_classes) - 1.0 / num_classes
     model = models.ntk_fcn(x_train.shape[1:], 1, depth=depth, width=8, sigma_w2=sigma_w2,
                            sigma_b2=sigma_b2, activation=activation)
     x_all = np.concatenate([x_train, x_test]).astype(np.float64)
@@ -516,8 +277,9 @@ def _finite_width(grid, output_dir, dataset, widths, seeds, depth, activation, s
             "ensemble_centred_relative_error": error(np.mean(centred, axis=0)),
             "ensemble_raw_relative_error": error(np.mean(raw, axis=0)),
             "single_raw_relative_error_mean": float(np.mean([error(r) for r in raw])),
-            "centred_test_accuracy": [_accuracy(c, labels_test) for c in centred],
-            "ensemble_centred_test_accuracy": _accuracy(np.mean(centred, axis=0), labels_test),
+            "centred_test_accuracy": [phase_diagram.accuracy(c, labels_test) for c in centred],
+            "ensemble_centred_test_accuracy": phase_diagram.accuracy(np.mean(centred, axis=0),
+                                                                     labels_test),
             "final_train_loss": [r["final_loss"] for r in runs],
         })
     return {
@@ -525,7 +287,7 @@ def _finite_width(grid, output_dir, dataset, widths, seeds, depth, activation, s
         "sigma_b2": float(sigma_b2), "num_train": int(num_train), "steps": int(steps),
         "learning_rate": float(rate), "learning_rate_fraction": float(learning_rate_fraction),
         "seeds": [int(s) for s in seeds],
-        "infinite_test_accuracy": _accuracy(infinite_test, labels_test),
+        "infinite_test_accuracy": phase_diagram.accuracy(infinite_test, labels_test),
         "comparison": "relative Frobenius error ‖f − μ_T‖/‖μ_T‖ on test inputs, μ_T the "
                       "infinite mean predictor after T steps",
         "widths": per_width,
@@ -694,7 +456,8 @@ def run(
         "architectures": dict(common, activation=architecture_activation,
                               sigma_w2=float(architecture_sigma_w2),
                               num_train=architecture_num_train, num_test=architecture_num_test,
-                              heldout=heldout, conv_kernel_size=conv_kernel_size, ridge=float(ridge)),
+                              heldout=heldout, conv_kernel_size=conv_kernel_size,
+                              ridge=float(ridge)),
         "finite_width": dict(common, num_test=num_test,
                              depth=finite_depth, activation=finite_activation,
                              sigma_w2=float(finite_sigma_w2), finite_num_train=finite_num_train,
@@ -757,7 +520,9 @@ def run(
             architecture_grid, output_dir, architectures, architecture_depths,
             architecture_activation, architecture_sigma_w2, sigma_b2, split, conv_kernel_size,
             ridge, kernel_batch_size)
-        results["architecture_tests"] = paired_architecture_tests(results["architectures"])
+        results["architecture_tests"] = stats.pairwise_mcnemar(
+            {name: a["test_correct"] for name, a in results["architectures"].items()},
+            architecture_depths)
         results["architecture_setup"] = {
             "activation": architecture_activation, "sigma_w2": float(architecture_sigma_w2),
             "sigma_b2": float(sigma_b2), "num_train": len(split[1]),

@@ -44,18 +44,25 @@ import tensorflow as tf
 
 from keras_ntk import _distribute, _validation
 from keras_ntk._batching import block_ranges
-from keras_ntk._kernel_plan import _architecture
+from keras_ntk._kernel_plan import _architecture, unsupported_layers
 from keras_ntk._kernel_recursion import _compiled
+from keras_ntk.monte_carlo import clone_sampler, monte_carlo_kernels
 
-InfiniteKernels = collections.namedtuple("InfiniteKernels", ["nngp", "ntk"])
-InfiniteKernels.__doc__ = """The infinite-width kernels of a model.
+class InfiniteKernels(collections.namedtuple("InfiniteKernels", ["nngp", "ntk"])):
+    """The infinite-width kernels of a model.
 
-Attributes:
-    nngp: numpy array (N1, N2), the NNGP kernel K(x1, x2): the covariance of
-        the outputs of the randomly initialized infinite network.
-    ntk: numpy array (N1, N2), the NTK Θ(x1, x2) (per output, the kernel is
-        the identity across the output units).
-"""
+    Attributes:
+        nngp: numpy array (N1, N2), the NNGP kernel K(x1, x2): the covariance of
+            the outputs of the randomly initialized infinite network.
+        ntk: numpy array (N1, N2), the NTK Θ(x1, x2) (per output, the kernel is
+            the identity across the output units).
+        monte_carlo_layers: names of the layers without a closed form that made
+            the kernels a Monte-Carlo estimate (`fallback="monte_carlo"`); () if exact.
+        nngp_stderr, ntk_stderr: standard errors of a Monte-Carlo estimate (else None).
+    """
+
+    monte_carlo_layers = ()
+    nngp_stderr = ntk_stderr = None
 
 # Default working memory of one block of pairs (bytes).
 _DEFAULT_MEMORY_BUDGET = 1 << 30
@@ -133,12 +140,15 @@ def _pad_examples(x, block):
 
 
 def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
-                     memory_budget=None, jit_compile=None, all_depths=False):
+                     memory_budget=None, jit_compile=None, all_depths=False, fallback=None,
+                     n_samples=64, seed=0):
     """Infinite-width NNGP and NTK of a model's architecture.
 
-    The model is read as an architecture only (its widths and weights are
-    ignored): hidden widths go to infinity under the NTK parameterization of
-    `keras_ntk.NTKDense`/`NTKConv2D`. The kernels follow the recursion in the
+    The model is read as an architecture only: hidden widths go to infinity
+    under the NTK parameterization of `keras_ntk.NTKDense`/`NTKConv2D` (their
+    widths are ignored), or the standard parameterization of plain Keras
+    layers (whose widths set σw² and the NTK's fan-in terms, as
+    neural-tangents' `parameterization="standard"`). The kernels follow the recursion in the
     module docstring (neural-tangents `stax`, `parameterization="ntk"`):
     for a dense layer K' = σw² K + σb² and Θ' = K' + σw² Θ; for an activation
     K' = E[φ(u)φ(v)] and Θ' = Θ·E[φ'(u)φ'(v)] in closed form (arc-cosine kernel
@@ -154,12 +164,18 @@ def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
     computed.
 
     Args:
-        model: a Sequential or chain functional Keras model made of
-            `NTKDense`, `NTKConv2D`, `ReLU`/`Activation("relu")`, `Erf`,
-            identity/linear, `AveragePooling2D`, `GlobalAveragePooling2D`,
-            `Flatten` (nested such models allowed). Any other layer raises a
-            ValueError naming it.
-        x1: array (N1, features) or (N1, height, width, channels).
+        model: a Sequential or functional Keras model (a graph: `Add`,
+            `Average`, `Concatenate` on channels, nested models) of
+            `NTKDense`/`NTKConv2D` (NTK parameterization), plain `Dense`/
+            `Conv1D`/`Conv2D` (standard parameterization, σw² = Var(W)·fan_in
+            from the initializer), activations (closed forms for ReLU,
+            LeakyReLU, Erf, sign, sin, cos; Gauss-Hermite quadrature for other
+            elementwise Keras activations), Dropout/Identity, BatchNormalization
+            (inference), LayerNormalization (no center/scale), average pooling
+            1-D/2-D, global average pooling, Flatten. Any other layer raises a
+            ValueError naming it and the reason (docs/infinite.md has the table).
+        x1: array (N1, features), (N1, length, channels) or (N1, height, width,
+            channels).
         x2: array with N2 examples, or None for x1.
         batch_size: examples per block side; None picks the largest block
             whose working memory fits `memory_budget` (with XLA: at most a
@@ -178,6 +194,17 @@ def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
             (`experiments.models.ntk_fcn(depth=D)`), index d is the kernel of
             the same network with d hidden layers (d = 0..D): a whole depth
             sweep for the cost of the deepest network.
+        fallback: None (layers without a closed form raise a ValueError) or
+            "monte_carlo": if any layer has no closed form (MaxPooling,
+            attention, ...), the whole kernel is estimated by
+            `keras_ntk.monte_carlo_kernels` over `n_samples` re-initialized
+            copies of the model (`keras.models.clone_model`) at the model's
+            own widths (build it wide: the estimate is that width's expected
+            kernel), seeds `seed + i`, in inference mode; the result names
+            those layers in `.monte_carlo_layers` and carries
+            `.nngp_stderr`, `.ntk_stderr`. A model whose outputs couple the
+            examples of a batch is refused.
+        n_samples, seed: of the Monte-Carlo fallback.
 
     Returns:
         `InfiniteKernels(nngp, ntk)`, two numpy arrays of shape (N1, N2);
@@ -211,6 +238,25 @@ def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
             "Expected x1 and x2 with the same example shape. "
             f"Received: x1.shape={x1.shape}, x2.shape={x2.shape}"
         )
+    if fallback not in (None, "monte_carlo"):
+        raise ValueError(
+            f"Expected `fallback` None or 'monte_carlo'. Received: fallback={fallback!r}")
+    if fallback == "monte_carlo":
+        # Layers without a closed form make the whole kernel a Monte-Carlo estimate
+        # over re-initialized copies of the model at its own widths.
+        missing = tuple(error.layer.name for error in unsupported_layers(model))
+        if missing:
+            if all_depths:
+                raise ValueError(
+                    "Expected `all_depths=False` with a Monte-Carlo fallback (it estimates the "
+                    f"output's kernels only). Received: monte_carlo_layers={missing}")
+            mc = monte_carlo_kernels(clone_sampler(model), x1, None if same else x2,
+                                     n_samples=n_samples, seed=seed, batch_size=batch_size,
+                                     memory_budget=memory_budget, dtype="float64")
+            result = InfiniteKernels(mc.nngp.astype(np_dtype), mc.ntk.astype(np_dtype))
+            result.monte_carlo_layers = missing
+            result.nngp_stderr, result.ntk_stderr = mc.nngp_stderr, mc.ntk_stderr
+            return result
     steps = _architecture(model, x1.shape[1:])
     if not isinstance(all_depths, bool):
         raise TypeError(f"Expected `all_depths` to be True or False. Received: all_depths={all_depths!r}")

@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 from experiments import configurables, data, launcher, linear_vs_nonlinear, report
+from study_outputs import configured_run, make_stale
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "linear_vs_nonlinear/smoke.gin"
@@ -471,7 +472,7 @@ def test_a_j_is_taken_in_the_eigenbasis_of_the_tasks(tmp_path, data_dir, solver)
     for w in model.trainable_weights:
         w.assign(w.numpy() + 0.3 * rng.normal(size=w.shape).astype(np.float32))
     vectors = state["eigenvectors"]
-    a = linear_vs_nonlinear.eigenbasis_projection(study, model, vectors)
+    a = study.kernels.eigenbasis_projection(model, study.inputs, vectors)
     # Naive float64 reference: per-example Jacobians over the same 160 inputs.
     inputs = np.concatenate([dataset.train.x, dataset.test.x]).reshape(160, -1)
     weights64 = [tf.Variable(tf.cast(w, tf.float64)) for w in model.trainable_weights]
@@ -484,7 +485,7 @@ def test_a_j_is_taken_in_the_eigenbasis_of_the_tasks(tmp_path, data_dir, solver)
     np.testing.assert_allclose(a, np.einsum("nj,nm,mj->j", vectors, kernel, vectors), rtol=1e-3)
     # At θ0 the same projection gives back the eigenvalues (j = k is v_k itself).
     initial = study.build("mlp", weights_path)
-    np.testing.assert_allclose(linear_vs_nonlinear.eigenbasis_projection(study, initial, vectors),
+    np.testing.assert_allclose(study.kernels.eigenbasis_projection(initial, study.inputs, vectors),
                                state["eigenvalues"][:5], rtol=1e-3)
 
 
@@ -497,25 +498,16 @@ def test_a_stale_cell_after_an_unfinished_one_is_refused_before_any_work(
 
     output = tmp_path / "stale"
     shutil.copytree(interrupted_run["output"], output)
-    (output / "cells" / f"{CELLS[0]}.json").unlink()  # The first cell: to compute.
-    stale = output / "cells" / f"{CELLS[1]}.json"
-    stored = json.loads(stale.read_text())
-    stored["settings"]["learning_rate"] = 0.1
-    stale.write_text(json.dumps(stored))
+    make_stale(output / "cells", CELLS[0], CELLS[1], "learning_rate", 0.1)
 
     def no_work(*args, **kwargs):
         raise AssertionError("work started before every cell was checked")
 
     monkeypatch.setattr(train, "fit", no_work)
     monkeypatch.setattr(linear_vs_nonlinear, "_initial_state", no_work)
-    run = launcher.configurable("linear_vs_nonlinear", linear_vs_nonlinear.run)
-    gin.add_config_file_search_path(launcher.GIN_CONFIGS_DIR)
-    gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin_configs", SMOKE)],
-                                        ["linear_vs_nonlinear.run.epochs = 2"])
-    try:
+    with configured_run("linear_vs_nonlinear", linear_vs_nonlinear.run, SMOKE,
+                        ["linear_vs_nonlinear.run.epochs = 2"]) as run:
         with pytest.raises(ValueError, match=rf"Cell '{CELLS[1]}'.*learning_rate: 0.1 "
                                              r"\(stored\) → 0.05 \(now\)"):
             run(output_dir=str(output), strategy=tf.distribute.get_strategy(),
                 model_builders=configurables.MODELS, data_dir=data_dir)
-    finally:
-        gin.clear_config()

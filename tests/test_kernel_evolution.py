@@ -14,74 +14,10 @@ import pytest
 import tensorflow as tf
 
 import keras_ntk
-from experiments import kernel_evolution, models
-from json_numbers import assert_same_results
+from experiments import kernel_evolution, kernel_velocity, models
+from study_outputs import assert_same_results, make_stale
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def test_log_spaced_steps():
-    steps = kernel_evolution.log_spaced_steps(2300, 25)
-    assert steps[0] == 1 and steps[-1] == 2300 and steps == sorted(set(steps))
-    ratios = np.diff(np.log(steps[8:]))
-    np.testing.assert_allclose(ratios, np.log(2300) / 24, rtol=0.1)
-    with pytest.raises(ValueError, match="Received: total_steps=0"):
-        kernel_evolution.log_spaced_steps(0, 5)
-
-
-@pytest.mark.parametrize("slope", [-1.5, -1.0, -0.5, 0.0])
-def test_tail_slope_and_verdict(slope):
-    rng = np.random.RandomState(0)
-    steps = np.array(kernel_evolution.log_spaced_steps(5000, 30))
-    values = 3.0 * steps ** slope * np.exp(0.05 * rng.normal(size=len(steps)))
-    # Early snapshots follow another law: only the tail (step >= 500) counts.
-    values[steps < 500] = 1.0
-    fitted, error = kernel_evolution.tail_slope(steps, values, start=500)
-    assert abs(fitted - slope) < 3 * error and 0 < error < 0.1
-    # The reference slope and standard error of ordinary least squares (scipy).
-    from scipy import stats
-    tail = steps >= 500
-    reference = stats.linregress(np.log(steps[tail]), np.log(values[tail]))
-    np.testing.assert_allclose([fitted, error], [reference.slope, reference.stderr], rtol=1e-8)
-    verdict = kernel_evolution.velocity_verdict(fitted, error)
-    assert verdict.startswith({-1.5: "decays faster than 1/t", -1.0: "decays like 1/t",
-                               -0.5: "decays slower", 0.0: "plateaus"}[slope])
-    assert kernel_evolution.tail_slope(steps, values, start=10**6) == (None, None)
-    assert kernel_evolution.velocity_verdict(None).startswith("undetermined")
-
-
-def test_paired_snapshot_steps():
-    times, snapshots = kernel_evolution.paired_snapshot_steps(12, 8, 1)
-    assert times == [1, 3, 6, 8, 11]
-    assert snapshots == [1, 2, 3, 4, 6, 7, 8, 9, 11, 12]
-    times, snapshots = kernel_evolution.paired_snapshot_steps(5000, 30, 10)
-    assert times[0] == 1 and times[-1] == 4990 and min(np.diff(times)) > 10
-    assert set(snapshots) == set(times) | {t + 10 for t in times}
-    with pytest.raises(ValueError, match="velocity_dt=12"):
-        kernel_evolution.paired_snapshot_steps(12, 8, 12)
-
-
-def test_aggregate_seeds_mean_series_and_slope_standard_error():
-    steps = [1, 10, 100, 300, 1000]
-    cells = {}
-    for seed, slope in (("0", -0.8), ("1", -1.0), ("2", -1.3)):
-        velocity = [2.0 * t ** slope for t in steps]
-        cell = {"steps": steps, "epochs": [1, 1, 2, 3, 9], "velocity_dt": 10,
-                "velocity": velocity, "velocity_relative": velocity,
-                "distance_from_init": [0.1, 0.2, 0.3, 0.35, 0.4], "alignment": [0.5] * 5,
-                "weight_distance_from_init": [0.0] * 5, "ntk_trace": [1.0] * 5,
-                "kernel_regression_test_error": [0.2] * 5, "network_test_error": [None] * 5,
-                "kernel_regression_test_error_init": 0.3, "final_train_loss": 0.01}
-        cells[seed] = kernel_evolution.summarize(cell, 1000)
-    out = kernel_evolution.aggregate_seeds(cells)
-    slopes = [-0.8, -1.0, -1.3]
-    np.testing.assert_allclose(out["velocity_relative_tail_slope"], np.mean(slopes), rtol=1e-10)
-    np.testing.assert_allclose(out["velocity_relative_tail_slope_se"],
-                               np.std(slopes, ddof=1) / np.sqrt(3), rtol=1e-10)
-    np.testing.assert_allclose(out["velocity"], np.mean(
-        [[2.0 * t ** s for t in steps] for s in slopes], axis=0), rtol=1e-12)
-    assert out["network_test_error"] == [None] * 5 and out["num_seeds"] == 3
-    assert out["velocity_verdict"].startswith("decays like 1/t")
 
 
 @pytest.fixture(scope="module")
@@ -162,11 +98,7 @@ def test_a_stale_run_after_an_unfinished_one_is_refused_before_any_work(smoke_ru
 
     output = tmp_path / "stale"
     shutil.copytree(smoke_run["output"], output)
-    (output / "cells" / "width8-seed0.json").unlink()  # The first run: to compute.
-    stale = output / "cells" / "width32-seed1.json"
-    stored = json.loads(stale.read_text())
-    stored["settings"]["learning_rate"] = 0.1
-    stale.write_text(json.dumps(stored))
+    make_stale(output / "cells", "width8-seed0", "width32-seed1", "learning_rate", 0.1)
     monkeypatch.setattr(kernel_evolution, "_train_width", fail)
     with pytest.raises(ValueError, match=r"Cell 'width32-seed1'.*learning_rate: 0.1 \(stored\) "
                                          r"→ 0.05 \(now\)"):
@@ -186,7 +118,7 @@ def test_overwrite_recomputes_a_width_of_other_settings(smoke_run, tmp_path):
     for seed in ("0", "1"):
         stored = json.loads((output / "cells" / f"width8-seed{seed}.json").read_text())
         assert stored["settings"]["learning_rate"] == 0.1
-        assert again["widths"]["8"]["seeds"][seed] == kernel_evolution.summarize(
+        assert again["widths"]["8"]["seeds"][seed] == kernel_velocity.summarize(
             stored["record"], 12)
     # Trained again at the other rate: the network moved differently.
     assert again["widths"]["8"]["weight_distance_from_init"] != (

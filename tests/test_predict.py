@@ -464,3 +464,103 @@ def test_ensemble_matches_monte_carlo_over_wide_networks():
     # = 1.1-3.9 here; trained 0.1-0.7, means 0.5-2.0 in size).
     assert np.abs(expected.mean).min() > 0.3
     assert np.all(variances < 0.5 * np.diag(nngp[n:, n:]))
+
+
+# Predictors that diagnose themselves (neural-tangents issues #36, #76, #128, #134).
+
+
+def _rank_deficient(n=200, m=40, rank=20, seed=0):
+    """K = ΦΦᵀ/r of rank r from r bounded features, its test block, and generic targets."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n + m, 20))
+    features = np.tanh(x @ rng.normal(size=(20, rank))) + 0.1
+    k = features @ features.T / rank
+    return k[:n, :n], k[n:, :n], k[n:, n:], rng.normal(size=(n, 3))
+
+
+def test_rank_deficient_float32_kernel_gives_the_pseudo_inverse_predictions():
+    import tensorflow as tf
+
+    k, k_test, k_tt, y = _rank_deficient()
+    k32, k_test32, k_tt32 = (a.astype(np.float32) for a in (k, k_test, k_tt))
+    # The failure users meet: a float32 Cholesky of the rounded kernel is NaN.
+    assert np.isnan(tf.linalg.cholesky(tf.constant(k32)).numpy()).any()
+    # Reference: the minimum-norm (pseudo-inverse) predictor from the float64 kernel.
+    reference = k_test @ np.linalg.pinv(k, rcond=1e-10, hermitian=True) @ y
+    with pytest.warns(predict.KernelPrecisionWarning, match="float32"):
+        got, info = predict.kernel_regression(k32, k_test32, y, return_info=True)
+    assert info.method == "eigh" and info.dropped == 180 and info.jitter == 0.0
+    np.testing.assert_allclose(got, reference, rtol=0, atol=1e-5 * np.abs(reference).max())
+    with pytest.warns(predict.KernelPrecisionWarning):
+        mean, _ = predict.gp_inference(k32, k_test32, k_tt32, y, 0.0)
+    np.testing.assert_allclose(mean, reference, rtol=0, atol=1e-5 * np.abs(reference).max())
+    with pytest.warns(predict.KernelPrecisionWarning):
+        _, at_inf = predict.gradient_descent_mse(k32, y, 1.0, np.inf, k_test32)
+    np.testing.assert_allclose(at_inf, reference, rtol=0, atol=1e-5 * np.abs(reference).max())
+    # The smallest jitter that lets the Cholesky succeed (solver="cholesky") is reported,
+    # and fits the rounding-level directions with weight 1/jitter: far from the reference.
+    with pytest.warns(predict.KernelPrecisionWarning):
+        jittered, info = predict.kernel_regression(k32, k_test32, y, solver="cholesky",
+                                                   return_info=True)
+    eps32 = np.finfo(np.float32).eps
+    assert info.method == "cholesky" and info.jitter > 0
+    start = eps32 * np.trace(k32.astype(np.float64)) / 200
+    assert np.isclose(np.log10(info.jitter / start), np.round(np.log10(info.jitter / start)))
+    with pytest.raises(np.linalg.LinAlgError):  # one step (÷10) smaller does not factor
+        np.linalg.cholesky(k32.astype(np.float64) + info.jitter / 10 * np.eye(200))
+    direct = k_test32.astype(np.float64) @ np.linalg.solve(
+        k32.astype(np.float64) + info.jitter * np.eye(200), y)
+    np.testing.assert_allclose(jittered, direct, rtol=1e-6)
+    assert np.linalg.norm(jittered - reference) > 1e-2 * np.linalg.norm(reference)
+
+
+def test_asymmetric_kernel_is_refused():
+    phi, phi_test, y = _problem(n=6, m=6)
+    k_cross = phi_test @ phi.T  # K(X*, X): square, not symmetric
+    calls = [
+        lambda k: predict.kernel_regression(k, k_cross, y),
+        lambda k: predict.gradient_descent_mse(k, y, 1.0, 10.0),
+        lambda k: predict.gp_inference(k, k_cross, np.ones(6), y, 0.1),
+        lambda k: predict.gradient_descent_mse_ensemble(k, phi @ phi.T, y, 1.0, 10.0),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"symmetric kernel matrix.*Received: k_train\[|"
+                                             r"symmetric kernel matrix.*Received: ntk_train\["):
+            call(k_cross)
+    # Rounding-level asymmetry (float32 kernels computed in blocks) is accepted.
+    k = phi @ phi.T + 0.5 * np.eye(6)
+    noisy = k * (1 + 1e-6 * np.random.default_rng(0).normal(size=k.shape))
+    np.testing.assert_allclose(predict.kernel_regression(noisy, k_cross, y),
+                               predict.kernel_regression((noisy + noisy.T) / 2, k_cross, y),
+                               rtol=1e-12)
+    indefinite = k - 2 * np.abs(np.linalg.eigvalsh(k)).max() * np.outer(np.ones(6), np.ones(6)) / 6
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        predict.gradient_descent_mse(indefinite, y, 1.0, np.inf)
+
+
+def _with_spectrum(eigenvalues, seed=0):
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(len(eigenvalues),) * 2))
+    return (q * eigenvalues) @ q.T
+
+
+def test_precision_warning_fires_only_for_an_ill_conditioned_float32_kernel():
+    import warnings
+
+    y = np.random.default_rng(1).normal(size=(50, 2))
+    well = _with_spectrum(np.logspace(0, -1, 50))          # κ = 10
+    ill = _with_spectrum(np.logspace(0, -6, 50))           # κ = 1e6: κ·ε32 = 0.12
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", predict.KernelPrecisionWarning)
+        got, info = predict.kernel_regression(well.astype(np.float32), well, y, return_info=True)
+        assert info.method == "cholesky" and info.jitter == 0.0
+        assert 10 / 3 < info.condition < 10 * 50  # LAPACK's 1-norm estimate of κ = 10
+        np.testing.assert_allclose(got, y, rtol=0, atol=1e-5 * np.abs(y).max())  # κ·ε32 ≈ 1e-6
+        predict.kernel_regression(ill, ill, y)             # float64: accurate, no warning
+        predict.gradient_descent_mse(well.astype(np.float32), y, 1.0, np.inf)
+    with pytest.warns(predict.KernelPrecisionWarning, match=r"condition number .*float64"):
+        _, info = predict.kernel_regression(ill.astype(np.float32), ill, y, return_info=True)
+    assert info.method == "eigh" and info.condition > 1e5
+    with pytest.warns(predict.KernelPrecisionWarning):
+        predict.gradient_descent_mse(ill.astype(np.float32), y, 1.0, np.inf)
+    with pytest.warns(predict.KernelPrecisionWarning):
+        predict.gp_inference(ill.astype(np.float32), ill, np.ones(50), y, 0.0)

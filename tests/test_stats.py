@@ -34,6 +34,30 @@ def test_mcnemar_matches_scipy_binomtest_on_2x2_tables():
         np.testing.assert_allclose(result.difference, (a.mean() - b.mean()), atol=1e-15)
 
 
+def test_pairwise_mcnemar_tests_every_pair_under_each_condition():
+    rng = np.random.default_rng(1)
+    correct = {name: [rng.random(40) < p for p in (0.6, 0.8)]
+               for name in ("x", "y", "z")}
+    correct["z"][1] = correct["y"][1].copy()  # Never disagree: nothing is detectable.
+    tests = stats.pairwise_mcnemar(correct, [2, 8], alpha=0.05, power=0.8)
+    assert [(t["a"], t["b"], t["depth"]) for t in tests] == [
+        ("x", "y", 2), ("x", "y", 8), ("x", "z", 2), ("x", "z", 8), ("y", "z", 2), ("y", "z", 8)]
+    for t in tests:
+        a = correct[t["a"]][[2, 8].index(t["depth"])]
+        b = correct[t["b"]][[2, 8].index(t["depth"])]
+        a_only, b_only = int(np.sum(a & ~b)), int(np.sum(~a & b))
+        assert (t["a_only_correct"], t["b_only_correct"], t["n"]) == (a_only, b_only, len(a))
+        np.testing.assert_allclose(t["accuracy_difference"], a.mean() - b.mean(), atol=1e-15)
+        if a_only + b_only == 0:
+            assert t["p_value"] == 1.0 and t["detectable_difference"] is None
+            continue
+        np.testing.assert_allclose(
+            t["p_value"], scipy_stats.binomtest(a_only, a_only + b_only, 0.5).pvalue, rtol=1e-12)
+        assert t["detectable_difference"] == stats.mcnemar_detectable_difference(
+            len(a), (a_only + b_only) / len(a), alpha=0.05, power=0.8)
+    assert tests[-1]["detectable_difference"] is None
+
+
 def test_exact_binomial_by_hand():
     # 0 of 5 discordant favour A: 2 · (1/32).
     assert stats.binomial_two_sided_half(0, 5) == 2 / 32
