@@ -101,6 +101,8 @@ def main():
 
         def run(impl=impl, jit=jit, copy=copy):
             keras_ntk._batching._JIT = jit
+            # Functions shared by copies of one architecture would make later rows warm.
+            getattr(keras_ntk._batching, "_SHARED", {}).clear()
             return keras_ntk.empirical_ntk(copy, x, implementation=impl)
 
         rows.append((f"empirical_ntk {impl}" + (" (XLA forced)" if jit == "1" else ""), run))

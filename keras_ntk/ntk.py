@@ -464,7 +464,8 @@ def _shared_block_function(s, same):
             return _structured_block(view, rules, x1, x2)
         return _jacobian_block(view, x1, x2)
 
-    return shared_compiled(plan.model, key, builder, (plan, s.rules))
+    return shared_compiled(plan.model, key, builder, (plan, s.rules),
+                           jit_allowed=not recurrent_layers(plan.model))
 
 
 @contextlib.contextmanager
