@@ -101,12 +101,12 @@ def main():
 
         def run(impl=impl, jit=jit, copy=copy):
             keras_ntk._batching._JIT = jit
-            # Functions shared by copies of one architecture would make later rows warm.
-            getattr(keras_ntk._batching, "_SHARED", {}).clear()
             return keras_ntk.empirical_ntk(copy, x, implementation=impl)
 
         rows.append((f"empirical_ntk {impl}" + (" (XLA forced)" if jit == "1" else ""), run))
     for label, fn in rows:
+        # Functions shared by copies of one architecture would make a row's first call warm.
+        getattr(keras_ntk._batching, "_SHARED", {}).clear()
         kernel, first, warm = _timed(fn, args.repeats)
         error = np.linalg.norm(kernel - reference) / np.linalg.norm(reference)
         print(f"{label:40s} first {first:7.2f} s  warm {warm:7.3f} s  rel. error {error:.1e}",
