@@ -1,17 +1,31 @@
-"""Speed and memory of `keras_ntk.empirical_ntk` against the naive TF Jacobian.
+"""Speed and memory of `keras_ntk.empirical_ntk` against naive TF and neural-tangents.
 
-For N=256 digits inputs (x2=None) and four models, prints the seconds per
-implementation (median of warm calls; the first, compiling call separately)
-and the speed-up over the naive TensorFlow reference measured in the same run:
-`tf.GradientTape.jacobian` of the whole batch output with respect to every
-trainable weight, contracted with einsum. Then, in a fresh subprocess, the
-resident-memory high-water mark of the 1797×1797 LeNet kernel on all digits
-with `memory_budget=1GiB`, and its error against a float64 reference on a
-sub-block.
+Three parts:
 
-Run: `python benchmarks/ntk_speed.py [--quick]`. Targets from issue 4 (speed-up
-of neural-tangents' best implementation over naive TF, same machine class):
-MLP-1 ≥ 70×, MLP-10 traced ≥ 233×, LeNet ≥ 21×.
+* `--neural-tangents-python PY` (issue 18 §3): ours against neural-tangents 0.6.5 in
+  its own venv, INTERLEAVED: one neural-tangents process stays alive
+  (`neural_tangents_reference.py --serve`, JSON lines over stdin/stdout) and rounds of
+  ours and theirs alternate (order flipped every round), so load affects both alike.
+  Per case the median over `--rounds` (≥ 7) of the per-round ratio ours/theirs is
+  printed with its range. Cases: MLP 64-512-512-1 ("mlp1"), MLP-10 traced and
+  `trace_axes=()`, LeNet-8×8 (N=256 digits), ResNet-18 width 16 with BatchNorm in
+  inference mode (32×32×3, N=64) and a 2-block transformer encoder (Embedding +
+  MultiHeadAttention + LayerNorm + MLP, sequence 16, N=64), the last two written in Flax
+  on the other side with our weights copied (the relative kernel difference is
+  printed). neural-tangents' fastest implementation among those run is the
+  reference: structured (3) for the stax models, structured and jacobian (1, 3) for
+  ResNet-18, jacobian and NTK-vector products (1, 2) for the transformer (its
+  structured rules have no gather rule for the embedding).
+* `--naive`: seconds per implementation on the first four cases and the speed-up over
+  the naive TensorFlow reference (`tf.GradientTape.jacobian` of the whole batch
+  output, contracted with einsum) measured in the same run. Targets from issue 4:
+  MLP-1 ≥ 70×, MLP-10 traced ≥ 233×, LeNet ≥ 21×.
+* unless `--skip-memory`: in a fresh subprocess, the resident-memory high-water mark
+  of the 1797×1797 LeNet kernel on all digits with `memory_budget=1GiB`, and its
+  error against a float64 reference on a sub-block.
+
+Run: `python benchmarks/ntk_speed.py --neural-tangents-python /work/ntvenv/bin/python
+--skip-memory [--rounds 7] [--cases mlp1,lenet,...]`.
 """
 
 import argparse
@@ -29,7 +43,12 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
+# This checkout's keras_ntk and experiments, not an installed copy.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
 import keras_ntk  # noqa: E402
+from experiments import models as study_models  # noqa: E402
 from keras_ntk import ntk as ntk_module  # noqa: E402
 
 TARGETS = {"mlp1": 70.0, "mlp10_traced": 233.0, "lenet": 21.0}
@@ -189,6 +208,78 @@ def memory_child():
                           rel_error_vs_jacobian_float64=err)))
 
 
+ESTIMATE_CASES = {
+    # case: (N, implementations measured)
+    "mlp1": (256, ("structured", "jacobian")),
+    "mlp10_full": (256, ("structured",)),
+    "lenet": (1797, ("structured",)),
+    "resnet18": (64, ("jacobian", "structured")),
+    "transformer": (64, ("jacobian",)),
+}
+
+
+def estimate_child(case, implementation):
+    """Runs in a fresh process: the estimated peak of one call against the measured one.
+
+    Measured: the resident high-water mark (VmHWM) of a WARM call above the resident
+    size before it. The first call (tracing, XLA compilation) is made first, then the
+    kernel's host result is freed, the high-water mark is reset (`5` written to
+    /proc/self/clear_refs) and the call is repeated: its peak is the block's working
+    memory plus the result, which is what the estimate models. (CPU-only:
+    tf.config.experimental.get_memory_info does not report CPU memory.)
+    """
+    import gc
+
+    model, x, trace_axes, _ = build_case(case)
+    n = ESTIMATE_CASES[case][0]
+    if len(x) < n:
+        x = np.concatenate([x] * (-(-n // len(x))))[:n]
+    x = x[:n]
+    setup = ntk_module.kernel_setup(model, x, None, trace_axes, (), implementation, None,
+                                    None, False, None)
+    kernel = keras_ntk.empirical_ntk(model, x, trace_axes=trace_axes,
+                                     implementation=implementation)
+    del kernel
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_bytes("VmRSS")
+    start = time.perf_counter()
+    kernel = keras_ntk.empirical_ntk(model, x, trace_axes=trace_axes,
+                                     implementation=implementation)
+    seconds = time.perf_counter() - start
+    peak = _status_bytes("VmHWM") - before
+    from keras_ntk._batching import padded_size
+    from keras_ntk._costs import estimates
+    p = padded_size(n, setup.block)
+    _, block_peak = estimates(setup.implementation, setup.profile, setup.out_axes, p, p, True,
+                              setup.plan.dtype.size)
+    result = kernel.nbytes
+    print(json.dumps(dict(case=case, implementation=setup.implementation, n=n,
+                          block=setup.block, measured=peak, estimated=block_peak + result,
+                          result=result, seconds=seconds)))
+
+
+def memory_estimates(cases):
+    """Estimated / measured peak per case and implementation, each in a fresh process."""
+    print(f"{'case':12s} {'impl':10s} {'N':>5s} {'block':>5s} {'measured':>10s} "
+          f"{'estimated':>10s} {'est/meas':>8s}", flush=True)
+    rows = []
+    for case in cases:
+        for impl in ESTIMATE_CASES[case][1]:
+            out = subprocess.run([sys.executable, __file__, "--estimate-child", case, impl],
+                                 capture_output=True, text=True, check=False, cwd=ROOT)
+            if out.returncode != 0:
+                print(f"{case:12s} {impl:10s} failed: {out.stderr.strip()[-500:]}", flush=True)
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(r)
+            print(f"{case:12s} {r['implementation']:10s} {r['n']:5d} {r['block']:5d} "
+                  f"{r['measured'] / 2**20:8.1f} MiB {r['estimated'] / 2**20:8.1f} MiB "
+                  f"{r['estimated'] / max(r['measured'], 1):8.2f}", flush=True)
+    return rows
+
+
 def _status_bytes(field):
     """VmRSS (current) or VmHWM (high-water mark) of this process, in bytes.
 
@@ -205,7 +296,7 @@ def _status_bytes(field):
 
 def memory():
     out = subprocess.run([sys.executable, __file__, "--memory-child"], capture_output=True,
-                         text=True, check=True)
+                         text=True, check=True, cwd=ROOT)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"lenet 1797x1797 memory_budget=1GiB ({result['implementation']}, blocks of "
           f"{result['block']}): {result['seconds']:.2f} s, RSS high-water "
@@ -215,47 +306,227 @@ def memory():
     return result
 
 
-def compare_with_neural_tangents(rows, python, quick):
-    """Runs neural-tangents on the same cases (its own venv) and prints the ratios."""
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                          "neural_tangents_reference.py")
-    completed = subprocess.run([python, script] + (["--quick"] if quick else []),
-                               capture_output=True, text=True, check=True)
-    theirs = json.loads(completed.stdout.strip().splitlines()[-1])
-    print(f"neural-tangents: {theirs.pop('device')}")
-    print(f"{'case':13s} {'ours (auto)':>12s} {'nt best':>10s} {'nt impl':>11s} "
-          f"{'ours/nt':>8s}")
-    for row in rows:
-        if row["implementation"] != "auto":
-            continue
-        best_impl, best = min(theirs[row["case"]].items(), key=lambda item: item[1])
-        print(f"{row['case']:13s} {row['seconds'] * 1e3:9.1f} ms {best * 1e3:7.1f} ms "
-              f"{best_impl:>11s} {row['seconds'] / best:8.2f}", flush=True)
+# ------------------------------------------------------------------ against neural-tangents
+
+CASES = ("mlp1", "mlp10_traced", "mlp10_full", "lenet", "resnet18", "transformer")
+NT_IMPLS = {"resnet18": [3, 1], "transformer": [1, 2]}  # others: [3] (structured)
+TRANSFORMER = dict(vocab=64, dim=32, heads=2, key_dim=16, hidden=64)
+
+
+def transformer(vocab, dim, heads, key_dim, hidden, sequence=16):
+    """2 encoder blocks (post-LN): Embedding, MultiHeadAttention, LayerNorm, GeLU MLP."""
+    tokens = keras.Input((sequence,), dtype="int32")
+    x = keras.layers.Embedding(vocab, dim, name="embedding")(tokens)
+    for i in range(2):
+        y = keras.layers.MultiHeadAttention(heads, key_dim, name=f"mha{i}")(x, x)
+        x = keras.layers.LayerNormalization(epsilon=1e-3, name=f"ln{i}a")(
+            keras.layers.Add()([x, y]))
+        y = keras.layers.Dense(hidden, activation=study_models.gelu_tanh, name=f"ff{i}a")(x)
+        y = keras.layers.Dense(dim, name=f"ff{i}b")(y)
+        x = keras.layers.LayerNormalization(epsilon=1e-3, name=f"ln{i}b")(
+            keras.layers.Add()([x, y]))
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    return keras.Model(tokens, keras.layers.Dense(1, name="logits")(x))
+
+
+_FLAX_NAMES = {"gamma": "scale", "beta": "bias", "embeddings": "embedding",
+               "attention_output": "out", "moving_mean": "mean", "moving_variance": "var"}
+
+
+def flax_weights(model, case):
+    """{"params/<flax module path>/<name>": array}: the Keras weights named as in Flax."""
+    out = {}
+    for v in model.weights:
+        parts = v.path.split("/")
+        layer = parts[0]
+        prefix = []
+        if case == "resnet18" and layer.startswith("stage"):
+            prefix = ["_".join(layer.split("_")[:2])]  # stageS_blockB
+        digits_in_name = [c for c in layer if c.isdigit()]
+        if case == "transformer" and digits_in_name:
+            prefix = [f"block{digits_in_name[0]}"]  # mha0, ln0a, ff0b: in block0
+        collection = "batch_stats" if parts[-1].startswith("moving_") else "params"
+        names = [_FLAX_NAMES.get(p, p) for p in parts[1:]]
+        out["/".join([collection, *prefix, layer, *names])] = np.asarray(v)
+    return out
+
+
+def build_case(name, seed=0):
+    """(model, x, trace_axes, npz data for the Flax side or None)."""
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    if name in ("mlp1", "mlp10_traced", "mlp10_full", "lenet"):
+        model = lenet() if name == "lenet" else mlp(1 if name == "mlp1" else 10)
+        x = digits(256, image=name == "lenet")
+        return model, x, () if name == "mlp10_full" else (-1,), None
+    if name == "resnet18":
+        model = study_models.resnet18((32, 32, 3), 1, width=16)
+        x = rng.normal(size=(64, 32, 32, 3)).astype("float32")
+        # Non-trivial inference-mode statistics and scales (fresh ones are 0, 1).
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                c = layer.gamma.shape[0]
+                layer.moving_mean.assign(rng.normal(0, 0.1, c))
+                layer.moving_variance.assign(rng.uniform(0.5, 1.5, c))
+                layer.gamma.assign(rng.uniform(0.5, 1.5, c))
+                layer.beta.assign(rng.normal(0, 0.1, c))
+        meta = {"width": 16}
+    else:
+        model = transformer(**TRANSFORMER)
+        x = rng.integers(0, TRANSFORMER["vocab"], size=(64, 16)).astype("int32")
+        meta = dict(TRANSFORMER)
+    model(x[:1])
+    data = dict(flax_weights(model, name), x=x, meta=json.dumps(meta))
+    return model, x, (-1,), data
+
+
+class NeuralTangents:
+    """The neural-tangents process, kept alive; one JSON line per request and reply."""
+
+    def __init__(self, python):
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                              "neural_tangents_reference.py")
+        self.proc = subprocess.Popen([python, script, "--serve"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.device = self._read()["device"]
+
+    def _read(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the neural-tangents process ended")
+        return json.loads(line)
+
+    def ask(self, **request):
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self):
+        try:
+            self.ask(op="quit")
+        except (RuntimeError, BrokenPipeError, json.JSONDecodeError):
+            pass
+        self.proc.wait(timeout=60)
+
+
+def compare_with_neural_tangents(python, cases, rounds, tmp):
+    """Interleaved rounds of ours and theirs; prints and returns per-case ratios."""
+    nt_proc = NeuralTangents(python)
+    print(f"neural-tangents: {nt_proc.device}", flush=True)
+    rows = []
+    try:
+        for name in cases:
+            model, x, trace_axes, data = build_case(name)
+            path = None
+            if data is not None:
+                path = os.path.join(tmp, f"{name}.npz")
+                np.savez(path, **data)
+            impls = NT_IMPLS.get(name, [3])
+            setup = nt_proc.ask(op="setup", case=name, impls=impls, data=path)
+            if "error" in setup:
+                print(f"{name}: neural-tangents setup failed: {setup['error']}", flush=True)
+                continue
+            ours = lambda: keras_ntk.empirical_ntk(  # noqa: E731
+                model, x, trace_axes=trace_axes)
+            start = time.perf_counter()
+            kernel = ours()
+            first = time.perf_counter() - start
+            impl_name = ntk_module.kernel_setup(
+                model, x, None, trace_axes, (), "auto", None, None, False, None).implementation
+            if data is not None:
+                for impl in impls:
+                    out = os.path.join(tmp, f"{name}_{impl}.npy")
+                    nt_proc.ask(op="kernel", case=name, impl=impl, out=out)
+                    theirs = np.load(out).reshape(kernel.shape)
+                    diff = np.linalg.norm(kernel - theirs) / np.linalg.norm(theirs)
+                    print(f"{name}: |ours - NT impl {impl}| / |NT| = {diff:.1e}", flush=True)
+            # Their fastest implementation (one warm call each), then rounds.
+            warm = {i: min(nt_proc.ask(op="time", case=name, impl=i, repeats=2)["seconds"])
+                    for i in impls}
+            best = min(warm, key=warm.get)
+            t_ours = min(timed(ours, 1))
+            calls = int(max(1, min(5, 1.0 / max(t_ours, warm[best]))))
+            ratios, ours_s, theirs_s = [], [], []
+            for r in range(rounds):
+                pair = {}
+                for side in (("ours", "theirs") if r % 2 == 0 else ("theirs", "ours")):
+                    if side == "ours":
+                        times = []
+                        for _ in range(calls):
+                            start = time.perf_counter()
+                            ours()
+                            times.append(time.perf_counter() - start)
+                    else:
+                        times = nt_proc.ask(op="time", case=name, impl=best,
+                                            repeats=calls)["seconds"]
+                    pair[side] = float(np.median(times))
+                ours_s.append(pair["ours"])
+                theirs_s.append(pair["theirs"])
+                ratios.append(pair["ours"] / pair["theirs"])
+            row = dict(case=name, ours_impl=impl_name, nt_impl=best, rounds=rounds,
+                       calls=calls, ours_first_call=first, nt_compile=setup["compile_seconds"],
+                       ours_median=float(np.median(ours_s)),
+                       nt_median=float(np.median(theirs_s)),
+                       ratio_median=float(np.median(ratios)), ratio_min=min(ratios),
+                       ratio_max=max(ratios), load=os.getloadavg()[0])
+            rows.append(row)
+            print(f"{name:13s} ours ({impl_name}) {row['ours_median'] * 1e3:8.1f} ms  NT (impl "
+                  f"{best}) {row['nt_median'] * 1e3:8.1f} ms  ours/NT median "
+                  f"{row['ratio_median']:.2f} [{row['ratio_min']:.2f}, {row['ratio_max']:.2f}] "
+                  f"over {rounds} rounds of {calls} calls (ours first call {first:.1f} s; "
+                  f"load {row['load']:.1f})", flush=True)
+    finally:
+        nt_proc.close()
+    return rows
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, skip slow ntvp")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--estimate-child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-estimates", action="store_true",
+                        help="estimated vs measured peak memory of one call per case")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--naive", action="store_true",
+                        help="time every implementation against the naive TF reference")
     parser.add_argument("--naive-jit", action="store_true",
                         help="compile the naive reference with XLA too (a stronger baseline)")
     parser.add_argument("--neural-tangents-python", default=None,
                         help="python of a separate venv with neural-tangents 0.6.5 (see "
-                             "benchmarks/neural_tangents_reference.py): prints ours / theirs")
+                             "benchmarks/neural_tangents_reference.py): interleaved ours / theirs")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--json-out", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
     if args.memory_child:
         memory_child()
         return
-    print(f"device: {device_name()}; TensorFlow {tf.__version__}, Keras {keras.__version__}",
-          flush=True)
+    if args.estimate_child:
+        estimate_child(*args.estimate_child)
+        return
+    print(f"device: {device_name()}; TensorFlow {tf.__version__}, Keras {keras.__version__}; "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
     keras.utils.set_random_seed(0)
-    print(f"naive reference: tf.function{' with XLA' if args.naive_jit else ''}", flush=True)
-    rows = speed(args.quick, args.naive_jit)
+    out = {}
+    if args.naive:
+        print(f"naive reference: tf.function{' with XLA' if args.naive_jit else ''}", flush=True)
+        out["naive"] = speed(args.quick, args.naive_jit)
     if args.neural_tangents_python:
-        compare_with_neural_tangents(rows, args.neural_tangents_python, args.quick)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out["neural_tangents"] = compare_with_neural_tangents(
+                args.neural_tangents_python, args.cases.split(","), args.rounds, tmp)
+    if args.memory_estimates:
+        out["memory_estimates"] = memory_estimates(
+            [c for c in args.cases.split(",") if c in ESTIMATE_CASES])
     if not args.skip_memory:
-        memory()
+        out["memory"] = memory()
+    print(f"load average {os.getloadavg()[0]:.1f} at the end", flush=True)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":

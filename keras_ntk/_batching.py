@@ -8,6 +8,8 @@ computed one block of x1 × x2 examples at a time by a compiled function
 The kernel functions themselves never know about blocks.
 """
 
+import collections
+import json
 import logging
 import os
 import threading
@@ -19,6 +21,7 @@ import tensorflow as tf
 
 from keras_ntk import _distribute
 from keras_ntk._output_axes import swap_pairs
+from keras_ntk._weights import iter_layers
 
 # Compiled block functions, per model and options, so that repeated calls
 # (a callback computing the kernel every epoch) do not retrace.
@@ -66,16 +69,70 @@ def block_ranges(n, b):
     return [(i, min(i + b, n)) for i in range(0, n, b)]
 
 
-def kernel_tasks(block_function, results, out_axes, x1, x2, n1, n2, block):
+# ----------------------------------------------------------------- fixed block shapes
+#
+# A compiled block function is traced (and compiled by XLA) once per input
+# shape, which costs 10-100x a warm call. Blocks are therefore padded to a
+# few fixed sizes, the ladder 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, ... (2^k and
+# 3·2^(k-1)): every call whose sizes fall on the same rungs reuses the same
+# compiled functions. Padding repeats the block's last example (a valid
+# input for any model, unlike zeros for e.g. a log or an Embedding); the
+# padded rows and columns are discarded. Exact because examples are
+# independent in inference mode (training-mode BatchNorm couples them: those
+# blocks are never padded).
+
+
+def ladder_sizes(top):
+    """The ladder 1, 2, 3, 4, 6, 8, 12, ... from `bucket(top)` down to 1, largest first."""
+    sizes, b = [], 1
+    while True:
+        for c in (b, 3 * b // 2) if b >= 2 else (b,):
+            sizes.append(c)
+            if c >= top:
+                return sorted(set(sizes), reverse=True)
+        b *= 2
+
+
+def bucket(n):
+    """The smallest ladder size ≥ n (n itself on the ladder: 8, 12, 16, 24, ...)."""
+    return ladder_sizes(n)[0]
+
+
+def padded_size(n, block):
+    """The fixed leading size of the blocks of `n` examples cut into `block`s."""
+    return min(block, bucket(n))
+
+
+def pad_examples(x, size):
+    """Host inputs with `size` examples: the last example repeated to fill up."""
+    def pad(t):
+        missing = size - t.shape[0]
+        if missing <= 0:
+            return t
+        return np.concatenate([t, np.repeat(t[-1:], missing, axis=0)], axis=0)
+    return tf.nest.map_structure(pad, x)
+
+
+def padded_slice(x, start, stop, size):
+    """Examples start:stop of host inputs, padded to `size` (None: not padded)."""
+    part = slice_examples(x, start, stop)
+    return part if size is None else pad_examples(part, size)
+
+
+def kernel_tasks(block_function, results, out_axes, x1, x2, n1, n2, block, pad=True):
     """[(fn, args, on_done)]: the blocks of Θ(x1, x2), each written into `results`.
 
     `block_function(same)` returns the compiled kernel function of one block:
     with same=True it takes one block of examples (a diagonal block of
     Θ(x, x)), with same=False two. With `x2=None` only the blocks on and
     above the diagonal are computed; those above are mirrored below it.
+    With `pad`, every block is padded to `padded_size` examples (one fixed
+    shape per side) and the padding cut off its kernel block.
     """
     rows = block_ranges(n1, block)
     cols = rows if x2 is None else block_ranges(n2, block)
+    p1 = padded_size(n1, block) if pad else None
+    p2 = p1 if x2 is None else (padded_size(n2, block) if pad else None)
     tasks = []
     if x2 is None:
         fn_diag = block_function(True)
@@ -85,16 +142,17 @@ def kernel_tasks(block_function, results, out_axes, x1, x2, n1, n2, block):
                 if j < i:
                     continue
                 if i == j:
-                    tasks.append((fn_diag, (slice_examples(x1, a0, a1),),
+                    tasks.append((fn_diag, (padded_slice(x1, a0, a1, p1),),
                                   placer(results, out_axes, a0, a1, b0, b1, False)))
                 else:
-                    tasks.append((fn_off, (slice_examples(x1, a0, a1), slice_examples(x1, b0, b1)),
+                    tasks.append((fn_off, (padded_slice(x1, a0, a1, p1),
+                                           padded_slice(x1, b0, b1, p1)),
                                   placer(results, out_axes, a0, a1, b0, b1, True)))
     else:
         fn = block_function(False)
         for a0, a1 in rows:
             for b0, b1 in cols:
-                tasks.append((fn, (slice_examples(x1, a0, a1), slice_examples(x2, b0, b1)),
+                tasks.append((fn, (padded_slice(x1, a0, a1, p1), padded_slice(x2, b0, b1, p2)),
                               placer(results, out_axes, a0, a1, b0, b1, False)))
     return tasks
 
@@ -102,9 +160,10 @@ def kernel_tasks(block_function, results, out_axes, x1, x2, n1, n2, block):
 def placer(results, out_axes, a0, a1, b0, b1, mirror):
     def place(blocks):
         for k, (res, ax) in enumerate(zip(results, out_axes)):
-            res[a0:a1, b0:b1] = blocks[k]
+            block = blocks[k][:a1 - a0, :b1 - b0]  # padding cut off
+            res[a0:a1, b0:b1] = block
             if mirror:
-                res[b0:b1, a0:a1] = swap_pairs(blocks[k], ax)
+                res[b0:b1, a0:a1] = swap_pairs(block, ax)
     return place
 
 
@@ -113,15 +172,209 @@ def model_cache(model):
     return _COMPILED.setdefault(model, {})
 
 
-def compiled(model, key, builder):
-    """A tf.function per (model, key), created once and reused across calls."""
+def compiled(model, key, builder, jit=True):
+    """A tf.function per (model, key), created once and reused across calls.
+
+    `jit=False`: a plain graph unless KERAS_NTK_JIT=1 (recurrent models: XLA
+    compiles their unrolled loops many times slower and runs them slower).
+    """
     per_model = model_cache(model)
     fn = per_model.get(key)
     if fn is None:
-        jit = _JIT != "0" and key[0] != "ntvp"
+        jit = (jit or _JIT == "1") and _JIT != "0" and key[0] != "ntvp"
         fn = _JitFallback(builder, jit)
         per_model[key] = fn
     return fn
+
+
+# ----------------------------------------------------------------- one function per architecture
+#
+# XLA keeps every compiled program in a per-device cache that never evicts
+# (tensorflow#66434), and a traced graph costs memory too: a study that builds
+# hundreds of models of one architecture would hold one compiled set per
+# model. Block functions of models whose architecture is known exactly (a
+# Functional or Sequential model of built-in Keras layers, described by its
+# config with layer names canonicalized) are therefore shared: the weights
+# are ARGUMENTS, substituted for the variables under `keras.StatelessScope`,
+# and no model is held by the shared entry. A first trace that still reads a
+# variable directly (a layer the substitution does not reach) marks the
+# architecture unshareable: those models keep functions of their own.
+_SHARED = collections.OrderedDict()
+_SHARED_LIMIT = 32  # architectures × options kept; least recently used evicted
+_SHARED_LOCK = threading.RLock()
+
+
+def architecture_key(model):
+    """A hashable description of what `model` computes up to its weights' values, or None."""
+    cache = model_cache(model)
+    if "architecture" not in cache:
+        try:
+            cache["architecture"] = _architecture_key(model)
+        except (TypeError, ValueError, NotImplementedError, AttributeError):
+            cache["architecture"] = None  # not serializable: no sharing
+    return cache["architecture"]
+
+
+def _is_builtin(obj):
+    return type(obj).__module__.startswith("keras.")
+
+
+def _architecture_key(model):
+    if type(model).__name__ not in ("Functional", "Sequential") or not _is_builtin(model):
+        return None
+    layers = list(iter_layers(model))
+    if not all(_is_builtin(layer) for layer in layers) or any(
+            isinstance(layer, keras.layers.Lambda) for layer in layers):
+        return None
+    config = json.loads(json.dumps(keras.saving.serialize_keras_object(model),
+                                   sort_keys=True))
+    names = {layer.name for layer in layers}
+
+    def collect(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "keras_history" and value:
+                    names.add(value[0])
+                elif key in ("input_layers", "output_layers"):
+                    for item in value:
+                        if isinstance(item, list) and item and isinstance(item[0], str):
+                            names.add(item[0])
+                collect(value)
+        elif isinstance(node, list):
+            for item in node:
+                collect(item)
+
+    collect(config)
+    canonical = {}
+
+    def rename(node):
+        if isinstance(node, dict):
+            return {k: rename(v) for k, v in sorted(node.items())}
+        if isinstance(node, list):
+            return [rename(v) for v in node]
+        if isinstance(node, str) and node in names:
+            return canonical.setdefault(node, f"#{len(canonical)}")
+        return node
+
+    variables = tuple((tuple(v.shape), str(v.dtype), bool(v.trainable))
+                      for v in model.variables)
+    return json.dumps(rename(config), sort_keys=True), variables
+
+
+class _Shared:
+    """A block function compiled once for all models of an architecture.
+
+    `builder(state, values, *xs)` computes the block for the model whose
+    (state, variables) the current call set: `values` maps id(variable) to the
+    tensor argument that replaces it.
+    """
+
+    def __init__(self, builder, jit):
+        self._call_state = None
+        self.shareable = None  # unknown until the first trace is inspected
+        self.lock = threading.RLock()
+
+        def traced(values, *xs):
+            model, state = self._call_state
+            variables = list(model.variables)
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                return builder(state, {id(v): t for v, t in zip(variables, values)}, *xs)
+
+        self.fn = _JitFallback(traced, jit)
+
+    def __call__(self, model, state, *xs):
+        values = [tf.convert_to_tensor(v) for v in model.variables]
+        with self.lock:
+            self._call_state = (model, state)
+            try:
+                out = self.fn(values, *xs)
+                if self.shareable is None:
+                    self.shareable = not _reads_variables(self.fn, values, xs)
+            finally:
+                self._call_state = None
+        return out
+
+
+def _reads_variables(fn, values, xs):
+    """Whether the traced function captured a variable (read it directly, not as an argument)."""
+    active = fn._xla if fn._xla is not None else fn._plain
+    concrete = active.get_concrete_function(values, *xs)
+    return any(t.dtype == tf.resource for t in concrete.captured_inputs)
+
+
+def shared_compiled(model, key, builder, state, jit_allowed=True):
+    """`fn(*xs)` running the block function shared by `model`'s architecture, or None.
+
+    None when the architecture is unknown or found unshareable; the caller then
+    compiles a function of its own (`compiled`). `key` holds the options (with
+    weights as indices into `model.variables`); `state` is what `builder`
+    needs of this model (never held after the call).
+    """
+    arch = architecture_key(model)
+    if arch is None:
+        return None
+    jit = jit_allowed and _JIT != "0"
+    full_key = (arch, key, jit)
+    with _SHARED_LOCK:
+        entry = _SHARED.get(full_key)
+        if entry is None:
+            entry = _Shared(builder, jit)
+            _SHARED[full_key] = entry
+            while len(_SHARED) > _SHARED_LIMIT:
+                _SHARED.popitem(last=False)
+        else:
+            _SHARED.move_to_end(full_key)
+    if entry.shareable is False:
+        return None
+    model_ref = weakref.ref(model)
+
+    def call(*xs):
+        current = model_ref()
+        if current is None:
+            raise RuntimeError("The model of this kernel block no longer exists. Received: a "
+                               "call after the model was freed")
+        return entry(current, state, *xs)
+
+    call.shared = entry
+    return call
+
+
+_SHARED_VALUES = collections.OrderedDict()
+
+
+def shared_value(model, key, weights, make):
+    """`make()` computed once per (architecture, key, weights as indices): for facts
+    about a model that do not depend on its weights' values (e.g. its profile).
+    Computed for `model` alone when its architecture is unknown."""
+    arch = architecture_key(model)
+    if arch is None:
+        return make()
+    index = {id(v): i for i, v in enumerate(model.variables)}
+    if any(id(w) not in index for w in weights):
+        return make()
+    full_key = (arch, key, tuple(index[id(w)] for w in weights))
+    with _SHARED_LOCK:
+        if full_key in _SHARED_VALUES:
+            _SHARED_VALUES.move_to_end(full_key)
+            return _SHARED_VALUES[full_key]
+    value = make()
+    with _SHARED_LOCK:
+        _SHARED_VALUES[full_key] = value
+        while len(_SHARED_VALUES) > _SHARED_LIMIT:
+            _SHARED_VALUES.popitem(last=False)
+    return value
+
+
+def block_functions(model):
+    """The compiled block functions (`_JitFallback`) serving `model`: its own and
+    those shared by its architecture (for tests and diagnostics)."""
+    cache = model_cache(model)
+    own = [f for f in cache.values() if isinstance(f, _JitFallback)]
+    arch = cache.get("architecture")
+    with _SHARED_LOCK:
+        shared = [e.fn for (a, _, jit), e in _SHARED.items()
+                  if arch is not None and a == arch and jit == (_JIT != "0")]
+    return own + shared
 
 
 class _JitFallback:

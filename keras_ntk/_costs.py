@@ -11,6 +11,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from keras_ntk._batching import bucket, ladder_sizes, padded_size
 from keras_ntk._jacobians import call_flat
 from keras_ntk._structured import contraction_form, forward_flops, patched, rule_dims
 
@@ -111,28 +112,24 @@ def choose_block(order, profile, out_axes, n1, n2, same, itemsize, vector, batch
                  budget, result_bytes, memory_budget):
     """(implementation, block size): the fewest estimated FLOPs among `order` within `budget`.
 
-    Per implementation, blocks of `batch_size` examples or else of N, N/2,
-    N/4, ... down to 1; the first whose peak (block working memory plus the
-    `result_bytes` of the host result) fits is that implementation's
-    candidate. Raises a ValueError giving the smallest estimate when nothing
-    fits, before any computation.
+    Per implementation, blocks of `batch_size` examples or else of the
+    ladder sizes of `_batching` (..., 12, 16, 24, 32, ...) from the one that
+    holds N down to 1, each block padded to its fixed size (`padded_size`);
+    the first whose peak (block working memory plus the `result_bytes` of the
+    host result) fits is that implementation's candidate. Raises a ValueError
+    giving the smallest estimate when nothing fits, before any computation.
     """
     def block_sizes():
         if batch_size is not None:
-            yield int(min(batch_size, max(n1, n2)))
+            yield int(min(batch_size, bucket(max(n1, n2))))
             return
-        b = max(n1, n2)
-        while True:
-            yield b
-            if b == 1:
-                return
-            b = max(1, (b + 1) // 2)
+        yield from ladder_sizes(max(n1, n2))
 
     best = None
     tried = []
     for impl in order:
         for b in block_sizes():
-            b1, b2 = min(b, n1), min(b, n2)
+            b1, b2 = padded_size(n1, b), padded_size(n2, b)
             flops, peak = estimates(impl, profile, out_axes, b1, b2, same, itemsize,
                                     vector=vector)
             blocks = math.ceil(n1 / b1) * math.ceil(n2 / b2)

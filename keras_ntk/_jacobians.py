@@ -101,6 +101,8 @@ def per_example_jacobians(model, x, weights, training, sizes):
     def one(xi):
         xi = tf.nest.map_structure(lambda t: t[None], xi)
         with tf.GradientTape() as tape:
+            # Tensors standing for the variables (functions shared by architecture).
+            tape.watch([w for w in weights if isinstance(w, tf.Tensor)])
             ys = call_flat(model, xi, training)
             flat = tf.concat([tf.reshape(y, [-1]) for y in ys], 0)
             if total == 1:

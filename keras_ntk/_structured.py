@@ -87,10 +87,6 @@ class Tokens:
     def __getitem__(self, index):
         return Tokens(self.ids[index], self.vocabulary)
 
-    @property
-    def shape(self):
-        return tf.TensorShape([*self.ids.shape, 1, self.vocabulary])
-
 
 class _Rule:
     """A layer linear in its weights: z[p, c, b] = Σ_a a[p, c, a] W[c, a, b] (+ bias)."""
@@ -277,8 +273,7 @@ def _einsum_roles(layer):
     if match is None:
         return None
     x, w, y = match.groups()
-    if x[0] != y[0] or x[0] in w or len(set(x + w + y)) != len(set(x)) + len(set(w) - set(x)) \
-            + len(set(y) - set(x) - set(w)):
+    if x[0] != y[0] or x[0] in w or any(len(set(spec)) != len(spec) for spec in (x, w, y)):
         return None
     if any(c not in w and c not in y for c in x[1:]) or any(c not in x and c not in y for c in w):
         return None

@@ -32,11 +32,11 @@ import tensorflow as tf
 
 from keras_ntk import _validation
 from keras_ntk._batching import (
-    block_ranges, compiled, kernel_tasks, model_cache, num_examples, run_tasks, slice_examples,
-    to_host)
+    block_ranges, compiled, kernel_tasks, model_cache, num_examples, run_tasks, shared_compiled,
+    shared_value, slice_examples, to_host)
 from keras_ntk._costs import choose_block, default_memory_budget, model_profile
 from keras_ntk._jacobians import (
-    call_flat, contract_jacobians, full_batch_jacobians, per_example_jacobians)
+    call_flat, contract_jacobians, full_batch_jacobians, per_example_jacobians, recurrent_layers)
 from keras_ntk._output_axes import (
     OutputAxes, cotangents_from_vector, reduce_full_kernel, vector_from_products)
 from keras_ntk._structured import contract_structured, structured_factors, structured_rules
@@ -85,6 +85,20 @@ class _Plan:
         self.training = training
         self.dtype = dtype
         self.coupled = coupled
+        self.values = None  # {id(variable): tensor} inside a function shared by architecture
+
+    def differentiable(self, weights):
+        """The tensors the kernel differentiates for `weights` (the variables themselves,
+        or the arguments that replace them in a function shared by architecture)."""
+        if self.values is None:
+            return weights
+        return [self.values[id(w)] for w in weights]
+
+    def with_values(self, values):
+        view = object.__new__(_Plan)
+        view.__dict__.update(self.__dict__)
+        view.values = values
+        return view
 
     @property
     def model(self):
@@ -115,7 +129,8 @@ def _jacobian_block(plan, x1, x2):
             plan.model, x2, plan.weights, plan.training, plan.sizes
         )
     else:
-        j = per_example_jacobians(plan.model, x, plan.weights, plan.training, plan.sizes)
+        j = per_example_jacobians(plan.model, x, plan.differentiable(plan.weights),
+                                  plan.training, plan.sizes)
         j1 = [t[:n1] for t in j]
         j2 = j1 if same else [t[n1:] for t in j]
     if plan.groups is not None:
@@ -189,7 +204,8 @@ def _structured_block(plan, rules, x1, x2):
         n_2 = n_1 if same else tf.shape(tf.nest.flatten(x2)[0])[0]
         if not rest:
             return _grouped_output(plan, grouped, n_1, n_2)
-        j = per_example_jacobians(plan.model, x, rest, plan.training, plan.sizes)
+        j = per_example_jacobians(plan.model, x, plan.differentiable(rest), plan.training,
+                                  plan.sizes)
         j1 = [t[:n1] for t in j]
         j2 = j1 if same else [t[n1:] for t in j]
         return _grouped_jacobian_kernels(plan, rest, j1, j2, same, grouped)
@@ -203,7 +219,8 @@ def _structured_block(plan, rules, x1, x2):
             g2 = g1 if same else g[n1:]
             kernels[k] += contract_structured(a1, g1, a2, g2, axes, plan.dtype)
     if rest:
-        j = per_example_jacobians(plan.model, x, rest, plan.training, plan.sizes)
+        j = per_example_jacobians(plan.model, x, plan.differentiable(rest), plan.training,
+                                  plan.sizes)
         for k, axes in enumerate(plan.out_axes):
             jk = tf.reshape(j[k], [-1, *axes.shape, j[k].shape[-1]])
             jk1 = jk[:n1]
@@ -344,7 +361,11 @@ def kernel_setup(model, x1, x2, trace_axes, diagonal_axes, implementation, batch
     per_model = model_cache(model)
     if cache_key not in per_model:
         rules = [] if coupled else structured_rules(model, weights)
-        per_model[cache_key] = (rules, model_profile(model, s.x1, weights, rules, training))
+        # The profile (shapes and counts only) is shared by the models of an
+        # architecture: a new model of a known architecture is not traced.
+        per_model[cache_key] = (rules, shared_value(
+            model, cache_key[:3] + cache_key[4:], weights,
+            lambda: model_profile(model, s.x1, weights, rules, training)))
     rules, profile = per_model[cache_key]
     out_axes = [OutputAxes(shape, trace_axes, diagonal_axes) for shape in profile.out_shapes]
     if dtype is None:
@@ -396,6 +417,9 @@ def kernel_setup(model, x1, x2, trace_axes, diagonal_axes, implementation, batch
 
 def _block_function(s, same):
     plan, rules = s.plan, s.rules
+    shared = _shared_block_function(s, same)
+    if shared is not None:
+        return shared
     key = (
         s.implementation, same, plan.training, plan.dtype.name,
         tuple((ax.trace, ax.diag) for ax in plan.out_axes),
@@ -408,9 +432,40 @@ def _block_function(s, same):
         impl = lambda x1, x2=None: _jacobian_block(plan, x1, x2)  # noqa: E731
     else:
         impl = lambda x1, x2=None: _ntvp_block(plan, x1, x2)  # noqa: E731
+    # XLA compiled an unrolled LSTM's kernel (16 steps) in 67-87 s against 16-19 s of
+    # tracing for a plain graph, which then ran faster (benchmarks/recurrent_ntk.py).
+    jit = not recurrent_layers(plan.model)
     if same:
-        return compiled(plan.model, key, lambda x1: impl(x1))
-    return compiled(plan.model, key, lambda x1, x2: impl(x1, x2))
+        return compiled(plan.model, key, lambda x1: impl(x1), jit=jit)
+    return compiled(plan.model, key, lambda x1, x2: impl(x1, x2), jit=jit)
+
+
+def _shared_block_function(s, same):
+    """The block function shared by every model of this architecture (weights as
+    arguments; `_batching.shared_compiled`), or None: training mode, per-layer
+    kernels, "ntvp" and models of unknown architecture keep functions of their own."""
+    plan = s.plan
+    if (plan.training or plan.groups is not None or s.implementation == "ntvp"
+            or tf.distribute.has_strategy()):
+        return None
+    index = {id(v): i for i, v in enumerate(plan.model.variables)}
+    if any(id(w) not in index for w in plan.weights):
+        return None
+    key = (
+        "shared", s.implementation, same, plan.dtype.name,
+        tuple((ax.trace, ax.diag) for ax in plan.out_axes),
+        tuple(index[id(w)] for w in plan.weights),
+    )
+    implementation = s.implementation
+
+    def builder(state, values, x1, x2=None):
+        view, rules = state[0].with_values(values), state[1]
+        if implementation == "structured":
+            return _structured_block(view, rules, x1, x2)
+        return _jacobian_block(view, x1, x2)
+
+    return shared_compiled(plan.model, key, builder, (plan, s.rules),
+                           jit_allowed=not recurrent_layers(plan.model))
 
 
 @contextlib.contextmanager
@@ -482,6 +537,11 @@ def empirical_ntk(model, x1, x2=None, *, trace_axes=(-1,), diagonal_axes=(),
     * `"auto"`: the implementation with the fewest estimated FLOPs among those
       whose estimated peak memory fits `memory_budget` (structured when the model
       has layers with a structured rule, otherwise jacobian, ntvp when nothing else fits).
+
+    Recurrent layers (LSTM, GRU, SimpleRNN, also in `Bidirectional`) are
+    traced unrolled over their time steps: TensorFlow cannot vectorize the
+    gradient of their `tf.while_loop` nor run forward mode through it (see
+    docs/ntk.md, "Layer families"); their block functions run as plain graphs.
 
     Memory: the kernel is computed in blocks of x1 × x2 examples; the block size
     is `batch_size`, or else the largest power-of-two fraction of N whose
@@ -562,7 +622,7 @@ def empirical_ntk(model, x1, x2=None, *, trace_axes=(-1,), diagonal_axes=(),
         np.zeros((s.n1, s.n2, *ax.kernel_shape), np_dtype) for ax in out_axes
     ]
     tasks = kernel_tasks(lambda same: _block_function(s, same), results, out_axes,
-                         s.x1, s.x2, s.n1, s.n2, s.block)
+                         s.x1, s.x2, s.n1, s.n2, s.block, pad=not s.plan.coupled)
     with _frozen_state(model, s.plan.training):
         run_tasks(tasks, verbose)
     for result in results:

@@ -15,8 +15,8 @@ import pytest
 import keras_ntk
 from keras_ntk import _batching
 from keras_ntk._batching import (
-    block_ranges, compiled, gather_examples, kernel_tasks, model_cache, num_examples,
-    run_tasks, slice_examples, to_host)
+    block_ranges, bucket, compiled, gather_examples, kernel_tasks, ladder_sizes, model_cache,
+    num_examples, pad_examples, padded_size, run_tasks, slice_examples, to_host)
 from keras_ntk._output_axes import OutputAxes
 from ntk_reference import (  # noqa: F401 (plain_graphs: a fixture)
     IMPLEMENTATIONS, assert_close, cnn, inputs_for, mlp, plain_graphs, reference, rel_error,
@@ -30,7 +30,7 @@ def toy_kernel(x1, x2):
     return np.einsum("na,mb->nmab", x1, x2) + 0.5 * np.einsum("nb,ma->nmab", x1, x2)
 
 
-def blocked(x1, x2, block):
+def blocked(x1, x2, block, pad=False):
     """The toy kernel through kernel_tasks + run_tasks; returns it and the block calls."""
     calls = []
 
@@ -44,7 +44,7 @@ def blocked(x1, x2, block):
     n2 = n1 if x2 is None else num_examples(x2, "x2")
     results = [np.zeros((n1, n2, D, D))]
     tasks = kernel_tasks(block_function, results, [OutputAxes((D,), (), ())],
-                         x1, x2, n1, n2, block)
+                         x1, x2, n1, n2, block, pad=pad)
     run_tasks(tasks, verbose=0)
     return results[0], calls
 
@@ -104,6 +104,87 @@ def test_compiled_functions_are_cached_per_owner_and_key_and_freed_with_it():
     assert ref() is None
 
 
+# ------------------------------------------------------------------ fixed (padded) block shapes
+
+
+def test_the_ladder_of_block_sizes():
+    assert ladder_sizes(100) == [128, 96, 64, 48, 32, 24, 16, 12, 8, 6, 4, 3, 2, 1]
+    assert [bucket(n) for n in (1, 5, 8, 9, 13, 256, 257, 1797)] == [
+        1, 6, 8, 12, 16, 256, 384, 2048]
+    # One block: padded to the ladder; several: every block padded to the block size.
+    assert [padded_size(n, 64) for n in (5, 40, 64, 65, 1000)] == [6, 48, 64, 64, 64]
+    x = {"a": np.arange(6).reshape(3, 2), "b": np.array([4, 5, 6])}
+    padded = pad_examples(x, 5)
+    np.testing.assert_array_equal(padded["a"], [[0, 1], [2, 3], [4, 5], [4, 5], [4, 5]])
+    np.testing.assert_array_equal(padded["b"], [4, 5, 6, 6, 6])
+
+
+@pytest.mark.parametrize("n1, n2, block", [(7, None, 3), (7, None, 16), (10, 5, 4), (5, 11, 8)])
+def test_padded_blocks_have_fixed_shapes_and_give_the_unpadded_kernel(n1, n2, block):
+    rng = np.random.default_rng(2)
+    x1 = rng.normal(size=(n1, D))
+    x2 = None if n2 is None else rng.normal(size=(n2, D))
+    kernel, calls = blocked(x1, x2, block, pad=True)
+    np.testing.assert_allclose(kernel, toy_kernel(x1, x1 if x2 is None else x2), rtol=1e-12)
+    p1 = padded_size(n1, block)
+    p2 = p1 if n2 is None else padded_size(n2, block)
+    for same, sizes in calls:
+        assert sizes == ((p1,) if same else (p1, p1 if n2 is None else p2))
+
+
+def _tracing_counts(model):
+    functions = _batching.block_functions(model)
+    return sum(f._plain.experimental_get_tracing_count()
+               + (f._xla.experimental_get_tracing_count() if f._xla is not None else 0)
+               for f in functions), len(functions)
+
+
+def _jacobian64(model, x):
+    """J(x) from a whole-batch Jacobian, float64 (one scalar output): Θ = J Jᵀ."""
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        y = model(x, training=False)
+    return np.concatenate([np.reshape(np.asarray(j, np.float64), (len(x), -1))
+                           for j in tape.jacobian(y, model.trainable_weights)], 1)
+
+
+@pytest.mark.parametrize(
+    "implementation", ["structured", pytest.param("jacobian", marks=pytest.mark.slow)])
+def test_one_compiled_function_serves_every_size_of_a_rung(implementation, monkeypatch):
+    """Sizes 9..12 share the rung 12 (one block), 20 and 30 blocks of 8: no retrace,
+    kernels equal to the float64 Jacobian kernel of the unpadded inputs (BatchNorm in
+    inference mode included: padding must not touch the other examples)."""
+    import keras
+
+    import keras_ntk
+
+    monkeypatch.setattr(_batching, "_JIT", "0")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((5,)), keras.layers.Dense(16, activation="tanh"),
+        keras.layers.BatchNormalization(), keras.layers.Dense(1)])
+    bn = model.layers[1]
+    bn.moving_mean.assign(np.linspace(-0.2, 0.2, 16))
+    bn.moving_variance.assign(np.linspace(0.5, 1.5, 16))
+    x = np.random.default_rng(3).normal(size=(30, 5)).astype("float32")
+    jac = _jacobian64(model, x)
+    theta = jac @ jac.T
+    call = lambda a, b=None, **kw: keras_ntk.empirical_ntk(  # noqa: E731
+        model, a, b, implementation=implementation, dtype="float64", **kw)
+    call(x[:12])
+    seen = _tracing_counts(model)
+    np.testing.assert_allclose(call(x[:9]), theta[:9, :9], rtol=1e-5, atol=1e-7)
+    assert _tracing_counts(model) == seen
+    np.testing.assert_allclose(call(x[:11], x[11:21]), theta[:11, 11:21], rtol=1e-5, atol=1e-7)
+    # Only the x1 × x2 function (rungs 12 × 12) is new; a second x1 × x2 call reuses it.
+    assert _tracing_counts(model)[0] == seen[0] + 1
+    np.testing.assert_allclose(call(x[:10], x[19:]), theta[:10, 19:], rtol=1e-5, atol=1e-7)
+    assert _tracing_counts(model)[0] == seen[0] + 1
+    call(x[:20], batch_size=8)
+    blocks = _tracing_counts(model)
+    np.testing.assert_allclose(call(x, batch_size=8), theta, rtol=1e-5, atol=1e-7)
+    assert _tracing_counts(model) == blocks
 # ----------------------------------------------------------------- through empirical_ntk
 
 
@@ -131,8 +212,8 @@ def test_repeated_calls_do_not_retrace():
     model = mlp()
     x = inputs_for("mlp", 8)
     first = keras_ntk.empirical_ntk(model, x, implementation="structured")
-    functions = [f for f in _batching._COMPILED[model].values()
-                 if isinstance(f, _batching._JitFallback)]
+    functions = _batching.block_functions(model)
+    assert functions
     cache = dict(_batching._COMPILED[model])
     counts = [f._plain.experimental_get_tracing_count()
               + (f._xla.experimental_get_tracing_count() if f._xla is not None else 0)
@@ -182,6 +263,93 @@ def test_xla_path_matches_plain_graphs(monkeypatch):
         actual = keras_ntk.empirical_ntk(model, x1, x2, trace_axes=(),
                                          implementation=implementation)
         assert_close(actual, expected)
-    functions = [f for f in _batching._COMPILED[model].values()
-                 if isinstance(f, _batching._JitFallback)]
+    functions = _batching.block_functions(model)
     assert functions and all(f._xla is not None for f in functions)
+
+
+# ------------------------------------------------------------------ one function per architecture
+
+
+def _three_layer_mlp(width=16, seed=0):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((5,)), keras.layers.Dense(width, activation="tanh"),
+                             keras.layers.Dense(width, activation="relu"),
+                             keras.layers.Dense(1)])
+
+
+def test_models_of_one_architecture_share_one_compiled_function(monkeypatch):
+    """Weights are arguments: a second model of the architecture is not traced again,
+    its kernel is its own (float64 Jacobian reference), and no model is held."""
+    import collections
+
+    import keras
+
+    monkeypatch.setattr(_batching, "_JIT", "0")
+    monkeypatch.setattr(_batching, "_SHARED", collections.OrderedDict())
+    x = np.random.default_rng(4).normal(size=(8, 5)).astype("float32")
+    refs, kernels = [], []
+    for seed in range(3):
+        model = _three_layer_mlp(seed=seed)
+        kernel = keras_ntk.empirical_ntk(model, x, implementation="structured")
+        jac = _jacobian64(model, x)
+        np.testing.assert_allclose(kernel, jac @ jac.T, rtol=1e-4, atol=1e-6)
+        kernels.append(kernel)
+        refs.append(weakref.ref(model))
+        del model
+    assert len(_batching._SHARED) == 1
+    (entry,) = _batching._SHARED.values()
+    assert entry.shareable and entry.fn._plain.experimental_get_tracing_count() == 1
+    assert np.abs(kernels[0] - kernels[1]).max() > 1e-3 * np.abs(kernels[0]).max()
+    gc.collect()
+    assert sum(ref() is not None for ref in refs) == 0
+    # Another width is another architecture; a renamed layer is not.
+    wider = _three_layer_mlp(width=24)
+    assert _batching.architecture_key(wider) != _batching.architecture_key(_three_layer_mlp())
+    renamed = keras.Sequential([keras.Input((5,)),
+                                keras.layers.Dense(16, activation="tanh", name="first"),
+                                keras.layers.Dense(16, activation="relu"),
+                                keras.layers.Dense(1, name="head")], name="other")
+    assert _batching.architecture_key(renamed) == _batching.architecture_key(_three_layer_mlp())
+    other_activation = keras.Sequential([keras.Input((5,)), keras.layers.Dense(16),
+                                         keras.layers.Dense(16, activation="relu"),
+                                         keras.layers.Dense(1)])
+    assert _batching.architecture_key(other_activation) != _batching.architecture_key(wider)
+    assert _batching.architecture_key(other_activation) != _batching.architecture_key(
+        _three_layer_mlp())
+
+
+def test_unknown_architectures_and_direct_variable_reads_keep_functions_of_their_own(
+        monkeypatch):
+    import collections
+
+    import keras
+    import tensorflow as tf
+
+    monkeypatch.setattr(_batching, "_JIT", "0")
+    monkeypatch.setattr(_batching, "_SHARED", collections.OrderedDict())
+
+    class Scale(keras.layers.Layer):  # a custom layer: its call is not described by a config
+        def build(self, shape):
+            self.w = self.add_weight(shape=(shape[-1],), initializer="ones")
+
+        def call(self, x):
+            return x * self.w
+
+    custom = keras.Sequential([keras.Input((5,)), Scale(), keras.layers.Dense(1)])
+    assert _batching.architecture_key(custom) is None
+    x = np.random.default_rng(5).normal(size=(6, 5)).astype("float32")
+    jac = _jacobian64(custom, x)
+    np.testing.assert_allclose(keras_ntk.empirical_ntk(custom, x), jac @ jac.T,
+                               rtol=1e-4, atol=1e-6)
+    assert not _batching._SHARED
+
+    # A shared builder that reads a variable directly (not through the substitution)
+    # is found out at its first trace and the architecture is no longer shared.
+    model = _three_layer_mlp()
+    hidden = tf.Variable(2.0)
+    first = _batching.shared_compiled(model, ("probe",), lambda state, values, xb: xb * hidden,
+                                      None)
+    np.testing.assert_allclose(first(np.ones(3, np.float32)), 2.0)
+    assert _batching.shared_compiled(model, ("probe",), None, None) is None

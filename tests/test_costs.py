@@ -30,13 +30,15 @@ def choose(budget, batch_size=None, order=("jacobian",)):
                         budget, 0, budget)
 
 
-def test_the_largest_halving_of_n_whose_peak_fits_is_chosen():
+def test_the_largest_ladder_size_whose_peak_fits_is_chosen():
+    # The ladder of fixed (padded) block sizes: 64, 48, 32, 24, 16, 12, 8, ...
     assert jacobian_peak(16) == 77_824 and jacobian_peak(32) == 157_696
     assert choose(jacobian_peak(64)) == ("jacobian", 64)
+    assert choose(jacobian_peak(48)) == ("jacobian", 48)
     assert choose(jacobian_peak(32)) == ("jacobian", 32)
-    assert choose(jacobian_peak(32) - 1) == ("jacobian", 16)
+    assert choose(jacobian_peak(32) - 1) == ("jacobian", 24)
     assert choose(jacobian_peak(16)) == ("jacobian", 16)
-    assert choose(jacobian_peak(16) - 1) == ("jacobian", 8)
+    assert choose(jacobian_peak(16) - 1) == ("jacobian", 12)
 
 
 def test_an_explicit_block_is_kept_or_refused():

@@ -77,7 +77,8 @@ def attention(dtype):
     x = keras.Input((5, 4))
     h = keras.layers.MultiHeadAttention(num_heads=2, key_dim=3, dtype=dtype)(x, x)
     h = keras.layers.LayerNormalization(dtype=dtype)(h + x)
-    h = keras.layers.EinsumDense("abc,cd->abd", output_shape=(5, 3), bias_axes="d",
+    # b is a group axis (in x, W and y); its bias over d is left to the generic path.
+    h = keras.layers.EinsumDense("abc,bcd->abd", output_shape=(5, 3), bias_axes="d",
                                  activation="tanh", dtype=dtype)(h)
     h = keras.layers.EinsumDense("abc,bcd->ad", output_shape=(2,), bias_axes="d",
                                  dtype=dtype)(h)

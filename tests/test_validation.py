@@ -171,8 +171,7 @@ def test_xla_fallback_only_for_xla_compile_errors_and_logged_once(monkeypatch, c
     # The model's own error is not taken for an XLA failure: it is raised, XLA stays on.
     strict = keras.Sequential([keras.Input((4,)), keras.layers.Dense(6), keras.layers.Dense(1)])
     keras_ntk.empirical_ntk(strict, x, implementation="jacobian")
-    functions = [f for f in _batching._COMPILED[strict].values()
-                 if isinstance(f, _batching._JitFallback)]
+    functions = _batching.block_functions(strict)
     assert functions and all(f._xla is not None for f in functions)
     # A block function that raises by itself (the model's ValueError): raised as it is.
     calls = []
