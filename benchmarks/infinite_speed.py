@@ -14,9 +14,11 @@ Cases (N = 1797 images by default, kernels N × N, float64):
 interleaved with ours case by case (each in a fresh process of that interpreter), and prints
 the ratio and the largest relative difference of the NTKs.
 Each case runs in its own subprocess so that its peak memory (VmHWM: ru_maxrss
-can carry the parent's peak over fork/exec) is its own. The time is that of the
-first full call after an 8-example warm-up (so it includes XLA compiling the
-full-size block). `--baseline FILE` also times an older copy of
+can carry the parent's peak over fork/exec) is its own. Two times: the cold call
+(the first full call: tracing the recursion and, on the XLA path, compiling the
+full-size block) and the warm call (the same call again). For neural-tangents the
+cold time is its call on the first 100 inputs, which compiles the 100 × 100 blocks
+of the full call; its warm time is the full call. `--baseline FILE` also times an older copy of
 keras_ntk/infinite.py (e.g. `git show 31c67be:keras_ntk/infinite.py >
 /tmp/infinite_before.py`) on the same cases in the same run, alternating, and
 prints the ratio and the largest relative difference of the kernels. Usage:
@@ -98,13 +100,16 @@ def _run_nt_case(case, n, save):
     if case != "fcn10":
         x = x.reshape(-1, 8, 8, 1)
     kernel_fn = nt.batch(_nt_kernel_fn(case), batch_size=100, store_on_device=False)
-    kernel_fn(x[:100], None, "ntk")  # Compile once (as our warm-up).
+    start = time.perf_counter()
+    kernel_fn(x[:100], None, "ntk")  # Compiles the 100 × 100 blocks the full call uses.
+    cold = time.perf_counter() - start
     start = time.perf_counter()
     ntk = np.asarray(kernel_fn(x, None, "ntk"))
     seconds = time.perf_counter() - start
     if save:
         np.save(save, ntk)
-    print(json.dumps({"case": case, "n": n, "seconds": seconds, "peak_rss_mib": _peak_mib(),
+    print(json.dumps({"case": case, "n": n, "seconds": seconds, "cold_seconds": cold,
+                      "peak_rss_mib": _peak_mib(),
                       "ntk_trace": float(np.trace(ntk)), "finite": bool(np.isfinite(ntk).all())}))
 
 
@@ -135,13 +140,16 @@ def _run_case(case, n, implementation, save):
     if case != "fcn10":
         x = x.reshape(-1, 8, 8, 1)
     model = _model(case)
-    infinite_kernels(model, x[:8])  # Trace the functions once.
+    start = time.perf_counter()
+    infinite_kernels(model, x)  # Cold: includes tracing (and XLA compiling) the full blocks.
+    cold = time.perf_counter() - start
     start = time.perf_counter()
     kernels = infinite_kernels(model, x)
     seconds = time.perf_counter() - start
     if save:
         np.save(save, kernels.ntk)
-    print(json.dumps({"case": case, "n": n, "seconds": seconds, "peak_rss_mib": _peak_mib(),
+    print(json.dumps({"case": case, "n": n, "seconds": seconds, "cold_seconds": cold,
+                      "peak_rss_mib": _peak_mib(),
                       "ntk_trace": float(np.trace(kernels.ntk)),
                       "finite": bool(np.isfinite(kernels.ntk).all())}))
 
@@ -198,7 +206,8 @@ def main():
                     env={**os.environ, "JAX_PLATFORMS": "cpu"})
                 result = json.loads(out.stdout.strip().splitlines()[-1])
                 results[case, label] = result
-                print(f"{case:13s} {label:8s} N={result['n']}: {result['seconds']:8.2f} s, "
+                print(f"{case:13s} {label:8s} N={result['n']}: {result['seconds']:8.2f} s "
+                      f"(cold call {result.get('cold_seconds', float('nan')):.2f} s), "
                       f"peak {result['peak_rss_mib']:7.0f} MiB, finite={result['finite']}",
                       flush=True)
             for other in (["baseline"] if args.baseline else []) + (["nt"] if args.nt else []):

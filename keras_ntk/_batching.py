@@ -172,12 +172,16 @@ def model_cache(model):
     return _COMPILED.setdefault(model, {})
 
 
-def compiled(model, key, builder):
-    """A tf.function per (model, key), created once and reused across calls."""
+def compiled(model, key, builder, jit=True):
+    """A tf.function per (model, key), created once and reused across calls.
+
+    `jit=False`: a plain graph unless KERAS_NTK_JIT=1 (recurrent models: XLA
+    compiles their unrolled loops many times slower and runs them slower).
+    """
     per_model = model_cache(model)
     fn = per_model.get(key)
     if fn is None:
-        jit = _JIT != "0" and key[0] != "ntvp"
+        jit = (jit or _JIT == "1") and _JIT != "0" and key[0] != "ntvp"
         fn = _JitFallback(builder, jit)
         per_model[key] = fn
     return fn

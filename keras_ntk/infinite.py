@@ -144,9 +144,11 @@ def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
                      n_samples=64, seed=0):
     """Infinite-width NNGP and NTK of a model's architecture.
 
-    The model is read as an architecture only (its widths and weights are
-    ignored): hidden widths go to infinity under the NTK parameterization of
-    `keras_ntk.NTKDense`/`NTKConv2D`. The kernels follow the recursion in the
+    The model is read as an architecture only: hidden widths go to infinity
+    under the NTK parameterization of `keras_ntk.NTKDense`/`NTKConv2D` (their
+    widths are ignored), or the standard parameterization of plain Keras
+    layers (whose widths set σw² and the NTK's fan-in terms, as
+    neural-tangents' `parameterization="standard"`). The kernels follow the recursion in the
     module docstring (neural-tangents `stax`, `parameterization="ntk"`):
     for a dense layer K' = σw² K + σb² and Θ' = K' + σw² Θ; for an activation
     K' = E[φ(u)φ(v)] and Θ' = Θ·E[φ'(u)φ'(v)] in closed form (arc-cosine kernel
@@ -162,12 +164,18 @@ def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
     computed.
 
     Args:
-        model: a Sequential or chain functional Keras model made of
-            `NTKDense`, `NTKConv2D`, `ReLU`/`Activation("relu")`, `Erf`,
-            identity/linear, `AveragePooling2D`, `GlobalAveragePooling2D`,
-            `Flatten` (nested such models allowed). Any other layer raises a
-            ValueError naming it.
-        x1: array (N1, features) or (N1, height, width, channels).
+        model: a Sequential or functional Keras model (a graph: `Add`,
+            `Average`, `Concatenate` on channels, nested models) of
+            `NTKDense`/`NTKConv2D` (NTK parameterization), plain `Dense`/
+            `Conv1D`/`Conv2D` (standard parameterization, σw² = Var(W)·fan_in
+            from the initializer), activations (closed forms for ReLU,
+            LeakyReLU, Erf, sign, sin, cos; Gauss-Hermite quadrature for other
+            elementwise Keras activations), Dropout/Identity, BatchNormalization
+            (inference), LayerNormalization (no center/scale), average pooling
+            1-D/2-D, global average pooling, Flatten. Any other layer raises a
+            ValueError naming it and the reason (docs/infinite.md has the table).
+        x1: array (N1, features), (N1, length, channels) or (N1, height, width,
+            channels).
         x2: array with N2 examples, or None for x1.
         batch_size: examples per block side; None picks the largest block
             whose working memory fits `memory_budget` (with XLA: at most a

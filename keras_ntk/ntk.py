@@ -36,7 +36,7 @@ from keras_ntk._batching import (
     shared_value, slice_examples, to_host)
 from keras_ntk._costs import choose_block, default_memory_budget, model_profile
 from keras_ntk._jacobians import (
-    call_flat, contract_jacobians, full_batch_jacobians, per_example_jacobians)
+    call_flat, contract_jacobians, full_batch_jacobians, per_example_jacobians, recurrent_layers)
 from keras_ntk._output_axes import (
     OutputAxes, cotangents_from_vector, reduce_full_kernel, vector_from_products)
 from keras_ntk._structured import contract_structured, structured_factors, structured_rules
@@ -432,9 +432,12 @@ def _block_function(s, same):
         impl = lambda x1, x2=None: _jacobian_block(plan, x1, x2)  # noqa: E731
     else:
         impl = lambda x1, x2=None: _ntvp_block(plan, x1, x2)  # noqa: E731
+    # XLA compiled an unrolled LSTM's kernel (16 steps) in 67-87 s against 16-19 s of
+    # tracing for a plain graph, which then ran faster (benchmarks/recurrent_ntk.py).
+    jit = not recurrent_layers(plan.model)
     if same:
-        return compiled(plan.model, key, lambda x1: impl(x1))
-    return compiled(plan.model, key, lambda x1, x2: impl(x1, x2))
+        return compiled(plan.model, key, lambda x1: impl(x1), jit=jit)
+    return compiled(plan.model, key, lambda x1, x2: impl(x1, x2), jit=jit)
 
 
 def _shared_block_function(s, same):
@@ -461,7 +464,8 @@ def _shared_block_function(s, same):
             return _structured_block(view, rules, x1, x2)
         return _jacobian_block(view, x1, x2)
 
-    return shared_compiled(plan.model, key, builder, (plan, s.rules))
+    return shared_compiled(plan.model, key, builder, (plan, s.rules),
+                           jit_allowed=not recurrent_layers(plan.model))
 
 
 @contextlib.contextmanager
@@ -533,6 +537,11 @@ def empirical_ntk(model, x1, x2=None, *, trace_axes=(-1,), diagonal_axes=(),
     * `"auto"`: the implementation with the fewest estimated FLOPs among those
       whose estimated peak memory fits `memory_budget` (structured when the model
       has layers with a structured rule, otherwise jacobian, ntvp when nothing else fits).
+
+    Recurrent layers (LSTM, GRU, SimpleRNN, also in `Bidirectional`) are
+    traced unrolled over their time steps: TensorFlow cannot vectorize the
+    gradient of their `tf.while_loop` nor run forward mode through it (see
+    docs/ntk.md, "Layer families"); their block functions run as plain graphs.
 
     Memory: the kernel is computed in blocks of x1 × x2 examples; the block size
     is `batch_size`, or else the largest power-of-two fraction of N whose

@@ -119,9 +119,8 @@ FAMILIES = {
 }
 @pytest.fixture
 def plain_graphs(monkeypatch):
-    """Block functions as plain graphs: XLA compiles an unrolled recurrent kernel in
-    ~8 s on the 2-core CI machine, 2-3× its tracing; the XLA path is covered by
-    the float32 test below."""
+    """Block functions as plain graphs, as recurrent models run by default (XLA
+    compiles most of the small models here in longer than they take to trace)."""
     import keras_ntk._batching
     monkeypatch.setattr(keras_ntk._batching, "_JIT", "0")
 
@@ -205,19 +204,32 @@ def test_kernel_matches_float64_jacobian_reference(family, implementation, plain
     assert not any(layer.unroll for layer in recurrent_layers(model))
 
 
-def test_float32_lstm_cross_kernel_under_xla_matches_float64_reference():
+def test_float32_lstm_cross_kernel_matches_float64_reference():
     model32, x32 = _model("lstm", "float32")
     model64, x64 = _model("lstm", "float64")
     jac, _ = _reference_jacobian(model64, x64)
     expected = np.einsum("nsp,msp->nm", jac, jac) / jac.shape[1]  # mean over the 2 logits
-    kernel = keras_ntk.empirical_ntk(model32, x32, x32[::-1])  # Θ(x, reversed x), XLA
+    kernel = keras_ntk.empirical_ntk(model32, x32, x32[::-1])  # Θ(x, reversed x)
     assert kernel.dtype == np.float32
     assert _relative_error(kernel, expected[:, ::-1]) < 1e-5
 
 
 @pytest.mark.slow
+def test_float32_lstm_kernel_under_forced_xla_matches_float64_reference(monkeypatch):
+    import keras_ntk._batching
+    monkeypatch.setattr(keras_ntk._batching, "_JIT", "1")  # recurrent models skip XLA otherwise
+    model32, x32 = _model("lstm", "float32")
+    model64, x64 = _model("lstm", "float64")
+    jac, _ = _reference_jacobian(model64, x64)
+    expected = np.einsum("nsp,msp->nm", jac, jac) / jac.shape[1]
+    kernel = keras_ntk.empirical_ntk(model32, x32, batch_size=4)  # diagonal and mirrored blocks
+    assert _relative_error(kernel, expected) < 1e-5
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "lstm"])
-def test_float32_auto_under_xla_matches_float64_reference(family):
+def test_float32_auto_matches_float64_reference(family):
+    """The default setting: float32, XLA for non-recurrent models."""
     model32, x32 = _model(family, "float32")
     model64, x64 = _model(family, "float64")
     jac, out_shape = _reference_jacobian(model64, x64)
