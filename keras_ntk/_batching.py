@@ -313,7 +313,7 @@ def shared_compiled(model, key, builder, state, jit_allowed=True):
     arch = architecture_key(model)
     if arch is None:
         return None
-    jit = jit_allowed and _JIT != "0"
+    jit = (jit_allowed or _JIT == "1") and _JIT != "0"
     full_key = (arch, key, jit)
     with _SHARED_LOCK:
         entry = _SHARED.get(full_key)
