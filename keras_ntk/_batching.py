@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_ntk import _distribute
+from keras_ntk import _distribute, _validation
 from keras_ntk._output_axes import swap_pairs
 from keras_ntk._weights import iter_layers
 
@@ -54,6 +54,24 @@ def num_examples(x, name):
             f"in every input. Received: {name} with leading sizes {sorted(sizes)}"
         )
     return sizes.pop()
+
+
+def host_inputs(x1, x2):
+    """`x1` and `x2` (or None) as host arrays, checked before any work.
+
+    Non-empty batches, matching example shapes and finite values; returns
+    `(x1, x2, n1, n2)` with `n2 = n1` when `x2` is None.
+    """
+    x1 = to_host(x1, "x1")
+    n1 = num_examples(x1, "x1")
+    n2 = n1
+    if x2 is not None:
+        x2 = to_host(x2, "x2")
+        n2 = num_examples(x2, "x2")
+        _validation.check_matching_inputs(x1, x2)
+    _validation.check_finite(x1, "x1")
+    _validation.check_finite(x2, "x2")
+    return x1, x2, n1, n2
 
 
 def slice_examples(x, start, stop):

@@ -23,7 +23,7 @@ import keras
 import numpy as np
 
 from keras_ntk import _validation
-from keras_ntk._batching import num_examples, slice_examples, to_host
+from keras_ntk._batching import host_inputs, num_examples, slice_examples
 from keras_ntk._weights import iter_layers
 from keras_ntk.nngp import empirical_nngp
 from keras_ntk.ntk import empirical_ntk
@@ -220,14 +220,7 @@ def monte_carlo_kernels(model_fn, x1, x2=None, *, n_samples=32, get=("nngp", "nt
     _validation.check_int(batch_size, "batch_size", 1, allow_none=True)
     _validation.check_float_dtype(dtype, allow_none=False)
     _validation.check_int(verbose, "verbose", 0, 2)
-    x1 = to_host(x1, "x1")
-    num_examples(x1, "x1")
-    if x2 is not None:
-        x2 = to_host(x2, "x2")
-        num_examples(x2, "x2")
-        _validation.check_matching_inputs(x1, x2)
-    _validation.check_finite(x1, "x1")
-    _validation.check_finite(x2, "x2")
+    x1, x2, _, _ = host_inputs(x1, x2)
     build = _sample_builder(model_fn)
     nngp, ntk = _Welford(), _Welford()
     progress = keras.utils.Progbar(n_samples) if verbose else None

@@ -5,7 +5,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_ntk import _distribute, _validation
-from keras_ntk._batching import num_examples, slice_examples, to_host
+from keras_ntk._batching import host_inputs, num_examples, slice_examples
 from keras_ntk._output_axes import OutputAxes
 from keras_ntk._weights import iter_layers
 
@@ -108,14 +108,7 @@ def empirical_nngp(model, x1, x2=None, *, layer=None, trace_axes=(-1,), diagonal
             "Expected `layer` to be None, a layer name, a layer of the model or a callable "
             f"x -> features. Received: layer={layer!r} of type {type(layer).__name__}"
         )
-    x1 = to_host(x1, "x1")
-    n1 = num_examples(x1, "x1")
-    if x2 is not None:
-        x2 = to_host(x2, "x2")
-        num_examples(x2, "x2")
-        _validation.check_matching_inputs(x1, x2)
-    _validation.check_finite(x1, "x1")
-    _validation.check_finite(x2, "x2")
+    x1, x2, n1, _ = host_inputs(x1, x2)
     if not getattr(model, "built", True):
         model(slice_examples(x1, 0, 1), training=False)
     features_of = _feature_function(model, layer)

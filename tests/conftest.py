@@ -40,6 +40,15 @@ def mirrored_strategy():
     return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 
 
+@pytest.fixture
+def float64_keras():
+    """Keras' floatx set to float64 for one test (restored after it)."""
+    previous = keras.config.floatx()
+    keras.config.set_floatx("float64")
+    yield
+    keras.config.set_floatx(previous)
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     """Every test starts from the same seeds and a fresh Keras session."""

@@ -431,14 +431,6 @@ def test_psd_kernel_gaussian_process_matches_gp_inference():
 # ------------------------------------------------------------ Monte Carlo
 
 
-@pytest.fixture
-def float64_keras():
-    previous = keras.config.floatx()
-    keras.config.set_floatx("float64")
-    yield
-    keras.config.set_floatx(previous)
-
-
 def _mc_model(name, width):
     if name == "fcn":
         return keras.Sequential([

@@ -234,14 +234,6 @@ def test_batch_norm_standard_dense_by_hand():
 # ------------------------------------------------------------ Monte Carlo of wide finite nets
 
 
-@pytest.fixture
-def float64_keras():
-    previous = keras.config.floatx()
-    keras.config.set_floatx("float64")
-    yield
-    keras.config.set_floatx(previous)
-
-
 def _standard_resnet(width):
     """A residual FCN of plain Keras layers: He/Glorot/LeCun initializers, BatchNorm."""
     inputs = keras.Input((6,))

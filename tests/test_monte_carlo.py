@@ -11,14 +11,6 @@ import keras_ntk
 from keras_ntk import NTKDense
 
 
-@pytest.fixture
-def float64_keras():
-    previous = keras.config.floatx()
-    keras.config.set_floatx("float64")
-    yield
-    keras.config.set_floatx(previous)
-
-
 def _mlp(width, outputs, inputs=4):
     return keras.Sequential([
         keras.Input((inputs,)), NTKDense(width, 1.4, 0.3, activation="relu"),
