@@ -448,6 +448,19 @@ def run(
             if record is not None and os.path.exists(examples_path(key)):
                 cells[key] = record
     progress = cell_store.Progress(len(work), "cell")
+    skip_reasons = []
+
+    def infinite_skip_reason():
+        """Why this architecture has no infinite NTK (None: it has one); probed on 2 inputs."""
+        if not skip_reasons:
+            try:
+                twin = models_lib.ntk_parameterized(build(), sigma_w2=infinite_sigma_w2,
+                                                    sigma_b2=infinite_sigma_b2)
+                keras_ntk.infinite_kernels(twin, data.train.x[:2])
+                skip_reasons.append(None)
+            except ValueError as error:
+                skip_reasons.append(str(error))
+        return skip_reasons[0]
     new_cells, infinite_skipped = 0, None
 
     def assemble(finished):
@@ -455,12 +468,14 @@ def run(
                          network_loss, num_bootstrap, infinite_skipped, settings, store,
                          fit_window, local_points, finished)
 
-    for source, seed, n_or_names in work:
+    for index, (source, seed, n_or_names) in enumerate(work):
         keys = _keys(source, seed, n_or_names)
         label = ",".join(key for key, _, _ in keys)
         if all(key in cells for key, _, _ in keys):
             progress.skip(label)
             continue
+        if not store.mine(index):
+            continue  # Another shard's work item (--shard), or --merge.
         if max_new_cells is not None and new_cells >= max_new_cells:
             logging.info("Stopping after %d new cell(s) (max_new_cells).", new_cells)
             break
@@ -476,11 +491,34 @@ def run(
         for key, name, n in keys:
             store.put(key, cell_settings(name, seed, n), new[key])
         cells.update(new)
-        cell_store.write_json_atomic(os.path.join(output_dir, "results.json"),
-                                     assemble(finished=False))
+        if not store.sharded:
+            cell_store.write_json_atomic(os.path.join(output_dir, "results.json"),
+                                         assemble(finished=False))
         new_cells += 1
         progress.finish(label)
-    results = assemble(finished=progress.done == progress.total)
+    finished = progress.done == progress.total
+    if store.sharded:  # Every shard's cells, or no results.json yet.
+        missing = []
+        for source, seed, n_or_names in work:
+            for key, name, n in _keys(source, seed, n_or_names):
+                if key in cells:
+                    continue
+                record = store.get(key, cell_settings(name, seed, n))
+                if record is not None and os.path.exists(examples_path(key)):
+                    cells[key] = record
+                elif source == "infinite_ntk" and infinite_skip_reason() is not None:
+                    infinite_skipped = infinite_skip_reason()
+                else:
+                    missing.append(key)
+        if missing:
+            logging.info(
+                "%s: %d of %d cells are not finished yet (%s); results.json and the figures "
+                "are written by the last shard to finish, or by a run with --merge.",
+                store.shard_name, len(missing),
+                sum(len(_keys(*item)) for item in work), ", ".join(missing[:20]))
+            return None
+        finished = True
+    results = assemble(finished=finished)
     cell_store.write_json_atomic(os.path.join(output_dir, "results.json"), results)
     study_b.data_scaling_summaries(results, os.path.join(output_dir, "tensorboard", "summary"))
     if write_figures:

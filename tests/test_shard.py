@@ -172,3 +172,34 @@ def test_two_shards_give_the_results_of_one_process(tmp_path, run_binary, study,
     run_binary(study, str(shared), "--merge")
     assert _without_wall_times(json.loads((shared / "results.json").read_text())) == \
         _without_wall_times(reference)
+
+
+@pytest.mark.slow
+def test_two_data_scaling_shards_give_the_results_of_one_process(tmp_path, run_binary):
+    """data_scaling: 2 concurrent shards of the smoke grid = one process (wall times aside)."""
+    one = tmp_path / "one"
+    run_binary("data_scaling", str(one))
+    shared = tmp_path / "shared"
+    merge = run_binary("data_scaling", str(shared), "--merge")
+    assert re.search(r"merge: (\d+) of \1 cells are not finished yet", merge.stderr), \
+        merge.stderr[-3000:]
+    assert not (shared / "results.json").exists()
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    env.pop("TF_CONFIG", None)
+    shards = [subprocess.Popen(
+        [sys.executable, "-m", "experiments.data_scaling", "--gin_file=data_scaling/smoke.gin",
+         f"--output_dir={shared}", "--strategy=cpu", f"--shard={i}/2"], cwd=ROOT, env=env,
+        stderr=subprocess.PIPE, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=900)[1] for p in shards]
+    assert [p.returncode for p in shards] == [0, 0], [log[-3000:] for log in logs]
+    # The shards split the work items between them, none computed twice.
+    begun = [re.findall(r"\] cell (\d+) of (\d+): ", log) for log in logs]
+    assert all(begun), [log[-2000:] for log in logs]
+    total = int(begun[0][0][1])
+    assert sum(len(b) for b in begun) == total, begun
+    reference = json.loads((one / "results.json").read_text())
+    sharded = json.loads((shared / "results.json").read_text())
+    assert _without_wall_times(sharded) == _without_wall_times(reference)
+    run_binary("data_scaling", str(shared), "--merge")
+    assert _without_wall_times(json.loads((shared / "results.json").read_text())) == \
+        _without_wall_times(reference)
