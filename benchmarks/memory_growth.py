@@ -127,10 +127,16 @@ def _run_case(path, xla, models, warmup):
     def one():
         refs.extend(weakref.ref(obj) for obj in run())
 
+    from tensorflow.python.framework import ops  # noqa: PLC0415 (TF's gradient registry)
+
+    def registered():
+        return len(ops._gradient_registry._registry)  # noqa: SLF001
+
     for _ in range(warmup):
         one()
     gc.collect()
     before = _rss_mib()
+    registered_before = registered()
     start = time.perf_counter()
     for _ in range(models):
         one()
@@ -143,6 +149,8 @@ def _run_case(path, xla, models, warmup):
         "alive": alive, "objects": len(refs),
         "rss_before_mib": before, "rss_after_mib": after,
         "mib_per_model": (after - before) / models,
+        # Gradient functions registered (never removed) per model: each holds its traced graph.
+        "registered_per_model": (registered() - registered_before) / models,
         "seconds_per_model": seconds / models,
     }
 
@@ -179,12 +187,13 @@ def main():
         return
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; "
           f"{args.models} models after {args.warmup} warm-up, one process per case")
-    print(f"{'path':16s} {'XLA':>4s} {'alive':>9s} {'MiB/model':>10s} {'s/model':>8s}")
+    print(f"{'path':16s} {'XLA':>4s} {'alive':>9s} {'MiB/model':>10s} {'s/model':>8s} {'reg/model':>9s}")
     for path in args.paths.split(","):
         for xla in args.xla.split(","):
             r = measure(path, xla == "on", args.models, args.warmup)
             print(f"{path:16s} {xla:>4s} {r['alive']:>4d}/{r['objects']:<4d} "
-                  f"{r['mib_per_model']:10.3f} {r['seconds_per_model']:8.3f}", flush=True)
+                  f"{r['mib_per_model']:10.3f} {r['seconds_per_model']:8.3f} "
+                  f"{r['registered_per_model']:9.1f}", flush=True)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
