@@ -96,7 +96,7 @@ for _name in ("num_cpu_devices", "simulate_crash_after_epochs"):
 
 
 # Binaries whose cell loop honours `--shard` (`CellStore.mine` / `gather`).
-SHARDED_STUDIES = ("data_scaling", "kernel_evolution", "linear_vs_nonlinear")
+SHARDED_STUDIES = ("data_scaling", "kernel_evolution", "linear_vs_nonlinear", "trainability")
 
 MULTI_WORKER_TRAINING = (
     "{study} cannot train under MultiWorkerMirroredStrategy: Keras 3's model.fit fails "

@@ -100,6 +100,13 @@ def _log_scalars(output_dir, run_name, step_scalars):
                     tf.summary.scalar(tag, value, step=step)
 
 
+def _gathered(grid, records):
+    """A part's records from every shard (--shard, --merge); None while some are missing (logged)."""
+    if not grid.store.sharded:
+        return records
+    return grid.store.gather(grid.settings)
+
+
 def _phase_diagrams(grid, output_dir, activations, grids, depths, sigma_b2, phase_data,
                     num_classes, times, learning_rate_fraction, kernel_batch_size):
     x_train, labels_train, x_test, labels_test, _ = phase_data
@@ -119,7 +126,9 @@ def _phase_diagrams(grid, output_dir, activations, grids, depths, sigma_b2, phas
             f"{prefix}/mean_predictor_test_accuracy": cell["mean_predictor"]["test_accuracy"],
         } for depth, cell in zip(depths, row["cells"])})
 
-    records = grid.run(compute, after_each=log)
+    records = _gathered(grid, grid.run(compute, after_each=log))
+    if records is None:
+        return None
     return [phase_diagram.assemble_diagram(
         activation, grids[activation], depths, sigma_b2,
         [records[key] for key in points if points[key][0] == activation], times,
@@ -182,7 +191,9 @@ def _architectures(grid, output_dir, names, depths, activation, sigma_w2, sigma_
             f"{name}/test_accuracy": cell["test_accuracy"],
             f"{name}/log10_condition_number": math.log10(cell["condition_number"])}})
 
-    records = grid.run(compute, after_each=log)
+    records = _gathered(grid, grid.run(compute, after_each=log))
+    if records is None:
+        return None
     out = {}
     for name in names:
         by_depth = [records[key] for key in points if points[key][0] == name]
@@ -264,7 +275,9 @@ def _finite_width(grid, output_dir, dataset, widths, seeds, depth, activation, s
             os.path.join(output_dir, "tensorboard", "finite_width", f"w{width}_s{seed}"))
         return {"centred_test": (ft - f0).tolist(), "raw_test": ft.tolist(), "final_loss": loss}
 
-    records = grid.run(compute)
+    records = _gathered(grid, grid.run(compute))
+    if records is None:
+        return None
     per_width = []
     for width in widths:
         runs = [records[key] for key in points if points[key][0] == width]
@@ -489,59 +502,79 @@ def run(
                "targets": "heatmaps: raw one-hot (accuracy of the argmax); spread analysis: "
                           "one-hot minus the training mean"}
 
-    phase_data = _phase_data(data, num_train or len(data.train.y), heldout)
-    num_classes = int(max(data.train.y.max(), data.test.y.max())) + 1
-    results["num_train"], results["num_test"] = len(phase_data[1]), len(phase_data[3])
-    results["examples"] = phase_data[4]
-    logging.info("Part 1-2: FCN phase diagrams on %d train / %d held-out inputs (%s)",
-                 results["num_train"], results["num_test"], phase_data[4])
-    diagrams = _phase_diagrams(phase_grid, output_dir, activations, grids, depths, sigma_b2,
-                               phase_data, num_classes, times, learning_rate_fraction,
-                               kernel_batch_size)
-    results["phase_diagram"] = diagrams
     results_path = os.path.join(output_dir, "results.json")
-    cells_lib.write_json_atomic(results_path, results)
-    if write_figures:  # The heatmaps now; parts 3 and 4 can take much longer.
-        from experiments.figures import study_c as figures
 
-        figures.draw_figures(results, os.path.join(output_dir, "figures"))
+    def assemble_parts():
+        """Computes this process' cells of every part and assembles each; True: cells missing."""
+        phase_data = _phase_data(data, num_train or len(data.train.y), heldout)
+        num_classes = int(max(data.train.y.max(), data.test.y.max())) + 1
+        results["num_train"], results["num_test"] = len(phase_data[1]), len(phase_data[3])
+        results["examples"] = phase_data[4]
+        logging.info("Part 1-2: FCN phase diagrams on %d train / %d held-out inputs (%s)",
+                     results["num_train"], results["num_test"], phase_data[4])
+        diagrams = _phase_diagrams(phase_grid, output_dir, activations, grids, depths, sigma_b2,
+                                   phase_data, num_classes, times, learning_rate_fraction,
+                                   kernel_batch_size)
+        results["phase_diagram"] = diagrams
+        # A shard computes its cells of every part; results.json only from every shard's cells.
+        incomplete = diagrams is None
+        if not store.sharded:
+            cells_lib.write_json_atomic(results_path, results)
+        if write_figures and not store.sharded:  # The heatmaps now; parts 3 and 4 can take much longer.
+            from experiments.figures import study_c as figures
 
-    if architectures:
-        subset = data_lib.load_dataset(
-            dataset, num_train=None if heldout == "test_and_unused_train" else
-            architecture_num_train, num_test=None, data_dir=data_dir)
-        x_train, labels_train, x_test, labels_test, description = _phase_data(
-            subset, architecture_num_train, heldout, flat=False)
-        split = (x_train, labels_train, x_test[:architecture_num_test],
-                 labels_test[:architecture_num_test])
-        logging.info("Part 3: architectures %s on %d train / %d test inputs", architectures,
-                     len(split[1]), len(split[3]))
-        results["architectures"] = _architectures(
-            architecture_grid, output_dir, architectures, architecture_depths,
-            architecture_activation, architecture_sigma_w2, sigma_b2, split, conv_kernel_size,
-            ridge, kernel_batch_size)
-        results["architecture_tests"] = stats.pairwise_mcnemar(
-            {name: a["test_correct"] for name, a in results["architectures"].items()},
-            architecture_depths)
-        results["architecture_setup"] = {
-            "activation": architecture_activation, "sigma_w2": float(architecture_sigma_w2),
-            "sigma_b2": float(sigma_b2), "num_train": len(split[1]),
-            "num_test": len(split[3]), "examples": description + (
-                f", the first {len(split[3])} of them" if architecture_num_test else ""),
-            "kernel_size": int(conv_kernel_size),
-            "ridge_relative_to_mean_diagonal": float(ridge),
-            "kernel_seconds_total": float(sum(sum(a["kernel_seconds"])
-                                              for a in results["architectures"].values())),
-        }
-        cells_lib.write_json_atomic(results_path, results)
+            figures.draw_figures(results, os.path.join(output_dir, "figures"))
 
-    if finite_widths:
-        logging.info("Part 4: finite widths %s, seeds %s", finite_widths, finite_seeds)
-        results["finite_width"] = _finite_width(
-            finite_grid, output_dir, data, finite_widths, finite_seeds, finite_depth,
-            finite_activation, finite_sigma_w2, sigma_b2,
-            min(finite_num_train, len(data.train.y)), int(finite_steps),
-            finite_learning_rate_fraction, strategy)
+        if architectures:
+            subset = data_lib.load_dataset(
+                dataset, num_train=None if heldout == "test_and_unused_train" else
+                architecture_num_train, num_test=None, data_dir=data_dir)
+            x_train, labels_train, x_test, labels_test, description = _phase_data(
+                subset, architecture_num_train, heldout, flat=False)
+            split = (x_train, labels_train, x_test[:architecture_num_test],
+                     labels_test[:architecture_num_test])
+            logging.info("Part 3: architectures %s on %d train / %d test inputs", architectures,
+                         len(split[1]), len(split[3]))
+            results["architectures"] = _architectures(
+                architecture_grid, output_dir, architectures, architecture_depths,
+                architecture_activation, architecture_sigma_w2, sigma_b2, split, conv_kernel_size,
+                ridge, kernel_batch_size)
+        if architectures and results["architectures"] is None:
+            incomplete = True
+        elif architectures:
+            results["architecture_tests"] = stats.pairwise_mcnemar(
+                {name: a["test_correct"] for name, a in results["architectures"].items()},
+                architecture_depths)
+            results["architecture_setup"] = {
+                "activation": architecture_activation, "sigma_w2": float(architecture_sigma_w2),
+                "sigma_b2": float(sigma_b2), "num_train": len(split[1]),
+                "num_test": len(split[3]), "examples": description + (
+                    f", the first {len(split[3])} of them" if architecture_num_test else ""),
+                "kernel_size": int(conv_kernel_size),
+                "ridge_relative_to_mean_diagonal": float(ridge),
+                "kernel_seconds_total": float(sum(sum(a["kernel_seconds"])
+                                                  for a in results["architectures"].values())),
+            }
+            if not store.sharded:
+                cells_lib.write_json_atomic(results_path, results)
+
+        if finite_widths:
+            logging.info("Part 4: finite widths %s, seeds %s", finite_widths, finite_seeds)
+            results["finite_width"] = _finite_width(
+                finite_grid, output_dir, data, finite_widths, finite_seeds, finite_depth,
+                finite_activation, finite_sigma_w2, sigma_b2,
+                min(finite_num_train, len(data.train.y)), int(finite_steps),
+                finite_learning_rate_fraction, strategy)
+            incomplete = incomplete or results["finite_width"] is None
+        return incomplete
+
+    incomplete = assemble_parts()
+    if incomplete and store.sharded:
+        # Each part was gathered when this shard finished its cells of that part; other
+        # shards may have finished theirs since: read every part once more (no new cell).
+        incomplete = assemble_parts()
+    if incomplete:
+        return None  # Other shards' cells are missing (logged): no results.json yet.
     results["seconds_this_run"] = time.time() - start
     cells_lib.write_json_atomic(results_path, results)
     if write_figures:

@@ -203,3 +203,41 @@ def test_two_data_scaling_shards_give_the_results_of_one_process(tmp_path, run_b
     run_binary("data_scaling", str(shared), "--merge")
     assert _without_wall_times(json.loads((shared / "results.json").read_text())) == \
         _without_wall_times(reference)
+
+
+def _without_times(value):
+    """`value` without any timing field (`*seconds*`: differ between processes)."""
+    if isinstance(value, dict):
+        return {k: _without_times(v) for k, v in value.items() if "seconds" not in k}
+    if isinstance(value, list):
+        return [_without_times(v) for v in value]
+    return value
+
+
+@pytest.mark.slow
+def test_two_trainability_shards_give_the_results_of_one_process(tmp_path, run_binary):
+    """trainability: every part's cells dealt over 2 shards = one process (timings aside)."""
+    one = tmp_path / "one"
+    run_binary("trainability", str(one))
+    shared = tmp_path / "shared"
+    merge = run_binary("trainability", str(shared), "--merge")
+    assert re.search(r"merge: (\d+) of \1 cells are not finished yet", merge.stderr), \
+        merge.stderr[-3000:]
+    assert not (shared / "results.json").exists()
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    env.pop("TF_CONFIG", None)
+    shards = [subprocess.Popen(
+        [sys.executable, "-m", "experiments.trainability", "--gin_file=trainability/smoke.gin",
+         f"--output_dir={shared}", "--strategy=cpu", f"--shard={i}/2"], cwd=ROOT, env=env,
+        stderr=subprocess.PIPE, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=900)[1] for p in shards]
+    assert [p.returncode for p in shards] == [0, 0], [log[-3000:] for log in logs]
+    # Both shards computed cells (none computed twice: every cell file is written once).
+    assert all(re.search(r"\] [^\n]* 1 of \d+: ", log) or re.search(r"\] [^\n]* 2 of \d+: ", log)
+               for log in logs), [log[-2000:] for log in logs]
+    reference = json.loads((one / "results.json").read_text())
+    sharded = json.loads((shared / "results.json").read_text())
+    assert _without_times(sharded) == _without_times(reference)
+    run_binary("trainability", str(shared), "--merge")
+    assert _without_times(json.loads((shared / "results.json").read_text())) == \
+        _without_times(reference)
