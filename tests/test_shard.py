@@ -139,6 +139,19 @@ def _without_wall_times(value):
     return value
 
 
+def _two_concurrent_shards(study, shared):
+    """Runs shards 0/2 and 1/2 of `study`'s smoke config at once into `shared`; their stderr logs."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    env.pop("TF_CONFIG", None)
+    shards = [subprocess.Popen(
+        [sys.executable, "-m", f"experiments.{study}", f"--gin_file={study}/smoke.gin",
+         f"--output_dir={shared}", "--strategy=cpu", f"--shard={i}/2"], cwd=ROOT, env=env,
+        stderr=subprocess.PIPE, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=900)[1] for p in shards]
+    assert [p.returncode for p in shards] == [0, 0], [log[-3000:] for log in logs]
+    return logs
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("study, cells_trained", [
     ("kernel_evolution", "run"),  # 2 cells: widths 8 and 32
@@ -153,14 +166,7 @@ def test_two_shards_give_the_results_of_one_process(tmp_path, run_binary, study,
     merge = run_binary(study, str(shared), "--merge")
     assert "2 of 2 cells are not finished yet" in merge.stderr, merge.stderr[-3000:]
     assert not (shared / "results.json").exists()
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    env.pop("TF_CONFIG", None)
-    shards = [subprocess.Popen(
-        [sys.executable, "-m", f"experiments.{study}", f"--gin_file={study}/smoke.gin",
-         f"--output_dir={shared}", "--strategy=cpu", f"--shard={i}/2"], cwd=ROOT, env=env,
-        stderr=subprocess.PIPE, text=True) for i in range(2)]
-    logs = [p.communicate(timeout=900)[1] for p in shards]
-    assert [p.returncode for p in shards] == [0, 0], [log[-3000:] for log in logs]
+    logs = _two_concurrent_shards(study, shared)
     # Each shard computed exactly one of the two cells.
     computed = [len(re.findall(rf"\] {cells_trained} \d+ of 2: ", log)) for log in logs]
     assert computed == [1, 1], (computed, [log[-2000:] for log in logs])
@@ -184,14 +190,7 @@ def test_two_data_scaling_shards_give_the_results_of_one_process(tmp_path, run_b
     assert re.search(r"merge: (\d+) of \1 cells are not finished yet", merge.stderr), \
         merge.stderr[-3000:]
     assert not (shared / "results.json").exists()
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    env.pop("TF_CONFIG", None)
-    shards = [subprocess.Popen(
-        [sys.executable, "-m", "experiments.data_scaling", "--gin_file=data_scaling/smoke.gin",
-         f"--output_dir={shared}", "--strategy=cpu", f"--shard={i}/2"], cwd=ROOT, env=env,
-        stderr=subprocess.PIPE, text=True) for i in range(2)]
-    logs = [p.communicate(timeout=900)[1] for p in shards]
-    assert [p.returncode for p in shards] == [0, 0], [log[-3000:] for log in logs]
+    logs = _two_concurrent_shards("data_scaling", shared)
     # The shards split the work items between them, none computed twice.
     begun = [re.findall(r"\] cell (\d+) of (\d+): ", log) for log in logs]
     assert all(begun), [log[-2000:] for log in logs]
@@ -224,15 +223,8 @@ def test_two_trainability_shards_give_the_results_of_one_process(tmp_path, run_b
     assert re.search(r"merge: (\d+) of \1 cells are not finished yet", merge.stderr), \
         merge.stderr[-3000:]
     assert not (shared / "results.json").exists()
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    env.pop("TF_CONFIG", None)
-    shards = [subprocess.Popen(
-        [sys.executable, "-m", "experiments.trainability", "--gin_file=trainability/smoke.gin",
-         f"--output_dir={shared}", "--strategy=cpu", f"--shard={i}/2"], cwd=ROOT, env=env,
-        stderr=subprocess.PIPE, text=True) for i in range(2)]
-    logs = [p.communicate(timeout=900)[1] for p in shards]
-    assert [p.returncode for p in shards] == [0, 0], [log[-3000:] for log in logs]
-    # Both shards computed cells (none computed twice: every cell file is written once).
+    logs = _two_concurrent_shards("trainability", shared)
+    # Both shards computed cells (that none computed a cell twice is not checked here).
     assert all(re.search(r"\] [^\n]* 1 of \d+: ", log) or re.search(r"\] [^\n]* 2 of \d+: ", log)
                for log in logs), [log[-2000:] for log in logs]
     reference = json.loads((one / "results.json").read_text())
