@@ -85,8 +85,8 @@ class _Builder:
             for j in range(i + 1, len(sources)):
                 si, sj = source[i], source[j]
                 if (si is not None and sj is not None and si != sj) or (
-                        si is not None and si not in self._ancestors(sources[j])) or (
-                        sj is not None and sj not in self._ancestors(sources[i])):
+                        si is not None and si not in _ancestors(self.ops, sources[j])) or (
+                        sj is not None and sj not in _ancestors(self.ops, sources[i])):
                     continue
                 raise _unsupported(layer, ": two of its inputs are correlated beyond their "
                                           "kernels (e.g. x + relu(x)); each summand but one "
@@ -102,15 +102,6 @@ class _Builder:
                 return None
             index = op.inputs[0]
         return None
-
-    def _ancestors(self, index):
-        seen, stack = set(), [index]
-        while stack:
-            i = stack.pop()
-            if i >= 0 and i not in seen:
-                seen.add(i)
-                stack.extend(self.ops[i].inputs)
-        return seen
 
     def model(self, model, source):
         if isinstance(model, keras.Sequential):
@@ -173,6 +164,17 @@ def _tensors_in(value, found):
             _tensors_in(v, found)
 
 
+def _ancestors(ops, index):
+    """Step `index` and every step it depends on (indices ≥ 0; -1 is the input)."""
+    seen, stack = set(), [index]
+    while stack:
+        i = stack.pop()
+        if i >= 0 and i not in seen:
+            seen.add(i)
+            stack.extend(ops[i].inputs)
+    return seen
+
+
 def _output_shape(layer):
     try:
         return tuple(layer.output.shape)
@@ -182,13 +184,7 @@ def _output_shape(layer):
 
 def _prune(ops, output):
     """The steps the output depends on, renumbered in order; the output last."""
-    keep, stack = set(), [output]
-    while stack:
-        i = stack.pop()
-        if i >= 0 and i not in keep:
-            keep.add(i)
-            stack.extend(ops[i].inputs)
-    order = sorted(keep)
+    order = sorted(_ancestors(ops, output))
     index = {old: new for new, old in enumerate(order)}
     index[-1] = -1
     pruned = []

@@ -123,6 +123,12 @@ def _is_int(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def check_bool(value, name):
+    """Refuses anything but True or False (1, 0, "yes" and numpy bools included)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"Expected `{name}` to be True or False. Received: {name}={value!r}")
+
+
 def check_int(value, name, minimum=None, maximum=None, allow_none=False):
     """Refuses anything but an int in [minimum, maximum] (bools are refused)."""
     if value is None and allow_none:

@@ -258,8 +258,7 @@ def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
             result.nngp_stderr, result.ntk_stderr = mc.nngp_stderr, mc.ntk_stderr
             return result
     steps = _architecture(model, x1.shape[1:])
-    if not isinstance(all_depths, bool):
-        raise TypeError(f"Expected `all_depths` to be True or False. Received: all_depths={all_depths!r}")
+    _validation.check_bool(all_depths, "all_depths")
     depth_count = sum(op.kind == "dense" and mode == "fcn" for op, mode, _ in steps)
     if all_depths and not depth_count:
         raise ValueError("`all_depths=True` returns the kernels after each NTKDense layer on "

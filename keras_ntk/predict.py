@@ -69,11 +69,6 @@ def _matrix(k, name, rows=None, cols=None):
     return k
 
 
-def _check_flag(value, name):
-    if not isinstance(value, bool):
-        raise TypeError(f"Expected `{name}` to be True or False. Received: {name}={value!r}")
-
-
 def _square(k, name):
     k = _matrix(k, name)
     if k.shape[0] != k.shape[1]:
@@ -293,7 +288,7 @@ def kernel_regression(k_train, k_test_train, y_train, ridge=0.0, *, fx_train_0=N
     y, vector = _targets(y_train, n, "y_train")
     _validation.check_number(ridge, "ridge", 0.0)
     _check_solver(solver)
-    _check_flag(return_info, "return_info")
+    _validation.check_bool(return_info, "return_info")
     f0 = _outputs(fx_train_0, y.shape, "fx_train_0")
     f0_test = _outputs(fx_test_0, (k_test_train.shape[0], y.shape[1]), "fx_test_0")
     alpha, info = _solve_psd(k_train + ridge * np.eye(n), y - f0, precision, "k_train", solver)
@@ -460,7 +455,7 @@ def gradient_descent_mse(k_train, y_train, learning_rate, t, k_test_train=None,
     n = k_train.shape[0]
     y, vector = _targets(y_train, n, "y_train")
     times = _check_schedule(learning_rate, t, discrete, momentum)
-    _check_flag(return_info, "return_info")
+    _validation.check_bool(return_info, "return_info")
     f0 = _outputs(fx_train_0, y.shape, "fx_train_0")
     if k_test_train is not None:
         k_test_train = _matrix(k_test_train, "k_test_train", cols=n)
@@ -562,7 +557,7 @@ def gradient_descent_mse_ensemble(ntk_train, nngp_train, y_train, learning_rate,
     n = ntk_train.shape[0]
     y, vector = _targets(y_train, n, "y_train")
     times = _check_schedule(learning_rate, t, discrete, momentum)
-    _check_flag(return_info, "return_info")
+    _validation.check_bool(return_info, "return_info")
     test = ntk_test_train is not None
     if test:
         ntk_test_train = _matrix(ntk_test_train, "ntk_test_train", cols=n)
@@ -663,7 +658,7 @@ def gp_inference(k_train, k_test_train, k_test, y, noise, *, solver="auto", retu
     targets, vector = _targets(y, n, "y")
     _validation.check_number(noise, "noise", 0.0)
     _check_solver(solver)
-    _check_flag(return_info, "return_info")
+    _validation.check_bool(return_info, "return_info")
     k_test = np.asarray(k_test, dtype=np.float64)
     if k_test.shape not in ((m, m), (m,)):
         raise ValueError(
