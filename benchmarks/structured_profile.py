@@ -5,7 +5,8 @@ For the cases of benchmarks/ntk_speed.py (LeNet-8×8 on N=256 digits, ResNet-18 
 N=64 sequences of 16 tokens), each timed as its own XLA-compiled function, warm,
 median of `--repeats` calls:
 
-* `call`: the whole `keras_ntk.empirical_ntk(model, x)` (implementation "auto");
+* `call`: the whole `keras_ntk.empirical_ntk(model, x)` with implementation
+  "structured", "jacobian" and "auto", interleaved;
 * `block`: the compiled structured block alone;
 * `forward`: the model's forward pass;
 * `factors`: the forward pass with probes, the backward pass to every probe and every
@@ -64,8 +65,17 @@ def profile(case, repeats):
           f"{len(rules)} rules, load {os.getloadavg()[0]:.1f}", flush=True)
     xt = tf.constant(x)
     rows = []
-    rows.append(("call", median_ms(lambda: keras_ntk.empirical_ntk(
-        model, x, trace_axes=trace_axes), repeats), ""))
+    # Whole calls per implementation, interleaved (load affects each alike).
+    calls = collections.defaultdict(list)
+    for impl in ("structured", "jacobian", "auto"):
+        keras_ntk.empirical_ntk(model, x, trace_axes=trace_axes, implementation=impl)
+    for _ in range(repeats):
+        for impl in ("structured", "jacobian", "auto"):
+            start = time.perf_counter()
+            keras_ntk.empirical_ntk(model, x, trace_axes=trace_axes, implementation=impl)
+            calls[impl].append(1e3 * (time.perf_counter() - start))
+    for impl, times in calls.items():
+        rows.append((f"call, implementation={impl}", float(np.median(times)), ""))
     block = tf.function(lambda x1: ntk_module._structured_block(plan, rules, x1, None),
                         jit_compile=True)
     rows.append(("block", median_ms(lambda: block(xt), repeats), ""))
