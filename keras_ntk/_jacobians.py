@@ -27,8 +27,9 @@ _LOGGER = logging.getLogger("keras_ntk")
 # replicas of a MirroredStrategy trace one model concurrently, kernels of
 # different models may run in threads): each recurrent layer counts the traced
 # calls inside `unrolled` and is restored when the last one leaves. The lock
-# guards only the counts, never a model call (a replica pausing inside its call
-# for the others, at a merge_call, would otherwise wait for them forever).
+# guards only the counts, never a model call: held across the call, it made
+# kernels of different models in threads wait for each other, and a call
+# waiting for another thread's call (which needed the lock) waited forever.
 _UNROLL_LOCK = threading.Lock()
 _UNROLLED = {}  # recurrent layer -> number of calls inside `unrolled` holding it
 _LOGGED = weakref.WeakSet()  # models whose unrolling was logged (freed models drop out)
