@@ -54,7 +54,7 @@ def _malloc_trim():
     ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _run_case(path, xla, models, warmup, trim=False, python_heap=False):
+def _run_case(path, xla, models, warmup, trim=False, python_heap=False, drop_registry=False):
     """Runs in the subprocess: returns the measurements of one (path, xla) case."""
     os.environ["KERAS_NTK_JIT"] = "1" if xla else "0"
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -131,10 +131,16 @@ def _run_case(path, xla, models, warmup, trim=False, python_heap=False):
     run = locals()[path]
     refs = []
 
-    def one():
-        refs.extend(weakref.ref(obj) for obj in run())
-
     from tensorflow.python.framework import ops  # noqa: PLC0415 (TF's gradient registry)
+
+    def one():
+        keys = set(ops._gradient_registry._registry)  # noqa: SLF001
+        refs.extend(weakref.ref(obj) for obj in run())
+        if drop_registry:
+            # Experiment only (TensorFlow's private API): forget the gradient
+            # functions this model registered, and with them the graphs they hold.
+            for key in set(ops._gradient_registry._registry) - keys:  # noqa: SLF001
+                del ops._gradient_registry._registry[key]  # noqa: SLF001
 
     def registered():
         return len(ops._gradient_registry._registry)  # noqa: SLF001
@@ -171,17 +177,19 @@ def _run_case(path, xla, models, warmup, trim=False, python_heap=False):
         "seconds_per_model": seconds / models,
         # Python-heap growth (tracemalloc, only with --python-heap) and glibc trimming.
         "python_mib_per_model": (python_after - python_before) / 2**20 / models,
-        "trim": trim, "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX"),
+        "trim": trim, "drop_registry": drop_registry, "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX"),
         "load_average": os.getloadavg()[0],
     }
 
 
-def measure(path, xla, models=150, warmup=20, cwd=None, trim=False, python_heap=False):
+def measure(path, xla, models=150, warmup=20, cwd=None, trim=False, python_heap=False,
+            drop_registry=False):
     """Runs one case in a fresh Python process and returns its measurements (a dict)."""
     command = [sys.executable, os.path.abspath(__file__), "--case",
                f"{path}:{'on' if xla else 'off'}", "--models", str(models),
                "--warmup", str(warmup), "--json"]
-    command += ["--trim"] * trim + ["--python-heap"] * python_heap
+    command += (["--trim"] * trim + ["--python-heap"] * python_heap
+                + ["--drop-registry"] * drop_registry)
     root = cwd or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True,
@@ -203,24 +211,27 @@ def main():
                         help="malloc_trim(0) before each RSS reading (freed heap vs held)")
     parser.add_argument("--python-heap", action="store_true",
                         help="also measure Python-heap growth with tracemalloc (slower)")
+    parser.add_argument("--drop-registry", action="store_true",
+                        help="experiment: delete the gradient-registry entries each model "
+                             "added (TF private API), to see what they hold")
     args = parser.parse_args()
     if args.case:
         path, xla = args.case.split(":")
         if path not in PATHS or xla not in ("on", "off"):
             parser.error(f"unknown case {args.case!r}")
         result = _run_case(path, xla == "on", args.models, args.warmup, args.trim,
-                           args.python_heap)
+                           args.python_heap, args.drop_registry)
         print(json.dumps(result) if args.json else result, flush=True)
         return
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; "
           f"{args.models} models after {args.warmup} warm-up, one process per case")
-    print(f"trim={args.trim}, MALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX')}")
+    print(f"trim={args.trim}, drop_registry={args.drop_registry}, MALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX')}")
     print(f"{'path':26s} {'XLA':>4s} {'alive':>9s} {'MiB/model':>10s} {'s/model':>8s} "
           f"{'reg/model':>9s} {'py MiB/model':>12s} {'load':>5s}")
     for path in args.paths.split(","):
         for xla in args.xla.split(","):
             r = measure(path, xla == "on", args.models, args.warmup, trim=args.trim,
-                        python_heap=args.python_heap)
+                        python_heap=args.python_heap, drop_registry=args.drop_registry)
             print(f"{path:26s} {xla:>4s} {r['alive']:>4d}/{r['objects']:<4d} "
                   f"{r['mib_per_model']:10.3f} {r['seconds_per_model']:8.3f} "
                   f"{r['registered_per_model']:9.1f} {r['python_mib_per_model']:12.3f} "

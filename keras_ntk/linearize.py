@@ -165,7 +165,7 @@ def _live(layer_ref):
 
 
 def _add_input_gradient(layer_ref, inputs, flat_inputs, primals, deltas, held, zeros, result):
-    """Adds a zero term that carries ∂f_lin/∂x, computed only if asked for.
+    """Order 2: adds a zero term that carries ∂f_lin/∂x, computed only if asked for.
 
     ∂f_lin/∂x differentiates the JVP itself (second order). Kept out of the
     δ-gradient, it is built only when something upstream of the inputs is
