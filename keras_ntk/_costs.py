@@ -108,6 +108,16 @@ def estimates(impl, profile, out_axes, n1, n2, same, itemsize, vector=False):
     return float(flops), int(elems * itemsize)
 
 
+def _estimates_of(impl, profile, out_axes, b1, b2, same, itemsize, vector):
+    """`estimates`, remembered on the profile (a repeated call does not redo them)."""
+    memo = profile.__dict__.setdefault("_estimates", {})
+    key = (impl, tuple((ax.shape, ax.trace, ax.diag) for ax in out_axes), b1, b2, same,
+           itemsize, vector)
+    if key not in memo:
+        memo[key] = estimates(impl, profile, out_axes, b1, b2, same, itemsize, vector=vector)
+    return memo[key]
+
+
 def choose_block(order, profile, out_axes, n1, n2, same, itemsize, vector, batch_size,
                  budget, result_bytes, memory_budget):
     """(implementation, block size): the fewest estimated FLOPs among `order` within `budget`.
@@ -130,8 +140,8 @@ def choose_block(order, profile, out_axes, n1, n2, same, itemsize, vector, batch
     for impl in order:
         for b in block_sizes():
             b1, b2 = padded_size(n1, b), padded_size(n2, b)
-            flops, peak = estimates(impl, profile, out_axes, b1, b2, same, itemsize,
-                                    vector=vector)
+            flops, peak = _estimates_of(impl, profile, out_axes, b1, b2, same, itemsize,
+                                        vector)
             blocks = math.ceil(n1 / b1) * math.ceil(n2 / b2)
             if same:
                 nb = math.ceil(n1 / b1)
