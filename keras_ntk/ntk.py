@@ -314,10 +314,8 @@ class KernelSetup:
 
 def _plan_key(setup_key, trace_axes, diagonal_axes, dtype, per_layer):
     """The cache key of a plan, or None for options that cannot be hashed."""
-    def frozen(axes):
-        return tuple(axes) if isinstance(axes, (list, tuple)) else axes
-    key = ("plan", setup_key, frozen(trace_axes), frozen(diagonal_axes), dtype,
-           bool(per_layer))
+    frozen = lambda axes: tuple(axes) if isinstance(axes, (list, tuple)) else axes  # noqa: E731
+    key = ("plan", setup_key, frozen(trace_axes), frozen(diagonal_axes), dtype, bool(per_layer))
     try:
         hash(key)
     except TypeError:
@@ -402,8 +400,7 @@ def kernel_setup(model, x1, x2, trace_axes, diagonal_axes, implementation, batch
             model, cache_key[:3] + cache_key[4:], weights,
             lambda: model_profile(model, s.x1, weights, rules, training)))
     rules, profile = per_model[cache_key]
-    # The plan depends on the options too; cached so that a repeated call only
-    # validates its arguments and picks the block (issue 18: per-call host cost).
+    # The plan (options too) is cached: a repeated call only validates and picks the block.
     plan_key = _plan_key(cache_key, trace_axes, diagonal_axes, dtype, per_layer)
     plan = per_model.get(plan_key) if plan_key is not None else None
     if plan is None:
@@ -445,8 +442,7 @@ def kernel_setup(model, x1, x2, trace_axes, diagonal_axes, implementation, batch
 
 
 def _block_function(s, same):
-    """The compiled function of one block, cached on the plan once it is settled (a
-    function shared by architecture only once its first trace proved it shareable)."""
+    """The compiled block function, cached on the plan (a shared one once proved shareable)."""
     key = (s.implementation, same, tf.distribute.has_strategy())
     fn = s.plan.functions.get(key)
     if fn is None:
