@@ -19,7 +19,8 @@ from keras_ntk._structured import contraction_form, forward_flops, patched, rule
 class Profile:
     """Static facts about a model, read from one traced (never executed) call."""
 
-    def __init__(self, out_shapes, activations, rule_dims, n_params, n_rest):
+    def __init__(self, out_shapes, activations, rule_dims, n_params, n_rest, ops=0):
+        self.ops = ops  # operations in the traced forward graph (tracing/compile memory)
         self.out_shapes = out_shapes  # per output, without the batch axis
         self.activations = activations  # float elements per example in one forward
         self.rule_dims = rule_dims  # [_structured.RuleDims] per structured rule
@@ -58,7 +59,8 @@ def model_profile(model, x, weights, rules, training):
     n_params = sum(int(np.prod(w.shape)) for w in weights)
     n_rest = sum(int(np.prod(w.shape)) for w in weights if id(w) not in covered)
     return Profile(
-        out_shapes, max(activations, 1), [dims[id(r)] for r in rules], n_params, n_rest
+        out_shapes, max(activations, 1), [dims[id(r)] for r in rules], n_params, n_rest,
+        ops=len(graph.get_operations()),
     )
 
 
