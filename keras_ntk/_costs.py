@@ -19,7 +19,8 @@ from keras_ntk._structured import contraction_form, forward_flops, patched, rule
 class Profile:
     """Static facts about a model, read from one traced (never executed) call."""
 
-    def __init__(self, out_shapes, activations, rule_dims, n_params, n_rest):
+    def __init__(self, out_shapes, activations, rule_dims, n_params, n_rest, ops=0):
+        self.ops = ops  # operations in the traced forward graph (tracing/compile memory)
         self.out_shapes = out_shapes  # per output, without the batch axis
         self.activations = activations  # float elements per example in one forward
         self.rule_dims = rule_dims  # [_structured.RuleDims] per structured rule
@@ -58,7 +59,8 @@ def model_profile(model, x, weights, rules, training):
     n_params = sum(int(np.prod(w.shape)) for w in weights)
     n_rest = sum(int(np.prod(w.shape)) for w in weights if id(w) not in covered)
     return Profile(
-        out_shapes, max(activations, 1), [dims[id(r)] for r in rules], n_params, n_rest
+        out_shapes, max(activations, 1), [dims[id(r)] for r in rules], n_params, n_rest,
+        ops=len(graph.get_operations()),
     )
 
 
@@ -90,8 +92,13 @@ def estimates(impl, profile, out_axes, n1, n2, same, itemsize, vector=False):
         elems = vectors * ((n1 + n2) * 3 * act + 2 * profile.n_params + n1 * s_total)
         elems += out_elems
     elif impl == "structured":
-        flops = n * fwd * (1 + 2 * s_total)
-        elems = n * act * (1 + s_total) + out_elems
+        # forward, then one input-cotangent pass per output entry (the per-example
+        # weight gradients are in the rules' contraction costs)
+        flops = n * fwd * (1 + s_total)
+        # the forward's activations, kept for the backward pass; the cotangents kept
+        # are those at the rules' outputs, counted per rule below (the others are
+        # live one layer at a time)
+        elems = n * act + out_elems
         for d in profile.rule_dims:
             for ax in out_axes:
                 _, (rule_flops, extra) = contraction_form(n1, n2, d, ax)
@@ -106,6 +113,16 @@ def estimates(impl, profile, out_axes, n1, n2, same, itemsize, vector=False):
     else:
         raise ValueError(impl)
     return float(flops), int(elems * itemsize)
+
+
+def _estimates_of(impl, profile, out_axes, b1, b2, same, itemsize, vector):
+    """`estimates`, remembered on the profile (a repeated call does not redo them)."""
+    memo = profile.__dict__.setdefault("_estimates", {})
+    key = (impl, tuple((ax.shape, ax.trace, ax.diag) for ax in out_axes), b1, b2, same,
+           itemsize, vector)
+    if key not in memo:
+        memo[key] = estimates(impl, profile, out_axes, b1, b2, same, itemsize, vector=vector)
+    return memo[key]
 
 
 def choose_block(order, profile, out_axes, n1, n2, same, itemsize, vector, batch_size,
@@ -130,8 +147,8 @@ def choose_block(order, profile, out_axes, n1, n2, same, itemsize, vector, batch
     for impl in order:
         for b in block_sizes():
             b1, b2 = padded_size(n1, b), padded_size(n2, b)
-            flops, peak = estimates(impl, profile, out_axes, b1, b2, same, itemsize,
-                                    vector=vector)
+            flops, peak = _estimates_of(impl, profile, out_axes, b1, b2, same, itemsize,
+                                        vector)
             blocks = math.ceil(n1 / b1) * math.ceil(n2 / b2)
             if same:
                 nb = math.ceil(n1 / b1)

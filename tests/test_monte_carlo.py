@@ -167,21 +167,22 @@ def _two_branches(seed, chained):
 def test_samples_wired_differently_are_not_copied_into_the_first(float64_keras):
     # Odd samples chain the two branches. Copying such a sample's weights into the first
     # sample's model (same layer configs and weight shapes) would compute another
-    # function: the mean must equal the mean of the samples' own kernels, computed
-    # naively.
+    # function: the mean NNGP must equal the mean of the samples' own output products.
     rng = np.random.default_rng(5)
     x1, x2 = rng.normal(size=(3, 4)), rng.normal(size=(2, 4))
     mc = keras_ntk.monte_carlo_kernels(lambda seed: _two_branches(seed, seed % 2 == 1),
-                                       x1, x2, n_samples=2, seed=0)
-    samples = [_naive_kernels(_two_branches(seed, seed % 2 == 1), x1, x2) for seed in (0, 1)]
+                                       x1, x2, n_samples=2, seed=0, get="nngp")
+
+    def output_products(model):
+        return np.asarray(model(x1)) @ np.asarray(model(x2)).T
+
+    samples = [output_products(_two_branches(seed, seed % 2 == 1)) for seed in (0, 1)]
+    np.testing.assert_allclose(mc.nngp, np.mean(samples, 0), rtol=1e-10)
+    # The test has teeth: the copied weights give other outputs.
     copied = _two_branches(0, False)
     copied.set_weights(_two_branches(1, True).get_weights())
-    wrong = _naive_kernels(copied, x1, x2)
-    nngps, ntks = (np.array(s) for s in zip(*samples))
-    np.testing.assert_allclose(mc.nngp, nngps.mean(0), rtol=1e-10)
-    np.testing.assert_allclose(mc.ntk, ntks.mean(0), rtol=1e-10)
-    # The test has teeth: the copied weights give other kernels.
-    assert np.max(np.abs(wrong[0] - samples[1][0])) > 1e-3 * np.max(np.abs(samples[1][0]))
+    wrong = output_products(copied)
+    assert np.max(np.abs(wrong - samples[1])) > 1e-3 * np.max(np.abs(samples[1]))
 
 
 class SubclassedMLP(keras.Model):
@@ -219,9 +220,9 @@ def test_samples_of_one_architecture_share_the_first_model(monkeypatch):
         monte_carlo.architecture_key(_two_branches(0, True), custom_classes=True)
     # Only the first sample's model reaches the kernels.
     used = []
-    original = monte_carlo.empirical_ntk
-    monkeypatch.setattr(monte_carlo, "empirical_ntk",
+    original = monte_carlo.empirical_nngp
+    monkeypatch.setattr(monte_carlo, "empirical_nngp",
                         lambda model, *a, **k: used.append(id(model)) or original(model, *a, **k))
     keras_ntk.monte_carlo_kernels(lambda: SubclassedMLP(5), np.ones((2, 4)), n_samples=3,
-                                  get="ntk")
+                                  get="nngp")
     assert len(used) == 3 and len(set(used)) == 1
