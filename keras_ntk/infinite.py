@@ -186,9 +186,9 @@ def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
         jit_compile: compile the recursion with XLA (arccos/arcsin then
             evaluated by fused polynomials within 3 ulp, see `_acos`). None
             (default) does so when the spatial kernels of the call hold more
-            than 2²⁶ numbers (on 8×8 images: a GAP head beyond ~180 examples,
-            a Flatten head beyond ~1450), where it is about 3× faster;
-            compiling takes a few seconds, so small calls run uncompiled.
+            than 2²² numbers (on 8×8 images: a GAP head beyond ~45 examples,
+            a Flatten head beyond ~360), where it is 2-3× faster; compiling
+            takes about a second, so smaller calls run op by op.
         all_depths: also return the kernels at the output of every
             `NTKDense` layer acting on flat inputs, from the same single pass
             through the recursion. For an FCN whose layers all share σw², σb²
