@@ -81,7 +81,9 @@ def _relu(nngp, ntk, var1, var2, polynomial=False, separable=False):
     `separable` (pairs of different examples, var1 and var2 broadcast from per-example
     variances): with `polynomial`, c = k12·(1/√k11)·(1/√k22) from the per-example
     factors, one square root and one division fewer per entry in XLA's fused loop
-    (the ReLU 30% faster). Not for an example with itself, where c must be exactly 1.
+    (the ReLU 30% faster on a Flatten head's diagonal kernels; not used on full
+    position × position covariances, where it was slower). Not for an example with
+    itself, where c must be exactly 1.
     """
     if polynomial and separable:
         root1, root2 = tf.sqrt(var1), tf.sqrt(var2)
@@ -218,6 +220,9 @@ def _step(op, mode, spatial, inputs, variances, index, polynomial, separable=Fal
         return new_nngp, own if ntk is None else own + p["w2"] * shift(ntk)
     if op.kind in _VARIANCE_STEPS:
         var1, var2 = variances(index, nngp, mode, spatial)
+        # Not on full covariances: there XLA fused the per-example factors badly
+        # (a residual CNN's blocks 2.5× slower, measured).
+        separable = separable and mode != "full"
         return _activation(op, nngp, ntk, var1, var2, polynomial, separable)
     if op.kind == "avgpool":
         return _pool(nngp, mode, spatial, p), None if ntk is None else _pool(ntk, mode, spatial, p)
