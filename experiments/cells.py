@@ -378,7 +378,8 @@ class CellStore:
     ```
 
     A sharded loop skips the cells of other shards and builds results only
-    from a complete grid:
+    from a complete grid (the binaries do not write this loop: they run
+    `experiments.grid.Grid`, whose `run` and `gathered` are this loop):
 
     ```python
     for index, key in enumerate(keys):

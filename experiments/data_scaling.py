@@ -260,7 +260,7 @@ def run(
               sizes, seeds, large_n, seeds_large_n, fit_window)
     data = data_lib.load_dataset(dataset, num_train=num_train, num_test=num_test,
                                  data_dir=data_dir)
-    num_classes = int(max(data.train.y.max(), data.test.y.max())) + 1
+    num_classes = data.num_classes
     validation, pool, candidates = _partition(len(data.train.y), num_validation,
                                               max(n0s, default=0), split_seed)
     if len(candidates) < 2:

@@ -280,7 +280,7 @@ def run(
             f"Received: kernel_evolution.run.num_probe={num_probe}, "
             f"kernel_evolution.run.num_validation={num_validation}"
         )
-    num_classes = int(max(data.train.y.max(), data.test.y.max())) + 1
+    num_classes = data.num_classes
     order = np.random.RandomState(probe_seed).permutation(len(data.train.y))
     probe_x, probe_y, layout = kernel_methods.kernel_union(
         data.train, data.test, order[:num_probe], order[num_probe:num_probe + num_validation])

@@ -246,7 +246,7 @@ def _finite_width_part(points, output_dir, dataset, widths, seeds, depth, activa
     x_train = dataset.train.x[:num_train]
     labels_train = dataset.train.y[:num_train]
     x_test, labels_test = dataset.test.x, dataset.test.y
-    num_classes = int(max(dataset.train.y.max(), dataset.test.y.max())) + 1
+    num_classes = dataset.num_classes
     # One-hot − 1/C (as the session-1 runs of this part).
     y_train = phase_diagram.heatmap_targets(labels_train, num_classes) - 1.0 / num_classes
     model = models.ntk_fcn(x_train.shape[1:], 1, depth=depth, width=8, sigma_w2=sigma_w2,
@@ -505,7 +505,7 @@ def run(
         results["examples"] = phase_data[4]
         logging.info("Part 1-2: FCN phase diagrams on %d train / %d held-out inputs (%s)",
                      results["num_train"], results["num_test"], phase_data[4])
-        num_classes = int(max(data.train.y.max(), data.test.y.max())) + 1
+        num_classes = data.num_classes
         return _phase_part(phase_grid.points, output_dir, activations, grids, depths, sigma_b2,
                            phase_data, num_classes, times, learning_rate_fraction,
                            kernel_batch_size)
