@@ -121,13 +121,10 @@ class _Study:
         return os.path.join(self.output_dir, *parts)
 
     def build(self, name, weights_path=None):
-        import keras
-
         with self.strategy.scope():
             model = self.model_builders[name](self.dataset.input_shape, 1)
             if weights_path is not None:
                 model.load_weights(weights_path)
-        del keras
         return model
 
     def linearize(self, network, mode, non_trainable_values=None):
