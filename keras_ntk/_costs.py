@@ -90,7 +90,9 @@ def estimates(impl, profile, out_axes, n1, n2, same, itemsize, vector=False):
         elems = vectors * ((n1 + n2) * 3 * act + 2 * profile.n_params + n1 * s_total)
         elems += out_elems
     elif impl == "structured":
-        flops = n * fwd * (1 + 2 * s_total)
+        # forward, then one input-cotangent pass per output entry (the per-example
+        # weight gradients are in the rules' contraction costs)
+        flops = n * fwd * (1 + s_total)
         elems = n * act * (1 + s_total) + out_elems
         for d in profile.rule_dims:
             for ax in out_axes:

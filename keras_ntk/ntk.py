@@ -39,7 +39,8 @@ from keras_ntk._jacobians import (
     call_flat, contract_jacobians, full_batch_jacobians, per_example_jacobians, recurrent_layers)
 from keras_ntk._output_axes import (
     OutputAxes, cotangents_from_vector, reduce_full_kernel, vector_from_products)
-from keras_ntk._structured import contract_structured, structured_factors, structured_rules
+from keras_ntk._structured import (
+    contract_rules, contract_structured, structured_factors, structured_rules)
 from keras_ntk._weights import couples_examples, select_weights, weight_groups
 from keras_ntk.nngp import empirical_nngp
 
@@ -210,14 +211,13 @@ def _structured_block(plan, rules, x1, x2):
         j2 = j1 if same else [t[n1:] for t in j]
         return _grouped_jacobian_kernels(plan, rest, j1, j2, same, grouped)
     kernels = [0.0] * len(plan.out_axes)
-    for a, g_per_output in factors:
-        a1 = a[:n1]
-        a2 = a1 if same else a[n1:]
-        for k, axes in enumerate(plan.out_axes):
-            g = g_per_output[k]
-            g1 = g[:n1]
-            g2 = g1 if same else g[n1:]
-            kernels[k] += contract_structured(a1, g1, a2, g2, axes, plan.dtype)
+    for k, axes in enumerate(plan.out_axes):
+        sides = []  # per rule (a1, g1, a2, g2), x2's factors the same objects when same
+        for a, g_per_output in factors:
+            a1, g1 = a[:n1], g_per_output[k][:n1]
+            sides.append((a1, g1, a1, g1) if same else (a1, g1, a[n1:], g_per_output[k][n1:]))
+        if sides:  # every rule's contribution, fused (_structured.contract_rules)
+            kernels[k] = contract_rules(sides, axes, plan.dtype)
     if rest:
         j = per_example_jacobians(plan.model, x, plan.differentiable(rest), plan.training,
                                   plan.sizes)
