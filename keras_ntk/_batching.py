@@ -244,13 +244,16 @@ class _Shared:
         def traced(values, *xs):
             model, state = self._call_state
             variables = list(model.variables)
+            # Variables arrive as arguments (read here, inside the compiled program,
+            # not one eager read each per call); tensors as they are.
+            values = [tf.convert_to_tensor(v) for v in values]
             with keras.StatelessScope(state_mapping=list(zip(variables, values))):
                 return builder(state, {id(v): t for v, t in zip(variables, values)}, *xs)
 
         self.fn = _JitFallback(traced, jit)
 
     def __call__(self, model, state, *xs):
-        values = [tf.convert_to_tensor(v) for v in model.variables]
+        values = [_argument(v) for v in model.variables]
         with self.lock:
             self._call_state = (model, state)
             try:
@@ -260,6 +263,15 @@ class _Shared:
             finally:
                 self._call_state = None
         return out
+
+
+def _argument(variable):
+    """A Keras variable as an argument of a shared function: its tf.Variable (one trace
+    serves every variable of that shape and dtype; read inside the function), else its value."""
+    value = getattr(variable, "value", variable)
+    if isinstance(value, tf.Variable) and not tf.distribute.has_strategy():
+        return value
+    return tf.convert_to_tensor(variable)
 
 
 def _reads_variables(fn, values, xs):

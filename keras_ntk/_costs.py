@@ -19,7 +19,8 @@ from keras_ntk._structured import contraction_form, forward_flops, patched, rule
 class Profile:
     """Static facts about a model, read from one traced (never executed) call."""
 
-    def __init__(self, out_shapes, activations, rule_dims, n_params, n_rest):
+    def __init__(self, out_shapes, activations, rule_dims, n_params, n_rest, ops=0):
+        self.ops = ops  # operations in the traced forward graph (tracing/compile memory)
         self.out_shapes = out_shapes  # per output, without the batch axis
         self.activations = activations  # float elements per example in one forward
         self.rule_dims = rule_dims  # [_structured.RuleDims] per structured rule
@@ -58,7 +59,8 @@ def model_profile(model, x, weights, rules, training):
     n_params = sum(int(np.prod(w.shape)) for w in weights)
     n_rest = sum(int(np.prod(w.shape)) for w in weights if id(w) not in covered)
     return Profile(
-        out_shapes, max(activations, 1), [dims[id(r)] for r in rules], n_params, n_rest
+        out_shapes, max(activations, 1), [dims[id(r)] for r in rules], n_params, n_rest,
+        ops=len(graph.get_operations()),
     )
 
 
@@ -110,6 +112,16 @@ def estimates(impl, profile, out_axes, n1, n2, same, itemsize, vector=False):
     return float(flops), int(elems * itemsize)
 
 
+def _estimates_of(impl, profile, out_axes, b1, b2, same, itemsize, vector):
+    """`estimates`, remembered on the profile (a repeated call does not redo them)."""
+    memo = profile.__dict__.setdefault("_estimates", {})
+    key = (impl, tuple((ax.shape, ax.trace, ax.diag) for ax in out_axes), b1, b2, same,
+           itemsize, vector)
+    if key not in memo:
+        memo[key] = estimates(impl, profile, out_axes, b1, b2, same, itemsize, vector=vector)
+    return memo[key]
+
+
 def choose_block(order, profile, out_axes, n1, n2, same, itemsize, vector, batch_size,
                  budget, result_bytes, memory_budget):
     """(implementation, block size): the fewest estimated FLOPs among `order` within `budget`.
@@ -132,8 +144,8 @@ def choose_block(order, profile, out_axes, n1, n2, same, itemsize, vector, batch
     for impl in order:
         for b in block_sizes():
             b1, b2 = padded_size(n1, b), padded_size(n2, b)
-            flops, peak = estimates(impl, profile, out_axes, b1, b2, same, itemsize,
-                                    vector=vector)
+            flops, peak = _estimates_of(impl, profile, out_axes, b1, b2, same, itemsize,
+                                        vector)
             blocks = math.ceil(n1 / b1) * math.ceil(n2 / b2)
             if same:
                 nb = math.ceil(n1 / b1)
