@@ -95,7 +95,10 @@ def estimates(impl, profile, out_axes, n1, n2, same, itemsize, vector=False):
         # forward, then one input-cotangent pass per output entry (the per-example
         # weight gradients are in the rules' contraction costs)
         flops = n * fwd * (1 + s_total)
-        elems = n * act * (1 + s_total) + out_elems
+        # the forward's activations, kept for the backward pass; the cotangents kept
+        # are those at the rules' outputs, counted per rule below (the others are
+        # live one layer at a time)
+        elems = n * act + out_elems
         for d in profile.rule_dims:
             for ax in out_axes:
                 _, (rule_flops, extra) = contraction_form(n1, n2, d, ax)
