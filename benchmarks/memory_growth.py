@@ -47,7 +47,14 @@ def _rss_mib():
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _run_case(path, xla, models, warmup):
+def _malloc_trim():
+    """Returns freed heap pages to the OS (glibc): RSS then counts what is still in use."""
+    import ctypes  # noqa: PLC0415
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _run_case(path, xla, models, warmup, trim=False, python_heap=False, drop_registry=False):
     """Runs in the subprocess: returns the measurements of one (path, xla) case."""
     os.environ["KERAS_NTK_JIT"] = "1" if xla else "0"
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -124,17 +131,30 @@ def _run_case(path, xla, models, warmup):
     run = locals()[path]
     refs = []
 
-    def one():
-        refs.extend(weakref.ref(obj) for obj in run())
-
     from tensorflow.python.framework import ops  # noqa: PLC0415 (TF's gradient registry)
+
+    def one():
+        keys = set(ops._gradient_registry._registry)  # noqa: SLF001
+        refs.extend(weakref.ref(obj) for obj in run())
+        if drop_registry:
+            # Experiment only (TensorFlow's private API): forget the gradient
+            # functions this model registered, and with them the graphs they hold.
+            for key in set(ops._gradient_registry._registry) - keys:  # noqa: SLF001
+                del ops._gradient_registry._registry[key]  # noqa: SLF001
 
     def registered():
         return len(ops._gradient_registry._registry)  # noqa: SLF001
 
+    import tracemalloc  # noqa: PLC0415
+
     for _ in range(warmup):
         one()
     gc.collect()
+    if trim:
+        _malloc_trim()
+    if python_heap:
+        tracemalloc.start()
+    python_before = tracemalloc.get_traced_memory()[0]
     before = _rss_mib()
     registered_before = registered()
     start = time.perf_counter()
@@ -142,7 +162,10 @@ def _run_case(path, xla, models, warmup):
         one()
     seconds = time.perf_counter() - start
     gc.collect()
+    if trim:
+        _malloc_trim()
     after = _rss_mib()
+    python_after = tracemalloc.get_traced_memory()[0]
     alive = sum(ref() is not None for ref in refs)
     return {
         "path": path, "xla": xla, "models": models, "warmup": warmup,
@@ -152,14 +175,21 @@ def _run_case(path, xla, models, warmup):
         # Gradient functions registered (never removed) per model: each holds its traced graph.
         "registered_per_model": (registered() - registered_before) / models,
         "seconds_per_model": seconds / models,
+        # Python-heap growth (tracemalloc, only with --python-heap) and glibc trimming.
+        "python_mib_per_model": (python_after - python_before) / 2**20 / models,
+        "trim": trim, "drop_registry": drop_registry, "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX"),
+        "load_average": os.getloadavg()[0],
     }
 
 
-def measure(path, xla, models=150, warmup=20, cwd=None):
+def measure(path, xla, models=150, warmup=20, cwd=None, trim=False, python_heap=False,
+            drop_registry=False):
     """Runs one case in a fresh Python process and returns its measurements (a dict)."""
     command = [sys.executable, os.path.abspath(__file__), "--case",
                f"{path}:{'on' if xla else 'off'}", "--models", str(models),
                "--warmup", str(warmup), "--json"]
+    command += (["--trim"] * trim + ["--python-heap"] * python_heap
+                + ["--drop-registry"] * drop_registry)
     root = cwd or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True,
@@ -177,23 +207,35 @@ def main():
     parser.add_argument("--xla", default="off,on")
     parser.add_argument("--case", help="path:on|off, run in this process")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--trim", action="store_true",
+                        help="malloc_trim(0) before each RSS reading (freed heap vs held)")
+    parser.add_argument("--python-heap", action="store_true",
+                        help="also measure Python-heap growth with tracemalloc (slower)")
+    parser.add_argument("--drop-registry", action="store_true",
+                        help="experiment: delete the gradient-registry entries each model "
+                             "added (TF private API), to see what they hold")
     args = parser.parse_args()
     if args.case:
         path, xla = args.case.split(":")
         if path not in PATHS or xla not in ("on", "off"):
             parser.error(f"unknown case {args.case!r}")
-        result = _run_case(path, xla == "on", args.models, args.warmup)
+        result = _run_case(path, xla == "on", args.models, args.warmup, args.trim,
+                           args.python_heap, args.drop_registry)
         print(json.dumps(result) if args.json else result, flush=True)
         return
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; "
           f"{args.models} models after {args.warmup} warm-up, one process per case")
-    print(f"{'path':16s} {'XLA':>4s} {'alive':>9s} {'MiB/model':>10s} {'s/model':>8s} {'reg/model':>9s}")
+    print(f"trim={args.trim}, drop_registry={args.drop_registry}, MALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX')}")
+    print(f"{'path':26s} {'XLA':>4s} {'alive':>9s} {'MiB/model':>10s} {'s/model':>8s} "
+          f"{'reg/model':>9s} {'py MiB/model':>12s} {'load':>5s}")
     for path in args.paths.split(","):
         for xla in args.xla.split(","):
-            r = measure(path, xla == "on", args.models, args.warmup)
-            print(f"{path:16s} {xla:>4s} {r['alive']:>4d}/{r['objects']:<4d} "
+            r = measure(path, xla == "on", args.models, args.warmup, trim=args.trim,
+                        python_heap=args.python_heap, drop_registry=args.drop_registry)
+            print(f"{path:26s} {xla:>4s} {r['alive']:>4d}/{r['objects']:<4d} "
                   f"{r['mib_per_model']:10.3f} {r['seconds_per_model']:8.3f} "
-                  f"{r['registered_per_model']:9.1f}", flush=True)
+                  f"{r['registered_per_model']:9.1f} {r['python_mib_per_model']:12.3f} "
+                  f"{r['load_average']:5.1f}", flush=True)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 

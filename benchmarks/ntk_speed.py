@@ -212,21 +212,22 @@ ESTIMATE_CASES = {
     # case: (N, implementations measured)
     "mlp1": (256, ("structured", "jacobian")),
     "mlp10_full": (256, ("structured",)),
-    "lenet": (1797, ("structured",)),
+    "lenet": (1797, ("structured", "jacobian")),
     "resnet18": (64, ("jacobian", "structured")),
-    "transformer": (64, ("jacobian",)),
+    "transformer": (64, ("jacobian", "structured")),
 }
 
 
 def estimate_child(case, implementation):
     """Runs in a fresh process: the estimated peak of one call against the measured one.
 
-    Measured: the resident high-water mark (VmHWM) of a WARM call above the resident
-    size before it. The first call (tracing, XLA compilation) is made first, then the
-    kernel's host result is freed, the high-water mark is reset (`5` written to
-    /proc/self/clear_refs) and the call is repeated: its peak is the block's working
-    memory plus the result, which is what the estimate models. (CPU-only:
-    tf.config.experimental.get_memory_info does not report CPU memory.)
+    Baseline: the resident size once TensorFlow is imported and the model built (and
+    called once on one example). Measured: the resident high-water mark (VmHWM) of the
+    FIRST call above that baseline (tracing, XLA compilation, the block's working
+    memory and the host result: everything the call adds), and of a warm call above
+    the resident size before it (the mark reset by writing 5 to /proc/self/clear_refs;
+    a lower bound, since memory the first call freed is reused without raising RSS).
+    (CPU-only: tf.config.experimental.get_memory_info does not report CPU memory.)
     """
     import gc
 
@@ -235,10 +236,16 @@ def estimate_child(case, implementation):
     if len(x) < n:
         x = np.concatenate([x] * (-(-n // len(x))))[:n]
     x = x[:n]
-    setup = ntk_module.kernel_setup(model, x, None, trace_axes, (), implementation, None,
-                                    None, False, None)
+    model(x[:1])
+    gc.collect()
+    baseline = _status_bytes("VmRSS")
+    start = time.perf_counter()
     kernel = keras_ntk.empirical_ntk(model, x, trace_axes=trace_axes,
                                      implementation=implementation)
+    first_seconds = time.perf_counter() - start
+    first_peak = _status_bytes("VmHWM") - baseline
+    setup = ntk_module.kernel_setup(model, x, None, trace_axes, (), implementation, None,
+                                    None, False, None)
     del kernel
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
@@ -248,22 +255,25 @@ def estimate_child(case, implementation):
     kernel = keras_ntk.empirical_ntk(model, x, trace_axes=trace_axes,
                                      implementation=implementation)
     seconds = time.perf_counter() - start
-    peak = _status_bytes("VmHWM") - before
+    warm_peak = _status_bytes("VmHWM") - before
     from keras_ntk._batching import padded_size
-    from keras_ntk._costs import estimates
+    from keras_ntk._costs import block_estimates
     p = padded_size(n, setup.block)
-    _, block_peak = estimates(setup.implementation, setup.profile, setup.out_axes, p, p, True,
-                              setup.plan.dtype.size)
+    _, block_peak = block_estimates(setup.implementation, setup.profile, setup.out_axes, n,
+                                    p, p, True, setup.plan.dtype.size)
     result = kernel.nbytes
     print(json.dumps(dict(case=case, implementation=setup.implementation, n=n,
-                          block=setup.block, measured=peak, estimated=block_peak + result,
-                          result=result, seconds=seconds)))
+                          block=setup.block, measured=first_peak, measured_warm=warm_peak,
+                          estimated=block_peak + result, result=result,
+                          first_seconds=first_seconds, seconds=seconds,
+                          activations=setup.profile.activations,
+                          n_params=setup.profile.n_params)))
 
 
 def memory_estimates(cases):
     """Estimated / measured peak per case and implementation, each in a fresh process."""
     print(f"{'case':12s} {'impl':10s} {'N':>5s} {'block':>5s} {'measured':>10s} "
-          f"{'estimated':>10s} {'est/meas':>8s}", flush=True)
+          f"{'warm':>10s} {'estimated':>10s} {'est/meas':>8s}", flush=True)
     rows = []
     for case in cases:
         for impl in ESTIMATE_CASES[case][1]:
@@ -275,7 +285,8 @@ def memory_estimates(cases):
             r = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(r)
             print(f"{case:12s} {r['implementation']:10s} {r['n']:5d} {r['block']:5d} "
-                  f"{r['measured'] / 2**20:8.1f} MiB {r['estimated'] / 2**20:8.1f} MiB "
+                  f"{r['measured'] / 2**20:8.1f} MiB {r['measured_warm'] / 2**20:6.1f} MiB "
+                  f"{r['estimated'] / 2**20:8.1f} MiB "
                   f"{r['estimated'] / max(r['measured'], 1):8.2f}", flush=True)
     return rows
 

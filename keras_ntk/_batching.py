@@ -9,7 +9,6 @@ The kernel functions themselves never know about blocks.
 """
 
 import collections
-import json
 import logging
 import os
 import threading
@@ -19,9 +18,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_ntk import _distribute, _validation
+from keras_ntk import _architecture, _distribute, _validation
 from keras_ntk._output_axes import swap_pairs
-from keras_ntk._weights import iter_layers
 
 # Compiled block functions, per model and options, so that repeated calls
 # (a callback computing the kernel every epoch) do not retrace.
@@ -226,57 +224,8 @@ def architecture_key(model):
     """A hashable description of what `model` computes up to its weights' values, or None."""
     cache = model_cache(model)
     if "architecture" not in cache:
-        try:
-            cache["architecture"] = _architecture_key(model)
-        except (TypeError, ValueError, NotImplementedError, AttributeError):
-            cache["architecture"] = None  # not serializable: no sharing
+        cache["architecture"] = _architecture.architecture_key(model)
     return cache["architecture"]
-
-
-def _is_builtin(obj):
-    return type(obj).__module__.startswith("keras.")
-
-
-def _architecture_key(model):
-    if type(model).__name__ not in ("Functional", "Sequential") or not _is_builtin(model):
-        return None
-    layers = list(iter_layers(model))
-    if not all(_is_builtin(layer) for layer in layers) or any(
-            isinstance(layer, keras.layers.Lambda) for layer in layers):
-        return None
-    config = json.loads(json.dumps(keras.saving.serialize_keras_object(model),
-                                   sort_keys=True))
-    names = {layer.name for layer in layers}
-
-    def collect(node):
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key == "keras_history" and value:
-                    names.add(value[0])
-                elif key in ("input_layers", "output_layers"):
-                    for item in value:
-                        if isinstance(item, list) and item and isinstance(item[0], str):
-                            names.add(item[0])
-                collect(value)
-        elif isinstance(node, list):
-            for item in node:
-                collect(item)
-
-    collect(config)
-    canonical = {}
-
-    def rename(node):
-        if isinstance(node, dict):
-            return {k: rename(v) for k, v in sorted(node.items())}
-        if isinstance(node, list):
-            return [rename(v) for v in node]
-        if isinstance(node, str) and node in names:
-            return canonical.setdefault(node, f"#{len(canonical)}")
-        return node
-
-    variables = tuple((tuple(v.shape), str(v.dtype), bool(v.trainable))
-                      for v in model.variables)
-    return json.dumps(rename(config), sort_keys=True), variables
 
 
 class _Shared:
@@ -295,13 +244,16 @@ class _Shared:
         def traced(values, *xs):
             model, state = self._call_state
             variables = list(model.variables)
+            # Variables arrive as arguments (read here, inside the compiled program,
+            # not one eager read each per call); tensors as they are.
+            values = [tf.convert_to_tensor(v) for v in values]
             with keras.StatelessScope(state_mapping=list(zip(variables, values))):
                 return builder(state, {id(v): t for v, t in zip(variables, values)}, *xs)
 
         self.fn = _JitFallback(traced, jit)
 
     def __call__(self, model, state, *xs):
-        values = [tf.convert_to_tensor(v) for v in model.variables]
+        values = [_argument(v) for v in model.variables]
         with self.lock:
             self._call_state = (model, state)
             try:
@@ -311,6 +263,15 @@ class _Shared:
             finally:
                 self._call_state = None
         return out
+
+
+def _argument(variable):
+    """A Keras variable as an argument of a shared function: its tf.Variable (one trace
+    serves every variable of that shape and dtype; read inside the function), else its value."""
+    value = getattr(variable, "value", variable)
+    if isinstance(value, tf.Variable) and not tf.distribute.has_strategy():
+        return value
+    return tf.convert_to_tensor(variable)
 
 
 def _reads_variables(fn, values, xs):

@@ -19,8 +19,10 @@ whole result (kernel, Θ·v product, eigenpairs of `ntk_eigsh`, which calls the
 products) is on every worker, equal to what one process computes. A round
 holds one block per replica in float64 twice (the buffer and its sum).
 
-Host-side splits use one device per worker: `run_tasks(tasks)` (the feature
-batches of `empirical_nngp`, called directly, not in replica context) and
+Host-side splits use one device per worker: `run_host_tasks(tasks)` (the
+feature batches of `empirical_nngp`, called directly, not in replica context;
+unlike `_batching.run_tasks`, which places compiled blocks on the replicas of
+any strategy, a MirroredStrategy included) and
 `worker_share` + `sum_over_workers` (the blocks of pairs of
 `infinite_kernels`: each worker fills its share of zero results, then the
 results are summed). Without such a strategy in scope every function here
@@ -175,8 +177,14 @@ def run_tasks_on_workers(strategy, tasks, progbar=None, replica_context=True):
             progbar.update(start + len(group))
 
 
-def run_tasks(tasks):
-    """Runs [(fn, args, on_done)] here, or split across workers when several are in scope."""
+def run_host_tasks(tasks):
+    """Runs [(fn, args, on_done)] host functions here, or split across workers.
+
+    Split (one function per worker and round, never in replica context) when a
+    `MultiWorkerMirroredStrategy` with several workers is in scope; else every
+    function runs in this process, in order, whatever the strategy (compiled
+    kernel blocks go to the replicas through `_batching.run_tasks` instead).
+    """
     strategy = multi_worker_strategy()
     if strategy is not None:
         run_tasks_on_workers(strategy, tasks, replica_context=False)

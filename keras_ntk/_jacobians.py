@@ -14,6 +14,7 @@ forward mode through it, but both work on the unrolled loop.
 import contextlib
 import logging
 import threading
+import weakref
 
 import keras
 import tensorflow as tf
@@ -22,10 +23,16 @@ from keras_ntk._weights import iter_layers
 
 _ZERO = tf.UnconnectedGradients.ZERO
 _LOGGER = logging.getLogger("keras_ntk")
-# Flipping `unroll` is process-global state: serialize it across threads
-# (MirroredStrategy replicas trace concurrently).
-_UNROLL_LOCK = threading.RLock()
-_LOGGED = set()
+# `unroll` is state of the layer, shared by every thread tracing it (the
+# replicas of a MirroredStrategy trace one model concurrently, kernels of
+# different models may run in threads): each recurrent layer counts the traced
+# calls inside `unrolled` and is restored when the last one leaves. The lock
+# guards only the counts, never a model call: held across the call, it made
+# kernels of different models in threads wait for each other, and a call
+# waiting for another thread's call (which needed the lock) waited forever.
+_UNROLL_LOCK = threading.Lock()
+_UNROLLED = {}  # recurrent layer -> number of calls inside `unrolled` holding it
+_LOGGED = weakref.WeakSet()  # models whose unrolling was logged (freed models drop out)
 
 
 def recurrent_layers(model):
@@ -47,26 +54,33 @@ def unrolled(model):
     the duration of one traced call and restored afterwards. The time
     dimension is static inside the kernels' traced functions (their inputs
     are concrete blocks), which unrolling requires. The graph grows linearly
-    with the number of time steps.
+    with the number of time steps. Calls may overlap, in threads and nested,
+    on one model or on models sharing a layer: a layer is restored when the
+    last of them leaves.
     """
-    layers = [layer for layer in recurrent_layers(model) if not layer.unroll]
-    if not layers:
-        yield
-        return
     with _UNROLL_LOCK:
-        if id(model) not in _LOGGED:
-            _LOGGED.add(id(model))
-            _LOGGER.info(
-                "keras_ntk: tracing the recurrent layers %s unrolled over time (vectorized "
-                "Jacobians and forward mode cannot run through a tf.while_loop)",
-                [layer.name for layer in layers])
-        try:
-            for layer in layers:
-                layer.unroll = True
-            yield
-        finally:
-            for layer in layers:
-                layer.unroll = False
+        held = [layer for layer in recurrent_layers(model)
+                if layer in _UNROLLED or not layer.unroll]
+        for layer in held:
+            _UNROLLED[layer] = _UNROLLED.get(layer, 0) + 1
+            layer.unroll = True
+        log = bool(held) and model not in _LOGGED
+        if log:
+            _LOGGED.add(model)
+    if log:
+        _LOGGER.info(
+            "keras_ntk: tracing the recurrent layers %s unrolled over time (vectorized "
+            "Jacobians and forward mode cannot run through a tf.while_loop)",
+            [layer.name for layer in held])
+    try:
+        yield
+    finally:
+        with _UNROLL_LOCK:
+            for layer in held:
+                _UNROLLED[layer] -= 1
+                if not _UNROLLED[layer]:
+                    del _UNROLLED[layer]
+                    layer.unroll = False
 
 
 def call_flat(model, x, training):

@@ -89,8 +89,53 @@ def check_finite(value, name):
             )
 
 
+_DEVICE_CHECK_FROM = 16  # weights; more are checked in one fused device call
+_CONCRETE = {}  # (shape, dtype) of each weight: concrete `_finite_flags`
+
+
+@tf.function(autograph=False)
+def _finite_flags(values):
+    """One flag per tensor: all its entries finite. One graph per list of (shape, dtype)
+    signatures, shared by every model of an architecture (variables are arguments)."""
+    return tf.stack([tf.reduce_all(tf.math.is_finite(v)) for v in values])
+
+
+def _device_values(weights):
+    """The weights as arguments of `_finite_flags` (their tf.Variables, read on the device),
+    or None where the host check must run (strategies, non-float or unknown weights)."""
+    if tf.distribute.has_strategy():
+        return None
+    values = []
+    for weight in weights:
+        value = getattr(weight, "value", weight)
+        if not isinstance(value, tf.Variable) or not value.dtype.is_floating:
+            return None
+        values.append(value)
+    return values
+
+
 def check_finite_weights(weights, name="model"):
-    """Refuses non-finite weights (a diverged model), naming the first such weight."""
+    """Refuses non-finite weights (a diverged model), naming the first such weight.
+
+    The weights are checked on their device in one fused call (no copy to the host);
+    only a weight found non-finite there is read to the host, for the message.
+    """
+    weights = list(weights)
+    # Few weights: one host copy each is cheaper than a dispatch (measured under load:
+    # MLP, 6 weights, 0.95 ms on the host against 2.3 ms through the device function).
+    values = _device_values(weights) if len(weights) > _DEVICE_CHECK_FROM else None
+    if values:
+        signature = tuple((tuple(v.shape), v.dtype) for v in values)
+        concrete = _CONCRETE.get(signature)
+        if concrete is None:  # the concrete function skips tf.function's dispatch
+            if len(_CONCRETE) >= 64:
+                _CONCRETE.clear()
+            concrete = _CONCRETE.setdefault(signature,
+                                            _finite_flags.get_concrete_function(values))
+        flags = concrete(values).numpy()
+        if flags.all():
+            return
+        weights = [w for w, ok in zip(weights, flags) if not ok]
     for weight in weights:
         array = np.asarray(weight)
         found = _first_non_finite(array)

@@ -97,6 +97,25 @@ def _double_vjp_jvp(tape, flat_outputs, primals, tangents):
     return transpose_tape.gradient(pairing, cotangents, unconnected_gradients=zero)
 
 
+def _tracing_for_xla():
+    """Whether the graph being traced now will be compiled by XLA (`jit_compile=True`).
+
+    TensorFlow marks such graphs with an XLA control-flow context (its own
+    `tf.while_loop` reads it the same way); no public API says so. If the
+    check is unavailable, answers True: the choice that is right under XLA.
+    """
+    try:
+        from tensorflow.python.ops import control_flow_util  # noqa: PLC0415
+    except ImportError:  # pragma: no cover (TensorFlow moved it)
+        return True
+    try:
+        return bool(
+            control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+        )
+    except AttributeError:  # pragma: no cover
+        return True
+
+
 def _is_float(tensor):
     return tensor.dtype.is_floating
 
@@ -165,7 +184,7 @@ def _live(layer_ref):
 
 
 def _add_input_gradient(layer_ref, inputs, flat_inputs, primals, deltas, held, zeros, result):
-    """Adds a zero term that carries ∂f_lin/∂x, computed only if asked for.
+    """Order 2: adds a zero term that carries ∂f_lin/∂x, computed only if asked for.
 
     ∂f_lin/∂x differentiates the JVP itself (second order). Kept out of the
     δ-gradient, it is built only when something upstream of the inputs is
@@ -216,13 +235,18 @@ class Linearize(keras.layers.Wrapper):
     trains the linearized model with any optimizer, loss, metric or callback;
     the effective weights are θ = θ0 + δ (`linearized_weights()`).
 
-    The product J·δ is a Jacobian-vector product computed in forward mode with
-    `tf.autodiff.ForwardAccumulator` (one forward pass carrying the tangent δ;
-    J is never formed). The gradient with respect to δ is exact and cheap:
-    the model is linear in δ, so ∂⟨u, f_lin⟩/∂δ = Jᵀu is one ordinary
-    reverse-mode pass at θ0, supplied through `tf.custom_gradient` so that
-    training costs about one forward-mode and one reverse-mode pass and
-    compiles once under XLA.
+    J is never formed: J·δ is a Jacobian-vector product, in forward mode
+    (`tf.autodiff.ForwardAccumulator`) or, in a function compiled by XLA,
+    as J·δ = ∂/∂u ⟨Jᵀu, δ⟩ (a reverse pass at θ0 with u = 0, transposed by a
+    second one; see `jvp_method`). At order 1, f0 + J·δ is
+    an ordinary differentiable function of x and δ: the δ-gradient
+    ∂⟨u, f_lin⟩/∂δ = Jᵀu is exact (J·δ is linear in δ, θ0 is a constant)
+    and costs one reverse pass through the tangent computation, and
+    ∂f_lin/∂x (a trainable layer before the wrapper, input saliency) is
+    exact too and only computed when something upstream of x is
+    differentiated. No `tf.custom_gradient` is used at order 1 (in graph mode
+    each one stays in TensorFlow's global gradient registry with its traced
+    graph); training compiles once under XLA.
 
     The wrapped model is evaluated in inference mode (`training=False`):
     Dropout is off and BatchNorm uses moving statistics that are frozen at
@@ -238,12 +262,17 @@ class Linearize(keras.layers.Wrapper):
         mode: `"full"` returns f(x; θ0) + J·δ; `"difference"` returns J·δ
             only (the centred variant, which is zero at δ = 0).
         jvp_method: how J·δ is computed. `"forward"`: forward mode
-            (`tf.autodiff.ForwardAccumulator`), the fastest. `"double_vjp"`:
-            J·δ = ∂/∂u ⟨Jᵀu, δ⟩, two reverse-mode passes, for ops forward
-            mode cannot go through (TensorFlow's forward mode fails on the
-            `tf.while_loop` of recurrent layers in graph mode). `"auto"`
-            (default): `"double_vjp"` when the model contains a
-            `keras.layers.RNN`, else `"forward"`.
+            (`tf.autodiff.ForwardAccumulator`), the fastest without XLA; at
+            order 1 do not combine it with `jit_compile=True`:
+            differentiating through TensorFlow's forward-mode functions makes
+            XLA treat δ as a compile-time constant and recompile the training
+            step at every step. `"double_vjp"`: J·δ = ∂/∂u ⟨Jᵀu, δ⟩ in
+            reverse mode, which compiles once under XLA and goes through the
+            `tf.while_loop` of recurrent layers (where TensorFlow's forward
+            mode fails in graph mode). `"auto"` (default): `"double_vjp"` for
+            recurrent models and, at order 1, when the step is being traced
+            for XLA; `"forward"` otherwise (order 2 needs it; not available
+            for recurrent models).
         non_trainable_values: Optional list of arrays, one per
             non-trainable weight of the wrapped model (e.g. BatchNorm moving
             statistics), frozen instead of the model's current values. This
@@ -501,46 +530,51 @@ class Linearize(keras.layers.Wrapper):
     def call(self, inputs, training=None):
         del training  # Always inference mode: see the class docstring.
         flat_inputs = [tf.convert_to_tensor(x) for x in tf.nest.flatten(inputs)]
-        # Every variable is read here, outside the custom gradients: under a
-        # distribution strategy, custom_gradient cannot watch mirrored variables.
+        # Every variable is read here, outside order 2's custom gradients: under
+        # a distribution strategy, custom_gradient cannot watch mirrored variables.
         primals = _read(self._initial)
         deltas = _read(self._deltas)
         held = _HeldValues(fixed=_read(self._fixed), frozen=_read(self._frozen))
+        if self.order == 1:
+            # f0 + J·δ as an ordinary differentiable function of x and δ (θ0 is
+            # a constant for every tape: only δ is trainable), no custom
+            # gradient: see the class docstring. TensorFlow computes ∂f_lin/∂x
+            # only when x leads to a source of the gradient.
+            outputs, terms = self._taylor_terms(inputs, flat_inputs, primals, deltas, held)
+            return tf.nest.pack_sequence_as(outputs, self._combine(terms))
+        return self._second_order_call(inputs, flat_inputs, primals, deltas, held)
+
+    def _second_order_call(self, inputs, flat_inputs, primals, deltas, held):
+        """f0 + J·δ + ½ δᵀHδ with its δ-gradient Jᵀu + Hδ·u supplied by `tf.custom_gradient`.
+
+        Differentiating the nested accumulators directly would differentiate
+        the second-order term through a third-order graph.
+        """
         # In graph mode `tf.custom_gradient` registers each gradient function in
         # TensorFlow's global gradient registry, which is never cleared: the
         # gradient functions below must not hold this layer (or its model)
         # strongly, or no wrapped model could ever be freed. They get the
         # layer through a weak reference (it is alive while gradients are
         # taken: they are taken while the step that called it is traced).
+        # TensorFlow's own wrapper still holds the traced graph (~1 MiB per
+        # model, benchmarks/memory_growth.py `plain_custom_gradient_fit`).
         layer_ref = weakref.ref(self)
         output_structure = input_zeros = None  # set while tracing `linearized`
 
         @tf.custom_gradient
         def linearized(*tangents):
             nonlocal output_structure, input_zeros
-            with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
-                tape.watch(primals)
-                outputs, terms = self._taylor_terms(inputs, flat_inputs, primals, tangents, held)
+            outputs, terms = self._taylor_terms(inputs, flat_inputs, primals, tangents, held)
             flat_f0 = terms[0]
             output_structure = outputs
             # From f(x; θ0) alone: the input term must not be reachable from δ.
             input_zeros = [tf.zeros_like(_to_float32(y)) for y in flat_f0]
-            second_order = self.order == 2
 
             def grad(*upstream, variables=None):
                 upstream = [tf.cast(u, y.dtype) for u, y in zip(upstream, flat_f0)]
-                if second_order:
-                    delta_grads = _live(layer_ref)._second_order_gradient(
-                        inputs, flat_inputs, primals, tangents, held, upstream
-                    )
-                else:
-                    # Linear in δ: ∂⟨u, f_lin⟩/∂δ = Jᵀu, one ordinary VJP at θ0.
-                    delta_grads = tape.gradient(
-                        flat_f0,
-                        primals,
-                        output_gradients=upstream,
-                        unconnected_gradients=tf.UnconnectedGradients.ZERO,
-                    )
+                delta_grads = _live(layer_ref)._second_order_gradient(
+                    inputs, flat_inputs, primals, tangents, held, upstream
+                )
                 return list(delta_grads), [None] * len(variables or ())
 
             return self._combine(terms), grad
@@ -585,7 +619,11 @@ class Linearize(keras.layers.Wrapper):
     def _resolved_jvp_method(self):
         if self.jvp_method != "auto":
             return self.jvp_method
-        return "double_vjp" if _contains_recurrent_layer(self.layer) else "forward"
+        if _contains_recurrent_layer(self.layer):
+            return "double_vjp"
+        if self.order == 1 and _tracing_for_xla():
+            return "double_vjp"
+        return "forward"
 
     def _taylor_terms(self, inputs, flat_inputs, primals, tangents, held):
         """The wrapped model's output structure and its flat Taylor terms.

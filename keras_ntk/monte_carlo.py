@@ -23,6 +23,7 @@ import keras
 import numpy as np
 
 from keras_ntk import _validation
+from keras_ntk._architecture import architecture_key
 from keras_ntk._batching import host_inputs, num_examples, slice_examples
 from keras_ntk._weights import iter_layers
 from keras_ntk.nngp import empirical_nngp
@@ -104,20 +105,6 @@ def _check_pairwise(model, x):
             f"this: {suspects}. Received: model={model.name!r}")
 
 
-
-
-def _weights_layout(model):
-    """What must agree for one model's weights to be copied into another."""
-    layers = []
-    for layer in iter_layers(model, include_self=False):
-        try:
-            config = {k: v for k, v in layer.get_config().items() if k != "name"}
-        except NotImplementedError:
-            return None
-        layers.append((type(layer), repr(config)))
-    return layers, [(w.path.split("/")[-1], tuple(w.shape), w.trainable) for w in model.weights]
-
-
 class _Welford:
     """Running mean and sum of squared deviations of arrays (float64)."""
 
@@ -169,13 +156,13 @@ def monte_carlo_kernels(model_fn, x1, x2=None, *, n_samples=32, get=("nngp", "nt
     kernel.
 
     Cost: one model build, one forward pass and one `empirical_ntk` per sample.
-    Samples whose model has the same layers and weight shapes as the first
-    (the usual case: model_fn builds one architecture) have their weights
-    copied into the first model, so the compiled kernel functions are traced
-    once, not once per sample; each sample's own model is released (and
-    collected) before the next is built, and no model is reachable after the
-    call. Memory: the
-    kernels plus two accumulators of their shape.
+    Samples whose model has the architecture of the first (the same classes,
+    configs, wiring and variable shapes: the usual case, model_fn builds one
+    architecture) have their weights copied into the first model, so the
+    compiled kernel functions are traced once, not once per sample; each
+    sample's own model is released (and collected) before the next is built,
+    and no model is reachable after the call. Memory: the kernels plus two
+    accumulators of their shape.
 
     Args:
         model_fn: a callable returning a freshly initialized Keras model, taking
@@ -235,9 +222,9 @@ def monte_carlo_kernels(model_fn, x1, x2=None, *, n_samples=32, get=("nngp", "nt
             model(slice_examples(x1, 0, 1), training=False)
         if first is None:
             _check_pairwise(model, x1)
-            first, layout = model, _weights_layout(model)
+            first, layout = model, architecture_key(model, custom_classes=True)
             target = first
-        elif layout is not None and _weights_layout(model) == layout:
+        elif layout is not None and architecture_key(model, custom_classes=True) == layout:
             first.set_weights(model.get_weights())
             target = first
         else:

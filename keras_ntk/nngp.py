@@ -124,8 +124,9 @@ def empirical_nngp(model, x1, x2=None, *, layer=None, trace_axes=(-1,), diagonal
             return [np.asarray(keras.ops.convert_to_numpy(out), np_dtype)]
 
         # Batches split across workers under a MultiWorkerMirroredStrategy.
-        _distribute.run_tasks([(batch_features, (start,), lambda out: parts.append(out[0]))
-                               for start in range(0, n, batch_size)])
+        _distribute.run_host_tasks([(batch_features, (start,),
+                                     lambda out: parts.append(out[0]))
+                                    for start in range(0, n, batch_size)])
         return np.concatenate(parts, 0)
 
     phi1 = features(x1, n1)

@@ -39,7 +39,8 @@ from keras_ntk._jacobians import (
     call_flat, contract_jacobians, full_batch_jacobians, per_example_jacobians, recurrent_layers)
 from keras_ntk._output_axes import (
     OutputAxes, cotangents_from_vector, reduce_full_kernel, vector_from_products)
-from keras_ntk._structured import contract_structured, structured_factors, structured_rules
+from keras_ntk._structured import (
+    contract_rules, contract_structured, structured_factors, structured_rules)
 from keras_ntk._weights import couples_examples, select_weights, weight_groups
 from keras_ntk.nngp import empirical_nngp
 
@@ -86,6 +87,7 @@ class _Plan:
         self.dtype = dtype
         self.coupled = coupled
         self.values = None  # {id(variable): tensor} inside a function shared by architecture
+        self.functions = {}  # (implementation, same, under a strategy): block function
 
     def differentiable(self, weights):
         """The tensors the kernel differentiates for `weights` (the variables themselves,
@@ -210,14 +212,13 @@ def _structured_block(plan, rules, x1, x2):
         j2 = j1 if same else [t[n1:] for t in j]
         return _grouped_jacobian_kernels(plan, rest, j1, j2, same, grouped)
     kernels = [0.0] * len(plan.out_axes)
-    for a, g_per_output in factors:
-        a1 = a[:n1]
-        a2 = a1 if same else a[n1:]
-        for k, axes in enumerate(plan.out_axes):
-            g = g_per_output[k]
-            g1 = g[:n1]
-            g2 = g1 if same else g[n1:]
-            kernels[k] += contract_structured(a1, g1, a2, g2, axes, plan.dtype)
+    for k, axes in enumerate(plan.out_axes):
+        sides = []  # per rule (a1, g1, a2, g2), x2's factors the same objects when same
+        for a, g_per_output in factors:
+            a1, g1 = a[:n1], g_per_output[k][:n1]
+            sides.append((a1, g1, a1, g1) if same else (a1, g1, a[n1:], g_per_output[k][n1:]))
+        if sides:  # every rule's contribution, fused (_structured.contract_rules)
+            kernels[k] = contract_rules(sides, axes, plan.dtype)
     if rest:
         j = per_example_jacobians(plan.model, x, plan.differentiable(rest), plan.training,
                                   plan.sizes)
@@ -311,6 +312,38 @@ class KernelSetup:
     """Validated arguments, the plan, the implementation and the block size."""
 
 
+def _plan_key(setup_key, trace_axes, diagonal_axes, dtype, per_layer):
+    """The cache key of a plan, or None for options that cannot be hashed."""
+    frozen = lambda axes: tuple(axes) if isinstance(axes, (list, tuple)) else axes  # noqa: E731
+    key = ("plan", setup_key, frozen(trace_axes), frozen(diagonal_axes), dtype, bool(per_layer))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _new_plan(model, weights, profile, trace_axes, diagonal_axes, training, dtype, coupled,
+              per_layer):
+    out_axes = [OutputAxes(shape, trace_axes, diagonal_axes) for shape in profile.out_shapes]
+    if dtype is None:
+        dtype = keras.backend.standardize_dtype(model.dtype if hasattr(model, "dtype") else "float32")
+    try:
+        dtype = tf.as_dtype(dtype)
+    except TypeError:
+        dtype = None
+    if dtype is None or not dtype.is_floating:
+        raise ValueError(
+            f"Expected `dtype` to be a floating dtype such as 'float32' or 'float64'. "
+            f"Received: dtype={dtype}"
+        )
+    groups = weight_groups(model, weights) if per_layer else None
+    plan = _Plan(model, weights, out_axes, training, dtype, coupled, groups)
+    plan.model_dtype = tf.as_dtype(keras.backend.standardize_dtype(
+        getattr(model, "compute_dtype", "float32")))
+    return plan
+
+
 def kernel_setup(model, x1, x2, trace_axes, diagonal_axes, implementation, batch_size,
                  memory_budget, training, dtype, vector=False, variables=None,
                  per_layer=False):
@@ -367,22 +400,15 @@ def kernel_setup(model, x1, x2, trace_axes, diagonal_axes, implementation, batch
             model, cache_key[:3] + cache_key[4:], weights,
             lambda: model_profile(model, s.x1, weights, rules, training)))
     rules, profile = per_model[cache_key]
-    out_axes = [OutputAxes(shape, trace_axes, diagonal_axes) for shape in profile.out_shapes]
-    if dtype is None:
-        dtype = keras.backend.standardize_dtype(model.dtype if hasattr(model, "dtype") else "float32")
-    try:
-        dtype = tf.as_dtype(dtype)
-    except TypeError:
-        dtype = None
-    if dtype is None or not dtype.is_floating:
-        raise ValueError(
-            f"Expected `dtype` to be a floating dtype such as 'float32' or 'float64'. "
-            f"Received: dtype={dtype}"
-        )
-    groups = weight_groups(model, weights) if per_layer else None
-    plan = _Plan(model, weights, out_axes, training, dtype, coupled, groups)
-    plan.model_dtype = tf.as_dtype(keras.backend.standardize_dtype(
-        getattr(model, "compute_dtype", "float32")))
+    # The plan (options too) is cached: a repeated call only validates and picks the block.
+    plan_key = _plan_key(cache_key, trace_axes, diagonal_axes, dtype, per_layer)
+    plan = per_model.get(plan_key) if plan_key is not None else None
+    if plan is None:
+        plan = _new_plan(model, weights, profile, trace_axes, diagonal_axes, training, dtype,
+                         coupled, per_layer)
+        if plan_key is not None:
+            per_model[plan_key] = plan
+    out_axes, dtype, groups = plan.out_axes, plan.dtype, plan.groups
     itemsize = dtype.size
     budget = default_memory_budget() if memory_budget is None else int(memory_budget)
     result_bytes = sum(s.n1 * (1 if vector else s.n2) * ax.kernel_size for ax in out_axes)
@@ -416,6 +442,18 @@ def kernel_setup(model, x1, x2, trace_axes, diagonal_axes, implementation, batch
 
 
 def _block_function(s, same):
+    """The compiled block function, cached on the plan (a shared one once proved shareable)."""
+    key = (s.implementation, same, tf.distribute.has_strategy())
+    fn = s.plan.functions.get(key)
+    if fn is None:
+        fn = _new_block_function(s, same)
+        shared = getattr(fn, "shared", None)
+        if shared is None or shared.shareable:
+            s.plan.functions[key] = fn
+    return fn
+
+
+def _new_block_function(s, same):
     plan, rules = s.plan, s.rules
     shared = _shared_block_function(s, same)
     if shared is not None:

@@ -353,3 +353,75 @@ def test_unknown_architectures_and_direct_variable_reads_keep_functions_of_their
                                       None)
     np.testing.assert_allclose(first(np.ones(3, np.float32)), 2.0)
     assert _batching.shared_compiled(model, ("probe",), None, None) is None
+
+
+# ----------------------------------------------------------------- per-call host cost (issue 18)
+
+
+def _deep_mlp(layers=10):
+    import keras
+
+    keras.utils.set_random_seed(1)
+    return keras.Sequential([keras.Input((5,))] + [
+        keras.layers.Dense(5, activation="tanh") for _ in range(layers - 1)
+    ] + [keras.layers.Dense(2)])
+
+
+@pytest.mark.usefixtures("plain_graphs")
+def test_many_weights_are_checked_for_finiteness_on_the_device(monkeypatch):
+    """Above `_DEVICE_CHECK_FROM` weights one fused device call checks them; the error
+    still names the weight, the index and the value planted there, before any block."""
+    from keras_ntk import _validation
+    from keras_ntk import ntk as ntk_module
+
+    model = _deep_mlp()
+    x = inputs_for("mlp", 6)
+    assert len(model.trainable_weights) > _validation._DEVICE_CHECK_FROM
+    _validation.check_finite_weights(model.trainable_weights)  # all finite: passes
+    kernel = model.layers[6].kernel
+    planted = np.asarray(kernel.value).copy()
+    planted[2, 1] = -np.inf
+    kernel.assign(planted)
+    monkeypatch.setattr(ntk_module, "run_tasks", lambda *a, **k: pytest.fail("work ran"))
+    with pytest.raises(_validation.NonFiniteError,
+                       match=rf"Received: weight '{kernel.path}'\[2, 1\]=-inf \(the only"):
+        keras_ntk.empirical_ntk(model, x)
+    bias = model.layers[8].bias
+    bias.assign(np.full(bias.shape, np.nan, "float32"))
+    with pytest.raises(_validation.NonFiniteError,
+                       match=rf"Received: weight '{kernel.path}'\[2, 1\]=-inf"):
+        keras_ntk.empirical_ntk(model, x)  # the first non-finite weight is named
+    kernel.assign(np.where(np.isfinite(planted), planted, 0.5))
+    with pytest.raises(_validation.NonFiniteError,
+                       match=rf"'{bias.path}'\[0\]=nan \(the first of 5 non-finite"):
+        keras_ntk.empirical_ntk(model, x)
+
+
+@pytest.mark.usefixtures("plain_graphs")
+def test_a_repeated_call_reuses_its_plan_and_block_functions():
+    """The plan (per weights, input signature and options) and its compiled block
+    function are cached: a repeated call neither traces nor builds them again; other
+    options get a plan of their own, each exact."""
+    from keras_ntk import ntk as ntk_module
+
+    model = _deep_mlp(3)
+    x = inputs_for("mlp", 7)
+    setup = lambda **kw: ntk_module.kernel_setup(  # noqa: E731
+        model, x, None, kw.get("trace_axes", (-1,)), (), "structured", None, None, False,
+        None)
+    keras_ntk.empirical_ntk(model, x, implementation="structured")
+    first = setup()
+    fn = ntk_module._block_function(first, True)
+    counts = _tracing_counts(model)
+    model.layers[0].kernel.assign(model.layers[0].kernel * 0.5)
+    assert_close(keras_ntk.empirical_ntk(model, x, implementation="structured"),
+                 reference(model, x))
+    again = setup()
+    assert again.plan is first.plan and ntk_module._block_function(again, True) is fn
+    assert _tracing_counts(model) == counts
+    full = setup(trace_axes=())
+    assert full.plan is not first.plan
+    assert_close(keras_ntk.empirical_ntk(model, x, trace_axes=(), implementation="structured"),
+                 reference(model, x, trace_axes=()))
+    assert_close(keras_ntk.empirical_ntk(model, x, trace_axes=[], implementation="structured"),
+                 reference(model, x, trace_axes=()))

@@ -756,3 +756,45 @@ def test_refuses_non_tensorflow_backend(monkeypatch):
     monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
     with pytest.raises(ValueError, match="Received: backend='jax'"):
         keras_ntk.Linearize(keras.layers.Dense(2))
+
+
+@pytest.mark.parametrize("jvp_method", ["double_vjp", "forward"])
+def test_traced_gradients_match_a_float64_reference_of_f0_plus_j_delta(jvp_method):
+    """∂⟨u, f_lin⟩/∂δ = J(θ0)ᵀu and ∂⟨u, f_lin⟩/∂x, in a traced step (as in `fit`),
+    against f0 + Σ_w (∂f/∂w)·δ_w built from explicit Jacobians of a float64 copy and
+    differentiated by nested GradientTapes (no Hessian term may enter the δ-gradient)."""
+    model = mlp(input_dim=5, outputs=2)
+    linear = keras_ntk.Linearize(model, jvp_method=jvp_method)
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(3, 5)).astype("float32")
+    u = rng.normal(size=(3, 2)).astype("float32")
+    linear(x)
+    random_deltas(linear, scale=0.3)
+
+    @tf.function
+    def gradients(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            total = tf.reduce_sum(u * linear(x))
+        return tape.gradient(total, [*linear.deltas, x])
+
+    actual = gradients(tf.constant(x))
+    reference = mlp(input_dim=5, outputs=2, dtype="float64")
+    for target, source in zip(reference.weights, model.weights):
+        target.assign(np.asarray(source.value, np.float64))
+    deltas = [tf.Variable(np.asarray(d.value, np.float64)) for d in linear.deltas]
+    x64 = tf.constant(x, tf.float64)
+    with tf.GradientTape() as outer:
+        outer.watch(x64)
+        with tf.GradientTape(persistent=True) as inner:
+            inner.watch(x64)
+            f0 = reference(x64, training=False)
+        jacobians = inner.jacobian(f0, reference.trainable_weights, experimental_use_pfor=False)
+        j_delta = tf.add_n([
+            tf.reshape(tf.reshape(j, (3 * 2, -1)) @ tf.reshape(d, (-1, 1)), (3, 2))
+            for j, d in zip(jacobians, deltas)
+        ])
+        total = tf.reduce_sum(tf.constant(u, tf.float64) * (f0 + j_delta))
+    expected = outer.gradient(total, [*deltas, x64])
+    for got, want in zip(actual, expected):
+        assert relative_error(got, want) < 1e-5

@@ -151,3 +151,78 @@ def test_monte_carlo_fallback_refuses_a_layer_without_a_pairwise_kernel():
         keras_ntk.infinite_kernels(model, x, fallback="monte_carlo", n_samples=2)
     with pytest.raises(ValueError, match="fallback"):
         keras_ntk.infinite_kernels(model, x, fallback="sampling")
+
+
+def _two_branches(seed, chained):
+    """x -> a = A(x), b = B(a) (chained) or B(x), [a, b] concatenated -> Dense: the same
+    layers and weight shapes either way, two different functions of the same weights."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((4,))
+    first = keras.layers.Dense(4, activation="tanh")(inputs)
+    second = keras.layers.Dense(4, activation="tanh")(first if chained else inputs)
+    joined = keras.layers.Concatenate()([first, second])
+    return keras.Model(inputs, keras.layers.Dense(1)(joined))
+
+
+def test_samples_wired_differently_are_not_copied_into_the_first(float64_keras):
+    # Odd samples chain the two branches. Copying such a sample's weights into the first
+    # sample's model (same layer configs and weight shapes) would compute another
+    # function: the mean NNGP must equal the mean of the samples' own output products.
+    rng = np.random.default_rng(5)
+    x1, x2 = rng.normal(size=(3, 4)), rng.normal(size=(2, 4))
+    mc = keras_ntk.monte_carlo_kernels(lambda seed: _two_branches(seed, seed % 2 == 1),
+                                       x1, x2, n_samples=2, seed=0, get="nngp")
+
+    def output_products(model):
+        return np.asarray(model(x1)) @ np.asarray(model(x2)).T
+
+    samples = [output_products(_two_branches(seed, seed % 2 == 1)) for seed in (0, 1)]
+    np.testing.assert_allclose(mc.nngp, np.mean(samples, 0), rtol=1e-10)
+    # The test has teeth: the copied weights give other outputs.
+    copied = _two_branches(0, False)
+    copied.set_weights(_two_branches(1, True).get_weights())
+    wrong = output_products(copied)
+    assert np.max(np.abs(wrong - samples[1])) > 1e-3 * np.max(np.abs(samples[1]))
+
+
+class SubclassedMLP(keras.Model):
+    """A subclassed model without get_config (its own config is not implemented)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.width = width
+        self.hidden = keras.layers.Dense(width, activation="relu")
+        self.head = keras.layers.Dense(1)
+
+    def call(self, x):
+        return self.head(self.hidden(x))
+
+
+def test_samples_of_one_architecture_share_the_first_model(monkeypatch):
+    # Models of one architecture (also subclassed models and users' layers, which
+    # compiled functions shared across unrelated models do not trust) have their weights
+    # copied into the first sample's model: a second model_fn call builds a model that is
+    # never used for a kernel. Wider samples, another class or other wiring are not.
+    from keras_ntk import monte_carlo
+
+    for build in (lambda: _mlp(6, 1), lambda: SubclassedMLP(5)):
+        one, two = build(), build()
+        for model in (one, two):
+            model(np.ones((1, 4)))
+        assert monte_carlo.architecture_key(one, custom_classes=True) == \
+            monte_carlo.architecture_key(two, custom_classes=True)
+    wide, narrow = SubclassedMLP(6), SubclassedMLP(5)
+    for model in (wide, narrow):
+        model(np.ones((1, 4)))
+    assert monte_carlo.architecture_key(wide, custom_classes=True) != \
+        monte_carlo.architecture_key(narrow, custom_classes=True)
+    assert monte_carlo.architecture_key(_two_branches(0, False), custom_classes=True) != \
+        monte_carlo.architecture_key(_two_branches(0, True), custom_classes=True)
+    # Only the first sample's model reaches the kernels.
+    used = []
+    original = monte_carlo.empirical_nngp
+    monkeypatch.setattr(monte_carlo, "empirical_nngp",
+                        lambda model, *a, **k: used.append(id(model)) or original(model, *a, **k))
+    keras_ntk.monte_carlo_kernels(lambda: SubclassedMLP(5), np.ones((2, 4)), n_samples=3,
+                                  get="nngp")
+    assert len(used) == 3 and len(set(used)) == 1
