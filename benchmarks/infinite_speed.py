@@ -20,8 +20,11 @@ full-size block) and the warm call (the same call again). For neural-tangents th
 cold time is its call on the first 100 inputs, which compiles the 100 × 100 blocks
 of the full call; its warm time is the full call. `--baseline FILE` also times an older copy of
 keras_ntk/infinite.py (e.g. `git show 31c67be:keras_ntk/infinite.py >
-/tmp/infinite_before.py`) on the same cases in the same run, alternating, and
-prints the ratio and the largest relative difference of the kernels. Usage:
+/tmp/infinite_before.py`), or the keras_ntk of another checkout when FILE is a directory
+(e.g. `git worktree add --detach /tmp/before <commit>`), on the same cases in the same run,
+alternating, and prints the ratio and the largest relative difference of the kernels.
+The keras_ntk timed as "current" is the one of the checkout holding this script (not an
+installed copy). Usage:
 
     python benchmarks/infinite_speed.py [--n 1797] [--cases fcn10,cnn2_gap,cnn2_flatten]
         [--baseline /tmp/infinite_before.py] [--nt /work/ntvenv/bin/python]
@@ -34,6 +37,11 @@ import resource
 import subprocess
 import sys
 import time
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    # This checkout's keras_ntk, not the one an editable install points to.
+    sys.path.insert(0, _ROOT)
 
 
 def _model(case):
@@ -126,7 +134,10 @@ def _run_case(case, n, implementation, save):
     import numpy as np
     from sklearn.datasets import load_digits
 
-    if implementation:
+    if implementation and os.path.isdir(implementation):
+        sys.path.insert(0, os.path.abspath(implementation))  # Another checkout's keras_ntk.
+        from keras_ntk import infinite_kernels
+    elif implementation:
         import importlib.util
 
         spec = importlib.util.spec_from_file_location("infinite_baseline", implementation)
@@ -170,7 +181,8 @@ def main():
     parser.add_argument("--n", type=int, default=1797)
     parser.add_argument("--cases", default="fcn10,cnn2_gap,cnn2_flatten,resnet_cnn")
     parser.add_argument("--baseline", default=None,
-                        help="an older copy of keras_ntk/infinite.py to time in the same run")
+                        help="an older copy of keras_ntk/infinite.py, or a checkout "
+                             "(directory) whose keras_ntk to time in the same run")
     parser.add_argument("--nt", default=None,
                         help="a Python interpreter with neural-tangents, timed in the same run")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)

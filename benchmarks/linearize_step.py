@@ -86,23 +86,29 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--old-commit", default="891507c")
+    parser.add_argument("--with-forward", action="store_true",
+                        help='also time jvp_method="forward" (XLA off only)')
     args = parser.parse_args()
     tf.get_logger().setLevel("ERROR")
     variants = {"old": old_linearize(args.old_commit), "new": keras_ntk.Linearize,
                 "plain": None}
+    if args.with_forward:
+        # jvp_method="forward" differentiated directly: without XLA only (XLA recompiles it).
+        variants["new_forward"] = lambda net: keras_ntk.Linearize(net, jvp_method="forward")
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; "
           f"{args.rounds} rounds of {args.steps} steps, interleaved old/new/plain")
     for kind in args.models.split(","):
         for xla in args.xla.split(","):
             models, losses = {}, {}
-            for name, wrapper in variants.items():
+            chosen = {n: w for n, w in variants.items() if n != "new_forward" or xla == "off"}
+            for name, wrapper in chosen.items():
                 model, data = build(kind, wrapper, xla == "on")
                 start = time.perf_counter()
                 history = model.fit(data, steps_per_epoch=args.steps, epochs=1, verbose=0)
                 losses[name] = history.history["loss"][0]
                 models[name] = (model, data, time.perf_counter() - start)
             same = abs(losses["old"] - losses["new"]) / abs(losses["old"])
-            times = {name: [] for name in variants}
+            times = {name: [] for name in chosen}
             loads = []
             for _ in range(args.rounds):
                 for name, (model, data, _) in models.items():
@@ -118,6 +124,9 @@ def main():
                   f"first fit (trace+compile) s: old {models['old'][2]:.1f} new "
                   f"{models['new'][2]:.1f}  |Δloss|/loss old-new {same:.1e}  "
                   f"load {min(loads):.1f}-{max(loads):.1f}", flush=True)
+            if "new_forward" in med:
+                print(f"     new_forward {1e3 * med['new_forward']:8.2f} ms/step, /old "
+                      f"{med['new_forward'] / med['old']:.2f}", flush=True)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 

@@ -257,10 +257,10 @@ def estimate_child(case, implementation):
     seconds = time.perf_counter() - start
     warm_peak = _status_bytes("VmHWM") - before
     from keras_ntk._batching import padded_size
-    from keras_ntk._costs import estimates
+    from keras_ntk._costs import block_estimates
     p = padded_size(n, setup.block)
-    _, block_peak = estimates(setup.implementation, setup.profile, setup.out_axes, p, p, True,
-                              setup.plan.dtype.size)
+    _, block_peak = block_estimates(setup.implementation, setup.profile, setup.out_axes, n,
+                                    p, p, True, setup.plan.dtype.size)
     result = kernel.nbytes
     print(json.dumps(dict(case=case, implementation=setup.implementation, n=n,
                           block=setup.block, measured=first_peak, measured_warm=warm_peak,

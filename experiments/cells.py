@@ -378,7 +378,8 @@ class CellStore:
     ```
 
     A sharded loop skips the cells of other shards and builds results only
-    from a complete grid:
+    from a complete grid (the binaries do not write this loop: they run
+    `experiments.grid.Grid`, whose `run` and `gathered` are this loop):
 
     ```python
     for index, key in enumerate(keys):
@@ -659,3 +660,38 @@ def summary_writer(log_dir):
     finally:
         writer.flush()
         writer.close()
+
+
+def log_scalars(log_dir, step_scalars):
+    """Writes {step: {tag: value}} as TensorBoard scalars under `log_dir` (a cell's log)."""
+    import tensorflow as tf
+
+    with summary_writer(log_dir) as writer, writer.as_default():
+        for step, scalars in step_scalars.items():
+            for tag, value in scalars.items():
+                tf.summary.scalar(tag, value, step=step)
+
+
+def initial_weights(build, path, seed):
+    """θ0 of a cell or study, saved once: `path` (`.weights.h5`) read back, or drawn and saved.
+
+    An unreadable file is discarded (`load_weights_or_discard`); θ0 is then
+    drawn again as `build()` after `keras.utils.set_random_seed(seed)` and
+    saved atomically, so every cell that starts from it starts from the same
+    weights, in this process or a resumed one.
+
+    Args:
+        build: function returning a fresh model of the architecture.
+        path: where θ0 is kept (`<cell_dir>/....weights.h5`).
+        seed: the seed θ0 is drawn with.
+
+    Returns:
+        `path`.
+    """
+    import keras
+
+    if not load_weights_or_discard(build(), path):
+        keras.utils.set_random_seed(seed)
+        save_weights_atomic(build(), path)
+        logging.info("Saved θ0 (seed %d) to %s", seed, path)
+    return path

@@ -387,6 +387,11 @@ class Dataset:
     def input_shape(self):
         return tuple(self.train.x.shape[1:])
 
+    @property
+    def num_classes(self):
+        """The number of classes: the largest label of either split, plus one."""
+        return int(max(self.train.y.max(), self.test.y.max())) + 1
+
 
 def load_dataset(name, *, num_train=None, num_test=None, data_dir=None):
     """Loads and standardizes a dataset (first `num_train`/`num_test` examples).

@@ -49,7 +49,7 @@ import time
 import numpy as np
 from absl import logging
 
-from experiments import kernel_methods, launcher, network_fit, stats
+from experiments import bindings, kernel_methods, launcher, network_fit, stats
 
 NETWORK_LOSSES = ("mse", "cross_entropy")
 _AFTER = "after_kernel_n0="
@@ -119,47 +119,38 @@ def _keys(source, seed, n_or_names):
     return [(f"{name}-seed{seed}", name, None) for name in n_or_names]
 
 
+_BINDINGS = bindings.Bindings("data_scaling", qualified=True)
+METHODS = ("network", "entk_init", "entk_init_centred", "infinite_ntk", "after_kernel")
+_DISTINCT = ("a list without repeats", lambda v: len(set(v)) == len(v))
+_SIZES = ("None or positive sizes in increasing order without repeats", lambda v: v is None or (
+    len(v) > 0 and all(int(n) >= 1 for n in v) and sorted({int(n) for n in v}) == [
+        int(n) for n in v]))
+_WINDOW = ("None or (low, high) with low <= high (None: open)", lambda v: v is None or (
+    len(v) == 2 and (None in v or v[0] <= v[1])))
+
+
 def _validate(dataset, model, methods, model_builders, n0s, network_loss, stop_criterion,
               sizes, seeds, large_n, seeds_large_n, fit_window):
     """Refuses impossible settings before any work, naming the gin binding."""
     from experiments import data as data_lib
 
-    def refuse(expected, binding, value):
-        raise ValueError(f"{expected} Received: data_scaling.run.{binding}={value!r}")
-
-    if dataset.split("/")[0] not in data_lib.KNOWN_DATASETS:
-        refuse(f"Unknown dataset. Known datasets: {', '.join(data_lib.KNOWN_DATASETS)}.",
-               "dataset", dataset)
-    if model not in model_builders:
-        refuse(f"Unknown model. Known models: {', '.join(sorted(model_builders))}.",
-               "model", model)
-    known = {"network", "entk_init", "entk_init_centred", "infinite_ntk", "after_kernel"}
-    bad = [m for m in methods if m not in known]
-    if bad or not methods or len(set(methods)) != len(methods):
-        refuse(f"Unknown or repeated method(s) {bad}. Known methods: {', '.join(sorted(known))} "
-               "(after_kernel runs one method per n0 in `n0s`).", "methods", list(methods))
-    if "after_kernel" in methods and (not n0s or any(int(v) < 1 for v in n0s)):
-        refuse("Expected positive n0s for after_kernel.", "n0s", list(n0s))
-    if network_loss not in NETWORK_LOSSES:
-        refuse(f"Expected network_loss in {NETWORK_LOSSES}.", "network_loss", network_loss)
-    if stop_criterion not in network_fit.STOP_CRITERIA:
-        refuse(f"Expected stop_criterion in {network_fit.STOP_CRITERIA}.", "stop_criterion",
-               stop_criterion)
-    if sizes is not None and (not sizes or any(int(n) < 1 for n in sizes)
-                              or sorted(set(int(n) for n in sizes)) != [int(n) for n in sizes]):
-        refuse("Expected positive sizes in increasing order without repeats.", "sizes",
-               list(sizes))
-    if not seeds or len(set(seeds)) != len(seeds):
-        refuse("Expected distinct seeds.", "seeds", list(seeds))
+    _BINDINGS.known("dataset", dataset.split("/")[0], data_lib.KNOWN_DATASETS, "dataset")
+    _BINDINGS.known("model", model, model_builders, "model", listed=sorted(model_builders))
+    # after_kernel runs one method per n0 in `n0s`.
+    _BINDINGS.known("methods", methods, METHODS, "method")
+    _BINDINGS.check(methods=(methods, _DISTINCT))
+    if "after_kernel" in methods:
+        _BINDINGS.check(n0s=(n0s, bindings.NON_EMPTY_POSITIVE_INTS))
+    _BINDINGS.known("network_loss", network_loss, NETWORK_LOSSES, "network_loss")
+    _BINDINGS.known("stop_criterion", stop_criterion, network_fit.STOP_CRITERIA, "stop_criterion")
+    _BINDINGS.check(sizes=(sizes, _SIZES), seeds=(list(seeds), bindings.DISTINCT_INTS),
+                    fit_window=(fit_window, _WINDOW))
     if (large_n is None) != (seeds_large_n is None) or (
             seeds_large_n is not None and not 1 <= seeds_large_n <= len(seeds)):
-        refuse("Expected large_n and seeds_large_n both set (1 <= seeds_large_n <= len(seeds)) "
-               f"or both None. Received: data_scaling.run.seeds_large_n={seeds_large_n};",
-               "large_n", large_n)
-    if fit_window is not None and (len(fit_window) != 2 or (
-            None not in fit_window and fit_window[0] > fit_window[1])):
-        refuse("Expected fit_window (low, high) with low <= high (None: open).", "fit_window",
-               fit_window)
+        raise ValueError(
+            "Expected large_n and seeds_large_n both set (1 <= seeds_large_n <= len(seeds)) "
+            f"or both None. Received: data_scaling.run.seeds_large_n={seeds_large_n}; "
+            f"data_scaling.run.large_n={large_n!r}")
 
 
 # ---------------------------------------------------------------- the cells
@@ -256,11 +247,10 @@ def run(
     Returns:
         The results dictionary (also in results.json).
     """
-    import keras
-
     import keras_ntk
     from experiments import cells as cell_store
     from experiments import data as data_lib
+    from experiments import grid as grid_lib
     from experiments import models as models_lib
     from experiments.figures import study_b
 
@@ -270,7 +260,7 @@ def run(
               sizes, seeds, large_n, seeds_large_n, fit_window)
     data = data_lib.load_dataset(dataset, num_train=num_train, num_test=num_test,
                                  data_dir=data_dir)
-    num_classes = int(max(data.train.y.max(), data.test.y.max())) + 1
+    num_classes = data.num_classes
     validation, pool, candidates = _partition(len(data.train.y), num_validation,
                                               max(n0s, default=0), split_seed)
     if len(candidates) < 2:
@@ -295,10 +285,7 @@ def run(
         """(x, y, layout) of a seed: its first n_max candidates, validation, test."""
         n_max = max(per_seed_sizes[seed])
         chosen = candidates[np.random.RandomState(seed).permutation(len(candidates))[:n_max]]
-        x = np.concatenate([data.train.x[chosen], data.train.x[validation], data.test.x])
-        y = np.concatenate([data.train.y[chosen], data.train.y[validation], data.test.y])
-        return x, y, {"num_candidates": n_max, "num_validation": len(validation),
-                      "num_test": num_test_used}
+        return kernel_methods.kernel_union(data.train, data.test, chosen, validation)
 
     def build(weights_path=None):
         with strategy.scope():
@@ -334,13 +321,9 @@ def run(
                     after_kernel_f0=bool(after_kernel_f0), **network_recipe)
 
     def init_weights(seed):
-        key = f"init-seed{seed}"
-        store.get(key, dict(common, seed=seed))  # Refuses a θ0 of other settings.
-        weights_path = os.path.join(store.cell_dir(key), "theta0.weights.h5")
-        if not cell_store.load_weights_or_discard(build(), weights_path):
-            keras.utils.set_random_seed(seed)
-            cell_store.save_weights_atomic(build(), weights_path)
-        return weights_path
+        """θ0 of `seed`, saved once in the store's `init-seed<seed>` cell (checked by the grid)."""
+        return cell_store.initial_weights(build, os.path.join(
+            store.cell_dir(f"init-seed{seed}"), "theta0.weights.h5"), seed)
 
     def examples_path(key):
         return os.path.join(store.cell_dir(key), "examples.npz")
@@ -357,9 +340,7 @@ def run(
             example_loss = kernel_methods.per_example_losses(logits, np.eye(num_classes)[
                 data.test.y])
         else:
-            shifted = logits - logits.max(-1, keepdims=True)
-            example_loss = (np.log(np.exp(shifted).sum(-1))
-                            - shifted[np.arange(len(logits)), data.test.y])
+            example_loss = kernel_methods.per_example_cross_entropy(logits, data.test.y)
         cell_store.save_npz_atomic(examples_path(key), correct=correct,
                                    example_loss=example_loss)
         return {key: dict(fit, test_error=float(1 - correct.mean()),
@@ -383,7 +364,7 @@ def run(
         return network, fit
 
     def kernel_cells(source, seed, group):
-        """The cells of one kernel (None: no infinite NTK for this architecture)."""
+        """The cells of one kernel (CellSkipped: no infinite NTK for this architecture)."""
         x_union, y_union, layout = union(seed)
         key = f"{group[0]}-seed{seed}"
         offsets, min_n, pretraining = None, None, None
@@ -395,7 +376,8 @@ def run(
                 kernel = keras_ntk.infinite_kernels(twin, x_union).ntk
             except ValueError as error:
                 logging.warning("infinite_ntk skipped: %s", error)
-                return None, str(error)
+                skip_reasons[:] = [str(error)]
+                raise grid_lib.CellSkipped("no infinite NTK for this architecture") from None
         else:
             if source == "init":
                 network = build(init_weights(seed))
@@ -430,7 +412,7 @@ def run(
             new[f"{name}-seed{seed}"] = cell
         del kernel
         os.remove(kernel_path)
-        return new, None
+        return new
 
     settings = dict(network_recipe, model=model, ridge_factors=list(ridge_factors),
                     split_seed=split_seed, infinite_sigma_w2=infinite_sigma_w2,
@@ -439,19 +421,21 @@ def run(
                     fit_window=None if fit_window is None else list(fit_window),
                     local_points=local_points)
     work = _work(names, list(seeds), per_seed_sizes)
-    # Every stored cell is checked before any work: other settings are refused here. A
-    # record whose per-example file is missing is computed again.
-    cells = {}
-    for source, seed, n_or_names in work:
-        for key, name, n in _keys(source, seed, n_or_names):
-            record = store.get(key, cell_settings(name, seed, n))
-            if record is not None and os.path.exists(examples_path(key)):
-                cells[key] = record
-    progress = cell_store.Progress(len(work), "cell")
-    skip_reasons = []
+    keys = [[key for key, _, _ in _keys(*item)] for item in work]
+    # Every stored cell and θ0 is checked before any work: other settings are refused here.
+    # A record whose per-example file is missing is computed again.
+    grid = grid_lib.Grid(
+        store, [(key, cell_settings(name, item[1], n)) for item in work
+                for key, name, n in _keys(*item)], "cell",
+        groups=[(",".join(k), item, k) for item, k in zip(work, keys)],
+        shared={f"init-seed{s}": dict(common, seed=s) for s in seeds},
+        complete=lambda key, record: os.path.exists(examples_path(key)))
+    skip_reasons = []  # Why this architecture has no infinite NTK ([None]: it has one).
 
-    def infinite_skip_reason():
-        """Why this architecture has no infinite NTK (None: it has one); probed on 2 inputs."""
+    def infinite_skip_reason(key):
+        """For a missing infinite_ntk cell of another shard: probed on 2 inputs."""
+        if not key.startswith("infinite_ntk"):
+            return None
         if not skip_reasons:
             try:
                 twin = models_lib.ntk_parameterized(build(), sigma_w2=infinite_sigma_w2,
@@ -461,64 +445,26 @@ def run(
             except ValueError as error:
                 skip_reasons.append(str(error))
         return skip_reasons[0]
-    new_cells, infinite_skipped = 0, None
 
-    def assemble(finished):
-        return _assemble(dataset, sizes, list(seeds), names, cells, num_test_used, n0s,
-                         network_loss, num_bootstrap, infinite_skipped, settings, store,
-                         fit_window, local_points, finished)
-
-    for index, (source, seed, n_or_names) in enumerate(work):
-        keys = _keys(source, seed, n_or_names)
-        label = ",".join(key for key, _, _ in keys)
-        if all(key in cells for key, _, _ in keys):
-            progress.skip(label)
-            continue
-        if not store.mine(index):
-            continue  # Another shard's work item (--shard), or --merge.
-        if max_new_cells is not None and new_cells >= max_new_cells:
-            logging.info("Stopping after %d new cell(s) (max_new_cells).", new_cells)
-            break
-        progress.begin(label)
+    def compute(item):
+        source, seed, n_or_names = item
         if source == "network":
-            new = network_cell(seed, n_or_names, keys[0][0])
-        else:
-            new, skipped = kernel_cells(source, seed, n_or_names)
-            if new is None:
-                infinite_skipped = skipped
-                progress.skip(label, "no infinite NTK for this architecture")
-                continue
-        for key, name, n in keys:
-            store.put(key, cell_settings(name, seed, n), new[key])
-        cells.update(new)
-        if not store.sharded:
-            cell_store.write_json_atomic(os.path.join(output_dir, "results.json"),
-                                         assemble(finished=False))
-        new_cells += 1
-        progress.finish(label)
-    finished = progress.done == progress.total
-    if store.sharded:  # Every shard's cells, or no results.json yet.
-        missing = []
-        for source, seed, n_or_names in work:
-            for key, name, n in _keys(source, seed, n_or_names):
-                if key in cells:
-                    continue
-                record = store.get(key, cell_settings(name, seed, n))
-                if record is not None and os.path.exists(examples_path(key)):
-                    cells[key] = record
-                elif source == "infinite_ntk" and infinite_skip_reason() is not None:
-                    infinite_skipped = infinite_skip_reason()
-                else:
-                    missing.append(key)
-        if missing:
-            logging.info(
-                "%s: %d of %d cells are not finished yet (%s); results.json and the figures "
-                "are written by the last shard to finish, or by a run with --merge.",
-                store.shard_name, len(missing),
-                sum(len(_keys(*item)) for item in work), ", ".join(missing[:20]))
-            return None
-        finished = True
-    results = assemble(finished=finished)
+            return network_cell(seed, n_or_names, f"network-seed{seed}-n{n_or_names}")
+        return kernel_cells(source, seed, n_or_names)
+
+    def assemble(records, finished):
+        cells = {key: record for key, record in records.items() if record is not None}
+        return _assemble(dataset, sizes, list(seeds), names, cells, num_test_used, n0s,
+                         network_loss, num_bootstrap, skip_reasons[0] if skip_reasons else None,
+                         settings, store, fit_window, local_points, finished)
+
+    grid.run(compute, max_new=max_new_cells, after_each=None if store.sharded else (
+        lambda *_: cell_store.write_json_atomic(os.path.join(output_dir, "results.json"),
+                                                assemble(grid.records, finished=False))))
+    records = grid.gathered(excuse=infinite_skip_reason)
+    if records is None:
+        return None  # Other shards' cells are missing (logged): no results.json yet.
+    results = assemble(records, finished=store.sharded or grid.finished)
     cell_store.write_json_atomic(os.path.join(output_dir, "results.json"), results)
     study_b.data_scaling_summaries(results, os.path.join(output_dir, "tensorboard", "summary"))
     if write_figures:

@@ -53,7 +53,7 @@ import time
 import numpy as np
 from absl import logging
 
-from experiments import kernel_velocity, launcher
+from experiments import kernel_methods, kernel_velocity, launcher
 
 LOSSES = ("cross_entropy", "mse")
 
@@ -87,7 +87,6 @@ def _train_width(width, *, model_builder, model, depth, data, num_classes, probe
     import tensorflow as tf
 
     import keras_ntk
-    from experiments import kernel_methods
 
     keras.utils.set_random_seed(seed)
     with strategy.scope():
@@ -281,13 +280,10 @@ def run(
             f"Received: kernel_evolution.run.num_probe={num_probe}, "
             f"kernel_evolution.run.num_validation={num_validation}"
         )
-    num_classes = int(max(data.train.y.max(), data.test.y.max())) + 1
+    num_classes = data.num_classes
     order = np.random.RandomState(probe_seed).permutation(len(data.train.y))
-    probe_rows = order[:num_probe + num_validation]
-    probe_x = np.concatenate([data.train.x[probe_rows], data.test.x])
-    probe_y = np.concatenate([data.train.y[probe_rows], data.test.y])
-    layout = {"num_candidates": num_probe, "num_validation": num_validation,
-              "num_test": len(data.test.y)}
+    probe_x, probe_y, layout = kernel_methods.kernel_union(
+        data.train, data.test, order[:num_probe], order[num_probe:num_probe + num_validation])
     steps_per_epoch = int(np.ceil(len(data.train.y) / batch_size))
     total_steps = epochs * steps_per_epoch
     velocity_times, _ = kernel_velocity.paired_snapshot_steps(total_steps, num_snapshots,
@@ -371,11 +367,8 @@ def run(
             ntk_implementation=ntk_implementation)
 
     grid.run(compute, after_each=None if store.sharded else write)
-    if store.sharded:  # The cells of every shard, or no results.json yet.
-        gathered = store.gather(grid.settings)
-        if gathered is None:
-            return None
-        records.update(gathered)
+    if grid.gathered() is None:
+        return None  # Other shards' cells are missing (logged): no results.json yet.
     # The tail fits follow the current rule, also for runs read back from the store.
     results["finished"] = all(record is not None for record in records.values())
     write()

@@ -12,7 +12,9 @@ and any binary that scores a kernel against a trained network:
 * `kernel_method_errors`: one kernel on candidates + validation + test sliced
   per training-set size n, the ridge chosen on the validation rows, test error
   and per-example scores;
-* `mse`, `error_rate`, `cross_entropy`, `per_example_losses`: the scores,
+* `kernel_union`: the inputs of such a kernel, in the order it is sliced;
+* `mse`, `error_rate`, `cross_entropy`, `per_example_losses`,
+  `per_example_cross_entropy`: the scores,
   computed as Keras computes them.
 """
 
@@ -85,12 +87,28 @@ def error_rate(predictions, labels):
     return float(np.mean(np.argmax(predictions, axis=-1) != np.asarray(labels)))
 
 
-def cross_entropy(logits, labels):
-    """Mean softmax cross-entropy of integer labels."""
+def per_example_cross_entropy(logits, labels):
+    """Per example: the softmax cross-entropy of its integer label, log Σ e^f − f_y."""
     logits = np.asarray(logits, np.float64)
     shifted = logits - logits.max(axis=-1, keepdims=True)
-    log_probabilities = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-    return float(-np.mean(log_probabilities[np.arange(len(labels)), labels]))
+    return np.log(np.exp(shifted).sum(axis=-1)) - shifted[np.arange(len(labels)), labels]
+
+
+def cross_entropy(logits, labels):
+    """Mean softmax cross-entropy of integer labels."""
+    return float(np.mean(per_example_cross_entropy(logits, labels)))
+
+
+def kernel_union(train, test, candidates, validation):
+    """(x, y, layout) of a kernel's inputs: candidates, validation, then every test input.
+
+    The order `kernel_indices` and `kernel_method_errors` read: `train` and
+    `test` are splits (`.x`, `.y`), `candidates` and `validation` rows of `train`.
+    """
+    x = np.concatenate([train.x[candidates], train.x[validation], test.x])
+    y = np.concatenate([train.y[candidates], train.y[validation], test.y])
+    return x, y, {"num_candidates": len(candidates), "num_validation": len(validation),
+                  "num_test": len(test.y)}
 
 
 def kernel_indices(layout, n):

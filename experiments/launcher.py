@@ -95,7 +95,7 @@ for _name in ("num_cpu_devices", "simulate_crash_after_epochs"):
     flags.FLAGS[_name].help += " (hidden: for tests)"
 
 
-# Binaries whose cell loop honours `--shard` (`CellStore.mine` / `gather`).
+# Binaries whose cell loop honours `--shard` (`grid.Grid.run` / `Grid.gathered`).
 SHARDED_STUDIES = ("data_scaling", "kernel_evolution", "linear_vs_nonlinear", "trainability")
 
 MULTI_WORKER_TRAINING = (

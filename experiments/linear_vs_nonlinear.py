@@ -121,13 +121,10 @@ class _Study:
         return os.path.join(self.output_dir, *parts)
 
     def build(self, name, weights_path=None):
-        import keras
-
         with self.strategy.scope():
             model = self.model_builders[name](self.dataset.input_shape, 1)
             if weights_path is not None:
                 model.load_weights(weights_path)
-        del keras
         return model
 
     def linearize(self, network, mode, non_trainable_values=None):
@@ -151,19 +148,13 @@ def _initial_state(study, model_name, init_seed, num_eigenvectors, init_dir=None
     Both files live in `init_dir` (the store's `init-<model>` cell), written
     atomically; an unreadable one is discarded and computed again.
     """
-    import keras
-
     from experiments import cells
 
     init_dir = init_dir or study.path("init")
-    weights_path = os.path.join(init_dir, f"{model_name}.weights.h5")
-    model = study.build(model_name)
-    if not cells.load_weights_or_discard(model, weights_path):
-        keras.utils.set_random_seed(init_seed)
-        model = study.build(model_name)
-        cells.save_weights_atomic(model, weights_path)
-        logging.info("Saved θ0 of %s (init_seed=%d) to %s", model_name, init_seed, weights_path)
-
+    weights_path = cells.initial_weights(lambda: study.build(model_name),
+                                         os.path.join(init_dir, f"{model_name}.weights.h5"),
+                                         init_seed)
+    model = study.build(model_name, weights_path)
     eigen_path = os.path.join(init_dir, f"{model_name}_eigen.npz")
     saved = cells.load_or_discard(eigen_path, cells.load_npz)
     if saved is not None and (
@@ -521,22 +512,19 @@ def run(
                          store.cell_dir(cell_id))
 
     def write_results(*_):
-        results["runs"] = [record for record in records.values() if record is not None]
+        results["runs"] = [record for record in grid.records.values() if record is not None]
         cell_store.write_json_atomic(results_path, results)
 
     cells_by_id = {_cell_id(*cell): cell for cell in cells}
     # Every stored cell and θ0 is checked before any work: other settings are refused here.
-    for name in models:
-        store.get(f"init-{name}", init_settings[name])
-    grid = grid_lib.Grid(store, [(key, cell_settings(cell)) for key, cell in cells_by_id.items()])
-    records = grid.check()
+    grid = grid_lib.Grid(store, [(key, cell_settings(cell)) for key, cell in cells_by_id.items()],
+                         shared={f"init-{name}": init_settings[name] for name in models})
     grid.run(compute, after_each=None if store.sharded else write_results,
              max_new=max_new_cells, discard_cell_dir=True)
-    if store.sharded:  # The cells of every shard, or no results.json yet.
-        gathered = store.gather(grid.settings)
-        if gathered is None:
-            return None
-        records.update(gathered)
+    records = grid.gathered()
+    if records is None:
+        return None  # Other shards' cells are missing (logged): no results.json yet.
+    if store.sharded:
         for name in models:
             initial_state(name)  # results["eigen"], from the θ0 cell stored by a shard.
     write_results()

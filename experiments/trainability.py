@@ -89,28 +89,10 @@ def _phase_data(dataset, num_train, heldout, flat=True):
     return prepared(x_train), y_train, prepared(x_test), y_test, description
 
 
-def _log_scalars(output_dir, run_name, step_scalars):
-    """Writes {step: {tag: value}} to TensorBoard under output_dir/tensorboard/run_name."""
-    import tensorflow as tf
-
-    with cells_lib.summary_writer(os.path.join(output_dir, "tensorboard", run_name)) as writer:
-        with writer.as_default():
-            for step, scalars in step_scalars.items():
-                for tag, value in scalars.items():
-                    tf.summary.scalar(tag, value, step=step)
-
-
-def _gathered(grid, records):
-    """A part's records from every shard (--shard, --merge); None while some are missing (logged)."""
-    if not grid.store.sharded:
-        return records
-    return grid.store.gather(grid.settings)
-
-
-def _phase_diagrams(grid, output_dir, activations, grids, depths, sigma_b2, phase_data,
-                    num_classes, times, learning_rate_fraction, kernel_batch_size):
+def _phase_part(points, output_dir, activations, grids, depths, sigma_b2, phase_data,
+                num_classes, times, learning_rate_fraction, kernel_batch_size):
+    """Part 1-2's cell (one σw² row, every depth), its TensorBoard log and its assembly."""
     x_train, labels_train, x_test, labels_test, _ = phase_data
-    points = grid.points  # key → (activation, σw²)
 
     def compute(key):
         activation, sigma_w2 = points[key]
@@ -121,18 +103,20 @@ def _phase_diagrams(grid, output_dir, activations, grids, depths, sigma_b2, phas
     def log(key, row):
         activation, sigma_w2 = points[key]
         prefix = f"sigma_w2={sigma_w2:g}"
-        _log_scalars(output_dir, f"phase_{activation}", {depth: {
-            f"{prefix}/log10_condition_number": math.log10(cell["condition_number"]),
-            f"{prefix}/mean_predictor_test_accuracy": cell["mean_predictor"]["test_accuracy"],
-        } for depth, cell in zip(depths, row["cells"])})
+        cells_lib.log_scalars(os.path.join(output_dir, "tensorboard", f"phase_{activation}"), {
+            depth: {f"{prefix}/log10_condition_number": math.log10(cell["condition_number"]),
+                    f"{prefix}/mean_predictor_test_accuracy":
+                        cell["mean_predictor"]["test_accuracy"]}
+            for depth, cell in zip(depths, row["cells"])})
 
-    records = _gathered(grid, grid.run(compute, after_each=log))
-    if records is None:
-        return None
-    return [phase_diagram.assemble_diagram(
-        activation, grids[activation], depths, sigma_b2,
-        [records[key] for key in points if points[key][0] == activation], times,
-        learning_rate_fraction) for activation in activations]
+    def assemble(records):
+        return {"phase_diagram": [phase_diagram.assemble_diagram(
+            activation, grids[activation], depths, sigma_b2,
+            [records[key] for key in points if points[key][0] == activation], times,
+            learning_rate_fraction) for activation in activations]}
+
+    return compute, log, assemble
+
 
 # ---------------------------------------------------------------- 3
 
@@ -177,9 +161,9 @@ def architecture_cell(name, depth, activation, sigma_w2, sigma_b2, split, kernel
     return cell
 
 
-def _architectures(grid, output_dir, names, depths, activation, sigma_w2, sigma_b2, split,
-                   kernel_size, ridge, kernel_batch_size):
-    points = grid.points  # key → (architecture, depth)
+def _architecture_part(points, output_dir, names, depths, activation, sigma_w2, sigma_b2, split,
+                       description, kernel_size, ridge, kernel_batch_size):
+    """Part 3's cell (an architecture at a depth), its TensorBoard log and its assembly."""
 
     def compute(key):
         return architecture_cell(*points[key], activation, sigma_w2, sigma_b2, split,
@@ -187,26 +171,38 @@ def _architectures(grid, output_dir, names, depths, activation, sigma_w2, sigma_
 
     def log(key, cell):
         name, depth = points[key]
-        _log_scalars(output_dir, "architectures", {depth: {
+        cells_lib.log_scalars(os.path.join(output_dir, "tensorboard", "architectures"), {depth: {
             f"{name}/test_accuracy": cell["test_accuracy"],
             f"{name}/log10_condition_number": math.log10(cell["condition_number"])}})
 
-    records = _gathered(grid, grid.run(compute, after_each=log))
-    if records is None:
-        return None
-    out = {}
-    for name in names:
-        by_depth = [records[key] for key in points if points[key][0] == name]
-        out[name] = {
-            # The contract's number: the deepest of `architecture_depths`.
-            "test_accuracy": by_depth[-1]["test_accuracy"],
-            "depth": [int(d) for d in depths],
-            **{f"{key}_by_depth" if key == "test_accuracy" else key:
-               [c[key] for c in by_depth]
-               for key in ("test_accuracy", "test_correct", "condition_number",
-                           "condition_at_float64_bound", "eigenvalues", "kernel_seconds")},
+    def assemble(records):
+        out = {}
+        for name in names:
+            by_depth = [records[key] for key in points if points[key][0] == name]
+            out[name] = {
+                # The contract's number: the deepest of `architecture_depths`.
+                "test_accuracy": by_depth[-1]["test_accuracy"],
+                "depth": [int(d) for d in depths],
+                **{f"{key}_by_depth" if key == "test_accuracy" else key:
+                   [c[key] for c in by_depth]
+                   for key in ("test_accuracy", "test_correct", "condition_number",
+                               "condition_at_float64_bound", "eigenvalues", "kernel_seconds")},
+            }
+        return {
+            "architectures": out,
+            "architecture_tests": stats.pairwise_mcnemar(
+                {name: a["test_correct"] for name, a in out.items()}, depths),
+            "architecture_setup": {
+                "activation": activation, "sigma_w2": float(sigma_w2),
+                "sigma_b2": float(sigma_b2), "num_train": len(split[1]),
+                "num_test": len(split[3]), "examples": description,
+                "kernel_size": int(kernel_size), "ridge_relative_to_mean_diagonal": float(ridge),
+                "kernel_seconds_total": float(sum(sum(a["kernel_seconds"])
+                                                  for a in out.values())),
+            },
         }
-    return out
+
+    return compute, log, assemble
 
 
 # ---------------------------------------------------------------- 4
@@ -240,8 +236,9 @@ def _train_finite(width, seed, depth, activation, sigma_w2, sigma_b2, x_train, y
     return ft_test, f0_test, float(np.mean((ft_train - targets) ** 2))
 
 
-def _finite_width(grid, output_dir, dataset, widths, seeds, depth, activation, sigma_w2,
-                  sigma_b2, num_train, steps, learning_rate_fraction, strategy):
+def _finite_width_part(points, output_dir, dataset, widths, seeds, depth, activation, sigma_w2,
+                       sigma_b2, num_train, steps, learning_rate_fraction, strategy):
+    """Part 4's cell (a width and seed), and its assembly against the infinite prediction."""
     import keras_ntk
     from experiments import models
     from keras_ntk import predict
@@ -249,7 +246,7 @@ def _finite_width(grid, output_dir, dataset, widths, seeds, depth, activation, s
     x_train = dataset.train.x[:num_train]
     labels_train = dataset.train.y[:num_train]
     x_test, labels_test = dataset.test.x, dataset.test.y
-    num_classes = int(max(dataset.train.y.max(), dataset.test.y.max())) + 1
+    num_classes = dataset.num_classes
     # One-hot − 1/C (as the session-1 runs of this part).
     y_train = phase_diagram.heatmap_targets(labels_train, num_classes) - 1.0 / num_classes
     model = models.ntk_fcn(x_train.shape[1:], 1, depth=depth, width=8, sigma_w2=sigma_w2,
@@ -265,8 +262,6 @@ def _finite_width(grid, output_dir, dataset, widths, seeds, depth, activation, s
     def error(outputs):
         return float(np.linalg.norm(outputs - infinite_test) / scale)
 
-    points = grid.points  # key → (width, seed)
-
     def compute(key):
         width, seed = points[key]
         ft, f0, loss = _train_finite(
@@ -275,36 +270,36 @@ def _finite_width(grid, output_dir, dataset, widths, seeds, depth, activation, s
             os.path.join(output_dir, "tensorboard", "finite_width", f"w{width}_s{seed}"))
         return {"centred_test": (ft - f0).tolist(), "raw_test": ft.tolist(), "final_loss": loss}
 
-    records = _gathered(grid, grid.run(compute))
-    if records is None:
-        return None
-    per_width = []
-    for width in widths:
-        runs = [records[key] for key in points if points[key][0] == width]
-        centred = [np.asarray(run["centred_test"]) for run in runs]
-        raw = [np.asarray(run["raw_test"]) for run in runs]
-        per_width.append({
-            "width": int(width),
-            "centred_relative_error": [error(c) for c in centred],
-            "centred_relative_error_mean": float(np.mean([error(c) for c in centred])),
-            "ensemble_centred_relative_error": error(np.mean(centred, axis=0)),
-            "ensemble_raw_relative_error": error(np.mean(raw, axis=0)),
-            "single_raw_relative_error_mean": float(np.mean([error(r) for r in raw])),
-            "centred_test_accuracy": [phase_diagram.accuracy(c, labels_test) for c in centred],
-            "ensemble_centred_test_accuracy": phase_diagram.accuracy(np.mean(centred, axis=0),
-                                                                     labels_test),
-            "final_train_loss": [r["final_loss"] for r in runs],
-        })
-    return {
-        "activation": activation, "depth": int(depth), "sigma_w2": float(sigma_w2),
-        "sigma_b2": float(sigma_b2), "num_train": int(num_train), "steps": int(steps),
-        "learning_rate": float(rate), "learning_rate_fraction": float(learning_rate_fraction),
-        "seeds": [int(s) for s in seeds],
-        "infinite_test_accuracy": phase_diagram.accuracy(infinite_test, labels_test),
-        "comparison": "relative Frobenius error ‖f − μ_T‖/‖μ_T‖ on test inputs, μ_T the "
-                      "infinite mean predictor after T steps",
-        "widths": per_width,
-    }
+    def assemble(records):
+        per_width = []
+        for width in widths:
+            runs = [records[key] for key in points if points[key][0] == width]
+            centred = [np.asarray(run["centred_test"]) for run in runs]
+            raw = [np.asarray(run["raw_test"]) for run in runs]
+            per_width.append({
+                "width": int(width),
+                "centred_relative_error": [error(c) for c in centred],
+                "centred_relative_error_mean": float(np.mean([error(c) for c in centred])),
+                "ensemble_centred_relative_error": error(np.mean(centred, axis=0)),
+                "ensemble_raw_relative_error": error(np.mean(raw, axis=0)),
+                "single_raw_relative_error_mean": float(np.mean([error(r) for r in raw])),
+                "centred_test_accuracy": [phase_diagram.accuracy(c, labels_test) for c in centred],
+                "ensemble_centred_test_accuracy": phase_diagram.accuracy(np.mean(centred, axis=0),
+                                                                         labels_test),
+                "final_train_loss": [r["final_loss"] for r in runs],
+            })
+        return {"finite_width": {
+            "activation": activation, "depth": int(depth), "sigma_w2": float(sigma_w2),
+            "sigma_b2": float(sigma_b2), "num_train": int(num_train), "steps": int(steps),
+            "learning_rate": float(rate), "learning_rate_fraction": float(learning_rate_fraction),
+            "seeds": [int(s) for s in seeds],
+            "infinite_test_accuracy": phase_diagram.accuracy(infinite_test, labels_test),
+            "comparison": "relative Frobenius error ‖f − μ_T‖/‖μ_T‖ on test inputs, μ_T the "
+                          "infinite mean predictor after T steps",
+            "widths": per_width,
+        }}
+
+    return compute, None, assemble
 
 
 # ---------------------------------------------------------------- run
@@ -504,77 +499,66 @@ def run(
 
     results_path = os.path.join(output_dir, "results.json")
 
-    def assemble_parts():
-        """Computes this process' cells of every part and assembles each; True: cells missing."""
+    def phase_part():
         phase_data = _phase_data(data, num_train or len(data.train.y), heldout)
-        num_classes = int(max(data.train.y.max(), data.test.y.max())) + 1
         results["num_train"], results["num_test"] = len(phase_data[1]), len(phase_data[3])
         results["examples"] = phase_data[4]
         logging.info("Part 1-2: FCN phase diagrams on %d train / %d held-out inputs (%s)",
                      results["num_train"], results["num_test"], phase_data[4])
-        diagrams = _phase_diagrams(phase_grid, output_dir, activations, grids, depths, sigma_b2,
-                                   phase_data, num_classes, times, learning_rate_fraction,
-                                   kernel_batch_size)
-        results["phase_diagram"] = diagrams
-        # A shard computes its cells of every part; results.json only from every shard's cells.
-        incomplete = diagrams is None
-        if not store.sharded:
+        num_classes = data.num_classes
+        return _phase_part(phase_grid.points, output_dir, activations, grids, depths, sigma_b2,
+                           phase_data, num_classes, times, learning_rate_fraction,
+                           kernel_batch_size)
+
+    def architecture_part():
+        subset = data_lib.load_dataset(
+            dataset, num_train=None if heldout == "test_and_unused_train" else
+            architecture_num_train, num_test=None, data_dir=data_dir)
+        x_train, labels_train, x_test, labels_test, description = _phase_data(
+            subset, architecture_num_train, heldout, flat=False)
+        split = (x_train, labels_train, x_test[:architecture_num_test],
+                 labels_test[:architecture_num_test])
+        logging.info("Part 3: architectures %s on %d train / %d test inputs", architectures,
+                     len(split[1]), len(split[3]))
+        description += f", the first {len(split[3])} of them" if architecture_num_test else ""
+        return _architecture_part(architecture_grid.points, output_dir, architectures,
+                                  architecture_depths, architecture_activation,
+                                  architecture_sigma_w2, sigma_b2, split, description,
+                                  conv_kernel_size, ridge, kernel_batch_size)
+
+    def finite_width_part():
+        logging.info("Part 4: finite widths %s, seeds %s", finite_widths, finite_seeds)
+        return _finite_width_part(
+            finite_grid.points, output_dir, data, finite_widths, finite_seeds, finite_depth,
+            finite_activation, finite_sigma_w2, sigma_b2, min(finite_num_train, len(data.train.y)),
+            int(finite_steps), finite_learning_rate_fraction, strategy)
+
+    # Each part: its cells computed (this shard's, with --shard), then assembled. Unsharded,
+    # results.json is rewritten after each part (the heatmaps first: parts 3 and 4 can take
+    # much longer); a shard assembles every part once, from every shard's cells, after its
+    # own last cell (the common path of the binaries: Grid.run, then Grid.gathered).
+    parts = [(phase_grid, phase_part)] + [(architecture_grid, architecture_part)] * bool(
+        architectures) + [(finite_grid, finite_width_part)] * bool(finite_widths)
+    assemblers = []
+    for grid, part in parts:
+        compute, log, assemble = part()
+        grid.run(compute, after_each=log)
+        assemblers.append(assemble)
+        if store.sharded:
+            continue
+        results.update(assemble(grid.records))
+        if grid is not finite_grid:
             cells_lib.write_json_atomic(results_path, results)
-        if write_figures and not store.sharded:  # The heatmaps now; parts 3 and 4 can take much longer.
+        if write_figures and grid is phase_grid:
             from experiments.figures import study_c as figures
 
             figures.draw_figures(results, os.path.join(output_dir, "figures"))
-
-        if architectures:
-            subset = data_lib.load_dataset(
-                dataset, num_train=None if heldout == "test_and_unused_train" else
-                architecture_num_train, num_test=None, data_dir=data_dir)
-            x_train, labels_train, x_test, labels_test, description = _phase_data(
-                subset, architecture_num_train, heldout, flat=False)
-            split = (x_train, labels_train, x_test[:architecture_num_test],
-                     labels_test[:architecture_num_test])
-            logging.info("Part 3: architectures %s on %d train / %d test inputs", architectures,
-                         len(split[1]), len(split[3]))
-            results["architectures"] = _architectures(
-                architecture_grid, output_dir, architectures, architecture_depths,
-                architecture_activation, architecture_sigma_w2, sigma_b2, split, conv_kernel_size,
-                ridge, kernel_batch_size)
-        if architectures and results["architectures"] is None:
-            incomplete = True
-        elif architectures:
-            results["architecture_tests"] = stats.pairwise_mcnemar(
-                {name: a["test_correct"] for name, a in results["architectures"].items()},
-                architecture_depths)
-            results["architecture_setup"] = {
-                "activation": architecture_activation, "sigma_w2": float(architecture_sigma_w2),
-                "sigma_b2": float(sigma_b2), "num_train": len(split[1]),
-                "num_test": len(split[3]), "examples": description + (
-                    f", the first {len(split[3])} of them" if architecture_num_test else ""),
-                "kernel_size": int(conv_kernel_size),
-                "ridge_relative_to_mean_diagonal": float(ridge),
-                "kernel_seconds_total": float(sum(sum(a["kernel_seconds"])
-                                                  for a in results["architectures"].values())),
-            }
-            if not store.sharded:
-                cells_lib.write_json_atomic(results_path, results)
-
-        if finite_widths:
-            logging.info("Part 4: finite widths %s, seeds %s", finite_widths, finite_seeds)
-            results["finite_width"] = _finite_width(
-                finite_grid, output_dir, data, finite_widths, finite_seeds, finite_depth,
-                finite_activation, finite_sigma_w2, sigma_b2,
-                min(finite_num_train, len(data.train.y)), int(finite_steps),
-                finite_learning_rate_fraction, strategy)
-            incomplete = incomplete or results["finite_width"] is None
-        return incomplete
-
-    incomplete = assemble_parts()
-    if incomplete and store.sharded:
-        # Each part was gathered when this shard finished its cells of that part; other
-        # shards may have finished theirs since: read every part once more (no new cell).
-        incomplete = assemble_parts()
-    if incomplete:
-        return None  # Other shards' cells are missing (logged): no results.json yet.
+    if store.sharded:
+        records = grid_lib.gathered(*(grid for grid, _ in parts))
+        if records is None:
+            return None  # Other shards' cells are missing (logged): no results.json yet.
+        for assemble, part_records in zip(assemblers, records):
+            results.update(assemble(part_records))
     results["seconds_this_run"] = time.time() - start
     cells_lib.write_json_atomic(results_path, results)
     if write_figures:

@@ -64,21 +64,38 @@ def model_profile(model, x, weights, rules, training):
     )
 
 
+# Calibrated on the first-call peaks of benchmarks/ntk_speed.py --memory-estimates
+# (2026-11-30: VmHWM of a fresh process over a baseline with TensorFlow imported and the
+# model built; MLP-1, MLP-10 full, LeNet, ResNet-18, transformer; structured and
+# jacobian; docs/performance.md): the smallest coefficients that bound every row.
+_GRAPH_BYTES = 72 * 2**20  # tracing and XLA compilation: a fixed part ...
+_GRAPH_BYTES_PER_OP = 0.22 * 2**20  # ... and a part per op of the traced forward graph
+_JACOBIAN_COPIES = 2.6  # per-example Jacobians: vectorized gradients, concat, contraction
+_LIVE_ACTIVATIONS = {"jacobian": 0.05, "structured": 0.7}  # share of `act` live at once
+
+
+def graph_bytes(profile):
+    """Memory of tracing and compiling the block function (first call), in bytes."""
+    return _GRAPH_BYTES + _GRAPH_BYTES_PER_OP * profile.ops
+
+
 def estimates(impl, profile, out_axes, n1, n2, same, itemsize, vector=False):
     """(FLOPs, peak bytes) of one block of n1 × n2 examples for `impl`.
 
-    The cost model behind `implementation="auto"`; see `empirical_ntk`.
+    The cost model behind `implementation="auto"`; see `empirical_ntk`. The peak
+    includes the first call's tracing and compilation (`graph_bytes`).
     """
     n = n1 if same else n1 + n2
     s_total = sum(ax.size for ax in out_axes)
     act = profile.activations
+    kj, ka_j = _JACOBIAN_COPIES, _LIVE_ACTIVATIONS["jacobian"]
     fwd = sum(forward_flops(d) for d in profile.rule_dims) + 2 * profile.n_rest + act
     out_elems = sum(n1 * n2 * ax.kernel_size for ax in out_axes)
     if impl == "jacobian":
         flops = n * s_total * 3 * fwd + sum(
             n1 * n2 * ax.pairs * profile.n_params for ax in out_axes
         )
-        elems = n * s_total * (profile.n_params + 2 * act) + out_elems
+        elems = n * s_total * (kj * profile.n_params + 2 * ka_j * act) + out_elems
     elif impl == "ntvp" and vector:
         # ntk_vector_product: |S| stacked VJPs/JVPs per column (one column
         # assumed), one block of examples at a time. `act` counts every op
@@ -95,10 +112,10 @@ def estimates(impl, profile, out_axes, n1, n2, same, itemsize, vector=False):
         # forward, then one input-cotangent pass per output entry (the per-example
         # weight gradients are in the rules' contraction costs)
         flops = n * fwd * (1 + s_total)
-        # the forward's activations, kept for the backward pass; the cotangents kept
-        # are those at the rules' outputs, counted per rule below (the others are
-        # live one layer at a time)
-        elems = n * act + out_elems
+        # the forward's activations kept for the backward pass (the share live at
+        # once, calibrated); the cotangents kept are those at the rules' outputs,
+        # counted per rule below (the others are live one layer at a time)
+        elems = n * _LIVE_ACTIVATIONS["structured"] * act + out_elems
         for d in profile.rule_dims:
             for ax in out_axes:
                 _, (rule_flops, extra) = contraction_form(n1, n2, d, ax)
@@ -109,10 +126,10 @@ def estimates(impl, profile, out_axes, n1, n2, same, itemsize, vector=False):
             flops += n * s_total * 3 * fwd + sum(
                 n1 * n2 * ax.pairs * profile.n_rest for ax in out_axes
             )
-            elems += n * s_total * (profile.n_rest + 2 * act)
+            elems += n * s_total * (kj * profile.n_rest + 2 * ka_j * act)
     else:
         raise ValueError(impl)
-    return float(flops), int(elems * itemsize)
+    return float(flops), int(elems * itemsize + graph_bytes(profile))
 
 
 def _estimates_of(impl, profile, out_axes, b1, b2, same, itemsize, vector):
@@ -123,6 +140,16 @@ def _estimates_of(impl, profile, out_axes, b1, b2, same, itemsize, vector):
     if key not in memo:
         memo[key] = estimates(impl, profile, out_axes, b1, b2, same, itemsize, vector=vector)
     return memo[key]
+
+
+def block_estimates(impl, profile, out_axes, n1, b1, b2, same, itemsize, vector=False):
+    """(FLOPs of a diagonal block, peak bytes of the largest block) of padded blocks
+    b1 × b2: with `same` and several blocks, off-diagonal blocks hold 2·b1 examples."""
+    flops, peak = _estimates_of(impl, profile, out_axes, b1, b2, same, itemsize, vector)
+    if same and n1 > b1:
+        peak = max(peak, _estimates_of(impl, profile, out_axes, b1, b1, False, itemsize,
+                                       vector)[1])
+    return flops, peak
 
 
 def choose_block(order, profile, out_axes, n1, n2, same, itemsize, vector, batch_size,
@@ -147,8 +174,8 @@ def choose_block(order, profile, out_axes, n1, n2, same, itemsize, vector, batch
     for impl in order:
         for b in block_sizes():
             b1, b2 = padded_size(n1, b), padded_size(n2, b)
-            flops, peak = _estimates_of(impl, profile, out_axes, b1, b2, same, itemsize,
-                                        vector)
+            flops, peak = block_estimates(impl, profile, out_axes, n1, b1, b2, same,
+                                          itemsize, vector)
             blocks = math.ceil(n1 / b1) * math.ceil(n2 / b2)
             if same:
                 nb = math.ceil(n1 / b1)
@@ -156,8 +183,12 @@ def choose_block(order, profile, out_axes, n1, n2, same, itemsize, vector, batch
             total_peak = peak + result_bytes
             tried.append((impl, b, total_peak))
             if total_peak <= budget:
-                if best is None or flops * blocks < best[0]:
-                    best = (flops * blocks, impl, b)
+                # The structured passes run on the whole block; the others vectorize a
+                # per-example graph (pfor; a conv's filter gradient becomes a loop over
+                # examples): measured 1x (transformer) to 5x (ResNet-18) slower per FLOP.
+                cost = flops * blocks * (0.5 if impl == "structured" else 1.0)
+                if best is None or cost < best[0]:
+                    best = (cost, impl, b)
                 break
     if best is None:
         smallest = min(tried, key=lambda t: t[2])

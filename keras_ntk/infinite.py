@@ -71,10 +71,11 @@ _LIVE_ARRAYS = 12
 
 
 # Automatic XLA: when a call's spatial kernels hold more numbers than this
-# (pairs of examples × positions or pairs of positions), compiling (3-5 s on
-# the loaded 2-core machine) is worth it: XLA saved ~1e-7 s per number on GAP
-# and ~2e-7 s on Flatten kernels (3× faster once compiled).
-_XLA_MIN_ENTRIES = 1 << 26
+# (pairs of examples × positions or pairs of positions) it is compiled by XLA,
+# which fuses each layer's elementwise chain (2-3× faster once compiled). Its
+# first call costs about as much as the uncompiled graph's (tracing, graph
+# optimization), so XLA takes over where eager execution stops.
+_XLA_MIN_ENTRIES = 1 << 22
 # Smaller calls (numbers in the kernels of all pairs, as `_spatial_entries`)
 # run op by op: tracing the recursion into a graph takes 1-10 s, which is all
 # of a small call's time (a 5-image residual CNN: 0.2 s instead of 4 s).
@@ -185,9 +186,9 @@ def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
         jit_compile: compile the recursion with XLA (arccos/arcsin then
             evaluated by fused polynomials within 3 ulp, see `_acos`). None
             (default) does so when the spatial kernels of the call hold more
-            than 2²⁶ numbers (on 8×8 images: a GAP head beyond ~180 examples,
-            a Flatten head beyond ~1450), where it is about 3× faster;
-            compiling takes a few seconds, so small calls run uncompiled.
+            than 2²² numbers (on 8×8 images: a GAP head beyond ~45 examples,
+            a Flatten head beyond ~360), where it is 2-3× faster; compiling
+            takes about a second, so smaller calls run op by op.
         all_depths: also return the kernels at the output of every
             `NTKDense` layer acting on flat inputs, from the same single pass
             through the recursion. For an FCN whose layers all share σw², σb²
@@ -309,7 +310,12 @@ def infinite_kernels(model, x1, x2=None, *, batch_size=None, dtype="float64",
     def self_terms(x, block):
         """Per-example variances before each activation, and the diagonal kernels."""
         chunk = max(batch_size * batch_size // block, 1) * block
-        parts = [compiled.self_recursion(tf.constant(x[a:b]), all_depths)
+        # The self recursion has N kernels, not N², so unless they are many it
+        # runs op by op: tracing and compiling it (XLA: ~1 s) cost more than
+        # running it (a Flatten head, N = 600: 0.07 s).
+        small = _spatial_entries(steps, len(x)) + len(x) <= _EAGER_MAX_ENTRIES
+        recursion = compiled.eager() if small else compiled
+        parts = [recursion.self_recursion(tf.constant(x[a:b]), all_depths)
                  for a, b in block_ranges(len(x), chunk)]
         records = [p[0] for p in parts]
         variances = ([] if not records or not records[0] else

@@ -97,6 +97,25 @@ def _double_vjp_jvp(tape, flat_outputs, primals, tangents):
     return transpose_tape.gradient(pairing, cotangents, unconnected_gradients=zero)
 
 
+def _tracing_for_xla():
+    """Whether the graph being traced now will be compiled by XLA (`jit_compile=True`).
+
+    TensorFlow marks such graphs with an XLA control-flow context (its own
+    `tf.while_loop` reads it the same way); no public API says so. If the
+    check is unavailable, answers True: the choice that is right under XLA.
+    """
+    try:
+        from tensorflow.python.ops import control_flow_util  # noqa: PLC0415
+    except ImportError:  # pragma: no cover (TensorFlow moved it)
+        return True
+    try:
+        return bool(
+            control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+        )
+    except AttributeError:  # pragma: no cover
+        return True
+
+
 def _is_float(tensor):
     return tensor.dtype.is_floating
 
@@ -216,10 +235,10 @@ class Linearize(keras.layers.Wrapper):
     trains the linearized model with any optimizer, loss, metric or callback;
     the effective weights are θ = θ0 + δ (`linearized_weights()`).
 
-    J is never formed: J·δ is a Jacobian-vector product. At order 1 it is
-    computed as J·δ = ∂/∂u ⟨Jᵀu, δ⟩ (a reverse pass at θ0 with u = 0,
-    transposed by a second one; both are ordinary graph ops that XLA and
-    Grappler fuse and prune to about one forward-mode pass), and f0 + J·δ is
+    J is never formed: J·δ is a Jacobian-vector product, in forward mode
+    (`tf.autodiff.ForwardAccumulator`) or, in a function compiled by XLA,
+    as J·δ = ∂/∂u ⟨Jᵀu, δ⟩ (a reverse pass at θ0 with u = 0, transposed by a
+    second one; see `jvp_method`). At order 1, f0 + J·δ is
     an ordinary differentiable function of x and δ: the δ-gradient
     ∂⟨u, f_lin⟩/∂δ = Jᵀu is exact (J·δ is linear in δ, θ0 is a constant)
     and costs one reverse pass through the tangent computation, and
@@ -242,15 +261,18 @@ class Linearize(keras.layers.Wrapper):
             subclassed; single or multiple inputs and outputs).
         mode: `"full"` returns f(x; θ0) + J·δ; `"difference"` returns J·δ
             only (the centred variant, which is zero at δ = 0).
-        jvp_method: how J·δ is computed. `"double_vjp"`: J·δ = ∂/∂u
-            ⟨Jᵀu, δ⟩ in reverse mode (see above), also through the
-            `tf.while_loop` of recurrent layers. `"forward"`: forward mode
-            (`tf.autodiff.ForwardAccumulator`); at order 1 do not combine it
-            with `jit_compile=True`: differentiating through TensorFlow's
-            forward-mode functions makes XLA treat δ as a compile-time
-            constant and recompile the training step at every step. `"auto"`
-            (default): `"double_vjp"` at order 1, `"forward"` at order 2
-            (which needs it; not available for recurrent models).
+        jvp_method: how J·δ is computed. `"forward"`: forward mode
+            (`tf.autodiff.ForwardAccumulator`), the fastest without XLA; at
+            order 1 do not combine it with `jit_compile=True`:
+            differentiating through TensorFlow's forward-mode functions makes
+            XLA treat δ as a compile-time constant and recompile the training
+            step at every step. `"double_vjp"`: J·δ = ∂/∂u ⟨Jᵀu, δ⟩ in
+            reverse mode, which compiles once under XLA and goes through the
+            `tf.while_loop` of recurrent layers (where TensorFlow's forward
+            mode fails in graph mode). `"auto"` (default): `"double_vjp"` for
+            recurrent models and, at order 1, when the step is being traced
+            for XLA; `"forward"` otherwise (order 2 needs it; not available
+            for recurrent models).
         non_trainable_values: Optional list of arrays, one per
             non-trainable weight of the wrapped model (e.g. BatchNorm moving
             statistics), frozen instead of the model's current values. This
@@ -597,7 +619,9 @@ class Linearize(keras.layers.Wrapper):
     def _resolved_jvp_method(self):
         if self.jvp_method != "auto":
             return self.jvp_method
-        if self.order == 1 or _contains_recurrent_layer(self.layer):
+        if _contains_recurrent_layer(self.layer):
+            return "double_vjp"
+        if self.order == 1 and _tracing_for_xla():
             return "double_vjp"
         return "forward"
 

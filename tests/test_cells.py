@@ -278,3 +278,33 @@ def test_summary_writer_is_closed_and_holds_the_scalars(tmp_path):
         for value in event.summary.value:
             values[event.step] = float(tf.make_ndarray(value.tensor))
     assert values == {0: 0.0, 1: 0.25, 2: 0.5}
+
+
+def test_log_scalars_writes_each_step_and_tag(tmp_path):
+    log_dir = str(tmp_path / "tb")
+    cells.log_scalars(log_dir, {1: {"a": 0.5, "b": 2.0}, 4: {"a": 0.25}})
+    (event_file,) = tf.io.gfile.glob(os.path.join(log_dir, "events.*"))
+    values = {(event.step, value.tag): float(tf.make_ndarray(value.tensor))
+              for event in tf.compat.v1.train.summary_iterator(event_file)
+              for value in event.summary.value}
+    assert values == {(1, "a"): 0.5, (1, "b"): 2.0, (4, "a"): 0.25}
+
+
+def test_initial_weights_are_drawn_once_with_the_seed_and_read_back(tmp_path):
+    path = str(tmp_path / "init" / "theta0.weights.h5")
+    keras.utils.set_random_seed(3)
+    expected = [w.numpy() for w in _small_model().weights]  # The seeded draw, by hand.
+    assert cells.initial_weights(_small_model, path, seed=3) == path
+    saved = _small_model()
+    saved.load_weights(path)
+    for got, want in zip(saved.weights, expected):
+        np.testing.assert_array_equal(got.numpy(), want)
+    # Read back, not drawn again, whatever the seed; a truncated file is drawn again.
+    mtime = os.path.getmtime(path)
+    assert cells.initial_weights(_small_model, path, seed=4) == path
+    assert os.path.getmtime(path) == mtime
+    _truncate(tmp_path / "init" / "theta0.weights.h5", keep=0.5)
+    cells.initial_weights(_small_model, path, seed=3)
+    again = _small_model()
+    again.load_weights(path)
+    np.testing.assert_array_equal(again.weights[0].numpy(), expected[0])

@@ -214,3 +214,10 @@ def test_cifar10_through_mock_data():
     # Standardized per channel with the training statistics.
     np.testing.assert_allclose(dataset.train.x.mean(axis=(0, 1, 2)), 0, atol=1e-4)
     assert set(np.unique(dataset.train.y)) <= set(range(10))
+
+
+def test_num_classes_counts_the_labels_of_both_splits():
+    train = data.Split(np.zeros((3, 2), np.float32), np.array([0, 4, 1]))
+    test = data.Split(np.zeros((2, 2), np.float32), np.array([6, 2]))
+    assert data.Dataset("toy", train, test).num_classes == 7  # Labels 0..6.
+    assert data.Dataset("toy", test, train).num_classes == 7

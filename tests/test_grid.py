@@ -85,3 +85,62 @@ def test_points_and_intermediate_files_of_a_cell(tmp_path):
 
     assert cell_grid.run(compute, discard_cell_dir=True) == {"w8-s0": {"width": 8}}
     assert not (tmp_path / "cells" / "w8-s0").exists()
+
+
+def test_groups_compute_several_cells_at_once_and_a_skip_stores_nothing(tmp_path, caplog):
+    store = cells.CellStore(str(tmp_path))
+    settings = {"k-a": {"m": "a"}, "k-b": {"m": "b"}, "inf": {"m": "inf"}}
+    complete = {"k-a": True, "k-b": True}
+    cell_grid = grid.Grid(store, list(settings.items()), groups=[
+        ("k-a,k-b", ("kernel", 0), ["k-a", "k-b"]), ("inf", ("infinite", 0), ["inf"])],
+        complete=lambda key, record: complete[key])
+    calls = []
+
+    def compute(point):
+        calls.append(point)
+        if point[0] == "infinite":
+            raise grid.CellSkipped("no closed form")
+        return {"k-a": {"v": 1}, "k-b": {"v": 2}}
+
+    with caplog.at_level(std_logging.INFO):
+        records = cell_grid.run(compute)
+    assert calls == [("kernel", 0), ("infinite", 0)]
+    assert records == {"k-a": {"v": 1}, "k-b": {"v": 2}, "inf": None}
+    assert "cell 2 of 2 (inf): no closed form, skipped" in caplog.text
+    assert cell_grid.finished and not (tmp_path / "cells" / "inf.json").exists()
+    # A stored record that lacks its file (`complete` False) is computed again, with its group.
+    complete["k-b"] = False
+    again = grid.Grid(store, list(settings.items()), groups=cell_grid.items[:1],
+                      complete=lambda key, record: complete[key])
+    assert again.check() == {"k-a": {"v": 1}, "k-b": None, "inf": None}
+    calls.clear()
+    again.run(compute)
+    assert calls == [("kernel", 0)]
+
+
+def test_a_stale_shared_cell_is_refused_with_the_grid(tmp_path):
+    store = cells.CellStore(str(tmp_path))
+    assert store.get("init-seed0", {"seed": 0, "rate": 0.1}) is None
+    store.cell_dir("init-seed0")  # Intermediate files stamped with their settings (θ0).
+    cell_grid = grid.Grid(cells.CellStore(str(tmp_path)), [("a", {"seed": 0})],
+                          shared={"init-seed0": {"seed": 0, "rate": 0.2}})
+    computed = []
+    with pytest.raises(ValueError, match=r"Cell 'init-seed0'.*rate: 0.1 \(stored\) → 0.2"):
+        cell_grid.run(lambda key: computed.append(key) or {})
+    assert computed == []
+
+
+def test_gathered_waits_for_every_shard_and_excuses_cells_without_records(tmp_path):
+    settings = [(f"c{i}", {"i": i}) for i in range(4)]
+    shards = [grid.Grid(cells.CellStore(str(tmp_path), shard=(i, 2)), settings) for i in range(2)]
+    shards[0].run(lambda key: {"value": key})
+    assert shards[0].gathered() is None  # c1, c3 belong to shard 1.
+    shards[1].run(lambda key: None if key == "c3" else {"value": key})
+    (tmp_path / "cells" / "c3.json").unlink()  # c3 stands for a cell that has no record.
+    merge = grid.Grid(cells.CellStore(str(tmp_path), shard=cells.MERGE), settings)
+    assert merge.gathered() is None
+    assert merge.gathered(excuse=lambda key: "no record" if key == "c3" else None) == {
+        "c0": {"value": "c0"}, "c1": {"value": "c1"}, "c2": {"value": "c2"}, "c3": None}
+    # Unsharded: this run's records, None for cells it did not compute.
+    whole = grid.Grid(cells.CellStore(str(tmp_path)), settings)
+    assert whole.gathered()["c3"] is None

@@ -126,3 +126,24 @@ def test_losses_and_error_against_keras():
                                float(keras.losses.MeanSquaredError()(one_hot, logits)), rtol=1e-5)
     assert kernel_methods.error_rate(one_hot, labels) == 0.0
     assert kernel_methods.error_rate(-one_hot, labels) == 1.0
+
+
+def test_per_example_cross_entropy_and_kernel_union():
+    rng = np.random.RandomState(1)
+    logits = rng.normal(size=(6, 3)) * 5
+    labels = rng.randint(0, 3, size=6)
+    # −log softmax(f)_y by hand, per example.
+    by_hand = [-np.log(np.exp(f[y]) / np.exp(f).sum()) for f, y in zip(logits, labels)]
+    np.testing.assert_allclose(kernel_methods.per_example_cross_entropy(logits, labels),
+                               by_hand, rtol=1e-12)
+
+    class Split:
+        def __init__(self, n, offset):
+            self.x, self.y = np.arange(n)[:, None] + offset, np.arange(n) + offset
+
+    train, test = Split(10, 0), Split(3, 100)
+    x, y, layout = kernel_methods.kernel_union(train, test, [7, 2], [5, 1, 0])
+    assert y.tolist() == [7, 2, 5, 1, 0, 100, 101, 102] and x[:, 0].tolist() == y.tolist()
+    assert layout == {"num_candidates": 2, "num_validation": 3, "num_test": 3}
+    train_rows, validation, test_rows = kernel_methods.kernel_indices(layout, 2)
+    assert y[validation].tolist() == [5, 1, 0] and y[test_rows].tolist() == [100, 101, 102]

@@ -113,3 +113,36 @@ def test_many_models_are_all_freed_and_rss_growth_is_bounded(path, xla):
     # keeps ~1 MiB per fitted model and more under XLA (its per-device compile
     # cache does not evict); the numbers are in docs/reliability.md.
     assert result["mib_per_model"] < (16.0 if xla else 5.0), result
+
+
+def test_linearize_order_1_registers_no_gradient_function():
+    """TensorFlow's gradient registry keeps every graph-mode `tf.custom_gradient` (and the
+    traced graph it closes over) for good; order 1 must not add any. Control: a
+    custom-gradient identity in the same traced step adds one."""
+    from tensorflow.python.framework import ops  # TF's registry: private, read-only here
+
+    x, _ = data(4)
+    net = mlp()
+    linear = keras_ntk.Linearize(net)
+    linear(x)
+
+    @tf.custom_gradient
+    def identity(t):
+        return tf.identity(t), lambda upstream: upstream
+
+    def entries(with_control):
+        @tf.function
+        def step(inputs):
+            with tf.GradientTape() as tape:
+                tape.watch(inputs)
+                out = linear(identity(inputs) if with_control else inputs)
+                total = tf.reduce_sum(out * out)
+            return tape.gradient(total, [*linear.deltas, inputs])
+
+        before = len(ops._gradient_registry._registry)
+        grads = step(tf.constant(x))
+        assert all(g is not None for g in grads)
+        return len(ops._gradient_registry._registry) - before
+
+    assert entries(with_control=False) == 0
+    assert entries(with_control=True) == 1
