@@ -2,9 +2,10 @@
 
 The earlier implementation (default: 891507c, δ-gradient through
 `tf.custom_gradient` around a forward-mode JVP) is loaded from git as a
-module; the current one is `keras_ntk.Linearize` (double-VJP J·δ differentiated
-directly, no custom gradient). Each round times `fit` over the same number of
-steps for: old, new, and a plain (non-linearized) fit of the same network, in
+module; the current one is `keras_ntk.Linearize` (without XLA: f0 + J·δ
+differentiated directly, no custom gradient; under XLA, forward mode keeps
+the custom gradient, since the double VJP cost 2.0× per step on the CNN).
+Each round times `fit` over the same number of steps for: old, new, and a plain (non-linearized) fit of the same network, in
 turn, so machine load affects all alike. Reported: median seconds per step
 over the rounds and the ratios, with the load average.
 

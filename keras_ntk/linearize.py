@@ -102,7 +102,8 @@ def _tracing_for_xla():
 
     TensorFlow marks such graphs with an XLA control-flow context (its own
     `tf.while_loop` reads it the same way); no public API says so. If the
-    check is unavailable, answers True: the choice that is right under XLA.
+    check is unavailable, answers True: the custom-gradient path, which is
+    right under XLA and only costs memory without it.
     """
     try:
         from tensorflow.python.ops import control_flow_util  # noqa: PLC0415
@@ -184,7 +185,7 @@ def _live(layer_ref):
 
 
 def _add_input_gradient(layer_ref, inputs, flat_inputs, primals, deltas, held, zeros, result):
-    """Order 2: adds a zero term that carries ∂f_lin/∂x, computed only if asked for.
+    """Custom-gradient paths: adds a zero term carrying ∂f_lin/∂x, computed if asked for.
 
     ∂f_lin/∂x differentiates the JVP itself (second order). Kept out of the
     δ-gradient, it is built only when something upstream of the inputs is
@@ -236,17 +237,20 @@ class Linearize(keras.layers.Wrapper):
     the effective weights are θ = θ0 + δ (`linearized_weights()`).
 
     J is never formed: J·δ is a Jacobian-vector product, in forward mode
-    (`tf.autodiff.ForwardAccumulator`) or, in a function compiled by XLA,
-    as J·δ = ∂/∂u ⟨Jᵀu, δ⟩ (a reverse pass at θ0 with u = 0, transposed by a
-    second one; see `jvp_method`). At order 1, f0 + J·δ is
-    an ordinary differentiable function of x and δ: the δ-gradient
-    ∂⟨u, f_lin⟩/∂δ = Jᵀu is exact (J·δ is linear in δ, θ0 is a constant)
-    and costs one reverse pass through the tangent computation, and
-    ∂f_lin/∂x (a trainable layer before the wrapper, input saliency) is
-    exact too and only computed when something upstream of x is
-    differentiated. No `tf.custom_gradient` is used at order 1 (in graph mode
-    each one stays in TensorFlow's global gradient registry with its traced
-    graph); training compiles once under XLA.
+    (`tf.autodiff.ForwardAccumulator`, one forward pass carrying the tangent
+    δ) or as J·δ = ∂/∂u ⟨Jᵀu, δ⟩ (see `jvp_method`). The δ-gradient is exact:
+    J·δ is linear in δ and θ0 is a constant, so ∂⟨u, f_lin⟩/∂δ = Jᵀu. At
+    order 1 without XLA, f0 + J·δ is an ordinary differentiable function of x
+    and δ: no `tf.custom_gradient` (in graph mode each one stays in
+    TensorFlow's global gradient registry with its traced graph, ~1 MiB per
+    model), and ∂f_lin/∂x (a trainable layer before the wrapper, input
+    saliency) is computed only when something upstream of x is
+    differentiated. In a step compiled by XLA, forward mode supplies Jᵀu as
+    one ordinary reverse pass at θ0 through `tf.custom_gradient`: the step
+    costs about one forward-mode and one reverse-mode pass and compiles once
+    (differentiating TensorFlow's forward-mode functions under XLA would
+    recompile the step at every step; the double VJP compiles once but costs
+    up to 2× per step on convolutional models).
 
     The wrapped model is evaluated in inference mode (`training=False`):
     Dropout is off and BatchNorm uses moving statistics that are frozen at
@@ -262,17 +266,12 @@ class Linearize(keras.layers.Wrapper):
         mode: `"full"` returns f(x; θ0) + J·δ; `"difference"` returns J·δ
             only (the centred variant, which is zero at δ = 0).
         jvp_method: how J·δ is computed. `"forward"`: forward mode
-            (`tf.autodiff.ForwardAccumulator`), the fastest without XLA; at
-            order 1 do not combine it with `jit_compile=True`:
-            differentiating through TensorFlow's forward-mode functions makes
-            XLA treat δ as a compile-time constant and recompile the training
-            step at every step. `"double_vjp"`: J·δ = ∂/∂u ⟨Jᵀu, δ⟩ in
-            reverse mode, which compiles once under XLA and goes through the
-            `tf.while_loop` of recurrent layers (where TensorFlow's forward
-            mode fails in graph mode). `"auto"` (default): `"double_vjp"` for
-            recurrent models and, at order 1, when the step is being traced
-            for XLA; `"forward"` otherwise (order 2 needs it; not available
-            for recurrent models).
+            (`tf.autodiff.ForwardAccumulator`), the fastest. `"double_vjp"`:
+            J·δ = ∂/∂u ⟨Jᵀu, δ⟩, two reverse-mode passes, for ops forward
+            mode cannot go through (TensorFlow's forward mode fails on the
+            `tf.while_loop` of recurrent layers in graph mode). `"auto"`
+            (default): `"double_vjp"` when the model contains a
+            `keras.layers.RNN`, else `"forward"`.
         non_trainable_values: Optional list of arrays, one per
             non-trainable weight of the wrapped model (e.g. BatchNorm moving
             statistics), frozen instead of the model's current values. This
@@ -530,25 +529,33 @@ class Linearize(keras.layers.Wrapper):
     def call(self, inputs, training=None):
         del training  # Always inference mode: see the class docstring.
         flat_inputs = [tf.convert_to_tensor(x) for x in tf.nest.flatten(inputs)]
-        # Every variable is read here, outside order 2's custom gradients: under
-        # a distribution strategy, custom_gradient cannot watch mirrored variables.
+        # Every variable is read here, outside the custom gradients: under a
+        # distribution strategy, custom_gradient cannot watch mirrored variables.
         primals = _read(self._initial)
         deltas = _read(self._deltas)
         held = _HeldValues(fixed=_read(self._fixed), frozen=_read(self._frozen))
-        if self.order == 1:
+        if self.order == 1 and not (
+            self._resolved_jvp_method() == "forward" and _tracing_for_xla()
+        ):
             # f0 + J·δ as an ordinary differentiable function of x and δ (θ0 is
             # a constant for every tape: only δ is trainable), no custom
             # gradient: see the class docstring. TensorFlow computes ∂f_lin/∂x
             # only when x leads to a source of the gradient.
             outputs, terms = self._taylor_terms(inputs, flat_inputs, primals, deltas, held)
             return tf.nest.pack_sequence_as(outputs, self._combine(terms))
-        return self._second_order_call(inputs, flat_inputs, primals, deltas, held)
+        return self._custom_gradient_call(inputs, flat_inputs, primals, deltas, held)
 
-    def _second_order_call(self, inputs, flat_inputs, primals, deltas, held):
-        """f0 + J·δ + ½ δᵀHδ with its δ-gradient Jᵀu + Hδ·u supplied by `tf.custom_gradient`.
+    def _custom_gradient_call(self, inputs, flat_inputs, primals, deltas, held):
+        """f_lin with its δ-gradient supplied by `tf.custom_gradient`.
 
-        Differentiating the nested accumulators directly would differentiate
-        the second-order term through a third-order graph.
+        Order 2: Jᵀu + Hδ·u (differentiating the nested accumulators directly
+        would differentiate the second-order term through a third-order graph).
+        Order 1 in forward mode under XLA: Jᵀu as one ordinary VJP at θ0.
+        Differentiating through TensorFlow's forward-mode functions there makes
+        XLA recompile the step at every step, and the double VJP, which
+        compiles once, costs up to 2× per step on convolutional models
+        (benchmarks/linearize_step.py); under XLA the registry entry below is
+        small beside XLA's own per-model compile cache.
         """
         # In graph mode `tf.custom_gradient` registers each gradient function in
         # TensorFlow's global gradient registry, which is never cleared: the
@@ -560,11 +567,14 @@ class Linearize(keras.layers.Wrapper):
         # model, benchmarks/memory_growth.py `plain_custom_gradient_fit`).
         layer_ref = weakref.ref(self)
         output_structure = input_zeros = None  # set while tracing `linearized`
+        second_order = self.order == 2
 
         @tf.custom_gradient
         def linearized(*tangents):
             nonlocal output_structure, input_zeros
-            outputs, terms = self._taylor_terms(inputs, flat_inputs, primals, tangents, held)
+            with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+                tape.watch(primals)
+                outputs, terms = self._taylor_terms(inputs, flat_inputs, primals, tangents, held)
             flat_f0 = terms[0]
             output_structure = outputs
             # From f(x; θ0) alone: the input term must not be reachable from δ.
@@ -572,9 +582,18 @@ class Linearize(keras.layers.Wrapper):
 
             def grad(*upstream, variables=None):
                 upstream = [tf.cast(u, y.dtype) for u, y in zip(upstream, flat_f0)]
-                delta_grads = _live(layer_ref)._second_order_gradient(
-                    inputs, flat_inputs, primals, tangents, held, upstream
-                )
+                if second_order:
+                    delta_grads = _live(layer_ref)._second_order_gradient(
+                        inputs, flat_inputs, primals, tangents, held, upstream
+                    )
+                else:
+                    # Linear in δ: ∂⟨u, f_lin⟩/∂δ = Jᵀu, one ordinary VJP at θ0.
+                    delta_grads = tape.gradient(
+                        flat_f0,
+                        primals,
+                        output_gradients=upstream,
+                        unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                    )
                 return list(delta_grads), [None] * len(variables or ())
 
             return self._combine(terms), grad
@@ -619,11 +638,7 @@ class Linearize(keras.layers.Wrapper):
     def _resolved_jvp_method(self):
         if self.jvp_method != "auto":
             return self.jvp_method
-        if _contains_recurrent_layer(self.layer):
-            return "double_vjp"
-        if self.order == 1 and _tracing_for_xla():
-            return "double_vjp"
-        return "forward"
+        return "double_vjp" if _contains_recurrent_layer(self.layer) else "forward"
 
     def _taylor_terms(self, inputs, flat_inputs, primals, tangents, held):
         """The wrapped model's output structure and its flat Taylor terms.

@@ -758,11 +758,15 @@ def test_refuses_non_tensorflow_backend(monkeypatch):
         keras_ntk.Linearize(keras.layers.Dense(2))
 
 
-@pytest.mark.parametrize("jvp_method", ["double_vjp", "forward"])
-def test_traced_gradients_match_a_float64_reference_of_f0_plus_j_delta(jvp_method):
+@pytest.mark.parametrize(
+    "jvp_method, jit_compile",
+    [("double_vjp", False), ("forward", False), ("double_vjp", True), ("forward", True)],
+)
+def test_traced_gradients_match_a_float64_reference_of_f0_plus_j_delta(jvp_method, jit_compile):
     """∂⟨u, f_lin⟩/∂δ = J(θ0)ᵀu and ∂⟨u, f_lin⟩/∂x, in a traced step (as in `fit`),
     against f0 + Σ_w (∂f/∂w)·δ_w built from explicit Jacobians of a float64 copy and
-    differentiated by nested GradientTapes (no Hessian term may enter the δ-gradient)."""
+    differentiated by nested GradientTapes (no Hessian term may enter the δ-gradient).
+    Under XLA "forward" takes the custom-gradient path, "double_vjp" the plain one."""
     model = mlp(input_dim=5, outputs=2)
     linear = keras_ntk.Linearize(model, jvp_method=jvp_method)
     rng = np.random.default_rng(4)
@@ -771,7 +775,7 @@ def test_traced_gradients_match_a_float64_reference_of_f0_plus_j_delta(jvp_metho
     linear(x)
     random_deltas(linear, scale=0.3)
 
-    @tf.function
+    @tf.function(jit_compile=jit_compile)
     def gradients(x):
         with tf.GradientTape() as tape:
             tape.watch(x)
