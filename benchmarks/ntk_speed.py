@@ -218,8 +218,11 @@ ESTIMATE_CASES = {
 }
 
 
-def estimate_child(case, implementation):
+def estimate_child(case, implementation, block=None):
     """Runs in a fresh process: the estimated peak of one call against the measured one.
+
+    `block`: blocks of that many examples (`batch_size`, no budget limit); None: what
+    the default memory budget picks.
 
     Baseline: the resident size once TensorFlow is imported and the model built (and
     called once on one example). Measured: the resident high-water mark (VmHWM) of the
@@ -240,12 +243,13 @@ def estimate_child(case, implementation):
     gc.collect()
     baseline = _status_bytes("VmRSS")
     start = time.perf_counter()
+    fixed = {} if block is None else dict(batch_size=block, memory_budget=2**40)
     kernel = keras_ntk.empirical_ntk(model, x, trace_axes=trace_axes,
-                                     implementation=implementation)
+                                     implementation=implementation, **fixed)
     first_seconds = time.perf_counter() - start
     first_peak = _status_bytes("VmHWM") - baseline
-    setup = ntk_module.kernel_setup(model, x, None, trace_axes, (), implementation, None,
-                                    None, False, None)
+    setup = ntk_module.kernel_setup(model, x, None, trace_axes, (), implementation,
+                                    block, fixed.get("memory_budget"), False, None)
     del kernel
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
@@ -253,7 +257,7 @@ def estimate_child(case, implementation):
     before = _status_bytes("VmRSS")
     start = time.perf_counter()
     kernel = keras_ntk.empirical_ntk(model, x, trace_axes=trace_axes,
-                                     implementation=implementation)
+                                     implementation=implementation, **fixed)
     seconds = time.perf_counter() - start
     warm_peak = _status_bytes("VmHWM") - before
     from keras_ntk._batching import padded_size
@@ -270,15 +274,21 @@ def estimate_child(case, implementation):
                           n_params=setup.profile.n_params)))
 
 
-def memory_estimates(cases):
-    """Estimated / measured peak per case and implementation, each in a fresh process."""
+def memory_estimates(cases, blocks=None):
+    """Estimated / measured peak per case and implementation, each in a fresh process.
+
+    `blocks`: {case: [block sizes]} to measure fixed blocks instead of the default budget's.
+    """
     print(f"{'case':12s} {'impl':10s} {'N':>5s} {'block':>5s} {'measured':>10s} "
           f"{'warm':>10s} {'estimated':>10s} {'est/meas':>8s}", flush=True)
     rows = []
     for case in cases:
-        for impl in ESTIMATE_CASES[case][1]:
-            out = subprocess.run([sys.executable, __file__, "--estimate-child", case, impl],
-                                 capture_output=True, text=True, check=False, cwd=ROOT)
+        for impl, block in [(i, b) for i in ESTIMATE_CASES[case][1]
+                            for b in (blocks or {}).get(case, [None])]:
+            extra = [] if block is None else ["--estimate-block", str(block)]
+            out = subprocess.run([sys.executable, __file__, "--estimate-child", case, impl,
+                                  *extra], capture_output=True, text=True, check=False,
+                                 cwd=ROOT)
             if out.returncode != 0:
                 print(f"{case:12s} {impl:10s} failed: {out.stderr.strip()[-500:]}", flush=True)
                 continue
@@ -498,6 +508,10 @@ def main():
     parser.add_argument("--estimate-child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--memory-estimates", action="store_true",
                         help="estimated vs measured peak memory of one call per case")
+    parser.add_argument("--estimate-block", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--estimate-blocks", default=None,
+                        help="with --memory-estimates: fixed blocks per case instead of the "
+                             "default budget's, e.g. 'resnet18=64:32,lenet=2048'")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--naive", action="store_true",
                         help="time every implementation against the naive TF reference")
@@ -514,7 +528,7 @@ def main():
         memory_child()
         return
     if args.estimate_child:
-        estimate_child(*args.estimate_child)
+        estimate_child(*args.estimate_child, block=args.estimate_block)
         return
     print(f"device: {device_name()}; TensorFlow {tf.__version__}, Keras {keras.__version__}; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
@@ -530,8 +544,13 @@ def main():
             out["neural_tangents"] = compare_with_neural_tangents(
                 args.neural_tangents_python, args.cases.split(","), args.rounds, tmp)
     if args.memory_estimates:
+        blocks = {}
+        for item in (args.estimate_blocks or "").split(","):
+            if item:
+                case, sizes = item.split("=")
+                blocks[case] = [int(b) for b in sizes.split(":")]
         out["memory_estimates"] = memory_estimates(
-            [c for c in args.cases.split(",") if c in ESTIMATE_CASES])
+            [c for c in args.cases.split(",") if c in ESTIMATE_CASES], blocks)
     if not args.skip_memory:
         out["memory"] = memory()
     print(f"load average {os.getloadavg()[0]:.1f} at the end", flush=True)

@@ -71,7 +71,12 @@ def model_profile(model, x, weights, rules, training):
 _GRAPH_BYTES = 72 * 2**20  # tracing and XLA compilation: a fixed part ...
 _GRAPH_BYTES_PER_OP = 0.22 * 2**20  # ... and a part per op of the traced forward graph
 _JACOBIAN_COPIES = 2.6  # per-example Jacobians: vectorized gradients, concat, contraction
-_LIVE_ACTIVATIONS = {"jacobian": 0.05, "structured": 0.7}  # share of `act` live at once
+_LIVE_ACTIVATIONS = {"jacobian": 0.05}  # share of `act` live at once
+# structured: a share of `act` per output entry (the input-cotangent passes are vectorized
+# over the S entries). Refit 2026-11-30 (21:26-21:29 rows of docs/performance.md): 0.7
+# for any S left MLP-10 (S = 10) below its peak (0.93x) and ResNet-18 at 2.4x; 0.5·S
+# bounds every row by >= 5 % (MLP-10 needs >= 0.46 per entry, ResNet-18 blocks of 32 >= 0.1).
+_STRUCTURED_LIVE_PER_OUTPUT = 0.5
 
 
 def graph_bytes(profile):
@@ -112,10 +117,10 @@ def estimates(impl, profile, out_axes, n1, n2, same, itemsize, vector=False):
         # forward, then one input-cotangent pass per output entry (the per-example
         # weight gradients are in the rules' contraction costs)
         flops = n * fwd * (1 + s_total)
-        # the forward's activations kept for the backward pass (the share live at
-        # once, calibrated); the cotangents kept are those at the rules' outputs,
-        # counted per rule below (the others are live one layer at a time)
-        elems = n * _LIVE_ACTIVATIONS["structured"] * act + out_elems
+        # the forward's activations kept for the backward pass and the S-vectorized
+        # cotangents (a share per output entry, calibrated); the cotangents kept are
+        # those at the rules' outputs, counted per rule below
+        elems = n * _STRUCTURED_LIVE_PER_OUTPUT * s_total * act + out_elems
         for d in profile.rule_dims:
             for ax in out_axes:
                 _, (rule_flops, extra) = contraction_form(n1, n2, d, ax)
@@ -204,11 +209,26 @@ def choose_block(order, profile, out_axes, n1, n2, same, itemsize, vector, batch
     return implementation, block
 
 
+_MEMINFO = "/proc/meminfo"
+_DEFAULT_BUDGET = []  # read once per process (see default_memory_budget)
+
+
 def default_memory_budget():
-    """A quarter of the available host memory (of 4 GiB at most with a GPU)."""
+    """A quarter of the available host memory (of 4 GiB at most with a GPU).
+
+    Read once per process, at the first call that needs it: transient memory use
+    between calls then never changes the block size or the implementation (which
+    would compile new functions). Pass `memory_budget` to use another value.
+    """
+    if not _DEFAULT_BUDGET:
+        _DEFAULT_BUDGET.append(_available_budget())
+    return _DEFAULT_BUDGET[0]
+
+
+def _available_budget():
     available = None
     try:
-        with open("/proc/meminfo") as f:
+        with open(_MEMINFO) as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     available = int(line.split()[1]) * 1024

@@ -109,3 +109,18 @@ def test_auto_picks_structured_for_dense_models_and_jacobian_otherwise():
     assert ntk_module.kernel_setup(no_rules, x, None, (-1,), (), "auto", None, None, False,
                                    None).implementation == "jacobian"
     assert_close(keras_ntk.empirical_ntk(no_rules, x), reference(no_rules, x))
+
+
+def test_default_budget_is_a_quarter_of_memavailable_read_once(monkeypatch, tmp_path):
+    from keras_ntk import _costs
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:    8000000 kB\n")
+    monkeypatch.setattr(_costs, "_MEMINFO", str(meminfo))
+    monkeypatch.setattr(_costs, "_DEFAULT_BUDGET", [])
+    assert _costs.default_memory_budget() == 8_000_000 * 1024 // 4
+    # Memory use between calls does not move the budget (nor the blocks) of this process.
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:    1000000 kB\n")
+    assert _costs.default_memory_budget() == 2_048_000_000
+    monkeypatch.setattr(_costs, "_DEFAULT_BUDGET", [])
+    assert _costs.default_memory_budget() == 256_000_000
