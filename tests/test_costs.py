@@ -13,7 +13,7 @@ import pytest
 
 import keras_ntk
 from keras_ntk import ntk as ntk_module
-from keras_ntk._costs import Profile, choose_block, format_bytes, graph_bytes
+from keras_ntk._costs import Profile, choose_block, estimates, format_bytes, graph_bytes
 from keras_ntk._output_axes import OutputAxes
 from ntk_reference import (  # noqa: F401 (plain_graphs: a fixture)
     assert_close, inputs_for, mlp, plain_graphs, reference)
@@ -59,6 +59,22 @@ def test_nothing_fits_names_the_smallest_estimate_and_the_budget():
                                          r"72\.0 MiB .*above the budget of 100 B"):
         choose(100)
     assert jacobian_peak(1) == 75_518_356  # 72.0 MiB
+
+
+def test_structured_activations_are_counted_per_output_entry():
+    # No rule, nothing outside the rules: the block holds n·0.5·S·act activations and
+    # cotangents plus the n² kernel entries; the FLOPs are n·act·(1 + S).
+    profile = Profile(out_shapes=[(10,)], activations=ACT, rule_dims=[], n_params=0, n_rest=0)
+    full = [OutputAxes((10,), (), ())]  # S = 10, a 10 × 10 kernel per pair
+    traced = [OutputAxes((10,), (-1,), ())]  # S = 10 entries traced: one number per pair
+    graph = 72 * 2**20
+    assert estimates("structured", profile, full, 8, 8, True, 4) == (
+        8 * 100 * 11, 4 * (8 * 0.5 * 10 * 100 + 64 * 100) + graph)
+    assert estimates("structured", profile, traced, 8, 8, True, 4) == (
+        8 * 100 * 11, 4 * (8 * 0.5 * 10 * 100 + 64) + graph)
+    one = [OutputAxes((1,), (-1,), ())]
+    assert estimates("structured", profile, one, 4, 6, False, 4) == (
+        10 * 100 * 2, 4 * (10 * 0.5 * 100 + 24) + graph)
 
 
 def test_format_bytes():
