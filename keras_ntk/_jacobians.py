@@ -111,6 +111,9 @@ def per_example_jacobians(model, x, weights, training, sizes):
     and concatenated).
     """
     total = sum(sizes)
+    # Static widths: a gradient may come back with an unknown shape (e.g. through the
+    # forward-mode ops of a `Linearize`d model), which a `-1` cannot recover.
+    widths = [w.shape.num_elements() or -1 for w in weights]
 
     def one(xi):
         xi = tf.nest.map_structure(lambda t: t[None], xi)
@@ -123,10 +126,10 @@ def per_example_jacobians(model, x, weights, training, sizes):
                 flat = flat[0]
         if total == 1:
             grads = tape.gradient(flat, weights, unconnected_gradients=_ZERO)
-            grads = [tf.reshape(g, [1, -1]) for g in grads]
+            grads = [tf.reshape(g, [1, n]) for g, n in zip(grads, widths)]
         else:
             grads = tape_jacobian(tape, flat, weights)
-            grads = [tf.reshape(g, [total, -1]) for g in grads]
+            grads = [tf.reshape(g, [total, n]) for g, n in zip(grads, widths)]
         return tf.concat(grads, -1)
 
     jac = tf.vectorized_map(one, x)  # (N, S_total, W)
