@@ -152,6 +152,29 @@ def _two_concurrent_shards(study, shared):
     return logs
 
 
+def _one_process_then_two_shards(run_binary, study, tmp_path, missing):
+    """Runs `study`'s smoke config in one process into tmp_path/one; then, into tmp_path/shared,
+    a --merge before any cell (it must say what is missing, matching the regex `missing`, exit
+    0 and write no results.json) and 2 concurrent shards. Returns (one, shared, shard logs)."""
+    one = tmp_path / "one"
+    run_binary(study, str(one))
+    shared = tmp_path / "shared"
+    merge = run_binary(study, str(shared), "--merge")
+    assert re.search(missing, merge.stderr), merge.stderr[-3000:]
+    assert not (shared / "results.json").exists()
+    return one, shared, _two_concurrent_shards(study, shared)
+
+
+def _assert_same_results(run_binary, study, one, shared, without):
+    """The shards' results.json, and the one a later --merge rewrites, equal one process's
+    (`without` drops the fields that differ between processes)."""
+    reference = json.loads((one / "results.json").read_text())
+    sharded = json.loads((shared / "results.json").read_text())
+    assert without(sharded) == without(reference)
+    run_binary(study, str(shared), "--merge")
+    assert without(json.loads((shared / "results.json").read_text())) == without(reference)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("study, cells_trained", [
     ("kernel_evolution", "run"),  # 2 cells: widths 8 and 32
@@ -159,49 +182,26 @@ def _two_concurrent_shards(study, shared):
 ])
 def test_two_shards_give_the_results_of_one_process(tmp_path, run_binary, study, cells_trained):
     """2 concurrent shards of a smoke grid = one process (wall times aside)."""
-    one = tmp_path / "one"
-    run_binary(study, str(one))
-    shared = tmp_path / "shared"
-    # --merge before any cell: says what is missing, exits 0, writes no results.json.
-    merge = run_binary(study, str(shared), "--merge")
-    assert "2 of 2 cells are not finished yet" in merge.stderr, merge.stderr[-3000:]
-    assert not (shared / "results.json").exists()
-    logs = _two_concurrent_shards(study, shared)
+    one, shared, logs = _one_process_then_two_shards(
+        run_binary, study, tmp_path, "2 of 2 cells are not finished yet")
     # Each shard computed exactly one of the two cells.
     computed = [len(re.findall(rf"\] {cells_trained} \d+ of 2: ", log)) for log in logs]
     assert computed == [1, 1], (computed, [log[-2000:] for log in logs])
-    reference = json.loads((one / "results.json").read_text())
-    sharded = json.loads((shared / "results.json").read_text())
-    assert _without_wall_times(sharded) == _without_wall_times(reference)
     assert (shared / "figures").is_dir() or not (one / "figures").is_dir()
-    # A later --merge rewrites the same results.
-    run_binary(study, str(shared), "--merge")
-    assert _without_wall_times(json.loads((shared / "results.json").read_text())) == \
-        _without_wall_times(reference)
+    _assert_same_results(run_binary, study, one, shared, _without_wall_times)
 
 
 @pytest.mark.slow
 def test_two_data_scaling_shards_give_the_results_of_one_process(tmp_path, run_binary):
     """data_scaling: 2 concurrent shards of the smoke grid = one process (wall times aside)."""
-    one = tmp_path / "one"
-    run_binary("data_scaling", str(one))
-    shared = tmp_path / "shared"
-    merge = run_binary("data_scaling", str(shared), "--merge")
-    assert re.search(r"merge: (\d+) of \1 cells are not finished yet", merge.stderr), \
-        merge.stderr[-3000:]
-    assert not (shared / "results.json").exists()
-    logs = _two_concurrent_shards("data_scaling", shared)
+    one, shared, logs = _one_process_then_two_shards(
+        run_binary, "data_scaling", tmp_path, r"merge: (\d+) of \1 cells are not finished yet")
     # The shards split the work items between them, none computed twice.
     begun = [re.findall(r"\] cell (\d+) of (\d+): ", log) for log in logs]
     assert all(begun), [log[-2000:] for log in logs]
     total = int(begun[0][0][1])
     assert sum(len(b) for b in begun) == total, begun
-    reference = json.loads((one / "results.json").read_text())
-    sharded = json.loads((shared / "results.json").read_text())
-    assert _without_wall_times(sharded) == _without_wall_times(reference)
-    run_binary("data_scaling", str(shared), "--merge")
-    assert _without_wall_times(json.loads((shared / "results.json").read_text())) == \
-        _without_wall_times(reference)
+    _assert_same_results(run_binary, "data_scaling", one, shared, _without_wall_times)
 
 
 def _without_times(value):
@@ -216,20 +216,9 @@ def _without_times(value):
 @pytest.mark.slow
 def test_two_trainability_shards_give_the_results_of_one_process(tmp_path, run_binary):
     """trainability: every part's cells dealt over 2 shards = one process (timings aside)."""
-    one = tmp_path / "one"
-    run_binary("trainability", str(one))
-    shared = tmp_path / "shared"
-    merge = run_binary("trainability", str(shared), "--merge")
-    assert re.search(r"merge: (\d+) of \1 cells are not finished yet", merge.stderr), \
-        merge.stderr[-3000:]
-    assert not (shared / "results.json").exists()
-    logs = _two_concurrent_shards("trainability", shared)
+    one, shared, logs = _one_process_then_two_shards(
+        run_binary, "trainability", tmp_path, r"merge: (\d+) of \1 cells are not finished yet")
     # Both shards computed cells (that none computed a cell twice is not checked here).
     assert all(re.search(r"\] [^\n]* 1 of \d+: ", log) or re.search(r"\] [^\n]* 2 of \d+: ", log)
                for log in logs), [log[-2000:] for log in logs]
-    reference = json.loads((one / "results.json").read_text())
-    sharded = json.loads((shared / "results.json").read_text())
-    assert _without_times(sharded) == _without_times(reference)
-    run_binary("trainability", str(shared), "--merge")
-    assert _without_times(json.loads((shared / "results.json").read_text())) == \
-        _without_times(reference)
+    _assert_same_results(run_binary, "trainability", one, shared, _without_times)
