@@ -517,10 +517,25 @@ def test_every_new_n_reuses_the_two_factor_functions(small_factor_blocks):
     assert seen == 2  # the factors of a block of 8, the pair of two blocks
     np.testing.assert_allclose(call(x[:30]), theta[:30, :30], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(call(x[:13], x[23:]), theta[:13, 23:], rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(call(x[44:]), theta[44:, 44:], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(call(x[40:]), theta[40:, 40:], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(call(x), theta, rtol=1e-5, atol=1e-7)
     assert _factor_tracing_counts(model, small_factor_blocks) == seen
     # Factors that do not fit the memory budget: the fused blocks of today (traced, exact).
     small_factor_blocks.factor_bytes = lambda *args: 2**40
     np.testing.assert_allclose(call(x), theta, rtol=1e-5, atol=1e-7)
     assert _factor_tracing_counts(model, small_factor_blocks) == seen + 1
+
+
+def test_a_first_call_of_one_block_compiles_the_factor_functions_too(small_factor_blocks):
+    """One block (6 examples: padded to 6, the fused function) also compiles the factors
+    and the pair of blocks of 6: a larger N (17 × 9, 23) then traces nothing."""
+    model = mlp()
+    x = inputs_for("mlp", 23)
+    call = lambda a, b=None: keras_ntk.empirical_ntk(  # noqa: E731
+        model, a, b, trace_axes=(), implementation="structured")
+    assert_close(call(x[:6]), reference(model, x[:6], trace_axes=()))
+    seen = _factor_tracing_counts(model, small_factor_blocks)
+    assert seen == 3  # the fused block, the factors of a block, the pair of two blocks
+    assert_close(call(x[:17], x[14:]), reference(model, x[:17], x[14:], trace_axes=()))
+    assert_close(call(x), reference(model, x, trace_axes=()))
+    assert _factor_tracing_counts(model, small_factor_blocks) == seen
