@@ -173,7 +173,8 @@ _SIZES = collections.OrderedDict()  # (architecture, options): factor sizes comp
 
 def _sizes_compiled(s):
     """The set of block sizes whose factor function has run for this model (or, for a
-    known architecture, any model of it) and options; updated by the caller."""
+    known architecture, any model of it) and options, and ("fused", p1, p2, same) for
+    the one-block rungs the fused function ran at; updated by the caller."""
     plan = s.plan
     options = (s.implementation, plan.dtype.name,
                tuple((ax.trace, ax.diag) for ax in plan.out_axes))
@@ -202,6 +203,7 @@ def choose_size(compiled_sizes, n1, n2, block):
         return None
     target = min(target, MAX_SIZE)
     # (A size above `block`, the budget's block for this N, is checked in `factor_tasks`.)
+    compiled_sizes = [b for b in compiled_sizes if isinstance(b, int)]
     larger = [b for b in compiled_sizes if target <= b <= 2 * target]
     if larger:
         return min(larger)
@@ -243,15 +245,18 @@ def factor_tasks(s, results, batch_size):
         return None
     fn = _factor_function(s, spec, rules)
     pair = pair_function(spec, out_axes, plan.dtype, jit=not recurrent_layers(plan.model))
-    if max(s.n1, s.n2) <= size:
-        # One block: the fused block function is faster (LeNet, N = 256: 8.4 ms against
-        # 10.8 ms through factors). Its first call also compiles the two factor functions
-        # (once per model or architecture and options), so that any larger N later
-        # compiles nothing.
+    rung = ("fused", _batching.padded_size(s.n1, s.block),
+            _batching.padded_size(s.n2, s.block), s.same)
+    if max(s.n1, s.n2) <= size and (rung[1] == size or rung in compiled_sizes):
+        # One block on a rung of its own: the fused block function (fewer dispatches).
+        # Its first call also compiles the two factor functions (once per model or
+        # architecture and options), so that any larger N later compiles nothing. (One
+        # block padded up to a compiled B runs through factors: no new fused rung.)
         if size not in compiled_sizes:
             f = fn(_batching.padded_slice(s.x1, 0, min(s.n1, size), size))
             pair(f, f)
             compiled_sizes.add(size)
+        compiled_sizes.add(rung)
         return None
     factors1, factors2 = [None] * len(rows), [None] * len(cols)
 

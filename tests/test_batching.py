@@ -528,7 +528,8 @@ def test_every_new_n_reuses_the_two_factor_functions(small_factor_blocks):
 
 def test_a_first_call_of_one_block_compiles_the_factor_functions_too(small_factor_blocks):
     """One block (6 examples: padded to 6, the fused function) also compiles the factors
-    and the pair of blocks of 6: a larger N (17 × 9, 23) then traces nothing."""
+    and the pair of blocks of 6: a larger N (17 × 9, 23) or a smaller one on another rung
+    (4) then traces nothing."""
     model = mlp()
     x = inputs_for("mlp", 23)
     call = lambda a, b=None: keras_ntk.empirical_ntk(  # noqa: E731
@@ -538,4 +539,6 @@ def test_a_first_call_of_one_block_compiles_the_factor_functions_too(small_facto
     assert seen == 3  # the fused block, the factors of a block, the pair of two blocks
     assert_close(call(x[:17], x[14:]), reference(model, x[:17], x[14:], trace_axes=()))
     assert_close(call(x), reference(model, x, trace_axes=()))
+    # A smaller N (rung 4) is padded up to the compiled block of 6, not compiled anew.
+    assert_close(call(x[:4]), reference(model, x[:4], trace_axes=()))
     assert _factor_tracing_counts(model, small_factor_blocks) == seen
