@@ -15,8 +15,8 @@ each compiled once per model (or architecture) and options:
   Θ = Σ_w W1 W2ᵀ + Σ_factorized rules contract_structured(a1, g1, a2, g2).
 
 The first call of a model (or architecture) and options at N ≥ MIN_SIZE
-compiles both next to the fused block function; every larger N then reuses
-the same two functions: the factors of each block are
+compiles both next to the fused block function of its rung; every N on
+another rung then reuses the same two functions: the factors of each block are
 computed once and kept (when all of them fit the memory budget), and only the
 contraction runs per pair of blocks. Exact: the same contractions as the
 fused block functions of `ntk`, blocks padded with their last example and the
@@ -39,8 +39,9 @@ from keras_ntk._structured import (
 # the fused block function (tiny calls: one dispatch, no factors held); above it, the
 # target B is its rung capped at MAX_SIZE. A compiled B up to 2× the target is reused
 # (padding up), a smaller one while the pairs of blocks number at most MAX_PAIRS. A call
-# that fits one block of B runs the fused function (and compiles the factor functions
-# at its first call); only calls of several blocks run through factors.
+# on a rung whose fused function is compiled runs it; a call that would compile anyway
+# (nothing usable compiled) compiles its fused rung and the factor functions of B; only
+# the other calls, on new rungs, run through factors.
 MIN_SIZE = 128
 MAX_SIZE = 256
 MAX_PAIRS = 64
@@ -247,16 +248,15 @@ def factor_tasks(s, results, batch_size):
     pair = pair_function(spec, out_axes, plan.dtype, jit=not recurrent_layers(plan.model))
     rung = ("fused", _batching.padded_size(s.n1, s.block),
             _batching.padded_size(s.n2, s.block), s.same)
-    if max(s.n1, s.n2) <= size and (rung[1] == size or rung in compiled_sizes):
-        # One block on a rung of its own: the fused block function (fewer dispatches).
-        # Its first call also compiles the two factor functions (once per model or
-        # architecture and options), so that any larger N later compiles nothing. (One
-        # block padded up to a compiled B runs through factors: no new fused rung.)
-        if size not in compiled_sizes:
-            f = fn(_batching.padded_slice(s.x1, 0, min(s.n1, size), size))
-            pair(f, f)
-            compiled_sizes.add(size)
-        compiled_sizes.add(rung)
+    if rung in compiled_sizes:
+        return None  # the fused function of this rung is compiled: fewer dispatches
+    if size not in compiled_sizes:
+        # Something compiles anyway: the fused function of this rung (faster for repeated
+        # calls at this N), and with it, once per model (or architecture) and options,
+        # the two factor functions, so that any other N later compiles nothing.
+        f = fn(_batching.padded_slice(s.x1, 0, min(s.n1, size), size))
+        pair(f, f)
+        compiled_sizes.update([size, rung])
         return None
     factors1, factors2 = [None] * len(rows), [None] * len(cols)
 

@@ -488,17 +488,19 @@ def test_block_factors_give_the_float64_jacobian_kernel(name, implementation,
     model = MODELS[name]()
     x1, x2 = inputs_for(name, 19), inputs_for(name, 11, seed=1)
     for trace_axes in [(-1,), ()]:
+        call = lambda a, b=None: keras_ntk.empirical_ntk(  # noqa: E731
+            model, a, b, trace_axes=trace_axes, implementation=implementation,
+            dtype="float64")
+        call(x1[:5])  # compiles the fused rung 6 and the factors of blocks of 6
+        seen = _factor_tracing_counts(model, small_factor_blocks)
         for second in [None, x2]:
-            assert_close(
-                keras_ntk.empirical_ntk(model, x1, second, trace_axes=trace_axes,
-                                        implementation=implementation, dtype="float64"),
-                reference(model, x1, second, trace_axes=trace_axes))
-    assert [sorted(s) for s in small_factor_blocks._SIZES.values()] == [[8], [8]]
+            assert_close(call(x1, second), reference(model, x1, second, trace_axes=trace_axes))
+        assert _factor_tracing_counts(model, small_factor_blocks) == seen  # through factors
 
 
 def test_every_new_n_reuses_the_two_factor_functions(small_factor_blocks):
-    """After one call at 19 examples (blocks of 8), new sizes (30, 13 × 27, 6, 50) run
-    without a trace, with the float64 Jacobian kernel (one scalar output, BatchNorm in
+    """After one call at 19 examples (fused rung 24, factors of blocks of 8), new sizes
+    (30, 13 × 27, 10, 50) run without a trace, with the float64 Jacobian kernel (one scalar output, BatchNorm in
     inference mode: padding must not touch the other examples)."""
     import keras
 
@@ -514,7 +516,7 @@ def test_every_new_n_reuses_the_two_factor_functions(small_factor_blocks):
         model, a, b, implementation="structured", dtype="float64")
     np.testing.assert_allclose(call(x[:19]), theta[:19, :19], rtol=1e-5, atol=1e-7)
     seen = _factor_tracing_counts(model, small_factor_blocks)
-    assert seen == 2  # the factors of a block of 8, the pair of two blocks
+    assert seen == 3  # the fused rung 24, the factors of a block of 8, the pair of two blocks
     np.testing.assert_allclose(call(x[:30]), theta[:30, :30], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(call(x[:13], x[23:]), theta[:13, 23:], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(call(x[40:]), theta[40:, 40:], rtol=1e-5, atol=1e-7)
