@@ -24,6 +24,7 @@ padding cut off (inference mode only: examples are independent).
 """
 
 import collections
+import logging
 import math
 import threading
 
@@ -49,6 +50,7 @@ MAX_PAIRS = 64
 _PAIR_FUNCTIONS = collections.OrderedDict()  # (spec, axes, dtype, jit): pair function
 _PAIR_LIMIT = 32
 _LOCK = threading.RLock()
+_LOGGER = logging.getLogger("keras_ntk")
 
 
 def factor_spec(profile, out_axes, size):
@@ -218,8 +220,10 @@ def factor_tasks(s, results, batch_size):
 
     Used for inference-mode structured/jacobian kernels without per-layer groups,
     `batch_size` or a strategy, when the factors of every block, one pair's working
-    memory and the result fit the budget. The factors of all blocks are computed
-    first (one task each), then one task per pair of blocks.
+    memory and the result fit the budget, and the fused function of this call's rung
+    has not run (a call that compiles anyway runs fused and compiles the factor
+    functions with it). The factors of all blocks are computed first (one task
+    each), then one task per pair of blocks.
     """
     plan = s.plan
     if (s.implementation not in ("structured", "jacobian") or plan.training or plan.coupled
@@ -227,6 +231,8 @@ def factor_tasks(s, results, batch_size):
             or tf.distribute.has_strategy()):
         return None
     compiled_sizes = _sizes_compiled(s)
+    if "unusable" in compiled_sizes:
+        return None
     size = choose_size(compiled_sizes, s.n1, s.n2, s.block)
     if size is None:
         return None
@@ -254,8 +260,13 @@ def factor_tasks(s, results, batch_size):
         # Something compiles anyway: the fused function of this rung (faster for repeated
         # calls at this N), and with it, once per model (or architecture) and options,
         # the two factor functions, so that any other N later compiles nothing.
-        f = fn(_batching.padded_slice(s.x1, 0, min(s.n1, size), size))
-        pair(f, f)
+        try:
+            f = fn(_batching.padded_slice(s.x1, 0, min(s.n1, size), size))
+            pair(f, f)
+        except Exception as error:  # noqa: BLE001 - the fused path stays (and reports)
+            _LOGGER.debug("keras_ntk: no block factors for this model: %s", error)
+            compiled_sizes.add("unusable")
+            return None
         compiled_sizes.update([size, rung])
         return None
     factors1, factors2 = [None] * len(rows), [None] * len(cols)
@@ -263,7 +274,6 @@ def factor_tasks(s, results, batch_size):
     def factor_task(x, store, i, a0, a1):
         def run(xb):
             store[i] = fn(xb)  # kept as tensors for the pairs
-            compiled_sizes.add(size)
             return []
         return (run, (_batching.padded_slice(x, a0, a1, size),), lambda out: None)
 
