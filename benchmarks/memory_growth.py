@@ -12,6 +12,8 @@ and, as plain-TensorFlow references of what TensorFlow/Keras keep by
 themselves per model (no keras_ntk code involved):
 
 * `plain_fit`: 2 epochs of `fit` of the fresh model;
+* `plain_nested_fit`: `linearize_fit`'s functional model with the network
+  called as a layer instead of `Linearize(net)`;
 * `plain_custom_gradient_fit`: the same with a layer computing y = x with a
   `tf.custom_gradient` (graph mode registers every gradient function in
   TensorFlow's global gradient registry, never cleared; `Linearize`'s
@@ -38,7 +40,7 @@ import sys
 import time
 import weakref
 
-PATHS = ("empirical_ntk", "linearize_fit", "tracker_fit", "plain_fit",
+PATHS = ("empirical_ntk", "linearize_fit", "tracker_fit", "plain_fit", "plain_nested_fit",
          "plain_custom_gradient_fit", "plain_gradient")
 
 
@@ -101,6 +103,15 @@ def _run_case(path, xla, models, warmup, trim=False, python_heap=False, drop_reg
         model.compile(optimizer="sgd", loss="mse", jit_compile=xla)
         model.fit(x, y, epochs=2, batch_size=16, verbose=0)
         return [model]
+
+    def plain_nested_fit():
+        # linearize_fit's structure without Linearize: the network called as a layer.
+        net = mlp()
+        inputs = keras.Input((8,))
+        model = keras.Model(inputs, net(keras.layers.Dense(8)(inputs)))
+        model.compile(optimizer="sgd", loss="mse", jit_compile=xla)
+        model.fit(x, y, epochs=2, batch_size=16, verbose=0)
+        return [net, model]
 
     @tf.custom_gradient
     def identity_with_gradient(inputs):
