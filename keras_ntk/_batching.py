@@ -372,24 +372,8 @@ class _JitFallback:
         self._plain = tf.function(builder, autograph=False)
         self._xla = tf.function(builder, jit_compile=True, autograph=False) if jit else None
         self._lock = threading.Lock()
-        # Argument signature → concrete function of a call that succeeded: a warm call
-        # skips tf.function's dispatch (MLP-1 block: ~160 µs of host CPU per call).
-        self._warm = {}
 
     def __call__(self, *args):
-        fast = tf.executing_eagerly() and not tf.distribute.has_strategy()
-        if fast:
-            key = _signature(args)
-            concrete = self._warm.get(key)
-            if concrete is not None:
-                return concrete(*args)
-        out = self._call(*args)
-        if fast:
-            active = self._xla if self._xla is not None else self._plain
-            self._warm[key] = active.get_concrete_function(*args)
-        return out
-
-    def _call(self, *args):
         if self._xla is not None:
             try:
                 return self._xla(*args)
@@ -398,7 +382,6 @@ class _JitFallback:
                     raise
                 result = self._plain(*args)  # the model's own errors surface here
                 self._xla = None
-                self._warm.clear()
                 reason = str(xla_error).strip().splitlines()
                 _LOGGER.warning(
                     "keras_ntk: XLA could not compile a kernel block function; it runs as a "
@@ -407,14 +390,6 @@ class _JitFallback:
                 )
                 return result
         return self._plain(*args)
-
-
-def _signature(args):
-    """The structure, shapes and dtypes of a block function's arguments (a cache key)."""
-    leaves = tf.nest.flatten(args)
-    return (tuple(type(a) for a in args), tuple(len(a) if isinstance(a, (list, tuple, dict))
-                                                else -1 for a in args),
-            tuple((type(t), tuple(t.shape), t.dtype) for t in leaves))
 
 
 def _strategy():
