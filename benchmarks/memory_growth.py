@@ -12,6 +12,8 @@ and, as plain-TensorFlow references of what TensorFlow/Keras keep by
 themselves per model (no keras_ntk code involved):
 
 * `plain_fit`: 2 epochs of `fit` of the fresh model;
+* `plain_nested_fit`: `linearize_fit`'s functional model with the network
+  called as a layer instead of `Linearize(net)`;
 * `plain_custom_gradient_fit`: the same with a layer computing y = x with a
   `tf.custom_gradient` (graph mode registers every gradient function in
   TensorFlow's global gradient registry, never cleared; `Linearize`'s
@@ -38,7 +40,7 @@ import sys
 import time
 import weakref
 
-PATHS = ("empirical_ntk", "linearize_fit", "tracker_fit", "plain_fit",
+PATHS = ("empirical_ntk", "linearize_fit", "tracker_fit", "plain_fit", "plain_nested_fit",
          "plain_custom_gradient_fit", "plain_gradient")
 
 
@@ -54,7 +56,8 @@ def _malloc_trim():
     ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _run_case(path, xla, models, warmup, trim=False, python_heap=False, drop_registry=False):
+def _run_case(path, xla, models, warmup, trim=False, python_heap=False, drop_registry=False,
+              census=False):
     """Runs in the subprocess: returns the measurements of one (path, xla) case."""
     os.environ["KERAS_NTK_JIT"] = "1" if xla else "0"
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -101,6 +104,15 @@ def _run_case(path, xla, models, warmup, trim=False, python_heap=False, drop_reg
         model.fit(x, y, epochs=2, batch_size=16, verbose=0)
         return [model]
 
+    def plain_nested_fit():
+        # linearize_fit's structure without Linearize: the network called as a layer.
+        net = mlp()
+        inputs = keras.Input((8,))
+        model = keras.Model(inputs, net(keras.layers.Dense(8)(inputs)))
+        model.compile(optimizer="sgd", loss="mse", jit_compile=xla)
+        model.fit(x, y, epochs=2, batch_size=16, verbose=0)
+        return [net, model]
+
     @tf.custom_gradient
     def identity_with_gradient(inputs):
         return tf.identity(inputs), lambda upstream: upstream
@@ -145,6 +157,25 @@ def _run_case(path, xla, models, warmup, trim=False, python_heap=False, drop_reg
     def registered():
         return len(ops._gradient_registry._registry)  # noqa: SLF001
 
+    def counts():
+        """What TensorFlow, Keras and keras_ntk hold globally (all private, read only)."""
+        from tensorflow.python.eager import context, forwardprop  # noqa: PLC0415
+
+        from keras_ntk import _batching  # noqa: PLC0415
+
+        return {
+            "gradient registry entries": registered(),
+            "eager-context functions": len(context.context().list_function_names()),
+            "forward-mode JVP function cache": len(forwardprop._jvp_function_cache),  # noqa: SLF001
+            "keras_ntk shared block functions": len(_batching._SHARED),  # noqa: SLF001
+            "keras_ntk per-model caches": len(_batching._COMPILED),  # noqa: SLF001
+        }
+
+    def types():
+        import collections  # noqa: PLC0415
+
+        return collections.Counter(type(o).__qualname__ for o in gc.get_objects())
+
     import tracemalloc  # noqa: PLC0415
 
     for _ in range(warmup):
@@ -155,6 +186,10 @@ def _run_case(path, xla, models, warmup, trim=False, python_heap=False, drop_reg
     if python_heap:
         tracemalloc.start()
     python_before = tracemalloc.get_traced_memory()[0]
+    if census:
+        tracemalloc.start(8)
+        counts_before, types_before = counts(), types()
+        heap_before = tracemalloc.take_snapshot()
     before = _rss_mib()
     registered_before = registered()
     start = time.perf_counter()
@@ -167,7 +202,26 @@ def _run_case(path, xla, models, warmup, trim=False, python_heap=False, drop_reg
     after = _rss_mib()
     python_after = tracemalloc.get_traced_memory()[0]
     alive = sum(ref() is not None for ref in refs)
-    return {
+    extra = {}
+    if census:
+        # Growth per model of global registries, of live objects by type, and the
+        # Python-heap allocation sites that grew most (tracemalloc, 8 frames).
+        heap = tracemalloc.take_snapshot().compare_to(heap_before, "traceback")
+        counts_after, types_after = counts(), types()
+        grown = types_after - types_before
+        extra["census"] = {
+            "registries_per_model": {k: (counts_after[k] - counts_before[k]) / models
+                                     for k in counts_after},
+            "objects_per_model": {k: v / models for k, v in grown.most_common(25)},
+            "python_heap_kib_per_model": sum(d.size_diff for d in heap) / 2**10 / models,
+            "heap_sites": [
+                {"kib_per_model": d.size_diff / 2**10 / models,
+                 "blocks_per_model": d.count_diff / models,
+                 "where": [f"{f.filename.split('site-packages/')[-1]}:{f.lineno}"
+                           for f in d.traceback][:8]}
+                for d in heap[:15]],
+        }
+    return {**extra,
         "path": path, "xla": xla, "models": models, "warmup": warmup,
         "alive": alive, "objects": len(refs),
         "rss_before_mib": before, "rss_after_mib": after,
@@ -214,13 +268,17 @@ def main():
     parser.add_argument("--drop-registry", action="store_true",
                         help="experiment: delete the gradient-registry entries each model "
                              "added (TF private API), to see what they hold")
+    parser.add_argument("--census", action="store_true",
+                        help="with --case: growth per model of TensorFlow's and keras_ntk's "
+                             "global registries, of live objects by type and of the Python "
+                             "heap by allocation site (slow; for finding what is held)")
     args = parser.parse_args()
     if args.case:
         path, xla = args.case.split(":")
         if path not in PATHS or xla not in ("on", "off"):
             parser.error(f"unknown case {args.case!r}")
         result = _run_case(path, xla == "on", args.models, args.warmup, args.trim,
-                           args.python_heap, args.drop_registry)
+                           args.python_heap, args.drop_registry, args.census)
         print(json.dumps(result) if args.json else result, flush=True)
         return
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; "

@@ -47,6 +47,18 @@ POSITIVE_INTS = ("a list of positive ints", lambda v: _ints(v, 1))
 NON_EMPTY_POSITIVE_INTS = ("a non-empty list of positive ints",
                            lambda v: _ints(v, 1) and len(v) > 0)
 NON_NEGATIVE_INTS = ("a list of non-negative ints", lambda v: _ints(v, 0))
+INCREASING_NON_NEGATIVE_INTS = ("increasing ints >= 0", lambda v: len(v) > 0 and all(
+    d >= 0 for d in v) and list(v) == sorted(set(v)))
+DISTINCT = ("a list without repeats", lambda v: len(set(v)) == len(v))
+POSITIVE_NUMBERS = ("a non-empty list of numbers > 0",
+                    lambda v: len(v) > 0 and all(POSITIVE_NUMBER[1](s) for s in v))
+NON_NEGATIVE_NUMBERS = ("a list of numbers >= 0",
+                        lambda v: all(FINITE_NON_NEGATIVE[1](s) for s in v))
+OPTIONAL_SIZES = ("None or positive sizes in increasing order without repeats",
+                  lambda v: v is None or (len(v) > 0 and all(int(n) >= 1 for n in v) and sorted(
+                      {int(n) for n in v}) == [int(n) for n in v]))
+OPTIONAL_RANGE = ("None or (low, high) with low <= high (None: open)",
+                  lambda v: v is None or (len(v) == 2 and (None in v or v[0] <= v[1])))
 
 
 class Bindings:
@@ -92,6 +104,17 @@ class Bindings:
             raise ValueError(f"{prefix}. Known {what}s: {shown}. "
                              + self.received(name, list(value) if isinstance(value, tuple)
                                              else value))
+
+    def dataset(self, dataset, *, configs=False):
+        """Refuses a dataset `experiments.data` does not know (`configs`: "mnist1d/8000" too)."""
+        from experiments import data as data_lib
+
+        self.known("dataset", dataset.split("/")[0] if configs else dataset,
+                   data_lib.KNOWN_DATASETS, "dataset")
+
+    def models(self, name, value, model_builders):
+        """Refuses a model name (or list of names) without a builder in `model_builders`."""
+        self.known(name, value, model_builders, "model", listed=sorted(model_builders))
 
     def at_most(self, name, value, available, what):
         """Refuses `value` (None: all) above `available` `what` ("training examples")."""

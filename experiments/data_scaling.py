@@ -1,43 +1,13 @@
 """Study B (1 of 2): test error against training-set size n, and its exponent.
 
-Reproduces the data-scaling comparison of Vyas, Nakkiran and Bansal (2022),
-"Limitations of the NTK for understanding generalization in deep learning":
-for training-set sizes n on a geometric grid and several seeds, the test
-error and loss of
-
-* `network`: the network trained from θ0 to a stated criterion with a step
-  cap (`experiments.network_fit`); runs that stop at the cap are counted
-  (`cap_hits`) and marked in the figures;
-* `entk_init`: the linearized network's predictor at θ0,
-  f0 + Θ*(Θ + λI)⁻¹(Y − f0) (the fair init-kernel baseline: the network
-  carries f0 too); `entk_init_centred`: the kernel predictor Θ*(Θ + λI)⁻¹Y;
-* `after_kernel_n0=<n0>`: kernel regression with the eNTK of the network
-  after training from θ0 on n0 OTHER examples (kernel-only by default, with
-  f0 when `after_kernel_f0`), run and fitted only at n ≥ n0;
-* `infinite_ntk`: the infinite-width NTK of the NTK-parameterized twin
-  (`experiments.models.ntk_parameterized`; skipped when the architecture has
-  no closed form, e.g. max pooling).
-
-Kernel regression (`experiments.kernel_methods`): float64, one-hot targets,
-the ridge chosen on a validation set; the eNTK of a C-logit network is the
-logit-averaged kernel used as Θ ⊗ I_C (an approximation of the full block
-kernel; exact for the infinite NTK). Each kernel is computed once per
-(method, seed) on that seed's union (its first max(n) candidates, the
-validation and the test inputs), stored as float32 in the cell's directory
-and read back as a memmap, so each n loads only its blocks.
-
-Exponents (`experiments.stats`): mean ∝ n^−α over a stated window
-(`fit_window`; after-kernels from max(low, n0)), local exponents over the
-`local_points` largest sizes, paired differences α_network − α_method, all
-with a bootstrap over seeds AND test examples (per-example results live in
-each cell's `examples.npz`). Loss exponents are compared only when the
-network is trained with the MSE, like the kernels.
-
-Data (`_partition`): the training split is cut once into a validation set
-(ridge choice only), a pool of max(n0) examples for the after-kernels and the
-candidates; per seed the n training examples are the first n of a seeded
-permutation of the candidates (nested in n). Sizes ≥ `large_n` may run on
-the first `seeds_large_n` seeds only.
+Vyas, Nakkiran and Bansal (2022). For sizes n on a geometric grid and several
+seeds: the test error and loss of the network (trained to a stated criterion,
+`experiments.network_fit`), of kernel regression with the eNTK at θ0
+(`entk_init`, with f0; `entk_init_centred`, without), with after-kernels
+(`after_kernel_n0=<n0>`) and with the infinite NTK of the NTK-parameterized
+twin (`experiments.kernel_methods`); power-law exponents and their paired
+differences (`experiments.stats`). Methods, data split and fits:
+docs/study_b.md; flags, outputs and resuming: docs/experiments.md.
 
 Run: `python -m experiments.data_scaling --gin_file=data_scaling/mnist1d_mlp.gin
 --output_dir=runs/b_scaling`.
@@ -121,30 +91,23 @@ def _keys(source, seed, n_or_names):
 
 _BINDINGS = bindings.Bindings("data_scaling", qualified=True)
 METHODS = ("network", "entk_init", "entk_init_centred", "infinite_ntk", "after_kernel")
-_DISTINCT = ("a list without repeats", lambda v: len(set(v)) == len(v))
-_SIZES = ("None or positive sizes in increasing order without repeats", lambda v: v is None or (
-    len(v) > 0 and all(int(n) >= 1 for n in v) and sorted({int(n) for n in v}) == [
-        int(n) for n in v]))
-_WINDOW = ("None or (low, high) with low <= high (None: open)", lambda v: v is None or (
-    len(v) == 2 and (None in v or v[0] <= v[1])))
 
 
 def _validate(dataset, model, methods, model_builders, n0s, network_loss, stop_criterion,
               sizes, seeds, large_n, seeds_large_n, fit_window):
     """Refuses impossible settings before any work, naming the gin binding."""
-    from experiments import data as data_lib
-
-    _BINDINGS.known("dataset", dataset.split("/")[0], data_lib.KNOWN_DATASETS, "dataset")
-    _BINDINGS.known("model", model, model_builders, "model", listed=sorted(model_builders))
+    _BINDINGS.dataset(dataset, configs=True)
+    _BINDINGS.models("model", model, model_builders)
     # after_kernel runs one method per n0 in `n0s`.
     _BINDINGS.known("methods", methods, METHODS, "method")
-    _BINDINGS.check(methods=(methods, _DISTINCT))
+    _BINDINGS.check(methods=(methods, bindings.DISTINCT))
     if "after_kernel" in methods:
         _BINDINGS.check(n0s=(n0s, bindings.NON_EMPTY_POSITIVE_INTS))
     _BINDINGS.known("network_loss", network_loss, NETWORK_LOSSES, "network_loss")
     _BINDINGS.known("stop_criterion", stop_criterion, network_fit.STOP_CRITERIA, "stop_criterion")
-    _BINDINGS.check(sizes=(sizes, _SIZES), seeds=(list(seeds), bindings.DISTINCT_INTS),
-                    fit_window=(fit_window, _WINDOW))
+    _BINDINGS.check(sizes=(sizes, bindings.OPTIONAL_SIZES),
+                    seeds=(list(seeds), bindings.DISTINCT_INTS),
+                    fit_window=(fit_window, bindings.OPTIONAL_RANGE))
     if (large_n is None) != (seeds_large_n is None) or (
             seeds_large_n is not None and not 1 <= seeds_large_n <= len(seeds)):
         raise ValueError(
@@ -214,7 +177,7 @@ def run(
             "mnist" or "cifar10".
         model: the architecture (a name in `model_builders`), C logits.
         methods: among "network", "entk_init", "entk_init_centred",
-            "after_kernel", "infinite_ntk" (see the module docstring).
+            "after_kernel", "infinite_ntk" (docs/study_b.md).
         n0s: pre-training sizes of the after-kernels (fitted on n ≥ n0 only).
         sizes: the n grid; None: `num_sizes` geometric sizes from `smallest_n`
             to all candidates.
@@ -252,6 +215,7 @@ def run(
     from experiments import data as data_lib
     from experiments import grid as grid_lib
     from experiments import models as models_lib
+    from experiments import train
     from experiments.figures import study_b
 
     methods = list(methods)
@@ -288,11 +252,14 @@ def run(
         return kernel_methods.kernel_union(data.train, data.test, chosen, validation)
 
     def build(weights_path=None):
-        with strategy.scope():
-            network = model_builders[model](data.input_shape, num_classes)
-            if weights_path is not None:
-                network.load_weights(weights_path)
-        return network
+        return train.build_model(strategy, model_builders[model], data.input_shape, num_classes,
+                                 weights_path=weights_path)
+
+    def infinite_ntk(x):
+        """The infinite NTK of the NTK-parameterized twin on `x` (ValueError: none)."""
+        twin = models_lib.ntk_parameterized(build(), sigma_w2=infinite_sigma_w2,
+                                            sigma_b2=infinite_sigma_b2)
+        return keras_ntk.infinite_kernels(twin, x).ntk
 
     # The operative settings of every cell (what only changes speed or memory,
     # jit_compile and ntk_batch_size, is left out).
@@ -371,9 +338,7 @@ def run(
         started = time.time()
         if source == "infinite_ntk":
             try:
-                twin = models_lib.ntk_parameterized(build(), sigma_w2=infinite_sigma_w2,
-                                                    sigma_b2=infinite_sigma_b2)
-                kernel = keras_ntk.infinite_kernels(twin, x_union).ntk
+                kernel = infinite_ntk(x_union)
             except ValueError as error:
                 logging.warning("infinite_ntk skipped: %s", error)
                 skip_reasons[:] = [str(error)]
@@ -438,9 +403,7 @@ def run(
             return None
         if not skip_reasons:
             try:
-                twin = models_lib.ntk_parameterized(build(), sigma_w2=infinite_sigma_w2,
-                                                    sigma_b2=infinite_sigma_b2)
-                keras_ntk.infinite_kernels(twin, data.train.x[:2])
+                infinite_ntk(data.train.x[:2])
                 skip_reasons.append(None)
             except ValueError as error:
                 skip_reasons.append(str(error))

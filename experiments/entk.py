@@ -10,7 +10,8 @@
 * `kernel_change`: how a kernel moved between two weights, seen from the
   labels: kernel-target alignment A(Θ, y) = yᵀΘy / (‖Θ‖_F ‖y‖²) (±1 labels)
   and its centred version, the kernel distance 1 − ⟨Θ0, ΘT⟩_F/(‖Θ0‖_F ‖ΘT‖_F)
-  and the traces.
+  and the traces;
+* `weight_change`: ‖θT − θ0‖, its square and ‖θT − θ0‖/‖θ0‖.
 """
 
 import dataclasses
@@ -114,3 +115,11 @@ def kernel_change(kernel_init, kernel_final, labels):
 def weights_norm(arrays):
     """‖θ‖ of a list of weight arrays, in float64."""
     return float(np.sqrt(sum(np.sum(np.square(np.asarray(a, np.float64))) for a in arrays)))
+
+
+def weight_change(initial_weights, final_weights):
+    """‖θT − θ0‖ (float64), its square and ‖θT − θ0‖/‖θ0‖ of two lists of weight arrays."""
+    theta0 = [np.asarray(w) for w in initial_weights]
+    distance = weights_norm([np.asarray(w) - w0 for w, w0 in zip(final_weights, theta0)])
+    return {"weight_distance": distance, "weight_distance_squared": distance**2,
+            "relative_weight_distance": distance / weights_norm(theta0)}

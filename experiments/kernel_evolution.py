@@ -1,47 +1,15 @@
 """Study B (2 of 2): does the empirical NTK stop moving during training?
 
-Vyas, Nakkiran and Bansal (2022) report that the eNTK keeps changing late in
-training ("kernel velocity" does not vanish), so a fixed kernel cannot
-describe the network. This binary trains one network per (width, seed) with
-a CONSTANT learning rate (with a rate decaying to 0 the velocity vanishes
-trivially) and takes eNTK snapshots with `keras_ntk.NTKTracker` at
-log-spaced times t_i and at t_i + Δt (`velocity_dt`, the same Δt at every
-t_i), on a fixed probe set (`probe_seed`) made of `num_probe` training
-inputs, `num_validation` other training inputs and the test inputs (Θt on
-all of them, so kernel regression with Θt can be scored).
-
-Per (width, seed) and time t_i, the cell holds
-
-* `velocity`: the kernel velocity of Fort et al. (2020), the cosine kernel
-  distance 1 − ⟨Θa, Θb⟩/(‖Θa‖‖Θb‖) between Θa = Θ(t_i) and Θb = Θ(t_i+Δt)
-  divided by Δt. For small changes it is QUADRATIC in the change
-  (1 − cos φ ≈ φ²/2): with a fixed Δt it scales like the square of the rate;
-* `velocity_relative`: ‖Θb − Θa‖_F / (‖Θa‖_F Δt), linear in the change: the
-  rate the verdict is based on;
-* `distance_from_init` (cosine, NTKTracker's), `alignment` (centred
-  kernel-target alignment with one-hot labels on the whole probe set),
-  `weight_distance_from_init` (‖θt − θ0‖/‖θ0‖), `ntk_trace`;
-* `kernel_regression_test_error`: test error of kernel regression with Θt
-  (float64, one-hot targets, f0 not subtracted, λ = r · mean diag chosen on
-  the validation inputs; the logit-averaged eNTK used as Θ ⊗ I is an
-  approximation), trained on the `num_probe` probe inputs;
-* `network_test_error`: the network's own test error at the same steps.
-
-results.json holds per width the mean series over seeds (`kernel_velocity`)
-and the per-seed series under `seeds`. The slope of log velocity_relative
-against log step over the last decade of steps (step ≥ total/10) is fitted
-per seed; the width's slope is the mean over seeds with its standard error
-over seeds, stated by a fixed rule (`kernel_velocity.velocity_verdict`): faster than 1/t
-(slope + 2 s.e. < −1): the kernel converges; like 1/t (−1 within 2 s.e.):
-the per-step velocity vanishes, yet the kernel moves by a similar amount
-every decade of steps; slower than 1/t (slope < −0.25): it keeps moving;
-slope ≥ −0.25: it plateaus. `distance_from_init_growth_last_decade` is how
-much the distance from init grew over that last decade.
-
-Each (width, seed) is a cell of the cell store (`experiments.cells`) with its
-operative settings: finished ones are skipped on a rerun, ones of other
-settings refused (or recomputed with `overwrite`); a run cut short is
-retrained from the start.
+Vyas, Nakkiran and Bansal (2022). One network per (width, seed), trained at a
+CONSTANT learning rate (with a rate decaying to 0 the velocity vanishes
+trivially), with eNTK snapshots (`keras_ntk.NTKTracker`) at log-spaced times
+t_i and t_i + Δt on a fixed probe set (training, validation and test inputs).
+Per t_i a cell holds the kernel velocity (cosine, Fort et al. 2020) and the
+relative one, the distance from init, the alignment, ‖θt − θ0‖/‖θ0‖, tr Θ,
+the test error of kernel regression with Θt and the network's test error;
+the tail slope and its verdict follow `experiments.kernel_velocity`. What
+was run and found: docs/study_b.md; flags, outputs, resuming:
+docs/experiments.md.
 
 Run: `python -m experiments.kernel_evolution
 --gin_file=kernel_evolution/digits_mlp.gin --output_dir=runs/b_evolution`.
@@ -87,18 +55,20 @@ def _train_width(width, *, model_builder, model, depth, data, num_classes, probe
     import tensorflow as tf
 
     import keras_ntk
+    from experiments import train
 
     keras.utils.set_random_seed(seed)
-    with strategy.scope():
-        network = model_builder(data.input_shape, num_classes, **_width_kwargs(model, width, depth))
-        if loss == "mse":
-            targets = np.eye(num_classes, dtype=np.float32)[data.train.y]
-            loss_object = keras.losses.MeanSquaredError()
-        else:
-            targets = data.train.y.astype(np.int32)
-            loss_object = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        network.compile(optimizer=keras.optimizers.SGD(learning_rate, momentum=momentum),
-                        loss=loss_object, jit_compile=jit_compile)
+    if loss == "mse":
+        targets = np.eye(num_classes, dtype=np.float32)[data.train.y]
+    else:
+        targets = data.train.y.astype(np.int32)
+    network = train.build_model(
+        strategy, model_builder, data.input_shape, num_classes,
+        **_width_kwargs(model, width, depth), compile_with=lambda network: network.compile(
+            optimizer=keras.optimizers.SGD(learning_rate, momentum=momentum),
+            loss=(keras.losses.MeanSquaredError() if loss == "mse" else
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True)),
+            jit_compile=jit_compile))
     tensorboard = os.path.join(output_dir, "tensorboard", run_name)
     kernels_dir = os.path.join(output_dir, "kernels", run_name)
     if tf.io.gfile.exists(kernels_dir):
@@ -263,8 +233,8 @@ def run(
 
     checks = bindings.Bindings("kernel_evolution", qualified=True)
     checks.known("loss", loss, LOSSES, "loss")
-    checks.known("model", model, model_builders, "model", listed=sorted(model_builders))
-    checks.known("dataset", dataset.split("/")[0], data_lib.KNOWN_DATASETS, "dataset")
+    checks.models("model", model, model_builders)
+    checks.dataset(dataset, configs=True)
     checks.check(widths=(list(widths), bindings.NON_EMPTY_POSITIVE_INTS),
                  seeds=(list(seeds), bindings.DISTINCT_INTS),
                  num_probe=(num_probe, bindings.POSITIVE_INT),
@@ -373,15 +343,10 @@ def run(
     results["finished"] = all(record is not None for record in records.values())
     write()
     if write_figures and results["widths"]:
-        draw_figures(results, os.path.join(output_dir, "figures"))
+        from experiments.figures import study_b
+
+        study_b.kernel_evolution_figures(results, os.path.join(output_dir, "figures"))
     return results
-
-
-def draw_figures(results, directory):
-    """velocity.png, distance_from_init.png, alignment.png, kernel_regression.png."""
-    from experiments.figures import study_b
-
-    study_b.kernel_evolution_figures(results, directory)
 
 
 def main(argv):

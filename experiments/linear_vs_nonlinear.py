@@ -1,42 +1,12 @@
 """Study A: what can linearized neural networks actually say about generalization?
 
-Reproduces the comparisons of Ortiz-Jiménez, Moosavi-Dezfooli and Frossard
-(NeurIPS 2021) between a network f(x; θ) and its linearizations:
-
-* network: f trained from θ0 with the recipe of `experiments.train`.
-* linearized_init: the linearization at θ0 (`keras_ntk.Linearize`), by
-  default the full model f(x; θ0) + J(x; θ0)·(θ − θ0) ("NTK with bias",
-  `linearize_model` in the reference's train_ntk.py: its main comparison),
-  trained from θ = θ0 with the same recipe.
-* linearized_init_difference: the difference model J(x; θ0)·(θ − θ0)
-  (`linearize_diff_model` in the reference's pretrained_ntk_comparison.py),
-  trained from θ0 with the same recipe and data order: the baseline of the
-  θT tracking rule. Not trained again when linearized_init_mode is
-  "difference" (it is then the same fit).
-* linearized_final: the difference model J(x; θT)·(θ − θT) at the trained
-  weights θT, trained from θ = θT with the same recipe and data order and
-  with BatchNorm statistics reset to their values at initialization, as the
-  reference's pretrained_ntk_comparison.py does.
-
-`variant` in results.json names each of them. Test predictions of every
-model (logit > 0) are stored per cell, bit-packed (`report.pack_bits`), for
-the paired tests of the report (experiments/stats.py).
-
-Tasks: the eigenfunction tasks of the empirical NTK Θ0 at θ0 computed on
-train+test inputs (label (sign(v_k)+1)/2, eigenvalues descending), and the
-binary task (classes 0–4 vs 5–9). θ0 is drawn once per model (`init_seed`)
-and saved; every task and seed starts from it, seeds change only the data
-order, so the eigenfunction labels are those of the θ0 every run starts from.
-
-Per cell (model, task, k, seed) results.json records the test accuracy of
-the four models, kernel-target alignment A(Θ, y) = yᵀΘy / (‖Θ‖_F ‖y‖²)
-with ±1 labels of Θ0 and ΘT on a probe set of training inputs (and the
-centred alignment), the kernel distance 1 − ⟨Θ0, ΘT⟩_F/(‖Θ0‖_F ‖ΘT‖_F)
-on the probe set, a_j = v_jᵀ ΘT v_j in the eigenbasis {v_j} of Θ0 over
-train+test (the eigenvectors the eigenfunction tasks are built from, so
-j = k is the task's own eigenvector; as the reference's train_ntk.py
-`ntk_comparison`), the energy of the train+test labels in that eigenbasis,
-‖θT − θ0‖, its square and ‖θT − θ0‖/‖θ0‖, and the base rate of each task.
+Ortiz-Jiménez, Moosavi-Dezfooli and Frossard (NeurIPS 2021). Per cell (model,
+task, k, seed), from one saved θ0 per model and with one recipe and data
+order: the network, its linearization at θ0 (`linearized_init_mode`), the
+difference model at θ0 and the difference model at θT, each trained and
+scored on the test set; then alignment, kernel distance, a_j and ‖θT − θ0‖
+(`experiments.entk`). The four models, the tasks and what is measured:
+docs/study_a.md; flags, outputs and resuming: docs/experiments.md.
 
 Run: `python -m experiments.linear_vs_nonlinear
 --gin_file=linear_vs_nonlinear/digits_mlp.gin --output_dir=runs/a`.
@@ -65,10 +35,8 @@ _BINDINGS = bindings.Bindings("linear_vs_nonlinear")
 def _validate(dataset, models, tasks, ks, model_builders, linearized_init_mode, eigen_solver,
               **numbers):
     """Refuses unknown names and impossible numbers before any work, naming the binding."""
-    from experiments import data as data_lib
-
-    _BINDINGS.known("dataset", dataset, data_lib.KNOWN_DATASETS, "dataset")
-    _BINDINGS.known("models", models, model_builders, "model", listed=sorted(model_builders))
+    _BINDINGS.dataset(dataset)
+    _BINDINGS.models("models", models, model_builders)
     _BINDINGS.known("tasks", tasks, TASKS, "task")
     if "eigenfunction" in tasks and (not ks or any(int(k) < 1 for k in ks)):
         raise ValueError(f"Expected eigenfunction indices k >= 1. Received: ks={list(ks)!r}")
@@ -121,23 +89,21 @@ class _Study:
         return os.path.join(self.output_dir, *parts)
 
     def build(self, name, weights_path=None):
-        with self.strategy.scope():
-            model = self.model_builders[name](self.dataset.input_shape, 1)
-            if weights_path is not None:
-                model.load_weights(weights_path)
-        return model
+        from experiments import train
+
+        return train.build_model(self.strategy, self.model_builders[name],
+                                 self.dataset.input_shape, 1, weights_path=weights_path)
 
     def linearize(self, network, mode, non_trainable_values=None):
         import keras
 
         import keras_ntk
+        from experiments import train
 
-        with self.strategy.scope():
-            return keras.Sequential([
-                keras.Input(self.dataset.input_shape),
-                keras_ntk.Linearize(network, mode=mode,
-                                    non_trainable_values=non_trainable_values),
-            ], name=f"linearized_{network.name}")
+        return train.build_model(self.strategy, lambda: keras.Sequential([
+            keras.Input(self.dataset.input_shape),
+            keras_ntk.Linearize(network, mode=mode, non_trainable_values=non_trainable_values),
+        ], name=f"linearized_{network.name}"))
 
 
 def _initial_state(study, model_name, init_seed, num_eigenvectors, init_dir=None):
@@ -269,13 +235,9 @@ def _run_cell(study, cell, init_weights_path, init_state, linearized_init_mode, 
         kernel_final = study.kernels.kernel(network, study.probe_x)
         vectors = init_state["eigenvectors"][:, : study.num_projection]
         all_labels_pm = 2.0 * np.concatenate([train_y, test_y]) - 1.0
-        theta0 = [np.asarray(w) for w in initial.trainable_weights]
-        theta_t = [np.asarray(w) for w in network.trainable_weights]
-        distance = entk.weights_norm([a - b for a, b in zip(theta_t, theta0)])
         stages["kernels"] = dict(
             entk.kernel_change(init_state["probe_kernel"], kernel_final, labels_pm),
-            weight_distance=distance, weight_distance_squared=distance**2,
-            relative_weight_distance=distance / entk.weights_norm(theta0),
+            **entk.weight_change(initial.trainable_weights, network.trainable_weights),
             # a_j = v_jᵀ Θ v_j over train+test in the eigenbasis of the tasks:
             # at θ0 these are the eigenvalues λ_j.
             projection={
@@ -355,12 +317,8 @@ def run(
 ):
     """Runs study A and writes results.json, figures and report.md into `output_dir`.
 
-    Every cell is stored (`experiments.cells`) with its settings: finished
-    cells are skipped on a rerun, a cell cut short resumes from its last
-    finished model (and inside a fit after its last finished epoch, exactly),
-    and a rerun with other settings is refused naming them (or, with
-    `overwrite`, recomputes the cells concerned). θ0 and the eigenvectors
-    are saved in `output_dir/cells/init-<model>/`.
+    Cells are stored, skipped, resumed (by model, and inside a fit by epoch)
+    or refused as docs/experiments.md#resuming describes.
 
     Args:
         output_dir: the run's directory (local or gs://).

@@ -74,6 +74,28 @@ def make_strategy(name="auto", tpu=None):
     return tf.distribute.TPUStrategy(resolver)
 
 
+def build_model(strategy, builder, *args, weights_path=None, compile_with=None, **kwargs):
+    """`builder(*args, **kwargs)` made under `strategy.scope()`, so the strategy places it.
+
+    Args:
+        strategy: the `tf.distribute.Strategy` (None: the current one).
+        builder: a function returning a Keras model, e.g. `models.mlp`.
+        weights_path: weights to load into it (a saved θ0, ...), or None.
+        compile_with: None, or a function of the model that compiles it,
+            called inside the scope (an optimizer made there is placed too).
+
+    Returns:
+        The model.
+    """
+    with (strategy or tf.distribute.get_strategy()).scope():
+        model = builder(*args, **kwargs)
+        if weights_path is not None:
+            model.load_weights(weights_path)
+        if compile_with is not None:
+            compile_with(model)
+    return model
+
+
 def linear_decay_sgd(total_steps, learning_rate=0.05, momentum=0.9):
     """SGD with momentum, the rate decaying linearly from `learning_rate` to 0.
 

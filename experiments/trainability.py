@@ -1,48 +1,20 @@
 """Study C: disentangling trainability and generalization in deep networks.
 
-Reproduces on the infinite-width NTK the analyses of Xiao, Pennington and
-Schoenholz (ICML 2020), "Disentangling trainability and generalization in
-deep neural networks", with the grid of neural-tangents' notebook for the
-paper (gin_configs/trainability/base.gin):
-
-1. Phase diagram of fully connected networks (FCN) over (σw², depth) at
-   fixed σb² (Erf; ReLU optional: it has no chaotic phase). Per σw² ONE
-   all-depths recursion (`infinite_kernels(..., all_depths=True)`) gives the
-   NTK at every depth. Per cell: the condition number κ of Θ(X, X)
-   (flagged at the float64 bound, λmin ≤ n·ε·λmax); gradient flow on MSE
-   from f0 = 0 at η = `learning_rate_fraction` · 2·n·O/λmax in closed form
-   (`keras_ntk.predict.gradient_descent_mse`), read at `times`: training
-   loss (the trainability heatmap) and accuracies. Per σw²: q*, c*, χ1, χc*
-   and the depth scales ξ1 = −1/log χ1 (ordered) and ξ* = −1/(log χc* −
-   log χ1) (chaotic) from `keras_ntk.mean_field`; figures overlay 8ξ1, 8ξ*.
-2. The mean predictor P(Θ) = Θ(X*, X) Θ(X, X)⁻¹ (t = ∞, pseudo-inverse at
-   rounding level). Its test accuracy on raw one-hot targets is the
-   generalization heatmap (deep in the chaotic phase it collapses to one
-   class, the paper's finding). On targets centred by the training mean
-   (the constant direction removed) the spread of its test outputs,
-   ‖F* − mean F*‖_F / ‖Y* − mean Y*‖_F, and its rms relative to the NNGP
-   output scale √K(x, x), against depth; the e-fold length of the spread is
-   fitted over the deepest depths whose test-train kernel still varies
-   above float64 rounding and compared with ξ*. The maths of parts 1 and 2
-   is in `experiments.phase_diagram`; this binary holds the grids, the cells
-   of parts 3 and 4 and the assembly of results.json.
-3. FCN vs CNN with a Flatten head (CNN-F) vs CNN with global average
-   pooling (CNN-GAP), same activation, σw², σb², on the same (smaller)
-   subset: NTK spectra and kernel-regression test accuracy.
-4. A finite-width check: NTK-parameterized FCNs of a few widths trained
-   by full-batch gradient descent on MSE for `finite_steps` steps at
-   `finite_learning_rate_fraction` · η_max, compared through their centred
-   outputs f_T − f_0 (f0 is an O(1) random function at any width under the
-   NTK parameterization) with the infinite mean prediction μ_T.
-
-Every NTK comes from `keras_ntk.infinite_kernels` on the architecture
-built by `experiments.models.ntk_fcn`/`ntk_cnn` (depth = number of hidden
-layers, plus a readout layer with the same σw², σb²). Figures:
-`experiments.figures.study_c`.
+Xiao, Pennington and Schoenholz (ICML 2020), on the infinite-width NTK
+(`keras_ntk.infinite_kernels` of `experiments.models.ntk_fcn`/`ntk_cnn`),
+with the grid of neural-tangents' notebook for the paper, in four parts:
+1-2. FCN phase diagrams over (σw², depth): condition number, gradient-flow
+   training loss, the mean predictor's accuracy and spread, depth scales
+   (a cell is one σw² row, every depth: `experiments.phase_diagram`);
+3. FCN vs CNN-Flatten vs CNN-GAP: NTK spectra and kernel regression;
+4. finite NTK-parameterized FCNs trained by gradient descent against the
+   infinite mean prediction.
+This binary holds the grids, the cells of parts 3 and 4 and the assembly of
+results.json. What is computed and found: docs/study_c.md; flags, outputs,
+resuming: docs/experiments.md. Figures: `experiments.figures.study_c`.
 
 Run: `python -m experiments.trainability --gin_file=trainability/digits.gin
---output_dir=runs/c`. Finished cells are kept in `cells/` (`experiments.cells`,
-with their settings) and skipped on a rerun; other settings are refused.
+--output_dir=runs/c`.
 """
 
 import math
@@ -214,15 +186,16 @@ def _train_finite(width, seed, depth, activation, sigma_w2, sigma_b2, x_train, y
     import keras
     import tensorflow as tf
 
-    from experiments import models
+    from experiments import models, train
 
     keras.utils.set_random_seed(seed)
-    with strategy.scope():
-        model = models.ntk_fcn(x_train.shape[1:], y_train.shape[1], depth=depth, width=width,
-                               sigma_w2=sigma_w2, sigma_b2=sigma_b2, activation=activation)
-        # keras "mse" is ‖f − Y‖²/(n·O), twice the ‖f − Y‖²/(2·n·O) of
-        # predict.gradient_descent_mse: the same steps need half the rate.
-        model.compile(optimizer=keras.optimizers.SGD(rate / 2), loss="mse")
+    # keras "mse" is ‖f − Y‖²/(n·O), twice the ‖f − Y‖²/(2·n·O) of
+    # predict.gradient_descent_mse: the same steps need half the rate.
+    model = train.build_model(
+        strategy, models.ntk_fcn, x_train.shape[1:], y_train.shape[1], depth=depth, width=width,
+        sigma_w2=sigma_w2, sigma_b2=sigma_b2, activation=activation,
+        compile_with=lambda model: model.compile(optimizer=keras.optimizers.SGD(rate / 2),
+                                                 loss="mse"))
     f0_train = model.predict(x_train, batch_size=len(x_train), verbose=0).astype(np.float64)
     f0_test = model.predict(x_test, batch_size=1024, verbose=0).astype(np.float64)
     targets = (y_train + f0_train).astype(np.float32)
@@ -311,16 +284,16 @@ _BINDINGS = bindings.Bindings("trainability")
 def _validate(dataset, activations, grids, depths, architectures, times, learning_rate_fraction,
               finite_learning_rate_fraction, heldout, **numbers):
     """Refuses unknown names and impossible numbers before any work, naming the binding."""
-    from experiments import data as data_lib
-
-    _BINDINGS.known("dataset", dataset, data_lib.KNOWN_DATASETS, "dataset")
+    _BINDINGS.dataset(dataset)
     _BINDINGS.known("activations", activations, ACTIVATIONS, "activation")
     for activation in activations:
-        _BINDINGS.check(**{f"{activation}_sigma_w2": (grids[activation], _POSITIVE_NUMBERS)})
+        _BINDINGS.check(**{f"{activation}_sigma_w2": (grids[activation],
+                                                      bindings.POSITIVE_NUMBERS)})
     if "relu" in activations and any(s > 2.0 for s in grids["relu"]):
         raise ValueError("ReLU has no chaotic phase (q* is infinite for σw² > 2): keep "
                          f"relu_sigma_w2 ≤ 2. Received: relu_sigma_w2={list(grids['relu'])!r}")
-    _BINDINGS.check(depths=(depths, _INCREASING_DEPTHS), times=(times, _NON_NEGATIVE_NUMBERS),
+    _BINDINGS.check(depths=(depths, bindings.INCREASING_NON_NEGATIVE_INTS),
+                    times=(times, bindings.NON_NEGATIVE_NUMBERS),
                     learning_rate_fraction=(learning_rate_fraction, _AT_MOST_ONE),
                     finite_learning_rate_fraction=(finite_learning_rate_fraction, _BELOW_ONE))
     _BINDINGS.known("heldout", heldout, HELDOUT, "heldout")
@@ -336,12 +309,6 @@ def _validate(dataset, activations, grids, depths, architectures, times, learnin
     _BINDINGS.check(**{name: (value, kinds[name]) for name, value in numbers.items()})
 
 
-_POSITIVE_NUMBERS = ("a non-empty list of numbers > 0",
-                     lambda v: len(v) > 0 and all(bindings.POSITIVE_NUMBER[1](s) for s in v))
-_NON_NEGATIVE_NUMBERS = ("a list of numbers >= 0",
-                         lambda v: all(bindings.FINITE_NON_NEGATIVE[1](s) for s in v))
-_INCREASING_DEPTHS = ("increasing ints >= 0", lambda v: len(v) > 0 and all(
-    d >= 0 for d in v) and list(v) == sorted(set(v)))
 _AT_MOST_ONE = ("in (0, 1] (η/η_max of gradient flow)",
                 lambda v: bindings.POSITIVE_NUMBER[1](v) and v <= 1)
 _BELOW_ONE = ("in (0, 1) (discrete steps diverge at η_max)",
@@ -428,6 +395,7 @@ def run(
         The results dictionary (also in results.json).
     """
     from experiments import data as data_lib
+    from experiments.figures import study_c as figures
 
     del model_builders
     activations, architectures = list(activations), list(architectures)
@@ -550,8 +518,6 @@ def run(
         if grid is not finite_grid:
             cells_lib.write_json_atomic(results_path, results)
         if write_figures and grid is phase_grid:
-            from experiments.figures import study_c as figures
-
             figures.draw_figures(results, os.path.join(output_dir, "figures"))
     if store.sharded:
         records = grid_lib.gathered(*(grid for grid, _ in parts))
@@ -562,8 +528,6 @@ def run(
     results["seconds_this_run"] = time.time() - start
     cells_lib.write_json_atomic(results_path, results)
     if write_figures:
-        from experiments.figures import study_c as figures
-
         figures.draw_figures(results, os.path.join(output_dir, "figures"))
     return results
 

@@ -58,6 +58,9 @@ def architecture_key(model, custom_classes=False):
     try:
         try:
             model_config = keras.saving.serialize_keras_object(model)
+            # How the model is trained (optimizer, loss; the optimizer's name is unique
+            # per model: `sgd_1`, `sgd_2`, ...) does not change what it computes.
+            model_config.pop("compile_config", None)
         except NotImplementedError:
             if not custom_classes:
                 return None

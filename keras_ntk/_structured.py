@@ -660,6 +660,18 @@ def _weight_gradients(a, g, dims, axes):
 FUSE_ELEMENTS = 2**22
 
 
+def _gram(w1, w2, axes, dtype):
+    """`contract_jacobians` of (N, *S, W) factors; every output axis traced: one
+    matrix product with the second operand transposed (an einsum over (S, W)
+    makes XLA copy it transposed first)."""
+    if axes.out or axes.sub1 != axes.sub2:
+        return contract_jacobians(w1, w2, axes, dtype)
+    same = w2 is w1
+    w1 = tf.cast(tf.reshape(w1, [int(w1.shape[0]), -1]), dtype)
+    w2 = w1 if same else tf.cast(tf.reshape(w2, [int(w2.shape[0]), -1]), dtype)
+    return tf.matmul(w1, w2, transpose_b=True)
+
+
 def contract_rules(factors, axes, dtype):
     """Σ over rules of `contract_structured` for [(a1, g1, a2, g2)] (same factors: a2 is a1).
 
@@ -672,9 +684,9 @@ def contract_rules(factors, axes, dtype):
     def flush(group):
         w1 = tf.concat([w for w, _ in group], -1) if len(group) > 1 else group[0][0]
         if all(w2 is w for w, w2 in group):
-            return contract_jacobians(w1, w1, axes, dtype)
+            return _gram(w1, w1, axes, dtype)
         w2 = tf.concat([w for _, w in group], -1) if len(group) > 1 else group[0][1]
-        return contract_jacobians(w1, w2, axes, dtype)
+        return _gram(w1, w2, axes, dtype)
 
     for a1, g1, a2, g2 in factors:
         same = a2 is a1 and g2 is g1

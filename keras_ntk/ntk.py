@@ -30,7 +30,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_ntk import _validation
+from keras_ntk import _block_factors, _validation
 from keras_ntk._batching import (
     block_ranges, compiled, kernel_tasks, model_cache, num_examples, run_tasks, shared_compiled,
     shared_value, slice_examples, to_host)
@@ -659,8 +659,9 @@ def empirical_ntk(model, x1, x2=None, *, trace_axes=(-1,), diagonal_axes=(),
     results = [
         np.zeros((s.n1, s.n2, *ax.kernel_shape), np_dtype) for ax in out_axes
     ]
-    tasks = kernel_tasks(lambda same: _block_function(s, same), results, out_axes,
-                         s.x1, s.x2, s.n1, s.n2, s.block, pad=not s.plan.coupled)
+    tasks = _block_factors.factor_tasks(s, results, batch_size) or kernel_tasks(
+        lambda same: _block_function(s, same), results, out_axes, s.x1, s.x2, s.n1, s.n2,
+        s.block, pad=not s.plan.coupled)  # past a size: two functions for every N
     with _frozen_state(model, s.plan.training):
         run_tasks(tasks, verbose)
     for result in results:

@@ -425,3 +425,122 @@ def test_a_repeated_call_reuses_its_plan_and_block_functions():
                  reference(model, x, trace_axes=()))
     assert_close(keras_ntk.empirical_ntk(model, x, trace_axes=[], implementation="structured"),
                  reference(model, x, trace_axes=()))
+
+
+# ----------------------------------------------------------------- block factors (new N)
+
+
+@pytest.fixture
+def small_factor_blocks(monkeypatch):
+    """The block-factor path from padded blocks of 4 up to blocks of 8 (fresh caches, plain
+    graphs), so that small inputs take it: 19 = 8 + 8 + 3 examples."""
+    import collections
+
+    from keras_ntk import _block_factors
+
+    monkeypatch.setattr(_batching, "_JIT", "0")
+    monkeypatch.setattr(_batching, "_SHARED", collections.OrderedDict())
+    monkeypatch.setattr(_block_factors, "MIN_SIZE", 4)
+    monkeypatch.setattr(_block_factors, "MAX_SIZE", 8)
+    monkeypatch.setattr(_block_factors, "_SIZES", collections.OrderedDict())
+    monkeypatch.setattr(_block_factors, "_PAIR_FUNCTIONS", collections.OrderedDict())
+    monkeypatch.setattr(_block_factors, "factor_bytes", _block_factors.factor_bytes)
+    return _block_factors
+
+
+def _factor_tracing_counts(model, block_factors):
+    """Traces of the model's block functions (factor functions included) and of the pair
+    functions."""
+    pairs = list(block_factors._PAIR_FUNCTIONS.values())
+    return _tracing_counts(model)[0] + sum(
+        f._plain.experimental_get_tracing_count()
+        + (f._xla.experimental_get_tracing_count() if f._xla is not None else 0) for f in pairs)
+
+
+def test_choose_size_reuses_compiled_sizes_within_bounds():
+    from keras_ntk._block_factors import MAX_PAIRS, MAX_SIZE, MIN_SIZE, choose_size
+
+    assert choose_size(set(), MIN_SIZE // 2, MIN_SIZE // 2, 4096) is None  # fused path
+    assert choose_size(set(), 1797, 1797, 4096) == MAX_SIZE  # capped
+    assert choose_size(set(), 200, 200, 4096) == min(256, MAX_SIZE)
+    # A compiled size up to 2x the target is padded up to; a smaller one is used in blocks.
+    assert choose_size({MAX_SIZE}, MAX_SIZE // 2 + 1, 3, 4096) == MAX_SIZE
+    assert choose_size({MAX_SIZE // 2}, 3 * MAX_SIZE, 3 * MAX_SIZE, 4096) == MAX_SIZE // 2
+    # Too many pairs of blocks of a small compiled size: the target is compiled instead.
+    many = int(np.sqrt(MAX_PAIRS)) + 1
+    assert choose_size({MAX_SIZE // 2}, many * MAX_SIZE // 2, many * MAX_SIZE // 2,
+                       4096) == MAX_SIZE
+    # The target follows the block the budget allows (a compiled larger size is
+    # offered; factor_tasks checks it against the budget).
+    assert choose_size(set(), MAX_SIZE, MAX_SIZE, MAX_SIZE // 2) == MAX_SIZE // 2
+    assert choose_size({MAX_SIZE}, MAX_SIZE, MAX_SIZE, MAX_SIZE // 2) == MAX_SIZE
+
+
+@pytest.mark.parametrize("implementation", [
+    "structured", pytest.param("jacobian", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["cnn", "text"])
+def test_block_factors_give_the_float64_jacobian_kernel(name, implementation,
+                                                         small_factor_blocks):
+    """N not a multiple of the block (19, 11), x2 given and None, traced and untraced
+    output axes: equal to the float64 Jacobian kernel; the factor path was taken."""
+    from ntk_reference import MODELS
+
+    model = MODELS[name]()
+    x1, x2 = inputs_for(name, 19), inputs_for(name, 11, seed=1)
+    for trace_axes in [(-1,), ()]:
+        call = lambda a, b=None: keras_ntk.empirical_ntk(  # noqa: E731
+            model, a, b, trace_axes=trace_axes, implementation=implementation,
+            dtype="float64")
+        call(x1[:5])  # compiles the fused rung 6 and the factors of blocks of 6
+        seen = _factor_tracing_counts(model, small_factor_blocks)
+        for second in [None, x2]:
+            assert_close(call(x1, second), reference(model, x1, second, trace_axes=trace_axes))
+        assert _factor_tracing_counts(model, small_factor_blocks) == seen  # through factors
+
+
+def test_every_new_n_reuses_the_two_factor_functions(small_factor_blocks):
+    """After one call at 19 examples (fused rung 24, factors of blocks of 8), new sizes
+    (30, 13 × 27, 10, 50) run without a trace, with the float64 Jacobian kernel (one scalar output, BatchNorm in
+    inference mode: padding must not touch the other examples)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((5,)), keras.layers.Dense(16, activation="tanh"),
+        keras.layers.BatchNormalization(), keras.layers.Dense(1)])
+    model.layers[1].moving_mean.assign(np.linspace(-0.2, 0.2, 16))
+    x = np.random.default_rng(3).normal(size=(50, 5)).astype("float32")
+    jac = _jacobian64(model, x)
+    theta = jac @ jac.T
+    call = lambda a, b=None: keras_ntk.empirical_ntk(  # noqa: E731
+        model, a, b, implementation="structured", dtype="float64")
+    np.testing.assert_allclose(call(x[:19]), theta[:19, :19], rtol=1e-5, atol=1e-7)
+    seen = _factor_tracing_counts(model, small_factor_blocks)
+    assert seen == 3  # the fused rung 24, the factors of a block of 8, the pair of two blocks
+    np.testing.assert_allclose(call(x[:30]), theta[:30, :30], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(call(x[:13], x[23:]), theta[:13, 23:], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(call(x[40:]), theta[40:, 40:], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(call(x), theta, rtol=1e-5, atol=1e-7)
+    assert _factor_tracing_counts(model, small_factor_blocks) == seen
+    # Factors that do not fit the memory budget: the fused blocks of today (traced, exact).
+    small_factor_blocks.factor_bytes = lambda *args: 2**40
+    np.testing.assert_allclose(call(x), theta, rtol=1e-5, atol=1e-7)
+    assert _factor_tracing_counts(model, small_factor_blocks) == seen + 1
+
+
+def test_a_first_call_of_one_block_compiles_the_factor_functions_too(small_factor_blocks):
+    """One block (6 examples: padded to 6, the fused function) also compiles the factors
+    and the pair of blocks of 6: a larger N (17 × 9, 23) or a smaller one on another rung
+    (4) then traces nothing."""
+    model = mlp()
+    x = inputs_for("mlp", 23)
+    call = lambda a, b=None: keras_ntk.empirical_ntk(  # noqa: E731
+        model, a, b, trace_axes=(), implementation="structured")
+    assert_close(call(x[:6]), reference(model, x[:6], trace_axes=()))
+    seen = _factor_tracing_counts(model, small_factor_blocks)
+    assert seen == 3  # the fused block, the factors of a block, the pair of two blocks
+    assert_close(call(x[:17], x[14:]), reference(model, x[:17], x[14:], trace_axes=()))
+    assert_close(call(x), reference(model, x, trace_axes=()))
+    # A smaller N (rung 4) is padded up to the compiled block of 6, not compiled anew.
+    assert_close(call(x[:4]), reference(model, x[:4], trace_axes=()))
+    assert _factor_tracing_counts(model, small_factor_blocks) == seen

@@ -43,3 +43,12 @@ def test_weights_norm_and_solver_choice():
     assert entk.resolve_solver("lanczos", 10) == "lanczos"
     with pytest.raises(ValueError, match="Received: solver='qr'"):
         entk.resolve_solver("qr", 10)
+
+
+def test_weight_change_against_hand_computed_distances():
+    theta0 = [np.array([[1.0, 2.0]], np.float32), np.array([2.0], np.float32)]
+    theta_t = [np.array([[4.0, 2.0]], np.float32), np.array([6.0], np.float32)]
+    # θT − θ0 = (3, 0, 4): ‖θT − θ0‖ = 5; ‖θ0‖ = √(1 + 4 + 4) = 3.
+    assert entk.weight_change(theta0, theta_t) == pytest.approx(
+        {"weight_distance": 5.0, "weight_distance_squared": 25.0,
+         "relative_weight_distance": 5.0 / 3.0})

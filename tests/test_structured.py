@@ -223,3 +223,20 @@ def test_per_layer_kernels_of_a_transformer_match_float64_jacobians():
             assert rel_error(parts[layer.name], expected) < RTOL64, layer.name
     assert len(parts) == 9  # embedding, query/key/value/output, norm, dense, batchnorm, dense
     assert rel_error(sum(parts.values()), contract(j1, j2)) < RTOL64
+
+
+@pytest.mark.parametrize("with_x2", [False, True])
+def test_traced_fused_per_example_contraction_matches_float64_jacobian_kernel(with_x2,
+                                                                             monkeypatch):
+    # Every output axis traced: the fused per-example gradients of all rules are
+    # contracted by one transposed matrix product (`_structured._gram`).
+    _, model = model_pair("attention")
+    forced = lambda n1, n2, dims, axes: ("per_example", (0, 0))  # noqa: E731
+    monkeypatch.setattr(_structured, "contraction_form", forced)
+    x1 = inputs_for("attention", 5, 0)
+    x2 = inputs_for("attention", 3, 1) if with_x2 else None
+    expected = jacobian_kernel(model, x1, x1 if x2 is None else x2, trace=True)
+    actual = keras_ntk.empirical_ntk(model, x1, x2, implementation="structured",
+                                     dtype="float64")
+    assert actual.shape == expected.shape
+    assert rel_error(actual, expected) < RTOL64

@@ -48,12 +48,17 @@ def task_name(task, k):
     return f"k={k}" if task == "eigenfunction" else task
 
 
+def model_panels(results):
+    """(figure, [(axes, model, {(task, k): runs})]): one panel per model, side by side."""
+    groups = grouped(results["runs"])
+    fig, axes = pyplot().subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
+    return fig, [(ax, model, cells) for ax, (model, cells) in zip(axes[0], groups.items())]
+
+
 def figure_accuracy_vs_k(results, path):
     """Test accuracy vs eigenfunction index k: network and linearizations."""
-    plt = pyplot()
-    groups = grouped(results["runs"])
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
-    for ax, (model, cells) in zip(axes[0], groups.items()):
+    fig, panels = model_panels(results)
+    for ax, model, cells in panels:
         eigen = [(k, runs) for (task, k), runs in cells.items() if task == "eigenfunction"]
         if eigen:
             ks = [k for k, _ in eigen]
@@ -81,10 +86,8 @@ def figure_accuracy_vs_k(results, path):
 
 def figure_alignment(results, path):
     """Kernel-target alignment of the eNTK at θ0 and at θT, per task."""
-    plt = pyplot()
-    groups = grouped(results["runs"])
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
-    for ax, (model, cells) in zip(axes[0], groups.items()):
+    fig, panels = model_panels(results)
+    for ax, model, cells in panels:
         names = [task_name(*key) for key in cells]
         positions = np.arange(len(names))
         for offset, when in ((-0.2, "init"), (0.2, "final")):
@@ -100,10 +103,8 @@ def figure_alignment(results, path):
 
 def figure_projection(results, path):
     """a_j = v_jᵀ ΘT v_j in the eigenbasis of Θ0, against the eigenvalues of Θ0."""
-    plt = pyplot()
-    groups = grouped(results["runs"])
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
-    for ax, (model, cells) in zip(axes[0], groups.items()):
+    fig, panels = model_panels(results)
+    for ax, model, cells in panels:
         first = next(iter(cells.values()))[0]
         j = np.arange(1, len(first["projection"]["init"]) + 1)
         ax.plot(j, first["projection"]["init"], color="black", lw=2, label="Θ0 (λ_j)")
@@ -123,10 +124,8 @@ def figure_projection(results, path):
 
 def figure_energy(results, path):
     """Cumulative energy of the ±1 labels in the eigenbasis of Θ0."""
-    plt = pyplot()
-    groups = grouped(results["runs"])
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
-    for ax, (model, cells) in zip(axes[0], groups.items()):
+    fig, panels = model_panels(results)
+    for ax, model, cells in panels:
         for index, ((task, k), runs) in enumerate(cells.items()):
             energy = np.asarray(runs[0]["label_energy"])
             ax.plot(np.arange(1, len(energy) + 1), np.cumsum(energy), color=f"C{index % 10}",

@@ -4,6 +4,10 @@
   line per method, the fitted power laws over their fit sizes, network sizes
   where a seed stopped at the step cap marked;
 * `data_scaling_summaries`: the same means as TensorBoard scalars (n as the step);
+* `data_scaling_tables`: the Markdown tables of docs/study_b.md (means over
+  seeds, seeds per size, exponents with their intervals, paired differences,
+  the networks' steps and cap hits), printed by
+  `python -m experiments.figures.study_b RESULTS_JSON [FIGURES_DIR]`;
 * `kernel_evolution_figures`: kernel velocity (the cosine distance of Θ(t)
   and Θ(t+Δt) per step, and the relative velocity), distance from init,
   alignment and kernel regression with Θt, per width (mean over seeds, thin
@@ -11,6 +15,7 @@
 """
 
 import os
+import sys
 
 import numpy as np
 
@@ -81,6 +86,105 @@ def data_scaling_summaries(results, directory):
                 if errors:
                     tf.summary.scalar(f"{name}/test_error", float(np.mean(errors)), step=n)
                     tf.summary.scalar(f"{name}/test_loss", float(np.mean(losses)), step=n)
+
+
+def _rows(table):
+    """Per-n lists of the finite values of a [[value per seed] per n] table."""
+    return [[float(v) for v in row if v is not None and np.isfinite(v)] for row in table]
+
+
+def _mean(values, scale=1.0, digits=1):
+    return f"{scale * np.mean(values):.{digits}f}" if values else "–"
+
+
+def _alpha(value, interval, digits=3):
+    if value is None:
+        return "–"
+    low, high = interval if interval is not None else (None, None)
+    if low is None or high is None:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def _sizes(sizes):
+    return f"{sizes[0]}–{sizes[-1]}" if sizes else "–"
+
+
+def data_scaling_tables(results):
+    """The Markdown tables of a data-scaling results.json (as in docs/study_b.md).
+
+    Means are over the seeds with a result at that n (the number of them is
+    in the "seeds per size" table); errors in %, losses as they are; α with
+    its 95% bootstrap interval and the sizes of its fit; local α over the
+    `local_alpha_sizes`; paired differences α_network − α_method; for the
+    network, the steps of its runs and how many stopped at the cap (with the
+    training examples they still misclassified).
+    """
+    n = results["n"]
+    methods = results["methods"]
+    header = " | ".join(f"n={k}" for k in n)
+    lines = [f"| method | {header} | α error [95%] (fit sizes) | local α [95%] (sizes) "
+             f"| α loss [95%] |", "|---|" + "---|" * (len(n) + 3)]
+    for name, entry in methods.items():
+        means = " | ".join(_mean(v, 100) for v in _rows(entry["test_error"]))
+        fit = entry.get("fit_sizes_error") or []
+        local = entry.get("local_alpha_sizes") or []
+        lines.append(
+            f"| {name} | {means} | {_alpha(entry['alpha'], entry['alpha_interval'])} "
+            f"({_sizes(fit)}) | {_alpha(entry.get('local_alpha'), entry.get('local_alpha_interval'))}"
+            f" ({_sizes(local)}) | {_alpha(entry.get('alpha_loss'), entry.get('alpha_loss_interval'))} |")
+    lines += ["", f"| seeds per size | {header} |", "|---|" + "---|" * len(n)]
+    for name, entry in methods.items():
+        lines.append(f"| {name} | " + " | ".join(str(len(v)) if v else "–"
+                                                for v in _rows(entry["test_error"])) + " |")
+    lines += ["", f"| mean test loss | {header} |", "|---|" + "---|" * len(n)]
+    for name, entry in methods.items():
+        lines.append(f"| {name} | " + " | ".join(_mean(v, digits=4)
+                                                for v in _rows(entry["test_loss"])) + " |")
+    differences = results.get("exponent_differences") or {}
+    if differences:
+        lines += ["", "| comparison | α_network − α_method, error [95%] (sizes) | loss [95%] (sizes) |",
+                  "|---|---|---|"]
+        for name, entry in differences.items():
+            cells = []
+            for key in ("alpha", "alpha_loss"):
+                d = entry.get(key) or {}
+                if d.get("difference") is None:
+                    cells.append("–")
+                    continue
+                low, high = d["interval"]
+                cells.append(f"{d['difference']:+.3f} [{low:+.3f}, {high:+.3f}] "
+                             f"({_sizes(d.get('sizes_used') or [])})")
+            lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    network = methods.get("network")
+    if network is not None and "train_steps" in network:
+        lines += ["", "| network runs | runs | steps (min–max) | at the cap | training examples "
+                  "misclassified at the cap |", "|---|---|---|---|---|"]
+        for size, steps, capped, train_error in zip(
+                n, network["train_steps"], network["hit_cap"], network["train_error"]):
+            ran = [(s, bool(c), e) for s, c, e in zip(steps, capped, train_error) if s is not None]
+            if not ran:
+                continue
+            low, high = min(s for s, _, _ in ran), max(s for s, _, _ in ran)
+            at_cap = [round(e * size) for _, c, e in ran if c]
+            lines.append(f"| n={size} | {len(ran)} | {low}–{high} | {len(at_cap)} | "
+                         + (", ".join(str(v) for v in at_cap) if at_cap else "–") + " |")
+        lines.append(f"| all | {network.get('runs')} | | {network.get('cap_hits')} | |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv):
+    """`python -m experiments.figures.study_b RESULTS_JSON [FIGURES_DIR]`: the tables, the figures."""
+    import json
+
+    if len(argv) not in (2, 3):
+        raise ValueError("Expected RESULTS_JSON [FIGURES_DIR]. Received: "
+                         f"arguments={argv[1:]}")
+    with open(argv[1]) as f:
+        results = json.load(f)
+    if len(argv) == 3:
+        data_scaling_figures(results, argv[2])
+    sys.stdout.write(data_scaling_tables(results))
 
 
 def kernel_evolution_figures(results, directory):
@@ -154,3 +258,7 @@ def kernel_evolution_figures(results, directory):
     ax.legend(fontsize=6)
     epoch_axis(ax)
     save(fig, "kernel_regression.png")
+
+
+if __name__ == "__main__":
+    main(sys.argv)

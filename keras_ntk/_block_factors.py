@@ -1,0 +1,292 @@
+"""Kernel blocks from per-block factors: two compiled functions for every N.
+
+A block function compiled for b1 × b2 examples serves only the N that pad to
+that rung; a new rung costs a trace and an XLA compilation (seconds, 10-100×
+a warm call). Past a size B the kernel is therefore computed in two steps,
+each compiled once per model (or architecture) and options:
+
+* `factors(x)` for a block of B examples: one forward/backward pass giving,
+  per output, the per-example factors the kernel is a contraction of: the
+  per-example weight gradients W (N, *S, P) of the rules contracted in
+  per-example form and of the weights no rule covers (their Jacobian), all
+  concatenated, and the (a, g) pairs of the rules contracted in factorized
+  form (`_structured.contraction_form` at B × B);
+* `pair(f1, f2)`: Θ of two blocks from their factors,
+  Θ = Σ_w W1 W2ᵀ + Σ_factorized rules contract_structured(a1, g1, a2, g2).
+
+The first call of a model (or architecture) and options at N ≥ MIN_SIZE
+compiles both next to the fused block function of its rung; every N on
+another rung then reuses the same two functions: the factors of each block are
+computed once and kept (when all of them fit the memory budget), and only the
+contraction runs per pair of blocks. Exact: the same contractions as the
+fused block functions of `ntk`, blocks padded with their last example and the
+padding cut off (inference mode only: examples are independent).
+"""
+
+import collections
+import logging
+import math
+import threading
+
+import tensorflow as tf
+
+from keras_ntk import _batching
+from keras_ntk._costs import Profile, estimates
+from keras_ntk._jacobians import contract_jacobians, per_example_jacobians, recurrent_layers
+from keras_ntk._structured import (
+    Tokens, _shaped, _weight_gradients, contract_structured, contraction_form, structured_factors)
+
+# Block sizes B of the factor path: a call whose padded block is below MIN_SIZE keeps
+# the fused block function (tiny calls: one dispatch, no factors held); above it, the
+# target B is its rung capped at MAX_SIZE. A compiled B up to 2× the target is reused
+# (padding up), a smaller one while the pairs of blocks number at most MAX_PAIRS. A call
+# on a rung whose fused function is compiled runs it; a call that would compile anyway
+# (nothing usable compiled) compiles its fused rung and the factor functions of B; only
+# the other calls, on new rungs, run through factors.
+MIN_SIZE = 128
+MAX_SIZE = 256
+MAX_PAIRS = 64
+
+_PAIR_FUNCTIONS = collections.OrderedDict()  # (spec, axes, dtype, jit): pair function
+_PAIR_LIMIT = 32
+_LOCK = threading.RLock()
+_LOGGER = logging.getLogger("keras_ntk")
+
+
+def factor_spec(profile, out_axes, size):
+    """Per output, per rule: 0 when contracted through W at size × size, else the
+    vocabulary (gathers) or -1 (a factorized (a, g) pair)."""
+    spec = []
+    for axes in out_axes:
+        per_rule = []
+        for dims in profile.rule_dims:
+            form, _ = contraction_form(size, size, dims, axes)
+            per_rule.append(0 if form == "per_example" else (dims.a if dims.gather else -1))
+        spec.append(tuple(per_rule))
+    return tuple(spec)
+
+
+def factor_bytes(profile, out_axes, spec, itemsize):
+    """Bytes of the factors of one example (what is kept per example of x1 and x2)."""
+    total = 0
+    for axes, per_rule in zip(out_axes, spec):
+        for dims, kind in zip(profile.rule_dims, per_rule):
+            if kind == 0:
+                total += axes.size * dims.g * dims.a * dims.b
+            else:
+                total += (dims.p if dims.gather else dims.p * dims.g * dims.a)
+                total += axes.size * dims.p * dims.g * dims.b
+        total += axes.size * profile.n_rest
+    return total * itemsize
+
+
+def block_factors(plan, rules, spec, x):
+    """Per output k: (W (N, *S, P) or None, ((a or token ids, g), ...)) of the block x."""
+    n = int(tf.nest.flatten(x)[0].shape[0])
+    covered = {id(v) for rule in rules for v in rule.variables()}
+    rest = [w for w in plan.weights if id(w) not in covered]
+    factors = structured_factors(plan.model, x, rules, plan.training, plan.sizes,
+                                 plan.dtype) if rules else []
+    jac = None
+    if rest:
+        jac = per_example_jacobians(plan.model, x, plan.differentiable(rest), plan.training,
+                                    plan.sizes)
+    out = []
+    for k, axes in enumerate(plan.out_axes):
+        ws, pairs = [], []
+        for (a, g_per_output), kind in zip(factors, spec[k]):
+            g = g_per_output[k]
+            if kind == 0:
+                _, dims, gs = _shaped(a, g, axes)
+                ws.append(tf.cast(_weight_gradients(a, gs, dims, axes), plan.dtype))
+            else:
+                pairs.append((a.ids if isinstance(a, Tokens) else a, g))
+        if jac is not None:
+            ws.append(tf.cast(tf.reshape(jac[k], [n, *axes.shape, -1]), plan.dtype))
+        w = (tf.concat(ws, -1) if len(ws) > 1 else ws[0]) if ws else None
+        out.append((w, tuple(pairs)))
+    return tuple(out)
+
+
+def _pair_kernels(spec, out_axes, dtype, f1, f2):
+    kernels = []
+    for k, axes in enumerate(out_axes):
+        (w1, pairs1), (w2, pairs2) = f1[k], f2[k]
+        kinds = [kind for kind in spec[k] if kind != 0]
+        kern = contract_jacobians(w1, w2, axes, dtype) if w1 is not None else None
+        for (a1, g1), (a2, g2), kind in zip(pairs1, pairs2, kinds):
+            if kind > 0:
+                a1, a2 = Tokens(a1, kind), Tokens(a2, kind)
+            part = contract_structured(a1, g1, a2, g2, axes, dtype)
+            kern = part if kern is None else kern + part
+        if kern is None:  # no weight reaches this output
+            n1 = int(tf.nest.flatten(f1)[0].shape[0])
+            n2 = int(tf.nest.flatten(f2)[0].shape[0])
+            kern = tf.zeros([n1, n2, *axes.kernel_shape], dtype)
+        kernels.append(kern / axes.trace_size)
+    return kernels
+
+
+def pair_function(spec, out_axes, dtype, jit):
+    """The compiled Θ(block 1, block 2) from two blocks' factors (model-independent)."""
+    jit = (jit or _batching._JIT == "1") and _batching._JIT != "0"
+    key = (spec, tuple((ax.shape, ax.trace, ax.diag) for ax in out_axes), dtype.name, jit)
+    with _LOCK:
+        fn = _PAIR_FUNCTIONS.get(key)
+        if fn is None:
+            fn = _batching._JitFallback(
+                lambda f1, f2: _pair_kernels(spec, out_axes, dtype, f1, f2), jit)
+            _PAIR_FUNCTIONS[key] = fn
+            while len(_PAIR_FUNCTIONS) > _PAIR_LIMIT:
+                _PAIR_FUNCTIONS.popitem(last=False)
+        else:
+            _PAIR_FUNCTIONS.move_to_end(key)
+    return fn
+
+
+def _factor_function(s, spec, rules):
+    """The compiled factors of one block, shared by architecture when possible."""
+    plan = s.plan
+    key = ("factors", s.implementation, spec, plan.dtype.name,
+           tuple((ax.trace, ax.diag) for ax in plan.out_axes))
+    fn = plan.functions.get(key)
+    if fn is not None:
+        return fn
+    jit = not recurrent_layers(plan.model)
+    index = {id(v): i for i, v in enumerate(plan.model.variables)}
+    if all(id(w) in index for w in plan.weights):
+        def builder(state, values, x):
+            return block_factors(state[0].with_values(values), state[1], spec, x)
+
+        shared_key = key + (tuple(index[id(w)] for w in plan.weights),)
+        fn = _batching.shared_compiled(plan.model, shared_key, builder, (plan, rules),
+                                       jit_allowed=jit)
+    if fn is None:
+        own_key = key + (plan.training, tuple(id(w) for w in plan.weights))
+        fn = _batching.compiled(plan.model, own_key,
+                                lambda x: block_factors(plan, rules, spec, x), jit=jit)
+    shared = getattr(fn, "shared", None)
+    if shared is None or shared.shareable:
+        plan.functions[key] = fn
+    return fn
+
+
+_SIZES = collections.OrderedDict()  # (architecture, options): factor sizes compiled
+
+
+def _sizes_compiled(s):
+    """The set of block sizes whose factor function has run for this model (or, for a
+    known architecture, any model of it) and options, and ("fused", p1, p2, same) for
+    the one-block rungs the fused function ran at; updated by the caller."""
+    plan = s.plan
+    options = (s.implementation, plan.dtype.name,
+               tuple((ax.trace, ax.diag) for ax in plan.out_axes))
+    arch = _batching.architecture_key(plan.model)
+    index = {id(v): i for i, v in enumerate(plan.model.variables)}
+    if arch is None or any(id(w) not in index for w in plan.weights):
+        return plan.functions.setdefault(("factor sizes",) + options, set())
+    key = (arch, options, tuple(index[id(w)] for w in plan.weights))
+    with _LOCK:
+        sizes = _SIZES.setdefault(key, set())
+        _SIZES.move_to_end(key)
+        while len(_SIZES) > _PAIR_LIMIT:
+            _SIZES.popitem(last=False)
+    return sizes
+
+
+def choose_size(compiled_sizes, n1, n2, block):
+    """The block size B of the factor path for n1 × n2 with today's block `block`, or None.
+
+    The target is today's padded block capped at MAX_SIZE (None below MIN_SIZE). A
+    compiled size up to 2× the target is reused (padding up), else the largest smaller
+    compiled size whose pairs of blocks number at most MAX_PAIRS, else the target.
+    """
+    target = _batching.padded_size(max(n1, n2), block)
+    if target < MIN_SIZE:
+        return None
+    target = min(target, MAX_SIZE)
+    # (A size above `block`, the budget's block for this N, is checked in `factor_tasks`.)
+    compiled_sizes = [b for b in compiled_sizes if isinstance(b, int)]
+    larger = [b for b in compiled_sizes if target <= b <= 2 * target]
+    if larger:
+        return min(larger)
+    smaller = [b for b in compiled_sizes if b < target
+               and math.ceil(n1 / b) * math.ceil(n2 / b) <= MAX_PAIRS]
+    return max(smaller) if smaller else target
+
+
+def factor_tasks(s, results, batch_size):
+    """[(fn, args, on_done)] computing Θ through block factors, or None for the fused path.
+
+    Used for inference-mode structured/jacobian kernels without per-layer groups,
+    `batch_size` or a strategy, when the factors of every block, one pair's working
+    memory and the result fit the budget, and the fused function of this call's rung
+    has not run (a call that compiles anyway runs fused and compiles the factor
+    functions with it). The factors of all blocks are computed first (one task
+    each), then one task per pair of blocks.
+    """
+    plan = s.plan
+    if (s.implementation not in ("structured", "jacobian") or plan.training or plan.coupled
+            or plan.groups is not None or batch_size is not None
+            or tf.distribute.has_strategy()):
+        return None
+    compiled_sizes = _sizes_compiled(s)
+    if "unusable" in compiled_sizes:
+        return None
+    size = choose_size(compiled_sizes, s.n1, s.n2, s.block)
+    if size is None:
+        return None
+    rules = s.rules if s.implementation == "structured" else []
+    profile = s.profile
+    if not rules:
+        profile = Profile(profile.out_shapes, profile.activations, [], profile.n_params,
+                          profile.n_params, profile.ops)
+    out_axes, itemsize = plan.out_axes, plan.dtype.size
+    spec = factor_spec(profile, out_axes, size)
+    rows = _batching.block_ranges(s.n1, size)
+    cols = rows if s.same else _batching.block_ranges(s.n2, size)
+    held = (len(rows) + (0 if s.same else len(cols))) * size
+    _, working = estimates(s.implementation, s.profile, out_axes, size, size, False, itemsize)
+    result_bytes = sum(r.nbytes for r in results)
+    if held * factor_bytes(profile, out_axes, spec, itemsize) + working + result_bytes > s.budget:
+        return None
+    fn = _factor_function(s, spec, rules)
+    pair = pair_function(spec, out_axes, plan.dtype, jit=not recurrent_layers(plan.model))
+    rung = ("fused", _batching.padded_size(s.n1, s.block),
+            _batching.padded_size(s.n2, s.block), s.same)
+    if rung in compiled_sizes:
+        return None  # the fused function of this rung is compiled: fewer dispatches
+    if size not in compiled_sizes:
+        # Something compiles anyway: the fused function of this rung (faster for repeated
+        # calls at this N), and with it, once per model (or architecture) and options,
+        # the two factor functions, so that any other N later compiles nothing.
+        try:
+            f = fn(_batching.padded_slice(s.x1, 0, min(s.n1, size), size))
+            pair(f, f)
+        except Exception as error:  # noqa: BLE001 - the fused path stays (and reports)
+            _LOGGER.debug("keras_ntk: no block factors for this model: %s", error)
+            compiled_sizes.add("unusable")
+            return None
+        compiled_sizes.update([size, rung])
+        return None
+    factors1, factors2 = [None] * len(rows), [None] * len(cols)
+
+    def factor_task(x, store, i, a0, a1):
+        def run(xb):
+            store[i] = fn(xb)  # kept as tensors for the pairs
+            return []
+        return (run, (_batching.padded_slice(x, a0, a1, size),), lambda out: None)
+
+    tasks = [factor_task(s.x1, factors1, i, a0, a1) for i, (a0, a1) in enumerate(rows)]
+    if s.same:
+        factors2 = factors1
+    else:
+        tasks += [factor_task(s.x2, factors2, j, b0, b1) for j, (b0, b1) in enumerate(cols)]
+    for i, (a0, a1) in enumerate(rows):
+        for j, (b0, b1) in enumerate(cols):
+            if s.same and j < i:
+                continue
+            tasks.append((lambda i=i, j=j: pair(factors1[i], factors2[j]), (),
+                          _batching.placer(results, out_axes, a0, a1, b0, b1,
+                                           s.same and i != j)))
+    return tasks
