@@ -42,6 +42,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_ntk import _head
 from keras_ntk._jacobians import call_flat, contract_jacobians, tape_jacobian
 from keras_ntk._weights import iter_layers
 
@@ -541,11 +542,14 @@ def _concat_a(parts):
     return tf.concat(parts, 1)
 
 
-def structured_factors(model, x, rules, training, sizes, dtype):
+def structured_factors(model, x, rules, training, sizes, dtype, heads=False):
     """One forward pass with probes; returns per rule [(a, [g_k per output])].
 
-    a: (N, P, G, A) (a `Tokens` for a gather); g_k: (N, S_k, P, G, B).
+    a: (N, P, G, A) (a `Tokens` for a gather); g_k: (N, S_k, P, G, B), with
+    `heads` a `_head.HeadCotangents` for the Dense layer feeding a linear Dense
+    head (`contract_rules` contracts its traced kernel in width B, not S·B).
     """
+    found = _head.find(model) if heads and len(sizes) == 1 else None
     with _PATCH_LOCK:  # rule.calls is shared by threads tracing the same model
         with tf.GradientTape(persistent=True) as tape:
             with patched(rules, tape):
@@ -574,6 +578,9 @@ def structured_factors(model, x, rules, training, sizes, dtype):
         # A layer called several times: its calls are extra positions p.
         a = _concat_a(a_list)
         g = tf.concat(g_list, 2) if len(g_list) > 1 else g_list[0]
+        if found is not None and rule.layer is found[0]:
+            out.append((a, [_head.cotangents(rule, found[1], rule.calls, g, dtype)]))
+            continue
         out.append((a, tf.split(g, sizes, axis=1)))
     return out
 
@@ -667,8 +674,9 @@ def _gram(w1, w2, axes, dtype):
     if axes.out or axes.sub1 != axes.sub2:
         return contract_jacobians(w1, w2, axes, dtype)
     same = w2 is w1
-    w1 = tf.cast(tf.reshape(w1, [int(w1.shape[0]), -1]), dtype)
-    w2 = w1 if same else tf.cast(tf.reshape(w2, [int(w2.shape[0]), -1]), dtype)
+    rows = lambda w: w.shape[0] if w.shape[0] is not None else tf.shape(w)[0]  # noqa: E731
+    w1 = tf.cast(tf.reshape(w1, [rows(w1), -1]), dtype)
+    w2 = w1 if same else tf.cast(tf.reshape(w2, [rows(w2), -1]), dtype)
     return tf.matmul(w1, w2, transpose_b=True)
 
 
@@ -689,6 +697,11 @@ def contract_rules(factors, axes, dtype):
         return _gram(w1, w2, axes, dtype)
 
     for a1, g1, a2, g2 in factors:
+        if isinstance(g1, _head.HeadCotangents):
+            if _head.applies(axes):
+                total += _head.contract(a1, g1, a2, g2, dtype)
+                continue
+            g1, g2 = g1.full, g2.full
         same = a2 is a1 and g2 is g1
         n1, dims, g1s = _shaped(a1, g1, axes)
         n2 = int(g2.shape[0])
@@ -716,6 +729,10 @@ def contract_structured(a1, g1, a2, g2, axes, dtype):
     through per-example weight gradients W_n = Σ_p a_np ⊗ g_np or in
     factorized form, whichever `contraction_form` says is cheaper.
     """
+    if isinstance(g1, _head.HeadCotangents):
+        if _head.applies(axes):
+            return _head.contract(a1, g1, a2, g2, dtype)
+        g1, g2 = g1.full, g2.full
     same = a2 is a1 and g2 is g1
     n1, dims, g1 = _shaped(a1, g1, axes)
     n2, _, g2 = (n1, dims, g1) if same else _shaped(a2, g2, axes)

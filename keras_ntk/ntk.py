@@ -187,8 +187,7 @@ def _structured_block(plan, rules, x1, x2):
     covered = {id(v) for rule in rules for v in rule.variables()}
     rest = [w for w in plan.weights if id(w) not in covered]
     factors = structured_factors(
-        plan.model, x, rules, plan.training, plan.sizes, plan.dtype
-    )
+        plan.model, x, rules, plan.training, plan.sizes, plan.dtype, heads=True)
     if plan.groups is not None:
         group_of = {id(w): g for g, (_, ws) in enumerate(plan.groups) for w in ws}
         grouped = {}
