@@ -306,3 +306,24 @@ def test_traced_head_form_is_found_only_where_exact():
     assert _head.find(two) is None  # two outputs
     skip = keras.Model(x, keras.layers.Dense(3)(keras.layers.Concatenate()([h, x])))
     assert _head.find(skip) is None  # the head does not read the Dense layer alone
+
+
+@pytest.mark.parametrize("with_x2", [False, True])
+def test_rules_of_one_input_are_contracted_as_one(with_x2, monkeypatch):
+    # Attention's query, key and value read one input: one a-factor, their cotangents
+    # side by side (`_structured._merge_shared_inputs`), exact against float64.
+    _, model = model_pair("attention")
+    merged = []
+    merge = _structured._merge_shared_inputs
+    monkeypatch.setattr(_structured, "_merge_shared_inputs",
+                        lambda f: merged.append((len(f), len(merge(f)))) or merge(f))
+    x1 = inputs_for("attention", 5, 0)
+    x2 = inputs_for("attention", 3, 1) if with_x2 else None
+    expected = jacobian_kernel(model, x1, x1 if x2 is None else x2, trace=True)
+    actual = keras_ntk.empirical_ntk(model, x1, x2, implementation="structured",
+                                     dtype="float64")
+    assert rel_error(actual, expected) < RTOL64
+    # 7 rules (query, key, value, output, LayerNorm, 2 EinsumDense); with x2 = None key
+    # and value, which read one tensor, are one (the query reads its own cast of the
+    # input; with x2, x1 and x2 slice each rule's a-factor: nothing shared).
+    assert merged == [(7, 6 if x2 is None else 7)]
