@@ -11,13 +11,15 @@ model must match it to float64 precision, through both contraction forms
 the layer (no generic fallback).
 """
 
+import collections
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import keras_ntk
-from keras_ntk import _structured
+from keras_ntk import _batching, _structured
 from keras_ntk._weights import iter_layers
 
 from ntk_reference import (  # noqa: F401 (plain_graphs: a fixture)
@@ -268,6 +270,7 @@ def test_traced_head_identity_matches_float64_jacobian_kernel(activation, functi
     model.layers[-1].kernel.assign(np.random.default_rng(5).normal(size=(5, 3)))
     found = _head.find(model)
     assert found is not None and found == (model.layers[-2], model.layers[-1])
+    monkeypatch.setattr(_batching, "_SHARED", collections.OrderedDict())  # traced afresh
     used = []
     contract_head = _head.contract
     monkeypatch.setattr(_head, "contract", lambda *a: used.append(1) or contract_head(*a))
@@ -313,6 +316,8 @@ def test_rules_of_one_input_are_contracted_as_one(with_x2, monkeypatch):
     # Attention's query, key and value read one input: one a-factor, their cotangents
     # side by side (`_structured._merge_shared_inputs`), exact against float64.
     _, model = model_pair("attention")
+    # Functions shared by architecture are traced afresh (earlier tests ran this one).
+    monkeypatch.setattr(_batching, "_SHARED", collections.OrderedDict())
     merged = []
     merge = _structured._merge_shared_inputs
     monkeypatch.setattr(_structured, "_merge_shared_inputs",
