@@ -51,17 +51,19 @@ def find(model):
     (a Sequential or functional model; both layers plain, float in their variables'
     dtype).
     """
-    outputs = getattr(model, "outputs", None)
-    if not isinstance(model, keras.Model) or not outputs or len(outputs) != 1:
+    if not isinstance(model, keras.Model):
         return None
-    try:
+    try:  # a model without a graph of layers (subclassed, unbuilt) has no head form
+        outputs = model.outputs
+        if not outputs or len(outputs) != 1:
+            return None
         history = outputs[0]._keras_history
         head = history.operation
         inputs = head._inbound_nodes[history.node_index].input_tensors
         if len(inputs) != 1:
             return None
         layer = inputs[0]._keras_history.operation
-    except (AttributeError, IndexError):
+    except (AttributeError, IndexError, TypeError, ValueError):
         return None
     if not (_plain_dense(head) and _plain_dense(layer)):
         return None
