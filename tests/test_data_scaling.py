@@ -249,7 +249,7 @@ CIFAR10_CONFIGS = {
 }
 
 
-@pytest.mark.slow  # Under a minute each on the shared 2-core machine (load 6-7).
+@pytest.mark.slow  # ~20 s each on the shared 2-core machine (load 6-8).
 @pytest.mark.parametrize("config", sorted(CIFAR10_CONFIGS))
 def test_cifar10_config_runs_end_to_end_on_mock_data(tmp_path, config):
     """The config's tfds.load("cifar10") path (mocked: no download), its model, every method."""

@@ -198,7 +198,7 @@ CIFAR10_CONFIGS = {
 }
 
 
-@pytest.mark.slow  # About a minute each on the shared 2-core machine (load 6-7).
+@pytest.mark.slow  # MLP ~5 s, ResNet-18 ~2 min on the shared 2-core machine (load 6-8).
 @pytest.mark.parametrize("config", sorted(CIFAR10_CONFIGS))
 def test_cifar10_config_runs_end_to_end_on_mock_data(tmp_path, config):
     """The config's tfds.load("cifar10") path (mocked), its widths' models, one short run."""
