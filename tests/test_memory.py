@@ -144,17 +144,6 @@ def test_many_models_are_all_freed_and_rss_growth_is_bounded(path, xla):
     assert result["mib_per_model"] < (16.0 if xla else 5.0), result
 
 
-@pytest.mark.slow
-def test_linearize_fit_keeps_little_more_than_a_plain_fit_of_the_same_model():
-    """Without XLA, `Linearize` + fit keeps ~1.0 MiB/model more than the same functional
-    model fitted plainly: its larger traced step (forward-mode JVP functions in the
-    step's library), held like the plain one by Keras' registry entry. With
-    `tf.custom_gradient` (before 2026-11-30) it kept ~2.4 MiB/model more."""
-    linearized = _measure("linearize_fit", False)
-    plain = _measure("plain_nested_fit", False)
-    assert linearized["alive"] == plain["alive"] == 0, (linearized, plain)
-    assert linearized["mib_per_model"] - plain["mib_per_model"] < 1.8, (linearized, plain)
-
 
 def test_linearize_order_1_registers_no_gradient_function():
     """TensorFlow's gradient registry keeps every graph-mode `tf.custom_gradient` (and the
