@@ -182,7 +182,7 @@ class DataScaling(Launched):
         ridge_factors: λ / mean(diag Θ_train) candidates.
         network_loss: "mse" (one-hot targets) or "cross_entropy".
         stop_criterion, train_steps, batch_size, learning_rate, momentum,
-            convergence_loss, jit_compile: the network recipe
+        convergence_loss, jit_compile: the network recipe
             (`network_fit.train_network`; `train_steps` is the cap).
         infinite_sigma_w2, infinite_sigma_b2: σw², σb² of the NTK-parameterized
             twin (1, 0 match LeCun-normal weights and zero biases at init).
