@@ -1,6 +1,6 @@
 """Study B (1 of 2): test error against training-set size n, and its exponent.
 
-Vyas, Nakkiran and Bansal (2022). For sizes n on a geometric grid and several
+Vyas, Bansal and Nakkiran (2022). For sizes n on a geometric grid and several
 seeds: the test error and loss of the network (trained to a stated criterion,
 `experiments.network_fit`), of kernel regression with the eNTK at θ0
 (`entk_init`, with f0; `entk_init_centred`, without), with after-kernels

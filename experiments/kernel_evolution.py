@@ -1,6 +1,6 @@
 """Study B (2 of 2): does the empirical NTK stop moving during training?
 
-Vyas, Nakkiran and Bansal (2022). One network per (width, seed), trained at a
+Vyas, Bansal and Nakkiran (2022). One network per (width, seed), trained at a
 CONSTANT learning rate (with a rate decaying to 0 the velocity vanishes
 trivially), with eNTK snapshots (`keras_ntk.NTKTracker`) at log-spaced times
 t_i and t_i + Δt on a fixed probe set (training, validation and test inputs).

@@ -237,6 +237,64 @@ def test_impossible_settings_are_refused_before_any_work(tmp_path, binding, mess
     assert not (tmp_path / "cells").exists()
 
 
+# Trainable weights of the study-B CIFAR-10 models with 10 logits, counted by hand:
+# MLP 3072-2048-2048-10; LeNet-5 on 32×32×3 (5×5 'valid', 2×2 max pooling: 32→28→14→10→5,
+# 5·5·16 = 400 features, dense 120-84-10).
+CIFAR10_CONFIGS = {
+    "cifar10_mlp.gin": ("mlp", 3072 * 2048 + 2048 + 2048 * 2048 + 2048 + 2048 * 10 + 10,
+                        {"network", "entk_init", "after_kernel_n0=10", "infinite_ntk"}),
+    "cifar10_lenet.gin": ("lenet", 5 * 5 * 3 * 6 + 6 + 5 * 5 * 6 * 16 + 16 + 400 * 120 + 120
+                          + 120 * 84 + 84 + 84 * 10 + 10,
+                          {"network", "entk_init", "after_kernel_n0=10"}),
+}
+
+
+@pytest.mark.slow  # ~20 s each on the shared 2-core machine (load 6-8).
+@pytest.mark.parametrize("config", sorted(CIFAR10_CONFIGS))
+def test_cifar10_config_runs_end_to_end_on_mock_data(tmp_path, config):
+    """The config's tfds.load("cifar10") path (mocked: no download), its model, every method."""
+    import gin
+    import tensorflow_datasets as tfds
+
+    from experiments import configurables, launcher
+
+    model_name, parameters, methods = CIFAR10_CONFIGS[config]
+    run = launcher.configurable("data_scaling", data_scaling.run)
+    gin.add_config_file_search_path(launcher.GIN_CONFIGS_DIR)
+    gin.parse_config_files_and_bindings(
+        [os.path.join(ROOT, "gin_configs", "data_scaling", config)],
+        ["data_scaling.run.num_train = 60", "data_scaling.run.num_test = 20",
+         "data_scaling.run.num_validation = 10", "data_scaling.run.n0s = [10]",
+         "data_scaling.run.sizes = [10, 40]", "data_scaling.run.seeds = [0]",
+         "data_scaling.run.train_steps = 3", "data_scaling.run.batch_size = 16",
+         "data_scaling.run.num_bootstrap = 10", "data_scaling.run.jit_compile = False",
+         "data_scaling.run.write_figures = False"])
+    shapes = []
+
+    def recording(builder):
+        def build(input_shape, num_outputs, **kwargs):
+            shapes.append((tuple(input_shape), num_outputs))
+            return builder(input_shape, num_outputs, **kwargs)
+        return build
+
+    try:
+        with tfds.testing.mock_data(num_examples=60):
+            results = run(output_dir=str(tmp_path), strategy=tf.distribute.get_strategy(),
+                          model_builders={name: recording(builder) for name, builder
+                                          in configurables.MODELS.items()})
+        model = configurables.MODELS[model_name]((32, 32, 3), 10)  # The config's widths.
+    finally:
+        gin.clear_config()
+    assert results["dataset"] == "cifar10" and results["finished"]
+    assert set(results["methods"]) == methods and results["n"] == [10, 40]
+    assert shapes and set(shapes) == {((32, 32, 3), 10)}
+    assert int(sum(np.prod(w.shape) for w in model.trainable_weights)) == parameters
+    for name, method in results["methods"].items():
+        errors = np.array(method["test_error"], np.float64)
+        finite = errors[np.isfinite(errors)]
+        assert finite.size and np.all((finite >= 0) & (finite <= 1)), name
+
+
 def test_network_fits_as_tables_count_cap_hits_and_runs():
     """network_fit.fit_table: rows per size, columns per seed, {} where a seed did not run."""
     fits = [[{"steps": 100, "train_loss": 0.5, "train_error": 0.1, "hit_cap": True},

@@ -174,3 +174,69 @@ def test_a_run_killed_mid_run_equals_an_uninterrupted_one(tmp_path, run_binary, 
     want = json.loads((uninterrupted / "results.json").read_text())
     assert_same_results(got, want, skip=("wall_seconds",))  # The only timing.
     assert not [p for p in output.rglob("*") if ".tmp-" in p.name]
+
+
+def _resnet18_trainable(width, num_outputs=10, blocks=(2, 2, 2, 2), channels=3):
+    """Trainable weights of experiments.models.resnet18, counted by hand (BN γ, β only)."""
+    count = 9 * channels * width + 2 * width  # Stem conv (no bias) + BN.
+    previous = width
+    for stage, size in enumerate(blocks):
+        filters = width * 2**stage
+        for _ in range(size):
+            count += 9 * previous * filters + 2 * filters + 9 * filters * filters + 2 * filters
+            if previous != filters:
+                count += previous * filters + 2 * filters  # 1×1 projection + BN.
+            previous = filters
+    return count + previous * num_outputs + num_outputs
+
+
+# Each study-B CIFAR-10 config: its model, its widths and their trainable weights by hand.
+CIFAR10_CONFIGS = {
+    "cifar10_mlp.gin": ("mlp", {w: 3072 * w + w + w * w + w + w * 10 + 10
+                                for w in (256, 1024, 4096)}),
+    "cifar10_resnet18.gin": ("resnet18", {w: _resnet18_trainable(w) for w in (16, 32, 64)}),
+}
+
+
+@pytest.mark.slow  # MLP ~5 s, ResNet-18 ~2 min on the shared 2-core machine (load 6-8).
+@pytest.mark.parametrize("config", sorted(CIFAR10_CONFIGS))
+def test_cifar10_config_runs_end_to_end_on_mock_data(tmp_path, config):
+    """The config's tfds.load("cifar10") path (mocked), its widths' models, one short run."""
+    import gin
+    import tensorflow_datasets as tfds
+
+    from experiments import configurables, launcher
+
+    model_name, parameters = CIFAR10_CONFIGS[config]
+    run = launcher.configurable("kernel_evolution", kernel_evolution.run)
+    gin.add_config_file_search_path(launcher.GIN_CONFIGS_DIR)
+    gin.parse_config_files_and_bindings(
+        [os.path.join(ROOT, "gin_configs", "kernel_evolution", config)], [])
+    try:
+        widths = gin.query_parameter("kernel_evolution.run.widths")
+        depth = gin.query_parameter("kernel_evolution.run.depth")
+        built = {w: configurables.MODELS[model_name](
+            (32, 32, 3), 10, **kernel_evolution._width_kwargs(model_name, w, depth))
+            for w in widths}
+        gin.clear_config()  # Parsing locks the config: parse it again with the small sizes.
+        gin.parse_config_files_and_bindings([os.path.join(
+            ROOT, "gin_configs", "kernel_evolution", config)], [
+            f"kernel_evolution.run.widths = [{min(widths)}]", "kernel_evolution.run.seeds = [0]",
+            "kernel_evolution.run.num_train = 64", "kernel_evolution.run.num_test = 8",
+            "kernel_evolution.run.epochs = 1", "kernel_evolution.run.batch_size = 16",
+            "kernel_evolution.run.num_snapshots = 3", "kernel_evolution.run.velocity_dt = 1",
+            "kernel_evolution.run.num_probe = 8", "kernel_evolution.run.num_validation = 4",
+            "kernel_evolution.run.jit_compile = False",
+            "kernel_evolution.run.write_figures = False"])
+        with tfds.testing.mock_data(num_examples=64):
+            results = run(output_dir=str(tmp_path), strategy=tf.distribute.get_strategy(),
+                          model_builders=configurables.MODELS)
+    finally:
+        gin.clear_config()
+    assert {w: int(sum(np.prod(v.shape) for v in m.trainable_weights))
+            for w, m in built.items()} == parameters
+    assert all(m.input_shape == (None, 32, 32, 3) for m in built.values())
+    assert results["dataset"] == "cifar10" and results["finished"]
+    assert list(results["widths"]) == [str(min(widths))]
+    cell = results["widths"][str(min(widths))]
+    assert all(np.isfinite(v) and v >= 0 for v in cell["velocity"])

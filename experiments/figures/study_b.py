@@ -1,4 +1,4 @@
-"""Study B's figures (Vyas, Nakkiran & Bansal 2022), drawn from results.json alone.
+"""Study B's figures (Vyas, Bansal & Nakkiran 2022), drawn from results.json alone.
 
 * `data_scaling_figures`: test error and test loss against n (log–log), one
   line per method, the fitted power laws over their fit sizes, network sizes
