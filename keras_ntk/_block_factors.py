@@ -32,9 +32,10 @@ import tensorflow as tf
 
 from keras_ntk import _batching
 from keras_ntk._costs import Profile, estimates
-from keras_ntk._jacobians import contract_jacobians, per_example_jacobians, recurrent_layers
+from keras_ntk._jacobians import per_example_jacobians, recurrent_layers
 from keras_ntk._structured import (
-    Tokens, _shaped, _weight_gradients, contract_structured, contraction_form, structured_factors)
+    Tokens, _gram, _shaped, _weight_gradients, contract_structured, contraction_form,
+    structured_factors)
 
 # Block sizes B of the factor path: a call whose padded block is below MIN_SIZE keeps
 # the fused block function (tiny calls: one dispatch, no factors held); above it, the
@@ -113,7 +114,7 @@ def _pair_kernels(spec, out_axes, dtype, f1, f2):
     for k, axes in enumerate(out_axes):
         (w1, pairs1), (w2, pairs2) = f1[k], f2[k]
         kinds = [kind for kind in spec[k] if kind != 0]
-        kern = contract_jacobians(w1, w2, axes, dtype) if w1 is not None else None
+        kern = _gram(w1, w2, axes, dtype) if w1 is not None else None
         for (a1, g1), (a2, g2), kind in zip(pairs1, pairs2, kinds):
             if kind > 0:
                 a1, a2 = Tokens(a1, kind), Tokens(a2, kind)

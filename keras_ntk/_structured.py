@@ -42,6 +42,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_ntk import _head
+from keras_ntk._patches import causal_pad as _causal_pad, conv_patches as _conv_patches
 from keras_ntk._jacobians import call_flat, contract_jacobians, tape_jacobian
 from keras_ntk._weights import iter_layers
 
@@ -146,15 +148,32 @@ class _Rule:
         return RuleDims(int(a.shape[1]), int(a.shape[2]), int(a.shape[3]), int(g.shape[-1]),
                         self.gather)
 
-    def factors(self, dtype):
-        """[(a, probe)] for every recorded call."""
-        return [(self.patches(inputs, dtype), probe) for inputs, probe in self.calls]
+    def patches_key(self):
+        """Equal for rules whose a-factors of one input are equal (None: never shared)."""
+        return None
+
+    def factors(self, dtype, memo=None):
+        """[(a, probe)] for every recorded call; `memo` {(id(inputs), key): a} shares one
+        a-factor between rules reading the same input (attention's query/key/value)."""
+        out = []
+        for inputs, probe in self.calls:
+            key = self.patches_key()
+            key = None if key is None or memo is None else (id(inputs), key)
+            if key is None or key not in memo:
+                a = self.patches(inputs, dtype)
+                if key is not None:
+                    memo[key] = a
+            out.append((memo[key] if key is not None else a, probe))
+        return out
 
 
 class _DenseRule(_Rule):
     @staticmethod
     def supports(layer):
         return type(layer) is keras.layers.Dense and _plain(layer)
+
+    def patches_key(self):
+        return ("dense", self.has_bias_column())
 
     def preactivation(self, inputs):
         inputs = tf.convert_to_tensor(inputs)
@@ -171,46 +190,6 @@ class _DenseRule(_Rule):
     def grouped_cotangents(self, g):
         r = len(g.shape) - 2
         return _arrange(g, 2, range(r - 1), (), (r - 1,))
-
-
-def _conv_patches(layer, inputs, padding):
-    """(N, P, k..., C_in) patches of a 1-D/2-D channels-last convolution, in kernel order.
-
-    Built from strided slices of the padded input, one per kernel offset:
-    data movement only (`tf.image.extract_patches` compiles under XLA to a
-    convolution with a one-hot filter, A² multiply-adds per output position,
-    which took 80 % of a ResNet-18 structured block).
-    """
-    x = tf.convert_to_tensor(inputs)
-    ks, st, dl = list(layer.kernel_size), list(layer.strides), list(layer.dilation_rate)
-    if layer.rank == 1:
-        x = x[:, :, None, :]
-        ks, st, dl = ks + [1], st + [1], dl + [1]
-    pads, outs = [[0, 0]], []
-    for size, k, s, d in zip(x.shape[1:3], ks, st, dl):
-        size, span = int(size), (k - 1) * d + 1
-        if padding == "same":  # TensorFlow's SAME: the extra pixel after
-            out = -(-size // s)
-            total = max((out - 1) * s + span - size, 0)
-            pads.append([total // 2, total - total // 2])
-        else:
-            out = (size - span) // s + 1
-            pads.append([0, 0])
-        outs.append(out)
-    if any(p != [0, 0] for p in pads):
-        x = tf.pad(x, pads + [[0, 0]])
-    views = [
-        x[:, i * dl[0]: i * dl[0] + (outs[0] - 1) * st[0] + 1: st[0],
-          j * dl[1]: j * dl[1] + (outs[1] - 1) * st[1] + 1: st[1], :]
-        for i in range(ks[0]) for j in range(ks[1])
-    ]
-    p = views[0][:, :, :, None] if len(views) == 1 else tf.stack(views, 3)
-    return tf.reshape(p, [tf.shape(p)[0], outs[0] * outs[1], ks[0] * ks[1], int(x.shape[-1])])
-
-
-def _causal_pad(layer, inputs):
-    left = layer.dilation_rate[0] * (layer.kernel_size[0] - 1)
-    return tf.pad(inputs, [[0, 0], [left, 0], [0, 0]])
 
 
 class _ConvRule(_Rule):
@@ -335,6 +314,11 @@ class _EinsumDenseRule(_Rule):
         if self.layer.bias is not None:
             z = z + self.layer.bias
         return z
+
+    def patches_key(self):
+        x, _, _, positions, groups, contracted, _, _ = self.roles
+        at = lambda cs: tuple(x.index(c) - 1 for c in cs)  # noqa: E731
+        return ("einsum", at(positions), at(groups), at(contracted), self.has_bias_column())
 
     def grouped_inputs(self, inputs):
         x, _, _, positions, groups, contracted, _, _ = self.roles
@@ -541,18 +525,22 @@ def _concat_a(parts):
     return tf.concat(parts, 1)
 
 
-def structured_factors(model, x, rules, training, sizes, dtype):
+def structured_factors(model, x, rules, training, sizes, dtype, heads=False):
     """One forward pass with probes; returns per rule [(a, [g_k per output])].
 
-    a: (N, P, G, A) (a `Tokens` for a gather); g_k: (N, S_k, P, G, B).
+    a: (N, P, G, A) (a `Tokens` for a gather); g_k: (N, S_k, P, G, B), with
+    `heads` a `_head.HeadCotangents` for the Dense layer feeding a linear Dense
+    head (`contract_rules` contracts its traced kernel in width B, not S·B).
     """
+    found = _head.find(model) if heads and len(sizes) == 1 else None
     with _PATCH_LOCK:  # rule.calls is shared by threads tracing the same model
         with tf.GradientTape(persistent=True) as tape:
             with patched(rules, tape):
                 ys = call_flat(model, x, training)
             sums = tf.concat([tf.reshape(tf.reduce_sum(y, 0), [-1]) for y in ys], 0)
             first = sums[0]  # recorded by the tape for the single-output gradient
-        recorded = [(rule, rule.factors(dtype)) for rule in rules]
+        memo = {}  # the a-factors of layers reading one input are one tensor
+        recorded = [(rule, rule.factors(dtype, memo)) for rule in rules]
     probes = [probe for _, calls in recorded for _, probe in calls]
     total = sum(sizes)
     if not probes:
@@ -574,6 +562,9 @@ def structured_factors(model, x, rules, training, sizes, dtype):
         # A layer called several times: its calls are extra positions p.
         a = _concat_a(a_list)
         g = tf.concat(g_list, 2) if len(g_list) > 1 else g_list[0]
+        if found is not None and rule.layer is found[0]:
+            out.append((a, [_head.cotangents(rule, found[1], rule.calls, g, dtype)]))
+            continue
         out.append((a, tf.split(g, sizes, axis=1)))
     return out
 
@@ -667,9 +658,38 @@ def _gram(w1, w2, axes, dtype):
     if axes.out or axes.sub1 != axes.sub2:
         return contract_jacobians(w1, w2, axes, dtype)
     same = w2 is w1
-    w1 = tf.cast(tf.reshape(w1, [int(w1.shape[0]), -1]), dtype)
-    w2 = w1 if same else tf.cast(tf.reshape(w2, [int(w2.shape[0]), -1]), dtype)
+    rows = lambda w: w.shape[0] if w.shape[0] is not None else tf.shape(w)[0]  # noqa: E731
+    w1 = tf.cast(tf.reshape(w1, [rows(w1), -1]), dtype)
+    w2 = w1 if same else tf.cast(tf.reshape(w2, [rows(w2), -1]), dtype)
     return tf.matmul(w1, w2, transpose_b=True)
+
+
+def _merge_shared_inputs(factors):
+    """Rules whose a-factors are one tensor (on both sides), e.g. attention's query, key
+    and value of one input, as one rule: cotangents side by side (B axes concatenated;
+    Θ = Σ_rules (a·a')(g·g') = (a·a')(Σ_rules g·g'))."""
+    merged, index = [], {}
+    for a1, g1, a2, g2 in factors:
+        key = None
+        if not isinstance(a1, Tokens) and not isinstance(g1, _head.HeadCotangents):
+            key = (id(a1), id(a2), tuple(g1.shape[:-1]), tuple(g2.shape[:-1]))
+        if key is not None and key in index:
+            entry = merged[index[key]]
+            entry[1].append(g1)
+            entry[3].append(g2)
+            continue
+        if key is not None:
+            index[key] = len(merged)
+        merged.append((a1, [g1], a2, [g2]))
+    out = []
+    for a1, g1s, a2, g2s in merged:
+        if len(g1s) == 1:
+            out.append((a1, g1s[0], a2, g2s[0]))
+            continue
+        g1 = tf.concat(g1s, -1)
+        same = a2 is a1 and all(g2 is g for g, g2 in zip(g1s, g2s))
+        out.append((a1, g1, a2, g1 if same else tf.concat(g2s, -1)))
+    return out
 
 
 def contract_rules(factors, axes, dtype):
@@ -680,6 +700,7 @@ def contract_rules(factors, axes, dtype):
     contracted by one product per group.
     """
     total, group, size = 0.0, [], 0
+    factors = _merge_shared_inputs(factors)
 
     def flush(group):
         w1 = tf.concat([w for w, _ in group], -1) if len(group) > 1 else group[0][0]
@@ -689,6 +710,11 @@ def contract_rules(factors, axes, dtype):
         return _gram(w1, w2, axes, dtype)
 
     for a1, g1, a2, g2 in factors:
+        if isinstance(g1, _head.HeadCotangents):
+            if _head.applies(axes):
+                total += _head.contract(a1, g1, a2, g2, dtype)
+                continue
+            g1, g2 = g1.full, g2.full
         same = a2 is a1 and g2 is g1
         n1, dims, g1s = _shaped(a1, g1, axes)
         n2 = int(g2.shape[0])
@@ -716,6 +742,10 @@ def contract_structured(a1, g1, a2, g2, axes, dtype):
     through per-example weight gradients W_n = Σ_p a_np ⊗ g_np or in
     factorized form, whichever `contraction_form` says is cheaper.
     """
+    if isinstance(g1, _head.HeadCotangents):
+        if _head.applies(axes):
+            return _head.contract(a1, g1, a2, g2, dtype)
+        g1, g2 = g1.full, g2.full
     same = a2 is a1 and g2 is g1
     n1, dims, g1 = _shaped(a1, g1, axes)
     n2, _, g2 = (n1, dims, g1) if same else _shaped(a2, g2, axes)

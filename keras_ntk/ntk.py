@@ -187,8 +187,7 @@ def _structured_block(plan, rules, x1, x2):
     covered = {id(v) for rule in rules for v in rule.variables()}
     rest = [w for w in plan.weights if id(w) not in covered]
     factors = structured_factors(
-        plan.model, x, rules, plan.training, plan.sizes, plan.dtype
-    )
+        plan.model, x, rules, plan.training, plan.sizes, plan.dtype, heads=True)
     if plan.groups is not None:
         group_of = {id(w): g for g, (_, ws) in enumerate(plan.groups) for w in ws}
         grouped = {}
@@ -215,7 +214,7 @@ def _structured_block(plan, rules, x1, x2):
     for k, axes in enumerate(plan.out_axes):
         sides = []  # per rule (a1, g1, a2, g2), x2's factors the same objects when same
         for a, g_per_output in factors:
-            a1, g1 = a[:n1], g_per_output[k][:n1]
+            a1, g1 = (a, g_per_output[k]) if same else (a[:n1], g_per_output[k][:n1])
             sides.append((a1, g1, a1, g1) if same else (a1, g1, a[n1:], g_per_output[k][n1:]))
         if sides:  # every rule's contribution, fused (_structured.contract_rules)
             kernels[k] = contract_rules(sides, axes, plan.dtype)

@@ -11,13 +11,15 @@ model must match it to float64 precision, through both contraction forms
 the layer (no generic fallback).
 """
 
+import collections
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import keras_ntk
-from keras_ntk import _structured
+from keras_ntk import _batching, _structured
 from keras_ntk._weights import iter_layers
 
 from ntk_reference import (  # noqa: F401 (plain_graphs: a fixture)
@@ -240,3 +242,93 @@ def test_traced_fused_per_example_contraction_matches_float64_jacobian_kernel(wi
                                      dtype="float64")
     assert actual.shape == expected.shape
     assert rel_error(actual, expected) < RTOL64
+
+
+def head_mlp(dtype, activation, functional=False):
+    """Dense layers ending in a linear Dense head of 3 units (keras_ntk._head's form)."""
+    layers = [keras.layers.Dense(6, activation="tanh", dtype=dtype),
+              keras.layers.Dense(5, activation=activation, dtype=dtype),
+              keras.layers.Dense(3, dtype=dtype)]
+    if not functional:
+        return keras.Sequential([keras.Input((4,)), *layers])
+    x = keras.Input((4,))
+    h = x
+    for layer in layers:
+        h = layer(h)
+    return keras.Model(x, h)
+
+
+@pytest.mark.parametrize("activation,functional,with_x2,per_layer", [
+    ("relu", False, False, False), ("tanh", True, True, False), ("gelu", False, True, True),
+    ("sigmoid", True, False, True)])
+def test_traced_head_identity_matches_float64_jacobian_kernel(activation, functional, with_x2,
+                                                              per_layer, monkeypatch):
+    # The Dense layer feeding a linear head: Σ_k g_k·g'_k = Σ_i φ'_i φ'_i' ‖V[i, :]‖²
+    # (`keras_ntk._head`), in the fused and in the per-layer kernels.
+    from keras_ntk import _head
+    model = head_mlp("float64", activation, functional)
+    model.layers[-1].kernel.assign(np.random.default_rng(5).normal(size=(5, 3)))
+    found = _head.find(model)
+    assert found is not None and found == (model.layers[-2], model.layers[-1])
+    monkeypatch.setattr(_batching, "_SHARED", collections.OrderedDict())  # traced afresh
+    used = []
+    contract_head = _head.contract
+    monkeypatch.setattr(_head, "contract", lambda *a: used.append(1) or contract_head(*a))
+    rng = np.random.default_rng(0)
+    x1 = rng.normal(size=(5, 4))
+    x2 = rng.normal(size=(3, 4)) if with_x2 else None
+    weights = model.trainable_weights
+    j1 = jacobians(model, x1, weights)
+    j2 = j1 if x2 is None else jacobians(model, x2, weights)
+    actual = keras_ntk.empirical_ntk(model, x1, x2, implementation="structured",
+                                     dtype="float64", per_layer=per_layer)
+    assert used  # the head form ran
+    if per_layer:
+        for i, layer in enumerate(l for l in model.layers if l.trainable_weights):
+            own = [2 * i, 2 * i + 1]
+            expected = contract([j1[k] for k in own], [j2[k] for k in own])
+            assert rel_error(actual[layer.name], expected) < RTOL64, layer.name
+        actual = sum(actual.values())
+    assert rel_error(actual, contract(j1, j2)) < RTOL64
+    # Untraced outputs take the full cotangents.
+    full = keras_ntk.empirical_ntk(model, x1, x2, implementation="structured", dtype="float64",
+                                   trace_axes=())
+    assert rel_error(full, contract(j1, j2, trace=False)) < RTOL64
+
+
+def test_traced_head_form_is_found_only_where_exact():
+    from keras_ntk import _head
+    assert _head.find(head_mlp("float32", "softmax")) is None  # not elementwise
+    assert _head.find(head_mlp("float32", lambda z: tf.nn.relu(z))) is None  # unknown function
+    model = head_mlp("float32", "relu")
+    model.layers[-1].activation = keras.activations.tanh  # a head that is not linear
+    assert _head.find(model) is None
+    x = keras.Input((4,))
+    h = keras.layers.Dense(5, activation="relu")(x)
+    two = keras.Model(x, [keras.layers.Dense(3)(h), keras.layers.Dense(2)(h)])
+    assert _head.find(two) is None  # two outputs
+    skip = keras.Model(x, keras.layers.Dense(3)(keras.layers.Concatenate()([h, x])))
+    assert _head.find(skip) is None  # the head does not read the Dense layer alone
+
+
+@pytest.mark.parametrize("with_x2", [False, True])
+def test_rules_of_one_input_are_contracted_as_one(with_x2, monkeypatch):
+    # Attention's query, key and value read one input: one a-factor, their cotangents
+    # side by side (`_structured._merge_shared_inputs`), exact against float64.
+    _, model = model_pair("attention")
+    # Functions shared by architecture are traced afresh (earlier tests ran this one).
+    monkeypatch.setattr(_batching, "_SHARED", collections.OrderedDict())
+    merged = []
+    merge = _structured._merge_shared_inputs
+    monkeypatch.setattr(_structured, "_merge_shared_inputs",
+                        lambda f: merged.append((len(f), len(merge(f)))) or merge(f))
+    x1 = inputs_for("attention", 5, 0)
+    x2 = inputs_for("attention", 3, 1) if with_x2 else None
+    expected = jacobian_kernel(model, x1, x1 if x2 is None else x2, trace=True)
+    actual = keras_ntk.empirical_ntk(model, x1, x2, implementation="structured",
+                                     dtype="float64")
+    assert rel_error(actual, expected) < RTOL64
+    # 7 rules (query, key, value, output, LayerNorm, 2 EinsumDense); with x2 = None key
+    # and value, which read one tensor, are one (the query reads its own cast of the
+    # input; with x2, x1 and x2 slice each rule's a-factor: nothing shared).
+    assert merged == [(7, 6 if x2 is None else 7)]
