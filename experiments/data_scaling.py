@@ -19,9 +19,9 @@ import time
 import numpy as np
 from absl import logging
 
-from experiments import bindings, kernel_methods, launcher, network_fit, stats
+from experiments import kernel_methods, launcher, network_fit, stats
+from experiments import settings as settings_lib
 
-NETWORK_LOSSES = ("mse", "cross_entropy")
 _AFTER = "after_kernel_n0="
 
 
@@ -89,33 +89,6 @@ def _keys(source, seed, n_or_names):
     return [(f"{name}-seed{seed}", name, None) for name in n_or_names]
 
 
-_BINDINGS = bindings.Bindings("data_scaling", qualified=True)
-METHODS = ("network", "entk_init", "entk_init_centred", "infinite_ntk", "after_kernel")
-
-
-def _validate(dataset, model, methods, model_builders, n0s, network_loss, stop_criterion,
-              sizes, seeds, large_n, seeds_large_n, fit_window):
-    """Refuses impossible settings before any work, naming the gin binding."""
-    _BINDINGS.dataset(dataset, configs=True)
-    _BINDINGS.models("model", model, model_builders)
-    # after_kernel runs one method per n0 in `n0s`.
-    _BINDINGS.known("methods", methods, METHODS, "method")
-    _BINDINGS.check(methods=(methods, bindings.DISTINCT))
-    if "after_kernel" in methods:
-        _BINDINGS.check(n0s=(n0s, bindings.NON_EMPTY_POSITIVE_INTS))
-    _BINDINGS.known("network_loss", network_loss, NETWORK_LOSSES, "network_loss")
-    _BINDINGS.known("stop_criterion", stop_criterion, network_fit.STOP_CRITERIA, "stop_criterion")
-    _BINDINGS.check(sizes=(sizes, bindings.OPTIONAL_SIZES),
-                    seeds=(list(seeds), bindings.DISTINCT_INTS),
-                    fit_window=(fit_window, bindings.OPTIONAL_RANGE))
-    if (large_n is None) != (seeds_large_n is None) or (
-            seeds_large_n is not None and not 1 <= seeds_large_n <= len(seeds)):
-        raise ValueError(
-            "Expected large_n and seeds_large_n both set (1 <= seeds_large_n <= len(seeds)) "
-            f"or both None. Received: data_scaling.run.seeds_large_n={seeds_large_n}; "
-            f"data_scaling.run.large_n={large_n!r}")
-
-
 # ---------------------------------------------------------------- the cells
 
 
@@ -164,52 +137,15 @@ def run(
     """Runs the data-scaling study and writes results.json and figures into `output_dir`.
 
     Cells (network: one per (seed, n); kernel methods: one per seed, all n
-    from one sliced kernel) live in the cell store (`experiments.cells`)
-    with their operative settings; finished ones are skipped, ones of other
-    settings refused (or recomputed with `overwrite`).
+    from one sliced kernel) live in the cell store (`experiments.cells`).
 
-    Args:
-        output_dir: the run's directory (local).
-        strategy: the `tf.distribute.Strategy` models are built in.
-        model_builders: name → builder(input_shape, num_outputs) (gin-configured).
-        data_dir: tfds data directory.
-        dataset: "digits", "mnist1d" (or a config such as "mnist1d/8000"),
-            "mnist" or "cifar10".
-        model: the architecture (a name in `model_builders`), C logits.
-        methods: among "network", "entk_init", "entk_init_centred",
-            "after_kernel", "infinite_ntk" (docs/study_b.md).
-        n0s: pre-training sizes of the after-kernels (fitted on n ≥ n0 only).
-        sizes: the n grid; None: `num_sizes` geometric sizes from `smallest_n`
-            to all candidates.
-        smallest_n, num_sizes: the default grid.
-        seeds: seeds (θ0 and the training subsets).
-        large_n, seeds_large_n: sizes ≥ `large_n` run only on the first
-            `seeds_large_n` seeds (None: every seed at every size).
-        split_seed: seed of the validation / n0 pool / candidates partition.
-        num_validation: validation examples (ridge choice only).
-        num_train, num_test: use the first examples of each split (None: all).
-        ridge_factors: λ / mean(diag Θ_train) candidates.
-        network_loss: "mse" (one-hot targets) or "cross_entropy".
-        stop_criterion, train_steps, batch_size, learning_rate, momentum,
-            convergence_loss, jit_compile: the network recipe
-            (`network_fit.train_network`; `train_steps` is the cap).
-        infinite_sigma_w2, infinite_sigma_b2: σw², σb² of the NTK-parameterized
-            twin (1, 0 match LeCun-normal weights and zero biases at init).
-        ntk_batch_size, ntk_implementation: `keras_ntk.empirical_ntk` options.
-        after_kernel_f0: after-kernels also add the pre-trained network's
-            outputs (f_n0 + Θ(Θ+λ)⁻¹(Y − f_n0)); default kernel-only.
-        fit_window: (low, high) sizes of the power-law fits (None ends: open).
-        local_points: the local exponent is fitted over this many largest sizes.
-        num_bootstrap: bootstrap resamples (seeds × test examples).
-        max_new_cells: stop after this many newly finished cells (None: all).
-        write_figures: draw the figures at the end.
-        overwrite: discard stored cells computed with other settings.
-        simulate_crash_after_epochs: kill the process after this many chunks
-            of the first network fit (tests of resuming).
+    The keyword arguments (gin binds them by name) are documented, and
+    checked before any work, by `experiments.settings.DataScaling`.
 
     Returns:
         The results dictionary (also in results.json).
     """
+    options = settings_lib.DataScaling(**locals())
     import keras_ntk
     from experiments import cells as cell_store
     from experiments import data as data_lib
@@ -220,26 +156,16 @@ def run(
 
     methods = list(methods)
     n0s = [int(v) for v in n0s] if "after_kernel" in methods else []
-    _validate(dataset, model, methods, model_builders, n0s, network_loss, stop_criterion,
-              sizes, seeds, large_n, seeds_large_n, fit_window)
+    options.validate()
     data = data_lib.load_dataset(dataset, num_train=num_train, num_test=num_test,
                                  data_dir=data_dir)
     num_classes = data.num_classes
     validation, pool, candidates = _partition(len(data.train.y), num_validation,
                                               max(n0s, default=0), split_seed)
-    if len(candidates) < 2:
-        raise ValueError(
-            "No candidates left for the regression samples after the validation set and the "
-            f"n0 pool. Received: num_train={len(data.train.y)}, num_validation={num_validation}, "
-            f"n0s={n0s}")
+    options.validate_candidates(len(data.train.y), len(candidates), n0s)
     sizes = ([int(v) for v in sizes] if sizes is not None
              else geometric_sizes(min(smallest_n, len(candidates)), len(candidates), num_sizes))
-    if max(sizes) > len(candidates):
-        raise ValueError(
-            f"Expected sizes at most {len(candidates)} (candidates disjoint from the validation "
-            f"set and the n0 pool: {len(data.train.y)} training examples − num_validation="
-            f"{num_validation} − max(n0s)={max(n0s, default=0)}). Received: "
-            f"data_scaling.run.sizes={sizes}")
+    options.validate_sizes(len(data.train.y), len(candidates), n0s, sizes)
     per_seed_sizes = seed_sizes(sizes, list(seeds), large_n, seeds_large_n)
     num_test_used = len(data.test.y)
     names = _method_names(methods, n0s)
@@ -267,25 +193,11 @@ def run(
               "model": model, "architecture": cell_store.architecture(build()),
               "split_seed": split_seed, "num_validation": num_validation,
               "n0_pool": max(n0s, default=0)}
-    network_recipe = dict(loss=network_loss, train_steps=train_steps, batch_size=batch_size,
-                          learning_rate=learning_rate, momentum=momentum,
-                          convergence_loss=convergence_loss, stop_criterion=stop_criterion)
-    recipe = dict(network_recipe, jit_compile=jit_compile, strategy=strategy,
+    recipe = dict(options.network_recipe(), jit_compile=jit_compile, strategy=strategy,
                   crash_after_epochs=simulate_crash_after_epochs)
 
     def cell_settings(name, seed, n):
-        if name == "network":
-            return dict(common, method=name, seed=seed, n=n, **network_recipe)
-        # The kernel's union (and so its inputs) is fixed by the seed's largest size.
-        kernel = dict(common, method=name, seed=seed, sizes=per_seed_sizes[seed],
-                      ridge_factors=list(ridge_factors), test_inputs=num_test_used)
-        if name == "infinite_ntk":
-            return dict(kernel, infinite_sigma_w2=infinite_sigma_w2,
-                        infinite_sigma_b2=infinite_sigma_b2)
-        if name in ("entk_init", "entk_init_centred"):
-            return dict(kernel, ntk_implementation=ntk_implementation)
-        return dict(kernel, ntk_implementation=ntk_implementation,
-                    after_kernel_f0=bool(after_kernel_f0), **network_recipe)
+        return options.cell_settings(common, name, seed, n, per_seed_sizes[seed], num_test_used)
 
     def init_weights(seed):
         """θ0 of `seed`, saved once in the store's `init-seed<seed>` cell (checked by the grid)."""
@@ -301,13 +213,8 @@ def run(
         fit = network_fit.train_network(
             network, x_union[:n], y_union[:n], num_classes, seed=seed,
             tensorboard_dir=os.path.join(output_dir, "tensorboard", key), **recipe)
-        logits = network_fit.predict(network, data.test.x)
-        correct = np.argmax(logits, -1) == data.test.y
-        if network_loss == "mse":
-            example_loss = kernel_methods.per_example_losses(logits, np.eye(num_classes)[
-                data.test.y])
-        else:
-            example_loss = kernel_methods.per_example_cross_entropy(logits, data.test.y)
+        correct, example_loss = network_fit.example_scores(
+            network_fit.predict(network, data.test.x), data.test.y, num_classes, network_loss)
         cell_store.save_npz_atomic(examples_path(key), correct=correct,
                                    example_loss=example_loss)
         return {key: dict(fit, test_error=float(1 - correct.mean()),
@@ -315,20 +222,11 @@ def run(
 
     def pretrained(seed, key, n0):
         """The network after training from θ0 on n0 pool examples (stored), and its fit."""
-        after_path = os.path.join(store.cell_dir(key), "after.weights.h5")
-        fit_path = os.path.join(store.cell_dir(key), "pretraining.json")
-        network = build()
-        if os.path.exists(fit_path) and cell_store.load_weights_or_discard(network, after_path):
-            return network, cell_store.load_json(fit_path)
-        network = build(init_weights(seed))
         rows = pool[np.random.RandomState(1000 + seed).permutation(len(pool))[:n0]]
-        fit = network_fit.train_network(
-            network, data.train.x[rows], data.train.y[rows], num_classes, seed=seed,
+        return network_fit.trained_once(
+            build, lambda: init_weights(seed), data.train.x[rows], data.train.y[rows],
+            num_classes, store.cell_dir(key), seed=seed,
             tensorboard_dir=os.path.join(output_dir, "tensorboard", key), **recipe)
-        cell_store.save_weights_atomic(network, after_path)
-        cell_store.write_json_atomic(fit_path, fit)
-        logging.info("%s: trained on n0=%d pool examples: %s", key, n0, fit)
-        return network, fit
 
     def kernel_cells(source, seed, group):
         """The cells of one kernel (CellSkipped: no infinite NTK for this architecture)."""
@@ -379,12 +277,6 @@ def run(
         os.remove(kernel_path)
         return new
 
-    settings = dict(network_recipe, model=model, ridge_factors=list(ridge_factors),
-                    split_seed=split_seed, infinite_sigma_w2=infinite_sigma_w2,
-                    infinite_sigma_b2=infinite_sigma_b2, after_kernel_f0=bool(after_kernel_f0),
-                    large_n=large_n, seeds_large_n=seeds_large_n,
-                    fit_window=None if fit_window is None else list(fit_window),
-                    local_points=local_points)
     work = _work(names, list(seeds), per_seed_sizes)
     keys = [[key for key, _, _ in _keys(*item)] for item in work]
     # Every stored cell and θ0 is checked before any work: other settings are refused here.
@@ -417,9 +309,8 @@ def run(
 
     def assemble(records, finished):
         cells = {key: record for key, record in records.items() if record is not None}
-        return _assemble(dataset, sizes, list(seeds), names, cells, num_test_used, n0s,
-                         network_loss, num_bootstrap, skip_reasons[0] if skip_reasons else None,
-                         settings, store, fit_window, local_points, finished)
+        return _assemble(options, sizes, names, cells, num_test_used, n0s,
+                         skip_reasons[0] if skip_reasons else None, store, finished)
 
     grid.run(compute, max_new=max_new_cells, after_each=None if store.sharded else (
         lambda *_: cell_store.write_json_atomic(os.path.join(output_dir, "results.json"),
@@ -438,58 +329,19 @@ def run(
 # ---------------------------------------------------------------- the assembly
 
 
-def _examples_array(store, sources, sizes, seeds, num_test, key):
-    """(K, S, T) per-example values of one method from its cells' .npz files (NaN: missing).
-
-    `sources`: ((cell key, grid row or None), seed column). A kernel cell's
-    file names its rows by `n`; files written before that hold a row per
-    grid size.
-    """
-    from experiments import cells as cells_lib
-
-    out = np.full((len(sizes), len(seeds), num_test), np.nan)
-    for (cell_id, row), column in sources:
-        arrays = cells_lib.load_npz(os.path.join(store.cell_dir(cell_id), "examples.npz"))
-        if row is not None:
-            out[row, column] = arrays[key]
-        elif "n" in arrays:
-            for n, values in zip(arrays["n"], arrays[key]):
-                if int(n) in sizes:
-                    out[sizes.index(int(n)), column] = values
-        elif len(arrays[key]) == len(sizes):
-            out[:, column] = arrays[key]
-        else:
-            raise ValueError(
-                f"Expected the per-example file of cell {cell_id!r} to hold one row per grid "
-                f"size ({len(sizes)}). Received: rows={len(arrays[key])}")
-    return out
-
-
-def _on_grid(cell, key, sizes):
-    """A kernel cell's list `key` over the grid `sizes` (None: size not run for its seed).
-
-    Cells list their values over their seed's sizes `n`; cells written before
-    that hold one value per grid size.
-    """
-    if not cell:
-        return [None] * len(sizes)
-    if "n" not in cell:
-        return list(cell[key])
-    values = dict(zip(cell["n"], cell[key]))
-    return [values.get(n) for n in sizes]
-
-
-def _assemble(dataset, sizes, seeds, names, cells, num_test, n0s, network_loss, num_bootstrap,
-              infinite_skipped, settings, store, fit_window, local_points, finished):
+def _assemble(options, sizes, names, cells, num_test, n0s, infinite_skipped, store, finished):
     """The results.json dictionary from the finished cells (missing values: null)."""
+    seeds, network_loss, num_bootstrap = (list(options.seeds), options.network_loss,
+                                          options.num_bootstrap)
     # Half a test error: the floor of a mean error before taking logs.
     floor = 0.5 / num_test
-    low, high = (None, None) if fit_window is None else fit_window
-    methods, arrays = {}, {}
+    low, high = (None, None) if options.fit_window is None else options.fit_window
+    methods, arrays, num_seeds = {}, {}, len(seeds)
 
-    def table(values):
-        means = np.where(np.all(np.isfinite(values), axis=2), values.mean(axis=2), np.nan)
-        return [[None if not np.isfinite(v) else float(v) for v in row] for row in means]
+    def load(cell_id):
+        from experiments import cells as cell_store
+
+        return cell_store.load_npz(os.path.join(store.cell_dir(cell_id), "examples.npz"))
 
     for name in names:
         if name == "network":
@@ -500,34 +352,26 @@ def _assemble(dataset, sizes, seeds, names, cells, num_test, n0s, network_loss, 
                        if f"{name}-seed{s}" in cells]
         if not sources:
             continue
-        errors = 1.0 - _examples_array(store, sources, sizes, seeds, num_test, "correct")
-        losses = _examples_array(store, sources, sizes, seeds, num_test, "example_loss")
+        errors = 1.0 - stats.size_seed_examples(load, sources, sizes, num_seeds, num_test,
+                                                "correct")
+        losses = stats.size_seed_examples(load, sources, sizes, num_seeds, num_test,
+                                          "example_loss")
         n0 = int(name[len(_AFTER):]) if name.startswith(_AFTER) else None
         window = (low if n0 is None else max(low or 0, n0), high)
-        entry = {"test_error": table(errors), "test_loss": table(losses),
+        entry = {"test_error": stats.example_means(errors),
+                 "test_loss": stats.example_means(losses),
                  "loss_name": ("cross_entropy" if name == "network" and network_loss != "mse"
                                else "mse"),
                  "fit_window": [window[0], window[1]]}
         entry.update(stats.scaling_fits(sizes, errors, losses, window=window, floor=floor,
-                                        local_points=local_points, num_bootstrap=num_bootstrap))
+                                        local_points=options.local_points,
+                                        num_bootstrap=num_bootstrap))
         if name == "network":
-            def per_cell(key):
-                return [[cells.get(f"network-seed{s}-n{n}", {}).get(key) for s in seeds]
-                        for n in sizes]
-
-            entry.update(train_steps=per_cell("steps"), train_loss=per_cell("train_loss"),
-                         train_error=per_cell("train_error"), hit_cap=per_cell("hit_cap"))
-            entry["cap_hits"] = int(sum(bool(v) for row in entry["hit_cap"] for v in row))
-            entry["runs"] = int(sum(v is not None for row in entry["hit_cap"] for v in row))
+            entry.update(network_fit.fit_table(
+                [[cells.get(f"network-seed{s}-n{n}", {}) for s in seeds] for n in sizes]))
         else:
-            seed_cells = [cells.get(f"{name}-seed{s}", {}) for s in seeds]
-            ridges = [_on_grid(c, "ridge_factor", sizes) for c in seed_cells]
-            entry["ridge_factor"] = [[r[k] for r in ridges] for k in range(len(sizes))]
-            entry["with_f0"] = any(c.get("with_f0", False) for c in seed_cells)
-            pre = [c["pretraining"] for c in seed_cells if "pretraining" in c]
-            if pre:
-                entry["pretraining_cap_hits"] = int(sum(bool(p.get("hit_cap")) for p in pre))
-                entry["pretraining_steps"] = [p.get("steps") for p in pre]
+            entry.update(kernel_methods.kernel_cells_table(
+                [cells.get(f"{name}-seed{s}", {}) for s in seeds], sizes))
         methods[name] = entry
         arrays[name] = {"test_error": errors, "test_loss": losses, "window": window}
     comparisons = {}
@@ -539,7 +383,7 @@ def _assemble(dataset, sizes, seeds, names, cells, num_test, n0s, network_loss, 
             num_bootstrap=num_bootstrap).items()}
     return {
         "study": "data_scaling",
-        "dataset": dataset,
+        "dataset": options.dataset,
         "n": [int(v) for v in sizes],
         "methods": methods,
         # Paired bootstrap (seeds × test examples) of α_network − α_method.
@@ -561,7 +405,7 @@ def _assemble(dataset, sizes, seeds, names, cells, num_test, n0s, network_loss, 
             "compared only when the network's loss is the MSE."
         ),
         "infinite_ntk_skipped": infinite_skipped,
-        "settings": settings,
+        "settings": options.recorded(),
         "cells": cells,
     }
 

@@ -21,9 +21,8 @@ import time
 import numpy as np
 from absl import logging
 
-from experiments import kernel_methods, kernel_velocity, launcher
+from experiments import kernel_methods, kernel_velocity, launcher, settings
 
-LOSSES = ("cross_entropy", "mse")
 
 
 def _width_kwargs(model, width, depth):
@@ -191,65 +190,22 @@ def run(
 ):
     """Runs the kernel-evolution study; writes results.json, figures and TensorBoard logs.
 
-    Args:
-        output_dir: the run's directory (local or gs://).
-        strategy: the `tf.distribute.Strategy` models are built in.
-        model_builders: name → builder(input_shape, num_outputs, ...).
-        data_dir: tfds data directory.
-        dataset: "digits", "mnist" or "cifar10".
-        model: "mlp" (`depth` hidden layers of `width`), "conv1d" (`depth`
-            convolutions of `width` channels), "lenet" (filters (w, 2w),
-            hidden (8w, 8w)) or "resnet18" (stage-1 width w).
-        widths: the widths to compare.
-        depth: hidden layers of the MLP.
-        epochs, batch_size, learning_rate, momentum: SGD at a CONSTANT rate
-            on all training examples.
-        loss: "cross_entropy" (softmax) or "mse" (one-hot targets).
-        seeds: seeds of θ0 and the data order (one network per width and seed).
-        num_snapshots: about this many log-spaced velocity times t_i from 1
-            to the last step − Δt (each with a snapshot at t_i and t_i + Δt).
-        velocity_dt: Δt in steps, the same at every t_i (the velocity is the
-            cosine distance of Θ(t_i) and Θ(t_i + Δt) divided by Δt).
-        probe_seed: seed of the probe's training inputs (the same for every seed).
-        num_probe, num_validation: training inputs of the probe set used as
-            the kernel-regression training set and to choose its ridge; the
-            probe set also holds every test input.
-        num_train, num_test: use the first examples of each split (None: all).
-        ridge_factors: λ / mean(diag Θ) candidates.
-        jit_compile: passed to `model.compile`.
-        save_kernels: also keep every snapshot kernel (NTKTracker save_dir,
-            read with `keras_ntk.load_ntk_history`) under `kernels/`.
-        ntk_batch_size, ntk_implementation: `keras_ntk.empirical_ntk` options.
-        write_figures: draw the figures at the end.
-        overwrite: discard widths stored with other settings instead of
-            refusing to run (`--overwrite`).
+    The keyword arguments (gin binds them by name) are documented, and
+    checked before any work, by `experiments.settings.KernelEvolution`.
 
     Returns:
         The results dictionary (also in results.json).
     """
-    from experiments import bindings, cells
+    options = settings.KernelEvolution(**locals())
+    from experiments import cells
     from experiments import data as data_lib
     from experiments import grid as grid_lib
 
-    checks = bindings.Bindings("kernel_evolution", qualified=True)
-    checks.known("loss", loss, LOSSES, "loss")
-    checks.models("model", model, model_builders)
-    checks.dataset(dataset, configs=True)
-    checks.check(widths=(list(widths), bindings.NON_EMPTY_POSITIVE_INTS),
-                 seeds=(list(seeds), bindings.DISTINCT_INTS),
-                 num_probe=(num_probe, bindings.POSITIVE_INT),
-                 num_validation=(num_validation, bindings.POSITIVE_INT),
-                 epochs=(epochs, bindings.POSITIVE_INT),
-                 batch_size=(batch_size, bindings.POSITIVE_INT))
+    options.validate()
     _width_kwargs(model, widths[0], depth)  # refuses a model without a width knob
     data = data_lib.load_dataset(dataset, num_train=num_train, num_test=num_test,
                                  data_dir=data_dir)
-    if num_probe + num_validation > len(data.train.y):
-        raise ValueError(
-            f"Expected num_probe + num_validation <= {len(data.train.y)} training examples. "
-            f"Received: kernel_evolution.run.num_probe={num_probe}, "
-            f"kernel_evolution.run.num_validation={num_validation}"
-        )
+    options.validate_sizes(data)
     num_classes = data.num_classes
     order = np.random.RandomState(probe_seed).permutation(len(data.train.y))
     probe_x, probe_y, layout = kernel_methods.kernel_union(

@@ -13,6 +13,8 @@ and any binary that scores a kernel against a trained network:
   per training-set size n, the ridge chosen on the validation rows, test error
   and per-example scores;
 * `kernel_union`: the inputs of such a kernel, in the order it is sliced;
+* `on_grid`, `kernel_cells_table`: a kernel method's cells (lists over their
+  seed's sizes) read over the grid of sizes, as results.json tables;
 * `mse`, `error_rate`, `cross_entropy`, `per_example_losses`,
   `per_example_cross_entropy`: the scores,
   computed as Keras computes them.
@@ -228,3 +230,34 @@ def kernel_method_errors(kernel, layout, labels_union, num_classes, sizes, ridge
         out["validation_error"].append(scores[best][0])
     out["correct"], out["example_loss"] = correct, example_loss
     return out
+
+
+def on_grid(cell, key, sizes):
+    """A kernel cell's list `key` over the grid `sizes` (None: size not run for its seed).
+
+    Cells list their values over their seed's sizes `n`; cells written before
+    that hold one value per grid size.
+    """
+    if not cell:
+        return [None] * len(sizes)
+    if "n" not in cell:
+        return list(cell[key])
+    values = dict(zip(cell["n"], cell[key]))
+    return [values.get(n) for n in sizes]
+
+
+def kernel_cells_table(seed_cells, sizes):
+    """A kernel method's cells (one per seed, {}: missing) as results.json entries.
+
+    ridge_factor per size and seed (None: size not run), with_f0, and for
+    after-kernels the pre-training fits' cap hits and steps.
+    """
+    ridges = [on_grid(cell, "ridge_factor", sizes) for cell in seed_cells]
+    entry = {"ridge_factor": [[r[k] for r in ridges] for k in range(len(sizes))],
+             "with_f0": any(cell.get("with_f0", False) for cell in seed_cells)}
+    pre = [cell["pretraining"] for cell in seed_cells if "pretraining" in cell]
+    if pre:
+        entry["pretraining_cap_hits"] = int(sum(bool(p.get("hit_cap")) for p in pre))
+        entry["pretraining_steps"] = [p.get("steps") for p in pre]
+    return entry
+

@@ -55,7 +55,8 @@ _GIN_FILES = flags.DEFINE_multi_string(
     "gin_file", [], "Gin config files; relative paths are also looked up in gin_configs/."
 )
 _GIN_BINDINGS = flags.DEFINE_multi_string(
-    "gin_bindings", [], "Gin bindings, e.g. 'linear_vs_nonlinear.run.epochs = 5'."
+    "gin_bindings", [], "Gin bindings, e.g. 'linear_vs_nonlinear.run.epochs = 5'. The "
+    "arguments of each study's run are documented in experiments/settings.py."
 )
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the run writes everything.")
 _STRATEGY = flags.DEFINE_enum(

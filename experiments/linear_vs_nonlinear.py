@@ -17,50 +17,14 @@ import os
 import numpy as np
 from absl import app, logging
 
-from experiments import bindings, entk, launcher
+from experiments import entk, launcher, settings
+from experiments.figures.study_a import MODELS  # noqa: F401 (a cell's models, in training order)
 
-TASKS = ("eigenfunction", "binary")
-LINEARIZATION_MODES = ("full", "difference")
-# The models of a cell, in the order they are trained.
-MODELS = ("network", "linearized_init", "linearized_init_difference", "linearized_final")
+TASKS = settings.LinearVsNonlinear.TASKS
 
 
 def _cell_id(model, task, k, seed):
     return f"{model}-{task}" + (f"-k{k}" if k is not None else "") + f"-seed{seed}"
-
-
-_BINDINGS = bindings.Bindings("linear_vs_nonlinear")
-
-
-def _validate(dataset, models, tasks, ks, model_builders, linearized_init_mode, eigen_solver,
-              **numbers):
-    """Refuses unknown names and impossible numbers before any work, naming the binding."""
-    _BINDINGS.dataset(dataset)
-    _BINDINGS.models("models", models, model_builders)
-    _BINDINGS.known("tasks", tasks, TASKS, "task")
-    if "eigenfunction" in tasks and (not ks or any(int(k) < 1 for k in ks)):
-        raise ValueError(f"Expected eigenfunction indices k >= 1. Received: ks={list(ks)!r}")
-    _BINDINGS.known("eigen_solver", eigen_solver, entk.SOLVERS, "eigen_solver")
-    _BINDINGS.known("linearized_init_mode", linearized_init_mode, LINEARIZATION_MODES,
-                    "linearized_init_mode")
-    kinds = dict(epochs=bindings.POSITIVE_INT, batch_size=bindings.POSITIVE_INT,
-                 learning_rate=bindings.POSITIVE_NUMBER, momentum=bindings.MOMENTUM,
-                 num_train=bindings.OPTIONAL_POSITIVE_INT,
-                 num_test=bindings.OPTIONAL_POSITIVE_INT, num_probe=bindings.POSITIVE_INT,
-                 num_projection=bindings.POSITIVE_INT,
-                 max_new_cells=bindings.OPTIONAL_NON_NEGATIVE_INT, seeds=bindings.DISTINCT_INTS)
-    _BINDINGS.check(**{name: (value, kinds[name]) for name, value in numbers.items()})
-
-
-def _validate_sizes(dataset, data, num_train, num_test, num_probe, batch_size, drop_remainder):
-    """Refuses sizes larger than the loaded dataset (tfds slicing would silently clip them)."""
-    train_size = len(data.train.y)
-    _BINDINGS.at_most("num_train", num_train, train_size, f"(the {dataset} train split)")
-    _BINDINGS.at_most("num_test", num_test, len(data.test.y), f"(the {dataset} test split)")
-    _BINDINGS.at_most("num_probe", num_probe, train_size, "training examples")
-    if drop_remainder:
-        _BINDINGS.at_most("batch_size", batch_size, train_size,
-                          "training examples with drop_remainder (no full batch otherwise)")
 
 
 class _Study:
@@ -248,37 +212,8 @@ def _run_cell(study, cell, init_weights_path, init_state, linearized_init_mode, 
             label_energy=[float(e) for e in metrics.eigen_energy(all_labels_pm, vectors)])
         save_stages()
 
-    kernels = stages["kernels"]
-    return {
-        "model": model_name,
-        "task": task,
-        "k": None if k is None else int(k),
-        "seed": int(seed),
-        "test_accuracy": {name: stages[name]["test"] for name in MODELS},
-        "train_accuracy": {name: stages[name]["train"] for name in MODELS},
-        # Per-example test predictions 1[logit > 0], bit-packed: the paired tests.
-        "test_predictions": {name: stages[name]["test_predictions"] for name in MODELS},
-        "test_labels": report.pack_bits(test_y > 0.5),
-        "num_test": int(len(test_y)),
-        "alignment": kernels["alignment"],
-        "alignment_centered": kernels["alignment_centered"],
-        "weight_distance": kernels["weight_distance"],
-        "weight_distance_squared": kernels["weight_distance_squared"],
-        "relative_weight_distance": kernels["relative_weight_distance"],
-        "weight_distance_linearized_init": stages["linearized_init"]["weight_distance"],
-        "kernel_distance": kernels["kernel_distance"],
-        "projection": kernels["projection"],
-        "projection_basis": "eigenvectors of the eNTK at θ0 over train+test (the tasks' basis)",
-        "label_energy": kernels["label_energy"],
-        "kernel_trace": kernels["trace"],
-        "base_rate": {"train": float(np.mean(train_y)), "test": float(np.mean(test_y))},
-        "variant": {
-            "linearized_init": linearized_init_mode,
-            "linearized_init_difference": "difference",
-            "linearized_final": "difference_bn_init_statistics",
-        },
-        "cell": _cell_id(*cell),
-    }
+    return report.study_a_record(cell, _cell_id(*cell), stages, train_y, test_y,
+                                 linearized_init_mode)
 
 
 def run(
@@ -320,48 +255,13 @@ def run(
     Cells are stored, skipped, resumed (by model, and inside a fit by epoch)
     or refused as docs/experiments.md#resuming describes.
 
-    Args:
-        output_dir: the run's directory (local or gs://).
-        strategy: the `tf.distribute.Strategy` models are built in.
-        model_builders: name → builder(input_shape, num_outputs) (gin-configured).
-        data_dir: tfds data directory.
-        dataset: "digits", "mnist" or "cifar10".
-        models: names of the models to study.
-        tasks: among "eigenfunction" and "binary".
-        ks: eigenfunction indices (1 = top eigenvector).
-        seeds: data-order seeds; every seed starts from the same θ0.
-        init_seed: the seed of θ0 (one per model).
-        num_train, num_test: use the first examples of each split (None: all).
-        epochs, batch_size, learning_rate, momentum: the training recipe.
-        drop_remainder: drop each epoch's last incomplete batch (the
-            reference code does; base.gin sets it).
-        jit_compile: passed to `model.compile`.
-        linearized_init_mode: "full" f(θ0) + J(θ0)(θ−θ0) (the reference's
-            main comparison, train_ntk.py) or "difference" J(θ0)(θ−θ0).
-        num_probe: training inputs on which kernels are compared.
-        num_projection: number of eigenvectors of Θ0 over train+test for a_j
-            and the label energy.
-        ntk_batch_size: block size for `keras_ntk.empirical_ntk` (None: auto).
-        ntk_implementation: its `implementation` argument.
-        eigen_solver: how the eigenfunction tasks' eigenvectors of Θ0 on
-            train+test are found: "dense" (form Θ, `numpy.linalg.eigh`),
-            "lanczos" (`keras_ntk.ntk_eigsh`, matrix-free, only the top
-            max(ks, num_projection) pairs) or "auto" (Lanczos above 8000 inputs).
-        max_new_cells: stop after this many newly finished cells (None: all).
-        verbose: passed to `model.fit`.
-        tensorboard: write TensorBoard logs of every fit.
-        fit_backups: back up every fit each epoch (a killed fit resumes at its
-            last epoch; without, a killed cell resumes at its last finished
-            model). Each costs about 0.15 s per epoch on the 2-core CPU.
-        write_report: write figures and report.md at the end.
-        simulate_crash_after_epochs: kill the process after this many epochs
-            of the first fit (tests of resuming; `--simulate_crash_after_epochs`).
-        overwrite: discard stored cells computed with other settings instead
-            of refusing to run (`--overwrite`).
+    The keyword arguments (gin binds them by name) are documented, and
+    checked before any work, by `experiments.settings.LinearVsNonlinear`.
 
     Returns:
         The results dictionary (also in results.json).
     """
+    options = settings.LinearVsNonlinear(**locals())
     from experiments import cells as cell_store
     from experiments import data as data_lib
     from experiments import grid as grid_lib
@@ -369,10 +269,7 @@ def run(
 
     models, tasks = list(models), list(tasks)
     ks = [int(k) for k in ks]
-    _validate(dataset, models, tasks, ks, model_builders, linearized_init_mode, eigen_solver,
-              epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-              momentum=momentum, num_train=num_train, num_test=num_test, num_probe=num_probe,
-              num_projection=num_projection, max_new_cells=max_new_cells, seeds=list(seeds))
+    options.validate()
     cells = [
         (m, task, k, s)
         for m in models
@@ -381,31 +278,13 @@ def run(
         for s in seeds
     ]
     results_path = os.path.join(output_dir, "results.json")
-    results = {
-        "study": "linear_vs_nonlinear",
-        "dataset": dataset,
-        "variant": {
-            "linearized_init": f"{linearized_init_mode}: "
-            + ("f(θ0) + " if linearized_init_mode == "full" else "")
-            + "J(θ0)(θ−θ0), trained from θ0",
-            "linearized_init_difference": "difference: J(θ0)(θ−θ0), trained from θ0 with the "
-            "same recipe and data order (the baseline of the θT tracking rule)",
-            "linearized_final": "difference: J(θT)(θ−θT), trained from θT with the same "
-            "recipe and data order, BatchNorm statistics reset to their values at θ0",
-        },
-        "recipe": {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
-                   "momentum": momentum, "schedule": "linear decay to 0",
-                   "drop_remainder": drop_remainder,
-                   "loss": "sigmoid cross-entropy"},
-        "num_train": None, "num_test": None, "num_probe": None,
-        "init_seed": init_seed,
-        "eigen": {},
-        "runs": [],
-    }
+    results = report.study_a_results(dataset, linearized_init_mode, init_seed, dict(
+        epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, momentum=momentum,
+        drop_remainder=drop_remainder))
     store = cell_store.CellStore(output_dir, overwrite=overwrite)
     data = data_lib.load_dataset(dataset, num_train=num_train, num_test=num_test,
                                  data_dir=data_dir)
-    _validate_sizes(dataset, data, num_train, num_test, num_probe, batch_size, drop_remainder)
+    options.validate_sizes(data)
     results["num_train"], results["num_test"] = len(data.train.y), len(data.test.y)
     study = _Study(output_dir, strategy, model_builders, data,
                    dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,

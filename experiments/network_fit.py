@@ -8,6 +8,8 @@ stop at the cap instead say so (`hit_cap`), so results can count and mark
 them.
 """
 
+import os
+
 import numpy as np
 
 from experiments import kernel_methods
@@ -99,3 +101,53 @@ def train_network(model, x, labels, num_classes, *, loss, train_steps, batch_siz
     return {"steps": len(losses) * chunk, "train_loss": float(losses[-1]),
             "train_error": float(state["train_error"]), "reached": bool(state["reached"]),
             "hit_cap": not state["reached"], "stop_criterion": stop_criterion}
+
+
+def example_scores(logits, labels, num_classes, loss):
+    """(correct, example_loss) per example: arg-max right, and the MSE of one-hot targets
+    (`loss="mse"`) or the softmax cross-entropy."""
+    correct = np.argmax(logits, -1) == labels
+    if loss == "mse":
+        return correct, kernel_methods.per_example_losses(logits, np.eye(num_classes)[labels])
+    return correct, kernel_methods.per_example_cross_entropy(logits, labels)
+
+
+def fit_table(fits):
+    """Fits of `train_network` per (size, seed) as results.json tables, and the cap hits.
+
+    `fits`: rows of fit dicts ({}: not run). Returns train_steps, train_loss,
+    train_error and hit_cap as rows (None: not run), cap_hits and runs.
+    """
+    def table(key):
+        return [[fit.get(key) for fit in row] for row in fits]
+
+    hit_cap = table("hit_cap")
+    return dict(train_steps=table("steps"), train_loss=table("train_loss"),
+                train_error=table("train_error"), hit_cap=hit_cap,
+                cap_hits=int(sum(bool(v) for row in hit_cap for v in row)),
+                runs=int(sum(v is not None for row in hit_cap for v in row)))
+
+
+def trained_once(build, initial_weights, x, labels, num_classes, directory, **train_kwargs):
+    """A network trained once by `train_network` and stored in `directory`, and its fit.
+
+    Read back (`after.weights.h5`, `pretraining.json`) when both are there and
+    readable; otherwise `build(initial_weights())` is trained on (x, labels)
+    and both files are written atomically (study B's after-kernel pre-training).
+    """
+    from absl import logging
+
+    from experiments import cells
+
+    after_path = os.path.join(directory, "after.weights.h5")
+    fit_path = os.path.join(directory, "pretraining.json")
+    network = build()
+    if os.path.exists(fit_path) and cells.load_weights_or_discard(network, after_path):
+        return network, cells.load_json(fit_path)
+    network = build(initial_weights())
+    fit = train_network(network, x, labels, num_classes, **train_kwargs)
+    cells.save_weights_atomic(network, after_path)
+    cells.write_json_atomic(fit_path, fit)
+    logging.info("%s: trained on %d examples: %s", os.path.basename(directory), len(labels), fit)
+    return network, fit
+

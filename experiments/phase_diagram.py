@@ -10,6 +10,8 @@ accuracy heatmaps) and on targets centred by the training mean (the spread
 of its test outputs, whose e-fold length in depth is compared with ξ*).
 `assemble_diagram` turns the rows of one activation into results.json's
 `phase_diagram` entry with the mean-field quantities of `keras_ntk.mean_field`.
+Part 3's cell, `architecture_cell`, reads the same spectrum summary and
+kernel regression off the infinite NTK of an FCN, a CNN-Flatten or a CNN-GAP.
 """
 
 import math
@@ -22,6 +24,30 @@ _EPS = float(np.finfo(np.float64).eps)
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def examples(dataset, num_train, heldout, flat=True):
+    """(x_train, labels_train, x_test, labels_test, description): training and held-out.
+
+    Training: the first `num_train` training examples; held-out (`heldout`):
+    the test split, or ("test_and_unused_train") the training examples beyond
+    them, then the test split. Inputs in float64, flattened when `flat`.
+    """
+    x_train, y_train = dataset.train.x[:num_train], dataset.train.y[:num_train]
+    x_test, y_test = dataset.test.x, dataset.test.y
+    description = f"training: the first {len(y_train)} training examples; held-out: "
+    if heldout == "test_and_unused_train":
+        x_test = np.concatenate([dataset.train.x[num_train:], x_test])
+        y_test = np.concatenate([dataset.train.y[num_train:], y_test])
+        description += (f"the {len(dataset.train.y) - len(y_train)} training examples beyond "
+                        "them, then the test split")
+    else:
+        description += "the test split"
+
+    def prepared(x):
+        return (x.reshape(len(x), -1) if flat else x).astype(np.float64)
+
+    return prepared(x_train), y_train, prepared(x_test), y_test, description
 
 
 def finite_or_none(value):
@@ -225,3 +251,46 @@ def assemble_diagram(activation, grid, depths, sigma_b2, rows, times, learning_r
             "spread_efold_depths": [used for _, used in fits],
         },
     }
+
+
+# ---------------------------------------------------------------- part 3
+
+
+def architecture_cell(name, depth, activation, sigma_w2, sigma_b2, split, kernel_size,
+                      ridge, kernel_batch_size=None):
+    """NTK spectrum and kernel-regression predictions of one architecture.
+
+    `split` is (x_train, labels_train, x_test, labels_test) with image inputs.
+    Stores which test examples are classified correctly (for paired tests).
+    """
+    import keras_ntk
+    from experiments import models
+    from keras_ntk import predict
+
+    x_train, labels_train, x_test, labels_test = split
+    shape = x_train.shape[1:]
+    common = dict(depth=depth, sigma_w2=sigma_w2, sigma_b2=sigma_b2, activation=activation)
+    if name == "fcn":
+        model = models.ntk_fcn(shape, 1, width=8, **common)
+    else:
+        model = models.ntk_cnn(shape, 1, filters=4, kernel_size=kernel_size,
+                               pooling=name.split("_")[1], **common)
+    start = time.time()
+    # Θ(X, X) and Θ(X*, X) only (Θ(X*, X*) is not needed).
+    k_train = keras_ntk.infinite_kernels(model, x_train, batch_size=kernel_batch_size).ntk
+    k_test_train = keras_ntk.infinite_kernels(model, x_test, x_train,
+                                              batch_size=kernel_batch_size).ntk
+    seconds = time.time() - start
+    eigenvalues, cell = spectrum_summary(k_train)
+    num_classes = int(max(labels_train.max(), labels_test.max())) + 1
+    y_train = heatmap_targets(labels_train, num_classes)
+    scaled_ridge = ridge * float(np.trace(k_train)) / len(k_train)
+    fx_test = predict.kernel_regression(k_train, k_test_train, y_train, scaled_ridge)
+    correct = np.argmax(fx_test, axis=-1) == labels_test
+    cell.update(
+        test_accuracy=float(np.mean(correct)),
+        test_correct=[bool(c) for c in correct],
+        eigenvalues=[float(v) for v in eigenvalues[::-1]],
+        kernel_seconds=seconds,
+    )
+    return cell

@@ -26,8 +26,8 @@ import numpy as np
 
 from experiments.cells import write_json_atomic  # noqa: F401 (one atomic writer, shared)
 from experiments.figures import pyplot, save_figure  # noqa: F401 (shared by the studies)
-from experiments.figures.study_a import (COLUMNS, LABELS, draw_all, grouped, mean, models_in,
-                                         task_name)
+from experiments.figures.study_a import (COLUMNS, LABELS, MODELS, draw_all, grouped, mean,
+                                         models_in, task_name)
 
 
 def pack_bits(values):
@@ -39,6 +39,76 @@ def unpack_bits(text, size):
     """The inverse of `pack_bits`: (size,) booleans."""
     packed = np.frombuffer(base64.b64decode(text), dtype=np.uint8)
     return np.unpackbits(packed, count=size).astype(bool)
+
+
+def study_a_results(dataset, linearized_init_mode, init_seed, recipe):
+    """Study A's results.json before its cells: the models' definitions and the recipe.
+
+    `recipe`: epochs, batch_size, learning_rate, momentum, drop_remainder.
+    The binary fills in num_train, num_test, num_probe, eigen and runs.
+    """
+    return {
+        "study": "linear_vs_nonlinear",
+        "dataset": dataset,
+        "variant": {
+            "linearized_init": f"{linearized_init_mode}: "
+            + ("f(θ0) + " if linearized_init_mode == "full" else "")
+            + "J(θ0)(θ−θ0), trained from θ0",
+            "linearized_init_difference": "difference: J(θ0)(θ−θ0), trained from θ0 with the "
+            "same recipe and data order (the baseline of the θT tracking rule)",
+            "linearized_final": "difference: J(θT)(θ−θT), trained from θT with the same "
+            "recipe and data order, BatchNorm statistics reset to their values at θ0",
+        },
+        "recipe": {"epochs": recipe["epochs"], "batch_size": recipe["batch_size"],
+                   "learning_rate": recipe["learning_rate"], "momentum": recipe["momentum"],
+                   "schedule": "linear decay to 0", "drop_remainder": recipe["drop_remainder"],
+                   "loss": "sigmoid cross-entropy"},
+        "num_train": None, "num_test": None, "num_probe": None,
+        "init_seed": init_seed,
+        "eigen": {},
+        "runs": [],
+    }
+
+
+def study_a_record(cell, cell_id, stages, train_y, test_y, linearized_init_mode):
+    """One run of study A's results.json from its cell's stages (the four fits, the kernels).
+
+    `cell` is (model, task, k, seed); `stages` maps each of `MODELS` to its
+    scores (train/test accuracy, bit-packed test predictions) and "kernels"
+    to the kernel measurements (`experiments.entk`).
+    """
+    model_name, task, k, seed = cell
+    kernels = stages["kernels"]
+    return {
+        "model": model_name,
+        "task": task,
+        "k": None if k is None else int(k),
+        "seed": int(seed),
+        "test_accuracy": {name: stages[name]["test"] for name in MODELS},
+        "train_accuracy": {name: stages[name]["train"] for name in MODELS},
+        # Per-example test predictions 1[logit > 0], bit-packed: the paired tests.
+        "test_predictions": {name: stages[name]["test_predictions"] for name in MODELS},
+        "test_labels": pack_bits(test_y > 0.5),
+        "num_test": int(len(test_y)),
+        "alignment": kernels["alignment"],
+        "alignment_centered": kernels["alignment_centered"],
+        "weight_distance": kernels["weight_distance"],
+        "weight_distance_squared": kernels["weight_distance_squared"],
+        "relative_weight_distance": kernels["relative_weight_distance"],
+        "weight_distance_linearized_init": stages["linearized_init"]["weight_distance"],
+        "kernel_distance": kernels["kernel_distance"],
+        "projection": kernels["projection"],
+        "projection_basis": "eigenvectors of the eNTK at θ0 over train+test (the tasks' basis)",
+        "label_energy": kernels["label_energy"],
+        "kernel_trace": kernels["trace"],
+        "base_rate": {"train": float(np.mean(train_y)), "test": float(np.mean(test_y))},
+        "variant": {
+            "linearized_init": linearized_init_mode,
+            "linearized_init_difference": "difference",
+            "linearized_final": "difference_bn_init_statistics",
+        },
+        "cell": cell_id,
+    }
 
 
 def read_json(path):

@@ -335,6 +335,38 @@ def paired_bootstrap(correct, statistic, *, num_resamples=10000, confidence=0.95
 # every n) and, for paired differences, by both methods.
 
 
+def size_seed_examples(load, sources, sizes, num_seeds, num_test, key):
+    """(K, S, T) per-example values of one method from its cells' files (NaN: missing).
+
+    `load(cell_id)` reads a cell's per-example arrays (an .npz); `sources`:
+    ((cell id, size row or None), seed column). A file without a row names
+    its rows by `n` (values at sizes outside `sizes` are left out); files
+    written before that hold a row per size of `sizes`.
+    """
+    out = np.full((len(sizes), num_seeds, num_test), np.nan)
+    for (cell_id, row), column in sources:
+        arrays = load(cell_id)
+        if row is not None:
+            out[row, column] = arrays[key]
+        elif "n" in arrays:
+            for n, values in zip(arrays["n"], arrays[key]):
+                if int(n) in sizes:
+                    out[sizes.index(int(n)), column] = values
+        elif len(arrays[key]) == len(sizes):
+            out[:, column] = arrays[key]
+        else:
+            raise ValueError(
+                f"Expected the per-example file of cell {cell_id!r} to hold one row per grid "
+                f"size ({len(sizes)}). Received: rows={len(arrays[key])}")
+    return out
+
+
+def example_means(values):
+    """(K, S) means over test examples of (K, S, T) values as lists (None: not all finite)."""
+    means = np.where(np.all(np.isfinite(values), axis=2), values.mean(axis=2), np.nan)
+    return [[None if not np.isfinite(v) else float(v) for v in row] for row in means]
+
+
 def _as_size_seed_example(values, n, name):
     values = np.asarray(values, np.float64)
     if values.ndim == 2:

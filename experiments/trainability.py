@@ -9,9 +9,12 @@ with the grid of neural-tangents' notebook for the paper, in four parts:
 3. FCN vs CNN-Flatten vs CNN-GAP: NTK spectra and kernel regression;
 4. finite NTK-parameterized FCNs trained by gradient descent against the
    infinite mean prediction.
-This binary holds the grids, the cells of parts 3 and 4 and the assembly of
-results.json. What is computed and found: docs/study_c.md; flags, outputs,
-resuming: docs/experiments.md. Figures: `experiments.figures.study_c`.
+This binary holds the grids, the cell of part 4 and the assembly of
+results.json; the cells of parts 1-3 and their data are computed by
+`experiments.phase_diagram`, the arguments documented and checked by
+`experiments.settings.Trainability`. What is computed and found:
+docs/study_c.md; flags, outputs, resuming: docs/experiments.md. Figures:
+`experiments.figures.study_c`.
 
 Run: `python -m experiments.trainability --gin_file=trainability/digits.gin
 --output_dir=runs/c`.
@@ -24,16 +27,13 @@ import time
 import numpy as np
 from absl import logging
 
-from experiments import bindings
 from experiments import cells as cells_lib
 from experiments import grid as grid_lib
 from experiments import launcher, phase_diagram, stats
+from experiments import settings as settings_lib
 
-ARCHITECTURES = ("fcn", "cnn_flatten", "cnn_gap")
-# Held-out examples of parts 1-2: the test split, or also the training
-# examples beyond num_train (digits has 1797 examples in all).
-HELDOUT = ("test", "test_and_unused_train")
-ACTIVATIONS = ("relu", "erf")
+ARCHITECTURES = settings_lib.Trainability.ARCHITECTURES
+ACTIVATIONS = settings_lib.Trainability.ACTIVATIONS
 
 
 # ---------------------------------------------------------------- 1 + 2
@@ -41,24 +41,6 @@ ACTIVATIONS = ("relu", "erf")
 
 def _phase_key(activation, sigma_w2):
     return f"{activation}/sigma_w2={sigma_w2:.10g}"
-
-
-def _phase_data(dataset, num_train, heldout, flat=True):
-    """(x_train, labels_train, x_test, labels_test, description): training and held-out."""
-    x_train, y_train = dataset.train.x[:num_train], dataset.train.y[:num_train]
-    x_test, y_test = dataset.test.x, dataset.test.y
-    description = f"training: the first {len(y_train)} training examples; held-out: "
-    if heldout == "test_and_unused_train":
-        x_test = np.concatenate([dataset.train.x[num_train:], x_test])
-        y_test = np.concatenate([dataset.train.y[num_train:], y_test])
-        description += (f"the {len(dataset.train.y) - len(y_train)} training examples beyond "
-                        "them, then the test split")
-    else:
-        description += "the test split"
-    def prepared(x):
-        return (x.reshape(len(x), -1) if flat else x).astype(np.float64)
-
-    return prepared(x_train), y_train, prepared(x_test), y_test, description
 
 
 def _phase_part(points, output_dir, activations, grids, depths, sigma_b2, phase_data,
@@ -93,53 +75,13 @@ def _phase_part(points, output_dir, activations, grids, depths, sigma_b2, phase_
 # ---------------------------------------------------------------- 3
 
 
-def architecture_cell(name, depth, activation, sigma_w2, sigma_b2, split, kernel_size,
-                      ridge, kernel_batch_size=None):
-    """NTK spectrum and kernel-regression predictions of one architecture.
-
-    `split` is (x_train, labels_train, x_test, labels_test) with image inputs.
-    Stores which test examples are classified correctly (for paired tests).
-    """
-    import keras_ntk
-    from experiments import models
-    from keras_ntk import predict
-
-    x_train, labels_train, x_test, labels_test = split
-    shape = x_train.shape[1:]
-    common = dict(depth=depth, sigma_w2=sigma_w2, sigma_b2=sigma_b2, activation=activation)
-    if name == "fcn":
-        model = models.ntk_fcn(shape, 1, width=8, **common)
-    else:
-        model = models.ntk_cnn(shape, 1, filters=4, kernel_size=kernel_size,
-                               pooling=name.split("_")[1], **common)
-    start = time.time()
-    # Θ(X, X) and Θ(X*, X) only (Θ(X*, X*) is not needed).
-    k_train = keras_ntk.infinite_kernels(model, x_train, batch_size=kernel_batch_size).ntk
-    k_test_train = keras_ntk.infinite_kernels(model, x_test, x_train,
-                                              batch_size=kernel_batch_size).ntk
-    seconds = time.time() - start
-    eigenvalues, cell = phase_diagram.spectrum_summary(k_train)
-    num_classes = int(max(labels_train.max(), labels_test.max())) + 1
-    y_train = phase_diagram.heatmap_targets(labels_train, num_classes)
-    scaled_ridge = ridge * float(np.trace(k_train)) / len(k_train)
-    fx_test = predict.kernel_regression(k_train, k_test_train, y_train, scaled_ridge)
-    correct = np.argmax(fx_test, axis=-1) == labels_test
-    cell.update(
-        test_accuracy=float(np.mean(correct)),
-        test_correct=[bool(c) for c in correct],
-        eigenvalues=[float(v) for v in eigenvalues[::-1]],
-        kernel_seconds=seconds,
-    )
-    return cell
-
-
 def _architecture_part(points, output_dir, names, depths, activation, sigma_w2, sigma_b2, split,
                        description, kernel_size, ridge, kernel_batch_size):
     """Part 3's cell (an architecture at a depth), its TensorBoard log and its assembly."""
 
     def compute(key):
-        return architecture_cell(*points[key], activation, sigma_w2, sigma_b2, split,
-                                 kernel_size, ridge, kernel_batch_size)
+        return phase_diagram.architecture_cell(*points[key], activation, sigma_w2, sigma_b2,
+                                               split, kernel_size, ridge, kernel_batch_size)
 
     def log(key, cell):
         name, depth = points[key]
@@ -278,43 +220,6 @@ def _finite_width_part(points, output_dir, dataset, widths, seeds, depth, activa
 # ---------------------------------------------------------------- run
 
 
-_BINDINGS = bindings.Bindings("trainability")
-
-
-def _validate(dataset, activations, grids, depths, architectures, times, learning_rate_fraction,
-              finite_learning_rate_fraction, heldout, **numbers):
-    """Refuses unknown names and impossible numbers before any work, naming the binding."""
-    _BINDINGS.dataset(dataset)
-    _BINDINGS.known("activations", activations, ACTIVATIONS, "activation")
-    for activation in activations:
-        _BINDINGS.check(**{f"{activation}_sigma_w2": (grids[activation],
-                                                      bindings.POSITIVE_NUMBERS)})
-    if "relu" in activations and any(s > 2.0 for s in grids["relu"]):
-        raise ValueError("ReLU has no chaotic phase (q* is infinite for σw² > 2): keep "
-                         f"relu_sigma_w2 ≤ 2. Received: relu_sigma_w2={list(grids['relu'])!r}")
-    _BINDINGS.check(depths=(depths, bindings.INCREASING_NON_NEGATIVE_INTS),
-                    times=(times, bindings.NON_NEGATIVE_NUMBERS),
-                    learning_rate_fraction=(learning_rate_fraction, _AT_MOST_ONE),
-                    finite_learning_rate_fraction=(finite_learning_rate_fraction, _BELOW_ONE))
-    _BINDINGS.known("heldout", heldout, HELDOUT, "heldout")
-    _BINDINGS.known("architectures", architectures, ARCHITECTURES, "architecture")
-    kinds = dict(num_train=bindings.OPTIONAL_POSITIVE_INT, num_test=bindings.OPTIONAL_POSITIVE_INT,
-                 architecture_num_train=bindings.POSITIVE_INT,
-                 architecture_num_test=bindings.OPTIONAL_POSITIVE_INT,
-                 finite_num_train=bindings.POSITIVE_INT, finite_steps=bindings.POSITIVE_INT,
-                 conv_kernel_size=bindings.POSITIVE_INT, finite_depth=bindings.NON_NEGATIVE_INT,
-                 architecture_depths=bindings.NON_NEGATIVE_INTS,
-                 finite_widths=bindings.POSITIVE_INTS, sigma_b2=bindings.FINITE_NON_NEGATIVE,
-                 ridge=bindings.FINITE_NON_NEGATIVE)
-    _BINDINGS.check(**{name: (value, kinds[name]) for name, value in numbers.items()})
-
-
-_AT_MOST_ONE = ("in (0, 1] (η/η_max of gradient flow)",
-                lambda v: bindings.POSITIVE_NUMBER[1](v) and v <= 1)
-_BELOW_ONE = ("in (0, 1) (discrete steps diverge at η_max)",
-              lambda v: bindings.POSITIVE_NUMBER[1](v) and v < 1)
-
-
 def run(
     *,
     output_dir,
@@ -354,75 +259,27 @@ def run(
 ):
     """Runs study C and writes results.json, the cells, figures and TensorBoard logs.
 
-    Args:
-        output_dir: the run's directory (local or gs://).
-        strategy: the `tf.distribute.Strategy` the finite networks are built in.
-        model_builders: unused (study C builds `models.ntk_fcn`/`ntk_cnn`
-            per grid point); accepted for the launcher's interface.
-        data_dir: tfds data directory.
-        dataset: "digits", "mnist" or "cifar10".
-        num_train, num_test: the first examples of each split for parts 1, 2
-            (None: all).
-        heldout: the held-out examples of parts 1, 2: "test" (the first
-            num_test of the test split) or "test_and_unused_train" (also the
-            training examples beyond num_train).
-        activations: phase diagrams to draw, among "relu", "erf".
-        relu_sigma_w2, erf_sigma_w2: the σw² grid per activation (ReLU ≤ 2).
-        sigma_b2: σb² of every layer.
-        depths: the depth grid (hidden layers, increasing, ≥ 0); one
-            all-depths kernel recursion per σw² gives them all.
-        times: gradient-flow times t (in steps of η) at which the training
-            loss and accuracies are read.
-        learning_rate_fraction: η / η_max of the gradient flow (≤ 1; 1 is
-            the notebook's 2/λmax in neural-tangents' normalization).
-        architectures: among "fcn", "cnn_flatten", "cnn_gap".
-        architecture_depths: depths of part 3 (results' `test_accuracy` is
-            the deepest).
-        architecture_activation, architecture_sigma_w2: part 3's network.
-        architecture_num_train, architecture_num_test: part 3's subset (the
-            first examples of each split; CNN-GAP kernels cost (H·W)² per pair).
-        conv_kernel_size: convolution window of part 3.
-        ridge: kernel-regression ridge, relative to the mean diagonal (part 3).
-        finite_widths, finite_seeds, finite_depth, finite_activation,
-        finite_sigma_w2, finite_num_train, finite_steps: part 4.
-        finite_learning_rate_fraction: η / η_max of part 4's discrete steps (< 1).
-        kernel_batch_size: `infinite_kernels` block size (None: automatic).
-        write_figures: draw the PNG figures at the end.
-        overwrite: discard stored cells computed with other settings instead
-            of refusing to run (`--overwrite`).
+    The keyword arguments (gin binds them by name) are documented, and
+    checked before any work, by `experiments.settings.Trainability`.
 
     Returns:
         The results dictionary (also in results.json).
     """
+    options = settings_lib.Trainability(**locals())
     from experiments import data as data_lib
     from experiments.figures import study_c as figures
 
     del model_builders
     activations, architectures = list(activations), list(architectures)
-    grids = {"relu": [float(s) for s in relu_sigma_w2], "erf": [float(s) for s in erf_sigma_w2]}
+    grids = options.grids
     depths = [int(d) for d in depths]
     times = [float(t) for t in times]
-    _validate(dataset, activations, grids, depths, architectures, times, learning_rate_fraction,
-              finite_learning_rate_fraction, heldout, num_train=num_train, num_test=num_test,
-              architecture_num_train=architecture_num_train,
-              architecture_num_test=architecture_num_test, finite_num_train=finite_num_train,
-              finite_steps=finite_steps, finite_depth=finite_depth,
-              conv_kernel_size=conv_kernel_size, architecture_depths=list(architecture_depths),
-              finite_widths=list(finite_widths), sigma_b2=sigma_b2, ridge=ridge)
+    options.validate()
     # Data first: sizes the dataset cannot provide are refused before any cell is written.
     data = data_lib.load_dataset(
         dataset, num_train=None if heldout == "test_and_unused_train" else num_train,
         num_test=num_test, data_dir=data_dir)
-    for binding, requested in (("num_train", num_train),
-                               ("architecture_num_train", architecture_num_train)):
-        if requested is not None and requested > len(data.train.y) and (
-                heldout == "test_and_unused_train" or binding == "num_train"):
-            raise ValueError(
-                f"trainability.run.{binding} asks for more training examples than {dataset} "
-                f"has ({len(data.train.y)}). Received: {binding}={requested}")
-    if num_test is not None and num_test > len(data.test.y):
-        raise ValueError(f"trainability.run.num_test asks for more test examples than {dataset} "
-                         f"has ({len(data.test.y)}). Received: num_test={num_test}")
+    options.validate_sizes(data)
     # The operative settings of each part's cells (kernel_batch_size: memory only).
     common = {"dataset": dataset, "sigma_b2": float(sigma_b2)}
     settings = {
@@ -468,7 +325,7 @@ def run(
     results_path = os.path.join(output_dir, "results.json")
 
     def phase_part():
-        phase_data = _phase_data(data, num_train or len(data.train.y), heldout)
+        phase_data = phase_diagram.examples(data, num_train or len(data.train.y), heldout)
         results["num_train"], results["num_test"] = len(phase_data[1]), len(phase_data[3])
         results["examples"] = phase_data[4]
         logging.info("Part 1-2: FCN phase diagrams on %d train / %d held-out inputs (%s)",
@@ -482,7 +339,7 @@ def run(
         subset = data_lib.load_dataset(
             dataset, num_train=None if heldout == "test_and_unused_train" else
             architecture_num_train, num_test=None, data_dir=data_dir)
-        x_train, labels_train, x_test, labels_test, description = _phase_data(
+        x_train, labels_train, x_test, labels_test, description = phase_diagram.examples(
             subset, architecture_num_train, heldout, flat=False)
         split = (x_train, labels_train, x_test[:architecture_num_test],
                  labels_test[:architecture_num_test])

@@ -293,3 +293,21 @@ def test_cifar10_config_runs_end_to_end_on_mock_data(tmp_path, config):
         errors = np.array(method["test_error"], np.float64)
         finite = errors[np.isfinite(errors)]
         assert finite.size and np.all((finite >= 0) & (finite <= 1)), name
+
+
+def test_network_fits_as_tables_count_cap_hits_and_runs():
+    """network_fit.fit_table: rows per size, columns per seed, {} where a seed did not run."""
+    fits = [[{"steps": 100, "train_loss": 0.5, "train_error": 0.1, "hit_cap": True},
+             {"steps": 40, "train_loss": 1e-4, "train_error": 0.0, "hit_cap": False}],
+            [{}, {"steps": 100, "train_loss": 0.2, "train_error": 0.05, "hit_cap": True}]]
+    assert network_fit.fit_table(fits) == {
+        "train_steps": [[100, 40], [None, 100]], "train_loss": [[0.5, 1e-4], [None, 0.2]],
+        "train_error": [[0.1, 0.0], [None, 0.05]], "hit_cap": [[True, False], [None, True]],
+        "cap_hits": 2, "runs": 3}
+    logits = np.array([[2.0, 0.0, -1.0], [0.0, 0.5, 0.1]])
+    correct, loss = network_fit.example_scores(logits, np.array([0, 2]), 3, "mse")
+    np.testing.assert_array_equal(correct, [True, False])
+    np.testing.assert_allclose(loss, [(1 + 0 + 1) / 3, (0 + 0.25 + 0.81) / 3])
+    _, cross_entropy = network_fit.example_scores(logits, np.array([0, 2]), 3, "cross_entropy")
+    np.testing.assert_allclose(cross_entropy, -np.log(np.exp(logits[[0, 1], [0, 2]])
+                                                      / np.exp(logits).sum(1)))

@@ -441,8 +441,9 @@ def test_lanczos_eigenfunction_tasks_match_the_dense_eigendecomposition(tmp_path
     overlaps = np.abs(np.sum(lanczos["eigenvectors"] * dense["eigenvectors"][:, :6], axis=0))
     np.testing.assert_allclose(overlaps, 1.0, atol=1e-4)
     with pytest.raises(ValueError, match="Received: eigen_solver='qr'"):
-        linear_vs_nonlinear._validate("digits", ["mlp"], ["binary"], [], {"mlp": builder},
-                                      "difference", "qr")
+        linear_vs_nonlinear.run(output_dir=str(tmp_path / "refused"), strategy=None,
+                                model_builders={"mlp": builder}, tasks=["binary"], ks=[],
+                                linearized_init_mode="difference", eigen_solver="qr")
 
 
 @pytest.mark.parametrize("solver", ["dense", "lanczos"])

@@ -147,3 +147,19 @@ def test_per_example_cross_entropy_and_kernel_union():
     assert layout == {"num_candidates": 2, "num_validation": 3, "num_test": 3}
     train_rows, validation, test_rows = kernel_methods.kernel_indices(layout, 2)
     assert y[validation].tolist() == [5, 1, 0] and y[test_rows].tolist() == [100, 101, 102]
+
+
+def test_kernel_cells_table_reads_each_seed_over_the_grid():
+    """A seed's cell lists its own sizes `n`; the table has a row per grid size (None: not run)."""
+    sizes = [10, 20, 40]
+    cells = [{"n": [10, 20, 40], "ridge_factor": [1e-3, 1e-2, 1e-1], "with_f0": True,
+              "pretraining": {"hit_cap": True, "steps": 200}},
+             {"n": [10, 20], "ridge_factor": [1.0, 1e-6],
+              "pretraining": {"hit_cap": False, "steps": 50}},
+             {}]
+    table = kernel_methods.kernel_cells_table(cells, sizes)
+    assert table == {"ridge_factor": [[1e-3, 1.0, None], [1e-2, 1e-6, None], [1e-1, None, None]],
+                     "with_f0": True, "pretraining_cap_hits": 1, "pretraining_steps": [200, 50]}
+    # A cell written before cells named their sizes: one value per grid size.
+    assert kernel_methods.on_grid({"ridge_factor": [1, 2, 3]}, "ridge_factor", sizes) == [1, 2, 3]
+    assert "pretraining_steps" not in kernel_methods.kernel_cells_table([{}], sizes)

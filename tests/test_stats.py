@@ -315,3 +315,28 @@ def test_paired_difference_with_shared_test_examples():
     paired = stats.paired_exponent_difference(n, errors(0.6), errors(0.4), num_bootstrap=500)
     low, high = paired["interval"]
     assert low < 0.2 < high and low > 0.1, paired
+
+
+def test_size_seed_examples_places_each_cell_file_and_example_means_skip_missing():
+    """Per-example files laid out by hand: a network cell's row, a kernel cell's rows named by
+    n (a size off the grid dropped), an older kernel file with a row per grid size."""
+    sizes = [10, 20, 40]
+    files = {
+        "network-seed0-n20": {"correct": np.array([1.0, 0.0, 1.0, 1.0])},
+        "kernel-seed1": {"n": np.array([10, 40, 80]),
+                         "correct": np.array([[0.0] * 4, [1.0] * 4, [0.5] * 4])},
+        "old-seed2": {"correct": np.arange(12.0).reshape(3, 4)},
+    }
+    sources = [(("network-seed0-n20", 1), 0), (("kernel-seed1", None), 1),
+               (("old-seed2", None), 2)]
+    values = stats.size_seed_examples(files.__getitem__, sources, sizes, 3, 4, "correct")
+    expected = np.full((3, 3, 4), np.nan)
+    expected[1, 0] = [1, 0, 1, 1]
+    expected[0, 1], expected[2, 1] = 0.0, 1.0
+    expected[:, 2] = np.arange(12.0).reshape(3, 4)
+    np.testing.assert_array_equal(values, expected)
+    assert stats.example_means(values) == [[None, 0.0, 1.5], [0.75, None, 5.5],
+                                           [None, 1.0, 9.5]]
+    with pytest.raises(ValueError, match="one row per grid size"):
+        stats.size_seed_examples({"bad": {"correct": np.zeros((2, 4))}}.__getitem__,
+                                 [(("bad", None), 0)], sizes, 1, 4, "correct")

@@ -10,6 +10,7 @@ import numpy as np
 
 from experiments.figures import pyplot, save_figure
 
+# The models of a cell, in the order the binary trains them.
 MODELS = ("network", "linearized_init", "linearized_init_difference", "linearized_final")
 # The models of a cell as results.json names them, and how figures and tables label them.
 LABELS = {"network": "network", "linearized_init": "linearized at θ0",
