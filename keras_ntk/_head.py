@@ -43,15 +43,25 @@ def _plain_dense(layer):
             and layer.compute_dtype == layer.kernel.dtype)
 
 
+def _runs_its_graph(model):
+    """Whether calling `model` runs its layer graph: Keras' Functional or Sequential `call`,
+    not a subclass's own (which may do anything with the graph's output)."""
+    for klass in type(model).__mro__:
+        if klass.__name__ in ("Functional", "Sequential") and klass.__module__.startswith(
+                "keras."):
+            return type(model).call is klass.call
+    return False
+
+
 def find(model):
     """(the Dense layer feeding the head, the head) of a model of that form, else None.
 
     The model's only output must be the output of a linear Dense head whose single
     input is the output of a Dense layer with an elementwise activation
-    (a Sequential or functional model; both layers plain, float in their variables'
-    dtype).
+    (a Sequential or functional model running its graph; both layers plain, float in
+    their variables' dtype).
     """
-    if not isinstance(model, keras.Model):
+    if not isinstance(model, keras.Model) or not _runs_its_graph(model):
         return None
     try:  # a model without a graph of layers (subclassed, unbuilt) has no head form
         outputs = model.outputs

@@ -311,6 +311,33 @@ def test_traced_head_form_is_found_only_where_exact():
     assert _head.find(skip) is None  # the head does not read the Dense layer alone
 
 
+class DoubledGraph(keras.Model):
+    """Built from a layer graph, but its own `call` changes what the graph computes."""
+
+    def call(self, inputs):
+        return super().call(inputs) * 2.0
+
+
+class RenamedGraph(keras.Model):
+    """Built from a layer graph and running it: Keras' own `call`."""
+
+
+def test_traced_head_form_is_not_used_when_the_model_call_is_not_its_graph():
+    # The head form is read off the model's layer graph; a subclass overriding `call`
+    # (here: the graph's output doubled) does not compute y = V·φ(z) + c.
+    from keras_ntk import _head
+    x = keras.Input((4,))
+    layer, head = (keras.layers.Dense(5, activation="tanh", dtype="float64"),
+                   keras.layers.Dense(3, dtype="float64"))
+    model = DoubledGraph(x, head(layer(x)))
+    assert _head.find(model) is None
+    assert _head.find(RenamedGraph(x, head(layer(x)))) == (layer, head)
+    x1 = np.random.default_rng(3).normal(size=(5, 4))
+    j = jacobians(model, x1, model.trainable_weights)
+    actual = keras_ntk.empirical_ntk(model, x1, implementation="structured", dtype="float64")
+    assert rel_error(actual, contract(j, j)) < RTOL64
+
+
 @pytest.mark.parametrize("with_x2", [False, True])
 def test_rules_of_one_input_are_contracted_as_one(with_x2, monkeypatch):
     # Attention's query, key and value read one input: one a-factor, their cotangents
