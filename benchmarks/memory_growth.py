@@ -18,7 +18,24 @@ themselves per model (no keras_ntk code involved):
   `tf.custom_gradient` (graph mode registers every gradient function in
   TensorFlow's global gradient registry, never cleared; `Linearize`'s
   δ-gradient is one);
-* `plain_gradient`: one `tf.function` computing the model's weight gradients.
+* `plain_gradient`: one `tf.function` computing the model's weight gradients;
+
+and plain-TensorFlow reproductions of `linearize_fit`'s step (no Keras, no
+keras_ntk: fresh `tf.Variable`s and a fresh `tf.function` train step per model,
+4 steps of SGD, the network Dense(8) → Dense(16, relu) → Dense(1) in raw ops):
+
+* `plain_tf_step`: the plain step (GradientTape, SGD by `assign_sub`);
+* `plain_tf_forward_step`: `Linearize`'s order-1 step: f(x; θ0) + J·δ with
+  `tf.autodiff.ForwardAccumulator` inside the GradientTape (XLA off), or, with
+  XLA on, as `Linearize` does it there: a `tf.custom_gradient` whose
+  δ-gradient is one VJP at θ0;
+* `plain_tf_forward_step_shared`: the same step, but ONE `tf.function` for all
+  models, the variables passed as arguments.
+
+Both `plain_tf_*` steps pass their gradients through one `tf.custom_gradient`
+identity, as Keras' optimizer does (`ReplicaContextBase.all_reduce`): graph
+mode registers it in TensorFlow's global gradient registry, which then keeps
+the traced step graph for good.
 
 Each (path, XLA on/off) runs in its own subprocess: after `--warmup` models,
 RSS is read, `--models` more models are run, then `gc.collect()` and RSS is
@@ -41,7 +58,8 @@ import time
 import weakref
 
 PATHS = ("empirical_ntk", "linearize_fit", "tracker_fit", "plain_fit", "plain_nested_fit",
-         "plain_custom_gradient_fit", "plain_gradient")
+         "plain_custom_gradient_fit", "plain_gradient", "plain_tf_step",
+         "plain_tf_forward_step", "plain_tf_forward_step_shared")
 
 
 def _rss_mib():
@@ -139,6 +157,81 @@ def _run_case(path, xla, models, warmup, trim=False, python_heap=False, drop_reg
 
         gradients(tf.constant(probe))
         return [model]
+
+    # ---- plain TensorFlow (no Keras, no keras_ntk): linearize_fit's step in raw ops
+    zero = tf.UnconnectedGradients.ZERO
+    shapes = [(8, 8), (8,), (8, 16), (16,), (16, 1), (1,)]  # Dense(8), then the MLP
+
+    @tf.custom_gradient
+    def all_reduce_like(*grads):  # as Keras' optimizer: one registry entry per trace
+        return [tf.identity(g) for g in grads], lambda *upstream: list(upstream)
+
+    def net(inputs, theta):
+        return tf.matmul(tf.nn.relu(tf.matmul(inputs, theta[0]) + theta[1]), theta[2]) + theta[3]
+
+    def linearized(inputs, theta0, deltas):
+        """f(x; θ0) + J·δ as `Linearize` (order 1) computes it, XLA off or on."""
+        if not xla:
+            with tf.autodiff.ForwardAccumulator(theta0, deltas) as accumulator:
+                f0 = net(inputs, theta0)
+            return f0 + accumulator.jvp(f0, unconnected_gradients=zero)
+
+        @tf.custom_gradient
+        def with_vjp(inputs, *tangents):
+            with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+                tape.watch([inputs] + theta0)
+                with tf.autodiff.ForwardAccumulator(theta0, list(tangents)) as accumulator:
+                    f0 = net(inputs, theta0)
+            jvp = accumulator.jvp(f0, unconnected_gradients=zero)
+
+            def grad(upstream):  # (∂f0/∂x)ᵀu and Jᵀu at θ0
+                return tape.gradient(f0, [inputs] + theta0, output_gradients=upstream,
+                                     unconnected_gradients=zero)
+
+            return f0 + jvp, grad
+
+        return with_vjp(inputs, *deltas)
+
+    def tf_train_step(variables, deltas, forward):
+        trainable = variables[:2] + (deltas if forward else variables[2:])
+        with tf.GradientTape() as tape:
+            hidden = tf.matmul(tf.constant(x), variables[0]) + variables[1]
+            if forward:
+                theta0 = [tf.convert_to_tensor(v) for v in variables[2:]]
+                out = linearized(hidden, theta0, [tf.convert_to_tensor(d) for d in deltas])
+            else:
+                out = net(hidden, variables[2:])
+            loss = tf.reduce_mean((out - tf.constant(y)) ** 2)
+        grads = all_reduce_like(*tape.gradient(loss, trainable))
+        for v, g in zip(trainable, grads):
+            v.assign_sub(0.01 * g)
+        return loss
+
+    def tf_variables():
+        variables = [tf.Variable(0.1 * rng.normal(size=s).astype("float32")) for s in shapes]
+        return variables, [tf.Variable(tf.zeros_like(v)) for v in variables[2:]]
+
+    def plain_tf_step():
+        variables, deltas = tf_variables()
+        step = tf.function(lambda: tf_train_step(variables, deltas, False), jit_compile=xla)
+        for _ in range(4):
+            step()
+        return variables
+
+    def plain_tf_forward_step():
+        variables, deltas = tf_variables()
+        step = tf.function(lambda: tf_train_step(variables, deltas, True), jit_compile=xla)
+        for _ in range(4):
+            step()
+        return variables + deltas
+
+    shared_step = tf.function(lambda v, d: tf_train_step(v, d, True), jit_compile=xla)
+
+    def plain_tf_forward_step_shared():
+        variables, deltas = tf_variables()
+        for _ in range(4):
+            shared_step(variables, deltas)
+        return variables + deltas
 
     run = locals()[path]
     refs = []

@@ -65,18 +65,37 @@ def model_profile(model, x, weights, rules, training):
 
 
 # Calibrated on the first-call peaks of benchmarks/ntk_speed.py --memory-estimates
-# (2026-11-30: VmHWM of a fresh process over a baseline with TensorFlow imported and the
-# model built; MLP-1, MLP-10 full, LeNet, ResNet-18, transformer; structured and
-# jacobian; docs/performance.md): the smallest coefficients that bound every row.
-_GRAPH_BYTES = 72 * 2**20  # tracing and XLA compilation: a fixed part ...
-_GRAPH_BYTES_PER_OP = 0.22 * 2**20  # ... and a part per op of the traced forward graph
-_JACOBIAN_COPIES = 2.6  # per-example Jacobians: vectorized gradients, concat, contraction
-_LIVE_ACTIVATIONS = {"jacobian": 0.05}  # share of `act` live at once
-# structured: a share of `act` per output entry (the input-cotangent passes are vectorized
-# over the S entries). Refit 2026-11-30 (21:26-21:29 rows of docs/performance.md): 0.7
-# for any S left MLP-10 (S = 10) below its peak (0.93x) and ResNet-18 at 2.4x; 0.5·S
-# bounds every row by >= 5 % (MLP-10 needs >= 0.46 per entry, ResNet-18 blocks of 32 >= 0.1).
-_STRUCTURED_LIVE_PER_OUTPUT = 0.5
+# (VmHWM of a fresh process over a baseline with TensorFlow imported and the model built;
+# MLP-1, MLP-10 full, LeNet, ResNet-18, transformer; structured and jacobian; one block
+# and several; refit 2026-12-01 on 31 rows, docs/performance.md) and XLA's buffer
+# assignment per block function (benchmarks/ntk_memory_breakdown.py): the terms follow
+# what XLA keeps live; the coefficients (grid search) bound every row by >= 5 % with the
+# smallest largest ratio (1.45).
+_GRAPH_BYTES = 80 * 2**20  # tracing and XLA compilation: a fixed part ...
+_GRAPH_BYTES_PER_OP = 0.14 * 2**20  # ... and a part per op of the traced forward graph
+# x with itself in several blocks compiles two block functions (diagonal, off-diagonal,
+# whose graph holds two passes: ResNet-18 structured 4656 and 6913 XLA instructions):
+# the second costs this share of the first's tracing and compilation, and the smaller
+# block's working memory is counted at `_OTHER_BLOCK` on top of the larger's (both
+# functions' buffers stay resident: LeNet blocks of 512, MLP-1 jacobian blocks of 64
+# were 0.86x and 0.82x under an estimate of the larger block alone).
+_SECOND_FUNCTION = 0.4
+_OTHER_BLOCK = 0.75
+_JACOBIAN_COPIES = 2.8  # per-example Jacobians: vectorized gradients, concat, contraction
+_LIVE_ACTIVATIONS = {"jacobian": 0.02}  # share of `act` live at once, per output entry
+# structured: a share of `act` once per block, not per output entry. `act` (every op
+# output of the traced forward, patches and reshapes included: ResNet-18 29 MiB per
+# example) is far more than XLA keeps (ResNet-18's buffers at their peak: the rules'
+# patches, counted below, and ~0.5 MiB of conv outputs per example); the share covers
+# the part of the first call's peak outside XLA's buffer assignment that grows with the
+# block (ResNet-18 736 MiB beyond its buffers, the transformer 183 MiB). Was 0.5 per
+# output entry, fitted to MLP-10's peak, whose excess over the XLA buffers is the
+# kernel block's copies (`_OUTPUT_COPIES`).
+_STRUCTURED_LIVE = 0.2
+# The kernel block beyond XLA's output buffer: the host copy placed into the result and
+# the accumulation over rules (MLP-10 full, 25 MiB block: 107 MiB of XLA buffers for
+# three 25 MiB kernel terms, 52 MiB more in the first call's peak).
+_OUTPUT_COPIES = 2
 
 
 def graph_bytes(profile):
@@ -88,7 +107,8 @@ def estimates(impl, profile, out_axes, n1, n2, same, itemsize, vector=False):
     """(FLOPs, peak bytes) of one block of n1 × n2 examples for `impl`.
 
     The cost model behind `implementation="auto"`; see `empirical_ntk`. The peak
-    includes the first call's tracing and compilation (`graph_bytes`).
+    includes the first call's tracing and compilation (`graph_bytes`). With `same`
+    (x against itself) one set of per-example factors serves both sides.
     """
     n = n1 if same else n1 + n2
     s_total = sum(ax.size for ax in out_axes)
@@ -100,7 +120,8 @@ def estimates(impl, profile, out_axes, n1, n2, same, itemsize, vector=False):
         flops = n * s_total * 3 * fwd + sum(
             n1 * n2 * ax.pairs * profile.n_params for ax in out_axes
         )
-        elems = n * s_total * (kj * profile.n_params + 2 * ka_j * act) + out_elems
+        elems = n * s_total * (kj * profile.n_params + ka_j * act)
+        elems += (1 + _OUTPUT_COPIES) * out_elems
     elif impl == "ntvp" and vector:
         # ntk_vector_product: |S| stacked VJPs/JVPs per column (one column
         # assumed), one block of examples at a time. `act` counts every op
@@ -117,21 +138,24 @@ def estimates(impl, profile, out_axes, n1, n2, same, itemsize, vector=False):
         # forward, then one input-cotangent pass per output entry (the per-example
         # weight gradients are in the rules' contraction costs)
         flops = n * fwd * (1 + s_total)
-        # the forward's activations kept for the backward pass and the S-vectorized
-        # cotangents (a share per output entry, calibrated); the cotangents kept are
-        # those at the rules' outputs, counted per rule below
-        elems = n * _STRUCTURED_LIVE_PER_OUTPUT * s_total * act + out_elems
+        # live: a share of the forward's activations, every rule's factors a (conv
+        # patches: the largest buffers of ResNet-18's block function) and cotangents g,
+        # each rule's contraction intermediates and the kernel block with its copies
+        elems = n * _STRUCTURED_LIVE * act + (1 + _OUTPUT_COPIES) * out_elems
         for d in profile.rule_dims:
             for ax in out_axes:
-                _, (rule_flops, extra) = contraction_form(n1, n2, d, ax)
+                form, (rule_flops, extra) = contraction_form(n1, n2, d, ax)
                 flops += rule_flops
+                if same and form == "per_example":
+                    # contraction_costs counts W for n1 + n2 examples; one set here
+                    extra -= n1 * ax.size * d.g * d.a * d.b
                 factor_a = d.p if d.gather else d.p * d.g * d.a
                 elems += n * factor_a + n * ax.size * d.p * d.g * d.b + extra
         if profile.n_rest:
             flops += n * s_total * 3 * fwd + sum(
                 n1 * n2 * ax.pairs * profile.n_rest for ax in out_axes
             )
-            elems += n * s_total * (kj * profile.n_rest + 2 * ka_j * act)
+            elems += n * s_total * (kj * profile.n_rest + ka_j * act)
     else:
         raise ValueError(impl)
     return float(flops), int(elems * itemsize + graph_bytes(profile))
@@ -149,11 +173,17 @@ def _estimates_of(impl, profile, out_axes, b1, b2, same, itemsize, vector):
 
 def block_estimates(impl, profile, out_axes, n1, b1, b2, same, itemsize, vector=False):
     """(FLOPs of a diagonal block, peak bytes of the largest block) of padded blocks
-    b1 × b2: with `same` and several blocks, off-diagonal blocks hold 2·b1 examples."""
+    b1 × b2: with `same` and several blocks, off-diagonal blocks hold 2·b1 examples
+    and a second block function is compiled (`_SECOND_FUNCTION`, `_OTHER_BLOCK`)."""
     flops, peak = _estimates_of(impl, profile, out_axes, b1, b2, same, itemsize, vector)
     if same and n1 > b1:
-        peak = max(peak, _estimates_of(impl, profile, out_axes, b1, b1, False, itemsize,
-                                       vector)[1])
+        # two block functions compiled: the larger working set, a share of the
+        # smaller one and a second compilation
+        graph = graph_bytes(profile)
+        off = _estimates_of(impl, profile, out_axes, b1, b1, False, itemsize, vector)[1]
+        diagonal, off = peak - graph, off - graph
+        peak = int(max(diagonal, off) + _OTHER_BLOCK * min(diagonal, off)
+                   + (1 + _SECOND_FUNCTION) * graph)
     return flops, peak
 
 
