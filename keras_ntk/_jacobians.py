@@ -18,6 +18,9 @@ import weakref
 
 import keras
 import tensorflow as tf
+from tensorflow.compiler.tf2xla.python import xla as _xla
+from tensorflow.python.ops import control_flow_util
+from tensorflow.python.ops.parallel_for import control_flow_ops as _pfor
 
 from keras_ntk._weights import iter_layers
 
@@ -91,12 +94,29 @@ def call_flat(model, x, training):
 
 
 def tape_jacobian(tape, target, sources):
-    """`tape.jacobian` with zeros for unconnected sources.
+    """`tape.jacobian` (of a persistent tape), with zeros for unconnected sources.
 
-    (pfor fails on `unconnected_gradients=ZERO` in TF 2.21, so the zeros are
-    filled in afterwards.)
+    As `tape.jacobian`, one vectorized (pfor) gradient per target entry, seeded here
+    with the rows of an identity that, when traced for XLA, sits behind an
+    optimization barrier. With the seed a constant (as in `tape.jacobian`), the
+    cotangents of a model's head are constants, and XLA constant-folds every product
+    of them (e.g. their (N, K²) Gram) with its slow evaluator at compile time: 15-45 s
+    for one 2048-example block of a 10-output MLP, minutes for larger ones, for what
+    takes milliseconds to compute. (pfor fails on `unconnected_gradients=ZERO` in
+    TF 2.21, so the zeros are filled in afterwards.)
     """
-    jac = tape.jacobian(target, sources)
+    size = target.shape.num_elements()
+    if size is None:
+        jac = tape.jacobian(target, sources)
+    else:
+        seeds = tf.eye(size, dtype=target.dtype)
+        if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
+            seeds = _xla.optimization_barrier(seeds)[0]
+        jac = _pfor.pfor(lambda i: tape.gradient(
+            target, sources, output_gradients=tf.reshape(tf.gather(seeds, i), target.shape)),
+            size)
+        jac = [j if j is None else tf.reshape(j, target.shape.concatenate(s.shape))
+               for j, s in zip(jac, sources)]
     return [
         tf.zeros(tf.concat([tf.shape(target), tf.shape(s)], 0), target.dtype)
         if j is None else j

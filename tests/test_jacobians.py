@@ -119,3 +119,47 @@ def test_unrolling_is_logged_once_per_model_and_forgets_freed_models(caplog):
     assert len(lines) == 2
     assert all(ref() is None for ref in refs)
     assert len(_jacobians._LOGGED) == before
+
+
+def test_tape_jacobian_equals_tape_jacobian_and_head_cotangents_stay_unfolded_under_xla():
+    # The cotangents of a model's head are constants (identity rows per example). Seeded
+    # with a constant identity, as `tape.jacobian` does, XLA constant-folds their Gram at
+    # compile time with its slow evaluator (15-45 s for one 2048-example block of a
+    # 10-output MLP); our seed sits behind an optimization barrier, so the optimized
+    # program still computes the Gram (a dot) instead of holding it as a folded literal.
+    import numpy as np
+    import tensorflow as tf
+    import keras
+
+    from keras_ntk._jacobians import tape_jacobian
+
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(7, activation="tanh"),
+                              keras.layers.Dense(4)])
+    x = tf.constant(np.random.default_rng(0).normal(size=(64, 5)).astype("float32"))
+
+    def jacobians(jacobian, jit):
+        @tf.function(jit_compile=jit)
+        def head_and_weights(x):
+            with tf.GradientTape(persistent=True) as tape:
+                y = model(x)
+                tape.watch(y)
+                sums = tf.reshape(tf.reduce_sum(y, 0), [-1])
+            return jacobian(tape, sums, [y] + model.trainable_variables)
+
+        @tf.function(jit_compile=True)
+        def head_gram(x):
+            g = tf.reshape(tf.transpose(head_and_weights.python_function(x)[0], [1, 0, 2]),
+                           [64, -1])
+            return tf.matmul(g, g, transpose_b=True)
+
+        return head_and_weights(x), head_gram.experimental_get_compiler_ir(x)(
+            stage="optimized_hlo")
+
+    reference, folded = jacobians(lambda tape, y, s: tape.jacobian(y, s), jit=False)
+    for jit in (False, True):
+        ours, hlo = jacobians(tape_jacobian, jit)
+        for a, b in zip(ours, reference):  # XLA fuses differently: float32 rounding
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0 if not jit else 1e-5,
+                                       atol=0 if not jit else 1e-5)
+    assert " dot(" not in folded  # the control: tape.jacobian's Gram is folded away
+    assert " dot(" in hlo
