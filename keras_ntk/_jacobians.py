@@ -94,7 +94,7 @@ def call_flat(model, x, training):
 
 
 def tape_jacobian(tape, target, sources):
-    """`tape.jacobian` (of a persistent tape), with zeros for unconnected sources.
+    """`tape.jacobian`, with zeros for unconnected sources.
 
     As `tape.jacobian`, one vectorized (pfor) gradient per target entry, seeded here
     with the rows of an identity that, when traced for XLA, sits behind an
