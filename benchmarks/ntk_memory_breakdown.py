@@ -29,13 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-import gc  # noqa: E402
-
-import numpy as np  # noqa: E402
-
 import keras_ntk  # noqa: E402
 from keras_ntk import ntk as ntk_module  # noqa: E402
-from ntk_speed import ESTIMATE_CASES, _status_bytes, build_case  # noqa: E402
+from ntk_speed import _status_bytes, estimate_case  # noqa: E402
 
 
 def buffer_stats(path):
@@ -52,14 +48,7 @@ def buffer_stats(path):
 
 
 def main(case, implementation, block):
-    model, x, trace_axes, _ = build_case(case)
-    n = ESTIMATE_CASES[case][0]
-    if len(x) < n:
-        x = np.concatenate([x] * (-(-n // len(x))))[:n]
-    x = x[:n]
-    model(x[:1])
-    gc.collect()
-    baseline = _status_bytes("VmRSS")
+    model, x, trace_axes, baseline = estimate_case(case)
     keras_ntk.empirical_ntk(model, x, trace_axes=trace_axes, implementation=implementation,
                             batch_size=block, memory_budget=2**40)
     first = _status_bytes("VmHWM") - baseline
@@ -75,7 +64,7 @@ def main(case, implementation, block):
         total, temp = buffer_stats(path)
         modules.append(dict(module=name[:60], buffers=total, temp=temp,
                             instructions=instructions))
-    print(json.dumps(dict(case=case, implementation=setup.implementation, n=n,
+    print(json.dumps(dict(case=case, implementation=setup.implementation, n=len(x),
                           block=setup.block, first_call=first, ops=setup.profile.ops,
                           activations=setup.profile.activations, modules=modules)))
 

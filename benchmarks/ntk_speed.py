@@ -218,6 +218,22 @@ ESTIMATE_CASES = {
 }
 
 
+def estimate_case(case):
+    """(model, x, trace_axes, baseline) of an estimate case: its N inputs (the case's
+    data repeated up to N), the model built and called on one example, and the resident
+    size (bytes) after that and a garbage collection: what a first call is measured above."""
+    import gc
+
+    model, x, trace_axes, _ = build_case(case)
+    n = ESTIMATE_CASES[case][0]
+    if len(x) < n:
+        x = np.concatenate([x] * (-(-n // len(x))))[:n]
+    x = x[:n]
+    model(x[:1])
+    gc.collect()
+    return model, x, trace_axes, _status_bytes("VmRSS")
+
+
 def estimate_child(case, implementation, block=None):
     """Runs in a fresh process: the estimated peak of one call against the measured one.
 
@@ -234,14 +250,8 @@ def estimate_child(case, implementation, block=None):
     """
     import gc
 
-    model, x, trace_axes, _ = build_case(case)
-    n = ESTIMATE_CASES[case][0]
-    if len(x) < n:
-        x = np.concatenate([x] * (-(-n // len(x))))[:n]
-    x = x[:n]
-    model(x[:1])
-    gc.collect()
-    baseline = _status_bytes("VmRSS")
+    model, x, trace_axes, baseline = estimate_case(case)
+    n = len(x)
     start = time.perf_counter()
     fixed = {} if block is None else dict(batch_size=block, memory_budget=2**40)
     kernel = keras_ntk.empirical_ntk(model, x, trace_axes=trace_axes,
