@@ -115,8 +115,10 @@ def tape_jacobian(tape, target, sources):
         jac = _pfor.pfor(lambda i: tape.gradient(
             target, sources, output_gradients=tf.reshape(tf.gather(seeds, i), target.shape)),
             size)
-        jac = [j if j is None else tf.reshape(j, target.shape.concatenate(s.shape))
-               for j, s in zip(jac, sources)]
+        if target.shape.rank != 1:  # (size, *source) back to (*target, *source)
+            jac = [j if j is None else tf.reshape(
+                       j, tf.concat([tf.shape(target), tf.shape(j)[1:]], 0))
+                   for j in jac]
     return [
         tf.zeros(tf.concat([tf.shape(target), tf.shape(s)], 0), target.dtype)
         if j is None else j

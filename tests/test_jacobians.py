@@ -163,3 +163,29 @@ def test_tape_jacobian_equals_tape_jacobian_and_head_cotangents_stay_unfolded_un
                                        atol=0 if not jit else 1e-5)
     assert " dot(" not in folded  # the control: tape.jacobian's Gram is folded away
     assert " dot(" in hlo
+
+
+def test_tape_jacobian_with_an_unknown_source_dimension_and_a_2d_target():
+    # Traced with an unknown batch size: the source's shape is only partly known, which
+    # a static reshape of the result cannot express; and a 2-D target keeps its shape.
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_ntk._jacobians import tape_jacobian
+
+    w = tf.Variable(np.random.default_rng(0).normal(size=(3, 2)).astype("float32"))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3])])
+    def jacobians(x):
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(x)
+            y = tf.matmul(x, w)
+            flat = tf.reduce_sum(y, 0)
+            square = flat[None] * tf.ones([3, 1])
+        return (tape_jacobian(tape, flat, [x, w]) + tape_jacobian(tape, square, [w]),
+                tape.jacobian(flat, [x, w]) + tape.jacobian(square, [w]))
+
+    ours, reference = jacobians(tf.ones([4, 3]))
+    assert [tuple(j.shape) for j in ours] == [(2, 4, 3), (2, 3, 2), (3, 2, 3, 2)]
+    for a, b in zip(ours, reference):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
