@@ -1,0 +1,159 @@
+"""The product Θ(x1, x2)·v of `ntk_vector_product`, Θ never formed whole.
+
+`keras_ntk.ntk.ntk_vector_product` validates its arguments and builds the
+set-up (`ntk.kernel_setup`); this module computes the product from it:
+
+* `implementation="ntvp"`: u = J(x2)ᵀ w accumulated over blocks of x2 (VJPs),
+  then J(x1) u one block of x1 at a time (JVPs), never forming J or Θ;
+* otherwise: each block of Θ from the compiled block function of `ntk`
+  (passed in), multiplied by the matching rows of v.
+"""
+
+import contextlib
+
+import numpy as np
+import tensorflow as tf
+
+from keras_ntk._batching import block_ranges, compiled, run_tasks, slice_examples
+from keras_ntk._jacobians import call_flat
+from keras_ntk._output_axes import cotangents_from_vector, vector_from_products
+
+_ZERO = tf.UnconnectedGradients.ZERO
+
+
+@contextlib.contextmanager
+def frozen_state(model, training):
+    """Restores the non-trainable variables (BatchNorm statistics) a training-mode
+    forward pass moves: computing a kernel must not change the model."""
+    if not training:
+        yield
+        return
+    saved = [(v, v.numpy()) for v in model.non_trainable_weights]
+    try:
+        yield
+    finally:
+        for v, value in saved:
+            v.assign(value)
+
+
+def _vjp_columns(plan, x, cotangents, k):
+    """[J(x)ᵀ w_v for each weight], stacked over the V cotangents w (V, N, *S_k) of output k."""
+    weights = plan.weights
+
+    def one(cot):
+        with tf.GradientTape() as tape:
+            y = call_flat(plan.model, x, plan.training)[k]
+        return tape.gradient(y, weights, output_gradients=tf.cast(cot, y.dtype),
+                             unconnected_gradients=_ZERO)
+
+    return tf.vectorized_map(one, cotangents, fallback_to_while_loop=True)
+
+
+def _jvp_columns(plan, x, tangents, k):
+    """J(x) u_v of output k for V stacked tangents u (one (V, *w.shape) per weight)."""
+    primals = [w.value if hasattr(w, "value") else w for w in plan.weights]
+
+    def one(u):
+        with tf.autodiff.ForwardAccumulator(primals, list(u)) as acc:
+            y = call_flat(plan.model, x, plan.training)[k]
+        return acc.jvp(y, unconnected_gradients=_ZERO)
+
+    return tf.vectorized_map(one, tuple(tangents), fallback_to_while_loop=True)
+
+
+def prepare_vectors(s, v):
+    """v as one float array (N2, *kept axes, columns) per output, and per output whether
+    the caller gave no columns axis (then squeezed from the result)."""
+    vs = list(v) if isinstance(v, (list, tuple)) else [v]
+    if len(vs) != len(s.out_axes):
+        raise ValueError(
+            f"Expected one vector per model output ({len(s.out_axes)}). "
+            f"Received: v with {len(vs)} entries"
+        )
+    np_dtype = s.plan.dtype.as_numpy_dtype
+    prepared, squeeze = [], []
+    for k, (vk, ax) in enumerate(zip(vs, s.out_axes)):
+        vk = np.asarray(vk, np_dtype)
+        expected = (s.n2, *ax.vec_shape)
+        if vk.shape == expected:
+            vk, sq = vk[..., None], True
+        elif vk.ndim == len(expected) + 1 and vk.shape[:-1] == expected:
+            sq = False
+        else:
+            raise ValueError(
+                f"Expected v for output {k} to have shape {expected} (optionally with "
+                f"a trailing axis of columns). Received: v.shape={vk.shape}"
+            )
+        prepared.append(vk)
+        squeeze.append(sq)
+    return prepared, squeeze
+
+
+def vector_product(s, v, ntvp, block_function, verbose):
+    """One array (N1, *kept axes[, columns]) per output: Θ(x1, x2)·v for the set-up `s`.
+
+    `ntvp`: matrix-free VJPs then JVPs; else `block_function(same=False)` is the
+    compiled function of one block of Θ.
+    """
+    if s.same:
+        s.x2 = s.x1
+    prepared, squeeze = prepare_vectors(s, v)
+    np_dtype = s.plan.dtype.as_numpy_dtype
+    results = [np.zeros((s.n1, *ax.vec_shape, vk.shape[-1]), np_dtype)
+               for ax, vk in zip(s.out_axes, prepared)]
+    rows = block_ranges(s.n1, s.block)
+    cols = block_ranges(s.n2, s.block)
+    model = s.plan.model
+    tasks = []
+    if ntvp:
+        # Matrix-free: u = J(x2)ᵀ w accumulated over the column blocks (VJPs),
+        # then J(x1) u one row block at a time (JVPs): one pass over x2 and one
+        # over x1 per output, holding V = columns·|traced| weight-sized vectors.
+        plan = s.plan
+        weights_key = tuple(id(w) for w in plan.weights)
+        for k, ax in enumerate(s.out_axes):
+            vjp_fn = compiled(plan.model, ("ntvp", "vjp", k, plan.training, weights_key),
+                              lambda xb, w, k=k: _vjp_columns(plan, xb, w, k))
+            jvp_fn = compiled(plan.model, ("ntvp", "jvp", k, plan.training, weights_key),
+                              lambda xb, *u, k=k: [_jvp_columns(plan, xb, list(u), k)])
+            columns = prepared[k].shape[-1]
+            accumulated = []
+            vjp_tasks = []
+            for b0, b1 in cols:
+                w = cotangents_from_vector(prepared[k][b0:b1], ax).astype(
+                    plan.model_dtype.as_numpy_dtype)
+
+                def add(parts, accumulated=accumulated):
+                    if not accumulated:
+                        accumulated.extend(p.astype(np.float64) for p in parts)
+                    else:
+                        for total, p in zip(accumulated, parts):
+                            total += p
+
+                vjp_tasks.append((vjp_fn, (slice_examples(s.x2, b0, b1), w), add))
+            with frozen_state(model, s.plan.training):
+                run_tasks(vjp_tasks, verbose)
+            u = tuple(a.astype(plan.model_dtype.as_numpy_dtype) for a in accumulated)
+            jvp_tasks = []
+            for a0, a1 in rows:
+                def done(out, k=k, ax=ax, a0=a0, a1=a1, columns=columns):
+                    results[k][a0:a1] += vector_from_products(
+                        np.asarray(out[0], np_dtype), ax, columns)
+
+                jvp_tasks.append((jvp_fn, (slice_examples(s.x1, a0, a1), *u), done))
+            tasks += jvp_tasks
+    else:
+        fn = block_function(same=False)
+        for a0, a1 in rows:
+            for b0, b1 in cols:
+                def done(blocks, a0=a0, a1=a1, b0=b0, b1=b1):
+                    for k, ax in enumerate(s.out_axes):
+                        results[k][a0:a1] += np.einsum(
+                            f"nm{ax.out},m{ax.vec_sub2}z->n{ax.vec_sub1}z",
+                            blocks[k], prepared[k][b0:b1])
+
+                tasks.append((fn, (slice_examples(s.x1, a0, a1),
+                                   slice_examples(s.x2, b0, b1)), done))
+    with frozen_state(model, s.plan.training):
+        run_tasks(tasks, verbose)
+    return [r[..., 0] if sq else r for r, sq in zip(results, squeeze)]
