@@ -135,7 +135,44 @@ def padded_slice(x, start, stop, size):
     return part if size is None else pad_examples(part, size)
 
 
-def kernel_tasks(block_function, results, out_axes, x1, x2, n1, n2, block, pad=True):
+# A new N should not even need a new rung once the model has been seen: `kernel_tasks`
+# given `fits` first looks at the sizes its compiled functions have already run at
+# (`traced_sizes`) and reuses one (`reused_sizes`), padding up or cutting N into more
+# blocks, within the memory budget and within bounds on the extra work.
+MAX_EXTRA_WORK = 4  # a reused size may cost up to 4x the padded work of the target
+MAX_BLOCKS = 64  # ... and cut N into up to max(MAX_BLOCKS, the target's) blocks
+
+
+def traced_sizes(fn):
+    """The set of padded sizes (tuples) compiled block function `fn` has run at (its
+    shared function's, for one shared by architecture); updated by the callers."""
+    owner = getattr(getattr(fn, "shared", None), "fn", fn)
+    if not hasattr(owner, "traced_sizes"):
+        owner.traced_sizes = set()
+    return owner.traced_sizes
+
+
+def reused_sizes(traced, ns, target, fits):
+    """The padded sizes (one per side) for `ns` examples per side: among `traced` (size
+    tuples a compiled function ran at) the one of least padded work that `fits(*sizes)`
+    the budget, costs at most MAX_EXTRA_WORK× the padded work of `target` and cuts the
+    examples into at most max(MAX_BLOCKS, target's) blocks; else `target`."""
+    def blocks(sizes):
+        return int(np.prod([-(-n // c) for n, c in zip(ns, sizes)]))
+
+    def work(sizes):
+        return blocks(sizes) * int(np.prod(sizes))
+
+    usable = [t for t in traced if len(t) == len(ns)
+              and work(t) <= MAX_EXTRA_WORK * work(target)
+              and blocks(t) <= max(MAX_BLOCKS, blocks(target)) and fits(*t)]
+    if not usable:
+        return tuple(target)
+    return min(usable, key=lambda t: (work(t), blocks(t), t))
+
+
+def kernel_tasks(block_function, results, out_axes, x1, x2, n1, n2, block, pad=True,
+                 fits=None, warm=False):
     """[(fn, args, on_done)]: the blocks of Θ(x1, x2), each written into `results`.
 
     `block_function(same)` returns the compiled kernel function of one block:
@@ -143,7 +180,12 @@ def kernel_tasks(block_function, results, out_axes, x1, x2, n1, n2, block, pad=T
     Θ(x, x)), with same=False two. With `x2=None` only the blocks on and
     above the diagonal are computed; those above are mirrored below it.
     With `pad`, every block is padded to `padded_size` examples (one fixed
-    shape per side) and the padding cut off its kernel block.
+    shape per side) and the padding cut off its kernel block. With `pad` and
+    `fits(p1, p2)` (whether blocks of p1 × p2 fit the memory budget), a size
+    the functions already ran at is reused (`reused_sizes`). With `warm` (for
+    kernels the block factors do not serve) and `x2=None`, a call of one block
+    whose off-diagonal function has not run at its size runs it on that block
+    too, so that a later N cut into several blocks compiles nothing.
     """
     rows = block_ranges(n1, block)
     cols = rows if x2 is None else block_ranges(n2, block)
@@ -152,7 +194,23 @@ def kernel_tasks(block_function, results, out_axes, x1, x2, n1, n2, block, pad=T
     tasks = []
     if x2 is None:
         fn_diag = block_function(True)
-        fn_off = block_function(False) if len(rows) > 1 else None
+        fn_off = None
+        if pad and fits is not None:
+            # (c,): the diagonal function ran at c; (c, c): the off-diagonal one too
+            seen = traced_sizes(fn_diag)
+            square = {t for t in seen if len(t) == 1 and (t[0] >= n1 or t * 2 in seen)}
+            p1 = p2 = reused_sizes(square, (n1,), (p1,), lambda c: fits(c, c))[0]
+            rows = cols = block_ranges(n1, p1)
+            seen.add((p1,))
+            if len(rows) > 1 or (warm and (p1, p1) not in seen and fits(p1, p1)):
+                fn_off = block_function(False)
+                if len(rows) == 1:  # compiled now, with the diagonal function
+                    first = padded_slice(x1, 0, n1, p1)
+                    tasks.append((fn_off, (first, first), lambda blocks: None))
+                seen.add((p1, p1))
+                traced_sizes(fn_off).add((p1, p1))
+        elif len(rows) > 1:
+            fn_off = block_function(False)
         for i, (a0, a1) in enumerate(rows):
             for j, (b0, b1) in enumerate(rows):
                 if j < i:
@@ -166,6 +224,10 @@ def kernel_tasks(block_function, results, out_axes, x1, x2, n1, n2, block, pad=T
                                   placer(results, out_axes, a0, a1, b0, b1, True)))
     else:
         fn = block_function(False)
+        if pad and fits is not None:
+            p1, p2 = reused_sizes(traced_sizes(fn), (n1, n2), (p1, p2), fits)
+            rows, cols = block_ranges(n1, p1), block_ranges(n2, p2)
+            traced_sizes(fn).add((p1, p2))
         for a0, a1 in rows:
             for b0, b1 in cols:
                 tasks.append((fn, (padded_slice(x1, a0, a1, p1), padded_slice(x2, b0, b1, p2)),

@@ -31,7 +31,7 @@ import threading
 import tensorflow as tf
 
 from keras_ntk import _batching
-from keras_ntk._costs import Profile, estimates
+from keras_ntk._costs import Profile, block_estimates, estimates
 from keras_ntk._jacobians import per_example_jacobians, recurrent_layers
 from keras_ntk._structured import (
     Tokens, _gram, _shaped, _weight_gradients, contract_structured, contraction_form,
@@ -52,6 +52,26 @@ _PAIR_FUNCTIONS = collections.OrderedDict()  # (spec, axes, dtype, jit): pair fu
 _PAIR_LIMIT = 32
 _LOCK = threading.RLock()
 _LOGGER = logging.getLogger("keras_ntk")
+
+
+def budget_fits(s, batch_size, vector=False):
+    """`fits(p1, p2)`: whether padded blocks of p1 × p2 fit the memory budget of the
+    set-up `s` with its result (`_batching.reused_sizes`), and `batch_size` if given.
+    Θ(x, x) counts both block functions (`kernel_tasks` compiles the two)."""
+    plan = s.plan
+    same = s.same and not vector
+    result = sum(s.n1 * (1 if vector else s.n2) * ax.kernel_size for ax in plan.out_axes)
+    result *= plan.dtype.size * (len(plan.groups) if plan.groups else 1)
+
+    def fits(p1, p2):
+        if batch_size is not None and max(p1, p2) > batch_size:
+            return False
+        _, peak = block_estimates(s.implementation, s.profile, plan.out_axes,
+                                  s.n1 + p1 if same else s.n1, p1, p2, same,
+                                  plan.dtype.size, vector)
+        return peak + result <= s.budget
+
+    return fits
 
 
 def factor_spec(profile, out_axes, size):

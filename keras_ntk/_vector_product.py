@@ -14,7 +14,10 @@ import contextlib
 import numpy as np
 import tensorflow as tf
 
-from keras_ntk._batching import block_ranges, compiled, run_tasks, slice_examples
+from keras_ntk import _block_factors
+from keras_ntk._batching import (
+    block_ranges, bucket, compiled, padded_size, padded_slice, reused_sizes, run_tasks,
+    traced_sizes)
 from keras_ntk._jacobians import call_flat
 from keras_ntk._output_axes import cotangents_from_vector, vector_from_products
 
@@ -89,20 +92,44 @@ def prepare_vectors(s, v):
     return prepared, squeeze
 
 
-def vector_product(s, v, ntvp, block_function, verbose):
+def _pad_rows(w, size):
+    """Cotangents (V, n, ...) with zero rows up to `size` examples (they add nothing)."""
+    missing = size - w.shape[1]
+    if missing <= 0:
+        return w
+    return np.concatenate([w, np.zeros((w.shape[0], missing, *w.shape[2:]), w.dtype)], 1)
+
+
+def _one_side(fn, n, block, columns, fits):
+    """The padded size of the blocks of `n` examples for a VJP/JVP function run with
+    `columns` stacked vectors: one it already ran at, when one fits (`reused_sizes`)."""
+    traced = traced_sizes(fn)
+    same_columns = {(c,) for c, v in traced if v == columns}
+    size = reused_sizes(same_columns, (n,), (padded_size(n, block),), lambda c: fits(c, c))[0]
+    traced.add((size, columns))
+    return size
+
+
+def vector_product(s, v, ntvp, block_function, verbose, batch_size=None):
     """One array (N1, *kept axes[, columns]) per output: Θ(x1, x2)·v for the set-up `s`.
 
     `ntvp`: matrix-free VJPs then JVPs; else `block_function(same=False)` is the
-    compiled function of one block of Θ.
+    compiled function of one block of Θ. Blocks are padded to sizes the compiled
+    functions already ran at when those fit (`_batching.reused_sizes`), else to their
+    rung (`padded_size`): the last example repeated, with zero cotangents ("ntvp"),
+    its rows cut off. "ntvp" pads the columns of v with zeros to their rung (`bucket`).
     """
     if s.same:
         s.x2 = s.x1
     prepared, squeeze = prepare_vectors(s, v)
     np_dtype = s.plan.dtype.as_numpy_dtype
+    fits = _block_factors.budget_fits(s, batch_size, vector=True)
+    given = [vk.shape[-1] for vk in prepared]
+    if ntvp:  # zero columns: a few compiled column counts serve every count
+        prepared = [np.concatenate([vk, np.zeros((*vk.shape[:-1], bucket(c) - c), vk.dtype)], -1)
+                    for vk, c in zip(prepared, given)]
     results = [np.zeros((s.n1, *ax.vec_shape, vk.shape[-1]), np_dtype)
                for ax, vk in zip(s.out_axes, prepared)]
-    rows = block_ranges(s.n1, s.block)
-    cols = block_ranges(s.n2, s.block)
     model = s.plan.model
     tasks = []
     if ntvp:
@@ -117,9 +144,11 @@ def vector_product(s, v, ntvp, block_function, verbose):
             jvp_fn = compiled(plan.model, ("ntvp", "jvp", k, plan.training, weights_key),
                               lambda xb, *u, k=k: [_jvp_columns(plan, xb, list(u), k)])
             columns = prepared[k].shape[-1]
+            p2 = _one_side(vjp_fn, s.n2, s.block, columns, fits)
+            p1 = _one_side(jvp_fn, s.n1, s.block, columns, fits)
             accumulated = []
             vjp_tasks = []
-            for b0, b1 in cols:
+            for b0, b1 in block_ranges(s.n2, p2):
                 w = cotangents_from_vector(prepared[k][b0:b1], ax).astype(
                     plan.model_dtype.as_numpy_dtype)
 
@@ -130,30 +159,35 @@ def vector_product(s, v, ntvp, block_function, verbose):
                         for total, p in zip(accumulated, parts):
                             total += p
 
-                vjp_tasks.append((vjp_fn, (slice_examples(s.x2, b0, b1), w), add))
+                vjp_tasks.append((vjp_fn, (padded_slice(s.x2, b0, b1, p2), _pad_rows(w, p2)),
+                                  add))
             with frozen_state(model, s.plan.training):
                 run_tasks(vjp_tasks, verbose)
             u = tuple(a.astype(plan.model_dtype.as_numpy_dtype) for a in accumulated)
             jvp_tasks = []
-            for a0, a1 in rows:
+            for a0, a1 in block_ranges(s.n1, p1):
                 def done(out, k=k, ax=ax, a0=a0, a1=a1, columns=columns):
                     results[k][a0:a1] += vector_from_products(
-                        np.asarray(out[0], np_dtype), ax, columns)
+                        np.asarray(out[0], np_dtype)[:, :a1 - a0], ax, columns)
 
-                jvp_tasks.append((jvp_fn, (slice_examples(s.x1, a0, a1), *u), done))
+                jvp_tasks.append((jvp_fn, (padded_slice(s.x1, a0, a1, p1), *u), done))
             tasks += jvp_tasks
     else:
         fn = block_function(same=False)
-        for a0, a1 in rows:
-            for b0, b1 in cols:
+        p1, p2 = reused_sizes(traced_sizes(fn), (s.n1, s.n2),
+                              (padded_size(s.n1, s.block), padded_size(s.n2, s.block)), fits)
+        traced_sizes(fn).add((p1, p2))
+        for a0, a1 in block_ranges(s.n1, p1):
+            for b0, b1 in block_ranges(s.n2, p2):
                 def done(blocks, a0=a0, a1=a1, b0=b0, b1=b1):
                     for k, ax in enumerate(s.out_axes):
                         results[k][a0:a1] += np.einsum(
                             f"nm{ax.out},m{ax.vec_sub2}z->n{ax.vec_sub1}z",
-                            blocks[k], prepared[k][b0:b1])
+                            blocks[k][:a1 - a0, :b1 - b0], prepared[k][b0:b1])
 
-                tasks.append((fn, (slice_examples(s.x1, a0, a1),
-                                   slice_examples(s.x2, b0, b1)), done))
+                tasks.append((fn, (padded_slice(s.x1, a0, a1, p1),
+                                   padded_slice(s.x2, b0, b1, p2)), done))
     with frozen_state(model, s.plan.training):
         run_tasks(tasks, verbose)
+    results = [r[..., :c] for r, c in zip(results, given)]
     return [r[..., 0] if sq else r for r, sq in zip(results, squeeze)]

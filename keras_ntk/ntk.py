@@ -621,7 +621,9 @@ def empirical_ntk(model, x1, x2=None, *, trace_axes=(-1,), diagonal_axes=(),
     ]
     tasks = _block_factors.factor_tasks(s, results, batch_size) or kernel_tasks(
         lambda same: _block_function(s, same), results, out_axes, s.x1, s.x2, s.n1, s.n2,
-        s.block, pad=not s.plan.coupled)  # past a size: two functions for every N
+        s.block, pad=not s.plan.coupled,  # past a size: two functions for every N
+        fits=_block_factors.budget_fits(s, batch_size),  # or a size already compiled
+        warm=groups is not None or s.plan.training)
     with _frozen_state(model, s.plan.training):
         run_tasks(tasks, verbose)
     for result in results:
@@ -676,7 +678,7 @@ def ntk_vector_product(model, x1, x2, v, *, trace_axes=(-1,), diagonal_axes=(),
     s = kernel_setup(model, x1, x2, trace_axes, diagonal_axes, implementation, batch_size,
                      memory_budget, training, dtype, vector=True, variables=variables)
     results = vector_product(s, v, implementation == "ntvp",
-                             lambda same: _block_function(s, same), verbose)
+                             lambda same: _block_function(s, same), verbose, batch_size)
     for result in results:
         _validation.check_finite_result(result, "The NTK-vector product", _NON_FINITE_REASON)
     return _pack_outputs(model, results)

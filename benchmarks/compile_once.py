@@ -1,0 +1,86 @@
+"""First call at a new N against a repeated call, off the default path (issue 18 §3).
+
+`ntk_vector_product` (auto and "ntvp"), `empirical_ntk(per_layer=True)` and
+`empirical_ntk(training=True)`, for an MLP and a LeNet-like CNN on the digits: each
+case is first seen at N=256 (called twice), then called at each N of `--sizes`
+(first, then repeated), and once with x2 of another size. Prints one JSON line
+per call pair: seconds of the first and the repeated call, their ratio, the
+traces of compiled functions the first call added, and the 1-minute load average.
+
+Run: `python benchmarks/compile_once.py [--models mlp,lenet] [--cases ...]
+[--sizes 100,257,300,1000]`.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.datasets import load_digits  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import keras_ntk  # noqa: E402
+from benchmarks.new_rungs import lenet, timed, traces  # noqa: E402
+
+
+def mlp():
+    return keras.Sequential([
+        keras.Input((8, 8, 1)), keras.layers.Flatten(),
+        keras.layers.Dense(128, activation="relu"),
+        keras.layers.Dense(128, activation="relu"),
+        keras.layers.Dense(10),
+    ])
+
+
+CASES = {
+    "vp_auto": lambda m, x1, x2: keras_ntk.ntk_vector_product(
+        m, x1, x2, np.ones(len(x1 if x2 is None else x2))),
+    "vp_ntvp": lambda m, x1, x2: keras_ntk.ntk_vector_product(
+        m, x1, x2, np.ones(len(x1 if x2 is None else x2)), implementation="ntvp"),
+    "vp_ntvp_3cols": lambda m, x1, x2: keras_ntk.ntk_vector_product(
+        m, x1, x2, np.ones((len(x1 if x2 is None else x2), 3)), implementation="ntvp"),
+    "per_layer": lambda m, x1, x2: keras_ntk.empirical_ntk(m, x1, x2, per_layer=True),
+    "training": lambda m, x1, x2: keras_ntk.empirical_ntk(m, x1, x2, training=True),
+    "default": lambda m, x1, x2: keras_ntk.empirical_ntk(m, x1, x2),
+}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="mlp,lenet")
+    parser.add_argument("--cases", default="vp_auto,vp_ntvp,vp_ntvp_3cols,per_layer,training")
+    parser.add_argument("--sizes", default="100,257,300,1000")
+    args = parser.parse_args()
+    x = load_digits().data.astype("float32").reshape(-1, 8, 8, 1) / 16.0
+    for model_name in args.models.split(","):
+        for case in args.cases.split(","):
+            keras.utils.set_random_seed(0)
+            model = {"mlp": mlp, "lenet": lenet}[model_name]()
+            call = CASES[case]
+            call(model, x[:256], None)
+            call(model, x[:256], None)
+
+            def pair(label, x1, x2=None):
+                before = traces()
+                first, _ = timed(lambda: call(model, x1, x2))
+                added = traces() - before
+                repeated, _ = timed(lambda: call(model, x1, x2))
+                print(json.dumps(dict(model=model_name, case=case, n=label, first=round(first, 3),
+                                      repeated=round(repeated, 3),
+                                      ratio=round(first / repeated, 2), traces=added,
+                                      load=os.getloadavg()[0])), flush=True)
+
+            for n in [int(s) for s in args.sizes.split(",")]:
+                pair(n, x[:n])
+            pair("300x77", x[300:600], x[600:677])
+
+
+if __name__ == "__main__":
+    main()
