@@ -137,10 +137,15 @@ def padded_slice(x, start, stop, size):
 
 # A new N should not even need a new rung once the model has been seen: `kernel_tasks`
 # given `fits` first looks at the sizes its compiled functions have already run at
-# (`traced_sizes`) and reuses one (`reused_sizes`), padding up or cutting N into more
-# blocks, within the memory budget and within bounds on the extra work.
-MAX_EXTRA_WORK = 4  # a reused size may cost up to 4x the padded work of the target
-MAX_BLOCKS = 64  # ... and cut N into up to max(MAX_BLOCKS, the target's) blocks
+# (`traced_sizes`) and reuses one (`reused_sizes`) within the memory budget, when that
+# costs at most MAX_EXTRA_PASSES× the examples passed through the model (forward and
+# backward: the block functions' main cost on CPU, measured) and MAX_EXTRA_WORK× the
+# padded contraction work of the target sizes. A smaller size cutting Θ(x, x) into b²
+# blocks passes b²·c examples (each off-diagonal block recomputes both sides), so in
+# practice a larger size is reused (N up to the size seen) and a smaller one only
+# where the target is cut into blocks too.
+MAX_EXTRA_PASSES = 2
+MAX_EXTRA_WORK = 4
 
 
 def traced_sizes(fn):
@@ -152,27 +157,41 @@ def traced_sizes(fn):
     return owner.traced_sizes
 
 
-def reused_sizes(traced, ns, target, fits):
+def block_costs(ns, sizes, kind):
+    """(examples passed through the model, padded contraction work) of `ns` examples per
+    side in blocks of `sizes`: kind "square" for Θ(x, x) (blocks on and above the
+    diagonal; off-diagonal blocks pass both sides), "pair" for Θ(x1, x2), "side" for a
+    pass over the examples of one side (the VJPs/JVPs of "ntvp")."""
+    counts = [-(-n // c) for n, c in zip(ns, sizes)]
+    if kind == "square":
+        (b,), (c,) = counts, sizes
+        return b * b * c, (b * c) ** 2
+    if kind == "pair":
+        blocks = counts[0] * counts[1]
+        return blocks * (sizes[0] + sizes[1]), blocks * sizes[0] * sizes[1]
+    return counts[0] * sizes[0], counts[0] * sizes[0]
+
+
+def reused_sizes(traced, ns, target, fits, kind):
     """The padded sizes (one per side) for `ns` examples per side: among `traced` (size
-    tuples a compiled function ran at) the one of least padded work that `fits(*sizes)`
-    the budget, costs at most MAX_EXTRA_WORK× the padded work of `target` and cuts the
-    examples into at most max(MAX_BLOCKS, target's) blocks; else `target`."""
-    def blocks(sizes):
-        return int(np.prod([-(-n // c) for n, c in zip(ns, sizes)]))
-
-    def work(sizes):
-        return blocks(sizes) * int(np.prod(sizes))
-
-    usable = [t for t in traced if len(t) == len(ns)
-              and work(t) <= MAX_EXTRA_WORK * work(target)
-              and blocks(t) <= max(MAX_BLOCKS, blocks(target)) and fits(*t)]
-    if not usable:
+    tuples a compiled function ran at) the cheapest (`block_costs`) that `fits(*sizes)`
+    the budget and costs at most MAX_EXTRA_PASSES× the passes and MAX_EXTRA_WORK× the
+    work of `target`; else `target`."""
+    passes, work = block_costs(ns, target, kind)
+    usable = []
+    for t in traced:
+        if len(t) != len(ns) or tuple(t) == tuple(target):
+            continue
+        p, w = block_costs(ns, t, kind)
+        if p <= MAX_EXTRA_PASSES * passes and w <= MAX_EXTRA_WORK * work and fits(*t):
+            usable.append(((p, w, t), t))
+    if tuple(target) in traced or not usable:
         return tuple(target)
-    return min(usable, key=lambda t: (work(t), blocks(t), t))
+    return min(usable)[1]
 
 
 def kernel_tasks(block_function, results, out_axes, x1, x2, n1, n2, block, pad=True,
-                 fits=None, warm=False):
+                 fits=None):
     """[(fn, args, on_done)]: the blocks of Θ(x1, x2), each written into `results`.
 
     `block_function(same)` returns the compiled kernel function of one block:
@@ -182,10 +201,7 @@ def kernel_tasks(block_function, results, out_axes, x1, x2, n1, n2, block, pad=T
     With `pad`, every block is padded to `padded_size` examples (one fixed
     shape per side) and the padding cut off its kernel block. With `pad` and
     `fits(p1, p2)` (whether blocks of p1 × p2 fit the memory budget), a size
-    the functions already ran at is reused (`reused_sizes`). With `warm` (for
-    kernels the block factors do not serve) and `x2=None`, a call of one block
-    whose off-diagonal function has not run at its size runs it on that block
-    too, so that a later N cut into several blocks compiles nothing.
+    the functions already ran at is reused (`reused_sizes`).
     """
     rows = block_ranges(n1, block)
     cols = rows if x2 is None else block_ranges(n2, block)
@@ -194,23 +210,17 @@ def kernel_tasks(block_function, results, out_axes, x1, x2, n1, n2, block, pad=T
     tasks = []
     if x2 is None:
         fn_diag = block_function(True)
-        fn_off = None
         if pad and fits is not None:
             # (c,): the diagonal function ran at c; (c, c): the off-diagonal one too
             seen = traced_sizes(fn_diag)
             square = {t for t in seen if len(t) == 1 and (t[0] >= n1 or t * 2 in seen)}
-            p1 = p2 = reused_sizes(square, (n1,), (p1,), lambda c: fits(c, c))[0]
+            p1 = p2 = reused_sizes(square, (n1,), (p1,), lambda c: fits(c, c), "square")[0]
             rows = cols = block_ranges(n1, p1)
             seen.add((p1,))
-            if len(rows) > 1 or (warm and (p1, p1) not in seen and fits(p1, p1)):
-                fn_off = block_function(False)
-                if len(rows) == 1:  # compiled now, with the diagonal function
-                    first = padded_slice(x1, 0, n1, p1)
-                    tasks.append((fn_off, (first, first), lambda blocks: None))
+            if len(rows) > 1:
                 seen.add((p1, p1))
-                traced_sizes(fn_off).add((p1, p1))
-        elif len(rows) > 1:
-            fn_off = block_function(False)
+                traced_sizes(block_function(False)).add((p1, p1))
+        fn_off = block_function(False) if len(rows) > 1 else None
         for i, (a0, a1) in enumerate(rows):
             for j, (b0, b1) in enumerate(rows):
                 if j < i:
@@ -225,7 +235,7 @@ def kernel_tasks(block_function, results, out_axes, x1, x2, n1, n2, block, pad=T
     else:
         fn = block_function(False)
         if pad and fits is not None:
-            p1, p2 = reused_sizes(traced_sizes(fn), (n1, n2), (p1, p2), fits)
+            p1, p2 = reused_sizes(traced_sizes(fn), (n1, n2), (p1, p2), fits, "pair")
             rows, cols = block_ranges(n1, p1), block_ranges(n2, p2)
             traced_sizes(fn).add((p1, p2))
         for a0, a1 in rows:

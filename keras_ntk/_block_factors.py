@@ -236,8 +236,12 @@ def choose_size(compiled_sizes, n1, n2, block):
     return max(smaller) if smaller else target
 
 
-def factor_tasks(s, results, batch_size):
+def factor_tasks(s, results, batch_size, place=None, tag="fused"):
     """[(fn, args, on_done)] computing Θ through block factors, or None for the fused path.
+
+    `place(a0, a1, b0, b1, mirror)` gives the on_done of the block of rows a0:a1 and
+    columns b0:b1 (default: written into `results`, `_batching.placer`); `tag` names
+    the fused functions whose rungs are tracked ("vector": `ntk_vector_product`'s).
 
     Used for inference-mode structured/jacobian kernels without per-layer groups,
     `batch_size` or a strategy, when the factors of every block, one pair's working
@@ -271,9 +275,12 @@ def factor_tasks(s, results, batch_size):
     result_bytes = sum(r.nbytes for r in results)
     if held * factor_bytes(profile, out_axes, spec, itemsize) + working + result_bytes > s.budget:
         return None
+    if place is None:
+        def place(a0, a1, b0, b1, mirror):
+            return _batching.placer(results, out_axes, a0, a1, b0, b1, mirror)
     fn = _factor_function(s, spec, rules)
     pair = pair_function(spec, out_axes, plan.dtype, jit=not recurrent_layers(plan.model))
-    rung = ("fused", _batching.padded_size(s.n1, s.block),
+    rung = (tag, _batching.padded_size(s.n1, s.block),
             _batching.padded_size(s.n2, s.block), s.same)
     if rung in compiled_sizes:
         return None  # the fused function of this rung is compiled: fewer dispatches
@@ -308,6 +315,5 @@ def factor_tasks(s, results, batch_size):
             if s.same and j < i:
                 continue
             tasks.append((lambda i=i, j=j: pair(factors1[i], factors2[j]), (),
-                          _batching.placer(results, out_axes, a0, a1, b0, b1,
-                                           s.same and i != j)))
+                          place(a0, a1, b0, b1, s.same and i != j)))
     return tasks

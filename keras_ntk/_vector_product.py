@@ -19,7 +19,7 @@ from keras_ntk._batching import (
     block_ranges, bucket, compiled, padded_size, padded_slice, reused_sizes, run_tasks,
     traced_sizes)
 from keras_ntk._jacobians import call_flat
-from keras_ntk._output_axes import cotangents_from_vector, vector_from_products
+from keras_ntk._output_axes import cotangents_from_vector, swap_pairs, vector_from_products
 
 _ZERO = tf.UnconnectedGradients.ZERO
 
@@ -105,7 +105,8 @@ def _one_side(fn, n, block, columns, fits):
     `columns` stacked vectors: one it already ran at, when one fits (`reused_sizes`)."""
     traced = traced_sizes(fn)
     same_columns = {(c,) for c, v in traced if v == columns}
-    size = reused_sizes(same_columns, (n,), (padded_size(n, block),), lambda c: fits(c, c))[0]
+    size = reused_sizes(same_columns, (n,), (padded_size(n, block),), lambda c: fits(c, c),
+                        "side")[0]
     traced.add((size, columns))
     return size
 
@@ -173,20 +174,32 @@ def vector_product(s, v, ntvp, block_function, verbose, batch_size=None):
                 jvp_tasks.append((jvp_fn, (padded_slice(s.x1, a0, a1, p1), *u), done))
             tasks += jvp_tasks
     else:
+        spec = [f"nm{ax.out},m{ax.vec_sub2}z->n{ax.vec_sub1}z" for ax in s.out_axes]
+
+        def place(a0, a1, b0, b1, mirror):  # Θ[a, b]·v[b] (and Θ[b, a]·v[a])
+            def done(blocks):
+                for k, ax in enumerate(s.out_axes):
+                    block = blocks[k][:a1 - a0, :b1 - b0]
+                    results[k][a0:a1] += np.einsum(spec[k], block, prepared[k][b0:b1])
+                    if mirror:
+                        results[k][b0:b1] += np.einsum(spec[k], swap_pairs(block, ax),
+                                                       prepared[k][a0:a1])
+            return done
+
+        # Past a size, blocks of a size compiled once from their factors (as empirical_ntk)
+        tasks = _block_factors.factor_tasks(s, results, batch_size, place, "vector")
+    if not ntvp and tasks is None:
+        tasks = []
         fn = block_function(same=False)
         p1, p2 = reused_sizes(traced_sizes(fn), (s.n1, s.n2),
-                              (padded_size(s.n1, s.block), padded_size(s.n2, s.block)), fits)
+                              (padded_size(s.n1, s.block), padded_size(s.n2, s.block)), fits,
+                              "pair")
         traced_sizes(fn).add((p1, p2))
         for a0, a1 in block_ranges(s.n1, p1):
             for b0, b1 in block_ranges(s.n2, p2):
-                def done(blocks, a0=a0, a1=a1, b0=b0, b1=b1):
-                    for k, ax in enumerate(s.out_axes):
-                        results[k][a0:a1] += np.einsum(
-                            f"nm{ax.out},m{ax.vec_sub2}z->n{ax.vec_sub1}z",
-                            blocks[k][:a1 - a0, :b1 - b0], prepared[k][b0:b1])
-
                 tasks.append((fn, (padded_slice(s.x1, a0, a1, p1),
-                                   padded_slice(s.x2, b0, b1, p2)), done))
+                                   padded_slice(s.x2, b0, b1, p2)),
+                              place(a0, a1, b0, b1, False)))
     with frozen_state(model, s.plan.training):
         run_tasks(tasks, verbose)
     results = [r[..., :c] for r, c in zip(results, given)]

@@ -622,8 +622,7 @@ def empirical_ntk(model, x1, x2=None, *, trace_axes=(-1,), diagonal_axes=(),
     tasks = _block_factors.factor_tasks(s, results, batch_size) or kernel_tasks(
         lambda same: _block_function(s, same), results, out_axes, s.x1, s.x2, s.n1, s.n2,
         s.block, pad=not s.plan.coupled,  # past a size: two functions for every N
-        fits=_block_factors.budget_fits(s, batch_size),  # or a size already compiled
-        warm=groups is not None or s.plan.training)
+        fits=_block_factors.budget_fits(s, batch_size))  # or a size already compiled
     with _frozen_state(model, s.plan.training):
         run_tasks(tasks, verbose)
     for result in results:
