@@ -9,6 +9,7 @@ The kernel functions themselves never know about blocks.
 """
 
 import collections
+import contextlib
 import logging
 import os
 import threading
@@ -70,6 +71,21 @@ def host_inputs(x1, x2):
     _validation.check_finite(x1, "x1")
     _validation.check_finite(x2, "x2")
     return x1, x2, n1, n2
+
+
+@contextlib.contextmanager
+def frozen_state(model, training):
+    """Restores the non-trainable variables (BatchNorm statistics) a training-mode
+    forward pass moves: computing a kernel must not change the model."""
+    if not training:
+        yield
+        return
+    saved = [(v, v.numpy()) for v in model.non_trainable_weights]
+    try:
+        yield
+    finally:
+        for v, value in saved:
+            v.assign(value)
 
 
 def slice_examples(x, start, stop):

@@ -20,7 +20,8 @@ another rung then reuses the same two functions: the factors of each block are
 computed once and kept (when all of them fit the memory budget), and only the
 contraction runs per pair of blocks. Exact: the same contractions as the
 fused block functions of `ntk`, blocks padded with their last example and the
-padding cut off (inference mode only: examples are independent).
+padding cut off (examples independent: inference mode, or training mode of a model
+whose layers do not couple the examples of a batch; `_weights.couples_examples`).
 """
 
 import collections
@@ -169,7 +170,7 @@ def _factor_function(s, spec, rules):
     """The compiled factors of one block, shared by architecture when possible."""
     plan = s.plan
     key = ("factors", s.implementation, spec, plan.dtype.name,
-           tuple((ax.trace, ax.diag) for ax in plan.out_axes))
+           tuple((ax.trace, ax.diag) for ax in plan.out_axes), plan.training)
     fn = plan.functions.get(key)
     if fn is not None:
         return fn
@@ -183,7 +184,7 @@ def _factor_function(s, spec, rules):
         fn = _batching.shared_compiled(plan.model, shared_key, builder, (plan, rules),
                                        jit_allowed=jit)
     if fn is None:
-        own_key = key + (plan.training, tuple(id(w) for w in plan.weights))
+        own_key = key + (tuple(id(w) for w in plan.weights),)
         fn = _batching.compiled(plan.model, own_key,
                                 lambda x: block_factors(plan, rules, spec, x), jit=jit)
     shared = getattr(fn, "shared", None)
@@ -201,7 +202,7 @@ def _sizes_compiled(s):
     the one-block rungs the fused function ran at; updated by the caller."""
     plan = s.plan
     options = (s.implementation, plan.dtype.name,
-               tuple((ax.trace, ax.diag) for ax in plan.out_axes))
+               tuple((ax.trace, ax.diag) for ax in plan.out_axes), plan.training)
     arch = _batching.architecture_key(plan.model)
     index = {id(v): i for i, v in enumerate(plan.model.variables)}
     if arch is None or any(id(w) not in index for w in plan.weights):
@@ -243,7 +244,8 @@ def factor_tasks(s, results, batch_size, place=None, tag="fused"):
     columns b0:b1 (default: written into `results`, `_batching.placer`); `tag` names
     the fused functions whose rungs are tracked ("vector": `ntk_vector_product`'s).
 
-    Used for inference-mode structured/jacobian kernels without per-layer groups,
+    Used for structured/jacobian kernels (training mode too, unless it couples the
+    examples: `plan.coupled`, never padded) without per-layer groups,
     `batch_size` or a strategy, when the factors of every block, one pair's working
     memory and the result fit the budget, and the fused function of this call's rung
     has not run (a call that compiles anyway runs fused and compiles the factor
@@ -251,7 +253,7 @@ def factor_tasks(s, results, batch_size, place=None, tag="fused"):
     each), then one task per pair of blocks.
     """
     plan = s.plan
-    if (s.implementation not in ("structured", "jacobian") or plan.training or plan.coupled
+    if (s.implementation not in ("structured", "jacobian") or plan.coupled
             or plan.groups is not None or batch_size is not None
             or tf.distribute.has_strategy()):
         return None
@@ -289,7 +291,8 @@ def factor_tasks(s, results, batch_size, place=None, tag="fused"):
         # calls at this N), and with it, once per model (or architecture) and options,
         # the two factor functions, so that any other N later compiles nothing.
         try:
-            f = fn(_batching.padded_slice(s.x1, 0, min(s.n1, size), size))
+            with _batching.frozen_state(plan.model, plan.training):
+                f = fn(_batching.padded_slice(s.x1, 0, min(s.n1, size), size))
             pair(f, f)
         except Exception as error:  # noqa: BLE001 - the fused path stays (and reports)
             _LOGGER.debug("keras_ntk: no block factors for this model: %s", error)

@@ -9,34 +9,17 @@ set-up (`ntk.kernel_setup`); this module computes the product from it:
   (passed in), multiplied by the matching rows of v.
 """
 
-import contextlib
-
 import numpy as np
 import tensorflow as tf
 
 from keras_ntk import _block_factors
 from keras_ntk._batching import (
-    block_ranges, bucket, compiled, padded_size, padded_slice, reused_sizes, run_tasks,
-    traced_sizes)
+    block_ranges, bucket, compiled, frozen_state, padded_size, padded_slice, reused_sizes,
+    run_tasks, traced_sizes)
 from keras_ntk._jacobians import call_flat
 from keras_ntk._output_axes import cotangents_from_vector, swap_pairs, vector_from_products
 
 _ZERO = tf.UnconnectedGradients.ZERO
-
-
-@contextlib.contextmanager
-def frozen_state(model, training):
-    """Restores the non-trainable variables (BatchNorm statistics) a training-mode
-    forward pass moves: computing a kernel must not change the model."""
-    if not training:
-        yield
-        return
-    saved = [(v, v.numpy()) for v in model.non_trainable_weights]
-    try:
-        yield
-    finally:
-        for v, value in saved:
-            v.assign(value)
 
 
 def _vjp_columns(plan, x, cotangents, k):

@@ -34,13 +34,13 @@ from keras_ntk import _block_factors, _validation
 from keras_ntk._batching import (
     compiled, kernel_tasks, model_cache, num_examples, run_tasks, shared_compiled, shared_value,
     slice_examples, to_host)
+from keras_ntk._batching import frozen_state as _frozen_state
 from keras_ntk._costs import choose_block, default_memory_budget, model_profile
 from keras_ntk._jacobians import (
     call_flat, contract_jacobians, full_batch_jacobians, per_example_jacobians, recurrent_layers)
 from keras_ntk._output_axes import OutputAxes, reduce_full_kernel
 from keras_ntk._structured import (
     contract_rules, contract_structured, structured_factors, structured_rules)
-from keras_ntk._vector_product import frozen_state as _frozen_state
 from keras_ntk._vector_product import vector_product
 from keras_ntk._weights import couples_examples, select_weights, weight_groups
 from keras_ntk.nngp import empirical_nngp
