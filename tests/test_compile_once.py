@@ -1,0 +1,185 @@
+"""Compile once per model, not once per input size (issue 18 §3), off the default path.
+
+`ntk_vector_product` (Θ blocks and "ntvp"), `empirical_ntk(training=True)` and
+`empirical_ntk(per_layer=True)`: after a first call, calls at other N (and x2 of
+another size) trace no compiled function, and padded rows never reach the results
+(equal to float64 Jacobian references at the unpadded inputs). Traces are counted
+with `experimental_get_tracing_count`, never timed.
+"""
+
+import collections
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from ntk_reference import mlp, reference
+
+import keras_ntk
+from keras_ntk import _batching, _block_factors
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """Plain graphs, fresh caches, and the block-factor path from blocks of 4 up to 8."""
+    monkeypatch.setattr(_batching, "_JIT", "0")
+    monkeypatch.setattr(_batching, "_SHARED", collections.OrderedDict())
+    monkeypatch.setattr(_block_factors, "MIN_SIZE", 4)
+    monkeypatch.setattr(_block_factors, "MAX_SIZE", 8)
+    monkeypatch.setattr(_block_factors, "_SIZES", collections.OrderedDict())
+    monkeypatch.setattr(_block_factors, "_PAIR_FUNCTIONS", collections.OrderedDict())
+
+
+def traces(model):
+    """Traces of every compiled function serving `model` (its own, its architecture's,
+    the block factors' pair functions)."""
+    functions = _batching.block_functions(model) + list(_block_factors._PAIR_FUNCTIONS.values())
+    return sum(f._plain.experimental_get_tracing_count()
+               + (f._xla.experimental_get_tracing_count() if f._xla is not None else 0)
+               for f in functions)
+
+
+def close(actual, expected, message=""):
+    """Elementwise to float32 precision (the model computes in float32; dtype="float64"
+    is the contractions'): a padded row leaking in would be off by O(1)."""
+    np.testing.assert_allclose(actual, expected, rtol=2e-5,
+                               atol=2e-5 * np.abs(expected).max(), err_msg=message)
+
+
+def _model():
+    keras.utils.set_random_seed(0)
+    return mlp(outputs=3)
+
+
+def _x(n, seed):
+    return np.random.default_rng(seed).normal(size=(n, 5)).astype("float32")
+
+
+def _v(n, columns, seed):
+    shape = (n,) if columns is None else (n, columns)
+    return np.random.default_rng(100 + seed).normal(size=shape)
+
+
+@pytest.mark.usefixtures("fresh")
+@pytest.mark.parametrize("implementation", ["structured", "ntvp"])
+def test_vector_products_at_new_sizes_trace_nothing(implementation):
+    model = _model()
+    call = lambda a, b, v: keras_ntk.ntk_vector_product(  # noqa: E731
+        model, a, b, v, implementation=implementation, dtype="float64")
+    x = _x(40, 0)
+    call(x[:16], None, _v(16, 2, 0))
+    seen = traces(model)
+    assert seen > 0
+    for n1, n2, columns in [(9, None, 2), (13, None, 2), (11, None, 2), (30, None, 2),
+                            (13, 10, 2), (7, 15, 2)]:
+        x1 = x[:n1]
+        x2 = None if n2 is None else x[n1:n1 + n2]
+        v = _v(n1 if n2 is None else n2, columns, n1)
+        expected = reference(model, x1, x2) @ v
+        close(call(x1, x2, v), expected, f"{n1} x {n2}")
+        assert traces(model) == seen, (n1, n2)
+
+
+@pytest.mark.usefixtures("fresh")
+def test_ntvp_pads_columns_with_zeros_exactly():
+    """Column counts share the ladder's rungs (5 and 6 one function); the zero columns
+    and the padded rows add nothing."""
+    model = _model()
+    x = _x(11, 1)
+    for columns in (5, 6, None):
+        v = _v(11, columns, 3)
+        close(keras_ntk.ntk_vector_product(model, x, None, v, implementation="ntvp",
+                                           dtype="float64"), reference(model, x) @ v)
+        if columns == 5:
+            seen = traces(model)
+        if columns == 6:
+            assert traces(model) == seen
+
+
+@pytest.mark.usefixtures("fresh")
+def test_training_mode_at_new_sizes_traces_nothing():
+    """Training mode of a model whose layers keep examples apart: padded like inference."""
+    model = _model()
+    call = lambda a, b=None: keras_ntk.empirical_ntk(  # noqa: E731
+        model, a, b, training=True, dtype="float64")
+    x = _x(60, 2)
+    call(x[:19])
+    seen = traces(model)
+    for n1, n2 in [(30, None), (13, 27), (10, None), (23, 9)]:
+        x1, x2 = x[:n1], None if n2 is None else x[n1:n1 + n2]
+        close(call(x1, x2), reference(model, x1, x2, training=True), f"{n1} x {n2}")
+        assert traces(model) == seen, (n1, n2)
+
+
+@pytest.mark.usefixtures("fresh")
+def test_training_mode_with_batchnorm_is_never_padded(monkeypatch):
+    """BatchNorm in training mode couples the examples of a batch: no block, no padding."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(8, activation="tanh"),
+                              keras.layers.BatchNormalization(), keras.layers.Dense(2)])
+    padded = []
+    original = _batching.pad_examples
+    monkeypatch.setattr(_batching, "pad_examples",
+                        lambda x, size: padded.append(size) or original(x, size))
+    for n in (7, 9):
+        x = _x(n, n)
+        close(keras_ntk.empirical_ntk(model, x, training=True, dtype="float64"),
+              reference(model, x, training=True))
+    assert padded == []
+
+
+def _per_layer_reference(model, x):
+    """{layer name: Θ_l} averaged over the outputs, from a float64 tape Jacobian."""
+    weights = [tf.Variable(np.asarray(w, np.float64)) for w in model.trainable_weights]
+    keras.config.set_floatx("float64")
+    try:
+        clone = _model()
+    finally:
+        keras.config.set_floatx("float32")
+    clone.set_weights([w.numpy() for w in weights])
+    with tf.GradientTape() as tape:
+        y = clone(tf.constant(x, tf.float64))
+    jacobians = tape.jacobian(y, clone.trainable_weights)
+    out = {}
+    for layer, original in zip(clone.layers, model.layers):
+        parts = [tf.reshape(j, (*y.shape, -1)) for w, j in zip(clone.trainable_weights, jacobians)
+                 if any(w is lw for lw in layer.trainable_weights)]
+        j = tf.concat(parts, -1).numpy()
+        out[original.name] = np.einsum("nkp,mkp->nm", j, j) / y.shape[-1]
+    return out
+
+
+@pytest.mark.usefixtures("fresh")
+def test_per_layer_kernels_at_smaller_sizes_reuse_the_compiled_block():
+    """A size seen pads smaller N up (within twice the examples passed): no trace, each
+    layer's kernel equal to its float64 Jacobian kernel."""
+    model = _model()
+    x = _x(16, 4)
+    keras_ntk.empirical_ntk(model, x, per_layer=True, dtype="float64")
+    seen = traces(model)
+    for n in (9, 13, 11, 7):
+        parts = keras_ntk.empirical_ntk(model, x[:n], per_layer=True, dtype="float64")
+        expected = _per_layer_reference(model, x[:n])
+        assert list(parts) == list(expected)
+        for name in parts:
+            close(parts[name], expected[name], f"{name} at {n}")
+        assert traces(model) == seen, n
+
+
+def test_reused_sizes_stay_within_the_bounds_of_extra_work():
+    from keras_ntk._batching import block_costs, reused_sizes
+
+    fits = lambda *sizes: True  # noqa: E731
+    assert block_costs((300,), (256,), "square") == (4 * 256, 512 ** 2)  # 3 blocks, 4 passes
+    assert block_costs((300, 77), (128, 96), "pair") == (3 * 224, 384 * 96)
+    # Padding up: within 2x the examples passed and 4x the work.
+    assert reused_sizes({(256,)}, (100,), (128,), fits, "square") == (256,)
+    assert reused_sizes({(256,)}, (50,), (64,), fits, "square") == (64,)
+    # Cutting Θ(x, x) into more blocks recomputes both sides of each block: 257 → 384.
+    assert reused_sizes({(256,)}, (257,), (384,), fits, "square") == (384,)
+    # A pass over one side ("ntvp") costs no more in blocks; the budget decides.
+    assert reused_sizes({(256,)}, (1000,), (1000,), fits, "side") == (256,)
+    assert reused_sizes({(256,)}, (1000,), (1000,), lambda c: False, "side") == (1000,)
+    # The target itself when it ran already; the cheapest candidate otherwise.
+    assert reused_sizes({(12, 12), (16, 16)}, (12, 12), (12, 12), fits, "pair") == (12, 12)
+    assert reused_sizes({(24, 24), (16, 16)}, (11, 13), (12, 16), fits, "pair") == (16, 16)
