@@ -191,15 +191,17 @@ def block_costs(ns, sizes, kind):
 def reused_sizes(traced, ns, target, fits, kind):
     """The padded sizes (one per side) for `ns` examples per side: among `traced` (size
     tuples a compiled function ran at) the cheapest (`block_costs`) that `fits(*sizes)`
-    the budget and costs at most MAX_EXTRA_PASSES× the passes and MAX_EXTRA_WORK× the
-    work of `target`; else `target`."""
+    the budget and costs at most MAX_EXTRA_PASSES× the passes (MAX_EXTRA_WORK× for a
+    "side": its blocks repeat nothing) and MAX_EXTRA_WORK× the work of `target`; else
+    `target`."""
     passes, work = block_costs(ns, target, kind)
     usable = []
     for t in traced:
         if len(t) != len(ns) or tuple(t) == tuple(target):
             continue
         p, w = block_costs(ns, t, kind)
-        if p <= MAX_EXTRA_PASSES * passes and w <= MAX_EXTRA_WORK * work and fits(*t):
+        extra = MAX_EXTRA_WORK if kind == "side" else MAX_EXTRA_PASSES  # side: no recompute
+        if p <= extra * passes and w <= MAX_EXTRA_WORK * work and fits(*t):
             usable.append(((p, w, t), t))
     if tuple(target) in traced or not usable:
         return tuple(target)

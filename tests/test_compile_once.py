@@ -71,7 +71,7 @@ def test_vector_products_at_new_sizes_trace_nothing(implementation):
     seen = traces(model)
     assert seen > 0
     for n1, n2, columns in [(9, None, 2), (13, None, 2), (11, None, 2), (30, None, 2),
-                            (13, 10, 2), (7, 15, 2)]:
+                            (13, 10, 2), (7, 15, 2), (23, 5, 2)]:
         x1 = x[:n1]
         x2 = None if n2 is None else x[n1:n1 + n2]
         v = _v(n1 if n2 is None else n2, columns, n1)
@@ -180,6 +180,8 @@ def test_reused_sizes_stay_within_the_bounds_of_extra_work():
     # A pass over one side ("ntvp") costs no more in blocks; the budget decides.
     assert reused_sizes({(256,)}, (1000,), (1000,), fits, "side") == (256,)
     assert reused_sizes({(256,)}, (1000,), (1000,), lambda c: False, "side") == (1000,)
+    assert reused_sizes({(256,)}, (77,), (96,), fits, "side") == (256,)  # up to 4x padding
+    assert reused_sizes({(256,)}, (40,), (48,), fits, "side") == (48,)
     # The target itself when it ran already; the cheapest candidate otherwise.
     assert reused_sizes({(12, 12), (16, 16)}, (12, 12), (12, 12), fits, "pair") == (12, 12)
     assert reused_sizes({(24, 24), (16, 16)}, (11, 13), (12, 16), fits, "pair") == (16, 16)
