@@ -29,6 +29,7 @@ import logging
 import math
 import threading
 
+import numpy as np
 import tensorflow as tf
 
 from keras_ntk import _batching
@@ -102,11 +103,25 @@ def factor_bytes(profile, out_axes, spec, itemsize):
     return total * itemsize
 
 
+def layout(plan, rules):
+    """None, or for per-layer kernels (groups, group of each rule): the weight groups
+    as indices into `plan.weights` (static: part of the compiled functions' keys)."""
+    if plan.groups is None:
+        return None
+    group_of = {id(w): g for g, (_, ws) in enumerate(plan.groups) for w in ws}
+    return (tuple(group_of[id(w)] for w in plan.weights),
+            tuple(group_of[id(rule.variables()[0])] for rule in rules))
+
+
 def block_factors(plan, rules, spec, x):
-    """Per output k: (W (N, *S, P) or None, ((a or token ids, g), ...)) of the block x."""
+    """Per output k: (W (N, *S, P) or None, ((a or token ids, g), ...)) of the block x;
+    for per-layer kernels W is a tuple of one W (or None) per weight group."""
     n = int(tf.nest.flatten(x)[0].shape[0])
     covered = {id(v) for rule in rules for v in rule.variables()}
     rest = [w for w in plan.weights if id(w) not in covered]
+    groups = layout(plan, rules)
+    if groups is not None:
+        weight_group = dict(zip((id(w) for w in plan.weights), groups[0]))
     factors = structured_factors(plan.model, x, rules, plan.training, plan.sizes,
                                  plan.dtype) if rules else []
     jac = None
@@ -115,22 +130,63 @@ def block_factors(plan, rules, spec, x):
                                     plan.sizes)
     out = []
     for k, axes in enumerate(plan.out_axes):
-        ws, pairs = [], []
-        for (a, g_per_output), kind in zip(factors, spec[k]):
+        ws = [[] for _ in range(max(groups[0]) + 1)] if groups is not None else [[]]
+        pairs = []
+        for r, ((a, g_per_output), kind) in enumerate(zip(factors, spec[k])):
             g = g_per_output[k]
             if kind == 0:
                 _, dims, gs = _shaped(a, g, axes)
-                ws.append(tf.cast(_weight_gradients(a, gs, dims, axes), plan.dtype))
+                ws[groups[1][r] if groups else 0].append(
+                    tf.cast(_weight_gradients(a, gs, dims, axes), plan.dtype))
             else:
                 pairs.append((a.ids if isinstance(a, Tokens) else a, g))
         if jac is not None:
-            ws.append(tf.cast(tf.reshape(jac[k], [n, *axes.shape, -1]), plan.dtype))
-        w = (tf.concat(ws, -1) if len(ws) > 1 else ws[0]) if ws else None
-        out.append((w, tuple(pairs)))
+            jk = tf.cast(tf.reshape(jac[k], [n, *axes.shape, -1]), plan.dtype)
+            if groups is None:
+                ws[0].append(jk)
+            else:  # the columns of each weight (in `rest` order) to its group
+                start = 0
+                for w in rest:
+                    size = int(np.prod(w.shape))
+                    ws[weight_group[id(w)]].append(jk[..., start:start + size])
+                    start += size
+        w = tuple((tf.concat(p, -1) if len(p) > 1 else p[0]) if p else None for p in ws)
+        out.append((w if groups is not None else w[0], tuple(pairs)))
     return tuple(out)
 
 
-def _pair_kernels(spec, out_axes, dtype, f1, f2):
+def _grouped_pair_kernels(spec, out_axes, dtype, f1, f2, groups):
+    """The group-major list [Θ_{g, k}] of per-layer kernels from two blocks' factors."""
+    count = max(groups[0]) + 1
+    parts = {}
+    for k, axes in enumerate(out_axes):
+        (w1, pairs1), (w2, pairs2) = f1[k], f2[k]
+        for g in range(count):
+            if w1[g] is not None:
+                parts[(g, k)] = _gram(w1[g], w2[g], axes, dtype)
+        pair_rules = [r for r, kind in enumerate(spec[k]) if kind != 0]
+        for (a1, g1), (a2, g2), r in zip(pairs1, pairs2, pair_rules):
+            kind = spec[k][r]
+            if kind > 0:
+                a1, a2 = Tokens(a1, kind), Tokens(a2, kind)
+            part = contract_structured(a1, g1, a2, g2, axes, dtype)
+            key = (groups[1][r], k)
+            parts[key] = part if key not in parts else parts[key] + part
+    n1 = int(next(t for t in tf.nest.flatten(f1) if t is not None).shape[0])
+    n2 = int(next(t for t in tf.nest.flatten(f2) if t is not None).shape[0])
+    kernels = []
+    for g in range(count):
+        for k, axes in enumerate(out_axes):
+            kern = parts.get((g, k))
+            if kern is None:
+                kern = tf.zeros([n1, n2, *axes.kernel_shape], dtype)
+            kernels.append(kern / axes.trace_size)
+    return kernels
+
+
+def _pair_kernels(spec, out_axes, dtype, f1, f2, groups=None):
+    if groups is not None:
+        return _grouped_pair_kernels(spec, out_axes, dtype, f1, f2, groups)
     kernels = []
     for k, axes in enumerate(out_axes):
         (w1, pairs1), (w2, pairs2) = f1[k], f2[k]
@@ -149,15 +205,17 @@ def _pair_kernels(spec, out_axes, dtype, f1, f2):
     return kernels
 
 
-def pair_function(spec, out_axes, dtype, jit):
-    """The compiled Θ(block 1, block 2) from two blocks' factors (model-independent)."""
+def pair_function(spec, out_axes, dtype, jit, groups=None):
+    """The compiled Θ(block 1, block 2) from two blocks' factors (model-independent);
+    `groups` (`layout`): per-layer kernels, group-major."""
     jit = (jit or _batching._JIT == "1") and _batching._JIT != "0"
-    key = (spec, tuple((ax.shape, ax.trace, ax.diag) for ax in out_axes), dtype.name, jit)
+    key = (spec, tuple((ax.shape, ax.trace, ax.diag) for ax in out_axes), dtype.name, jit,
+           groups)
     with _LOCK:
         fn = _PAIR_FUNCTIONS.get(key)
         if fn is None:
             fn = _batching._JitFallback(
-                lambda f1, f2: _pair_kernels(spec, out_axes, dtype, f1, f2), jit)
+                lambda f1, f2: _pair_kernels(spec, out_axes, dtype, f1, f2, groups), jit)
             _PAIR_FUNCTIONS[key] = fn
             while len(_PAIR_FUNCTIONS) > _PAIR_LIMIT:
                 _PAIR_FUNCTIONS.popitem(last=False)
@@ -170,7 +228,8 @@ def _factor_function(s, spec, rules):
     """The compiled factors of one block, shared by architecture when possible."""
     plan = s.plan
     key = ("factors", s.implementation, spec, plan.dtype.name,
-           tuple((ax.trace, ax.diag) for ax in plan.out_axes), plan.training)
+           tuple((ax.trace, ax.diag) for ax in plan.out_axes), plan.training,
+           layout(plan, rules))
     fn = plan.functions.get(key)
     if fn is not None:
         return fn
@@ -202,7 +261,8 @@ def _sizes_compiled(s):
     the one-block rungs the fused function ran at; updated by the caller."""
     plan = s.plan
     options = (s.implementation, plan.dtype.name,
-               tuple((ax.trace, ax.diag) for ax in plan.out_axes), plan.training)
+               tuple((ax.trace, ax.diag) for ax in plan.out_axes), plan.training,
+               layout(plan, s.rules if s.implementation == "structured" else []))
     arch = _batching.architecture_key(plan.model)
     index = {id(v): i for i, v in enumerate(plan.model.variables)}
     if arch is None or any(id(w) not in index for w in plan.weights):
@@ -245,7 +305,7 @@ def factor_tasks(s, results, batch_size, place=None, tag="fused"):
     the fused functions whose rungs are tracked ("vector": `ntk_vector_product`'s).
 
     Used for structured/jacobian kernels (training mode too, unless it couples the
-    examples: `plan.coupled`, never padded) without per-layer groups,
+    examples: `plan.coupled`, never padded), per-layer ones too, without
     `batch_size` or a strategy, when the factors of every block, one pair's working
     memory and the result fit the budget, and the fused function of this call's rung
     has not run (a call that compiles anyway runs fused and compiles the factor
@@ -254,7 +314,7 @@ def factor_tasks(s, results, batch_size, place=None, tag="fused"):
     """
     plan = s.plan
     if (s.implementation not in ("structured", "jacobian") or plan.coupled
-            or plan.groups is not None or batch_size is not None
+            or batch_size is not None
             or tf.distribute.has_strategy()):
         return None
     compiled_sizes = _sizes_compiled(s)
@@ -279,9 +339,11 @@ def factor_tasks(s, results, batch_size, place=None, tag="fused"):
         return None
     if place is None:
         def place(a0, a1, b0, b1, mirror):
-            return _batching.placer(results, out_axes, a0, a1, b0, b1, mirror)
+            return _batching.placer(results, out_axes * (len(plan.groups or ()) or 1),
+                                    a0, a1, b0, b1, mirror)
     fn = _factor_function(s, spec, rules)
-    pair = pair_function(spec, out_axes, plan.dtype, jit=not recurrent_layers(plan.model))
+    pair = pair_function(spec, out_axes, plan.dtype, jit=not recurrent_layers(plan.model),
+                         groups=layout(plan, rules))
     rung = (tag, _batching.padded_size(s.n1, s.block),
             _batching.padded_size(s.n2, s.block), s.same)
     if rung in compiled_sizes:

@@ -128,42 +128,52 @@ def test_training_mode_with_batchnorm_is_never_padded(monkeypatch):
     assert padded == []
 
 
-def _per_layer_reference(model, x):
-    """{layer name: Θ_l} averaged over the outputs, from a float64 tape Jacobian."""
-    weights = [tf.Variable(np.asarray(w, np.float64)) for w in model.trainable_weights]
+def _per_layer_reference(model, x1, x2):
+    """{layer name: Θ_l(x1, x2)} averaged over the outputs, from float64 tape Jacobians."""
     keras.config.set_floatx("float64")
     try:
         clone = _model()
     finally:
         keras.config.set_floatx("float32")
-    clone.set_weights([w.numpy() for w in weights])
-    with tf.GradientTape() as tape:
-        y = clone(tf.constant(x, tf.float64))
-    jacobians = tape.jacobian(y, clone.trainable_weights)
+    clone.set_weights([np.asarray(w, np.float64) for w in model.get_weights()])
+
+    def jacobians(x):
+        with tf.GradientTape() as tape:
+            y = clone(tf.constant(x, tf.float64))
+        return y.shape[-1], tape.jacobian(y, clone.trainable_weights)
+
+    (outputs, j1), (_, j2) = jacobians(x1), jacobians(x2)
     out = {}
     for layer, original in zip(clone.layers, model.layers):
-        parts = [tf.reshape(j, (*y.shape, -1)) for w, j in zip(clone.trainable_weights, jacobians)
-                 if any(w is lw for lw in layer.trainable_weights)]
-        j = tf.concat(parts, -1).numpy()
-        out[original.name] = np.einsum("nkp,mkp->nm", j, j) / y.shape[-1]
+        picked = [i for i, w in enumerate(clone.trainable_weights)
+                  if any(w is lw for lw in layer.trainable_weights)]
+        flat = lambda js, n: np.concatenate(  # noqa: E731
+            [np.reshape(js[i].numpy(), (n, outputs, -1)) for i in picked], -1)
+        a, b = flat(j1, len(x1)), flat(j2, len(x2))
+        out[original.name] = np.einsum("nkp,mkp->nm", a, b) / outputs
     return out
 
 
 @pytest.mark.usefixtures("fresh")
-def test_per_layer_kernels_at_smaller_sizes_reuse_the_compiled_block():
-    """A size seen pads smaller N up (within twice the examples passed): no trace, each
-    layer's kernel equal to its float64 Jacobian kernel."""
+@pytest.mark.parametrize("implementation", ["structured", "jacobian"])
+def test_per_layer_kernels_at_new_sizes_trace_nothing(implementation):
+    """Per-layer kernels through the block factors (one Θ_l per group from the same
+    factors): no trace at new N or x2 sizes, each layer's kernel equal to its float64
+    Jacobian kernel."""
     model = _model()
-    x = _x(16, 4)
-    keras_ntk.empirical_ntk(model, x, per_layer=True, dtype="float64")
+    x = _x(60, 4)
+    call = lambda a, b=None: keras_ntk.empirical_ntk(  # noqa: E731
+        model, a, b, per_layer=True, implementation=implementation, dtype="float64")
+    call(x[:16])
     seen = traces(model)
-    for n in (9, 13, 11, 7):
-        parts = keras_ntk.empirical_ntk(model, x[:n], per_layer=True, dtype="float64")
-        expected = _per_layer_reference(model, x[:n])
+    for n1, n2 in [(9, None), (30, None), (13, 10), (7, None), (20, 27)]:
+        x1, x2 = x[:n1], None if n2 is None else x[n1:n1 + n2]
+        parts = call(x1, x2)
+        expected = _per_layer_reference(model, x1, x1 if x2 is None else x2)
         assert list(parts) == list(expected)
         for name in parts:
-            close(parts[name], expected[name], f"{name} at {n}")
-        assert traces(model) == seen, n
+            close(parts[name], expected[name], f"{name} at {n1} x {n2}")
+        assert traces(model) == seen, (n1, n2)
 
 
 def test_reused_sizes_stay_within_the_bounds_of_extra_work():
@@ -185,3 +195,36 @@ def test_reused_sizes_stay_within_the_bounds_of_extra_work():
     # The target itself when it ran already; the cheapest candidate otherwise.
     assert reused_sizes({(12, 12), (16, 16)}, (12, 12), (12, 12), fits, "pair") == (12, 12)
     assert reused_sizes({(24, 24), (16, 16)}, (11, 13), (12, 16), fits, "pair") == (16, 16)
+
+
+@pytest.mark.usefixtures("fresh")
+@pytest.mark.parametrize("name", ["cnn", "text", "two_outputs", "residual"])
+def test_per_layer_block_factors_equal_the_fused_per_layer_kernels(name, monkeypatch):
+    """Convolutions, token gathers, two outputs, a subclassed model: the per-layer kernels
+    through the factors (N on a new rung, x2 given) equal the fused path's, and add up to
+    the float64 Jacobian kernel."""
+    from ntk_reference import MODELS, inputs_for
+
+    keras.utils.set_random_seed(0)
+    model = MODELS[name]()
+    x1, x2 = inputs_for(name, 19), inputs_for(name, 11, seed=1)
+    call = lambda a, b=None: keras_ntk.empirical_ntk(  # noqa: E731
+        model, a, b, per_layer=True, dtype="float64")
+    call(x1[:16])
+    seen = traces(model)
+    through_factors = [call(x1), call(x1, x2)]
+    assert traces(model) == seen
+    monkeypatch.setattr(_block_factors, "MIN_SIZE", 10 ** 9)  # the fused path only
+    for parts, second in zip(through_factors, [None, x2]):
+        fused = call(x1, second)
+        assert list(parts) == list(fused)
+        for layer in parts:
+            for a, b in zip(*(p if isinstance(p, list) else [p] for p in (parts[layer],
+                                                                            fused[layer]))):
+                close(a, b, layer)
+        total = reference(model, x1, second)
+        summed = [sum(p[i] for p in parts.values()) for i in range(len(total))] if isinstance(
+            total, list) else sum(parts.values())
+        for a, b in zip(summed if isinstance(total, list) else [summed],
+                        total if isinstance(total, list) else [total]):
+            close(a, b, "sum over layers")
