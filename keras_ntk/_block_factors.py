@@ -15,7 +15,7 @@ each compiled once per model (or architecture) and options:
   Θ = Σ_w W1 W2ᵀ + Σ_factorized rules contract_structured(a1, g1, a2, g2).
 
 The first call of a model (or architecture) and options at N ≥ MIN_SIZE
-compiles both next to the fused block function of its rung; every N on
+compiles both after the fused block function of its rung; every N on
 another rung then reuses the same two functions: the factors of each block are
 computed once and kept (when all of them fit the memory budget), and only the
 contraction runs per pair of blocks. Exact: the same contractions as the
@@ -31,7 +31,7 @@ import threading
 import tensorflow as tf
 
 from keras_ntk import _batching
-from keras_ntk._costs import Profile, estimates
+from keras_ntk._costs import FACTOR_SIZES, Profile, estimates
 from keras_ntk._jacobians import per_example_jacobians, recurrent_layers
 from keras_ntk._structured import (
     Tokens, _gram, _shaped, _weight_gradients, contract_structured, contraction_form,
@@ -44,8 +44,8 @@ from keras_ntk._structured import (
 # on a rung whose fused function is compiled runs it; a call that would compile anyway
 # (nothing usable compiled) compiles its fused rung and the factor functions of B; only
 # the other calls, on new rungs, run through factors.
-MIN_SIZE = 128
-MAX_SIZE = 256
+# (The memory estimate of a first call, `_costs.factor_stage`, assumes these sizes.)
+MIN_SIZE, MAX_SIZE = FACTOR_SIZES
 MAX_PAIRS = 64
 
 _PAIR_FUNCTIONS = collections.OrderedDict()  # (spec, axes, dtype, jit): pair function
@@ -216,27 +216,27 @@ def choose_size(compiled_sizes, n1, n2, block):
     return max(smaller) if smaller else target
 
 
-def factor_tasks(s, results, batch_size):
-    """[(fn, args, on_done)] computing Θ through block factors, or None for the fused path.
+def factor_tasks(s, results, batch_size, fused_tasks):
+    """[(fn, args, on_done)] computing Θ: through block factors, else `fused_tasks()`.
 
     Used for inference-mode structured/jacobian kernels without per-layer groups,
     `batch_size` or a strategy, when the factors of every block, one pair's working
     memory and the result fit the budget, and the fused function of this call's rung
     has not run (a call that compiles anyway runs fused and compiles the factor
-    functions with it). The factors of all blocks are computed first (one task
-    each), then one task per pair of blocks.
+    functions after its last block). The factors of all blocks are computed first (one
+    task each), then one task per pair of blocks.
     """
     plan = s.plan
     if (s.implementation not in ("structured", "jacobian") or plan.training or plan.coupled
             or plan.groups is not None or batch_size is not None
             or tf.distribute.has_strategy()):
-        return None
+        return fused_tasks()
     compiled_sizes = _sizes_compiled(s)
     if "unusable" in compiled_sizes:
-        return None
+        return fused_tasks()
     size = choose_size(compiled_sizes, s.n1, s.n2, s.block)
     if size is None:
-        return None
+        return fused_tasks()
     rules = s.rules if s.implementation == "structured" else []
     profile = s.profile
     if not rules:
@@ -250,26 +250,40 @@ def factor_tasks(s, results, batch_size):
     _, working = estimates(s.implementation, s.profile, out_axes, size, size, False, itemsize)
     result_bytes = sum(r.nbytes for r in results)
     if held * factor_bytes(profile, out_axes, spec, itemsize) + working + result_bytes > s.budget:
-        return None
+        return fused_tasks()
     fn = _factor_function(s, spec, rules)
     pair = pair_function(spec, out_axes, plan.dtype, jit=not recurrent_layers(plan.model))
     rung = ("fused", _batching.padded_size(s.n1, s.block),
             _batching.padded_size(s.n2, s.block), s.same)
     if rung in compiled_sizes:
-        return None  # the fused function of this rung is compiled: fewer dispatches
+        return fused_tasks()  # the fused function of this rung is compiled: fewer dispatches
     if size not in compiled_sizes:
         # Something compiles anyway: the fused function of this rung (faster for repeated
         # calls at this N), and with it, once per model (or architecture) and options,
-        # the two factor functions, so that any other N later compiles nothing.
-        try:
-            f = fn(_batching.padded_slice(s.x1, 0, min(s.n1, size), size))
-            pair(f, f)
-        except Exception as error:  # noqa: BLE001 - the fused path stays (and reports)
-            _LOGGER.debug("keras_ntk: no block factors for this model: %s", error)
-            compiled_sizes.add("unusable")
-            return None
-        compiled_sizes.update([size, rung])
-        return None
+        # the two factor functions, so that any other N later compiles nothing. They
+        # compile and run once AFTER the fused blocks: with oneDNN, TensorFlow's CPU
+        # allocator is a BFC pool that never returns memory, so the factors' buffers
+        # allocated first stayed resident under the fused blocks' (MLP-1 jacobian, 256
+        # examples: a first-call peak of 1455 MiB, 844 MiB in this order).
+        def compile_factors():
+            try:
+                f = fn(_batching.padded_slice(s.x1, 0, min(s.n1, size), size))
+                pair(f, f)
+            except Exception as error:  # noqa: BLE001 - the fused result stands
+                _LOGGER.debug("keras_ntk: no block factors for this model: %s", error)
+                compiled_sizes.add("unusable")
+                return
+            compiled_sizes.update([size, rung])
+
+        tasks = fused_tasks()
+        last, args, place = tasks[-1]
+
+        def place_then_compile(blocks):
+            place(blocks)
+            compile_factors()
+
+        tasks[-1] = (last, args, place_then_compile)
+        return tasks
     factors1, factors2 = [None] * len(rows), [None] * len(cols)
 
     def factor_task(x, store, i, a0, a1):

@@ -658,9 +658,9 @@ def empirical_ntk(model, x1, x2=None, *, trace_axes=(-1,), diagonal_axes=(),
     results = [
         np.zeros((s.n1, s.n2, *ax.kernel_shape), np_dtype) for ax in out_axes
     ]
-    tasks = _block_factors.factor_tasks(s, results, batch_size) or kernel_tasks(
+    tasks = _block_factors.factor_tasks(s, results, batch_size, lambda: kernel_tasks(
         lambda same: _block_function(s, same), results, out_axes, s.x1, s.x2, s.n1, s.n2,
-        s.block, pad=not s.plan.coupled)  # past a size: two functions for every N
+        s.block, pad=not s.plan.coupled))  # past a size: two functions for every N
     with _frozen_state(model, s.plan.training):
         run_tasks(tasks, verbose)
     for result in results:
