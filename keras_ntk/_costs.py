@@ -103,12 +103,17 @@ _OUTPUT_COPIES = 2
 # of the block-factor path (`_block_factors`) for blocks of B = min(block, FACTOR_SIZES[1])
 # examples: the factors of one block (its per-example weight gradients W concatenated)
 # and the kernel of a pair of blocks. With oneDNN, TensorFlow's CPU allocator is a BFC
-# pool that never returns memory: the later stage reuses the earlier one's buffers only
-# in part. Measured (benchmarks/ntk_speed.py --memory-estimates, default path; each stage
-# alone and both): the first-call peak is the larger stage plus `_FACTOR_COMPILE` of the
-# tracing and compilation (MLP, LeNet, transformer: 0.2) plus `_POOL_LOSS` of the smaller
-# stage's working memory (ResNet-18 structured, 128 examples: fused 1802 MiB, factors
-# 2481 MiB, both 2978 MiB).
+# pool that never returns memory to the system: the later stage reuses the earlier one's
+# buffers, in part. Measured (benchmarks/ntk_speed.py --memory-estimates, default path;
+# each stage alone and both, 2026-12-01): the first-call peak was the larger stage plus
+# about 0.2 of the tracing and compilation (the two new functions: MLP 16-22 MiB of 96,
+# LeNet 25 of 122, transformer 37-42 of 198, ResNet-18 jacobian 94 of 480; counted at
+# `_FACTOR_COMPILE`) and for ResNet-18 structured (128 examples: fused 1802 MiB, factors
+# 2481 MiB, both 2978 MiB) a part of the smaller stage not reused (`_POOL_LOSS`).
+# `choose_block` charges it whenever no `batch_size` is given: it does not know the
+# training mode, per-layer groups or a strategy, which keep the fused path (an upper
+# bound there), nor whether the factor functions are compiled already (the block a
+# budget picks does not change from one call to the next).
 FACTOR_SIZES = (128, 256)
 _FACTOR_COMPILE = 0.25
 _POOL_LOSS = 0.15
