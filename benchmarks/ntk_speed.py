@@ -50,6 +50,7 @@ sys.path.insert(0, ROOT)
 import keras_ntk  # noqa: E402
 from experiments import models as study_models  # noqa: E402
 from keras_ntk import _block_factors, ntk as ntk_module  # noqa: E402
+import floor_kernels  # noqa: E402  (beside this script)
 
 TARGETS = {"mlp1": 70.0, "mlp10_traced": 233.0, "lenet": 21.0}
 
@@ -478,21 +479,27 @@ def compare_with_neural_tangents(python, cases, rounds, tmp):
                     theirs = np.load(out).reshape(kernel.shape)
                     diff = np.linalg.norm(kernel - theirs) / np.linalg.norm(theirs)
                     print(f"{name}: |ours - NT impl {impl}| / |NT| = {diff:.1e}", flush=True)
+            floor = floor_kernels.floor_function(name, model, x)
+            if floor is not None:
+                print(f"{name}: |ours - floor| / |floor| = "
+                      f"{floor_kernels.check(name, model, x, kernel):.1e}", flush=True)
             # Their fastest implementation (one warm call each), then rounds.
             warm = {i: min(nt_proc.ask(op="time", case=name, impl=i, repeats=2)["seconds"])
                     for i in impls}
             best = min(warm, key=warm.get)
             t_ours = min(timed(ours, 1))
             calls = int(max(1, min(5, 1.0 / max(t_ours, warm[best]))))
-            ratios, ours_s, theirs_s = [], [], []
+            ratios, ours_s, theirs_s, floor_s, floor_ratios = [], [], [], [], []
+            sides = ("ours", "theirs") + (("floor",) if floor is not None else ())
             for r in range(rounds):
                 pair = {}
-                for side in (("ours", "theirs") if r % 2 == 0 else ("theirs", "ours")):
-                    if side == "ours":
+                for side in (sides if r % 2 == 0 else sides[::-1]):
+                    if side != "theirs":
+                        fn = ours if side == "ours" else floor
                         times = []
                         for _ in range(calls):
                             start = time.perf_counter()
-                            ours()
+                            fn()
                             times.append(time.perf_counter() - start)
                     else:
                         times = nt_proc.ask(op="time", case=name, impl=best,
@@ -501,18 +508,30 @@ def compare_with_neural_tangents(python, cases, rounds, tmp):
                 ours_s.append(pair["ours"])
                 theirs_s.append(pair["theirs"])
                 ratios.append(pair["ours"] / pair["theirs"])
+                if floor is not None:
+                    floor_s.append(pair["floor"])
+                    floor_ratios.append(pair["floor"] / pair["theirs"])
             row = dict(case=name, ours_impl=impl_name, nt_impl=best, rounds=rounds,
                        calls=calls, ours_first_call=first, nt_compile=setup["compile_seconds"],
                        ours_median=float(np.median(ours_s)),
                        nt_median=float(np.median(theirs_s)),
                        ratio_median=float(np.median(ratios)), ratio_min=min(ratios),
                        ratio_max=max(ratios), load=os.getloadavg()[0])
+            if floor is not None:
+                row.update(floor_median=float(np.median(floor_s)),
+                           floor_ratio_median=float(np.median(floor_ratios)),
+                           floor_ratio_min=min(floor_ratios), floor_ratio_max=max(floor_ratios))
             rows.append(row)
             print(f"{name:13s} ours ({impl_name}) {row['ours_median'] * 1e3:8.1f} ms  NT (impl "
                   f"{best}) {row['nt_median'] * 1e3:8.1f} ms  ours/NT median "
                   f"{row['ratio_median']:.2f} [{row['ratio_min']:.2f}, {row['ratio_max']:.2f}] "
                   f"over {rounds} rounds of {calls} calls (ours first call {first:.1f} s; "
                   f"load {row['load']:.1f})", flush=True)
+            if floor is not None:
+                print(f"{'':13s} floor (hand-written TF+XLA kernel) {row['floor_median'] * 1e3:.1f} ms: "
+                      f"floor/NT median {row['floor_ratio_median']:.2f} "
+                      f"[{row['floor_ratio_min']:.2f}, {row['floor_ratio_max']:.2f}], ours/floor "
+                      f"{row['ours_median'] / row['floor_median']:.2f}", flush=True)
     finally:
         nt_proc.close()
     return rows

@@ -248,20 +248,33 @@ class _Shared:
             # not one eager read each per call); tensors as they are.
             values = [tf.convert_to_tensor(v) for v in values]
             with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-                return builder(state, {id(v): t for v, t in zip(variables, values)}, *xs)
+                out = builder(state, {id(v): t for v, t in zip(variables, values)}, *xs)
+            # Whether the floating variables it read are finite, computed in the same
+            # program: checked after the call instead of reading each weight to the host
+            # before it (0.25-0.7 ms of a 5 ms MLP call; `check_finite_weights`).
+            flags = [tf.reduce_all(tf.math.is_finite(t)) for v, t in zip(variables, values)
+                     if v.trainable and t.dtype.is_floating]
+            return out, tf.stack(flags) if flags else tf.ones([0], tf.bool)
 
         self.fn = _JitFallback(traced, jit)
 
     def __call__(self, model, state, *xs):
-        values = [_argument(v) for v in model.variables]
+        """The block's outputs; raises `NonFiniteError` (naming the weight) if a
+        trainable weight of `model` is not finite."""
+        variables = model.variables
+        values = [_argument(v) for v in variables]
         with self.lock:
             self._call_state = (model, state)
             try:
-                out = self.fn(values, *xs)
+                out, finite = self.fn(values, *xs)
                 if self.shareable is None:
                     self.shareable = not _reads_variables(self.fn, values, xs)
             finally:
                 self._call_state = None
+        if not np.asarray(finite).all():
+            _validation.check_finite_weights(model.trainable_variables)  # names the first
+            raise _validation.NonFiniteError(
+                "Expected `model` to have finite weights. Received: a non-finite weight")
         return out
 
 

@@ -36,6 +36,7 @@ from keras_ntk._jacobians import per_example_jacobians, recurrent_layers
 from keras_ntk._structured import (
     Tokens, _gram, _shaped, _weight_gradients, contract_structured, contraction_form,
     structured_factors)
+from keras_ntk._validation import NonFiniteError
 
 # Block sizes B of the factor path: a call whose padded block is below MIN_SIZE keeps
 # the fused block function (tiny calls: one dispatch, no factors held); above it, the
@@ -269,6 +270,8 @@ def factor_tasks(s, results, batch_size, fused_tasks):
             try:
                 f = fn(_batching.padded_slice(s.x1, 0, min(s.n1, size), size))
                 pair(f, f)
+            except NonFiniteError:  # the model's weights (checked in the shared function)
+                raise
             except Exception as error:  # noqa: BLE001 - the fused result stands
                 _LOGGER.debug("keras_ntk: no block factors for this model: %s", error)
                 compiled_sizes.add("unusable")

@@ -345,11 +345,11 @@ def _new_plan(model, weights, profile, trace_axes, diagonal_axes, training, dtyp
 
 def kernel_setup(model, x1, x2, trace_axes, diagonal_axes, implementation, batch_size,
                  memory_budget, training, dtype, vector=False, variables=None,
-                 per_layer=False):
+                 per_layer=False, check_weights=True):
     """A `KernelSetup` for the arguments of `empirical_ntk` (vector=True: of
     `ntk_vector_product`): what is computed, by which implementation, in blocks
-    of how many examples (`.implementation`, `.block`). Raises the ValueError
-    of the memory budget before any kernel is computed.
+    of how many examples (`.implementation`, `.block`). Raises the ValueError of the
+    memory budget (and with `check_weights` of non-finite `.weights`) before any work.
     """
     if not callable(model) or not hasattr(model, "trainable_weights"):
         raise TypeError(
@@ -380,8 +380,9 @@ def kernel_setup(model, x1, x2, trace_axes, diagonal_axes, implementation, batch
             f"Expected `model` to have trainable weights. Received: model={model.name} "
             "with none"
         )
-    weights = select_weights(model, variables)
-    _validation.check_finite_weights(weights)
+    s.weights = weights = select_weights(model, variables)
+    if check_weights:
+        _validation.check_finite_weights(weights)
     training = bool(training)
     coupled = training and couples_examples(model)
     # Rules and the traced profile depend only on the model, the weights and
@@ -575,10 +576,8 @@ def empirical_ntk(model, x1, x2=None, *, trace_axes=(-1,), diagonal_axes=(),
       whose estimated peak memory fits `memory_budget` (structured when the model
       has layers with a structured rule, otherwise jacobian, ntvp when nothing else fits).
 
-    Recurrent layers (LSTM, GRU, SimpleRNN, also in `Bidirectional`) are
-    traced unrolled over their time steps: TensorFlow cannot vectorize the
-    gradient of their `tf.while_loop` nor run forward mode through it (see
-    docs/ntk.md, "Layer families"); their block functions run as plain graphs.
+    Recurrent layers (LSTM, GRU, SimpleRNN, also in `Bidirectional`) are traced
+    unrolled over their time steps and run as plain graphs (docs/ntk.md).
 
     Memory: the kernel is computed in blocks of x1 × x2 examples; the block size
     is `batch_size`, or else the largest power-of-two fraction of N whose
@@ -587,8 +586,7 @@ def empirical_ntk(model, x1, x2=None, *, trace_axes=(-1,), diagonal_axes=(),
     estimate and the budget is raised before any computation. With `x2=None`
     only the blocks on and above the diagonal are computed. Under a
     `tf.distribute.Strategy` scope the blocks are spread over the replicas.
-    Compiled block functions are cached per model and options, so repeated
-    calls do not retrace.
+    Compiled block functions are cached per model and options (no retracing).
 
     Args:
         model: a Keras model or layer (Sequential, functional, subclassed or
@@ -642,7 +640,8 @@ def empirical_ntk(model, x1, x2=None, *, trace_axes=(-1,), diagonal_axes=(),
     ```
     """
     s = kernel_setup(model, x1, x2, trace_axes, diagonal_axes, implementation, batch_size,
-                     memory_budget, training, dtype, variables=variables, per_layer=per_layer)
+                     memory_budget, training, dtype, variables=variables, per_layer=per_layer,
+                     check_weights=False)
     groups = s.plan.groups
     if groups is not None and s.implementation == "ntvp":
         # The NTK-vector products have no per-layer pieces: one kernel per group.
@@ -655,12 +654,13 @@ def empirical_ntk(model, x1, x2=None, *, trace_axes=(-1,), diagonal_axes=(),
         }
     np_dtype = s.plan.dtype.as_numpy_dtype
     out_axes = s.out_axes * (len(groups) if groups is not None else 1)
-    results = [
-        np.zeros((s.n1, s.n2, *ax.kernel_shape), np_dtype) for ax in out_axes
-    ]
+    results = [np.zeros((s.n1, s.n2, *ax.kernel_shape), np_dtype) for ax in out_axes]
+    used = []  # the fused path's block functions (appended as kernel_tasks gets them)
     tasks = _block_factors.factor_tasks(s, results, batch_size, lambda: kernel_tasks(
-        lambda same: _block_function(s, same), results, out_axes, s.x1, s.x2, s.n1, s.n2,
-        s.block, pad=not s.plan.coupled))  # past a size: two functions for every N
+        lambda same: used.append(_block_function(s, same)) or used[-1], results, out_axes,
+        s.x1, s.x2, s.n1, s.n2, s.block, pad=not s.plan.coupled))  # past a size: 2 for any N
+    if not used or not all(getattr(fn, "shared", None) for fn in used):
+        _validation.check_finite_weights(s.weights)  # else checked in every shared call
     with _frozen_state(model, s.plan.training):
         run_tasks(tasks, verbose)
     for result in results:

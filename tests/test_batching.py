@@ -368,9 +368,15 @@ def _deep_mlp(layers=10):
 
 
 @pytest.mark.usefixtures("plain_graphs")
-def test_many_weights_are_checked_for_finiteness_on_the_device(monkeypatch):
-    """Above `_DEVICE_CHECK_FROM` weights one fused device call checks them; the error
-    still names the weight, the index and the value planted there, before any block."""
+@pytest.mark.parametrize("implementation, blocks", [
+    ("ntvp", 0),  # a model's own block function: checked before any block
+    ("auto", 1),  # shared by architecture: checked in the first block's own call
+])
+def test_many_weights_are_checked_for_finiteness_on_the_device(implementation, blocks,
+                                                               monkeypatch):
+    """Above `_DEVICE_CHECK_FROM` weights one fused device call checks them (or the
+    shared block function's own flags); the error still names the weight, the index and
+    the value planted there, and no kernel is returned."""
     from keras_ntk import _validation
     from keras_ntk import ntk as ntk_module
 
@@ -382,19 +388,23 @@ def test_many_weights_are_checked_for_finiteness_on_the_device(monkeypatch):
     planted = np.asarray(kernel.value).copy()
     planted[2, 1] = -np.inf
     kernel.assign(planted)
-    monkeypatch.setattr(ntk_module, "run_tasks", lambda *a, **k: pytest.fail("work ran"))
-    with pytest.raises(_validation.NonFiniteError,
-                       match=rf"Received: weight '{kernel.path}'\[2, 1\]=-inf \(the only"):
-        keras_ntk.empirical_ntk(model, x)
+    ran, run_tasks = [], ntk_module.run_tasks
+    monkeypatch.setattr(ntk_module, "run_tasks", lambda tasks, verbose: run_tasks(
+        [(lambda *a, fn=fn: ran.append(fn) or fn(*a), args, done)
+         for fn, args, done in tasks], verbose))
+
+    def refused(match):
+        ran.clear()
+        with pytest.raises(_validation.NonFiniteError, match=match):
+            keras_ntk.empirical_ntk(model, x, implementation=implementation)
+        assert len(ran) == blocks
+
+    refused(rf"Received: weight '{kernel.path}'\[2, 1\]=-inf \(the only")
     bias = model.layers[8].bias
     bias.assign(np.full(bias.shape, np.nan, "float32"))
-    with pytest.raises(_validation.NonFiniteError,
-                       match=rf"Received: weight '{kernel.path}'\[2, 1\]=-inf"):
-        keras_ntk.empirical_ntk(model, x)  # the first non-finite weight is named
+    refused(rf"Received: weight '{kernel.path}'\[2, 1\]=-inf")  # the first one is named
     kernel.assign(np.where(np.isfinite(planted), planted, 0.5))
-    with pytest.raises(_validation.NonFiniteError,
-                       match=rf"'{bias.path}'\[0\]=nan \(the first of 5 non-finite"):
-        keras_ntk.empirical_ntk(model, x)
+    refused(rf"'{bias.path}'\[0\]=nan \(the first of 5 non-finite")
 
 
 @pytest.mark.usefixtures("plain_graphs")

@@ -78,12 +78,44 @@ def test_kernels_refuse_non_finite_inputs_before_work(call, received, no_kernel_
         call(model, inputs())
 
 
-def test_non_finite_weights_are_refused_naming_the_weight(no_kernel_work):
+@pytest.mark.parametrize("implementation, blocks_allowed", [
+    # A block function shared by the architecture checks the weights it reads in the
+    # same compiled call (no host read of every weight first): the first block raises.
+    ("auto", 1),
+    # Other block functions (ntvp, a model's own): checked on the host before any block.
+    ("ntvp", 0),
+])
+def test_non_finite_weights_are_refused_naming_the_weight(implementation, blocks_allowed,
+                                                          monkeypatch):
+    ran = []
+    run_tasks = ntk_module.run_tasks
+
+    def counting(tasks, verbose):
+        return run_tasks([(lambda *a, fn=fn: ran.append(fn) or fn(*a), args, done)
+                          for fn, args, done in tasks], verbose)
+
+    monkeypatch.setattr(ntk_module, "run_tasks", counting)
     model = mlp()
     kernel = model.layers[1].kernel
     kernel.assign(with_value(np.asarray(kernel.value), (4, 0)))
     with pytest.raises(ValueError, match=r"finite weights.*Received: weight '.*kernel'\[4, 0\]=nan"):
-        keras_ntk.empirical_ntk(model, inputs())
+        keras_ntk.empirical_ntk(model, inputs(), batch_size=2,  # 6 blocks
+                                implementation=implementation)
+    assert len(ran) == blocks_allowed
+
+
+def test_a_shared_block_function_refuses_the_non_finite_weights_of_one_model_only():
+    # Two models of one architecture share a compiled block function: the check
+    # reads each call's own weights (the finite model's kernel is still exact).
+    good, bad = mlp(), mlp()
+    bad.layers[0].bias.assign(with_value(np.asarray(bad.layers[0].bias.value), 2, np.inf))
+    x = inputs()
+    with pytest.raises(ValueError, match=r"Received: weight '.*bias'\[2\]=inf"):
+        keras_ntk.empirical_ntk(bad, x)
+    np.testing.assert_allclose(keras_ntk.empirical_ntk(good, x), naive_kernel(good, x, x),
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"Received: weight '.*bias'\[2\]=inf"):
+        keras_ntk.empirical_ntk(bad, x)
 
 
 def test_a_kernel_that_becomes_non_finite_says_why():
