@@ -49,7 +49,7 @@ sys.path.insert(0, ROOT)
 
 import keras_ntk  # noqa: E402
 from experiments import models as study_models  # noqa: E402
-from keras_ntk import ntk as ntk_module  # noqa: E402
+from keras_ntk import _block_factors, ntk as ntk_module  # noqa: E402
 import floor_kernels  # noqa: E402  (beside this script)
 
 TARGETS = {"mlp1": 70.0, "mlp10_traced": 233.0, "lenet": 21.0}
@@ -212,6 +212,7 @@ def memory_child():
 ESTIMATE_CASES = {
     # case: (N, implementations measured)
     "mlp1": (256, ("structured", "jacobian")),
+    "mlp10_traced": (256, ("structured", "jacobian")),
     "mlp10_full": (256, ("structured",)),
     "lenet": (1797, ("structured", "jacobian")),
     "resnet18": (64, ("jacobian", "structured")),
@@ -219,14 +220,14 @@ ESTIMATE_CASES = {
 }
 
 
-def estimate_case(case):
-    """(model, x, trace_axes, baseline) of an estimate case: its N inputs (the case's
-    data repeated up to N), the model built and called on one example, and the resident
+def estimate_case(case, n=None):
+    """(model, x, trace_axes, baseline) of an estimate case: its N inputs (`n`, else the
+    case's N; the case's data repeated up to N), the model built and called on one example, and the resident
     size (bytes) after that and a garbage collection: what a first call is measured above."""
     import gc
 
     model, x, trace_axes, _ = build_case(case)
-    n = ESTIMATE_CASES[case][0]
+    n = n or ESTIMATE_CASES[case][0]
     if len(x) < n:
         x = np.concatenate([x] * (-(-n // len(x))))[:n]
     x = x[:n]
@@ -235,7 +236,7 @@ def estimate_case(case):
     return model, x, trace_axes, _status_bytes("VmRSS")
 
 
-def estimate_child(case, implementation, block=None):
+def estimate_child(case, implementation, block=None, n=None):
     """Runs in a fresh process: the estimated peak of one call against the measured one.
 
     `block`: blocks of that many examples (`batch_size`, no budget limit); None: what
@@ -251,7 +252,7 @@ def estimate_child(case, implementation, block=None):
     """
     import gc
 
-    model, x, trace_axes, baseline = estimate_case(case)
+    model, x, trace_axes, baseline = estimate_case(case, n)
     n = len(x)
     start = time.perf_counter()
     fixed = {} if block is None else dict(batch_size=block, memory_budget=2**40)
@@ -275,9 +276,11 @@ def estimate_child(case, implementation, block=None):
     from keras_ntk._costs import block_estimates
     p = padded_size(n, setup.block)
     _, block_peak = block_estimates(setup.implementation, setup.profile, setup.out_axes, n,
-                                    p, p, True, setup.plan.dtype.size)
+                                    p, p, True, setup.plan.dtype.size, factors=block is None)
     result = kernel.nbytes
-    print(json.dumps(dict(case=case, implementation=setup.implementation, n=n,
+    # Whether the first call also compiled the block-factor functions (default path, N >= 128).
+    factors = any(isinstance(b, int) for b in _block_factors._sizes_compiled(setup))
+    print(json.dumps(dict(case=case, implementation=setup.implementation, n=n, factors=factors,
                           block=setup.block, measured=first_peak, measured_warm=warm_peak,
                           estimated=block_peak + result, result=result,
                           first_seconds=first_seconds, seconds=seconds,
@@ -285,18 +288,21 @@ def estimate_child(case, implementation, block=None):
                           n_params=setup.profile.n_params)))
 
 
-def memory_estimates(cases, blocks=None):
+def memory_estimates(cases, blocks=None, sizes=None):
     """Estimated / measured peak per case and implementation, each in a fresh process.
 
-    `blocks`: {case: [block sizes]} to measure fixed blocks instead of the default budget's.
+    `blocks`: {case: [block sizes]} to measure fixed blocks instead of the default budget's;
+    `sizes`: {case: [N]} to measure other N than the case's.
     """
     print(f"{'case':12s} {'impl':10s} {'N':>5s} {'block':>5s} {'measured':>10s} "
-          f"{'warm':>10s} {'estimated':>10s} {'est/meas':>8s}", flush=True)
+          f"{'warm':>10s} {'estimated':>10s} {'est/meas':>8s} factors", flush=True)
     rows = []
     for case in cases:
-        for impl, block in [(i, b) for i in ESTIMATE_CASES[case][1]
-                            for b in (blocks or {}).get(case, [None])]:
+        for impl, block, n in [(i, b, n) for i in ESTIMATE_CASES[case][1]
+                               for b in (blocks or {}).get(case, [None])
+                               for n in (sizes or {}).get(case, [None])]:
             extra = [] if block is None else ["--estimate-block", str(block)]
+            extra += [] if n is None else ["--estimate-n", str(n)]
             out = subprocess.run([sys.executable, __file__, "--estimate-child", case, impl,
                                   *extra], capture_output=True, text=True, check=False,
                                  cwd=ROOT)
@@ -308,7 +314,8 @@ def memory_estimates(cases, blocks=None):
             print(f"{case:12s} {r['implementation']:10s} {r['n']:5d} {r['block']:5d} "
                   f"{r['measured'] / 2**20:8.1f} MiB {r['measured_warm'] / 2**20:6.1f} MiB "
                   f"{r['estimated'] / 2**20:8.1f} MiB "
-                  f"{r['estimated'] / max(r['measured'], 1):8.2f}", flush=True)
+                  f"{r['estimated'] / max(r['measured'], 1):8.2f} "
+                  f"{'yes' if r['factors'] else 'no'}", flush=True)
     return rows
 
 
@@ -538,6 +545,10 @@ def main():
     parser.add_argument("--memory-estimates", action="store_true",
                         help="estimated vs measured peak memory of one call per case")
     parser.add_argument("--estimate-block", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--estimate-n", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--estimate-sizes", default=None,
+                        help="with --memory-estimates: N per case instead of the case's, "
+                             "e.g. resnet18=128:256,transformer=512")
     parser.add_argument("--estimate-blocks", default=None,
                         help="with --memory-estimates: fixed blocks per case instead of the "
                              "default budget's, e.g. 'resnet18=64:32,lenet=2048'")
@@ -557,7 +568,7 @@ def main():
         memory_child()
         return
     if args.estimate_child:
-        estimate_child(*args.estimate_child, block=args.estimate_block)
+        estimate_child(*args.estimate_child, block=args.estimate_block, n=args.estimate_n)
         return
     print(f"device: {device_name()}; TensorFlow {tf.__version__}, Keras {keras.__version__}; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
@@ -573,13 +584,17 @@ def main():
             out["neural_tangents"] = compare_with_neural_tangents(
                 args.neural_tangents_python, args.cases.split(","), args.rounds, tmp)
     if args.memory_estimates:
-        blocks = {}
-        for item in (args.estimate_blocks or "").split(","):
-            if item:
-                case, sizes = item.split("=")
-                blocks[case] = [int(b) for b in sizes.split(":")]
+        def per_case(option):
+            values = {}
+            for item in (option or "").split(","):
+                if item:
+                    case, numbers = item.split("=")
+                    values[case] = [int(b) for b in numbers.split(":")]
+            return values
+
         out["memory_estimates"] = memory_estimates(
-            [c for c in args.cases.split(",") if c in ESTIMATE_CASES], blocks)
+            [c for c in args.cases.split(",") if c in ESTIMATE_CASES],
+            per_case(args.estimate_blocks), per_case(args.estimate_sizes))
     if not args.skip_memory:
         out["memory"] = memory()
     print(f"load average {os.getloadavg()[0]:.1f} at the end", flush=True)

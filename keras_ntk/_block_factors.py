@@ -15,7 +15,7 @@ each compiled once per model (or architecture) and options:
   Θ = Σ_w W1 W2ᵀ + Σ_factorized rules contract_structured(a1, g1, a2, g2).
 
 The first call of a model (or architecture) and options at N ≥ MIN_SIZE
-compiles both next to the fused block function of its rung; every N on
+compiles both after the fused block function of its rung; every N on
 another rung then reuses the same two functions: the factors of each block are
 computed once and kept (when all of them fit the memory budget), and only the
 contraction runs per pair of blocks. Exact: the same contractions as the
@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_ntk import _batching
-from keras_ntk._costs import Profile, block_estimates, estimates
+from keras_ntk._costs import FACTOR_SIZES, Profile, block_estimates, estimates
 from keras_ntk._jacobians import per_example_jacobians, recurrent_layers
 from keras_ntk._structured import (
     Tokens, _gram, _shaped, _weight_gradients, contract_structured, contraction_form,
@@ -47,8 +47,8 @@ from keras_ntk._validation import NonFiniteError
 # on a rung whose fused function is compiled runs it; a call that would compile anyway
 # (nothing usable compiled) compiles its fused rung and the factor functions of B; only
 # the other calls, on new rungs, run through factors.
-MIN_SIZE = 128
-MAX_SIZE = 256
+# (The memory estimate of a first call, `_costs.factor_stage`, assumes these sizes.)
+MIN_SIZE, MAX_SIZE = FACTOR_SIZES
 MAX_PAIRS = 64
 
 _PAIR_FUNCTIONS = collections.OrderedDict()  # (spec, axes, dtype, jit): pair function
@@ -298,8 +298,8 @@ def choose_size(compiled_sizes, n1, n2, block):
     return max(smaller) if smaller else target
 
 
-def factor_tasks(s, results, batch_size, place=None, tag="fused"):
-    """[(fn, args, on_done)] computing Θ through block factors, or None for the fused path.
+def factor_tasks(s, results, batch_size, fused_tasks, place=None, tag="fused"):
+    """[(fn, args, on_done)] computing Θ: through block factors, else `fused_tasks()`.
 
     `place(a0, a1, b0, b1, mirror)` gives the on_done of the block of rows a0:a1 and
     columns b0:b1 (default: written into `results`, `_batching.placer`); `tag` names
@@ -310,20 +310,20 @@ def factor_tasks(s, results, batch_size, place=None, tag="fused"):
     `batch_size` or a strategy, when the factors of every block, one pair's working
     memory and the result fit the budget, and the fused function of this call's rung
     has not run (a call that compiles anyway runs fused and compiles the factor
-    functions with it). The factors of all blocks are computed first (one task
-    each), then one task per pair of blocks.
+    functions after its last block). The factors of all blocks are computed first (one
+    task each), then one task per pair of blocks.
     """
     plan = s.plan
     if (s.implementation not in ("structured", "jacobian") or plan.coupled
             or batch_size is not None
             or tf.distribute.has_strategy()):
-        return None
+        return fused_tasks()
     compiled_sizes = _sizes_compiled(s)
     if "unusable" in compiled_sizes:
-        return None
+        return fused_tasks()
     size = choose_size(compiled_sizes, s.n1, s.n2, s.block)
     if size is None:
-        return None
+        return fused_tasks()
     rules = s.rules if s.implementation == "structured" else []
     profile = s.profile
     if not rules:
@@ -337,7 +337,7 @@ def factor_tasks(s, results, batch_size, place=None, tag="fused"):
     _, working = estimates(s.implementation, s.profile, out_axes, size, size, False, itemsize)
     result_bytes = sum(r.nbytes for r in results)
     if held * factor_bytes(profile, out_axes, spec, itemsize) + working + result_bytes > s.budget:
-        return None
+        return fused_tasks()
     if place is None:
         def place(a0, a1, b0, b1, mirror):
             return _batching.placer(results, out_axes * (len(plan.groups or ()) or 1),
@@ -348,23 +348,36 @@ def factor_tasks(s, results, batch_size, place=None, tag="fused"):
     rung = (tag, _batching.padded_size(s.n1, s.block),
             _batching.padded_size(s.n2, s.block), s.same)
     if rung in compiled_sizes:
-        return None  # the fused function of this rung is compiled: fewer dispatches
+        return fused_tasks()  # the fused function of this rung is compiled: fewer dispatches
     if size not in compiled_sizes:
         # Something compiles anyway: the fused function of this rung (faster for repeated
         # calls at this N), and with it, once per model (or architecture) and options,
-        # the two factor functions, so that any other N later compiles nothing.
-        try:
-            with _batching.frozen_state(plan.model, plan.training):
+        # the two factor functions, so that any other N later compiles nothing. They
+        # compile and run once AFTER the fused blocks: with oneDNN, TensorFlow's CPU
+        # allocator is a BFC pool that never returns memory, so the factors' buffers
+        # allocated first stayed resident under the fused blocks' (MLP-1 jacobian, 256
+        # examples: a first-call peak of 1455 MiB, 844 MiB in this order).
+        def compile_factors():
+            try:
                 f = fn(_batching.padded_slice(s.x1, 0, min(s.n1, size), size))
-            pair(f, f)
-        except NonFiniteError:  # the model's weights (checked in the shared function)
-            raise
-        except Exception as error:  # noqa: BLE001 - the fused path stays (and reports)
-            _LOGGER.debug("keras_ntk: no block factors for this model: %s", error)
-            compiled_sizes.add("unusable")
-            return None
-        compiled_sizes.update([size, rung])
-        return None
+                pair(f, f)
+            except NonFiniteError:  # the model's weights (checked in the shared function)
+                raise
+            except Exception as error:  # noqa: BLE001 - the fused result stands
+                _LOGGER.debug("keras_ntk: no block factors for this model: %s", error)
+                compiled_sizes.add("unusable")
+                return
+            compiled_sizes.update([size, rung])
+
+        tasks = fused_tasks()
+        last, args, on_done = tasks[-1]
+
+        def place_then_compile(blocks):
+            on_done(blocks)
+            compile_factors()
+
+        tasks[-1] = (last, args, place_then_compile)
+        return tasks
     factors1, factors2 = [None] * len(rows), [None] * len(cols)
 
     def factor_task(x, store, i, a0, a1):

@@ -98,6 +98,48 @@ _STRUCTURED_LIVE = 0.2
 _OUTPUT_COPIES = 2
 
 
+# The first call without `batch_size` whose padded block reaches FACTOR_SIZES[0] examples
+# (structured, jacobian) also compiles and runs, after the fused blocks, the two functions
+# of the block-factor path (`_block_factors`) for blocks of B = min(block, FACTOR_SIZES[1])
+# examples: the factors of one block (its per-example weight gradients W concatenated)
+# and the kernel of a pair of blocks. With oneDNN, TensorFlow's CPU allocator is a BFC
+# pool that never returns memory to the system: the later stage reuses the earlier one's
+# buffers, in part. Measured (benchmarks/ntk_speed.py --memory-estimates, default path;
+# each stage alone and both, 2026-12-01): the first-call peak was the larger stage plus
+# about 0.2 of the tracing and compilation (the two new functions: MLP 16-22 MiB of 96,
+# LeNet 25 of 122, transformer 37-42 of 198, ResNet-18 jacobian 94 of 480; counted at
+# `_FACTOR_COMPILE`) and for ResNet-18 structured (128 examples: fused 1802 MiB, factors
+# 2481 MiB, both 2978 MiB) a part of the smaller stage not reused (`_POOL_LOSS`).
+# `choose_block` charges it whenever no `batch_size` is given: it does not know the
+# training mode, per-layer groups or a strategy, which keep the fused path (an upper
+# bound there), nor whether the factor functions are compiled already (the block a
+# budget picks does not change from one call to the next).
+FACTOR_SIZES = (128, 256)
+_FACTOR_COMPILE = 0.25
+_POOL_LOSS = 0.15
+
+
+def factor_stage(impl, profile, out_axes, b1, b2, itemsize):
+    """Peak bytes of the block-factor functions' first run (`_block_factors`), or None
+    when a call with blocks b1 × b2 does not compile them."""
+    size = max(b1, b2)
+    if impl not in ("structured", "jacobian") or size < FACTOR_SIZES[0]:
+        return None
+    size = min(size, FACTOR_SIZES[1])
+    peak = _estimates_of(impl, profile, out_axes, size, size, True, itemsize, False)[1]
+    if impl == "structured":
+        # the factors returned: W of the rules contracted per example and the
+        # Jacobian of the other weights, concatenated (a copy beyond the block's W)
+        per_example = 0
+        for ax in out_axes:
+            for d in profile.rule_dims:
+                if contraction_form(size, size, d, ax)[0] == "per_example":
+                    per_example += ax.size * d.g * d.a * d.b
+            per_example += ax.size * profile.n_rest
+        peak += size * per_example * itemsize
+    return peak
+
+
 def graph_bytes(profile):
     """Memory of tracing and compiling the block function (first call), in bytes."""
     return _GRAPH_BYTES + _GRAPH_BYTES_PER_OP * profile.ops
@@ -171,19 +213,28 @@ def _estimates_of(impl, profile, out_axes, b1, b2, same, itemsize, vector):
     return memo[key]
 
 
-def block_estimates(impl, profile, out_axes, n1, b1, b2, same, itemsize, vector=False):
+def block_estimates(impl, profile, out_axes, n1, b1, b2, same, itemsize, vector=False,
+                    factors=False):
     """(FLOPs of a diagonal block, peak bytes of the largest block) of padded blocks
     b1 × b2: with `same` and several blocks, off-diagonal blocks hold 2·b1 examples
-    and a second block function is compiled (`_SECOND_FUNCTION`, `_OTHER_BLOCK`)."""
+    and a second block function is compiled (`_SECOND_FUNCTION`, `_OTHER_BLOCK`).
+    `factors` (no `batch_size`): the first call may also compile the block-factor
+    functions (`factor_stage`, `_FACTOR_COMPILE`, `_POOL_LOSS`)."""
     flops, peak = _estimates_of(impl, profile, out_axes, b1, b2, same, itemsize, vector)
+    graph = graph_bytes(profile)
     if same and n1 > b1:
         # two block functions compiled: the larger working set, a share of the
         # smaller one and a second compilation
-        graph = graph_bytes(profile)
         off = _estimates_of(impl, profile, out_axes, b1, b1, False, itemsize, vector)[1]
         diagonal, off = peak - graph, off - graph
         peak = int(max(diagonal, off) + _OTHER_BLOCK * min(diagonal, off)
                    + (1 + _SECOND_FUNCTION) * graph)
+    stage = factor_stage(impl, profile, out_axes, b1, b2, itemsize) if (
+        factors and not vector) else None
+    if stage is not None:
+        fused, stage = peak - graph, stage - graph
+        peak = int(max(fused, stage) + _POOL_LOSS * min(fused, stage)
+                   + (1 + _FACTOR_COMPILE) * graph)
     return flops, peak
 
 
@@ -210,7 +261,7 @@ def choose_block(order, profile, out_axes, n1, n2, same, itemsize, vector, batch
         for b in block_sizes():
             b1, b2 = padded_size(n1, b), padded_size(n2, b)
             flops, peak = block_estimates(impl, profile, out_axes, n1, b1, b2, same,
-                                          itemsize, vector)
+                                          itemsize, vector, factors=batch_size is None)
             blocks = math.ceil(n1 / b1) * math.ceil(n2 / b2)
             if same:
                 nb = math.ceil(n1 / b1)

@@ -169,20 +169,18 @@ def vector_product(s, v, ntvp, block_function, verbose, batch_size=None):
                                                        prepared[k][a0:a1])
             return done
 
+        def fused_tasks():
+            fn = block_function(same=False)
+            p1, p2 = reused_sizes(traced_sizes(fn), (s.n1, s.n2),
+                                  (padded_size(s.n1, s.block), padded_size(s.n2, s.block)),
+                                  fits, "pair")
+            traced_sizes(fn).add((p1, p2))
+            return [(fn, (padded_slice(s.x1, a0, a1, p1), padded_slice(s.x2, b0, b1, p2)),
+                     place(a0, a1, b0, b1, False))
+                    for a0, a1 in block_ranges(s.n1, p1) for b0, b1 in block_ranges(s.n2, p2)]
+
         # Past a size, blocks of a size compiled once from their factors (as empirical_ntk)
-        tasks = _block_factors.factor_tasks(s, results, batch_size, place, "vector")
-    if not ntvp and tasks is None:
-        tasks = []
-        fn = block_function(same=False)
-        p1, p2 = reused_sizes(traced_sizes(fn), (s.n1, s.n2),
-                              (padded_size(s.n1, s.block), padded_size(s.n2, s.block)), fits,
-                              "pair")
-        traced_sizes(fn).add((p1, p2))
-        for a0, a1 in block_ranges(s.n1, p1):
-            for b0, b1 in block_ranges(s.n2, p2):
-                tasks.append((fn, (padded_slice(s.x1, a0, a1, p1),
-                                   padded_slice(s.x2, b0, b1, p2)),
-                              place(a0, a1, b0, b1, False)))
+        tasks = _block_factors.factor_tasks(s, results, batch_size, fused_tasks, place, "vector")
     with frozen_state(model, s.plan.training):
         run_tasks(tasks, verbose)
     results = [r[..., :c] for r, c in zip(results, given)]

@@ -617,10 +617,10 @@ def empirical_ntk(model, x1, x2=None, *, trace_axes=(-1,), diagonal_axes=(),
     out_axes = s.out_axes * (len(groups) if groups is not None else 1)
     results = [np.zeros((s.n1, s.n2, *ax.kernel_shape), np_dtype) for ax in out_axes]
     used = []  # the fused path's block functions (appended as kernel_tasks gets them)
-    tasks = _block_factors.factor_tasks(s, results, batch_size) or kernel_tasks(
+    tasks = _block_factors.factor_tasks(s, results, batch_size, lambda: kernel_tasks(
         lambda same: used.append(_block_function(s, same)) or used[-1], results, out_axes,
         s.x1, s.x2, s.n1, s.n2, s.block, pad=not s.plan.coupled,  # past a size: 2 for any N
-        fits=_block_factors.budget_fits(s, batch_size))  # or a size already compiled
+        fits=_block_factors.budget_fits(s, batch_size)))  # or a size already compiled
     if not used or not all(getattr(fn, "shared", None) for fn in used):
         _validation.check_finite_weights(s.weights)  # else checked in every shared call
     with _frozen_state(model, s.plan.training):

@@ -538,6 +538,37 @@ def test_every_new_n_reuses_the_two_factor_functions(small_factor_blocks):
     assert _factor_tracing_counts(model, small_factor_blocks) == seen + 1
 
 
+def test_a_first_call_compiles_the_factor_functions_after_the_fused_blocks(
+        small_factor_blocks, monkeypatch):
+    """The factor functions run after the last fused block (allocated first, their buffers
+    stayed resident in TensorFlow's CPU memory pool under the fused blocks': the memory
+    estimate's `_costs.factor_stage`); the kernel is the reference."""
+    from keras_ntk import ntk as ntk_module
+
+    events = []
+    fused_function, factor_function = ntk_module._block_function, \
+        small_factor_blocks._factor_function
+
+    def recorded(name, fn):
+        def call(*args):
+            events.append(name)
+            return fn(*args)
+        return call
+
+    monkeypatch.setattr(ntk_module, "_block_function",
+                        lambda s, same: recorded("fused", fused_function(s, same)))
+    monkeypatch.setattr(small_factor_blocks, "_factor_function",
+                        lambda *args: recorded("factors", factor_function(*args)))
+    model = mlp()
+    x = inputs_for("mlp", 14)
+    kernel = keras_ntk.empirical_ntk(model, x, trace_axes=(), implementation="structured",
+                                     memory_budget=10**10, batch_size=None)
+    assert_close(kernel, reference(model, x, trace_axes=()))
+    assert events == ["fused", "factors"]  # one fused block of 16 (padded), then factors
+    keras_ntk.empirical_ntk(model, x[:9], trace_axes=(), implementation="structured")
+    assert events == ["fused", "factors", "factors", "factors"]  # two blocks of 8 (rung 12)
+
+
 def test_a_first_call_of_one_block_compiles_the_factor_functions_too(small_factor_blocks):
     """One block (6 examples: padded to 6, the fused function) also compiles the factors
     and the pair of blocks of 6: a larger N (17 × 9, 23) or a smaller one on another rung

@@ -124,6 +124,46 @@ def test_several_blocks_of_x_with_itself_compile_a_second_function():
         assert several > off_diagonal > single
 
 
+def test_a_first_call_without_batch_size_adds_the_block_factor_functions():
+    # From padded blocks of 128 examples (no batch_size: `choose_block`), the first call
+    # also compiles and runs the block-factor functions for blocks of min(block, 256): the
+    # larger of the two working sets, 15 % of the smaller one (the memory pool's
+    # partial reuse) and 1.25 × the tracing and compilation.
+    one = [OutputAxes((1,), (-1,), ())]
+    jac = Profile(out_shapes=[(1,)], activations=ACT, rule_dims=[], n_params=P, n_rest=P)
+    # jacobian: the factors are the block's per-example Jacobians (already counted)
+    _, plain = block_estimates("jacobian", jac, one, 256, 256, 256, True, 4)
+    _, first = block_estimates("jacobian", jac, one, 256, 256, 256, True, 4, factors=True)
+    assert plain == one_block(256, 256)
+    assert first == int(1.15 * (plain - GRAPH) + 1.25 * GRAPH)
+    # below 128 examples nothing more is compiled
+    assert block_estimates("jacobian", jac, one, 96, 96, 96, True, 4, factors=True)[1] == \
+        one_block(96, 96)
+    # a block of 512: the factors of blocks of 256 (the smaller working set)
+    _, plain = block_estimates("jacobian", jac, one, 512, 512, 512, True, 4)
+    _, first = block_estimates("jacobian", jac, one, 512, 512, 512, True, 4, factors=True)
+    assert first == int(plain - GRAPH + 0.15 * (one_block(256, 256) - GRAPH) + 1.25 * GRAPH)
+    # structured, one rule contracted per example (60 weights, 10 outputs): the factor
+    # stage returns W (256 · 10 · 60 numbers) on top of the block's working memory
+    rule = RuleDims(p=64, g=1, a=10, b=6, gather=False)
+    ten = [OutputAxes((10,), (), ())]
+    profile = Profile(out_shapes=[(10,)], activations=ACT, rule_dims=[rule], n_params=60,
+                      n_rest=0)
+    _, plain = block_estimates("structured", profile, ten, 256, 256, 256, True, 4)
+    _, first = block_estimates("structured", profile, ten, 256, 256, 256, True, 4,
+                               factors=True)
+    stage = plain + 4 * 256 * 10 * 60
+    assert first == int(stage - GRAPH + 0.15 * (plain - GRAPH) + 1.25 * GRAPH)
+    # choose_block charges it without batch_size only: a budget of one block of 256
+    budget = one_block(256, 256)
+    kwargs = dict(budget=budget, result_bytes=0, memory_budget=budget)
+    assert choose_block(["jacobian"], jac, one, 256, 256, True, 4, False, 256,
+                        **kwargs) == ("jacobian", 256)
+    assert choose_block(["jacobian"], jac, one, 256, 256, True, 4, False, None,
+                        **kwargs) == ("jacobian", 64)  # not 192 or 128 (factors), nor 96
+    assert block_estimates("jacobian", jac, one, 256, 96, 96, True, 4)[1] > budget
+
+
 def test_format_bytes():
     assert [format_bytes(n) for n in (100, 4_804, 3 * 2**20, 2**40)] == [
         "100 B", "4.7 KiB", "3.0 MiB", "1.0 TiB"]
