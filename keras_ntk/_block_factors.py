@@ -32,7 +32,7 @@ import threading
 import numpy as np
 import tensorflow as tf
 
-from keras_ntk import _batching
+from keras_ntk import _batching, _distribute
 from keras_ntk._costs import FACTOR_SIZES, Profile, block_estimates, estimates
 from keras_ntk._jacobians import per_example_jacobians, recurrent_layers
 from keras_ntk._structured import (
@@ -60,7 +60,9 @@ _LOGGER = logging.getLogger("keras_ntk")
 def budget_fits(s, batch_size, vector=False):
     """`fits(p1, p2)`: whether padded blocks of p1 × p2 fit the memory budget of the
     set-up `s` with its result (`_batching.reused_sizes`), and `batch_size` if given.
-    Θ(x, x) counts both block functions (`kernel_tasks` compiles the two)."""
+    Θ(x, x) counts both block functions (`kernel_tasks` compiles the two). Under a
+    multi-worker strategy nothing but the call's own rung fits: the sizes a process
+    already ran at are its own history, and every worker must cut the same blocks."""
     plan = s.plan
     same = s.same and not vector
     result = sum(s.n1 * (1 if vector else s.n2) * ax.kernel_size for ax in plan.out_axes)
@@ -68,6 +70,8 @@ def budget_fits(s, batch_size, vector=False):
 
     def fits(p1, p2):
         if batch_size is not None and max(p1, p2) > batch_size:
+            return False
+        if _distribute.multi_worker_strategy() is not None:
             return False
         _, peak = block_estimates(s.implementation, s.profile, plan.out_axes,
                                   s.n1 + p1 if same else s.n1, p1, p2, same,

@@ -197,6 +197,19 @@ def test_reused_sizes_stay_within_the_bounds_of_extra_work():
     assert reused_sizes({(24, 24), (16, 16)}, (11, 13), (12, 16), fits, "pair") == (16, 16)
 
 
+def test_no_size_is_reused_under_a_multi_worker_strategy(monkeypatch):
+    # Each process's compiled sizes are its own history; the workers must cut the same
+    # blocks, so only a call's own rung is used there.
+    from keras_ntk import _distribute, ntk
+
+    model = mlp(3)
+    x = np.random.default_rng(0).normal(size=(10, 5)).astype("float32")
+    s = ntk.kernel_setup(model, x, None, (-1,), (), "auto", None, None, False, None)
+    assert _block_factors.budget_fits(s, None)(16, 16)
+    monkeypatch.setattr(_distribute, "multi_worker_strategy", lambda: object())
+    assert not _block_factors.budget_fits(s, None)(16, 16)
+
+
 @pytest.mark.usefixtures("fresh")
 @pytest.mark.parametrize("name", ["cnn", "text", "two_outputs", "residual"])
 def test_per_layer_block_factors_equal_the_fused_per_layer_kernels(name, monkeypatch):
