@@ -41,6 +41,25 @@ def mirrored_strategy():
 
 
 @pytest.fixture
+def small_factor_blocks(monkeypatch):
+    """The block-factor path (`keras_ntk._block_factors`, returned) from padded blocks of
+    4 up to blocks of 8, with fresh caches and plain graphs, so that small inputs take
+    it (19 = 8 + 8 + 3 examples)."""
+    import collections
+
+    from keras_ntk import _batching, _block_factors
+
+    monkeypatch.setattr(_batching, "_JIT", "0")
+    monkeypatch.setattr(_batching, "_SHARED", collections.OrderedDict())
+    monkeypatch.setattr(_block_factors, "MIN_SIZE", 4)
+    monkeypatch.setattr(_block_factors, "MAX_SIZE", 8)
+    monkeypatch.setattr(_block_factors, "_SIZES", collections.OrderedDict())
+    monkeypatch.setattr(_block_factors, "_PAIR_FUNCTIONS", collections.OrderedDict())
+    monkeypatch.setattr(_block_factors, "factor_bytes", _block_factors.factor_bytes)
+    return _block_factors
+
+
+@pytest.fixture
 def float64_keras():
     """Keras' floatx set to float64 for one test (restored after it)."""
     previous = keras.config.floatx()

@@ -440,24 +440,6 @@ def test_a_repeated_call_reuses_its_plan_and_block_functions():
 # ----------------------------------------------------------------- block factors (new N)
 
 
-@pytest.fixture
-def small_factor_blocks(monkeypatch):
-    """The block-factor path from padded blocks of 4 up to blocks of 8 (fresh caches, plain
-    graphs), so that small inputs take it: 19 = 8 + 8 + 3 examples."""
-    import collections
-
-    from keras_ntk import _block_factors
-
-    monkeypatch.setattr(_batching, "_JIT", "0")
-    monkeypatch.setattr(_batching, "_SHARED", collections.OrderedDict())
-    monkeypatch.setattr(_block_factors, "MIN_SIZE", 4)
-    monkeypatch.setattr(_block_factors, "MAX_SIZE", 8)
-    monkeypatch.setattr(_block_factors, "_SIZES", collections.OrderedDict())
-    monkeypatch.setattr(_block_factors, "_PAIR_FUNCTIONS", collections.OrderedDict())
-    monkeypatch.setattr(_block_factors, "factor_bytes", _block_factors.factor_bytes)
-    return _block_factors
-
-
 def _factor_tracing_counts(model, block_factors):
     """Traces of the model's block functions (factor functions included) and of the pair
     functions."""

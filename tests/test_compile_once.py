@@ -7,8 +7,6 @@ another size) trace no compiled function, and padded rows never reach the result
 with `experimental_get_tracing_count`, never timed.
 """
 
-import collections
-
 import keras
 import numpy as np
 import pytest
@@ -17,17 +15,6 @@ from ntk_reference import mlp, reference
 
 import keras_ntk
 from keras_ntk import _batching, _block_factors
-
-
-@pytest.fixture
-def fresh(monkeypatch):
-    """Plain graphs, fresh caches, and the block-factor path from blocks of 4 up to 8."""
-    monkeypatch.setattr(_batching, "_JIT", "0")
-    monkeypatch.setattr(_batching, "_SHARED", collections.OrderedDict())
-    monkeypatch.setattr(_block_factors, "MIN_SIZE", 4)
-    monkeypatch.setattr(_block_factors, "MAX_SIZE", 8)
-    monkeypatch.setattr(_block_factors, "_SIZES", collections.OrderedDict())
-    monkeypatch.setattr(_block_factors, "_PAIR_FUNCTIONS", collections.OrderedDict())
 
 
 def traces(model):
@@ -60,7 +47,7 @@ def _v(n, columns, seed):
     return np.random.default_rng(100 + seed).normal(size=shape)
 
 
-@pytest.mark.usefixtures("fresh")
+@pytest.mark.usefixtures("small_factor_blocks")  # conftest
 @pytest.mark.parametrize("implementation", ["structured", "ntvp"])
 def test_vector_products_at_new_sizes_trace_nothing(implementation):
     model = _model()
@@ -80,7 +67,7 @@ def test_vector_products_at_new_sizes_trace_nothing(implementation):
         assert traces(model) == seen, (n1, n2)
 
 
-@pytest.mark.usefixtures("fresh")
+@pytest.mark.usefixtures("small_factor_blocks")  # conftest
 def test_ntvp_pads_columns_with_zeros_exactly():
     """Column counts share the ladder's rungs (5 and 6 one function); the zero columns
     and the padded rows add nothing."""
@@ -96,7 +83,7 @@ def test_ntvp_pads_columns_with_zeros_exactly():
             assert traces(model) == seen
 
 
-@pytest.mark.usefixtures("fresh")
+@pytest.mark.usefixtures("small_factor_blocks")  # conftest
 def test_training_mode_at_new_sizes_traces_nothing():
     """Training mode of a model whose layers keep examples apart: padded like inference."""
     model = _model()
@@ -111,7 +98,7 @@ def test_training_mode_at_new_sizes_traces_nothing():
         assert traces(model) == seen, (n1, n2)
 
 
-@pytest.mark.usefixtures("fresh")
+@pytest.mark.usefixtures("small_factor_blocks")  # conftest
 def test_training_mode_with_batchnorm_is_never_padded(monkeypatch):
     """BatchNorm in training mode couples the examples of a batch: no block, no padding."""
     keras.utils.set_random_seed(0)
@@ -154,7 +141,7 @@ def _per_layer_reference(model, x1, x2):
     return out
 
 
-@pytest.mark.usefixtures("fresh")
+@pytest.mark.usefixtures("small_factor_blocks")  # conftest
 @pytest.mark.parametrize("implementation", ["structured", "jacobian"])
 def test_per_layer_kernels_at_new_sizes_trace_nothing(implementation):
     """Per-layer kernels through the block factors (one Θ_l per group from the same
@@ -210,7 +197,7 @@ def test_no_size_is_reused_under_a_multi_worker_strategy(monkeypatch):
     assert not _block_factors.budget_fits(s, None)(16, 16)
 
 
-@pytest.mark.usefixtures("fresh")
+@pytest.mark.usefixtures("small_factor_blocks")  # conftest
 @pytest.mark.parametrize("name", ["cnn", "text", "two_outputs", "residual"])
 def test_per_layer_block_factors_equal_the_fused_per_layer_kernels(name, monkeypatch):
     """Convolutions, token gathers, two outputs, a subclassed model: the per-layer kernels
