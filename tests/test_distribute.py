@@ -176,14 +176,14 @@ def test_kernels_split_across_two_workers(tmp_path):
         np.testing.assert_allclose(np.sort(w["eig_values"]), np.linalg.eigvalsh(naive)[-3:],
                                    rtol=1e-4)
     # The split: 11 examples in blocks of 3 → 4 row blocks → 10 blocks on/above the
-    # diagonal, 5 per worker; x (11) × x2 (6) in blocks of 4 → 3 × 2 = 6, 3 per worker,
-    # except ntk12: it reuses the 3 × 3 blocks "ntk" compiled (padded work 12·6, below
-    # the 12·8 of blocks of 4; `_batching.reused_sizes`) → 4 × 2 = 8, 4 per worker.
+    # diagonal, 5 per worker; x (11) × x2 (6) in blocks of 4 → 3 × 2 = 6, 3 per worker.
+    # (ntk12 does not reuse the 3 × 3 blocks "ntk" compiled: under a multi-worker strategy
+    # no size comes from a process's own history, `_block_factors.budget_fits`.)
     blocks = {name: [int(w[name + "_blocks"]) for w in workers]
               for name in ("ntk", "ntk12", "kv", "kv_ntvp", "eig_values", "nngp", "inf_ntk")}
     print(blocks)
     assert blocks["ntk"] == [5, 5]
-    assert blocks["ntk12"] == [4, 4]
+    assert blocks["ntk12"] == [3, 3]
     assert blocks["kv"] == [3, 3]
     # ntvp: 2 VJP blocks over x2 and 3 JVP blocks over x: (1 + 2, 1 + 1).
     assert blocks["kv_ntvp"] == [3, 2]
