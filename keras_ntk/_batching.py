@@ -209,7 +209,7 @@ def reused_sizes(traced, ns, target, fits, kind):
 
 
 def kernel_tasks(block_function, results, out_axes, x1, x2, n1, n2, block, pad=True,
-                 fits=None):
+                 fits=None, place=None):
     """[(fn, args, on_done)]: the blocks of Θ(x1, x2), each written into `results`.
 
     `block_function(same)` returns the compiled kernel function of one block:
@@ -219,8 +219,13 @@ def kernel_tasks(block_function, results, out_axes, x1, x2, n1, n2, block, pad=T
     With `pad`, every block is padded to `padded_size` examples (one fixed
     shape per side) and the padding cut off its kernel block. With `pad` and
     `fits(p1, p2)` (whether blocks of p1 × p2 fit the memory budget), a size
-    the functions already ran at is reused (`reused_sizes`).
+    the functions already ran at is reused (`reused_sizes`). `place(a0, a1, b0, b1,
+    mirror)` gives the on_done of the block of rows a0:a1 and columns b0:b1 (default:
+    written into `results`, `placer`).
     """
+    if place is None:
+        def place(a0, a1, b0, b1, mirror):
+            return placer(results, out_axes, a0, a1, b0, b1, mirror)
     rows = block_ranges(n1, block)
     cols = rows if x2 is None else block_ranges(n2, block)
     p1 = padded_size(n1, block) if pad else None
@@ -245,11 +250,11 @@ def kernel_tasks(block_function, results, out_axes, x1, x2, n1, n2, block, pad=T
                     continue
                 if i == j:
                     tasks.append((fn_diag, (padded_slice(x1, a0, a1, p1),),
-                                  placer(results, out_axes, a0, a1, b0, b1, False)))
+                                  place(a0, a1, b0, b1, False)))
                 else:
                     tasks.append((fn_off, (padded_slice(x1, a0, a1, p1),
                                            padded_slice(x1, b0, b1, p1)),
-                                  placer(results, out_axes, a0, a1, b0, b1, True)))
+                                  place(a0, a1, b0, b1, True)))
     else:
         fn = block_function(False)
         if pad and fits is not None:
@@ -259,7 +264,7 @@ def kernel_tasks(block_function, results, out_axes, x1, x2, n1, n2, block, pad=T
         for a0, a1 in rows:
             for b0, b1 in cols:
                 tasks.append((fn, (padded_slice(x1, a0, a1, p1), padded_slice(x2, b0, b1, p2)),
-                              placer(results, out_axes, a0, a1, b0, b1, False)))
+                              place(a0, a1, b0, b1, False)))
     return tasks
 
 

@@ -14,8 +14,8 @@ import tensorflow as tf
 
 from keras_ntk import _block_factors
 from keras_ntk._batching import (
-    block_ranges, bucket, compiled, frozen_state, padded_size, padded_slice, reused_sizes,
-    run_tasks, traced_sizes)
+    block_ranges, bucket, compiled, frozen_state, kernel_tasks, padded_size, padded_slice,
+    reused_sizes, run_tasks, traced_sizes)
 from keras_ntk._jacobians import call_flat
 from keras_ntk._output_axes import cotangents_from_vector, swap_pairs, vector_from_products
 
@@ -169,15 +169,9 @@ def vector_product(s, v, ntvp, block_function, verbose, batch_size=None):
                                                        prepared[k][a0:a1])
             return done
 
-        def fused_tasks():
-            fn = block_function(same=False)
-            p1, p2 = reused_sizes(traced_sizes(fn), (s.n1, s.n2),
-                                  (padded_size(s.n1, s.block), padded_size(s.n2, s.block)),
-                                  fits, "pair")
-            traced_sizes(fn).add((p1, p2))
-            return [(fn, (padded_slice(s.x1, a0, a1, p1), padded_slice(s.x2, b0, b1, p2)),
-                     place(a0, a1, b0, b1, False))
-                    for a0, a1 in block_ranges(s.n1, p1) for b0, b1 in block_ranges(s.n2, p2)]
+        def fused_tasks():  # x2 is given (x1 itself when same): blocks of Θ(x1, x2)
+            return kernel_tasks(block_function, results, s.out_axes, s.x1, s.x2, s.n1, s.n2,
+                                s.block, fits=fits, place=place)
 
         # Past a size, blocks of a size compiled once from their factors (as empirical_ntk)
         tasks = _block_factors.factor_tasks(s, results, batch_size, fused_tasks, place, "vector")
