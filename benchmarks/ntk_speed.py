@@ -236,11 +236,12 @@ def estimate_case(case, n=None):
     return model, x, trace_axes, _status_bytes("VmRSS")
 
 
-def estimate_child(case, implementation, block=None, n=None):
+def estimate_child(case, implementation, block=None, n=None, vector=False):
     """Runs in a fresh process: the estimated peak of one call against the measured one.
 
     `block`: blocks of that many examples (`batch_size`, no budget limit); None: what
-    the default memory budget picks.
+    the default memory budget picks. `vector`: `ntk_vector_product(model, x, None, v)`
+    with one column of ones instead of `empirical_ntk(model, x)`.
 
     Baseline: the resident size once TensorFlow is imported and the model built (and
     called once on one example). Measured: the resident high-water mark (VmHWM) of the
@@ -256,31 +257,43 @@ def estimate_child(case, implementation, block=None, n=None):
     n = len(x)
     start = time.perf_counter()
     fixed = {} if block is None else dict(batch_size=block, memory_budget=2**40)
-    kernel = keras_ntk.empirical_ntk(model, x, trace_axes=trace_axes,
-                                     implementation=implementation, **fixed)
+    if vector:
+        kept = model.output_shape[1:] if trace_axes == () else model.output_shape[1:-1]
+        v = np.ones((n, *kept), "float32")
+
+        def call():
+            return keras_ntk.ntk_vector_product(model, x, None, v, trace_axes=trace_axes,
+                                                implementation=implementation, **fixed)
+    else:
+        def call():
+            return keras_ntk.empirical_ntk(model, x, trace_axes=trace_axes,
+                                           implementation=implementation, **fixed)
+    kernel = call()
     first_seconds = time.perf_counter() - start
     first_peak = _status_bytes("VmHWM") - baseline
     setup = ntk_module.kernel_setup(model, x, None, trace_axes, (), implementation,
-                                    block, fixed.get("memory_budget"), False, None)
+                                    block, fixed.get("memory_budget"), False, None,
+                                    vector=vector)
     del kernel
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _status_bytes("VmRSS")
     start = time.perf_counter()
-    kernel = keras_ntk.empirical_ntk(model, x, trace_axes=trace_axes,
-                                     implementation=implementation, **fixed)
+    kernel = call()
     seconds = time.perf_counter() - start
     warm_peak = _status_bytes("VmHWM") - before
     from keras_ntk._batching import padded_size
     from keras_ntk._costs import block_estimates
     p = padded_size(n, setup.block)
     _, block_peak = block_estimates(setup.implementation, setup.profile, setup.out_axes, n,
-                                    p, p, True, setup.plan.dtype.size, factors=block is None)
+                                    p, p, not vector, setup.plan.dtype.size, vector,
+                                    factors=block is None)
     result = kernel.nbytes
     # Whether the first call also compiled the block-factor functions (default path, N >= 128).
     factors = any(isinstance(b, int) for b in _block_factors._sizes_compiled(setup))
-    print(json.dumps(dict(case=case, implementation=setup.implementation, n=n, factors=factors,
+    print(json.dumps(dict(case=case, vector=vector, implementation=setup.implementation, n=n,
+                          factors=factors,
                           block=setup.block, measured=first_peak, measured_warm=warm_peak,
                           estimated=block_peak + result, result=result,
                           first_seconds=first_seconds, seconds=seconds,
@@ -288,11 +301,12 @@ def estimate_child(case, implementation, block=None, n=None):
                           n_params=setup.profile.n_params)))
 
 
-def memory_estimates(cases, blocks=None, sizes=None):
+def memory_estimates(cases, blocks=None, sizes=None, vector=False):
     """Estimated / measured peak per case and implementation, each in a fresh process.
 
     `blocks`: {case: [block sizes]} to measure fixed blocks instead of the default budget's;
-    `sizes`: {case: [N]} to measure other N than the case's.
+    `sizes`: {case: [N]} to measure other N than the case's; `vector`: of
+    `ntk_vector_product` (one column) instead of `empirical_ntk`.
     """
     print(f"{'case':12s} {'impl':10s} {'N':>5s} {'block':>5s} {'measured':>10s} "
           f"{'warm':>10s} {'estimated':>10s} {'est/meas':>8s} factors", flush=True)
@@ -303,6 +317,7 @@ def memory_estimates(cases, blocks=None, sizes=None):
                                for n in (sizes or {}).get(case, [None])]:
             extra = [] if block is None else ["--estimate-block", str(block)]
             extra += [] if n is None else ["--estimate-n", str(n)]
+            extra += ["--estimate-vector"] if vector else []
             out = subprocess.run([sys.executable, __file__, "--estimate-child", case, impl,
                                   *extra], capture_output=True, text=True, check=False,
                                  cwd=ROOT)
@@ -546,6 +561,9 @@ def main():
                         help="estimated vs measured peak memory of one call per case")
     parser.add_argument("--estimate-block", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--estimate-n", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--estimate-vector", action="store_true",
+                        help="with --memory-estimates: of ntk_vector_product (one column of "
+                             "ones) instead of empirical_ntk")
     parser.add_argument("--estimate-sizes", default=None,
                         help="with --memory-estimates: N per case instead of the case's, "
                              "e.g. resnet18=128:256,transformer=512")
@@ -568,7 +586,8 @@ def main():
         memory_child()
         return
     if args.estimate_child:
-        estimate_child(*args.estimate_child, block=args.estimate_block, n=args.estimate_n)
+        estimate_child(*args.estimate_child, block=args.estimate_block, n=args.estimate_n,
+                       vector=args.estimate_vector)
         return
     print(f"device: {device_name()}; TensorFlow {tf.__version__}, Keras {keras.__version__}; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
@@ -594,7 +613,7 @@ def main():
 
         out["memory_estimates"] = memory_estimates(
             [c for c in args.cases.split(",") if c in ESTIMATE_CASES],
-            per_case(args.estimate_blocks), per_case(args.estimate_sizes))
+            per_case(args.estimate_blocks), per_case(args.estimate_sizes), args.estimate_vector)
     if not args.skip_memory:
         out["memory"] = memory()
     print(f"load average {os.getloadavg()[0]:.1f} at the end", flush=True)

@@ -229,8 +229,7 @@ def block_estimates(impl, profile, out_axes, n1, b1, b2, same, itemsize, vector=
         diagonal, off = peak - graph, off - graph
         peak = int(max(diagonal, off) + _OTHER_BLOCK * min(diagonal, off)
                    + (1 + _SECOND_FUNCTION) * graph)
-    stage = factor_stage(impl, profile, out_axes, b1, b2, itemsize) if (
-        factors and not vector) else None
+    stage = factor_stage(impl, profile, out_axes, b1, b2, itemsize) if factors else None
     if stage is not None:
         fused, stage = peak - graph, stage - graph
         peak = int(max(fused, stage) + _POOL_LOSS * min(fused, stage)

@@ -402,9 +402,10 @@ def kernel_setup(model, x1, x2, trace_axes, diagonal_axes, implementation, batch
     else:
         order = [implementation]
 
+    # A vector product runs pairs of blocks (`_vector_product`): x1 against itself too.
     s.implementation, s.block = choose_block(
-        order, profile, out_axes, s.n1, s.n2, s.same, itemsize, vector, batch_size,
-        budget, result_bytes, memory_budget)
+        order, profile, out_axes, s.n1, s.n2, s.same and not vector, itemsize, vector,
+        batch_size, budget, result_bytes, memory_budget)
     if coupled and (s.block < s.n1 or s.block < s.n2):
         raise ValueError(
             "With training=True, BatchNormalization couples the examples of a batch, "

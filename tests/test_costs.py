@@ -11,6 +11,7 @@ of the diagonal one's working memory and 1.4 × 80 MiB.
 """
 
 import keras
+import numpy as np
 import pytest
 
 import keras_ntk
@@ -164,12 +165,47 @@ def test_a_first_call_without_batch_size_adds_the_block_factor_functions():
     assert block_estimates("jacobian", jac, one, 256, 96, 96, True, 4)[1] > budget
 
 
+def test_a_first_vector_product_counts_its_pairs_of_blocks_and_the_block_factors():
+    # ntk_vector_product runs pairs of blocks (x1 against itself as against any x2) and,
+    # past 128 examples, the block factors too: its first call is charged for both.
+    one = [OutputAxes((1,), (-1,), ())]
+    jac = Profile(out_shapes=[(1,)], activations=ACT, rule_dims=[], n_params=P, n_rest=P)
+    _, plain = block_estimates("jacobian", jac, one, 256, 256, 256, False, 4, True)
+    _, first = block_estimates("jacobian", jac, one, 256, 256, 256, False, 4, True,
+                               factors=True)
+    assert plain == one_block(512, 256)  # two sides of 256 examples
+    assert first == int(plain - GRAPH + 0.15 * (one_block(256, 256) - GRAPH) + 1.25 * GRAPH)
+    # choose_block with same=False, as kernel_setup calls it for a vector product: a
+    # budget of one diagonal block of 256 holds a pair of blocks of 96 at most
+    budget = one_block(256, 256)
+    kwargs = dict(budget=budget, result_bytes=0, memory_budget=budget)
+    assert choose_block(["jacobian"], jac, one, 256, 256, False, 4, True, None,
+                        **kwargs) == ("jacobian", 96)
+
+
 def test_format_bytes():
     assert [format_bytes(n) for n in (100, 4_804, 3 * 2**20, 2**40)] == [
         "100 B", "4.7 KiB", "3.0 MiB", "1.0 TiB"]
 
 
 # ----------------------------------------------------------------- through empirical_ntk
+
+
+@pytest.mark.usefixtures("plain_graphs")
+def test_a_vector_product_of_x_with_itself_is_planned_as_pairs_of_blocks(monkeypatch):
+    # `_vector_product` runs the two-block function on x1 against itself: its memory
+    # is that of a pair of blocks (same=False), not of a diagonal block of Θ(x, x).
+    model, x = mlp(), inputs_for("mlp", 16)
+    seen = []
+
+    def spy(order, profile, out_axes, n1, n2, same, *args):
+        seen.append(same)
+        return choose_block(order, profile, out_axes, n1, n2, same, *args)
+
+    monkeypatch.setattr(ntk_module, "choose_block", spy)
+    keras_ntk.ntk_vector_product(model, x, None, np.ones(16, "float32"))
+    keras_ntk.empirical_ntk(model, x)
+    assert seen == [False, True]
 
 
 @pytest.mark.usefixtures("plain_graphs")
