@@ -3,8 +3,9 @@
 `ntk_vector_product` (Θ blocks and "ntvp"), `empirical_ntk(training=True)` and
 `empirical_ntk(per_layer=True)`: after a first call, calls at other N (and x2 of
 another size) trace no compiled function, and padded rows never reach the results
-(equal to float64 Jacobian references at the unpadded inputs). Traces are counted
-with `experimental_get_tracing_count`, never timed.
+(equal to float64 Jacobian references at the unpadded inputs); under a single-worker
+strategy (conftest's MirroredStrategy, OneDeviceStrategy) the default path too. Traces are
+counted with `experimental_get_tracing_count`, never timed.
 """
 
 import keras
