@@ -1,17 +1,23 @@
 """First call at a new N against a repeated call, off the default path (issue 18 §3).
 
 `ntk_vector_product` (auto and "ntvp"), `empirical_ntk(per_layer=True)` and
-`empirical_ntk(training=True)`, for an MLP and a LeNet-like CNN on the digits: each
-case is first seen at N=256 (called twice), then called at each N of `--sizes`
-(first, then repeated), and once with x2 of another size. Prints one JSON line
-per call pair: seconds of the first and the repeated call, their ratio, the
-traces of compiled functions the first call added, and the 1-minute load average.
+`empirical_ntk(training=True)` (and the default path: case "default"), for an MLP and
+a LeNet-like CNN on the digits: each case is first seen at N=256 (called twice), then
+called at each N of `--sizes` (first, then repeated), and once with x2 of another size.
+Prints one JSON line per call pair: seconds of the first and the repeated call, their
+ratio, the traces of compiled functions the first call added, and the 1-minute load
+average.
+
+`--strategy mirrored` runs every call (and builds the models) in the scope of a
+`tf.distribute.MirroredStrategy` over two logical CPU devices (configured before
+TensorFlow initializes); `one_device` in a `OneDeviceStrategy` on the CPU.
 
 Run: `python benchmarks/compile_once.py [--models mlp,lenet] [--cases ...]
-[--sizes 100,257,300,1000]`.
+[--sizes 100,257,300,1000] [--strategy none|mirrored|one_device]`.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -67,15 +73,37 @@ def main():
     parser.add_argument("--models", default="mlp,lenet")
     parser.add_argument("--cases", default="vp_auto,vp_ntvp,vp_ntvp_3cols,per_layer,training")
     parser.add_argument("--sizes", default="100,257,300,1000")
+    parser.add_argument("--strategy", default="none", choices=["none", "mirrored", "one_device"])
     args = parser.parse_args()
+    scope = contextlib.nullcontext
+    if args.strategy != "none":
+        import tensorflow as tf
+        if args.strategy == "mirrored":  # before TensorFlow initializes its runtime
+            cpu = tf.config.list_physical_devices("CPU")[0]
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+            strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        else:
+            strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+        scope = strategy.scope
     x = load_digits().data.astype("float32").reshape(-1, 8, 8, 1) / 16.0
     for model_name in args.models.split(","):
         for case in args.cases.split(","):
             keras.utils.set_random_seed(0)
-            model = {"mlp": mlp, "lenet": lenet}[model_name]()
-            call = CASES[case]
-            call(model, x[:256], None)
-            call(model, x[:256], None)
+            with scope():
+                model = {"mlp": mlp, "lenet": lenet}[model_name]()
+            case_call = CASES[case]
+
+            def call(model, x1, x2):
+                with scope():
+                    return case_call(model, x1, x2)
+
+            seen, _ = timed(lambda: call(model, x[:256], None))  # compiles
+            repeated, _ = timed(lambda: call(model, x[:256], None))
+            print(json.dumps(dict(model=model_name, case=case, n="256, model new",
+                                  first=round(seen, 3), repeated=round(repeated, 3),
+                                  traces=traces(model), strategy=args.strategy,
+                                  load=os.getloadavg()[0])), flush=True)
 
             def pair(label, x1, x2=None):
                 before = traces(model)
@@ -85,6 +113,7 @@ def main():
                 print(json.dumps(dict(model=model_name, case=case, n=label, first=round(first, 3),
                                       repeated=round(repeated, 3),
                                       ratio=round(first / repeated, 2), traces=added,
+                                      strategy=args.strategy,
                                       load=os.getloadavg()[0])), flush=True)
 
             for n in [int(s) for s in args.sizes.split(",")]:

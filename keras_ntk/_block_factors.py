@@ -22,6 +22,15 @@ contraction runs per pair of blocks. Exact: the same contractions as the
 fused block functions of `ntk`, blocks padded with their last example and the
 padding cut off (examples independent: inference mode, or training mode of a model
 whose layers do not couple the examples of a batch; `_weights.couples_examples`).
+
+Under a single-worker strategy (`MirroredStrategy` over the devices of one machine,
+`OneDeviceStrategy`) the two functions are the model's own (not shared by architecture,
+like the fused ones there), traced once per device, and compiled in replica context on
+every replica after the first fused call. `_batching.run_tasks` spreads the factor tasks
+over the replicas (each keeps its block's factors as tensors on its device) and then the
+pair tasks (a pair reads factors on another local device: TensorFlow copies them). Under a
+`MultiWorkerMirroredStrategy` with several workers the fused path stays: the factors
+would have to cross workers, and every worker must cut the same blocks.
 """
 
 import collections
@@ -55,6 +64,23 @@ _PAIR_FUNCTIONS = collections.OrderedDict()  # (spec, axes, dtype, jit): pair fu
 _PAIR_LIMIT = 32
 _LOCK = threading.RLock()
 _LOGGER = logging.getLogger("keras_ntk")
+
+# Strategies the factor path runs under (one machine: its factors are local tensors).
+_SINGLE_WORKER = (tf.distribute.MirroredStrategy, tf.distribute.OneDeviceStrategy)
+
+
+def strategy_devices():
+    """None without a strategy; the devices of a single-worker strategy in scope (part of
+    the keys of its factor functions and compiled sizes); False under any other strategy
+    (a multi-worker one with several workers, TPUStrategy, ...) or in replica context:
+    the fused path there."""
+    if not tf.distribute.has_strategy():
+        return None
+    strategy = tf.distribute.get_strategy()
+    if (not tf.distribute.in_cross_replica_context() or not isinstance(strategy, _SINGLE_WORKER)
+            or _distribute.multi_worker_strategy() is not None):
+        return False
+    return tuple(strategy.extended.worker_devices)
 
 
 def budget_fits(s, batch_size, vector=False):
@@ -232,15 +258,19 @@ def pair_function(spec, out_axes, dtype, jit, groups=None):
 def _factor_function(s, spec, rules):
     """The compiled factors of one block, shared by architecture when possible."""
     plan = s.plan
+    devices = strategy_devices()
     key = ("factors", s.implementation, spec, plan.dtype.name,
            tuple((ax.trace, ax.diag) for ax in plan.out_axes), plan.training,
-           layout(plan, rules))
+           layout(plan, rules), devices)
     fn = plan.functions.get(key)
     if fn is not None:
         return fn
     jit = not recurrent_layers(plan.model)
     index = {id(v): i for i, v in enumerate(plan.model.variables)}
-    if all(id(w) in index for w in plan.weights):
+    fn = None
+    # Under a strategy the model's own function (as `ntk._shared_block_function`): it
+    # reads the replica's copy of each variable in replica context.
+    if devices is None and all(id(w) in index for w in plan.weights):
         def builder(state, values, x):
             return block_factors(state[0].with_values(values), state[1], spec, x)
 
@@ -270,6 +300,9 @@ def _sizes_compiled(s):
                layout(plan, s.rules if s.implementation == "structured" else []))
     arch = _batching.architecture_key(plan.model)
     index = {id(v): i for i, v in enumerate(plan.model.variables)}
+    devices = strategy_devices()
+    if devices is not None:  # the model's own functions, traced per device
+        return plan.functions.setdefault(("factor sizes", devices) + options, set())
     if arch is None or any(id(w) not in index for w in plan.weights):
         return plan.functions.setdefault(("factor sizes",) + options, set())
     key = (arch, options, tuple(index[id(w)] for w in plan.weights))
@@ -311,17 +344,21 @@ def factor_tasks(s, results, batch_size, fused_tasks, place=None, tag="fused"):
 
     Used for structured/jacobian kernels (training mode too, unless it couples the
     examples: `plan.coupled`, never padded), per-layer ones too, without
-    `batch_size` or a strategy, when the factors of every block, one pair's working
-    memory and the result fit the budget, and the fused function of this call's rung
-    has not run (a call that compiles anyway runs fused and compiles the factor
-    functions after its last block). The factors of all blocks are computed first (one
-    task each), then one task per pair of blocks.
+    `batch_size`, with no strategy or a single-worker one (`strategy_devices`), when
+    the factors of every block, one pair's working memory per replica and the result fit
+    the budget, and the fused function of this call's rung has not run (a call that
+    compiles anyway runs fused and compiles the factor functions after its last block,
+    on every replica). The factors of all blocks are computed first (one task each;
+    under R replicas padded with tasks doing nothing to a multiple of R, so that no
+    pair runs beside the factors it reads), then one task per pair of blocks.
     """
     plan = s.plan
     if (s.implementation not in ("structured", "jacobian") or plan.coupled
             or batch_size is not None
-            or tf.distribute.has_strategy()):
+            or strategy_devices() is False):
         return fused_tasks()
+    strategy = _batching._strategy()  # several replicas: tasks run in replica context
+    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
     compiled_sizes = _sizes_compiled(s)
     if "unusable" in compiled_sizes:
         return fused_tasks()
@@ -340,7 +377,8 @@ def factor_tasks(s, results, batch_size, fused_tasks, place=None, tag="fused"):
     held = (len(rows) + (0 if s.same else len(cols))) * size
     _, working = estimates(s.implementation, s.profile, out_axes, size, size, False, itemsize)
     result_bytes = sum(r.nbytes for r in results)
-    if held * factor_bytes(profile, out_axes, spec, itemsize) + working + result_bytes > s.budget:
+    if (held * factor_bytes(profile, out_axes, spec, itemsize) + replicas * working
+            + result_bytes > s.budget):
         return fused_tasks()
     if place is None:
         def place(a0, a1, b0, b1, mirror):
@@ -361,10 +399,29 @@ def factor_tasks(s, results, batch_size, fused_tasks, place=None, tag="fused"):
         # allocator is a BFC pool that never returns memory, so the factors' buffers
         # allocated first stayed resident under the fused blocks' (MLP-1 jacobian, 256
         # examples: a first-call peak of 1455 MiB, 844 MiB in this order).
+        x = _batching.padded_slice(s.x1, 0, min(s.n1, size), size)
+
+        def compile_here():
+            f = fn(x if strategy is None else tf.nest.map_structure(tf.convert_to_tensor, x))
+            pair(f, f)
+
         def compile_factors():
             try:
-                f = fn(_batching.padded_slice(s.x1, 0, min(s.n1, size), size))
-                pair(f, f)
+                if strategy is None:
+                    compile_here()
+                else:  # traced per device: once on every replica, in replica context
+                    errors = []
+
+                    def each_replica():
+                        try:
+                            compile_here()
+                        except Exception as error:  # noqa: BLE001 - re-raised below
+                            errors.append(error)
+                        return []
+
+                    strategy.run(each_replica)
+                    if errors:
+                        raise errors[0]
             except NonFiniteError:  # the model's weights (checked in the shared function)
                 raise
             except Exception as error:  # noqa: BLE001 - the fused result stands
@@ -395,6 +452,9 @@ def factor_tasks(s, results, batch_size, fused_tasks, place=None, tag="fused"):
         factors2 = factors1
     else:
         tasks += [factor_task(s.x2, factors2, j, b0, b1) for j, (b0, b1) in enumerate(cols)]
+    # Under R replicas `run_tasks` runs R tasks at a time: the pairs start a new round,
+    # after every factor (a short last round would otherwise repeat a factor task).
+    tasks += [(lambda: [], (), lambda out: None)] * (-len(tasks) % replicas)
     for i, (a0, a1) in enumerate(rows):
         for j, (b0, b1) in enumerate(cols):
             if s.same and j < i:

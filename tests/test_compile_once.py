@@ -3,8 +3,9 @@
 `ntk_vector_product` (Θ blocks and "ntvp"), `empirical_ntk(training=True)` and
 `empirical_ntk(per_layer=True)`: after a first call, calls at other N (and x2 of
 another size) trace no compiled function, and padded rows never reach the results
-(equal to float64 Jacobian references at the unpadded inputs). Traces are counted
-with `experimental_get_tracing_count`, never timed.
+(equal to float64 Jacobian references at the unpadded inputs); under a single-worker
+strategy (conftest's MirroredStrategy, OneDeviceStrategy) the default path too. Traces are
+counted with `experimental_get_tracing_count`, never timed.
 """
 
 import keras
@@ -228,3 +229,66 @@ def test_per_layer_block_factors_equal_the_fused_per_layer_kernels(name, monkeyp
         for a, b in zip(summed if isinstance(total, list) else [summed],
                         total if isinstance(total, list) else [total]):
             close(a, b, "sum over layers")
+
+
+# ------------------------------------------------------------------ under a strategy
+
+
+def _strategy_call(case, model):
+    if case == "default":
+        return lambda a, b=None: keras_ntk.empirical_ntk(model, a, b, dtype="float64")
+    if case == "vector":
+        return lambda a, b=None: keras_ntk.ntk_vector_product(
+            model, a, b, _v(len(a if b is None else b), 2, len(a)), dtype="float64")
+    return lambda a, b=None: keras_ntk.empirical_ntk(model, a, b, per_layer=True,
+                                                     dtype="float64")
+
+
+def _strategy_reference(case, model, x1, x2):
+    if case == "default":
+        return reference(model, x1, x2)
+    if case == "vector":
+        return reference(model, x1, x2) @ _v(len(x1 if x2 is None else x2), 2, len(x1))
+    return _per_layer_reference(model, x1, x1 if x2 is None else x2)
+
+
+@pytest.mark.usefixtures("small_factor_blocks")  # conftest
+@pytest.mark.parametrize("case, strategy_name", [
+    ("default", "mirrored"), ("vector", "mirrored"), ("per_layer", "mirrored"),
+    ("default", "one_device")])
+def test_new_sizes_under_a_single_worker_strategy_trace_nothing(case, strategy_name,
+                                                                mirrored_strategy, monkeypatch):
+    """MirroredStrategy over two logical CPUs (conftest) or OneDeviceStrategy: after a
+    first call, new N (new rungs) and x2 sizes go through the block factors (factor and
+    pair tasks spread over the replicas) and trace nothing; results equal float64
+    Jacobian references. Under a multi-worker strategy the fused path stays."""
+    from keras_ntk import _distribute
+
+    strategy = (mirrored_strategy if strategy_name == "mirrored"
+                else tf.distribute.OneDeviceStrategy("/cpu:1"))
+    with strategy.scope():
+        model = _model()
+    twin = _model()  # the references' model: tape Jacobians of mirrored variables fail
+    twin.set_weights(model.get_weights())
+    call = _strategy_call(case, model)
+    x = _x(60, 5)
+    with strategy.scope():
+        call(x[:16])
+    seen = traces(model)
+    assert seen > 0
+    for n1, n2 in [(30, None), (13, 10), (20, 27)]:  # new rungs (16: 2 blocks of 8)
+        x1, x2 = x[:n1], None if n2 is None else x[n1:n1 + n2]
+        with strategy.scope():
+            actual = call(x1, x2)
+        expected = _strategy_reference(case, twin, x1, x2)
+        if case == "per_layer":  # the twin's layers have other names: in order
+            assert len(actual) == len(expected)
+            actual, expected = list(actual.values()), list(expected.values())
+        for a, e in zip(*(v if case == "per_layer" else [v] for v in (actual, expected))):
+            close(a, e, f"{n1} x {n2}")
+        assert traces(model) == seen, (n1, n2)
+    if case == "default":  # several workers: the fused path, its new rung compiled
+        monkeypatch.setattr(_distribute, "multi_worker_strategy", lambda: object())
+        with strategy.scope():
+            close(call(x[:40]), reference(twin, x[:40]))
+        assert traces(model) > seen
