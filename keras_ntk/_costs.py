@@ -110,10 +110,12 @@ _OUTPUT_COPIES = 2
 # LeNet 25 of 122, transformer 37-42 of 198, ResNet-18 jacobian 94 of 480; counted at
 # `_FACTOR_COMPILE`) and for ResNet-18 structured (128 examples: fused 1802 MiB, factors
 # 2481 MiB, both 2978 MiB) a part of the smaller stage not reused (`_POOL_LOSS`).
-# `choose_block` charges it whenever no `batch_size` is given: it does not know the
-# training mode, per-layer groups or a strategy, which keep the fused path (an upper
-# bound there), nor whether the factor functions are compiled already (the block a
-# budget picks does not change from one call to the next).
+# `choose_block` charges it whenever no `batch_size` is given, for vector products too
+# (`_vector_product` goes through the block factors past 128 examples): it does not know
+# whether the call keeps the fused path (BatchNorm coupling the examples in training
+# mode, a multi-worker or TPU strategy: an upper bound there) nor whether the factor
+# functions are compiled already (the block a budget picks does not change from one call
+# to the next).
 FACTOR_SIZES = (128, 256)
 _FACTOR_COMPILE = 0.25
 _POOL_LOSS = 0.15
