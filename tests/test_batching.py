@@ -109,6 +109,8 @@ def test_compiled_functions_are_cached_per_owner_and_key_and_freed_with_it():
 
 def test_the_ladder_of_block_sizes():
     assert ladder_sizes(100) == [128, 96, 64, 48, 32, 24, 16, 12, 8, 6, 4, 3, 2, 1]
+    ladder_sizes(100).pop()  # a fresh list each time (the ladder is remembered)
+    assert ladder_sizes(100)[-1] == 1 and bucket(100) == 128
     assert [bucket(n) for n in (1, 5, 8, 9, 13, 256, 257, 1797)] == [
         1, 6, 8, 12, 16, 256, 384, 2048]
     # One block: padded to the ladder; several: every block padded to the block size.

@@ -183,6 +183,23 @@ def test_a_first_vector_product_counts_its_pairs_of_blocks_and_the_block_factors
                         **kwargs) == ("jacobian", 96)
 
 
+def test_a_remembered_block_choice_follows_the_estimate_terms(monkeypatch):
+    # choose_block remembers its answer on the profile; a term of the estimate it reads
+    # outside the memoized per-block estimates changes the answer, not a stale one.
+    from keras_ntk import _costs
+
+    jac = Profile(out_shapes=[(1,)], activations=ACT, rule_dims=[], n_params=P, n_rest=P)
+    one = [OutputAxes((1,), (-1,), ())]
+    kwargs = dict(budget=2**30, result_bytes=0, memory_budget=2**30)
+    first = choose_block(["jacobian"], jac, one, 1000, 1000, True, 4, False, None, **kwargs)
+    assert first == ("jacobian", 128)  # several blocks: two block functions compiled
+    assert choose_block(["jacobian"], jac, one, 1000, 1000, True, 4, False, None,
+                        **kwargs) == first
+    monkeypatch.setattr(_costs, "_SECOND_FUNCTION", 5.0)  # the second compilation costlier
+    assert choose_block(["jacobian"], jac, one, 1000, 1000, True, 4, False, None,
+                        **kwargs) == ("jacobian", 64)
+
+
 def test_format_bytes():
     assert [format_bytes(n) for n in (100, 4_804, 3 * 2**20, 2**40)] == [
         "100 B", "4.7 KiB", "3.0 MiB", "1.0 TiB"]
