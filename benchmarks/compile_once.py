@@ -63,6 +63,8 @@ CASES = {
     "vp_ntvp_3cols": lambda m, x1, x2: keras_ntk.ntk_vector_product(
         m, x1, x2, np.ones((len(x1 if x2 is None else x2), 3)), implementation="ntvp"),
     "per_layer": lambda m, x1, x2: keras_ntk.empirical_ntk(m, x1, x2, per_layer=True),
+    "per_layer_ntvp": lambda m, x1, x2: keras_ntk.empirical_ntk(
+        m, x1, x2, per_layer=True, implementation="ntvp"),
     "training": lambda m, x1, x2: keras_ntk.empirical_ntk(m, x1, x2, training=True),
     "default": lambda m, x1, x2: keras_ntk.empirical_ntk(m, x1, x2),
 }
