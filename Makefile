@@ -22,11 +22,16 @@ $(DOCS_STAMP): $(STAMP)
 
 install: $(STAMP)
 
+# Test files run in this many processes (pytest-xdist; one file stays in one process, so
+# its module fixtures run once). Each process holds its own TensorFlow runtime.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow" -q tests
+	$(PYTEST) -m "not slow" tests
 
 test-all: $(DOCS_STAMP)
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 demo: $(STAMP)
 	$(PY) -m experiments.linear_vs_nonlinear --gin_file=linear_vs_nonlinear/digits_demo.gin --output_dir=runs/demo
