@@ -3,7 +3,8 @@
 `ntk_vector_product` (auto and "ntvp"), `empirical_ntk(per_layer=True)` and
 `empirical_ntk(training=True)` (and the default path: case "default"), for an MLP and
 a LeNet-like CNN on the digits: each case is first seen at N=256 (called twice), then
-called at each N of `--sizes` (first, then repeated), and once with x2 of another size.
+called at each N of `--sizes` (first, then repeated), once with x2 of another size, and
+then a new model of the same architecture (other weights) is called at N=256.
 Prints one JSON line per call pair: seconds of the first and the repeated call, their
 ratio, the traces of compiled functions the first call added, and the 1-minute load
 average.
@@ -37,13 +38,14 @@ from benchmarks.new_rungs import lenet, timed  # noqa: E402
 from keras_ntk import _batching, _block_factors  # noqa: E402
 
 
-def traces(model):
-    """Traces of the compiled functions serving `model` (its own, its architecture's,
-    the pair functions of the block factors)."""
-    functions = _batching.block_functions(model) + list(_block_factors._PAIR_FUNCTIONS.values())
+def traces(*models):
+    """Traces of the compiled functions serving `models` (their own, their architectures',
+    the pair functions of the block factors), each function counted once."""
+    functions = {id(f): f for model in models for f in _batching.block_functions(model)}
+    functions.update((id(f), f) for f in _block_factors._PAIR_FUNCTIONS.values())
     return sum(f._plain.experimental_get_tracing_count()
                + (f._xla.experimental_get_tracing_count() if f._xla is not None else 0)
-               for f in functions)
+               for f in functions.values())
 
 
 def mlp():
@@ -121,6 +123,21 @@ def main():
             for n in [int(s) for s in args.sizes.split(",")]:
                 pair(n, x[:n])
             pair("300x77", x[300:600], x[600:677])
+
+            # A new model of the same architecture (other weights), first seen at N=256:
+            # compiles nothing when the functions are shared by architecture.
+            keras.utils.set_random_seed(1)
+            with scope():
+                other = {"mlp": mlp, "lenet": lenet}[model_name]()
+            before = traces(model, other)
+            first, _ = timed(lambda: call(other, x[:256], None))
+            added = traces(model, other) - before
+            repeated, _ = timed(lambda: call(other, x[:256], None))
+            print(json.dumps(dict(model=model_name, case=case, n="256, another model",
+                                  first=round(first, 3), repeated=round(repeated, 3),
+                                  ratio=round(first / repeated, 2), traces=added,
+                                  strategy=args.strategy, load=os.getloadavg()[0])),
+                  flush=True)
 
 
 if __name__ == "__main__":

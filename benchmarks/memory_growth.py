@@ -4,6 +4,8 @@ Builds many fresh models of ONE architecture (an MLP 8-16-1) and runs each
 through a library path, dropping every reference to it afterwards:
 
 * `empirical_ntk`: Θ(x, x) on 16 examples;
+* `empirical_ntk_mirrored`: the same, model built and kernel computed under a
+  `MirroredStrategy` over two logical CPUs;
 * `linearize_fit`: `Linearize(model)` inside a functional model (a trainable
   Dense before it) and 2 epochs of `fit`;
 * `tracker_fit`: 2 epochs of `fit` with an `NTKTracker` (probe of 16);
@@ -57,9 +59,9 @@ import sys
 import time
 import weakref
 
-PATHS = ("empirical_ntk", "linearize_fit", "tracker_fit", "plain_fit", "plain_nested_fit",
-         "plain_custom_gradient_fit", "plain_gradient", "plain_tf_step",
-         "plain_tf_forward_step", "plain_tf_forward_step_shared")
+PATHS = ("empirical_ntk", "empirical_ntk_mirrored", "linearize_fit", "tracker_fit",
+         "plain_fit", "plain_nested_fit", "plain_custom_gradient_fit", "plain_gradient",
+         "plain_tf_step", "plain_tf_forward_step", "plain_tf_forward_step_shared")
 
 
 def _rss_mib():
@@ -87,6 +89,12 @@ def _run_case(path, xla, models, warmup, trim=False, python_heap=False, drop_reg
     import keras_ntk  # noqa: PLC0415
 
     tf.get_logger().setLevel("ERROR")
+    strategy = tf.distribute.get_strategy()
+    if path == "empirical_ntk_mirrored":  # before TensorFlow's runtime starts
+        cpus = tf.config.list_physical_devices("CPU")
+        tf.config.set_logical_device_configuration(
+            cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     rng = np.random.default_rng(0)
     x = rng.normal(size=(32, 8)).astype("float32")
     y = rng.normal(size=(32, 1)).astype("float32")
@@ -99,6 +107,12 @@ def _run_case(path, xla, models, warmup, trim=False, python_heap=False, drop_reg
     def empirical_ntk():
         model = mlp()
         keras_ntk.empirical_ntk(model, probe)
+        return [model]
+
+    def empirical_ntk_mirrored():
+        with strategy.scope():
+            model = mlp()
+            keras_ntk.empirical_ntk(model, probe)
         return [model]
 
     def linearize_fit():

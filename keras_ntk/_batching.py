@@ -19,6 +19,7 @@ import weakref
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.ops.resource_variable_ops import ResourceVariable as _ResourceVariable
 
 from keras_ntk import _architecture, _distribute, _validation
 from keras_ntk._output_axes import swap_pairs
@@ -340,12 +341,14 @@ class _Shared:
     """
 
     def __init__(self, builder, jit):
-        self._call_state = None
+        # The (model, state) of the current call, per thread (a MirroredStrategy calls
+        # from one thread per replica; threads calling models of one architecture do
+        # not wait for each other's calls, as they did behind a lock).
+        self._local = threading.local()
         self.shareable = None  # unknown until the first trace is inspected
-        self.lock = threading.RLock()
 
         def traced(values, *xs):
-            model, state = self._call_state
+            model, state = self._local.call_state
             variables = list(model.variables)
             # Variables arrive as arguments (read here, inside the compiled program,
             # not one eager read each per call); tensors as they are.
@@ -366,14 +369,13 @@ class _Shared:
         trainable weight of `model` is not finite."""
         variables = model.variables
         values = [_argument(v) for v in variables]
-        with self.lock:
-            self._call_state = (model, state)
-            try:
-                out, finite = self.fn(values, *xs)
-                if self.shareable is None:
-                    self.shareable = not _reads_variables(self.fn, values, xs)
-            finally:
-                self._call_state = None
+        self._local.call_state = (model, state)
+        try:
+            out, finite = self.fn(values, *xs)
+            if self.shareable is None:
+                self.shareable = not _reads_variables(self.fn, values, xs)
+        finally:
+            self._local.call_state = None
         if not np.asarray(finite).all():
             _validation.check_finite_weights(model.trainable_variables)  # names the first
             raise _validation.NonFiniteError(
@@ -488,11 +490,31 @@ class _JitFallback:
         self._plain = tf.function(builder, autograph=False)
         self._xla = tf.function(builder, jit_compile=True, autograph=False) if jit else None
         self._lock = threading.Lock()
+        self._concrete = {}  # (xla?, signature of the arguments): concrete function
+
+    def _run(self, fn, args):
+        """`fn(*args)`; an eager call without a strategy whose arguments have a signature
+        seen before goes straight to that trace's concrete function (`tf.function`'s own
+        dispatch, which binds and types every argument again, cost 0.2-1 ms a call)."""
+        key, args = _signature(args)  # NumPy arrays as tensors (concrete calls need them)
+        if key is None:
+            return fn(*args)
+        key = (fn is self._xla, key)
+        concrete = self._concrete.get(key)  # False: a call it could not bind
+        if concrete is not None and concrete is not False:
+            try:
+                return concrete(*args)
+            except TypeError:  # arguments it does not bind (a default argument left out)
+                self._concrete[key] = False
+        out = fn(*args)
+        if concrete is None and len(self._concrete) < _CONCRETE_LIMIT:
+            self._concrete[key] = fn.get_concrete_function(*args)  # the trace just run
+        return out
 
     def __call__(self, *args):
         if self._xla is not None:
             try:
-                return self._xla(*args)
+                return self._run(self._xla, args)
             except self._XLA_ERRORS as xla_error:
                 if _JIT == "1":
                     raise
@@ -505,7 +527,44 @@ class _JitFallback:
                     reason[0] if reason else type(xla_error).__name__,
                 )
                 return result
-        return self._plain(*args)
+        return self._run(self._plain, args)
+
+
+_CONCRETE_LIMIT = 64  # argument signatures remembered per compiled function
+
+
+def _signature(args):
+    """(a hashable signature of a block function's arguments, the arguments with NumPy
+    arrays as tensors): their nesting, and per leaf its kind, shape and dtype. (None, args)
+    in a graph, under a strategy (traces there depend on the device and replica context) or
+    for leaves other than tensors, arrays and plain resource variables (a distributed
+    variable, a Python number)."""
+    if not tf.executing_eagerly() or tf.distribute.has_strategy():
+        return None, args
+
+    def sig(value):
+        if isinstance(value, (list, tuple)):
+            parts = [sig(v) for v in value]
+            if any(key is None for key, _ in parts):
+                return None, value
+            return ((type(value) is tuple, tuple(key for key, _ in parts)),
+                    type(value)(v for _, v in parts))
+        if isinstance(value, dict):
+            parts = {k: sig(v) for k, v in value.items()}
+            if any(key is None for key, _ in parts.values()):
+                return None, value
+            return (("dict", tuple((k, parts[k][0]) for k in sorted(parts))),
+                    {k: v for k, (_, v) in parts.items()})
+        if type(value) is _ResourceVariable:
+            return ("variable", tuple(value.shape), value.dtype.name), value
+        if isinstance(value, np.ndarray):
+            value = tf.convert_to_tensor(value)
+        if isinstance(value, tf.Tensor):
+            return ("tensor", tuple(value.shape), value.dtype.name), value
+        return None, value
+
+    key, converted = sig(args)
+    return (None, args) if key is None else (key, converted)
 
 
 def _strategy():
@@ -530,12 +589,25 @@ def run_tasks(tasks, verbose):
             fn, args, on_done = group[0]
             on_done([np.asarray(k) for k in fn(*args)])
         else:
-            padded = group + [group[-1]] * (step - len(group))
-            # Blocks of a group may call different functions (diagonal blocks).
+            last = len(group) - 1
+            spec = []  # the outputs of the group's last block, as TensorSpecs
+
+            # Blocks of a group may call different functions (diagonal blocks). A replica
+            # without a block of its own returns zeros shaped like the last block's
+            # outputs (never read; `strategy.run` needs one structure from every
+            # replica); the replicas run in order, so that block is done by then. Only
+            # if it is not, the replica computes the last block again.
             def replica_fn(index):
                 replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-                fn, args, _ = padded[replica]
-                return fn(*[tf.nest.map_structure(tf.convert_to_tensor, a) for a in args])
+                if replica > last and spec:
+                    return tf.nest.map_structure(
+                        lambda s: None if s is None else tf.zeros(s.shape, s.dtype), spec[0])
+                fn, args, _ = group[min(replica, last)]
+                out = fn(*[tf.nest.map_structure(tf.convert_to_tensor, a) for a in args])
+                if replica == last:
+                    spec.append(tf.nest.map_structure(
+                        lambda t: None if t is None else tf.TensorSpec(t.shape, t.dtype), out))
+                return out
 
             outputs = strategy.run(replica_fn, args=(0,))
             per_replica = [

@@ -24,13 +24,14 @@ padding cut off (examples independent: inference mode, or training mode of a mod
 whose layers do not couple the examples of a batch; `_weights.couples_examples`).
 
 Under a single-worker strategy (`MirroredStrategy` over the devices of one machine,
-`OneDeviceStrategy`) the two functions are the model's own (not shared by architecture,
-like the fused ones there), traced once per device, and compiled in replica context on
-every replica after the first fused call. `_batching.run_tasks` spreads the factor tasks
-over the replicas (each keeps its block's factors as tensors on its device) and then the
-pair tasks (a pair reads factors on another local device: TensorFlow copies them). Under a
-`MultiWorkerMirroredStrategy` with several workers the fused path stays: the factors
-would have to cross workers, and every worker must cut the same blocks.
+`OneDeviceStrategy`) the two functions are keyed by the strategy's devices too (shared
+by architecture as without a strategy, like the fused ones: each replica passes its copy
+of the weights), and compiled in replica context on every replica after the first fused
+call. `_batching.run_tasks` spreads the factor tasks over the replicas (each keeps its
+block's factors as tensors on its device) and then the pair tasks (a pair reads factors
+on another local device: TensorFlow copies them). Under a `MultiWorkerMirroredStrategy`
+with several workers the fused path stays: the factors would have to cross workers, and
+every worker must cut the same blocks.
 """
 
 import collections
@@ -268,9 +269,9 @@ def _factor_function(s, spec, rules):
     jit = not recurrent_layers(plan.model)
     index = {id(v): i for i, v in enumerate(plan.model.variables)}
     fn = None
-    # Under a strategy the model's own function (as `ntk._shared_block_function`): it
-    # reads the replica's copy of each variable in replica context.
-    if devices is None and all(id(w) in index for w in plan.weights):
+    # Under a single-worker strategy too (keyed by its devices): each replica passes its
+    # copy of the weights (`_batching._argument` in replica context).
+    if all(id(w) in index for w in plan.weights):
         def builder(state, values, x):
             return block_factors(state[0].with_values(values), state[1], spec, x)
 
@@ -300,12 +301,10 @@ def _sizes_compiled(s):
                layout(plan, s.rules if s.implementation == "structured" else []))
     arch = _batching.architecture_key(plan.model)
     index = {id(v): i for i, v in enumerate(plan.model.variables)}
-    devices = strategy_devices()
-    if devices is not None:  # the model's own functions, traced per device
-        return plan.functions.setdefault(("factor sizes", devices) + options, set())
+    devices = strategy_devices()  # a strategy's functions are compiled on its devices
     if arch is None or any(id(w) not in index for w in plan.weights):
-        return plan.functions.setdefault(("factor sizes",) + options, set())
-    key = (arch, options, tuple(index[id(w)] for w in plan.weights))
+        return plan.functions.setdefault(("factor sizes", devices) + options, set())
+    key = (arch, options, tuple(index[id(w)] for w in plan.weights), devices)
     with _LOCK:
         sizes = _SIZES.setdefault(key, set())
         _SIZES.move_to_end(key)
@@ -365,6 +364,10 @@ def factor_tasks(s, results, batch_size, fused_tasks, place=None, tag="fused"):
     size = choose_size(compiled_sizes, s.n1, s.n2, s.block)
     if size is None:
         return fused_tasks()
+    rung = (tag, _batching.padded_size(s.n1, s.block),
+            _batching.padded_size(s.n2, s.block), s.same)
+    if rung in compiled_sizes:
+        return fused_tasks()  # the fused function of this rung is compiled: fewer dispatches
     rules = s.rules if s.implementation == "structured" else []
     profile = s.profile
     if not rules:
@@ -387,10 +390,6 @@ def factor_tasks(s, results, batch_size, fused_tasks, place=None, tag="fused"):
     fn = _factor_function(s, spec, rules)
     pair = pair_function(spec, out_axes, plan.dtype, jit=not recurrent_layers(plan.model),
                          groups=layout(plan, rules))
-    rung = (tag, _batching.padded_size(s.n1, s.block),
-            _batching.padded_size(s.n2, s.block), s.same)
-    if rung in compiled_sizes:
-        return fused_tasks()  # the fused function of this rung is compiled: fewer dispatches
     if size not in compiled_sizes:
         # Something compiles anyway: the fused function of this rung (faster for repeated
         # calls at this N), and with it, once per model (or architecture) and options,

@@ -569,3 +569,67 @@ def test_a_first_call_of_one_block_compiles_the_factor_functions_too(small_facto
     # A smaller N (rung 4) is padded up to the compiled block of 6, not compiled anew.
     assert_close(call(x[:4]), reference(model, x[:4], trace_axes=()))
     assert _factor_tracing_counts(model, small_factor_blocks) == seen
+
+
+def test_a_short_round_under_a_mirrored_strategy_computes_each_block_once(mirrored_strategy):
+    """Two replicas, one or three blocks: a replica without a block of its own returns
+    zeros instead of computing the last block again; every block reaches its on_done."""
+    import tensorflow as tf
+
+    for count in (1, 3):
+        calls, results = [], {}
+
+        def task(i):
+            def fn(x):
+                calls.append(i)
+                return [x * (i + 1), tf.reduce_sum(x)[None]]
+            return fn, (np.full((2, 3), 1.0, np.float32),), lambda out, i=i: results.update(
+                {i: out})
+
+        with mirrored_strategy.scope():
+            run_tasks([task(i) for i in range(count)], verbose=0)
+        assert sorted(calls) == list(range(count))
+        for i in range(count):
+            np.testing.assert_allclose(results[i][0], np.full((2, 3), i + 1.0))
+            np.testing.assert_allclose(results[i][1], [6.0])
+
+
+def test_a_seen_argument_signature_goes_straight_to_its_concrete_function(mirrored_strategy):
+    """Eager, no strategy: the second call with arguments of a seen signature (other
+    variables of the same shape and dtype) skips `tf.function`'s dispatch and computes with
+    its own arguments; a new shape, any call under a strategy and distributed variables
+    go through it."""
+    import tensorflow as tf
+
+    fn = _batching._JitFallback(lambda values, x: x * values[0], jit=False)
+
+    class Counted:  # the tf.function, its calls counted
+        def __init__(self, inner):
+            self.inner, self.calls = inner, 0
+
+        def __call__(self, *args):
+            self.calls += 1
+            return self.inner(*args)
+
+        def get_concrete_function(self, *args):
+            return self.inner.get_concrete_function(*args)
+
+    fn._plain = counted = Counted(fn._plain)
+    x = np.ones(3, np.float32)
+    np.testing.assert_allclose(fn([tf.Variable(2.0)], x), 2.0)
+    np.testing.assert_allclose(fn([tf.Variable(3.0)], x), 3.0)
+    assert counted.calls == 1
+    np.testing.assert_allclose(fn([tf.Variable(3.0)], np.ones(4, np.float32)), 3.0)
+    assert counted.calls == 2
+    with mirrored_strategy.scope():
+        np.testing.assert_allclose(fn([tf.constant(5.0)], x), 5.0)
+        mirrored = tf.Variable(6.0)
+    assert counted.calls == 3
+    np.testing.assert_allclose(fn([mirrored], x), 6.0)  # a distributed variable: dispatched
+    np.testing.assert_allclose(fn([mirrored], x), 6.0)
+    assert counted.calls == 5
+    # A default argument left out: the concrete function may not bind the call; the
+    # function then keeps dispatching, with the same results.
+    scaled = _batching._JitFallback(lambda x, k=2.0: x * k, jit=False)
+    for _ in range(3):
+        np.testing.assert_allclose(scaled(x), 2.0)

@@ -18,13 +18,14 @@ import keras_ntk
 from keras_ntk import _batching, _block_factors
 
 
-def traces(model):
-    """Traces of every compiled function serving `model` (its own, its architecture's,
-    the block factors' pair functions)."""
-    functions = _batching.block_functions(model) + list(_block_factors._PAIR_FUNCTIONS.values())
+def traces(*models):
+    """Traces of every compiled function serving `models` (their own, their architectures',
+    the block factors' pair functions), each function counted once."""
+    functions = {id(f): f for model in models for f in _batching.block_functions(model)}
+    functions.update((id(f), f) for f in _block_factors._PAIR_FUNCTIONS.values())
     return sum(f._plain.experimental_get_tracing_count()
                + (f._xla.experimental_get_tracing_count() if f._xla is not None else 0)
-               for f in functions)
+               for f in functions.values())
 
 
 def close(actual, expected, message=""):
@@ -292,3 +293,30 @@ def test_new_sizes_under_a_single_worker_strategy_trace_nothing(case, strategy_n
         with strategy.scope():
             close(call(x[:40]), reference(twin, x[:40]))
         assert traces(model) > seen
+
+
+@pytest.mark.usefixtures("small_factor_blocks")  # conftest
+@pytest.mark.parametrize("case", ["default", "vector"])
+def test_models_of_one_architecture_share_their_functions_under_a_mirrored_strategy(
+        case, mirrored_strategy):
+    """Under a MirroredStrategy (two logical CPUs) block and factor functions are shared by
+    architecture, as without one: a second model's first call and its new sizes trace
+    nothing, and its kernels are its own (float64 Jacobian references of a twin)."""
+    x = _x(60, 6)
+    with mirrored_strategy.scope():
+        first = _model()
+        _strategy_call(case, first)(x[:16])
+    seen = traces(first)
+    assert seen > 0
+    with mirrored_strategy.scope():
+        second = _model()
+        second.set_weights([1.3 * w + 0.05 for w in first.get_weights()])
+    twin = _model()
+    twin.set_weights(second.get_weights())
+    call = _strategy_call(case, second)
+    for n1, n2 in [(16, None), (30, None), (13, 10)]:
+        x1, x2 = x[:n1], None if n2 is None else x[n1:n1 + n2]
+        with mirrored_strategy.scope():
+            actual = call(x1, x2)
+        close(actual, _strategy_reference(case, twin, x1, x2), f"{n1} x {n2}")
+        assert traces(first, second) == seen, (n1, n2)
