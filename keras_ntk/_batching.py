@@ -589,27 +589,10 @@ def run_tasks(tasks, verbose):
             fn, args, on_done = group[0]
             on_done([np.asarray(k) for k in fn(*args)])
         else:
-            last = len(group) - 1
-            spec = []  # the outputs of the group's last block, as TensorSpecs
-
-            # Blocks of a group may call different functions (diagonal blocks). A replica
-            # without a block of its own returns zeros shaped like the last block's
-            # outputs (never read; `strategy.run` needs one structure from every
-            # replica); the replicas run in order, so that block is done by then. Only
-            # if it is not, the replica computes the last block again.
-            def replica_fn(index):
-                replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-                if replica > last and spec:
-                    return tf.nest.map_structure(
-                        lambda s: None if s is None else tf.zeros(s.shape, s.dtype), spec[0])
-                fn, args, _ = group[min(replica, last)]
-                out = fn(*[tf.nest.map_structure(tf.convert_to_tensor, a) for a in args])
-                if replica == last:
-                    spec.append(tf.nest.map_structure(
-                        lambda t: None if t is None else tf.TensorSpec(t.shape, t.dtype), out))
-                return out
-
-            outputs = strategy.run(replica_fn, args=(0,))
+            # Blocks of a group may call different functions (diagonal blocks); a
+            # replica without a block of its own returns zeros, not the last one again.
+            outputs = strategy.run(_distribute.replica_function(
+                [(fn, args) for fn, args, _ in group]))
             per_replica = [
                 strategy.experimental_local_results(o) for o in tf.nest.flatten(outputs)
             ]

@@ -98,7 +98,34 @@ def _read_descriptions(description):
     return blocks
 
 
-def _compute_local(strategy, group, slots, owner, first_replica, replica_context):
+def replica_function(blocks, first_replica=0):
+    """A function for `strategy.run`: local replica r (replica `first_replica` + r of
+    the cluster) computes blocks[r] = (fn, args), and a replica past the last block
+    returns zeros shaped like the last block's outputs (never read; `strategy.run`
+    needs one structure from every replica; blocks of one round may call different
+    functions, e.g. diagonal blocks, but return one structure). Eager `strategy.run`
+    runs the replicas in turn, so the last block is computed by then; only if it is
+    not does an idle replica compute the last block again."""
+    last = len(blocks) - 1
+    spec = []  # the last block's outputs, as TensorSpecs
+
+    def replica_fn(*_):
+        context = tf.distribute.get_replica_context()
+        replica = int(context.replica_id_in_sync_group) - first_replica
+        if replica > last and spec:
+            return tf.nest.map_structure(
+                lambda s: None if s is None else tf.zeros(s.shape, s.dtype), spec[0])
+        fn, args = blocks[min(replica, last)]
+        out = fn(*[tf.nest.map_structure(tf.convert_to_tensor, a) for a in args])
+        if replica == last:
+            spec.append(tf.nest.map_structure(
+                lambda t: None if t is None else tf.TensorSpec(t.shape, t.dtype), out))
+        return out
+
+    return replica_fn
+
+
+def _compute_local(strategy, group, slots, first_replica, replica_context):
     """{j: [arrays]}: the blocks group[j], j in `slots`, computed by this worker's replicas."""
     if not replica_context:
         out = {}
@@ -106,18 +133,13 @@ def _compute_local(strategy, group, slots, owner, first_replica, replica_context
             fn, args, _ = group[j]
             out[j] = [np.asarray(k) for k in fn(*args)]
         return out
-    # In replica context (a distributed variable's handle is read only there):
-    # replica owner[j] computes group[j]; a replica without a block repeats one.
-    block_of = {owner[j]: j for j in range(len(group))}
-
-    def replica_fn():
-        replica = int(tf.distribute.get_replica_context().replica_id_in_sync_group)
-        fn, args, _ = group[block_of.get(replica, slots[0])]
-        return fn(*[tf.nest.map_structure(tf.convert_to_tensor, a) for a in args])
-
-    outputs = strategy.run(replica_fn)
+    # In replica context (a distributed variable's handle is read only there): this
+    # worker's local replica i computes group[slots[i]] (which worker computes a block is
+    # what the exchange needs; which of its replicas, only this worker), so the replicas
+    # without a block come last and return zeros.
+    outputs = strategy.run(replica_function([group[j][:2] for j in slots], first_replica))
     per_replica = [strategy.experimental_local_results(o) for o in tf.nest.flatten(outputs)]
-    return {j: [np.asarray(p[owner[j] - first_replica]) for p in per_replica] for j in slots}
+    return {j: [np.asarray(p[i]) for p in per_replica] for i, j in enumerate(slots)}
 
 
 def run_tasks_on_workers(strategy, tasks, progbar=None, replica_context=True):
@@ -144,7 +166,7 @@ def run_tasks_on_workers(strategy, tasks, progbar=None, replica_context=True):
         owner = [(j + offset) % step for j in range(len(group))]
         slots = [j for j in range(len(group))
                  if first_replica <= owner[j] < first_replica + per_worker]
-        mine = _compute_local(strategy, group, slots, owner, first_replica,
+        mine = _compute_local(strategy, group, slots, first_replica,
                               replica_context) if slots else {}
         counts["blocks"] += len(mine)
         lengths = np.zeros(len(group))

@@ -594,6 +594,36 @@ def test_a_short_round_under_a_mirrored_strategy_computes_each_block_once(mirror
             np.testing.assert_allclose(results[i][1], [6.0])
 
 
+def test_a_round_split_over_workers_computes_each_local_block_once(mirrored_strategy,
+                                                                   monkeypatch):
+    """`run_tasks_on_workers` (one worker here, two local replicas): whichever replica a
+    round's rotation names for a block, each block is computed once (an idle replica
+    returns zeros) and every on_done receives its own block."""
+    import tensorflow as tf
+
+    from keras_ntk import _distribute
+
+    for offset in (0, 1):
+        monkeypatch.setattr(_distribute, "_offset", [offset])
+        for count in (1, 3):
+            calls, results = [], {}
+
+            def task(i):
+                def fn(x):
+                    calls.append(i)
+                    return [x * (i + 1), tf.reduce_sum(x)[None]]
+                return fn, (np.full((2, 3), 1.0, np.float32),), (
+                    lambda out, i=i: results.update({i: out}))
+
+            with mirrored_strategy.scope():
+                _distribute.run_tasks_on_workers(mirrored_strategy,
+                                                 [task(i) for i in range(count)])
+            assert sorted(calls) == list(range(count)), (offset, count)
+            for i in range(count):
+                np.testing.assert_allclose(results[i][0], np.full((2, 3), i + 1.0))
+                np.testing.assert_allclose(results[i][1], [6.0])
+
+
 def test_a_seen_argument_signature_goes_straight_to_its_concrete_function(mirrored_strategy):
     """Eager, no strategy: the second call with arguments of a seen signature (other
     variables of the same shape and dtype) skips `tf.function`'s dispatch and computes with
