@@ -30,8 +30,15 @@ of the weights), and compiled in replica context on every replica after the firs
 call. `_batching.run_tasks` spreads the factor tasks over the replicas (each keeps its
 block's factors as tensors on its device) and then the pair tasks (a pair reads factors
 on another local device: TensorFlow copies them). Under a `MultiWorkerMirroredStrategy`
-with several workers the fused path stays: the factors would have to cross workers, and
-every worker must cut the same blocks.
+with several workers they are shared by architecture too, keyed by the worker's devices
+(as the fused block functions there); every worker computes every block's factors
+itself (`_distribute.LocalTask`: sending them, by all-reduces of float64 buffers, cost
+more than computing them), and the pairs are split between the workers like fused
+blocks. Every worker must cut the same blocks, and the sizes compiled are each process's
+own history:
+the path of a call (fused, fused then compile, factors of B) is gathered from every
+worker (`_distribute.gather`) and the factors are used only when all decided alike.
+TPUStrategy, other strategies and replica context keep the fused path.
 """
 
 import collections
@@ -82,6 +89,17 @@ def strategy_devices():
             or _distribute.multi_worker_strategy() is not None):
         return False
     return tuple(strategy.extended.worker_devices)
+
+
+def worker_devices():
+    """`strategy_devices()`, or under a multi-worker strategy with several workers
+    ("workers", this worker's devices): part of the keys of factor functions and sizes;
+    False where functions are the model's own and the factor path is off."""
+    devices = strategy_devices()
+    if devices is False and _distribute.multi_worker_strategy() is not None:
+        strategy = tf.distribute.get_strategy()
+        return ("workers",) + tuple(strategy.extended.worker_devices)
+    return devices
 
 
 def budget_fits(s, batch_size, vector=False):
@@ -259,7 +277,7 @@ def pair_function(spec, out_axes, dtype, jit, groups=None):
 def _factor_function(s, spec, rules):
     """The compiled factors of one block, shared by architecture when possible."""
     plan = s.plan
-    devices = strategy_devices()
+    devices = worker_devices()
     key = ("factors", s.implementation, spec, plan.dtype.name,
            tuple((ax.trace, ax.diag) for ax in plan.out_axes), plan.training,
            layout(plan, rules), devices)
@@ -269,8 +287,8 @@ def _factor_function(s, spec, rules):
     jit = not recurrent_layers(plan.model)
     index = {id(v): i for i, v in enumerate(plan.model.variables)}
     fn = None
-    # Under a single-worker strategy too (keyed by its devices): each replica passes its
-    # copy of the weights (`_batching._argument` in replica context).
+    # Under a strategy too (keyed by its devices): each replica passes its copy of the
+    # weights (`_batching._argument` in replica context).
     if all(id(w) in index for w in plan.weights):
         def builder(state, values, x):
             return block_factors(state[0].with_values(values), state[1], spec, x)
@@ -301,7 +319,7 @@ def _sizes_compiled(s):
                layout(plan, s.rules if s.implementation == "structured" else []))
     arch = _batching.architecture_key(plan.model)
     index = {id(v): i for i, v in enumerate(plan.model.variables)}
-    devices = strategy_devices()  # a strategy's functions are compiled on its devices
+    devices = worker_devices()  # a strategy's functions are compiled on its devices
     if arch is None or any(id(w) not in index for w in plan.weights):
         return plan.functions.setdefault(("factor sizes", devices) + options, set())
     key = (arch, options, tuple(index[id(w)] for w in plan.weights), devices)
@@ -343,46 +361,66 @@ def factor_tasks(s, results, batch_size, fused_tasks, place=None, tag="fused"):
 
     Used for structured/jacobian kernels (training mode too, unless it couples the
     examples: `plan.coupled`, never padded), per-layer ones too, without
-    `batch_size`, with no strategy or a single-worker one (`strategy_devices`), when
-    the factors of every block, one pair's working memory per replica and the result fit
-    the budget, and the fused function of this call's rung has not run (a call that
-    compiles anyway runs fused and compiles the factor functions after its last block,
-    on every replica). The factors of all blocks are computed first (one task each;
-    under R replicas padded with tasks doing nothing to a multiple of R, so that no
-    pair runs beside the factors it reads), then one task per pair of blocks.
+    `batch_size`, with no strategy, a single-worker one (`strategy_devices`) or a
+    multi-worker one whose workers all decide alike (module docstring), when the factors
+    of every block, one pair's working memory per local replica and the result fit the
+    budget, and the fused function of this call's rung has not run (a call that compiles
+    anyway runs fused and compiles the factor functions after its last block, on every
+    replica). The factors of all blocks are computed first (one task each; under R
+    replicas of one machine padded with tasks doing nothing to a multiple of R, so that
+    no pair runs beside the factors it reads; under several workers, by every worker),
+    then one task per pair of blocks.
     """
     plan = s.plan
+    workers = _distribute.multi_worker_strategy()
     if (s.implementation not in ("structured", "jacobian") or plan.coupled
             or batch_size is not None
-            or strategy_devices() is False):
+            or worker_devices() is False):
         return fused_tasks()
     strategy = _batching._strategy()  # several replicas: tasks run in replica context
     replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+    local = len(strategy.extended.worker_devices) if workers is not None else replicas
     compiled_sizes = _sizes_compiled(s)
-    if "unusable" in compiled_sizes:
-        return fused_tasks()
-    size = choose_size(compiled_sizes, s.n1, s.n2, s.block)
-    if size is None:
-        return fused_tasks()
-    rung = (tag, _batching.padded_size(s.n1, s.block),
-            _batching.padded_size(s.n2, s.block), s.same)
-    if rung in compiled_sizes:
-        return fused_tasks()  # the fused function of this rung is compiled: fewer dispatches
     rules = s.rules if s.implementation == "structured" else []
     profile = s.profile
     if not rules:
         profile = Profile(profile.out_shapes, profile.activations, [], profile.n_params,
                           profile.n_params, profile.ops)
     out_axes, itemsize = plan.out_axes, plan.dtype.size
+    rung = (tag, _batching.padded_size(s.n1, s.block),
+            _batching.padded_size(s.n2, s.block), s.same)
+
+    def decide():
+        """(0, 0): the fused path; (1, B): fused, then compile the factor functions of
+        B; (2, B): through the factors of blocks of B."""
+        if "unusable" in compiled_sizes:
+            return 0, 0
+        size = choose_size(compiled_sizes, s.n1, s.n2, s.block)
+        if size is None or rung in compiled_sizes:  # compiled rung: fewer dispatches
+            return 0, 0
+        spec = factor_spec(profile, out_axes, size)
+        blocks = len(_batching.block_ranges(s.n1, size))
+        if not s.same:
+            blocks += len(_batching.block_ranges(s.n2, size))
+        held = blocks * size * factor_bytes(profile, out_axes, spec, itemsize)
+        _, working = estimates(s.implementation, s.profile, out_axes, size, size, False,
+                               itemsize)
+        if held + local * working + sum(r.nbytes for r in results) > s.budget:
+            return 0, 0
+        return (1 if size not in compiled_sizes else 2), size
+
+    mode, size = decide()
+    if workers is not None:
+        # Every worker must cut the same blocks, and its compiled sizes are its own
+        # history: the factor path only when every worker decides alike.
+        decisions = _distribute.gather(workers, [mode, size])
+        if not (decisions == decisions[0]).all():
+            mode, size = 0, 0
+    if mode == 0:
+        return fused_tasks()
     spec = factor_spec(profile, out_axes, size)
     rows = _batching.block_ranges(s.n1, size)
     cols = rows if s.same else _batching.block_ranges(s.n2, size)
-    held = (len(rows) + (0 if s.same else len(cols))) * size
-    _, working = estimates(s.implementation, s.profile, out_axes, size, size, False, itemsize)
-    result_bytes = sum(r.nbytes for r in results)
-    if (held * factor_bytes(profile, out_axes, spec, itemsize) + replicas * working
-            + result_bytes > s.budget):
-        return fused_tasks()
     if place is None:
         def place(a0, a1, b0, b1, mirror):
             return _batching.placer(results, out_axes * (len(plan.groups or ()) or 1),
@@ -390,7 +428,7 @@ def factor_tasks(s, results, batch_size, fused_tasks, place=None, tag="fused"):
     fn = _factor_function(s, spec, rules)
     pair = pair_function(spec, out_axes, plan.dtype, jit=not recurrent_layers(plan.model),
                          groups=layout(plan, rules))
-    if size not in compiled_sizes:
+    if mode == 1:
         # Something compiles anyway: the fused function of this rung (faster for repeated
         # calls at this N), and with it, once per model (or architecture) and options,
         # the two factor functions, so that any other N later compiles nothing. They
@@ -444,7 +482,10 @@ def factor_tasks(s, results, batch_size, fused_tasks, place=None, tag="fused"):
         def run(xb):
             store[i] = fn(xb)  # kept as tensors for the pairs
             return []
-        return (run, (_batching.padded_slice(x, a0, a1, size),), lambda out: None)
+        task = (run, (_batching.padded_slice(x, a0, a1, size),), lambda out: None)
+        # Several workers: each computes every block's factors itself (cheaper than
+        # sending them: a round of all-reduces cost more than a block's factors here).
+        return _distribute.LocalTask(task) if workers is not None else task
 
     tasks = [factor_task(s.x1, factors1, i, a0, a1) for i, (a0, a1) in enumerate(rows)]
     if s.same:
@@ -453,7 +494,8 @@ def factor_tasks(s, results, batch_size, fused_tasks, place=None, tag="fused"):
         tasks += [factor_task(s.x2, factors2, j, b0, b1) for j, (b0, b1) in enumerate(cols)]
     # Under R replicas `run_tasks` runs R tasks at a time: the pairs start a new round,
     # after every factor (a short last round would otherwise repeat a factor task).
-    tasks += [(lambda: [], (), lambda out: None)] * (-len(tasks) % replicas)
+    if workers is None:
+        tasks += [(lambda: [], (), lambda out: None)] * (-len(tasks) % replicas)
     for i, (a0, a1) in enumerate(rows):
         for j, (b0, b1) in enumerate(cols):
             if s.same and j < i:

@@ -113,7 +113,7 @@ _OUTPUT_COPIES = 2
 # `choose_block` charges it whenever no `batch_size` is given, for vector products too
 # (`_vector_product` goes through the block factors past 128 examples): it does not know
 # whether the call keeps the fused path (BatchNorm coupling the examples in training
-# mode, a multi-worker or TPU strategy: an upper bound there) nor whether the factor
+# mode, a TPU strategy: an upper bound there) nor whether the factor
 # functions are compiled already (the block a budget picks does not change from one call
 # to the next).
 FACTOR_SIZES = (128, 256)

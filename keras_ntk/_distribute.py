@@ -32,8 +32,9 @@ leaves the work to the caller's process unchanged.
 import numpy as np
 import tensorflow as tf
 
-# Blocks computed by this process under a multi-worker strategy (tests, logs).
-counts = {"blocks": 0}
+# Blocks computed by this process under a multi-worker strategy (tests, logs): split
+# between the workers, and run by every worker (`LocalTask`).
+counts = {"blocks": 0, "local": 0}
 # The replica of the next call's first block (see `run_tasks_on_workers`).
 _offset = [0]
 
@@ -79,6 +80,15 @@ def _sum(strategy, buffer):
 
     values = strategy.experimental_distribute_values_from_function(value)
     return np.asarray(strategy.reduce(tf.distribute.ReduceOp.SUM, values, axis=None))
+
+
+def gather(strategy, values):
+    """Every worker's `values` (numbers, as many on every worker), rows in rank order
+    (workers, len(values)), on every worker: for decisions the workers must share."""
+    rank, workers = _workers(strategy)
+    buffer = np.zeros((workers, len(values)))
+    buffer[rank] = values
+    return _sum(strategy, buffer.ravel()).reshape(workers, len(values))
 
 
 def _describe(blocks):
@@ -142,6 +152,28 @@ def _compute_local(strategy, group, slots, first_replica, replica_context):
     return {j: [np.asarray(p[i]) for p in per_replica] for i, j in enumerate(slots)}
 
 
+class LocalTask(tuple):
+    """A task (fn, args, on_done) that every worker runs itself, before the tasks split
+    between the workers, its result kept where it is (the factors of
+    `_block_factors`: each worker computes every block's, instead of receiving them)."""
+
+
+def _run_local(strategy, tasks, per_worker, first_replica, replica_context):
+    """Runs `tasks` on this worker, one per local replica at a time; on_done here only."""
+    for start in range(0, len(tasks), per_worker):
+        group = tasks[start:start + per_worker]
+        counts["local"] += len(group)
+        if not replica_context:
+            for fn, args, on_done in group:
+                on_done([np.asarray(k) for k in fn(*args)])
+            continue
+        outputs = strategy.run(replica_function([t[:2] for t in group], first_replica))
+        per_replica = [strategy.experimental_local_results(o)
+                       for o in tf.nest.flatten(outputs)]
+        for i, (_, _, on_done) in enumerate(group):
+            on_done([np.asarray(p[i]) for p in per_replica])
+
+
 def run_tasks_on_workers(strategy, tasks, progbar=None, replica_context=True):
     """Runs [(fn, args, on_done)] blocks split across workers; every on_done runs everywhere.
 
@@ -153,14 +185,20 @@ def run_tasks_on_workers(strategy, tasks, progbar=None, replica_context=True):
     `ntk_eigsh`) do not all start on the first worker.
     `replica_context=False` calls the functions directly, one block per
     worker and round (host code that reads no distributed variable handle,
-    e.g. a forward pass).
+    e.g. a forward pass). `LocalTask`s run first, on every worker.
     """
     rank, workers = _workers(strategy)
     per_worker = len(strategy.extended.worker_devices) if replica_context else 1
     step = workers * per_worker
+    first_replica = rank * per_worker
+    local = [t for t in tasks if isinstance(t, LocalTask)]
+    if local:
+        _run_local(strategy, local, per_worker, first_replica, replica_context)
+        tasks = [t for t in tasks if not isinstance(t, LocalTask)]
+        if progbar is not None:
+            progbar.update(len(local))
     offset = _offset[0] % step
     _offset[0] += len(tasks)
-    first_replica = rank * per_worker
     for start in range(0, len(tasks), step):
         group = tasks[start:start + step]
         owner = [(j + offset) % step for j in range(len(group))]
@@ -196,7 +234,7 @@ def run_tasks_on_workers(strategy, tasks, progbar=None, replica_context=True):
                 pos += size
             on_done(blocks)
         if progbar is not None:
-            progbar.update(start + len(group))
+            progbar.update(len(local) + start + len(group))
 
 
 def run_host_tasks(tasks):

@@ -458,12 +458,13 @@ def _new_block_function(s, same):
 def _shared_block_function(s, same):
     """The block function shared by every model of this architecture (weights as
     arguments; `_batching.shared_compiled`), or None: training mode, per-layer
-    kernels, "ntvp", models of unknown architecture and strategies other than a
-    single-worker one (`_block_factors.strategy_devices`; there each replica passes its
-    copy of the weights) keep functions of their own."""
+    kernels, "ntvp", models of unknown architecture and strategies other than
+    `MirroredStrategy`, `OneDeviceStrategy` and a multi-worker one
+    (`_block_factors.worker_devices`; there each replica passes its copy of the weights)
+    keep functions of their own."""
     plan = s.plan
     if (plan.training or plan.groups is not None or s.implementation == "ntvp"
-            or _block_factors.strategy_devices() is False):
+            or _block_factors.worker_devices() is False):
         return None
     index = {id(v): i for i, v in enumerate(plan.model.variables)}
     if any(id(w) not in index for w in plan.weights):

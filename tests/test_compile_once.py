@@ -288,11 +288,56 @@ def test_new_sizes_under_a_single_worker_strategy_trace_nothing(case, strategy_n
         for a, e in zip(*(v if case == "per_layer" else [v] for v in (actual, expected))):
             close(a, e, f"{n1} x {n2}")
         assert traces(model) == seen, (n1, n2)
-    if case == "default":  # several workers: the fused path, its new rung compiled
-        monkeypatch.setattr(_distribute, "multi_worker_strategy", lambda: object())
-        with strategy.scope():
-            close(call(x[:40]), reference(twin, x[:40]))
-        assert traces(model) > seen
+
+
+@pytest.mark.usefixtures("small_factor_blocks")  # conftest
+@pytest.mark.parametrize("case", ["default", "vector", "per_layer"])
+def test_new_sizes_under_several_workers_trace_nothing(case, mirrored_strategy, monkeypatch):
+    """The multi-worker path in one process: `multi_worker_strategy` names the
+    MirroredStrategy (one worker of two replicas, as `_distribute` sees it), so blocks go
+    through `run_tasks_on_workers` (factors computed by every worker, pairs split) and
+    the path is decided alike by every worker (`_distribute.gather`). After a first call,
+    new N and x2 sizes trace nothing and equal float64 Jacobian references; workers that
+    decide differently keep the fused path (a new rung compiles), exact too."""
+    from keras_ntk import _distribute
+
+    monkeypatch.setattr(_distribute, "multi_worker_strategy", lambda: (
+        mirrored_strategy if tf.distribute.has_strategy()
+        and tf.distribute.in_cross_replica_context() else None))
+    with mirrored_strategy.scope():
+        model = _model()
+    twin = _model()
+    twin.set_weights(model.get_weights())
+    call = _strategy_call(case, model)
+
+    def check(x1, x2):
+        with mirrored_strategy.scope():
+            actual = call(x1, x2)
+        expected = _strategy_reference(case, twin, x1, x2)
+        if case == "per_layer":
+            assert len(actual) == len(expected)
+            actual, expected = list(actual.values()), list(expected.values())
+        for a, e in zip(*(v if case == "per_layer" else [v] for v in (actual, expected))):
+            close(a, e, f"{len(x1)} x {x2 if x2 is None else len(x2)}")
+
+    x = _x(60, 5)
+    check(x[:16], None)
+    seen = traces(model)
+    assert seen > 0
+    for n1, n2 in [(30, None), (13, 10), (20, 27)]:  # new rungs: through the factors
+        blocks = _distribute.counts["blocks"]
+        check(x[:n1], None if n2 is None else x[n1:n1 + n2])
+        assert traces(model) == seen, (n1, n2)
+        assert _distribute.counts["blocks"] > blocks  # run by `run_tasks_on_workers`
+    real_gather = _distribute.gather
+
+    def disagree(strategy, values):  # another worker decides otherwise
+        rows = real_gather(strategy, values)
+        return np.concatenate([rows, rows + 1])
+
+    monkeypatch.setattr(_distribute, "gather", disagree)
+    check(x[:40], None)
+    assert traces(model) > seen
 
 
 @pytest.mark.usefixtures("small_factor_blocks")  # conftest

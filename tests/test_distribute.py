@@ -195,6 +195,83 @@ def test_kernels_split_across_two_workers(tmp_path):
     assert sum(blocks["eig_values"]) % 6 == 0
 
 
+_FACTOR_WORKER = textwrap.dedent("""
+    import keras_ntk
+    from keras_ntk import _batching, _block_factors, _distribute
+
+    # The factor path from blocks of 4 up to blocks of 8 (tests/conftest.py,
+    # small_factor_blocks), so that these small inputs take it.
+    _batching._JIT = "0"
+    _block_factors.MIN_SIZE, _block_factors.MAX_SIZE = 4, 8
+
+    def traces(model):
+        functions = _batching.block_functions(model) + list(
+            _block_factors._PAIR_FUNCTIONS.values())
+        return sum(f._plain.experimental_get_tracing_count() for f in functions)
+
+    x = np.random.RandomState(2).normal(size=(60, 3)).astype("float32")
+    v = np.random.RandomState(3).normal(size=(60,))
+    out = {}
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        model = _model()
+        out["weights"] = np.concatenate([np.ravel(w.numpy()) for w in model.weights])
+        out["first"] = keras_ntk.empirical_ntk(model, x[:16])
+        keras_ntk.ntk_vector_product(model, x[:16], None, v[:16])
+        out["seen"] = traces(model)
+        _distribute.counts["blocks"] = _distribute.counts["local"] = 0
+        out["ntk30"] = keras_ntk.empirical_ntk(model, x[:30])
+        out["ntk13x10"] = keras_ntk.empirical_ntk(model, x[:13], x[13:23])
+        out["kv27"] = keras_ntk.ntk_vector_product(model, x[:27], None, v[:27])
+        out["blocks"] = _distribute.counts["blocks"]
+        out["local"] = _distribute.counts["local"]
+        out["traces"] = traces(model)
+        # Another model of this architecture shares the compiled functions.
+        other = _model()
+        other.set_weights([1.3 * w + 0.05 for w in model.get_weights()])
+        out["other16"] = keras_ntk.empirical_ntk(other, x[:16])
+        out["other30"] = keras_ntk.empirical_ntk(other, x[:30])
+        out["other_traces"] = traces(other)
+    np.savez(sys.argv[1], **out)
+""")
+
+
+@pytest.mark.slow
+def test_new_sizes_across_two_workers_go_through_the_factors(tmp_path):
+    """Two workers: after a first call (N = 16, kernel and vector product), new N and x2
+    sizes go through the block factors (factor blocks exchanged between the workers,
+    pairs split between them) and trace nothing, nor does another model of the same
+    architecture; every worker holds the whole result, equal to the float64 Jacobian
+    kernel."""
+    codes, logs = _run_workers(tmp_path, _STRATEGY + _SHARED + _FACTOR_WORKER)
+    assert codes == [0, 0], [log[-3000:] for log in logs]
+    workers = [dict(np.load(tmp_path / f"worker{i}.npz")) for i in range(2)]
+    model = _model()
+    sizes = [int(np.prod(w.shape)) for w in model.weights]
+    flat = workers[0]["weights"]
+    model.set_weights([flat[a:a + n].reshape(w.shape) for a, n, w in
+                       zip(np.cumsum([0] + sizes[:-1]), sizes, model.weights)])
+    x = np.random.RandomState(2).normal(size=(60, 3)).astype("float32")
+    v = np.random.RandomState(3).normal(size=(60,))
+    expected = {"first": _naive_ntk(model, x[:16], x[:16]),
+                "ntk30": _naive_ntk(model, x[:30], x[:30]),
+                "ntk13x10": _naive_ntk(model, x[:13], x[13:23]),
+                "kv27": _naive_ntk(model, x[:27], x[:27]) @ v[:27]}
+    model.set_weights([1.3 * w + 0.05 for w in model.get_weights()])
+    expected["other16"] = _naive_ntk(model, x[:16], x[:16])
+    expected["other30"] = _naive_ntk(model, x[:30], x[:30])
+    for w in workers:
+        for name, value in expected.items():
+            np.testing.assert_allclose(w[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
+        assert int(w["traces"]) == int(w["seen"]) > 0
+        assert int(w["other_traces"]) == int(w["seen"])  # the same functions, no trace
+    # 30 = 8 + 8 + 8 + 6: 4 factor blocks and 10 pairs (on and above the diagonal);
+    # 13 x 10: 2 + 2 factor blocks and 4 pairs; the vector product at 27: 4 factor
+    # blocks and 10 pairs. Every worker computes every factor block; the pairs are split.
+    assert [int(w["local"]) for w in workers] == [4 + 4 + 4] * 2
+    assert [int(w["blocks"]) for w in workers] == [12, 12]
+
+
 _FIT_WORKER = _STRATEGY + textwrap.dedent("""
     keras.utils.set_random_seed(0)
     with strategy.scope():
