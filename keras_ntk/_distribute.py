@@ -17,7 +17,10 @@ buffers:
 Each block's `on_done` is then called in block order on every worker, so the
 whole result (kernel, Θ·v product, eigenpairs of `ntk_eigsh`, which calls the
 products) is on every worker, equal to what one process computes. A round
-holds one block per replica in float64 twice (the buffer and its sum).
+holds one block per replica in float64 twice (the buffer and its sum). Tasks
+wrapped in `LocalTask` run first, on every worker, their results kept there
+(the block factors of `_block_factors`); `gather` gives every worker the
+decisions of all (the path of a call, which must be the same everywhere).
 
 Host-side splits use one device per worker: `run_host_tasks(tasks)` (the
 feature batches of `empirical_nngp`, called directly, not in replica context;
