@@ -32,6 +32,8 @@ results are summed). Without such a strategy in scope every function here
 leaves the work to the caller's process unchanged.
 """
 
+import weakref
+
 import numpy as np
 import tensorflow as tf
 
@@ -92,6 +94,24 @@ def gather(strategy, values):
     buffer = np.zeros((workers, len(values)))
     buffer[rank] = values
     return _sum(strategy, buffer.ravel()).reshape(workers, len(values))
+
+
+_BUDGETS = weakref.WeakKeyDictionary()  # strategy: the workers' smallest default budget
+
+
+def common_budget(budget):
+    """`budget` (this process's default memory budget), or under a multi-worker
+    strategy with several workers the smallest of the workers' (gathered at the first
+    call under that strategy): each reads its own available memory, and a budget that
+    differs between workers would cut different blocks (mismatched collectives)."""
+    strategy = multi_worker_strategy()
+    if strategy is None:
+        return budget
+    agreed = _BUDGETS.get(strategy)
+    if agreed is None:
+        agreed = int(gather(strategy, [budget]).min())
+        _BUDGETS[strategy] = agreed
+    return agreed
 
 
 def _describe(blocks):

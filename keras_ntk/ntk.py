@@ -30,7 +30,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_ntk import _block_factors, _validation
+from keras_ntk import _block_factors, _distribute, _validation
 from keras_ntk._batching import (
     compiled, kernel_tasks, model_cache, num_examples, run_tasks, shared_compiled, shared_value,
     slice_examples, to_host)
@@ -386,7 +386,8 @@ def kernel_setup(model, x1, x2, trace_axes, diagonal_axes, implementation, batch
             per_model[plan_key] = plan
     out_axes, dtype, groups = plan.out_axes, plan.dtype, plan.groups
     itemsize = dtype.size
-    budget = default_memory_budget() if memory_budget is None else int(memory_budget)
+    budget = (_distribute.common_budget(default_memory_budget()) if memory_budget is None
+              else int(memory_budget))
     result_bytes = sum(s.n1 * (1 if vector else s.n2) * ax.kernel_size for ax in out_axes)
     result_bytes *= itemsize * (len(groups) if groups else 1)
 

@@ -199,6 +199,34 @@ def test_no_size_is_reused_under_a_multi_worker_strategy(monkeypatch):
     assert not _block_factors.budget_fits(s, None)(16, 16)
 
 
+def test_the_default_budget_is_the_smallest_of_the_workers(monkeypatch):
+    """Each worker reads its own available memory; under several workers the default
+    budget is the smallest of theirs (gathered once per strategy), so that every worker
+    cuts the same blocks. An explicit `memory_budget` is used as given."""
+    from keras_ntk import _distribute, ntk
+
+    model = mlp(3)
+    x = np.random.default_rng(0).normal(size=(10, 5)).astype("float32")
+    setup = lambda budget=None: ntk.kernel_setup(  # noqa: E731
+        model, x, None, (-1,), (), "auto", None, budget, False, None)
+    own = setup().budget
+
+    class Cluster:  # a multi-worker strategy: weak-referenceable, no collectives
+        pass
+
+    cluster, asked = Cluster(), []
+
+    def gather(strategy, values):
+        asked.append(values)
+        return np.array([values, [values[0] // 3]], dtype=float)
+
+    monkeypatch.setattr(_distribute, "multi_worker_strategy", lambda: cluster)
+    monkeypatch.setattr(_distribute, "gather", gather)
+    assert setup().budget == own // 3
+    assert setup().budget == own // 3 and asked == [[own]]  # gathered once
+    assert setup(2**30 + 5).budget == 2**30 + 5
+
+
 @pytest.mark.usefixtures("small_factor_blocks")  # conftest
 @pytest.mark.parametrize("name", ["cnn", "text", "two_outputs", "residual"])
 def test_per_layer_block_factors_equal_the_fused_per_layer_kernels(name, monkeypatch):
