@@ -571,11 +571,18 @@ def test_a_first_call_of_one_block_compiles_the_factor_functions_too(small_facto
     assert _factor_tracing_counts(model, small_factor_blocks) == seen
 
 
-def test_a_short_round_under_a_mirrored_strategy_computes_each_block_once(mirrored_strategy):
-    """Two replicas, one or three blocks: a replica without a block of its own returns
-    zeros instead of computing the last block again; every block reaches its on_done."""
+@pytest.mark.parametrize("runner, offset", [("run_tasks", 0), ("workers", 0), ("workers", 1)])
+def test_a_short_round_computes_each_block_once(runner, offset, mirrored_strategy,
+                                                 monkeypatch):
+    """Two replicas, one or three blocks, through `run_tasks` (a MirroredStrategy) or
+    `run_tasks_on_workers` (one worker of two local replicas; the round's rotation starts
+    at `offset`): a replica without a block of its own returns zeros instead of computing
+    a block again, and every block reaches its own on_done."""
     import tensorflow as tf
 
+    from keras_ntk import _distribute
+
+    monkeypatch.setattr(_distribute, "_offset", [offset])
     for count in (1, 3):
         calls, results = [], {}
 
@@ -583,45 +590,19 @@ def test_a_short_round_under_a_mirrored_strategy_computes_each_block_once(mirror
             def fn(x):
                 calls.append(i)
                 return [x * (i + 1), tf.reduce_sum(x)[None]]
-            return fn, (np.full((2, 3), 1.0, np.float32),), lambda out, i=i: results.update(
-                {i: out})
+            return fn, (np.full((2, 3), 1.0, np.float32),), (
+                lambda out, i=i: results.update({i: out}))
 
+        tasks = [task(i) for i in range(count)]
         with mirrored_strategy.scope():
-            run_tasks([task(i) for i in range(count)], verbose=0)
-        assert sorted(calls) == list(range(count))
+            if runner == "run_tasks":
+                run_tasks(tasks, verbose=0)
+            else:
+                _distribute.run_tasks_on_workers(mirrored_strategy, tasks)
+        assert sorted(calls) == list(range(count)), count
         for i in range(count):
             np.testing.assert_allclose(results[i][0], np.full((2, 3), i + 1.0))
             np.testing.assert_allclose(results[i][1], [6.0])
-
-
-def test_a_round_split_over_workers_computes_each_local_block_once(mirrored_strategy,
-                                                                   monkeypatch):
-    """`run_tasks_on_workers` (one worker here, two local replicas): whichever replica a
-    round's rotation names for a block, each block is computed once (an idle replica
-    returns zeros) and every on_done receives its own block."""
-    import tensorflow as tf
-
-    from keras_ntk import _distribute
-
-    for offset in (0, 1):
-        monkeypatch.setattr(_distribute, "_offset", [offset])
-        for count in (1, 3):
-            calls, results = [], {}
-
-            def task(i):
-                def fn(x):
-                    calls.append(i)
-                    return [x * (i + 1), tf.reduce_sum(x)[None]]
-                return fn, (np.full((2, 3), 1.0, np.float32),), (
-                    lambda out, i=i: results.update({i: out}))
-
-            with mirrored_strategy.scope():
-                _distribute.run_tasks_on_workers(mirrored_strategy,
-                                                 [task(i) for i in range(count)])
-            assert sorted(calls) == list(range(count)), (offset, count)
-            for i in range(count):
-                np.testing.assert_allclose(results[i][0], np.full((2, 3), i + 1.0))
-                np.testing.assert_allclose(results[i][1], [6.0])
 
 
 def test_a_seen_argument_signature_goes_straight_to_its_concrete_function(mirrored_strategy):
