@@ -35,10 +35,9 @@ with several workers they are shared by architecture too, keyed by the worker's 
 itself (`_distribute.LocalTask`: sending them, by all-reduces of float64 buffers, cost
 more than computing them), and the pairs are split between the workers like fused
 blocks. Every worker must cut the same blocks, and the sizes compiled are each process's
-own history:
-the path of a call (fused, fused then compile, factors of B) is gathered from every
-worker (`_distribute.gather`) and the factors are used only when all decided alike.
-TPUStrategy, other strategies and replica context keep the fused path.
+own history: the path of a call (fused, fused then compile, factors of B) is gathered
+from every worker (`_distribute.gather`) and the factors are used only when all decided
+alike. TPUStrategy, other strategies and replica context keep the fused path.
 """
 
 import collections
@@ -80,8 +79,8 @@ _SINGLE_WORKER = (tf.distribute.MirroredStrategy, tf.distribute.OneDeviceStrateg
 def strategy_devices():
     """None without a strategy; the devices of a single-worker strategy in scope (part of
     the keys of its factor functions and compiled sizes); False under any other strategy
-    (a multi-worker one with several workers, TPUStrategy, ...) or in replica context:
-    the fused path there."""
+    (a multi-worker one with several workers: see `worker_devices`; TPUStrategy, ...) or
+    in replica context: the fused path there."""
     if not tf.distribute.has_strategy():
         return None
     strategy = tf.distribute.get_strategy()
