@@ -80,7 +80,7 @@ CASES = {
 
 def launch_workers(count=2):
     """This script as `count` workers of one cluster on 127.0.0.1; the first worker's
-    output. Exits with the first non-zero return code."""
+    output and errors. Exits with the first non-zero return code."""
     sockets = [socket.socket() for _ in range(count)]
     for s in sockets:
         s.bind(("127.0.0.1", 0))
@@ -91,7 +91,8 @@ def launch_workers(count=2):
         [sys.executable, *sys.argv],
         env=dict(os.environ, TF_CONFIG=json.dumps({
             "cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}})),
-        stdout=subprocess.DEVNULL if index else None, stderr=subprocess.DEVNULL)
+        stdout=subprocess.DEVNULL if index else None,
+        stderr=subprocess.DEVNULL if index else None)  # the first worker's errors show
         for index in range(count)]
     codes = [p.wait() for p in processes]
     if any(codes):
@@ -112,6 +113,7 @@ def main():
     repeats = 2 if args.strategy == "multi_worker" else 1
     if args.strategy != "none":
         import tensorflow as tf
+        tf.get_logger().setLevel("ERROR")  # "Using ... eagerly has significant overhead"
         if args.strategy == "multi_worker":
             options = tf.distribute.experimental.CommunicationOptions(
                 implementation=tf.distribute.experimental.CommunicationImplementation.RING)
