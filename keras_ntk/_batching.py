@@ -591,13 +591,9 @@ def run_tasks(tasks, verbose):
         else:
             # Blocks of a group may call different functions (diagonal blocks); a
             # replica without a block of its own returns zeros, not the last one again.
-            outputs = strategy.run(_distribute.replica_function(
-                [(fn, args) for fn, args, _ in group]))
-            per_replica = [
-                strategy.experimental_local_results(o) for o in tf.nest.flatten(outputs)
-            ]
-            for r, (_, _, on_done) in enumerate(group):
-                on_done([np.asarray(p[r]) for p in per_replica])
+            blocks = _distribute.run_on_replicas(strategy, [t[:2] for t in group])
+            for (_, _, on_done), out in zip(group, blocks):
+                on_done(out)
         done += len(group)
         if progbar is not None:
             progbar.update(done)

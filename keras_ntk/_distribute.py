@@ -158,6 +158,14 @@ def replica_function(blocks, first_replica=0):
     return replica_fn
 
 
+def run_on_replicas(strategy, blocks, first_replica=0):
+    """[[arrays] per block]: blocks[r] = (fn, args) computed by local replica r, in
+    replica context (`replica_function`)."""
+    outputs = strategy.run(replica_function(blocks, first_replica))
+    per_replica = [strategy.experimental_local_results(o) for o in tf.nest.flatten(outputs)]
+    return [[np.asarray(p[r]) for p in per_replica] for r in range(len(blocks))]
+
+
 def _compute_local(strategy, group, slots, first_replica, replica_context):
     """{j: [arrays]}: the blocks group[j], j in `slots`, computed by this worker's replicas."""
     if not replica_context:
@@ -170,9 +178,8 @@ def _compute_local(strategy, group, slots, first_replica, replica_context):
     # worker's local replica i computes group[slots[i]] (which worker computes a block is
     # what the exchange needs; which of its replicas, only this worker), so the replicas
     # without a block come last and return zeros.
-    outputs = strategy.run(replica_function([group[j][:2] for j in slots], first_replica))
-    per_replica = [strategy.experimental_local_results(o) for o in tf.nest.flatten(outputs)]
-    return {j: [np.asarray(p[i]) for p in per_replica] for i, j in enumerate(slots)}
+    blocks = run_on_replicas(strategy, [group[j][:2] for j in slots], first_replica)
+    return dict(zip(slots, blocks))
 
 
 class LocalTask(tuple):
@@ -190,11 +197,9 @@ def _run_local(strategy, tasks, per_worker, first_replica, replica_context):
             for fn, args, on_done in group:
                 on_done([np.asarray(k) for k in fn(*args)])
             continue
-        outputs = strategy.run(replica_function([t[:2] for t in group], first_replica))
-        per_replica = [strategy.experimental_local_results(o)
-                       for o in tf.nest.flatten(outputs)]
-        for i, (_, _, on_done) in enumerate(group):
-            on_done([np.asarray(p[i]) for p in per_replica])
+        blocks = run_on_replicas(strategy, [t[:2] for t in group], first_replica)
+        for (_, _, on_done), out in zip(group, blocks):
+            on_done(out)
 
 
 def run_tasks_on_workers(strategy, tasks, progbar=None, replica_context=True):
