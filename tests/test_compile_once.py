@@ -281,18 +281,26 @@ def _strategy_reference(case, model, x1, x2):
     return _per_layer_reference(model, x1, x1 if x2 is None else x2)
 
 
+def _close_case(case, actual, expected, message):
+    """`close` for one `_strategy_call` case's result (per-layer: the dicts' values in
+    order, since the twin's layers have other names)."""
+    if case == "per_layer":
+        assert len(actual) == len(expected)
+        actual, expected = list(actual.values()), list(expected.values())
+    for a, e in zip(*(v if case == "per_layer" else [v] for v in (actual, expected))):
+        close(a, e, message)
+
+
 @pytest.mark.usefixtures("small_factor_blocks")  # conftest
 @pytest.mark.parametrize("case, strategy_name", [
     ("default", "mirrored"), ("vector", "mirrored"), ("per_layer", "mirrored"),
     ("default", "one_device")])
 def test_new_sizes_under_a_single_worker_strategy_trace_nothing(case, strategy_name,
-                                                                mirrored_strategy, monkeypatch):
+                                                                mirrored_strategy):
     """MirroredStrategy over two logical CPUs (conftest) or OneDeviceStrategy: after a
     first call, new N (new rungs) and x2 sizes go through the block factors (factor and
     pair tasks spread over the replicas) and trace nothing; results equal float64
-    Jacobian references. Under a multi-worker strategy the fused path stays."""
-    from keras_ntk import _distribute
-
+    Jacobian references."""
     strategy = (mirrored_strategy if strategy_name == "mirrored"
                 else tf.distribute.OneDeviceStrategy("/cpu:1"))
     with strategy.scope():
@@ -309,12 +317,7 @@ def test_new_sizes_under_a_single_worker_strategy_trace_nothing(case, strategy_n
         x1, x2 = x[:n1], None if n2 is None else x[n1:n1 + n2]
         with strategy.scope():
             actual = call(x1, x2)
-        expected = _strategy_reference(case, twin, x1, x2)
-        if case == "per_layer":  # the twin's layers have other names: in order
-            assert len(actual) == len(expected)
-            actual, expected = list(actual.values()), list(expected.values())
-        for a, e in zip(*(v if case == "per_layer" else [v] for v in (actual, expected))):
-            close(a, e, f"{n1} x {n2}")
+        _close_case(case, actual, _strategy_reference(case, twin, x1, x2), f"{n1} x {n2}")
         assert traces(model) == seen, (n1, n2)
 
 
@@ -341,12 +344,8 @@ def test_new_sizes_under_several_workers_trace_nothing(case, mirrored_strategy, 
     def check(x1, x2):
         with mirrored_strategy.scope():
             actual = call(x1, x2)
-        expected = _strategy_reference(case, twin, x1, x2)
-        if case == "per_layer":
-            assert len(actual) == len(expected)
-            actual, expected = list(actual.values()), list(expected.values())
-        for a, e in zip(*(v if case == "per_layer" else [v] for v in (actual, expected))):
-            close(a, e, f"{len(x1)} x {x2 if x2 is None else len(x2)}")
+        _close_case(case, actual, _strategy_reference(case, twin, x1, x2),
+                    f"{len(x1)} x {x2 if x2 is None else len(x2)}")
 
     x = _x(60, 5)
     check(x[:16], None)
