@@ -140,18 +140,24 @@ def _naive_ntk(model, x1, x2):
     return np.einsum("nkp,mkp->nm", j1, j2) / j1.shape[1]
 
 
-@pytest.mark.slow
-def test_kernels_split_across_two_workers(tmp_path):
-    script = _STRATEGY + _SHARED + _KERNEL_WORKER
-    codes, logs = _run_workers(tmp_path, script)
+def _workers_and_model(tmp_path, worker_script):
+    """Runs `worker_script` on 2 workers (it saves its model's flat "weights"); their
+    outputs, and `_model()` with worker 0's weights."""
+    codes, logs = _run_workers(tmp_path, _STRATEGY + _SHARED + worker_script)
     assert codes == [0, 0], [log[-3000:] for log in logs]
     workers = [dict(np.load(tmp_path / f"worker{i}.npz")) for i in range(2)]
-    x, x2, v = _inputs()
     model = _model()
     sizes = [int(np.prod(w.shape)) for w in model.weights]
     flat = workers[0]["weights"]
     model.set_weights([flat[a:a + n].reshape(w.shape) for a, n, w in
                        zip(np.cumsum([0] + sizes[:-1]), sizes, model.weights)])
+    return workers, model
+
+
+@pytest.mark.slow
+def test_kernels_split_across_two_workers(tmp_path):
+    workers, model = _workers_and_model(tmp_path, _KERNEL_WORKER)
+    x, x2, v = _inputs()
     ntk_model = _ntk_model()
     # The reference: one process, no strategy (and the naive float64 kernel).
     reference = {
@@ -243,14 +249,7 @@ def test_new_sizes_across_two_workers_go_through_the_factors(tmp_path):
     pairs split between them) and trace nothing, nor does another model of the same
     architecture; every worker holds the whole result, equal to the float64 Jacobian
     kernel."""
-    codes, logs = _run_workers(tmp_path, _STRATEGY + _SHARED + _FACTOR_WORKER)
-    assert codes == [0, 0], [log[-3000:] for log in logs]
-    workers = [dict(np.load(tmp_path / f"worker{i}.npz")) for i in range(2)]
-    model = _model()
-    sizes = [int(np.prod(w.shape)) for w in model.weights]
-    flat = workers[0]["weights"]
-    model.set_weights([flat[a:a + n].reshape(w.shape) for a, n, w in
-                       zip(np.cumsum([0] + sizes[:-1]), sizes, model.weights)])
+    workers, model = _workers_and_model(tmp_path, _FACTOR_WORKER)
     x = np.random.RandomState(2).normal(size=(60, 3)).astype("float32")
     v = np.random.RandomState(3).normal(size=(60,))
     expected = {"first": _naive_ntk(model, x[:16], x[:16]),
