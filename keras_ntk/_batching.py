@@ -357,10 +357,13 @@ class _Shared:
                 out = builder(state, {id(v): t for v, t in zip(variables, values)}, *xs)
             # Whether the floating variables it read are finite, computed in the same
             # program: checked after the call instead of reading each weight to the host
-            # before it (0.25-0.7 ms of a 5 ms MLP call; `check_finite_weights`).
-            flags = [tf.reduce_all(tf.math.is_finite(t)) for v, t in zip(variables, values)
-                     if v.trainable and t.dtype.is_floating]
-            return out, tf.stack(flags) if flags else tf.ones([0], tf.bool)
+            # before it (0.25-0.7 ms of a 5 ms MLP call; `check_finite_weights`). One sum
+            # per weight, non-finite if any entry is (NaN + x, Inf - Inf: NaN; Inf + x:
+            # Inf), or if finite entries overflow it (the host check then finds none):
+            # a third of the cost of is_finite per entry (MLP-1, 0.05 against 0.16 ms).
+            sums = [tf.reduce_sum(tf.cast(t, tf.float32) if t.dtype.size < 4 else t)
+                    for v, t in zip(variables, values) if v.trainable and t.dtype.is_floating]
+            return out, tf.math.is_finite(tf.stack(sums)) if sums else tf.ones([0], tf.bool)
 
         self.fn = _JitFallback(traced, jit)
 
@@ -377,9 +380,9 @@ class _Shared:
         finally:
             self._local.call_state = None
         if not np.asarray(finite).all():
-            _validation.check_finite_weights(model.trainable_variables)  # names the first
-            raise _validation.NonFiniteError(
-                "Expected `model` to have finite weights. Received: a non-finite weight")
+            # Names the first non-finite weight; finds none when finite weights merely
+            # overflowed a sum, and the block stands.
+            _validation.check_finite_weights(model.trainable_variables)
         return out
 
 

@@ -118,6 +118,32 @@ def test_a_shared_block_function_refuses_the_non_finite_weights_of_one_model_onl
         keras_ntk.empirical_ntk(bad, x)
 
 
+def test_the_in_program_weight_check_misses_nothing_and_refuses_nothing_finite():
+    # A shared block function checks one sum per weight: +Inf and -Inf in one weight
+    # sum to NaN (refused); finite entries whose sum overflows are a false alarm the
+    # host check clears (the head bias: Θ does not depend on its value).
+    bad = mlp()
+    kernel = np.asarray(bad.layers[0].kernel.value).copy()
+    kernel[0, 0], kernel[1, 0] = np.inf, -np.inf
+    bad.layers[0].kernel.assign(kernel)
+    x = inputs()
+    with pytest.raises(ValueError, match=r"Received: weight '.*kernel'\[0, 0\]=inf"):
+        keras_ntk.empirical_ntk(bad, x)
+    big = mlp(outputs=2)
+    big.layers[1].bias.assign(np.full(2, 3e38, "float32"))  # sum: inf in float32
+    np.testing.assert_allclose(keras_ntk.empirical_ntk(big, x, trace_axes=()),
+                               naive_full_kernel(big, x), rtol=1e-4, atol=1e-5)
+
+
+def naive_full_kernel(model, x):
+    """Θ[n, m, i, j] from float64 Jacobians of every output."""
+    with tf.GradientTape() as tape:
+        y = model(x, training=False)
+    jac = np.concatenate([np.reshape(np.asarray(j, np.float64), (*y.shape, -1))
+                          for j in tape.jacobian(y, model.trainable_weights)], -1)
+    return np.einsum("nip,mjp->nmij", jac, jac)
+
+
 def test_a_kernel_that_becomes_non_finite_says_why():
     # log of a negative pre-activation: finite inputs and weights, NaN outputs.
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
