@@ -17,6 +17,8 @@ cotangents, which are computed anyway for the layers before it.
 import keras
 import tensorflow as tf
 
+from keras_ntk._jacobians import dense_gram
+
 # Keras activations that act entry by entry (softmax and the like do not).
 _ELEMENTWISE = (
     "relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "swish", "mish",
@@ -117,9 +119,10 @@ def applies(axes):
     return not axes.out and axes.sub1 == axes.sub2
 
 
-def contract(a1, g1, a2, g2, dtype):
-    """Θ of the rule (P = G = 1, traced): (A1 A2ᵀ) ⊙ ((φ'1 ⊙ ‖V‖²) φ'2ᵀ), not yet averaged."""
+def contract(a1, g1, a2, g2, dtype, bias=False):
+    """Θ of the rule (P = G = 1, traced): (A1 A2ᵀ) ⊙ ((φ'1 ⊙ ‖V‖²) φ'2ᵀ), not yet averaged
+    (`bias`: the a-factors end in the bias column, `_jacobians.dense_gram`)."""
     a1, a2 = tf.cast(a1[:, 0, 0], dtype), tf.cast(a2[:, 0, 0], dtype)
-    gram_a = tf.matmul(a1, a2, transpose_b=True)
+    gram_a = dense_gram(a1, a2, bias)
     gram_g = tf.matmul(g1.slope * g1.weight, g2.slope, transpose_b=True)
     return gram_a * gram_g

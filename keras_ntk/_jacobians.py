@@ -169,6 +169,16 @@ def full_batch_jacobians(model, x, weights, training, sizes):
     return tf.split(jac, sizes, axis=1)
 
 
+def dense_gram(a1, a2, bias=False):
+    """A1 A2ᵀ of (N, A) a-factors. `bias`: their last column is the bias column (the
+    constant 1 of `_structured._Rule.patches`), so the product runs over the other
+    columns, + 1: XLA then reads the layer's input itself, not an (N, A + 1) copy with
+    the column appended (MLP-1: 0.1 ms of a 1.9 ms program)."""
+    if not bias:
+        return tf.matmul(a1, a2, transpose_b=True)
+    return tf.matmul(a1[:, :-1], a2[:, :-1], transpose_b=True) + 1.0
+
+
 def contract_jacobians(j1, j2, axes, dtype):
     """Θ from per-example factors laid out as (N, *S, W): Σ_w j1 j2."""
     j1 = tf.cast(tf.reshape(j1, tf.concat([tf.shape(j1)[: 1 + len(axes.shape)], [-1]], 0)), dtype)

@@ -44,7 +44,7 @@ import tensorflow as tf
 
 from keras_ntk import _head
 from keras_ntk._patches import causal_pad as _causal_pad, conv_patches as _conv_patches
-from keras_ntk._jacobians import call_flat, contract_jacobians, tape_jacobian
+from keras_ntk._jacobians import call_flat, contract_jacobians, dense_gram, tape_jacobian
 from keras_ntk._weights import iter_layers
 
 _ZERO = tf.UnconnectedGradients.ZERO
@@ -669,7 +669,7 @@ def _merge_shared_inputs(factors):
     and value of one input, as one rule: cotangents side by side (B axes concatenated;
     Θ = Σ_rules (a·a')(g·g') = (a·a')(Σ_rules g·g'))."""
     merged, index = [], {}
-    for a1, g1, a2, g2 in factors:
+    for a1, g1, a2, g2, bias in factors:
         key = None
         if not isinstance(a1, Tokens) and not isinstance(g1, _head.HeadCotangents):
             key = (id(a1), id(a2), tuple(g1.shape[:-1]), tuple(g2.shape[:-1]))
@@ -680,27 +680,29 @@ def _merge_shared_inputs(factors):
             continue
         if key is not None:
             index[key] = len(merged)
-        merged.append((a1, [g1], a2, [g2]))
+        merged.append((a1, [g1], a2, [g2], bias))  # one a-factor: one bias column or none
     out = []
-    for a1, g1s, a2, g2s in merged:
+    for a1, g1s, a2, g2s, bias in merged:
         if len(g1s) == 1:
-            out.append((a1, g1s[0], a2, g2s[0]))
+            out.append((a1, g1s[0], a2, g2s[0], bias))
             continue
         g1 = tf.concat(g1s, -1)
         same = a2 is a1 and all(g2 is g for g, g2 in zip(g1s, g2s))
-        out.append((a1, g1, a2, g1 if same else tf.concat(g2s, -1)))
+        out.append((a1, g1, a2, g1 if same else tf.concat(g2s, -1), bias))
     return out
 
 
-def contract_rules(factors, axes, dtype):
-    """Σ over rules of `contract_structured` for [(a1, g1, a2, g2)] (same factors: a2 is a1).
+def contract_rules(factors, axes, dtype, biases=None):
+    """Σ over rules of `contract_structured` for [(a1, g1, a2, g2)] (same factors: a2 is a1);
+    `biases`: per rule, whether its a-factors end in the bias column (`dense_gram`).
 
     Rules contracted through per-example weight gradients are fused: their
     gradients concatenated (at most `FUSE_ELEMENTS` per side at a time) and
     contracted by one product per group.
     """
     total, group, size = 0.0, [], 0
-    factors = _merge_shared_inputs(factors)
+    biases = [False] * len(factors) if biases is None else biases
+    factors = _merge_shared_inputs([(*f, b) for f, b in zip(factors, biases)])
 
     def flush(group):
         w1 = tf.concat([w for w, _ in group], -1) if len(group) > 1 else group[0][0]
@@ -709,10 +711,10 @@ def contract_rules(factors, axes, dtype):
         w2 = tf.concat([w for _, w in group], -1) if len(group) > 1 else group[0][1]
         return _gram(w1, w2, axes, dtype)
 
-    for a1, g1, a2, g2 in factors:
+    for a1, g1, a2, g2, bias in factors:
         if isinstance(g1, _head.HeadCotangents):
             if _head.applies(axes):
-                total += _head.contract(a1, g1, a2, g2, dtype)
+                total += _head.contract(a1, g1, a2, g2, dtype, bias)
                 continue
             g1, g2 = g1.full, g2.full
         same = a2 is a1 and g2 is g1
@@ -720,7 +722,7 @@ def contract_rules(factors, axes, dtype):
         n2 = int(g2.shape[0])
         form, _ = contraction_form(n1, n2, dims, axes)
         if form != "per_example":
-            total += contract_structured(a1, g1, a2, g2, axes, dtype)
+            total += contract_structured(a1, g1, a2, g2, axes, dtype, bias)
             continue
         w1 = _weight_gradients(a1, g1s, dims, axes)
         w2 = w1 if same else _weight_gradients(a2, _shaped(a2, g2, axes)[2], dims, axes)
@@ -735,8 +737,8 @@ def contract_rules(factors, axes, dtype):
     return total
 
 
-def contract_structured(a1, g1, a2, g2, axes, dtype):
-    """Θ contribution of one rule from its (a, g) factors.
+def contract_structured(a1, g1, a2, g2, axes, dtype, bias=False):
+    """Θ contribution of one rule from its (a, g) factors (`bias`: see `dense_gram`).
 
     Θ[n, m] = Σ_c Σ_{p,q} (a_np[c] · a_mq[c])(g_np[c] · g_mq[c]), either
     through per-example weight gradients W_n = Σ_p a_np ⊗ g_np or in
@@ -744,7 +746,7 @@ def contract_structured(a1, g1, a2, g2, axes, dtype):
     """
     if isinstance(g1, _head.HeadCotangents):
         if _head.applies(axes):
-            return _head.contract(a1, g1, a2, g2, dtype)
+            return _head.contract(a1, g1, a2, g2, dtype, bias)
         g1, g2 = g1.full, g2.full
     same = a2 is a1 and g2 is g1
     n1, dims, g1 = _shaped(a1, g1, axes)
@@ -775,7 +777,7 @@ def contract_structured(a1, g1, a2, g2, axes, dtype):
             g1, g2 = g1[..., 0, :], g2[..., 0, :]
         if not r and not out:
             # Dense, every output axis traced: (A1 A2ᵀ) ⊙ (G1 G2ᵀ), two matrix products.
-            gram_a = tf.matmul(a1, a2, transpose_b=True)
+            gram_a = dense_gram(a1, a2, bias)
             gram_g = tf.matmul(tf.reshape(g1, [n1, -1]), tf.reshape(g2, [n2, -1]),
                                transpose_b=True)
             return gram_a * gram_g

@@ -201,7 +201,7 @@ def _structured_block(plan, rules, x1, x2):
                 g1 = gk[:n1]
                 g2 = g1 if same else gk[n1:]
                 grouped[(g, k)] = grouped.get((g, k), 0.0) + contract_structured(
-                    a1, g1, a2, g2, axes, plan.dtype)
+                    a1, g1, a2, g2, axes, plan.dtype, rule.has_bias_column())
         n_1 = tf.shape(tf.nest.flatten(x1)[0])[0]
         n_2 = n_1 if same else tf.shape(tf.nest.flatten(x2)[0])[0]
         if not rest:
@@ -218,7 +218,8 @@ def _structured_block(plan, rules, x1, x2):
             a1, g1 = (a, g_per_output[k]) if same else (a[:n1], g_per_output[k][:n1])
             sides.append((a1, g1, a1, g1) if same else (a1, g1, a[n1:], g_per_output[k][n1:]))
         if sides:  # every rule's contribution, fused (_structured.contract_rules)
-            kernels[k] = contract_rules(sides, axes, plan.dtype)
+            kernels[k] = contract_rules(sides, axes, plan.dtype,
+                                        [rule.has_bias_column() for rule in rules])
     if rest:
         j = per_example_jacobians(plan.model, x, plan.differentiable(rest), plan.training,
                                   plan.sizes)

@@ -296,6 +296,41 @@ def test_traced_head_identity_matches_float64_jacobian_kernel(activation, functi
     assert rel_error(full, contract(j1, j2, trace=False)) < RTOL64
 
 
+@pytest.mark.parametrize("head_bias", [True, False])
+@pytest.mark.parametrize("with_x2,per_layer", [(False, False), (True, False), (False, True)])
+def test_dense_grams_split_off_the_bias_column_exactly(head_bias, with_x2, per_layer,
+                                                       monkeypatch):
+    # The a-factor Gram of a Dense layer with a bias is A Aᵀ + 1 over its input, without
+    # the appended column (`_jacobians.dense_gram`); layers without a bias keep A Aᵀ. A
+    # chain mixing both, with a linear head (the head form) with and without its bias.
+    from keras_ntk import _head
+    dense = lambda units, act, bias: keras.layers.Dense(  # noqa: E731
+        units, activation=act, use_bias=bias, dtype="float64")
+    model = keras.Sequential([keras.Input((4,), dtype="float64"), dense(6, "relu", True),
+                              dense(5, "tanh", False), dense(4, "relu", True),
+                              dense(3, None, head_bias)])
+    monkeypatch.setattr(_batching, "_SHARED", collections.OrderedDict())  # traced afresh
+    monkeypatch.setattr(_structured, "contraction_form",
+                        lambda n1, n2, dims, axes: ("factorized", (0, 0)))
+    calls = []
+    for module in (_structured, _head):
+        gram = module.dense_gram
+        monkeypatch.setattr(module, "dense_gram", lambda a1, a2, bias=False, gram=gram: (
+            calls.append(bias) or gram(a1, a2, bias)))
+    rng = np.random.default_rng(4)
+    x1 = rng.normal(size=(5, 4))
+    x2 = rng.normal(size=(3, 4)) if with_x2 else None
+    actual = keras_ntk.empirical_ntk(model, x1, x2, implementation="structured",
+                                     dtype="float64", per_layer=per_layer)
+    assert sorted(set(calls)) == [False, True]  # both kinds of layer took the Dense Gram
+    if per_layer:
+        actual = sum(actual.values())
+    weights = model.trainable_weights
+    j1 = jacobians(model, x1, weights)
+    j2 = j1 if x2 is None else jacobians(model, x2, weights)
+    assert rel_error(actual, contract(j1, j2)) < RTOL64
+
+
 def test_traced_head_form_is_found_only_where_exact():
     from keras_ntk import _head
     assert _head.find(head_mlp("float32", "softmax")) is None  # not elementwise
