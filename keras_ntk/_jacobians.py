@@ -93,6 +93,15 @@ def call_flat(model, x, training):
     return [tf.convert_to_tensor(y) for y in tf.nest.flatten(ys)]
 
 
+def identity_seeds(size, dtype):
+    """The (size, size) identity, behind an optimization barrier when traced for XLA
+    (see `tape_jacobian`: XLA would constant-fold every product of it at compile time)."""
+    seeds = tf.eye(size, dtype=dtype)
+    if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
+        seeds = _xla.optimization_barrier(seeds)[0]
+    return seeds
+
+
 def tape_jacobian(tape, target, sources):
     """`tape.jacobian`, with zeros for unconnected sources.
 
@@ -109,9 +118,7 @@ def tape_jacobian(tape, target, sources):
     if size is None:
         jac = tape.jacobian(target, sources)
     else:
-        seeds = tf.eye(size, dtype=target.dtype)
-        if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
-            seeds = _xla.optimization_barrier(seeds)[0]
+        seeds = identity_seeds(size, target.dtype)
         jac = _pfor.pfor(lambda i: tape.gradient(
             target, sources, output_gradients=tf.reshape(tf.gather(seeds, i), target.shape)),
             size)

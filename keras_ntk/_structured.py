@@ -42,7 +42,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_ntk import _head
+from keras_ntk import _dense_chain, _head
 from keras_ntk._patches import causal_pad as _causal_pad, conv_patches as _conv_patches
 from keras_ntk._jacobians import call_flat, contract_jacobians, dense_gram, tape_jacobian
 from keras_ntk._weights import iter_layers
@@ -533,6 +533,7 @@ def structured_factors(model, x, rules, training, sizes, dtype, heads=False):
     head (`contract_rules` contracts its traced kernel in width B, not S·B).
     """
     found = _head.find(model) if heads and len(sizes) == 1 else None
+    chain = _dense_chain.dense_chain(model, rules, sizes)
     with _PATCH_LOCK:  # rule.calls is shared by threads tracing the same model
         with tf.GradientTape(persistent=True) as tape:
             with patched(rules, tape):
@@ -541,11 +542,14 @@ def structured_factors(model, x, rules, training, sizes, dtype, heads=False):
             first = sums[0]  # recorded by the tape for the single-output gradient
         memo = {}  # the a-factors of layers reading one input are one tensor
         recorded = [(rule, rule.factors(dtype, memo)) for rule in rules]
+        written = _dense_chain.cotangents(chain) if chain is not None else None
     probes = [probe for _, calls in recorded for _, probe in calls]
     total = sum(sizes)
     if not probes:
         return []
-    if total == 1:
+    if written is not None:
+        cots = None
+    elif total == 1:
         cots = tape.gradient(first, probes, unconnected_gradients=_ZERO)
         cots = [c[None] for c in cots]
     else:
@@ -555,9 +559,12 @@ def structured_factors(model, x, rules, training, sizes, dtype, heads=False):
     for rule, calls in recorded:
         a_list, g_list = [], []
         for a, _ in calls:
-            g = rule.grouped_cotangents(cots[i])  # (S_total, N, P, G, B)
+            if written is not None:  # already (N, S_total, P, G, B)
+                g_list.append(tf.cast(written[id(rule)], dtype))
+            else:
+                g = rule.grouped_cotangents(cots[i])  # (S_total, N, P, G, B)
+                g_list.append(tf.cast(tf.transpose(g, [1, 0, 2, 3, 4]), dtype))
             i += 1
-            g_list.append(tf.cast(tf.transpose(g, [1, 0, 2, 3, 4]), dtype))
             a_list.append(a)
         # A layer called several times: its calls are extra positions p.
         a = _concat_a(a_list)

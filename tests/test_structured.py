@@ -19,7 +19,7 @@ import pytest
 import tensorflow as tf
 
 import keras_ntk
-from keras_ntk import _batching, _structured
+from keras_ntk import _batching, _dense_chain, _structured
 from keras_ntk._weights import iter_layers
 
 from ntk_reference import (  # noqa: F401 (plain_graphs: a fixture)
@@ -329,6 +329,93 @@ def test_dense_grams_split_off_the_bias_column_exactly(head_bias, with_x2, per_l
     j1 = jacobians(model, x1, weights)
     j2 = j1 if x2 is None else jacobians(model, x2, weights)
     assert rel_error(actual, contract(j1, j2)) < RTOL64
+
+
+def dense_chain_model(activations, units, functional, dtype="float64"):
+    """Dense layers of widths 6, 5, 4, ... with `activations`, the last with `units`."""
+    widths = [6, 5, 4, 3][:len(activations) - 1] + [units]
+    layers = [keras.layers.Dense(w, activation=a, dtype=dtype)
+              for w, a in zip(widths, activations)]
+    if not functional:
+        return keras.Sequential([keras.Input((4,)), *layers])
+    x = keras.Input((4,))
+    h = x
+    for layer in layers:
+        h = layer(h)
+    return keras.Model(x, h)
+
+
+@pytest.mark.parametrize("activations,units,functional,with_x2,trace,per_layer", [
+    (("relu", "relu", None), 3, False, False, True, False),  # MLP-10's form: a linear head
+    (("tanh", "gelu", "softplus"), 3, True, True, False, False),  # a non-linear head
+    (("sigmoid", None), 1, False, True, True, False),  # one output
+    (("relu", "selu", "tanh", None), 2, True, False, True, True),  # per layer
+    (("elu",), 3, False, False, False, False),  # one layer: the chain is its head
+])
+def test_dense_chain_cotangents_match_float64_jacobian_kernel(
+        activations, units, functional, with_x2, trace, per_layer, monkeypatch):
+    # A chain of Dense layers has its cotangents written out, example-major
+    # (`_dense_chain.cotangents`), not taken from a vectorized backward pass.
+    model = dense_chain_model(activations, units, functional)
+    monkeypatch.setattr(_batching, "_SHARED", collections.OrderedDict())  # traced afresh
+    written = []
+    cotangents = _dense_chain.cotangents
+    monkeypatch.setattr(_dense_chain, "cotangents",
+                        lambda chain: written.append(len(chain)) or cotangents(chain))
+    rng = np.random.default_rng(2)
+    x1 = rng.normal(size=(5, 4))
+    x2 = rng.normal(size=(3, 4)) if with_x2 else None
+    actual = keras_ntk.empirical_ntk(model, x1, x2, implementation="structured",
+                                     dtype="float64", per_layer=per_layer,
+                                     trace_axes=(-1,) if trace else ())
+    assert written and set(written) == {len(activations)}
+    weights = model.trainable_weights
+    j1 = jacobians(model, x1, weights)
+    j2 = j1 if x2 is None else jacobians(model, x2, weights)
+    if per_layer:
+        for i, layer in enumerate(l for l in model.layers if l.trainable_weights):
+            own = [2 * i, 2 * i + 1]
+            expected = contract([j1[k] for k in own], [j2[k] for k in own], trace)
+            assert rel_error(actual[layer.name], expected) < RTOL64, layer.name
+        actual = sum(actual.values())
+    assert rel_error(actual, contract(j1, j2, trace)) < RTOL64
+
+
+def test_only_a_chain_of_dense_layers_is_a_dense_chain():
+    def chain(model, weights=None):
+        weights = model.trainable_weights if weights is None else weights
+        rules = _structured.structured_rules(model, weights)
+        found = _dense_chain.dense_chain(model, rules, [2])
+        return None if found is None else [rule.layer for rule in found]
+
+    model = dense_chain_model(("relu", "tanh", None), 2, functional=True)
+    assert chain(model) == model.layers[1:]
+    assert chain(dense_chain_model(("relu", None), 2, functional=False)) is not None
+    # Not chains: a layer between, a softmax (not entry by entry), two branches, a
+    # subclassed model, a layer applied twice, and a chain whose layers are not all
+    # selected (`variables`).
+    dense = lambda units, act=None: keras.layers.Dense(units, activation=act)  # noqa: E731
+    between = keras.Sequential([keras.Input((4,)), dense(5, "relu"), keras.layers.Dropout(0.5),
+                                dense(2)])
+    softmax = keras.Sequential([keras.Input((4,)), dense(5, "relu"), dense(2, "softmax")])
+    x = keras.Input((4,))
+    branches = keras.Model(x, dense(2)(keras.layers.Add()([dense(5)(x), dense(5)(x)])))
+
+    class Subclassed(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = dense(5, "relu"), dense(2)
+
+        def call(self, inputs):
+            return self.b(self.a(inputs))
+
+    subclassed = Subclassed()
+    subclassed(np.zeros((1, 4), "float32"))
+    twice = dense(4, "tanh")
+    shared = keras.Model(x, dense(2)(twice(twice(x))))
+    for other in (between, softmax, branches, subclassed, shared):
+        assert chain(other) is None, other
+    assert chain(model, model.layers[-1].trainable_weights) is None
 
 
 def test_traced_head_form_is_found_only_where_exact():
