@@ -122,7 +122,6 @@ def applies(axes):
 def contract(a1, g1, a2, g2, dtype, bias=False):
     """Θ of the rule (P = G = 1, traced): (A1 A2ᵀ) ⊙ ((φ'1 ⊙ ‖V‖²) φ'2ᵀ), not yet averaged
     (`bias`: the a-factors end in the bias column, `_jacobians.dense_gram`)."""
-    a1, a2 = tf.cast(a1[:, 0, 0], dtype), tf.cast(a2[:, 0, 0], dtype)
-    gram_a = dense_gram(a1, a2, bias)
+    gram_a = dense_gram(tf.cast(a1, dtype), tf.cast(a2, dtype), bias)
     gram_g = tf.matmul(g1.slope * g1.weight, g2.slope, transpose_b=True)
     return gram_a * gram_g

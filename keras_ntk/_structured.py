@@ -773,6 +773,11 @@ def contract_structured(a1, g1, a2, g2, axes, dtype, bias=False):
     # One group: drop its axis, so that XLA sees plain matrix products (a batch
     # axis of size 1 sends dots down a slower path).
     r = "r" if c > 1 else ""
+    if p == 1 and not r and not out:
+        # Dense, every output axis traced: (A1 A2ᵀ) ⊙ (G1 G2ᵀ), two matrix products.
+        gram_g = tf.matmul(tf.reshape(g1, [n1, -1]), tf.reshape(g2, [n2, -1]),
+                           transpose_b=True)
+        return dense_gram(a1, a2, bias) * gram_g
     if not r:
         a1, a2 = a1[:, :, 0], a2[:, :, 0]
         g1, g2 = g1[..., 0, :], g2[..., 0, :]
@@ -782,12 +787,6 @@ def contract_structured(a1, g1, a2, g2, axes, dtype, bias=False):
             g1, g2 = g1[..., 0, :, :], g2[..., 0, :, :]
         else:
             g1, g2 = g1[..., 0, :], g2[..., 0, :]
-        if not r and not out:
-            # Dense, every output axis traced: (A1 A2ᵀ) ⊙ (G1 G2ᵀ), two matrix products.
-            gram_a = dense_gram(a1, a2, bias)
-            gram_g = tf.matmul(tf.reshape(g1, [n1, -1]), tf.reshape(g2, [n2, -1]),
-                               transpose_b=True)
-            return gram_a * gram_g
         gram_a = tf.einsum(f"n{r}a,m{r}a->nm{r}", a1, a2)
         gram_g = tf.einsum(f"n{s1}{r}b,m{s2}{r}b->nm{out}{r}", g1, g2)
         if not r:
