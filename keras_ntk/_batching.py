@@ -371,7 +371,8 @@ class _Shared:
         """The block's outputs; raises `NonFiniteError` (naming the weight) if a
         trainable weight of `model` is not finite."""
         variables = model.variables
-        values = [_argument(v) for v in variables]
+        plain = not tf.distribute.has_strategy()
+        values = [_argument(v, plain) for v in variables]
         self._local.call_state = (model, state)
         try:
             out, finite = self.fn(values, *xs)
@@ -386,11 +387,12 @@ class _Shared:
         return out
 
 
-def _argument(variable):
+def _argument(variable, plain):
     """A Keras variable as an argument of a shared function: its tf.Variable (one trace
-    serves every variable of that shape and dtype; read inside the function), else its value."""
+    serves every variable of that shape and dtype; read inside the function), else (under
+    a strategy: `plain` False) its value."""
     value = getattr(variable, "value", variable)
-    if isinstance(value, tf.Variable) and not tf.distribute.has_strategy():
+    if isinstance(value, tf.Variable) and plain:
         return value
     return tf.convert_to_tensor(variable)
 

@@ -66,7 +66,7 @@ def _describe(item):
     return f"variable '{path}'" if path else repr(item)
 
 
-def select_weights(model, variables=None):
+def select_weights(model, variables=None, trainable=None):
     """The model's trainable weights named by `variables`, in `model.trainable_weights` order.
 
     Args:
@@ -82,6 +82,7 @@ def select_weights(model, variables=None):
               `path` of one of its trainable weights (e.g. "dense_1/kernel").
             Items naming the same weight twice are allowed; each weight is
             returned once.
+        trainable: `model.trainable_weights` if the caller has read it already.
 
     Returns:
         A list of Keras Variables, a sub-list of `model.trainable_weights`.
@@ -101,7 +102,7 @@ def select_weights(model, variables=None):
     select_weights(model, [model.layers[0].kernel])
     ```
     """
-    weights = list(model.trainable_weights)
+    weights = list(model.trainable_weights if trainable is None else trainable)
     if variables is None:
         return weights
     if isinstance(variables, (str, keras.layers.Layer, keras.Variable)) or not hasattr(
