@@ -463,13 +463,13 @@ def _new_block_function(s, same):
 
 def _shared_block_function(s, same):
     """The block function shared by every model of this architecture (weights as
-    arguments; `_batching.shared_compiled`), or None: training mode, per-layer
-    kernels, "ntvp", models of unknown architecture and strategies other than
-    `MirroredStrategy`, `OneDeviceStrategy` and a multi-worker one
-    (`_block_factors.worker_devices`; there each replica passes its copy of the weights)
-    keep functions of their own."""
+    arguments; `_batching.shared_compiled`; per-layer kernels keyed by their groups of
+    weights as indices), or None: training mode, "ntvp", models of unknown architecture
+    and strategies other than `MirroredStrategy`, `OneDeviceStrategy` and a multi-worker
+    one (`_block_factors.worker_devices`; there each replica passes its copy of the
+    weights) keep functions of their own."""
     plan = s.plan
-    if (plan.training or plan.groups is not None or s.implementation == "ntvp"
+    if (plan.training or s.implementation == "ntvp"
             or _block_factors.worker_devices() is False):
         return None
     index = {id(v): i for i, v in enumerate(plan.model.variables)}
@@ -479,6 +479,8 @@ def _shared_block_function(s, same):
         "shared", s.implementation, same, plan.dtype.name,
         tuple((ax.trace, ax.diag) for ax in plan.out_axes),
         tuple(index[id(w)] for w in plan.weights),
+        None if plan.groups is None else tuple(
+            tuple(index[id(w)] for w in ws) for _, ws in plan.groups),
     )
     implementation = s.implementation
 

@@ -322,6 +322,31 @@ def test_models_of_one_architecture_share_one_compiled_function(monkeypatch):
         _three_layer_mlp())
 
 
+@pytest.mark.parametrize("implementation", ["structured", "jacobian"])
+def test_per_layer_kernels_are_shared_by_architecture(implementation, monkeypatch):
+    """`per_layer=True`: a second model of the architecture is not traced again (its
+    groups of weights, as indices, are part of the key), and each layer's kernel is its
+    own (float64 Jacobian reference)."""
+    import collections
+
+    monkeypatch.setattr(_batching, "_JIT", "0")
+    monkeypatch.setattr(_batching, "_SHARED", collections.OrderedDict())
+    x = np.random.default_rng(5).normal(size=(6, 5)).astype("float32")
+    for seed in range(2):
+        model = _three_layer_mlp(seed=seed)
+        parts = keras_ntk.empirical_ntk(model, x, per_layer=True, implementation=implementation)
+        jac = _jacobian64(model, x)
+        start = 0
+        for layer in model.layers:
+            size = sum(int(np.prod(w.shape)) for w in layer.trainable_weights)
+            own = jac[:, start:start + size]
+            np.testing.assert_allclose(parts[layer.name], own @ own.T, rtol=1e-4, atol=1e-6)
+            start += size
+    fused = [e for key, e in _batching._SHARED.items() if key[1][0] == "shared"]
+    assert len(fused) == 1 and fused[0].shareable
+    assert fused[0].fn._plain.experimental_get_tracing_count() == 1
+
+
 def test_unknown_architectures_and_direct_variable_reads_keep_functions_of_their_own(
         monkeypatch):
     import collections
