@@ -246,16 +246,7 @@ def test_traced_fused_per_example_contraction_matches_float64_jacobian_kernel(wi
 
 def head_mlp(dtype, activation, functional=False):
     """Dense layers ending in a linear Dense head of 3 units (keras_ntk._head's form)."""
-    layers = [keras.layers.Dense(6, activation="tanh", dtype=dtype),
-              keras.layers.Dense(5, activation=activation, dtype=dtype),
-              keras.layers.Dense(3, dtype=dtype)]
-    if not functional:
-        return keras.Sequential([keras.Input((4,)), *layers])
-    x = keras.Input((4,))
-    h = x
-    for layer in layers:
-        h = layer(h)
-    return keras.Model(x, h)
+    return dense_chain_model(("tanh", activation, None), 3, functional, dtype)
 
 
 @pytest.mark.parametrize("activation,functional,with_x2,per_layer", [
