@@ -672,9 +672,9 @@ def _gram(w1, w2, axes, dtype):
 
 
 def _merge_shared_inputs(factors):
-    """Rules whose a-factors are one tensor (on both sides), e.g. attention's query, key
-    and value of one input, as one rule: cotangents side by side (B axes concatenated;
-    Θ = Σ_rules (a·a')(g·g') = (a·a')(Σ_rules g·g'))."""
+    """Rules [(a1, g1, a2, g2, bias)] whose a-factors are one tensor (on both sides), e.g.
+    attention's query, key and value of one input, as one rule: cotangents side by side (B
+    axes concatenated; Θ = Σ_rules (a·a')(g·g') = (a·a')(Σ_rules g·g'))."""
     merged, index = [], {}
     for a1, g1, a2, g2, bias in factors:
         key = None
@@ -699,17 +699,16 @@ def _merge_shared_inputs(factors):
     return out
 
 
-def contract_rules(factors, axes, dtype, biases=None):
-    """Σ over rules of `contract_structured` for [(a1, g1, a2, g2)] (same factors: a2 is a1);
-    `biases`: per rule, whether its a-factors end in the bias column (`dense_gram`).
+def contract_rules(factors, axes, dtype):
+    """Σ over rules of `contract_structured` for [(a1, g1, a2, g2, bias)] (same factors: a2
+    is a1; `bias`: the a-factors end in the bias column, `dense_gram`).
 
     Rules contracted through per-example weight gradients are fused: their
     gradients concatenated (at most `FUSE_ELEMENTS` per side at a time) and
     contracted by one product per group.
     """
     total, group, size = 0.0, [], 0
-    biases = [False] * len(factors) if biases is None else biases
-    factors = _merge_shared_inputs([(*f, b) for f, b in zip(factors, biases)])
+    factors = _merge_shared_inputs(factors)
 
     def flush(group):
         w1 = tf.concat([w for w, _ in group], -1) if len(group) > 1 else group[0][0]

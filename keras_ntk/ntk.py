@@ -213,13 +213,14 @@ def _structured_block(plan, rules, x1, x2):
         return _grouped_jacobian_kernels(plan, rest, j1, j2, same, grouped)
     kernels = [0.0] * len(plan.out_axes)
     for k, axes in enumerate(plan.out_axes):
-        sides = []  # per rule (a1, g1, a2, g2), x2's factors the same objects when same
-        for a, g_per_output in factors:
+        # Per rule (a1, g1, a2, g2, bias column?), x2's factors the same objects when same.
+        sides = []
+        for rule, (a, g_per_output) in zip(rules, factors):
             a1, g1 = (a, g_per_output[k]) if same else (a[:n1], g_per_output[k][:n1])
-            sides.append((a1, g1, a1, g1) if same else (a1, g1, a[n1:], g_per_output[k][n1:]))
+            a2, g2 = (a1, g1) if same else (a[n1:], g_per_output[k][n1:])
+            sides.append((a1, g1, a2, g2, rule.has_bias_column()))
         if sides:  # every rule's contribution, fused (_structured.contract_rules)
-            kernels[k] = contract_rules(sides, axes, plan.dtype,
-                                        [rule.has_bias_column() for rule in rules])
+            kernels[k] = contract_rules(sides, axes, plan.dtype)
     if rest:
         j = per_example_jacobians(plan.model, x, plan.differentiable(rest), plan.training,
                                   plan.sizes)
