@@ -35,18 +35,14 @@ def dense_chain(model, rules, sizes):
             return None
         tensor, source = model.outputs[0], model.inputs[0]
         while tensor is not source and len(chain) <= len(rules):
-            history = tensor._keras_history
-            layer = history.operation
+            layer, inputs = _head.producer(tensor)
             rule = by_layer.get(id(layer))
             if (rule is None or not _head._plain_dense(layer)
-                    or not _head._elementwise(layer.activation)):
-                return None
-            inputs = layer._inbound_nodes[history.node_index].input_tensors
-            if len(inputs) != 1:
+                    or not _head._elementwise(layer.activation) or len(inputs) != 1):
                 return None
             chain.append(rule)
             tensor = inputs[0]
-    except (AttributeError, IndexError, TypeError, ValueError):
+    except _head.GRAPH_ERRORS:
         return None  # a model without a graph of layers
     # Every rule once: a layer applied twice (shared weights) is not a chain of its own.
     if (tensor is not source or len(chain) != len(rules)

@@ -55,6 +55,18 @@ def _runs_its_graph(model):
     return False
 
 
+# What reading a model's graph of layers raises when it has none (subclassed, unbuilt).
+GRAPH_ERRORS = (AttributeError, IndexError, TypeError, ValueError)
+
+
+def producer(tensor):
+    """(the layer whose call output `tensor` in a model's graph, that call's input tensors);
+    may raise `GRAPH_ERRORS`."""
+    history = tensor._keras_history
+    layer = history.operation
+    return layer, layer._inbound_nodes[history.node_index].input_tensors
+
+
 def find(model):
     """(the Dense layer feeding the head, the head) of a model of that form, else None.
 
@@ -69,13 +81,11 @@ def find(model):
         outputs = model.outputs
         if not outputs or len(outputs) != 1:
             return None
-        history = outputs[0]._keras_history
-        head = history.operation
-        inputs = head._inbound_nodes[history.node_index].input_tensors
+        head, inputs = producer(outputs[0])
         if len(inputs) != 1:
             return None
-        layer = inputs[0]._keras_history.operation
-    except (AttributeError, IndexError, TypeError, ValueError):
+        layer, _ = producer(inputs[0])
+    except GRAPH_ERRORS:
         return None
     if not (_plain_dense(head) and _plain_dense(layer)):
         return None
