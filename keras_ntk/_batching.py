@@ -590,15 +590,9 @@ def run_tasks(tasks, verbose):
     done = 0
     for start in range(0, len(tasks), step):
         group = tasks[start:start + step]
-        if strategy is None:
-            fn, args, on_done = group[0]
-            on_done([np.asarray(k) for k in fn(*args)])
-        else:
-            # Blocks of a group may call different functions (diagonal blocks); a
-            # replica without a block of its own returns zeros, not the last one again.
-            blocks = _distribute.run_on_replicas(strategy, [t[:2] for t in group])
-            for (_, _, on_done), out in zip(group, blocks):
-                on_done(out)
+        # Blocks of a group may call different functions (diagonal blocks); a replica
+        # without a block of its own returns zeros, not the last one again.
+        _distribute.run_group(strategy, group)
         done += len(group)
         if progbar is not None:
             progbar.update(done)

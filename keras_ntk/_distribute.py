@@ -166,6 +166,19 @@ def run_on_replicas(strategy, blocks, first_replica=0):
     return [[np.asarray(p[r]) for p in per_replica] for r in range(len(blocks))]
 
 
+def run_group(strategy, group, first_replica=0):
+    """Runs the tasks (fn, args, on_done) of `group` and calls each on_done with its arrays:
+    task r on local replica r in replica context (`run_on_replicas`), or with `strategy`
+    None one after the other, called directly."""
+    if strategy is None:
+        for fn, args, on_done in group:
+            on_done([np.asarray(k) for k in fn(*args)])
+        return
+    blocks = run_on_replicas(strategy, [t[:2] for t in group], first_replica)
+    for (_, _, on_done), out in zip(group, blocks):
+        on_done(out)
+
+
 def _compute_local(strategy, group, slots, first_replica, replica_context):
     """{j: [arrays]}: the blocks group[j], j in `slots`, computed by this worker's replicas."""
     if not replica_context:
@@ -193,13 +206,7 @@ def _run_local(strategy, tasks, per_worker, first_replica, replica_context):
     for start in range(0, len(tasks), per_worker):
         group = tasks[start:start + per_worker]
         counts["local"] += len(group)
-        if not replica_context:
-            for fn, args, on_done in group:
-                on_done([np.asarray(k) for k in fn(*args)])
-            continue
-        blocks = run_on_replicas(strategy, [t[:2] for t in group], first_replica)
-        for (_, _, on_done), out in zip(group, blocks):
-            on_done(out)
+        run_group(strategy if replica_context else None, group, first_replica)
 
 
 def run_tasks_on_workers(strategy, tasks, progbar=None, replica_context=True):
