@@ -41,17 +41,10 @@ sys.path.insert(0, ROOT)
 
 import keras_ntk  # noqa: E402
 from benchmarks.new_rungs import lenet, timed  # noqa: E402
-from keras_ntk import _batching, _block_factors  # noqa: E402
+from keras_ntk import _batching  # noqa: E402
 
 
-def traces(*models):
-    """Traces of the compiled functions serving `models` (their own, their architectures',
-    the pair functions of the block factors), each function counted once."""
-    functions = {id(f): f for model in models for f in _batching.block_functions(model)}
-    functions.update((id(f), f) for f in _block_factors._PAIR_FUNCTIONS.values())
-    return sum(f._plain.experimental_get_tracing_count()
-               + (f._xla.experimental_get_tracing_count() if f._xla is not None else 0)
-               for f in functions.values())
+traces = _batching.trace_count
 
 
 def mlp():

@@ -18,14 +18,7 @@ import keras_ntk
 from keras_ntk import _batching, _block_factors
 
 
-def traces(*models):
-    """Traces of every compiled function serving `models` (their own, their architectures',
-    the block factors' pair functions), each function counted once."""
-    functions = {id(f): f for model in models for f in _batching.block_functions(model)}
-    functions.update((id(f), f) for f in _block_factors._PAIR_FUNCTIONS.values())
-    return sum(f._plain.experimental_get_tracing_count()
-               + (f._xla.experimental_get_tracing_count() if f._xla is not None else 0)
-               for f in functions.values())
+traces = _batching.trace_count
 
 
 def close(actual, expected, message=""):
