@@ -41,10 +41,10 @@ sys.path.insert(0, ROOT)
 
 import keras_ntk  # noqa: E402
 from benchmarks.new_rungs import lenet, timed  # noqa: E402
-from keras_ntk import _batching  # noqa: E402
+from keras_ntk import _block_factors  # noqa: E402
 
 
-traces = _batching.trace_count
+traces = _block_factors.trace_count
 
 
 def mlp():

@@ -48,7 +48,7 @@ def timed(fn):
     return time.perf_counter() - start, out
 
 
-traces = _batching.trace_count  # no model: every function so far
+traces = _block_factors.trace_count  # no model: every function so far
 
 
 def main():

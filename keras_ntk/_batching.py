@@ -479,27 +479,6 @@ def block_functions(model):
     return own + shared
 
 
-def trace_count(*models):
-    """Traces so far of the compiled functions serving `models` (their own, their
-    architectures' and the block factors' pair functions), or with no model of every
-    block, factor and pair function of the process; each function counted once. A
-    new trace is a new compile (for tests, benchmarks and diagnostics)."""
-    from keras_ntk import _block_factors  # imports this module
-
-    if models:
-        functions = [f for model in models for f in block_functions(model)]
-    else:
-        with _SHARED_LOCK:
-            functions = [e.fn for e in _SHARED.values()]
-        for cache in list(_COMPILED.values()):
-            functions += [f for f in cache.values() if isinstance(f, _JitFallback)]
-    functions += list(_block_factors._PAIR_FUNCTIONS.values())
-    unique = {id(f): f for f in functions}.values()
-    return sum(f._plain.experimental_get_tracing_count()
-               + (f._xla.experimental_get_tracing_count() if f._xla is not None else 0)
-               for f in unique)
-
-
 class _JitFallback:
     """Runs a block function under XLA, falling back to a plain graph if XLA cannot compile it.
 

@@ -502,3 +502,22 @@ def factor_tasks(s, results, batch_size, fused_tasks, place=None, tag="fused"):
             tasks.append((lambda i=i, j=j: pair(factors1[i], factors2[j]), (),
                           place(a0, a1, b0, b1, s.same and i != j)))
     return tasks
+
+
+def trace_count(*models):
+    """Traces so far of the compiled functions serving `models` (their own, their
+    architectures' and the block factors' pair functions), or with no model of every
+    block, factor and pair function of the process; each function counted once. A
+    new trace is a new compile (for tests, benchmarks and diagnostics)."""
+    if models:
+        functions = [f for model in models for f in _batching.block_functions(model)]
+    else:
+        with _batching._SHARED_LOCK:
+            functions = [e.fn for e in _batching._SHARED.values()]
+        for cache in list(_batching._COMPILED.values()):
+            functions += [f for f in cache.values() if isinstance(f, _batching._JitFallback)]
+    functions += list(_PAIR_FUNCTIONS.values())
+    unique = {id(f): f for f in functions}.values()
+    return sum(f._plain.experimental_get_tracing_count()
+               + (f._xla.experimental_get_tracing_count() if f._xla is not None else 0)
+               for f in unique)

@@ -18,7 +18,7 @@ import keras_ntk
 from keras_ntk import _batching, _block_factors
 
 
-traces = _batching.trace_count
+traces = _block_factors.trace_count
 
 
 def close(actual, expected, message=""):

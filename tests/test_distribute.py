@@ -210,7 +210,7 @@ _FACTOR_WORKER = textwrap.dedent("""
     _batching._JIT = "0"
     _block_factors.MIN_SIZE, _block_factors.MAX_SIZE = 4, 8
 
-    traces = _batching.trace_count
+    traces = _block_factors.trace_count
 
     x = np.random.RandomState(2).normal(size=(60, 3)).astype("float32")
     v = np.random.RandomState(3).normal(size=(60,))
