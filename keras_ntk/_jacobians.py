@@ -8,10 +8,13 @@ weight, then Θ[n, m] = Σ_w J1[n, ·, w] J2[m, ·, w].
 Every model call of the kernels goes through `call_flat`, which traces the
 model's recurrent layers unrolled (see `unrolled`): TensorFlow can neither
 vectorize (pfor) the gradient of a recurrent layer's `tf.while_loop` nor run
-forward mode through it, but both work on the unrolled loop.
+forward mode through it, but both work on the unrolled loop. It also computes
+grouped convolutions one group at a time (see `ungrouped`): vectorized, their
+weight gradient is wrong.
 """
 
 import contextlib
+import functools
 import logging
 import threading
 import weakref
@@ -36,6 +39,10 @@ _LOGGER = logging.getLogger("keras_ntk")
 _UNROLL_LOCK = threading.Lock()
 _UNROLLED = {}  # recurrent layer -> number of calls inside `unrolled` holding it
 _LOGGED = weakref.WeakSet()  # models whose unrolling was logged (freed models drop out)
+# Replacing a layer's `call` is process-global state: whoever replaces one holds this
+# lock until the traced call is over (MirroredStrategy runs replicas in threads that
+# may trace concurrently; `_structured.patched` and `ungrouped`).
+PATCH_LOCK = threading.RLock()
 
 
 def recurrent_layers(model):
@@ -86,9 +93,71 @@ def unrolled(model):
                     layer.unroll = False
 
 
+_CONV_CALLS = (keras.layers.Conv1D.call, keras.layers.Conv2D.call, keras.layers.Conv3D.call)
+
+
+def grouped_convolutions(model):
+    """The Conv1D/2D/3D layers nested in `model` with `groups` > 1 and Keras' own `call`."""
+    return [layer for layer in iter_layers(model)
+            if isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D))
+            and getattr(layer, "groups", 1) > 1 and type(layer).call in _CONV_CALLS]
+
+
+def grouped_conv(layer, x, kernel, padding):
+    """`layer`'s grouped convolution of `x` ('causal' padding already applied), as
+    `groups` convolutions of its input channels' slices with its kernel's output slices,
+    concatenated: the same sum, which TensorFlow's vectorization (pfor) differentiates
+    correctly. (Vectorized, the weight gradient of one grouped convolution op is wrong:
+    TF 2.21's pfor rule for Conv2DBackpropFilter ignores the groups; outside XLA it
+    fails, under XLA it returns wrong numbers.)"""
+    axis = -1 if layer.data_format == "channels_last" else 1
+    pieces = zip(tf.split(x, layer.groups, axis=axis), tf.split(kernel, layer.groups, axis=-1))
+    return tf.concat([keras.ops.conv(xg, kg, strides=list(layer.strides), padding=padding,
+                                     dilation_rate=layer.dilation_rate,
+                                     data_format=layer.data_format)
+                      for xg, kg in pieces], axis)
+
+
+def _split_call(layer, inputs, *args, **kwargs):
+    """Keras' Conv call (bias, activation, causal padding) over `grouped_conv`."""
+    x, padding = tf.convert_to_tensor(inputs), layer.padding
+    if padding == "causal":
+        x, padding = keras.ops.pad(x, layer._compute_causal_padding()), "valid"
+    z = grouped_conv(layer, x, layer.kernel, padding)
+    if layer.use_bias:
+        shape = ((1,) * (layer.rank + 1) + (layer.filters,) if layer.data_format == "channels_last"
+                 else (1, layer.filters) + (1,) * layer.rank)
+        z = z + tf.reshape(layer.bias, shape)
+    return z if layer.activation is None else layer.activation(z)
+
+
+@contextlib.contextmanager
+def ungrouped(model):
+    """Traces `model`'s grouped convolutions one group at a time (`grouped_conv`).
+
+    Each such layer's `call` is replaced for the duration of the call, under
+    `PATCH_LOCK`; a layer whose `call` is replaced already (a structured rule's
+    recording call, which computes `grouped_conv` itself) is left as it is.
+    """
+    layers = grouped_convolutions(model)
+    if not layers:
+        yield
+        return
+    with PATCH_LOCK:
+        mine = [layer for layer in layers if "call" not in layer.__dict__]
+        for layer in mine:
+            object.__setattr__(layer, "call", functools.partial(_split_call, layer))
+        try:
+            yield
+        finally:
+            for layer in mine:
+                object.__delattr__(layer, "call")
+
+
 def call_flat(model, x, training):
-    """The model's outputs on `x` as a flat list of tensors (recurrent layers unrolled)."""
-    with unrolled(model):
+    """The model's outputs on `x` as a flat list of tensors (recurrent layers unrolled,
+    grouped convolutions one group at a time)."""
+    with unrolled(model), ungrouped(model):
         ys = model(x, training=training)
     return [tf.convert_to_tensor(y) for y in tf.nest.flatten(ys)]
 

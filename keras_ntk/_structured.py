@@ -36,7 +36,6 @@ layer's `call` is replaced for the duration of one traced forward pass
 import collections
 import contextlib
 import re
-import threading
 
 import keras
 import numpy as np
@@ -44,14 +43,15 @@ import tensorflow as tf
 
 from keras_ntk import _dense_chain, _head
 from keras_ntk._patches import causal_pad as _causal_pad, conv_patches as _conv_patches
-from keras_ntk._jacobians import call_flat, contract_jacobians, dense_gram, tape_jacobian
+from keras_ntk._jacobians import (
+    PATCH_LOCK, call_flat, contract_jacobians, dense_gram, tape_jacobian)
 from keras_ntk._weights import iter_layers
 
 _ZERO = tf.UnconnectedGradients.ZERO
 
 # Patching `layer.call` is process-global state: serialize it across threads
 # (MirroredStrategy runs replicas in threads that may trace concurrently).
-_PATCH_LOCK = threading.RLock()
+_PATCH_LOCK = PATCH_LOCK
 
 # Sizes of one rule's factors: P positions, G groups, A inputs and B outputs
 # per group; `gather`: a is a one-hot token (A = vocabulary, never formed).
@@ -195,8 +195,8 @@ class _DenseRule(_Rule):
 class _ConvRule(_Rule):
     """Conv1D/Conv2D (channels last, any strides and dilation, 'causal' in 1-D).
 
-    Grouped convolutions are left to the generic path: TensorFlow cannot
-    differentiate them on CPU outside XLA.
+    Grouped convolutions are left to the generic path, which computes them one
+    group at a time (`_jacobians.ungrouped`).
     """
 
     @staticmethod
