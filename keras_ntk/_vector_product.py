@@ -147,7 +147,9 @@ def vector_product(s, v, ntvp, block_function, verbose, batch_size=None):
                                   add))
             with frozen_state(model, s.plan.training):
                 run_tasks(vjp_tasks, verbose)
-            u = tuple(a.astype(plan.model_dtype.as_numpy_dtype) for a in accumulated)
+            # tangents in their weights' dtypes (the forward accumulator's primals)
+            u = tuple(a.astype(tf.as_dtype(w.dtype).as_numpy_dtype)
+                      for a, w in zip(accumulated, plan.weights))
             jvp_tasks = []
             for a0, a1 in block_ranges(s.n1, p1):
                 def done(out, k=k, ax=ax, a0=a0, a1=a1, columns=columns):

@@ -251,6 +251,8 @@ def _ntvp_products(plan, x1, x2, cotangents):
     def one(cot):
         with tf.GradientTape() as tape:
             y2 = call_flat(plan.model, x2, plan.training)
+        # each output's own dtype (layers may compute in another dtype than the model's)
+        cot = [tf.cast(c, y.dtype) for c, y in zip(cot, y2)]
         u = tape.gradient(y2, weights, output_gradients=cot, unconnected_gradients=_ZERO)
         with tf.autodiff.ForwardAccumulator(primals, u) as acc:
             y1 = call_flat(plan.model, x1, plan.training)

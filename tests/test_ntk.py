@@ -62,6 +62,24 @@ def test_float64_model_is_exact_to_float64_precision():
         assert_close(k, reference(model, x, None, trace_axes=()), rtol=1e-10)
 
 
+@pytest.mark.parametrize("implementation", ["ntvp", "structured", "jacobian"])
+def test_layers_computing_in_float64_inside_a_float32_model(implementation):
+    """Layers made with dtype="float64" in a model whose own dtype is float32: "ntvp"
+    seeded its products in the model's dtype (a TypeError in MatMul) and
+    `ntk_vector_product` cast its tangents to it (a ValueError)."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((5,)), keras.layers.Dense(4, activation="tanh", dtype="float64"),
+        keras.layers.Dense(2, dtype="float64")])
+    rng = np.random.default_rng(0)
+    x, v = rng.normal(size=(6, 5)), rng.normal(size=(6, 3))
+    expected = reference(model, x)
+    kernel = keras_ntk.empirical_ntk(model, x, implementation=implementation, dtype="float64")
+    assert_close(kernel, expected, rtol=1e-10)
+    product = keras_ntk.ntk_vector_product(model, x, None, v, implementation=implementation)
+    assert_close(product, expected @ v, rtol=1e-5)
+
+
 VECTOR_CASES = [((-1,), (), (4,)), ((), (), (4, 3, 2)), ((), (-1,), (4, 3))]
 
 
