@@ -16,7 +16,7 @@ without forming per-example gradients (or through W_n when cheaper):
 
     layer               positions p      groups c           a               b
     Dense               leading axes     -                  input features  units
-    Conv1D/Conv2D       output pixels    -                  patch           filters
+    Conv1D/Conv2D       output pixels    groups (`groups`)  patch × C_in/G  filters / G
     DepthwiseConv1D/2D  output pixels    input channels     patch (1 ch.)   multiplier
     EinsumDense         input-only axes  axes of x, W, y    contracted      output-only
     Embedding           token positions  -                  one-hot token   output_dim
@@ -44,7 +44,7 @@ import tensorflow as tf
 from keras_ntk import _dense_chain, _head
 from keras_ntk._patches import causal_pad as _causal_pad, conv_patches as _conv_patches
 from keras_ntk._jacobians import (
-    PATCH_LOCK, call_flat, contract_jacobians, dense_gram, tape_jacobian)
+    PATCH_LOCK, call_flat, contract_jacobians, dense_gram, grouped_conv, tape_jacobian)
 from keras_ntk._weights import iter_layers
 
 _ZERO = tf.UnconnectedGradients.ZERO
@@ -193,17 +193,14 @@ class _DenseRule(_Rule):
 
 
 class _ConvRule(_Rule):
-    """Conv1D/Conv2D (channels last, any strides and dilation, 'causal' in 1-D).
-
-    Grouped convolutions are left to the generic path, which computes them one
-    group at a time (`_jacobians.ungrouped`).
-    """
+    """Conv1D/Conv2D (channels last, any strides and dilation, 'causal' in 1-D); with
+    `groups` > 1 a group of the rule per group of channels and filters, computed one
+    group at a time (`_jacobians.grouped_conv`)."""
 
     @staticmethod
     def supports(layer):
         return (
             type(layer) in (keras.layers.Conv1D, keras.layers.Conv2D)
-            and layer.groups == 1
             and layer.data_format == "channels_last"
             and layer.padding in ("valid", "same", "causal")
             and _plain(layer)
@@ -217,8 +214,9 @@ class _ConvRule(_Rule):
     def preactivation(self, inputs):
         x, padding = self._padded(inputs)
         layer = self.layer
-        z = keras.ops.conv(x, layer.kernel, strides=list(layer.strides), padding=padding,
-                           dilation_rate=layer.dilation_rate, data_format="channels_last")
+        z = (grouped_conv(layer, x, layer.kernel, padding) if layer.groups > 1 else
+             keras.ops.conv(x, layer.kernel, strides=list(layer.strides), padding=padding,
+                            dilation_rate=layer.dilation_rate, data_format="channels_last"))
         if layer.use_bias:
             z = z + layer.bias
         return z
@@ -226,10 +224,16 @@ class _ConvRule(_Rule):
     def grouped_inputs(self, inputs):
         x, padding = self._padded(inputs)
         p = _conv_patches(self.layer, x, padding)  # (N, P, K, C_in)
-        return tf.reshape(p, [tf.shape(p)[0], -1, 1, int(p.shape[2]) * int(p.shape[3])])
+        n, k, c = tf.shape(p)[0], int(p.shape[2]), int(p.shape[3])
+        groups = self.layer.groups
+        if groups == 1:
+            return tf.reshape(p, [n, -1, 1, k * c])
+        p = tf.reshape(p, [n, -1, k, groups, c // groups])
+        return tf.reshape(tf.transpose(p, [0, 1, 3, 2, 4]), [n, -1, groups, k * c // groups])
 
     def grouped_cotangents(self, g):
-        return tf.reshape(g, tf.concat([tf.shape(g)[:2], [-1, 1, int(g.shape[-1])]], 0))
+        groups = self.layer.groups
+        return tf.reshape(g, tf.concat([tf.shape(g)[:2], [-1, groups, g.shape[-1] // groups]], 0))
 
 
 class _DepthwiseRule(_Rule):

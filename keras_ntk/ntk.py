@@ -542,7 +542,7 @@ def empirical_ntk(model, x1, x2=None, *, trace_axes=(-1,), diagonal_axes=(),
       cotangent) pairs are contracted either in that factorized form
       (N1 N2 P_pos² (a + b S) FLOPs) or through per-example weight gradients
       (N S P_pos a b + N1 N2 S a b), whichever is cheaper per layer. Weights not
-      covered by a rule (grouped convolutions, GroupNormalization, recurrent
+      covered by a rule (Conv3D, GroupNormalization, recurrent
       and custom layers, a `Linearize` wrapper's δ) use the per-example Jacobian for those weights only.
     * `"jacobian"`: per-example Jacobians (N S P numbers), vectorized over the
       examples, contracted over the weights: N1 N2 S² P FLOPs.

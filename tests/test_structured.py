@@ -75,6 +75,20 @@ def depthwise(dtype):
     ])
 
 
+def grouped_conv(dtype):
+    """Grouped Conv2D (strided, 'same', with and without bias) and causal Conv1D."""
+    return keras.Sequential([
+        keras.Input((6, 6, 4)),
+        keras.layers.Conv2D(6, 3, strides=2, padding="same", groups=2, activation="tanh",
+                            dtype=dtype),
+        keras.layers.Conv2D(4, 2, groups=2, use_bias=False, dtype=dtype),
+        keras.layers.Reshape((4, 4), dtype=dtype),
+        keras.layers.Conv1D(4, 2, padding="causal", groups=4, dtype=dtype),
+        keras.layers.Flatten(dtype=dtype),
+        keras.layers.Dense(2, dtype=dtype),
+    ])
+
+
 def attention(dtype):
     x = keras.Input((5, 4))
     h = keras.layers.MultiHeadAttention(num_heads=2, key_dim=3, dtype=dtype)(x, x)
@@ -115,6 +129,7 @@ def normalization(dtype):
 FAMILIES = {
     "conv1d": (conv1d, (keras.layers.Conv1D,)),
     "depthwise": (depthwise, (keras.layers.DepthwiseConv2D, keras.layers.DepthwiseConv1D)),
+    "grouped_conv": (grouped_conv, (keras.layers.Conv2D, keras.layers.Conv1D)),
     "attention": (attention, (keras.layers.EinsumDense, keras.layers.LayerNormalization)),
     "embedding": (embedding, (keras.layers.Embedding,)),
     "normalization": (normalization, (keras.layers.BatchNormalization,
@@ -127,7 +142,7 @@ def inputs_for(name, n, seed):
     if name == "embedding":
         return rng.integers(0, 7, size=(n, 6)).astype("int32")
     shape = {"conv1d": (9, 4), "depthwise": (6, 6, 2), "attention": (5, 4),
-             "normalization": (4, 3, 2)}[name]
+             "normalization": (4, 3, 2), "grouped_conv": (6, 6, 4)}[name]
     return rng.normal(size=(n, *shape))
 
 
@@ -170,7 +185,8 @@ def covered_layer_types(model):
 
 # Each family runs one contraction form in `make test`, the other under `slow`.
 FAST = {("conv1d", "factorized"), ("depthwise", "per_example"), ("attention", "factorized"),
-        ("embedding", "factorized"), ("normalization", "per_example")}
+        ("embedding", "factorized"), ("normalization", "per_example"),
+        ("grouped_conv", "per_example"), ("grouped_conv", "factorized")}
 
 
 @pytest.mark.parametrize("name,form", [
