@@ -97,10 +97,21 @@ _CONV_CALLS = (keras.layers.Conv1D.call, keras.layers.Conv2D.call, keras.layers.
 
 
 def grouped_convolutions(model):
-    """The Conv1D/2D/3D layers nested in `model` with `groups` > 1 and Keras' own `call`."""
-    return [layer for layer in iter_layers(model)
-            if isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D))
-            and getattr(layer, "groups", 1) > 1 and type(layer).call in _CONV_CALLS]
+    """The Conv1D/2D/3D layers nested in `model` with `groups` > 1. Raises a ValueError
+    for one with a `call` of its own (it cannot be computed one group at a time)."""
+    layers = [layer for layer in iter_layers(model)
+              if isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D))
+              and getattr(layer, "groups", 1) > 1]
+    for layer in layers:
+        if type(layer).call not in _CONV_CALLS and "call" not in layer.__dict__:
+            raise ValueError(
+                f"Expected grouped convolutions to be Keras' own Conv1D/Conv2D/Conv3D: "
+                f"TensorFlow's vectorized weight gradient of a grouped convolution is wrong, "
+                f"so keras_ntk computes them one group at a time, which it cannot do for a "
+                f"`call` of its own. Received: layer {layer.name!r} of class "
+                f"{type(layer).__name__} with groups={layer.groups} and its own `call`. "
+                f"Use groups=1, or Keras' own class.")
+    return layers
 
 
 def grouped_conv(layer, x, kernel, padding):

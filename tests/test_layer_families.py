@@ -264,6 +264,23 @@ def test_float32_grouped_convolution_under_xla_matches_float64_reference(impleme
     assert not any("call" in vars(layer) for layer in model32.layers)
 
 
+class _OwnCallConv(L.Conv2D):
+    def call(self, inputs):
+        return super().call(inputs) * 2.0
+
+
+def test_a_grouped_convolution_with_its_own_call_is_refused_naming_it(plain_graphs):
+    model = keras.Sequential([keras.Input((4, 4, 2)), _OwnCallConv(2, 3, groups=2, name="mine"),
+                              L.Flatten(), L.Dense(1)])
+    x = np.zeros((3, 4, 4, 2), "float32")
+    for implementation in ("auto", "jacobian", "ntvp"):
+        with pytest.raises(ValueError, match="'mine' of class _OwnCallConv with groups=2"):
+            keras_ntk.empirical_ntk(model, x, implementation=implementation)
+    ungrouped = keras.Sequential([keras.Input((4, 4, 2)), _OwnCallConv(2, 3, name="mine"),
+                                  L.Flatten(), L.Dense(1)])
+    assert keras_ntk.empirical_ntk(ungrouped, x).shape == (3, 3)
+
+
 @pytest.mark.parametrize("implementation", [
     "structured", pytest.param("jacobian", marks=pytest.mark.slow),
     pytest.param("ntvp", marks=pytest.mark.slow)])
