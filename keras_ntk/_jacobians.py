@@ -8,13 +8,12 @@ weight, then Θ[n, m] = Σ_w J1[n, ·, w] J2[m, ·, w].
 Every model call of the kernels goes through `call_flat`, which traces the
 model's recurrent layers unrolled (see `unrolled`): TensorFlow can neither
 vectorize (pfor) the gradient of a recurrent layer's `tf.while_loop` nor run
-forward mode through it, but both work on the unrolled loop. It also computes
-grouped convolutions one group at a time (see `ungrouped`): vectorized, their
-weight gradient is wrong.
+forward mode through it, but both work on the unrolled loop. It also traces
+the layers whose TensorFlow derivatives are wrong (grouped convolutions,
+resizing) through exact replacements (`_exact_calls.exact_derivatives`).
 """
 
 import contextlib
-import functools
 import logging
 import threading
 import weakref
@@ -25,6 +24,7 @@ from tensorflow.compiler.tf2xla.python import xla as _xla
 from tensorflow.python.ops import control_flow_util
 from tensorflow.python.ops.parallel_for import control_flow_ops as _pfor
 
+from keras_ntk._exact_calls import exact_derivatives
 from keras_ntk._weights import iter_layers
 
 _ZERO = tf.UnconnectedGradients.ZERO
@@ -39,10 +39,6 @@ _LOGGER = logging.getLogger("keras_ntk")
 _UNROLL_LOCK = threading.Lock()
 _UNROLLED = {}  # recurrent layer -> number of calls inside `unrolled` holding it
 _LOGGED = weakref.WeakSet()  # models whose unrolling was logged (freed models drop out)
-# Replacing a layer's `call` is process-global state: whoever replaces one holds this
-# lock until the traced call is over (MirroredStrategy runs replicas in threads that
-# may trace concurrently; `_structured.patched` and `ungrouped`).
-PATCH_LOCK = threading.RLock()
 
 
 def recurrent_layers(model):
@@ -93,82 +89,10 @@ def unrolled(model):
                     layer.unroll = False
 
 
-_CONV_CALLS = (keras.layers.Conv1D.call, keras.layers.Conv2D.call, keras.layers.Conv3D.call)
-
-
-def grouped_convolutions(model):
-    """The Conv1D/2D/3D layers nested in `model` with `groups` > 1. Raises a ValueError
-    for one with a `call` of its own (it cannot be computed one group at a time)."""
-    layers = [layer for layer in iter_layers(model)
-              if isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D))
-              and getattr(layer, "groups", 1) > 1]
-    for layer in layers:
-        if type(layer).call not in _CONV_CALLS and "call" not in layer.__dict__:
-            raise ValueError(
-                f"Expected grouped convolutions to be Keras' own Conv1D/Conv2D/Conv3D: "
-                f"TensorFlow's vectorized weight gradient of a grouped convolution is wrong, "
-                f"so keras_ntk computes them one group at a time, which it cannot do for a "
-                f"`call` of its own. Received: layer {layer.name!r} of class "
-                f"{type(layer).__name__} with groups={layer.groups} and its own `call`. "
-                f"Use groups=1, or Keras' own class.")
-    return layers
-
-
-def grouped_conv(layer, x, kernel, padding):
-    """`layer`'s grouped convolution of `x` ('causal' padding already applied), as
-    `groups` convolutions of its input channels' slices with its kernel's output slices,
-    concatenated: the same sum, which TensorFlow's vectorization (pfor) differentiates
-    correctly. (Vectorized, the weight gradient of one grouped convolution op is wrong:
-    TF 2.21's pfor rule for Conv2DBackpropFilter ignores the groups; outside XLA it
-    fails, under XLA it returns wrong numbers.)"""
-    axis = -1 if layer.data_format == "channels_last" else 1
-    pieces = zip(tf.split(x, layer.groups, axis=axis), tf.split(kernel, layer.groups, axis=-1))
-    return tf.concat([keras.ops.conv(xg, kg, strides=list(layer.strides), padding=padding,
-                                     dilation_rate=layer.dilation_rate,
-                                     data_format=layer.data_format)
-                      for xg, kg in pieces], axis)
-
-
-def _split_call(layer, inputs, *args, **kwargs):
-    """Keras' Conv call (bias, activation, causal padding) over `grouped_conv`."""
-    x, padding = tf.convert_to_tensor(inputs), layer.padding
-    if padding == "causal":
-        x, padding = keras.ops.pad(x, layer._compute_causal_padding()), "valid"
-    z = grouped_conv(layer, x, layer.kernel, padding)
-    if layer.use_bias:
-        shape = ((1,) * (layer.rank + 1) + (layer.filters,) if layer.data_format == "channels_last"
-                 else (1, layer.filters) + (1,) * layer.rank)
-        z = z + tf.reshape(layer.bias, shape)
-    return z if layer.activation is None else layer.activation(z)
-
-
-@contextlib.contextmanager
-def ungrouped(model):
-    """Traces `model`'s grouped convolutions one group at a time (`grouped_conv`).
-
-    Each such layer's `call` is replaced for the duration of the call, under
-    `PATCH_LOCK`; a layer whose `call` is replaced already (a structured rule's
-    recording call, which computes `grouped_conv` itself) is left as it is.
-    """
-    layers = grouped_convolutions(model)
-    if not layers:
-        yield
-        return
-    with PATCH_LOCK:
-        mine = [layer for layer in layers if "call" not in layer.__dict__]
-        for layer in mine:
-            object.__setattr__(layer, "call", functools.partial(_split_call, layer))
-        try:
-            yield
-        finally:
-            for layer in mine:
-                object.__delattr__(layer, "call")
-
-
 def call_flat(model, x, training):
     """The model's outputs on `x` as a flat list of tensors (recurrent layers unrolled,
-    grouped convolutions one group at a time)."""
-    with unrolled(model), ungrouped(model):
+    layers whose TensorFlow derivatives are wrong through exact replacements)."""
+    with unrolled(model), exact_derivatives(model):
         ys = model(x, training=training)
     return [tf.convert_to_tensor(y) for y in tf.nest.flatten(ys)]
 

@@ -43,8 +43,8 @@ import tensorflow as tf
 
 from keras_ntk import _dense_chain, _head
 from keras_ntk._patches import causal_pad as _causal_pad, conv_patches as _conv_patches
-from keras_ntk._jacobians import (
-    PATCH_LOCK, call_flat, contract_jacobians, dense_gram, grouped_conv, tape_jacobian)
+from keras_ntk._exact_calls import PATCH_LOCK, grouped_conv
+from keras_ntk._jacobians import call_flat, contract_jacobians, dense_gram, tape_jacobian
 from keras_ntk._weights import iter_layers
 
 _ZERO = tf.UnconnectedGradients.ZERO
@@ -195,7 +195,7 @@ class _DenseRule(_Rule):
 class _ConvRule(_Rule):
     """Conv1D/Conv2D (channels last, any strides and dilation, 'causal' in 1-D); with
     `groups` > 1 a group of the rule per group of channels and filters, computed one
-    group at a time (`_jacobians.grouped_conv`)."""
+    group at a time (`_exact_calls.grouped_conv`)."""
 
     @staticmethod
     def supports(layer):

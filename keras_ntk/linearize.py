@@ -8,6 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_ntk import _weights
+from keras_ntk._exact_calls import exact_derivatives
 
 _MODES = ("full", "difference")
 _JVP_METHODS = ("auto", "forward", "double_vjp")
@@ -625,7 +626,7 @@ class Linearize(keras.layers.Wrapper):
         with tf.autodiff.ForwardAccumulator(primals, list(tangents)) as accumulator:
             with tf.GradientTape(watch_accessed_variables=False) as tape:
                 tape.watch(primals)
-                with keras.StatelessScope(state_mapping=mapping):
+                with keras.StatelessScope(state_mapping=mapping), exact_derivatives(self.layer):
                     outputs = self.layer(
                         tf.nest.pack_sequence_as(inputs, flat_inputs), training=False
                     )
@@ -651,7 +652,7 @@ class Linearize(keras.layers.Wrapper):
         tangents = list(tangents)
 
         def evaluate():
-            with keras.StatelessScope(state_mapping=mapping):
+            with keras.StatelessScope(state_mapping=mapping), exact_derivatives(self.layer):
                 return self.layer(
                     tf.nest.pack_sequence_as(inputs, flat_inputs), training=False
                 )
