@@ -19,7 +19,10 @@ latter. Two kinds of Keras layers break these silently in TensorFlow 2.21:
 
 While the kernels or `Linearize` trace a model, `exact_derivatives` replaces
 such layers' `call` by these (the same function to float rounding), under
-`PATCH_LOCK`, and restores them afterwards.
+`PATCH_LOCK`, and restores them afterwards. `Linearize` keeps grouped
+convolutions as they are: it does not vectorize, TensorFlow's forward mode of
+the grouped op is right, and that of the split one fails under XLA (no
+gradient for the XlaDynamicUpdateSlice of the slices' second derivative).
 """
 
 import contextlib
@@ -115,9 +118,9 @@ def _resizing_call(layer, inputs, *args, **kwargs):
     return type(layer).call(layer, inputs, *args, **kwargs) if out is None else tf.cast(out, x.dtype)
 
 
-def _replacement(layer):
+def _replacement(layer, grouped):
     """The exact call replacing `layer`'s while derivatives are traced, or None."""
-    if isinstance(layer, _CONVS) and getattr(layer, "groups", 1) > 1:
+    if grouped and isinstance(layer, _CONVS) and getattr(layer, "groups", 1) > 1:
         if type(layer).call not in _CONV_CALLS:
             raise ValueError(
                 f"Expected grouped convolutions to be Keras' own Conv1D/Conv2D/Conv3D: "
@@ -136,9 +139,9 @@ def _replacement(layer):
 
 
 @contextlib.contextmanager
-def exact_derivatives(model):
-    """Traces `model`'s grouped convolutions and resizing layers through their exact
-    replacements (see the module docstring).
+def exact_derivatives(model, grouped=True):
+    """Traces `model`'s grouped convolutions (unless not `grouped`) and resizing layers
+    through their exact replacements (see the module docstring).
 
     Each such layer's `call` is replaced for the duration of the call, under
     `PATCH_LOCK`; a layer whose `call` is replaced already (by an enclosing call,
@@ -146,7 +149,7 @@ def exact_derivatives(model):
     is left as it is.
     """
     found = [(layer, fn) for layer in iter_layers(model)
-             if "call" not in layer.__dict__ and (fn := _replacement(layer)) is not None]
+             if "call" not in layer.__dict__ and (fn := _replacement(layer, grouped)) is not None]
     if not found:
         yield
         return

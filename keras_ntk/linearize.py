@@ -626,7 +626,8 @@ class Linearize(keras.layers.Wrapper):
         with tf.autodiff.ForwardAccumulator(primals, list(tangents)) as accumulator:
             with tf.GradientTape(watch_accessed_variables=False) as tape:
                 tape.watch(primals)
-                with keras.StatelessScope(state_mapping=mapping), exact_derivatives(self.layer):
+                with keras.StatelessScope(state_mapping=mapping), exact_derivatives(
+                        self.layer, grouped=False):
                     outputs = self.layer(
                         tf.nest.pack_sequence_as(inputs, flat_inputs), training=False
                     )
@@ -652,7 +653,8 @@ class Linearize(keras.layers.Wrapper):
         tangents = list(tangents)
 
         def evaluate():
-            with keras.StatelessScope(state_mapping=mapping), exact_derivatives(self.layer):
+            with keras.StatelessScope(state_mapping=mapping), exact_derivatives(
+                    self.layer, grouped=False):
                 return self.layer(
                     tf.nest.pack_sequence_as(inputs, flat_inputs), training=False
                 )

@@ -258,6 +258,23 @@ def test_resizing_layers_have_their_derivatives_in_both_jvp_methods(jvp_method):
     assert not any("call" in vars(layer) for layer in model.layers)
 
 
+def test_grouped_convolutions_in_a_jit_compiled_fit():
+    """Grouped convolutions keep TensorFlow's own op here (its forward mode is right; the
+    kernels' one-group-at-a-time replacement has no second derivative under XLA)."""
+    model = keras.Sequential([keras.Input((6, 6, 4)),
+                              keras.layers.Conv2D(6, 3, strides=2, groups=2, activation="tanh"),
+                              keras.layers.Flatten(), keras.layers.Dense(2)])
+    x = np.random.randn(5, 6, 6, 4).astype("float32")
+    linear = keras_ntk.Linearize(model, mode="difference")
+    linear(x)
+    deltas = random_deltas(linear)
+    assert relative_error(linear(x), reference_jvp(model, x, deltas)[0]) < 1e-5
+    wrapper = keras.Sequential([keras.Input((6, 6, 4)), linear])
+    wrapper.compile(optimizer="sgd", loss="mse", jit_compile=True)
+    loss = wrapper.fit(x, np.zeros((5, 2)), epochs=2, verbose=0).history["loss"]
+    assert np.all(np.isfinite(loss)) and loss[1] < loss[0]
+
+
 @pytest.mark.parametrize("jvp_method", ["forward", "double_vjp"])
 def test_jvp_methods_agree_with_explicit_jacobian(jvp_method):
     model = cnn_with_batchnorm_and_dropout()
