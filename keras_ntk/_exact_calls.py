@@ -109,13 +109,14 @@ def _upsampling_call(layer, inputs, *args, **kwargs):
 
 
 def _resizing_call(layer, inputs, *args, **kwargs):
-    out = None
     if isinstance(inputs, (tf.Tensor, np.ndarray)) or keras.ops.is_tensor(inputs):
         x = tf.convert_to_tensor(inputs)
         if x.dtype.is_floating:
             out = resize(x, (layer.height, layer.width), layer.interpolation, layer.antialias,
                          layer.data_format)
-    return type(layer).call(layer, inputs, *args, **kwargs) if out is None else tf.cast(out, x.dtype)
+            if out is not None:
+                return tf.cast(out, x.dtype)
+    return type(layer).call(layer, inputs, *args, **kwargs)  # dicts, unbatched images
 
 
 def _replacement(layer, grouped):
