@@ -27,6 +27,7 @@ gradient for the XlaDynamicUpdateSlice of the slices' second derivative).
 
 import contextlib
 import functools
+import logging
 import threading
 
 import keras
@@ -40,7 +41,13 @@ from keras_ntk._weights import iter_layers
 # may trace concurrently; `_structured.patched` and `exact_derivatives`).
 PATCH_LOCK = threading.RLock()
 
+_LOGGER = logging.getLogger("keras_ntk")
 _CONVS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+# Ops whose gradient op TensorFlow 2.21 registers as not differentiable: forward mode and
+# the double VJP drop the tangent through them without an error.
+_NO_FORWARD_MODE = frozenset({"ResizeBilinear", "FakeQuantWithMinMaxArgs",
+                              "FakeQuantWithMinMaxVars", "FakeQuantWithMinMaxVarsPerChannel"})
+_WARNED = set()  # (who, op type) pairs warned about
 _CONV_CALLS = tuple(c.call for c in _CONVS)
 
 
@@ -163,3 +170,28 @@ def exact_derivatives(model, grouped=True):
         finally:
             for layer, _ in mine:
                 object.__delattr__(layer, "call")
+
+
+@contextlib.contextmanager
+def forward_mode_watch(who):
+    """Warns, once per `who` and op type, when the graph traced inside has an op whose
+    derivative TensorFlow cannot push forward (`_NO_FORWARD_MODE`: the layers of
+    `exact_derivatives` are replaced before they make one; this catches the others,
+    e.g. `tf.image.resize` in a layer of the user's). Nothing in eager mode."""
+    if tf.executing_eagerly():
+        yield
+        return
+    graph = tf.compat.v1.get_default_graph()
+    before = len(graph.get_operations())
+    yield
+    for op in graph.get_operations()[before:]:
+        if op.type in _NO_FORWARD_MODE and (who, op.type) not in _WARNED:
+            _WARNED.add((who, op.type))
+            _LOGGER.warning(
+                "keras_ntk: %s pushes derivatives forward through the model, and TensorFlow "
+                "cannot do so through its op %r (type %s; TensorFlow marks its gradient not "
+                "differentiable): the derivatives of the weights before it come out as zero, "
+                "without an error. Keras' UpSampling2D and Resizing layers are computed "
+                "without this op; use them instead%s.", who, op.name, op.type,
+                ', or implementation="structured" or "jacobian"' if who.startswith("imp")
+                else "")

@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_ntk import _weights
-from keras_ntk._exact_calls import exact_derivatives
+from keras_ntk._exact_calls import exact_derivatives, forward_mode_watch
 
 _MODES = ("full", "difference")
 _JVP_METHODS = ("auto", "forward", "double_vjp")
@@ -654,7 +654,7 @@ class Linearize(keras.layers.Wrapper):
 
         def evaluate():
             with keras.StatelessScope(state_mapping=mapping), exact_derivatives(
-                    self.layer, grouped=False):
+                    self.layer, grouped=False), forward_mode_watch("Linearize"):
                 return self.layer(
                     tf.nest.pack_sequence_as(inputs, flat_inputs), training=False
                 )

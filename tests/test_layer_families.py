@@ -16,6 +16,7 @@ recurrent model; the full family × implementation grid is marked slow.
 """
 
 import contextlib
+import logging
 
 import keras
 import numpy as np
@@ -275,6 +276,35 @@ def test_float32_grouped_convolution_under_xla_matches_float64_reference(impleme
     kernel = keras_ntk.empirical_ntk(model32, x32, implementation=implementation)
     assert _relative_error(kernel, expected) < 1e-5
     assert not any("call" in vars(layer) for layer in model32.layers)
+
+
+class _OwnResize(L.Layer):
+    def call(self, x):
+        return tf.image.resize(x, (4, 4))
+
+
+def test_forward_mode_through_a_bilinear_resize_of_ones_own_is_warned_about(caplog,
+                                                                           monkeypatch):
+    """TensorFlow drops the tangent through its bilinear resize op: "ntvp" and Linearize
+    cannot be right for the weights before one that is not Keras' own layer, and say so."""
+    from keras_ntk import _exact_calls
+    monkeypatch.setattr(_exact_calls, "_WARNED", set())
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((2, 2, 1)), L.Conv2D(2, 1), _OwnResize(),
+                              L.Flatten(), L.Dense(1)])
+    x = np.random.default_rng(0).normal(size=(3, 2, 2, 1)).astype("float32")
+    ours = lambda: " ".join(r.getMessage() for r in caplog.records  # noqa: E731
+                            if r.name == "keras_ntk")
+    with caplog.at_level(logging.WARNING, logger="keras_ntk"):
+        keras_ntk.empirical_ntk(model, x, implementation="jacobian")
+        assert "ResizeBilinear" not in ours()  # reverse mode is right
+        keras_ntk.empirical_ntk(model, x, implementation="ntvp")
+        assert 'implementation="ntvp" pushes derivatives forward' in ours()
+        assert "type ResizeBilinear" in ours()
+        wrapper = keras.Sequential([keras.Input((2, 2, 1)), keras_ntk.Linearize(model)])
+        wrapper.compile(optimizer="sgd", loss="mse")
+        wrapper.fit(x, np.zeros((3, 1)), verbose=0)
+        assert "Linearize pushes derivatives forward" in ours()
 
 
 class _OwnCallConv(L.Conv2D):
