@@ -1,5 +1,6 @@
 """`Linearize`: the first-order Taylor twin of any Keras model."""
 
+import contextlib
 import dataclasses
 import weakref
 
@@ -9,6 +10,7 @@ import tensorflow as tf
 
 from keras_ntk import _weights
 from keras_ntk._exact_calls import exact_derivatives, forward_mode_watch
+from keras_ntk._jacobians import unrolled
 
 _MODES = ("full", "difference")
 _JVP_METHODS = ("auto", "forward", "double_vjp")
@@ -272,7 +274,8 @@ class Linearize(keras.layers.Wrapper):
             mode cannot go through (TensorFlow's forward mode fails on the
             `tf.while_loop` of recurrent layers in graph mode). `"auto"`
             (default): `"double_vjp"` when the model contains a
-            `keras.layers.RNN`, else `"forward"`.
+            `keras.layers.RNN`, else `"forward"`. With `"forward"` (and with
+            `order=2`) recurrent layers are traced unrolled over time.
         non_trainable_values: Optional list of arrays, one per
             non-trainable weight of the wrapped model (e.g. BatchNorm moving
             statistics), frozen instead of the model's current values. This
@@ -291,7 +294,7 @@ class Linearize(keras.layers.Wrapper):
             accumulator differentiates the reverse-mode J·δ along δ, and the
             δ-gradient is a Hessian-vector product (forward over reverse).
             Measured 2.5× a plain training step for an MLP (order 1: 1.3-1.4×);
-            compiles once under XLA; not available for recurrent models.
+            compiles once under XLA; recurrent layers are traced unrolled.
         **kwargs: Base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -386,12 +389,6 @@ class Linearize(keras.layers.Wrapper):
         trainable = tuple(all_trainable[i] for i in indices)
         fixed = tuple(w for i, w in enumerate(all_trainable) if i not in set(indices))
         self._wrapped = _WrappedState(trainable, fixed, non_trainable, indices)
-        if self.order == 2 and self._resolved_jvp_method() != "forward":
-            raise ValueError(
-                "The second-order model (order=2) needs forward mode, which TensorFlow "
-                "cannot run through the recurrent layers of this model. Received: "
-                f"order=2 for a model containing a keras.layers.RNN ({self.layer.name!r})"
-            )
         self._initial = [
             self._snapshot_weight(f"initial_{i}", v) for i, v in enumerate(trainable)
         ]
@@ -627,7 +624,7 @@ class Linearize(keras.layers.Wrapper):
             with tf.GradientTape(watch_accessed_variables=False) as tape:
                 tape.watch(primals)
                 with keras.StatelessScope(state_mapping=mapping), exact_derivatives(
-                        self.layer, grouped=False):
+                        self.layer, grouped=False), self._unrolled_for_forward_mode():
                     outputs = self.layer(
                         tf.nest.pack_sequence_as(inputs, flat_inputs), training=False
                     )
@@ -636,6 +633,15 @@ class Linearize(keras.layers.Wrapper):
             vjps = tape.gradient(flat, primals, output_gradients=upstream, unconnected_gradients=zero)
         hvps = [accumulator.jvp(g, unconnected_gradients=zero) for g in vjps]
         return [g + h for g, h in zip(vjps, hvps)]
+
+    def _unrolled_for_forward_mode(self):
+        """Recurrent layers traced unrolled over time where forward mode runs through the
+        model (jvp_method "forward", order 2): TensorFlow's forward mode cannot run
+        through their `tf.while_loop` in graph mode (`_jacobians.unrolled`, as the
+        kernels do; it needs the number of time steps)."""
+        if self.order == 2 or self._resolved_jvp_method() == "forward":
+            return unrolled(self.layer)
+        return contextlib.nullcontext()
 
     def _resolved_jvp_method(self):
         if self.jvp_method != "auto":
@@ -654,7 +660,8 @@ class Linearize(keras.layers.Wrapper):
 
         def evaluate():
             with keras.StatelessScope(state_mapping=mapping), exact_derivatives(
-                    self.layer, grouped=False), forward_mode_watch("Linearize"):
+                    self.layer, grouped=False), forward_mode_watch("Linearize"), \
+                    self._unrolled_for_forward_mode():
                 return self.layer(
                     tf.nest.pack_sequence_as(inputs, flat_inputs), training=False
                 )

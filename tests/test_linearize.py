@@ -659,6 +659,35 @@ def _flat_jacobian_and_hessian(model, x):
     return np.asarray(y), np.asarray(jacobian), np.asarray(hessian)
 
 
+def test_forward_mode_and_order_2_run_through_recurrent_layers_unrolled():
+    """TensorFlow's forward mode fails on an LSTM's tf.while_loop in graph mode (an opaque
+    TypeError for jvp_method="forward"; order=2 was refused): the wrapper traces the
+    recurrent layers unrolled there, as the kernels do, and restores them."""
+    def lstm(unroll):
+        keras.utils.set_random_seed(0)
+        return keras.Sequential([keras.Input((4, 2), dtype="float64"),
+                                 keras.layers.LSTM(2, unroll=unroll, dtype="float64"),
+                                 keras.layers.Dense(2, dtype="float64")])
+
+    model, reference = lstm(False), lstm(True)  # the same function and weights
+    x = np.random.randn(3, 4, 2)
+    linear = keras_ntk.Linearize(model, mode="difference", jvp_method="forward", dtype="float64")
+    linear(x)
+    deltas = random_deltas(linear)
+    (expected,) = reference_jvp(model, x, deltas)
+    assert relative_error(tf.function(linear)(x), expected) < 1e-10
+    second = keras_ntk.Linearize(model, order=2, dtype="float64")
+    second(x)
+    deltas = random_deltas(second, scale=0.5)
+    flat_delta = np.concatenate([d.reshape(-1) for d in deltas])
+    f0, jacobian, hessian = _flat_jacobian_and_hessian(reference, x)
+    expected = f0 + jacobian @ flat_delta + 0.5 * np.einsum("opq,p,q->o", hessian, flat_delta,
+                                                            flat_delta)
+    actual = np.asarray(tf.function(second)(x)).reshape(-1)
+    np.testing.assert_allclose(actual, expected, rtol=1e-9, atol=1e-11)
+    assert not model.layers[0].unroll
+
+
 def test_second_order_model_and_gradient_match_explicit_hessian():
     model = mlp(input_dim=3, outputs=2, dtype="float64")
     x = np.random.randn(3, 3)
