@@ -685,6 +685,17 @@ def test_forward_mode_and_order_2_run_through_recurrent_layers_unrolled():
                                                             flat_delta)
     actual = np.asarray(tf.function(second)(x)).reshape(-1)
     np.testing.assert_allclose(actual, expected, rtol=1e-9, atol=1e-11)
+    u = np.random.randn(*expected.shape)
+
+    @tf.function
+    def gradient():
+        with tf.GradientTape() as tape:
+            value = tf.reduce_sum(tf.reshape(second(x), [-1]) * u)
+        return tape.gradient(value, second.deltas)
+
+    grads = np.concatenate([np.asarray(g).reshape(-1) for g in gradient()])
+    expected_grad = jacobian.T @ u + np.einsum("o,opq,q->p", u, hessian, flat_delta)
+    np.testing.assert_allclose(grads, expected_grad, rtol=1e-9, atol=1e-11)
     assert not model.layers[0].unroll
 
 
