@@ -278,6 +278,42 @@ def test_float32_grouped_convolution_under_xla_matches_float64_reference(impleme
     assert not any("call" in vars(layer) for layer in model32.layers)
 
 
+def _grouped_and_resized():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((4, 4, 4)),
+                             L.Conv2D(4, 3, padding="same", groups=2, activation="tanh"),
+                             L.UpSampling2D(interpolation="bilinear"),
+                             L.Conv2D(2, 3, strides=2), L.Flatten(), L.Dense(2)])
+
+
+@pytest.mark.parametrize("implementation", [
+    "structured", "ntvp", pytest.param("jacobian", marks=pytest.mark.slow)])
+def test_replaced_layers_under_a_mirrored_strategy(implementation, mirrored_strategy):
+    """Replicas trace in threads; the replaced calls hold a lock while they are in place:
+    blocks over two replicas equal one device's and the float64 reference."""
+    x = np.random.default_rng(0).normal(size=(9, 4, 4, 4)).astype("float32")
+    with mirrored_strategy.scope():
+        model = _grouped_and_resized()
+        mirrored = keras_ntk.empirical_ntk(model, x, batch_size=3, implementation=implementation)
+    single = keras_ntk.empirical_ntk(model, x, batch_size=3, implementation=implementation)
+    np.testing.assert_allclose(mirrored, single, rtol=1e-5, atol=1e-6 * np.abs(single).max())
+    jac, _ = _reference_jacobian(model, x)
+    expected = np.einsum("nsp,msp->nm", jac, jac) / jac.shape[1]
+    assert _relative_error(mirrored, expected) < 1e-5
+    assert not any("call" in vars(layer) for layer in model.layers)
+
+
+def test_linearize_of_replaced_layers_fits_under_a_mirrored_strategy(mirrored_strategy):
+    x = np.random.default_rng(0).normal(size=(8, 4, 4, 4)).astype("float32")
+    with mirrored_strategy.scope():
+        model = _grouped_and_resized()
+        wrapper = keras.Sequential([keras.Input((4, 4, 4)), keras_ntk.Linearize(model)])
+        wrapper.compile(optimizer="sgd", loss="mse")
+    loss = wrapper.fit(x, np.ones((8, 2), "float32"), batch_size=4, epochs=2,
+                       verbose=0).history["loss"]
+    assert np.all(np.isfinite(loss)) and loss[1] < loss[0]
+
+
 class _OwnResize(L.Layer):
     def call(self, x):
         return tf.image.resize(x, (4, 4))
