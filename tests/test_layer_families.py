@@ -314,6 +314,36 @@ def test_linearize_of_replaced_layers_fits_under_a_mirrored_strategy(mirrored_st
     assert np.all(np.isfinite(loss)) and loss[1] < loss[0]
 
 
+@pytest.mark.parametrize("implementation", ["structured", "ntvp"])
+def test_area_resizing_which_tensorflow_cannot_differentiate(implementation):
+    """TensorFlow has no gradient for ResizeArea at all; computed as interpolation-matrix
+    products it has one. Reference: central differences of the layer's own forward pass,
+    exact here since the model is bilinear in its weights (conv, resize, dense)."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6, 6, 2), dtype="float64"),
+                              L.Conv2D(2, 1, dtype="float64"),
+                              L.Resizing(3, 4, interpolation="area", dtype="float64"),
+                              L.Flatten(dtype="float64"), L.Dense(2, dtype="float64")])
+    x = np.random.default_rng(0).normal(size=(4, 6, 6, 2))
+    columns = []
+    for w in model.trainable_weights:
+        base = w.numpy()
+        for i in range(base.size):
+            step = np.zeros(base.size)
+            step[i] = 1.0
+            w.assign(base + step.reshape(base.shape))
+            up = np.asarray(model(x), np.float64)
+            w.assign(base - step.reshape(base.shape))
+            down = np.asarray(model(x), np.float64)
+            columns.append((up - down) / 2)
+        w.assign(base)
+    jac = np.stack(columns, -1)  # (N, 2, P)
+    expected = np.einsum("nsp,msp->nm", jac, jac) / 2
+    kernel = keras_ntk.empirical_ntk(model, x, implementation=implementation, dtype="float64")
+    # TensorFlow's area resize of float64 images runs in float32 (the reference's forward)
+    assert _relative_error(kernel, expected) < 1e-6
+
+
 class _OwnResize(L.Layer):
     def call(self, x):
         return tf.image.resize(x, (4, 4))
