@@ -34,6 +34,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_ntk._patches import causal_pad
 from keras_ntk._weights import iter_layers
 
 # Replacing a layer's `call` is process-global state: whoever replaces one holds this
@@ -67,11 +68,7 @@ def _grouped_call(layer, inputs, *args, **kwargs):
     """Keras' Conv call (causal padding, bias, activation) over `grouped_conv`."""
     x, padding = tf.convert_to_tensor(inputs), layer.padding
     if padding == "causal":
-        left = layer.dilation_rate[0] * (layer.kernel_size[0] - 1)
-        time_axis = 1 if layer.data_format == "channels_last" else 2
-        pads = [[0, 0]] * 3
-        pads[time_axis] = [left, 0]
-        x, padding = tf.pad(x, pads), "valid"
+        x, padding = causal_pad(layer, x), "valid"
     z = grouped_conv(layer, x, layer.kernel, padding)
     if layer.use_bias:
         shape = ((1,) * (layer.rank + 1) + (layer.filters,) if layer.data_format == "channels_last"

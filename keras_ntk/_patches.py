@@ -39,5 +39,8 @@ def conv_patches(layer, inputs, padding):
 
 
 def causal_pad(layer, inputs):
+    """A causal Conv1D's input padded on the left of its time axis."""
     left = layer.dilation_rate[0] * (layer.kernel_size[0] - 1)
-    return tf.pad(inputs, [[0, 0], [left, 0], [0, 0]])
+    pads = [[0, 0]] * 3
+    pads[1 if layer.data_format == "channels_last" else 2] = [left, 0]
+    return tf.pad(inputs, pads)
