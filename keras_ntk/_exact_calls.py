@@ -144,6 +144,25 @@ def _replacement(layer, grouped):
 
 
 @contextlib.contextmanager
+def replaced_calls(replacements):
+    """Replaces each (layer, fn)'s `call` by fn while inside, under `PATCH_LOCK`, and puts
+    back what was there (Keras' own method, or an enclosing replacement) on the way out."""
+    with PATCH_LOCK:
+        saved = []
+        try:
+            for layer, fn in replacements:
+                saved.append((layer, layer.__dict__.get("call")))
+                object.__setattr__(layer, "call", fn)
+            yield
+        finally:
+            for layer, old in reversed(saved):
+                if old is None:
+                    object.__delattr__(layer, "call")
+                else:
+                    object.__setattr__(layer, "call", old)
+
+
+@contextlib.contextmanager
 def exact_derivatives(model, grouped=True):
     """Traces `model`'s grouped convolutions (unless not `grouped`) and resizing layers
     through their exact replacements (see the module docstring).
@@ -158,15 +177,10 @@ def exact_derivatives(model, grouped=True):
     if not found:
         yield
         return
-    with PATCH_LOCK:
-        mine = [(layer, fn) for layer, fn in found if "call" not in layer.__dict__]
-        for layer, fn in mine:
-            object.__setattr__(layer, "call", fn)
-        try:
+    with PATCH_LOCK:  # (whether a call is replaced already is read again under the lock)
+        with replaced_calls([(layer, fn) for layer, fn in found
+                             if "call" not in layer.__dict__]):
             yield
-        finally:
-            for layer, _ in mine:
-                object.__delattr__(layer, "call")
 
 
 @contextlib.contextmanager

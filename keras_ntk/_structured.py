@@ -43,15 +43,11 @@ import tensorflow as tf
 
 from keras_ntk import _dense_chain, _head
 from keras_ntk._patches import causal_pad as _causal_pad, conv_patches as _conv_patches
-from keras_ntk._exact_calls import PATCH_LOCK, grouped_conv
+from keras_ntk._exact_calls import PATCH_LOCK, grouped_conv, replaced_calls
 from keras_ntk._jacobians import call_flat, contract_jacobians, dense_gram, tape_jacobian
 from keras_ntk._weights import iter_layers
 
 _ZERO = tf.UnconnectedGradients.ZERO
-
-# Patching `layer.call` is process-global state: serialize it across threads
-# (MirroredStrategy runs replicas in threads that may trace concurrently).
-_PATCH_LOCK = PATCH_LOCK
 
 # Sizes of one rule's factors: P positions, G groups, A inputs and B outputs
 # per group; `gather`: a is a one-hot token (A = vocabulary, never formed).
@@ -496,21 +492,11 @@ def structured_rules(model, weights):
 @contextlib.contextmanager
 def patched(rules, tape):
     """Temporarily replaces each rule's layer `call` by the recording version."""
-    with _PATCH_LOCK:
-        saved = []
-        try:
-            for rule in rules:
-                rule.calls = []
-                had = "call" in rule.layer.__dict__
-                saved.append((rule.layer, had, rule.layer.__dict__.get("call")))
-                object.__setattr__(rule.layer, "call", rule.patched_call(tape))
+    with PATCH_LOCK:
+        for rule in rules:
+            rule.calls = []
+        with replaced_calls([(rule.layer, rule.patched_call(tape)) for rule in rules]):
             yield
-        finally:
-            for layer, had, old in saved:
-                if had:
-                    object.__setattr__(layer, "call", old)
-                else:
-                    object.__delattr__(layer, "call")
 
 
 def rule_dims(rule):
@@ -538,7 +524,7 @@ def structured_factors(model, x, rules, training, sizes, dtype, heads=False):
     """
     found = _head.find(model) if heads and len(sizes) == 1 else None
     chain = _dense_chain.dense_chain(model, rules, sizes)
-    with _PATCH_LOCK:  # rule.calls is shared by threads tracing the same model
+    with PATCH_LOCK:  # rule.calls is shared by threads tracing the same model
         with tf.GradientTape(persistent=True) as tape:
             with patched(rules, tape):
                 ys = call_flat(model, x, training)
