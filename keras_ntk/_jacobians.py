@@ -24,7 +24,7 @@ from tensorflow.compiler.tf2xla.python import xla as _xla
 from tensorflow.python.ops import control_flow_util
 from tensorflow.python.ops.parallel_for import control_flow_ops as _pfor
 
-from keras_ntk._exact_calls import exact_derivatives
+from keras_ntk._exact_calls import exact_derivatives, forward_mode_watch
 from keras_ntk._weights import iter_layers
 
 _ZERO = tf.UnconnectedGradients.ZERO
@@ -95,6 +95,16 @@ def call_flat(model, x, training):
     with unrolled(model), exact_derivatives(model):
         ys = model(x, training=training)
     return [tf.convert_to_tensor(y) for y in tf.nest.flatten(ys)]
+
+
+def jvps(model, x, training, primals, tangents):
+    """J(x)·t of every output of `model` (flat), in forward mode: one pass carrying the
+    tangents of `primals`; warns about ops TensorFlow cannot push them through
+    (`_exact_calls.forward_mode_watch`)."""
+    with tf.autodiff.ForwardAccumulator(primals, list(tangents)) as acc, forward_mode_watch(
+            'implementation="ntvp"'):
+        ys = call_flat(model, x, training)
+    return [acc.jvp(y, unconnected_gradients=_ZERO) for y in ys]
 
 
 def identity_seeds(size, dtype):

@@ -16,8 +16,7 @@ from keras_ntk import _block_factors
 from keras_ntk._batching import (
     block_ranges, bucket, compiled, frozen_state, kernel_tasks, padded_size, padded_slice,
     reused_sizes, run_tasks, traced_sizes)
-from keras_ntk._exact_calls import forward_mode_watch
-from keras_ntk._jacobians import call_flat
+from keras_ntk._jacobians import call_flat, jvps
 from keras_ntk._output_axes import cotangents_from_vector, swap_pairs, vector_from_products
 
 _ZERO = tf.UnconnectedGradients.ZERO
@@ -41,10 +40,7 @@ def _jvp_columns(plan, x, tangents, k):
     primals = [w.value if hasattr(w, "value") else w for w in plan.weights]
 
     def one(u):
-        with tf.autodiff.ForwardAccumulator(primals, list(u)) as acc, forward_mode_watch(
-                'implementation="ntvp"'):
-            y = call_flat(plan.model, x, plan.training)[k]
-        return acc.jvp(y, unconnected_gradients=_ZERO)
+        return jvps(plan.model, x, plan.training, primals, u)[k]
 
     return tf.vectorized_map(one, tuple(tangents), fallback_to_while_loop=True)
 

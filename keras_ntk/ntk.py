@@ -36,9 +36,9 @@ from keras_ntk._batching import (
     slice_examples, to_host)
 from keras_ntk._batching import frozen_state as _frozen_state
 from keras_ntk._costs import choose_block, default_memory_budget, model_profile
-from keras_ntk._exact_calls import forward_mode_watch
 from keras_ntk._jacobians import (
-    call_flat, contract_jacobians, full_batch_jacobians, per_example_jacobians, recurrent_layers)
+    call_flat, contract_jacobians, full_batch_jacobians, jvps, per_example_jacobians,
+    recurrent_layers)
 from keras_ntk._output_axes import OutputAxes, reduce_full_kernel
 from keras_ntk._structured import (
     contract_rules, contract_structured, structured_factors, structured_rules)
@@ -255,10 +255,7 @@ def _ntvp_products(plan, x1, x2, cotangents):
         # each output's own dtype (layers may compute in another dtype than the model's)
         cot = [tf.cast(c, y.dtype) for c, y in zip(cot, y2)]
         u = tape.gradient(y2, weights, output_gradients=cot, unconnected_gradients=_ZERO)
-        with tf.autodiff.ForwardAccumulator(primals, u) as acc, forward_mode_watch(
-                'implementation="ntvp"'):
-            y1 = call_flat(plan.model, x1, plan.training)
-        return [acc.jvp(y, unconnected_gradients=_ZERO) for y in y1]
+        return jvps(plan.model, x1, plan.training, primals, u)
 
     return tf.vectorized_map(one, cotangents, fallback_to_while_loop=True)
 
