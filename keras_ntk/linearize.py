@@ -623,8 +623,7 @@ class Linearize(keras.layers.Wrapper):
         with tf.autodiff.ForwardAccumulator(primals, list(tangents)) as accumulator:
             with tf.GradientTape(watch_accessed_variables=False) as tape:
                 tape.watch(primals)
-                with keras.StatelessScope(state_mapping=mapping), exact_derivatives(
-                        self.layer, grouped=False), self._unrolled_for_forward_mode():
+                with self._call_scope(mapping):
                     outputs = self.layer(
                         tf.nest.pack_sequence_as(inputs, flat_inputs), training=False
                     )
@@ -634,14 +633,21 @@ class Linearize(keras.layers.Wrapper):
         hvps = [accumulator.jvp(g, unconnected_gradients=zero) for g in vjps]
         return [g + h for g, h in zip(vjps, hvps)]
 
-    def _unrolled_for_forward_mode(self):
-        """Recurrent layers traced unrolled over time where forward mode runs through the
-        model (jvp_method "forward", order 2): TensorFlow's forward mode cannot run
-        through their `tf.while_loop` in graph mode (`_jacobians.unrolled`, as the
-        kernels do; it needs the number of time steps)."""
-        if self.order == 2 or self._resolved_jvp_method() == "forward":
-            return unrolled(self.layer)
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def _call_scope(self, mapping):
+        """Where the wrapped model is called to be differentiated: at θ0 (`mapping`, a
+        `keras.StatelessScope`), its resizing layers replaced (`exact_derivatives`;
+        grouped convolutions keep TensorFlow's op: forward mode of the split one fails
+        under XLA), ops forward mode drops warned about, and where forward mode runs
+        through the model (jvp_method "forward", order 2) its recurrent layers traced
+        unrolled (TensorFlow's forward mode cannot run through their `tf.while_loop` in
+        graph mode; `_jacobians.unrolled`, as the kernels do; it needs the number of
+        time steps)."""
+        forward = self.order == 2 or self._resolved_jvp_method() == "forward"
+        with keras.StatelessScope(state_mapping=mapping), exact_derivatives(
+                self.layer, grouped=False), forward_mode_watch("Linearize"), (
+                unrolled(self.layer) if forward else contextlib.nullcontext()):
+            yield
 
     def _resolved_jvp_method(self):
         if self.jvp_method != "auto":
@@ -659,9 +665,7 @@ class Linearize(keras.layers.Wrapper):
         tangents = list(tangents)
 
         def evaluate():
-            with keras.StatelessScope(state_mapping=mapping), exact_derivatives(
-                    self.layer, grouped=False), forward_mode_watch("Linearize"), \
-                    self._unrolled_for_forward_mode():
+            with self._call_scope(mapping):
                 return self.layer(
                     tf.nest.pack_sequence_as(inputs, flat_inputs), training=False
                 )
